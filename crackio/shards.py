@@ -1,0 +1,215 @@
+"""The shard format: WebDataset tars, DALI `wds2idx` indexes, one random-access index per split.
+
+Layout under the shards root (see DESIGN.md):
+
+    manifest.json                       written last: its presence means "complete"
+    <split>/<split>-NNNNNN.tar          <key>.jpg, <key>.json, <key>.sid per sample
+    <split>/<split>-NNNNNN.idx          DALI wds2idx v1.2 index of that tar
+    <split>/index.npy                   structured array, one row per sample (INDEX_FIELDS)
+
+`<key>.sid` is the sample's row in index.npy as 8 little-endian bytes, so a DALI
+reader can hand back an int64 and labels, IoUs and names are looked up in bulk
+from the index instead of parsing JSON per sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+MANIFEST = "manifest.json"
+INDEX = "index.npy"
+FORMAT_VERSION = 1
+TAR_MTIME = 0  # fixed member times: the same input gives byte-identical tars
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def sample_key(row: int) -> str:
+    # Keys hold no dots: WebDataset splits a member name at its first dot.
+    return f"{row:010d}"
+
+
+def index_dtype(filename_len: int, stem_len: int) -> np.dtype:
+    # Fixed-width byte strings keep the index a plain array: np.load(allow_pickle=False)
+    # reads it, nothing is ever unpickled, and 1M rows load in a fraction of a second.
+    return np.dtype([
+        ("shard", "<i4"),        # shard number within the split
+        ("offset", "<i8"),       # byte offset of the JPEG data inside the tar
+        ("size", "<i8"),         # JPEG size in bytes
+        ("label", "i1"),         # label as parsed from the file name
+        ("iou", "<f4"),          # IoU with the best-matching ground-truth box
+        ("proposal", "<i4"),     # proposal number within its full image
+        ("filename", f"S{max(filename_len, 1)}"),  # original proposal file name (UTF-8)
+        ("stem", f"S{max(stem_len, 1)}"),          # full image the proposal was cut from
+    ])
+
+
+class ShardWriter:
+    """Writes one tar to `<final>.tmp` and renames it into place only when complete."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(final.name + ".tmp")
+        self._file = open(self.tmp, "wb")
+        self._tar = wds.TarWriter(self._file, user="", group="", mtime=TAR_MTIME, encoder=False)
+        self.count = 0
+
+    def write(self, row: int, jpeg: bytes, meta: dict) -> None:
+        key = sample_key(row)
+        self._tar.write({
+            "__key__": key,
+            "jpg": jpeg,
+            "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+            "sid": np.int64(row).astype("<i8").tobytes(),
+        })
+        self.count += 1
+
+    def close(self) -> list[tuple[str, int, int]]:
+        """Finish the tar, write its DALI index, rename both; returns (member, offset, size)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        members = scan_tar(self.tmp)
+        idx = self.final.with_suffix(".idx")
+        atomic_write(idx, wds2idx_text(members).encode())
+        os.replace(self.tmp, self.final)
+        return members
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def scan_tar(path: Path) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of every regular file, read from the headers."""
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+
+
+def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
+    """DALI's `wds2idx` v1.2 index: one line per sample, `ext offset size name` per component.
+
+    Written here rather than by running DALI's tools/wds2idx.py, which is not part of
+    the pip wheel and shells out to GNU tar; the offsets come from the same headers.
+    """
+    samples: list[list[str]] = []
+    last = None
+    for name, offset, size in members:
+        base, ext = name.split(".", 1)
+        if base != last:
+            samples.append([])
+            last = base
+        samples[-1].append(f"{ext} {offset} {size} {name}")
+    return f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_index(path: Path, rows: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    atomic_write(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """A split's random-access index: where each sample's JPEG lives, its label and IoU."""
+
+    root: Path
+    split: str
+    rows: np.ndarray          # structured array of index_dtype
+    shards: list[Path]        # tar paths, position = shard number
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"].astype(np.int64)
+
+    @property
+    def ious(self) -> np.ndarray:
+        return self.rows["iou"]
+
+    def filenames(self, ids: np.ndarray) -> list[str]:
+        return [b.decode() for b in self.rows["filename"][ids]]
+
+
+class ShardError(RuntimeError):
+    """Shards that are missing, incomplete or inconsistent; the message names file and fix."""
+
+
+REPACK = "re-run `python tools/pack.py SRC --out {root}`"
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ShardError(f"shards folder {root} does not exist: pack a proposal folder first with "
+                         f"`python tools/pack.py SRC --out {root}`")
+    if not path.is_file():
+        raise ShardError(f"{path} is missing, so {root} holds no complete pack (an interrupted run?): "
+                         + REPACK.format(root=root))
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path} is unreadable ({e}): " + REPACK.format(root=root)) from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path} has format_version {manifest.get('format_version')!r}, this crackio "
+                         f"reads {FORMAT_VERSION}: " + REPACK.format(root=root))
+    return manifest
+
+
+def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
+    """Load and check a split's index against its manifest and tars (sizes, not contents).
+
+    Raises:
+        ShardError: naming the missing or inconsistent file and how to fix it.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    splits = manifest["splits"]
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        raise ShardError(f"split {split!r} is not in {root / MANIFEST} (it has: {have}); "
+                         f"pack a folder {split}/ or choose another split")
+    info = splits[split]
+    if info["samples"] == 0:
+        raise ShardError(f"split {split!r} in {root} is empty: every input was skipped "
+                         f"(see 'skipped' in {root / MANIFEST})")
+    index_path = root / split / INDEX
+    try:
+        rows = np.load(index_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{index_path} cannot be read ({e}): " + REPACK.format(root=root)) from e
+    if len(rows) != info["samples"]:
+        raise ShardError(f"{index_path} has {len(rows)} rows but the manifest says {info['samples']}: "
+                         + REPACK.format(root=root))
+    shards = [root / split / s["name"] for s in info["shards"]]
+    for path, s in zip(shards, info["shards"]):
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
+        actual = path.stat().st_size
+        if actual != s["bytes"]:
+            raise ShardError(f"shard {path} is {actual} bytes, the manifest says {s['bytes']} "
+                             f"(truncated or replaced): " + REPACK.format(root=root))
+    return SplitIndex(root, split, rows, shards)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny generated proposal sets and their shards."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from crackio.pack import PackSettings, pack  # noqa: E402
+from tools.make_demo_data import generate  # noqa: E402
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def add_odd_inputs(folder: Path) -> dict[str, str]:
+    """Readable-but-unusual crops (converted) and bad files (skipped); returns {name: kind}."""
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
+    good = jpeg_bytes(rgb, quality=90)
+    files = {
+        "gray_jpg.rf.aa.1.0_700.1.jpg": (jpeg_bytes(rgb.convert("L")), "converted"),
+        "cmyk_jpg.rf.bb.2.0_200.0.jpeg": (jpeg_bytes(rgb.convert("CMYK")), "converted"),
+        "as_png.3.0_800.1.png": (None, "converted"),
+        "wide_jpg.4.0_300.0.jpg": (jpeg_bytes(rgb.resize((300, 260))), "converted"),
+        "truncated.5.0_600.1.jpg": (good[: len(good) // 2], "skipped"),
+        "empty.6.0_100.0.jpg": (b"", "skipped"),
+        "notes.7.0_100.0.jpg": (b"this is not an image\n", "skipped"),
+        "IMG_0001_badname.jpg": (good, "skipped"),
+        "bad.label.8.0_500.7.jpg": (good, "skipped"),
+    }
+    kinds = {}
+    for name, (data, kind) in files.items():
+        if data is None:
+            rgb.save(folder / name, format="PNG")
+        else:
+            (folder / name).write_bytes(data)
+        kinds[name] = kind
+    (folder / "stray").mkdir()
+    (folder / "stray" / "x.1.0_1.1.jpg").write_bytes(good)
+    kinds["stray"] = "skipped"
+    return kinds
+
+
+@pytest.fixture(scope="session")
+def demo_src(tmp_path_factory) -> Path:
+    """~240 clean synthetic crops in train/valid/test."""
+    out = tmp_path_factory.mktemp("proposals")
+    generate(out, images=12, per_image=20, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    return out
+
+
+@pytest.fixture()
+def messy_src(demo_src, tmp_path) -> tuple[Path, dict[str, str]]:
+    """The demo train split plus odd and bad inputs, as a single-split folder."""
+    src = tmp_path / "train"
+    shutil.copytree(demo_src / "train", src)
+    return src, add_odd_inputs(src)

@@ -1,0 +1,194 @@
+"""tools/pack.py: round trips through webdataset and DALI, bad inputs, determinism, crash safety."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from crackio.names import parse_name
+from crackio.pack import PackSettings, pack
+from crackio.shards import ShardError, load_index
+from tests.conftest import ROOT
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def read_with_webdataset(out: Path, split: str) -> dict[str, dict]:
+    urls = [str(p) for p in sorted((out / split).glob("*.tar"))]
+    samples = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(s["json"])
+        assert meta["filename"] not in samples, "a sample was stored twice"
+        samples[meta["filename"]] = {"jpg": s["jpg"], "meta": meta, "sid": int.from_bytes(s["sid"], "little")}
+    return samples
+
+
+def read_with_dali(out: Path, split: str) -> list[tuple[bytes, int]]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = [str(p) for p in sorted((out / split).glob("*.tar"))]
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None)
+    def pipe():
+        jpg, sid = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                         ext=["jpg", "sid"], dtypes=[types.UINT8, types.INT64],
+                                         missing_component_behavior="error", pad_last_batch=True, name="r")
+        return jpg, sid
+
+    p = pipe()
+    p.build()
+    total = p.epoch_size("r")
+    got = []
+    while len(got) < total:
+        jpg, sid = p.run()
+        for i in range(len(jpg)):
+            got.append((np.array(jpg[i]).tobytes(), int(np.array(sid[i])[0])))
+    return got[:total]
+
+
+def test_round_trip_messy_folder(messy_src, tmp_path):
+    src, kinds = messy_src
+    out = tmp_path / "shards"
+    manifest = pack(src, out, PackSettings(samples_per_shard=40, workers=2), progress=False)
+
+    good = sorted(p.name for p in src.iterdir() if kinds.get(p.name) != "skipped")
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {n for n, k in kinds.items() if k == "skipped"}
+    assert "empty file" in skipped["empty.6.0_100.0.jpg"]
+    assert "not a decodable image" in skipped["truncated.5.0_600.1.jpg"]
+    assert "name does not parse" in skipped["IMG_0001_badname.jpg"]
+    assert "stray folder" in skipped["stray"]
+
+    # A single-split folder is named after itself.
+    assert list(manifest["splits"]) == ["train"]
+    split = manifest["splits"]["train"]
+    assert split["samples"] == len(good)
+    assert sum(split["converted"].values()) == 4
+
+    samples = read_with_webdataset(out, "train")
+    assert sorted(samples) == good
+    for name, s in samples.items():
+        p = parse_name(name)
+        assert s["meta"] == {"filename": name, "image": p.stem, "proposal": p.proposal,
+                             "iou": p.iou, "label": p.label}
+        with Image.open(io.BytesIO(s["jpg"])) as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224))
+        if kinds.get(name) != "converted":  # RGB JPEG inputs are stored byte for byte
+            assert s["jpg"] == (src / name).read_bytes()
+
+    index = load_index(out, "train")
+    by_sid = {s["sid"]: s for s in samples.values()}
+    assert sorted(by_sid) == list(range(len(index)))
+    for sid, s in by_sid.items():
+        row = index.rows[sid]
+        assert row["filename"].decode() == s["meta"]["filename"]
+        assert row["label"] == s["meta"]["label"] and row["iou"] == np.float32(s["meta"]["iou"])
+        tar = index.shards[row["shard"]]
+        with open(tar, "rb") as f:
+            f.seek(row["offset"])
+            assert f.read(row["size"]) == s["jpg"]
+
+    dali = read_with_dali(out, "train")
+    assert sorted(sid for _, sid in dali) == sorted(by_sid)
+    for jpg, sid in dali:
+        assert jpg == by_sid[sid]["jpg"]
+
+
+def test_samples_are_shuffled_and_keys_have_no_dots(demo_shards):
+    index = load_index(demo_shards, "train")
+    names = index.filenames(np.arange(len(index)))
+    assert names != sorted(names)
+    out = subprocess.run(["tar", "-tf", str(index.shards[0])], capture_output=True, text=True, check=True)
+    keys = {m.split(".", 1)[0] for m in out.stdout.split()}
+    assert all("." not in k for k in keys) and len(keys) == 50
+
+
+def test_same_input_same_seed_gives_identical_shards(demo_src, demo_shards, tmp_path):
+    again = tmp_path / "again"
+    pack(demo_src, again, PackSettings(samples_per_shard=50, workers=2), progress=False)
+    assert shard_files(again) == shard_files(demo_shards)
+    other = tmp_path / "other"
+    pack(demo_src, other, PackSettings(samples_per_shard=50, workers=1, seed=1), progress=False)
+    assert shard_files(other) != shard_files(demo_shards)
+
+
+def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(demo_src), "--out", str(out),
+           "--samples-per-shard", "50", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (out / "manifest.json").exists():
+        pytest.skip("the packer finished before it could be killed")
+    with pytest.raises(ShardError, match="re-run"):
+        load_index(out, "train")
+    subprocess.run(cmd, check=True)
+    assert shard_files(out) == shard_files(demo_shards)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_repairs_partial_state(demo_src, demo_shards, tmp_path):
+    out = tmp_path / "partial"
+    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    (out / "manifest.json").unlink()
+    (out / "train" / "train-000000.tar.tmp").write_bytes(b"half a shard")
+    (out / "train" / "train-000099.tar").write_bytes(b"stale shard of an older pack")
+    tar = out / "train" / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    assert shard_files(out) == shard_files(demo_shards)
+
+
+def test_cli_strict_and_summary(messy_src, tmp_path):
+    src, _ = messy_src
+    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(src), "--out", str(tmp_path / "o"), "--quiet"]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "skipped" in ok.stdout and "converted" in ok.stdout and "MB" in ok.stdout
+    assert "empty.6.0_100.0.jpg: empty file" in ok.stderr
+    strict = subprocess.run(cmd + ["--strict"], capture_output=True, text=True)
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+    missing = subprocess.run(cmd[:2] + [str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_load_index_errors_name_the_file(demo_shards, tmp_path):
+    with pytest.raises(ShardError, match="does not exist"):
+        load_index(tmp_path / "nothing", "train")
+    with pytest.raises(ShardError, match="split 'nope' is not in"):
+        load_index(demo_shards, "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_shards, broken)
+    tar = broken / "train" / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:4096])
+    with pytest.raises(ShardError, match=r"train-000001.tar is 4096 bytes.*re-run `python tools/pack.py"):
+        load_index(broken, "train")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    src = tmp_path / "src" / "train"
+    src.mkdir(parents=True)
+    (src / "a.1.0_5.1.jpg").write_bytes(b"")
+    manifest = pack(tmp_path / "src", tmp_path / "out", progress=False)
+    assert manifest["splits"]["train"]["samples"] == 0
+    with pytest.raises(ShardError, match="'train' in .* is empty"):
+        load_index(tmp_path / "out", "train")

@@ -1,0 +1,50 @@
+"""Pack a proposal directory into WebDataset shards with DALI and random-access indexes.
+
+    python tools/pack.py SRC [--out shards/] [--samples-per-shard N] [--workers N] [--seed S] [--strict]
+
+Each subfolder of SRC is a split (train, valid, test, ...); a SRC holding images
+directly is one split named after the folder. Bad inputs are skipped and listed
+with their reasons in OUT/manifest.json; --strict turns any skip into exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crackio.pack import PackSettings, pack, summary  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = PackSettings()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", type=Path, help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg")
+    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder (default: shards/)")
+    ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
+    ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.samples_per_shard < 1 or args.workers < 0:
+        ap.error("--samples-per-shard must be >= 1 and --workers >= 0")
+    if not args.src.is_dir():
+        ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
+    settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
+    manifest = pack(args.src, args.out, settings, progress=not args.quiet)
+    for s in manifest["skipped"][:20]:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    if len(manifest["skipped"]) > 20:
+        print(f"... and {len(manifest['skipped']) - 20} more, all listed in {args.out / 'manifest.json'}",
+              file=sys.stderr)
+    print(summary(manifest, args.out))
+    if args.strict and manifest["skipped"]:
+        print(f"--strict: {len(manifest['skipped'])} inputs were skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
