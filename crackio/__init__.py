@@ -7,3 +7,7 @@ __all__ = [
     "BadName", "Proposal", "format_name", "parse_name",
     "ShardError", "SplitIndex", "load_index", "read_manifest",
 ]
+
+from crackio.loader import Batch, Loader, make_loader  # noqa: E402
+
+__all__ += ["Batch", "Loader", "make_loader"]

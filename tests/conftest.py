@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from crackio.names import format_name  # noqa: E402
 from crackio.pack import PackSettings, pack  # noqa: E402
 from tools.make_demo_data import generate  # noqa: E402
 
@@ -74,3 +75,29 @@ def messy_src(demo_src, tmp_path) -> tuple[Path, dict[str, str]]:
     src = tmp_path / "train"
     shutil.copytree(demo_src / "train", src)
     return src, add_odd_inputs(src)
+
+
+def code_color(i: int) -> tuple[int, int, int]:
+    """A flat colour that encodes sample id i (< 144), robust to JPEG and brightness up to 1.5x."""
+    return 40 + 10 * (i % 12), 40 + 10 * (i // 12 % 12), 100
+
+
+def decode_id(rgb) -> int:
+    r, g = (float(v) for v in rgb[:2])
+    return int(round((r - 40) / 10)) + 12 * int(round((g - 40) / 10))
+
+
+@pytest.fixture(scope="session")
+def coded_shards(tmp_path_factory) -> Path:
+    """Shards whose images' pixels encode their id; the id is the proposal number in the name."""
+    src = tmp_path_factory.mktemp("coded")
+    rng = np.random.default_rng(7)
+    for split, count in (("train", 100), ("valid", 37)):
+        (src / split).mkdir()
+        for i in range(count):
+            iou = round(float(rng.uniform(0, 1)), 3)
+            img = Image.new("RGB", (224, 224), code_color(i))
+            img.save(src / split / format_name(f"img_{i % 9}.rf.x", i, iou, int(iou > 0.5)), quality=95)
+    out = tmp_path_factory.mktemp("coded_shards")
+    pack(src, out, PackSettings(samples_per_shard=30, workers=1), progress=False)
+    return out

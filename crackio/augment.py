@@ -1,0 +1,78 @@
+"""Train-time augmentation parameters and the torch implementation of the pipeline.
+
+The original (seed write-up) used, for training:
+    v2.ColorJitter(brightness=0.5)   factor ~ U[0.5, 1.5], result clamped (uint8 on PIL)
+    v2.RandomHorizontalFlip(p=0.5)
+    v2.RandomRotation(180)           angle ~ U[-180, 180], same size, black fill, nearest
+then ToDtype(scale=True) and Normalize(ImageNet mean/std); eval: normalize only.
+
+The random parameters are drawn here with numpy from (seed, epoch, rank), so both
+backends apply the same augmentation to the same sample and a resumed run repeats
+an uninterrupted one. DALI applies them with its operators (crackio/dali_backend.py);
+the torch backend with `augment_normalize` below.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SIZE = 224
+BRIGHTNESS = (0.5, 1.5)
+FLIP_P = 0.5
+DEGREES = 180.0
+_SEED_AUG = 0xA06
+
+
+class AugmentParams(NamedTuple):
+    brightness: np.ndarray  # float32 factor per sample
+    flip: np.ndarray        # int32 0/1 per sample
+    angle: np.ndarray       # float32 degrees, counter-clockwise, per sample
+
+    def take(self, start: int, stop: int) -> AugmentParams:
+        return AugmentParams(*(a[start:stop] for a in self))
+
+
+def draw_params(count: int, seed: int, epoch: int, rank: int) -> AugmentParams:
+    rng = np.random.default_rng([seed, _SEED_AUG, epoch, rank])
+    return AugmentParams(
+        brightness=rng.uniform(*BRIGHTNESS, size=count).astype(np.float32),
+        flip=(rng.random(count) < FLIP_P).astype(np.int32),
+        angle=rng.uniform(-DEGREES, DEGREES, size=count).astype(np.float32),
+    )
+
+
+def rotate_batch(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by its own angle (counter-clockwise), same size, zero fill, nearest.
+
+    Written with affine_grid/grid_sample because torchvision's `rotate` takes one
+    angle per call; this is one batched kernel on whatever device `x` is on.
+    """
+    rad = degrees.to(x.device, torch.float32) * (math.pi / 180.0)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    zero = torch.zeros_like(cos)
+    # Output -> input sampling map; with y pointing down this turns the picture counter-clockwise.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def augment_normalize(images: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
+    """uint8 NCHW -> normalized float32 NCHW; `params=None` is the eval pipeline."""
+    x = images.to(torch.float32)
+    if params is not None:
+        dev = x.device
+        factor = torch.from_numpy(params.brightness).to(dev).view(-1, 1, 1, 1)
+        x = (x * factor).round_().clamp_(0, 255)  # rounded like the uint8 result of PIL and DALI
+        flip = torch.from_numpy(params.flip).to(dev).view(-1, 1, 1, 1).bool()
+        x = torch.where(flip, x.flip(-1), x)
+        x = rotate_batch(x, torch.from_numpy(params.angle))
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std

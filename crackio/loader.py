@@ -1,0 +1,125 @@
+"""`make_loader`: one epoch of `Batch`es per iteration, whichever backend decodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from crackio.augment import AugmentParams, draw_params
+from crackio.reader import ByteReader
+from crackio.samplers import epoch_order, rank_batches, relabel, sampler_options, select
+from crackio.shards import load_index
+
+BACKENDS = ("auto", "dali", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor   # float32 N x 3 x 224 x 224, ImageNet-normalized, on the loader's device
+    labels: torch.Tensor   # float32 0/1 after the IoU threshold
+    ious: torch.Tensor     # float32
+    names: list[str]       # original proposal file names
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of {DEVICES}, got {device}")
+    return device
+
+
+class Loader:
+    """Iterate for one epoch; each new iteration is the next epoch (`epoch` may be set to resume)."""
+
+    def __init__(self, shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
+                 iou_threshold: float = 0.5, seed: int = 0, device="auto", backend: str = "auto",
+                 rank: int = 0, world_size: int = 1, workers: int | None = None, **options):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "dali" and not dali_available():
+            raise ValueError("backend 'dali' asked for but NVIDIA DALI is not installed "
+                             "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'")
+        self.index = load_index(shards, split)
+        self.reader = ByteReader(self.index)
+        self.reader.check()
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.sampler = sampler
+        self.options = sampler_options(sampler, options)
+        self.labels = relabel(self.index.ious, iou_threshold)
+        self.selection = select(self.labels, self.index.ious, sampler, self.options, seed)
+        self.device = resolve_device(device)
+        self.backend_name = ("dali" if dali_available() else "torch") if backend == "auto" else backend
+        workers = workers if workers is not None else len(os.sched_getaffinity(0))
+        if self.backend_name == "dali":
+            from crackio.dali_backend import DaliBackend
+            self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed)
+        else:
+            from crackio.torch_backend import TorchBackend
+            self.backend = TorchBackend(self.reader, batch_size, train, self.device, workers, seed)
+        self.epoch = 0
+        self._ious = torch.from_numpy(self.index.ious.astype(np.float32))
+        self._labels = torch.from_numpy(self.labels.astype(np.float32))
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's row ids for `epoch`, batch by batch: a pure function of the arguments."""
+        order = epoch_order(self.selection, self.labels, self.sampler, self.options, self.seed, epoch, self.train)
+        return rank_batches(order, self.batch_size, self.rank, self.world_size, self.train)
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def plan(self, epoch: int) -> tuple[list[np.ndarray], list[AugmentParams | None]]:
+        """Row ids and augmentation parameters of every batch of `epoch` on this rank."""
+        batches = self.batches(epoch)
+        if not self.train:
+            return batches, [None] * len(batches)
+        params = draw_params(sum(len(b) for b in batches), self.seed, epoch, self.rank)
+        bounds = np.cumsum([0] + [len(b) for b in batches])
+        return batches, [params.take(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        self.epoch += 1  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
+        for images, ids in self.backend.run_epoch(*self.plan(epoch)):
+            yield Batch(images, self._labels[ids].to(self.device), self._ious[ids].to(self.device),
+                        self.index.filenames(ids.numpy()))
+
+
+def make_loader(shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
+                iou_threshold: float = 0.5, seed: int = 0, device="auto", backend: str = "auto",
+                rank: int = 0, world_size: int = 1, **sampler_options) -> Loader:
+    """A loader over `shards/<split>` yielding `Batch`es, one epoch per iteration.
+
+    Args:
+        shards: folder written by tools/pack.py.
+        split: e.g. "train", "valid", "test".
+        batch_size: samples per batch (eval batches may be smaller, never padded).
+        train: augment and drop the last partial batch; eval: normalize only, every sample once.
+        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.samplers).
+        iou_threshold: label = IoU > threshold, recomputed from the stored IoU.
+        seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
+        device: "cuda", "cpu" or "auto".
+        backend: "dali", "torch" or "auto" (DALI where installed).
+        rank, world_size: this process's part of every epoch.
+        **sampler_options: e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
+            replacement=True, num_samples=None; `workers=` sets decode threads/processes.
+    """
+    return Loader(shards, split, batch_size=batch_size, train=train, sampler=sampler,
+                  iou_threshold=iou_threshold, seed=seed, device=device, backend=backend,
+                  rank=rank, world_size=world_size, **sampler_options)

@@ -1,0 +1,133 @@
+"""Index-level samplers: which samples an epoch holds, in which order, on which rank.
+
+Everything here works on the in-memory index arrays (labels, IoUs); no image file
+is listed or opened. An epoch's batches are a pure function of
+(sampler options, seed, epoch, rank, world_size).
+
+Selection (fixed for the run, from the seed):
+    shuffle          every sample
+    hard-negatives   every positive + the `negatives` negatives with the highest IoU
+                     (the original's `filter_and_sort_images`: 800 train, 200 valid)
+    iou-strata       every positive + up to `per_bin` random negatives per IoU bin
+Order (per epoch):
+    shuffle, hard-negatives, iou-strata: a permutation (train) or index order (eval)
+    weighted    `torch.utils.data.WeightedRandomSampler` semantics: `num_samples` draws
+                with probability proportional to `class_weights[label]`, with or without
+                replacement. NB: without replacement and num_samples = all (the
+                original's setting) every sample is drawn exactly once, so only the
+                order changes, not the class mix.
+    balanced    no duplicates and a class mix that really follows the weights: the
+                largest subset whose class shares are w_c*n_c / sum_k w_k*n_k, i.e. the
+                mix `weighted` with replacement gives in expectation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SAMPLERS = ("shuffle", "hard-negatives", "iou-strata", "weighted", "balanced")
+DEFAULTS = {
+    "hard-negatives": {"negatives": 800},
+    "iou-strata": {"per_bin": 10, "bin_width": 0.05},
+    "weighted": {"class_weights": {0: 1, 1: 2}, "replacement": True, "num_samples": None},
+    "balanced": {"class_weights": {0: 1, 1: 2}},
+    "shuffle": {},
+}
+_SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection and order
+
+
+def relabel(ious: np.ndarray, threshold: float) -> np.ndarray:
+    """label = IoU > threshold, compared in float32 as the index stores IoUs."""
+    return (ious > np.float32(threshold)).astype(np.int64)
+
+
+def sampler_options(sampler: str, options: dict) -> dict:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    allowed = DEFAULTS[sampler]
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, "
+                         f"not {sorted(unknown)}")
+    merged = {**allowed, **options}
+    if "class_weights" in merged:
+        w = {int(k): float(v) for k, v in merged["class_weights"].items()}
+        if set(w) != {0, 1} or min(w.values()) < 0 or max(w.values()) == 0:
+            raise ValueError(f"class_weights must give non-negative weights for classes 0 and 1, got {w}")
+        merged["class_weights"] = w
+    return merged
+
+
+def select(labels: np.ndarray, ious: np.ndarray, sampler: str, options: dict, seed: int) -> np.ndarray:
+    """Row ids in the run's selection (sorted), after relabeling."""
+    rows = np.arange(len(labels))
+    pos, neg = rows[labels == 1], rows[labels == 0]
+    if sampler == "hard-negatives":
+        # Stable sort: ties keep index order, as the original's sorted(..., reverse=True) keeps list order.
+        hardest = neg[np.argsort(-ious[neg], kind="stable")[: options["negatives"]]]
+        return np.sort(np.concatenate([pos, hardest]))
+    if sampler == "iou-strata":
+        rng = np.random.default_rng([seed, _SEED_SELECT])
+        bins = np.floor(ious[neg] / options["bin_width"]).astype(np.int64)
+        keep = []
+        for b in np.unique(bins):
+            members = neg[bins == b]
+            keep.append(rng.choice(members, size=min(options["per_bin"], len(members)), replace=False))
+        return np.sort(np.concatenate([pos, *keep]))
+    return rows
+
+
+def epoch_order(selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict,
+                seed: int, epoch: int, train: bool) -> np.ndarray:
+    """The whole epoch's sequence of row ids, before it is split between ranks."""
+    if not train:
+        return selection
+    rng = np.random.default_rng([seed, _SEED_ORDER, epoch])
+    if sampler == "weighted":
+        w = np.array([options["class_weights"][int(c)] for c in (0, 1)])[labels[selection]]
+        n = options["num_samples"] or len(selection)
+        if not options["replacement"] and n > np.count_nonzero(w):
+            raise ValueError(f"weighted sampler without replacement cannot draw {n} of "
+                             f"{np.count_nonzero(w)} samples with non-zero weight")
+        return rng.choice(selection, size=n, replace=options["replacement"], p=w / w.sum())
+    if sampler == "balanced":
+        return rng.permutation(balanced_subset(selection, labels, options["class_weights"], rng))
+    return rng.permutation(selection)
+
+
+def balanced_subset(selection: np.ndarray, labels: np.ndarray, weights: dict, rng) -> np.ndarray:
+    by_class = {c: selection[labels[selection] == c] for c in (0, 1)}
+    mass = {c: weights[c] * len(by_class[c]) for c in (0, 1)}
+    share = {c: mass[c] / sum(mass.values()) for c in (0, 1)}
+    # The largest epoch in which no class needs more samples than it has.
+    size = min(len(by_class[c]) / share[c] for c in (0, 1) if share[c] > 0)
+    take = {c: min(len(by_class[c]), round(share[c] * size)) for c in (0, 1)}
+    return np.concatenate([rng.choice(by_class[c], size=take[c], replace=False) for c in (0, 1)])
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
+                 train: bool) -> list[np.ndarray]:
+    """This rank's batches; every rank gets the same number of batches.
+
+    Train drops the tail that does not fill a batch on every rank. Eval keeps every
+    sample exactly once and pads nothing: the order is cut into world_size * B
+    near-equal batches (each <= batch_size) dealt round-robin to the ranks.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if train:
+        per_step = batch_size * world_size
+        steps = len(order) // per_step
+        if steps == 0:
+            raise ValueError(f"{len(order)} samples cannot fill one batch of {batch_size} on "
+                             f"{world_size} rank(s); lower the batch size")
+        grid = order[: steps * per_step].reshape(steps, world_size, batch_size)
+        return list(grid[:, rank])
+    per_rank = math.ceil(math.ceil(len(order) / world_size) / batch_size)
+    if per_rank * world_size > len(order):  # some batch would be empty: impossible without padding
+        raise ValueError(f"{len(order)} eval samples cannot give {world_size} rank(s) {per_rank} non-empty "
+                         f"batch(es) each; raise the batch size or use fewer ranks")
+    parts = np.array_split(order, per_rank * world_size)
+    return parts[rank::world_size]

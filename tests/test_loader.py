@@ -1,0 +1,171 @@
+"""make_loader on CPU, DALI CPU mode and the torch backend: attachment, exact epochs, order, ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crackio import Batch, ShardError, make_loader
+from crackio.augment import MEAN, STD
+from crackio.names import parse_name
+from crackio.shards import load_index
+from tests.conftest import code_color, decode_id
+
+BACKENDS = ["dali", "torch"]
+
+
+def center_rgb(images: torch.Tensor) -> np.ndarray:
+    """Mean colour (0-255) of the central 8x8 patch of each image, normalization undone."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    raw = (images.cpu() * std + mean) * 255
+    return raw[:, :, 108:116, 108:116].mean(dim=(2, 3)).numpy()
+
+
+def collect(loader) -> list[Batch]:
+    return list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_epoch_every_sample_once_with_its_label_iou_and_pixels(coded_shards, backend):
+    loader = make_loader(coded_shards, "valid", batch_size=8, train=False, backend=backend, device="cpu")
+    batches = collect(loader)
+    assert len(batches) == len(loader) == 5  # 37 samples: every one, no padding
+    names = [n for b in batches for n in b.names]
+    assert len(names) == len(set(names)) == 37
+    for b in batches:
+        assert b.images.shape[1:] == (3, 224, 224) and b.images.dtype == torch.float32
+        assert b.images.device.type == "cpu"
+        for name, label, iou, rgb in zip(b.names, b.labels, b.ious, center_rgb(b.images)):
+            p = parse_name(name)
+            assert decode_id(rgb) == p.proposal, "image detached from its name"
+            assert abs(float(iou) - p.iou) < 1e-6
+            assert float(label) == float(p.iou > 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_epoch_keeps_images_attached_under_augmentation(coded_shards, backend):
+    loader = make_loader(coded_shards, "train", batch_size=16, train=True, backend=backend, device="cpu", seed=5)
+    ids, params = loader.plan(0)
+    batches = collect(loader)
+    assert len(batches) == 100 // 16  # the partial last batch is dropped in training
+    for b, p in zip(batches, params):
+        got = center_rgb(b.images)
+        for name, rgb, factor in zip(b.names, got, p.brightness):
+            expected = np.clip(np.round(np.array(code_color(parse_name(name).proposal)) * factor), 0, 255)
+            assert np.abs(rgb - expected).max() < 4, (name, rgb, expected)
+    # Rotation leaves black (normalized: -mean/std) corners on most images.
+    corner = batches[0].images[:, :, :4, :4].mean(dim=(1, 2, 3))
+    black = float(np.mean(-np.array(MEAN) / np.array(STD)))
+    assert (corner - black).abs().lt(0.1).float().mean() > 0.3
+
+
+def test_backends_agree_on_eval_and_on_train_given_the_same_parameters(coded_shards, demo_shards):
+    for split, train in (("valid", False), ("train", True)):
+        a = collect(make_loader(demo_shards, split, batch_size=8, train=train, backend="dali", device="cpu"))
+        b = collect(make_loader(demo_shards, split, batch_size=8, train=train, backend="torch", device="cpu"))
+        assert [x.names for x in a] == [x.names for x in b]
+        for x, y in zip(a, b):
+            diff = (x.images - y.images).abs()
+            # Same libjpeg-turbo decode: eval is exact; train differs only where nearest-neighbour
+            # rotation rounds a pixel centre the other way.
+            assert diff.mean() < (1e-6 if not train else 1e-3)
+            assert torch.equal(x.labels, y.labels) and torch.equal(x.ious, y.ious)
+
+
+def test_order_is_a_pure_function_of_seed_epoch_rank(demo_shards):
+    def order(seed, epoch, **kw):
+        loader = make_loader(demo_shards, "train", batch_size=4, train=True, seed=seed, backend="torch",
+                             device="cpu", **kw)
+        return np.concatenate(loader.batches(epoch))
+
+    assert np.array_equal(order(0, 0), order(0, 0))
+    assert not np.array_equal(order(0, 0), order(0, 1))
+    assert not np.array_equal(order(0, 0), order(1, 0))
+    # Epochs are exact: a shuffle epoch is a permutation (minus the dropped tail).
+    n = len(load_index(demo_shards, "train"))
+    assert len(set(order(0, 0))) == len(order(0, 0)) == n - n % 4
+
+
+def test_iteration_advances_the_epoch_and_epoch_can_be_set(demo_shards):
+    kw = dict(batch_size=16, train=True, seed=2, backend="dali", device="cpu")
+    loader = make_loader(demo_shards, "train", **kw)
+    first = [b.names for b in loader]
+    second = [b.names for b in loader]
+    assert first != second and loader.epoch == 2
+    resumed = make_loader(demo_shards, "train", **kw)
+    resumed.epoch = 1
+    assert [b.names for b in resumed] == second
+    # An abandoned epoch still counts, and the next one starts clean.
+    partial = make_loader(demo_shards, "train", **kw)
+    next(iter(partial))
+    assert [b.names for b in partial] == second
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_ranks_are_disjoint_complete_and_equal(demo_shards, train):
+    world = 3
+    loaders = [make_loader(demo_shards, "valid", batch_size=5, train=train, rank=r, world_size=world,
+                           backend="torch", device="cpu") for r in range(world)]
+    per_rank = [loaders[r].batches(4) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1, "every rank needs the same number of batches"
+    ids = [i for batches in per_rank for b in batches for i in b]
+    n = len(load_index(demo_shards, "valid"))
+    assert len(ids) == len(set(ids))
+    if train:
+        assert len(ids) == n - n % (5 * world)
+    else:
+        assert sorted(ids) == list(range(n))
+        assert max(len(b) for batches in per_rank for b in batches) <= 5
+
+
+def test_relabel_by_threshold(coded_shards):
+    loader = make_loader(coded_shards, "valid", batch_size=64, train=False, iou_threshold=0.35,
+                         backend="torch", device="cpu")
+    (batch,) = collect(loader)
+    assert torch.equal(batch.labels, (batch.ious > 0.35).float())
+    assert batch.labels.sum() > sum(parse_name(n).label for n in batch.names)
+
+
+def test_hard_negatives_loader_selects_like_the_original(demo_shards):
+    loader = make_loader(demo_shards, "train", batch_size=1, train=False, sampler="hard-negatives",
+                         negatives=20, backend="torch", device="cpu")
+    names = [n for b in loader for n in b.names]
+    index = load_index(demo_shards, "train")
+    labels = index.labels
+    assert sum(1 for n in names if parse_name(n).label == 0) == 20
+    assert sum(1 for n in names if parse_name(n).label == 1) == int(labels.sum())
+
+
+def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_loader(demo_shards, "train", batch_size=4, train=True, sampler="nope", device="cpu")
+    with pytest.raises(ValueError, match="takes"):
+        make_loader(demo_shards, "train", batch_size=4, train=True, sampler="shuffle", negatives=3, device="cpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        make_loader(demo_shards, "train", batch_size=4, train=True, backend="tf", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            make_loader(demo_shards, "train", batch_size=4, train=True, device="cuda")
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        make_loader(demo_shards, "valid", batch_size=10_000, train=True, device="cpu").batches(0)
+
+    import shutil
+    broken = tmp_path / "s"
+    shutil.copytree(demo_shards, broken)
+    index = np.load(broken / "train" / "index.npy")
+    index["offset"] += 512  # points at the wrong bytes, tar sizes still match the manifest
+    np.save(broken / "train" / "index.npy", index)
+    with pytest.raises(ShardError, match=r"does not match the index.*re-run"):
+        make_loader(broken, "train", batch_size=4, train=True, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_backends_match_cpu(coded_shards, backend):
+    gpu = collect(make_loader(coded_shards, "valid", batch_size=8, train=False, backend=backend, device="cuda"))
+    cpu = collect(make_loader(coded_shards, "valid", batch_size=8, train=False, backend=backend, device="cpu"))
+    for g, c in zip(gpu, cpu):
+        assert g.images.device.type == "cuda" and g.names == c.names
+        assert (g.images.cpu() - c.images).abs().mean() < 0.02  # nvJPEG vs libjpeg-turbo

@@ -1,0 +1,120 @@
+"""Samplers on in-memory labels and IoUs: selections, class mixes, exactness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crackio.names import format_name, parse_name
+from crackio.samplers import epoch_order, rank_batches, relabel, sampler_options, select
+
+
+def original_filter_and_sort_images(image_names: list[str], validation_set: bool) -> list[str]:
+    """The seed write-up's function, kept verbatim in behaviour as the oracle (dotted stems fixed by
+    parsing right to left, which the original's split('.') could not do)."""
+    label_0_images, label_1_images = [], []
+    for image_name in image_names:
+        p = parse_name(image_name)
+        if p.label == 1:
+            label_1_images.append(image_name)
+        elif p.label == 0:
+            label_0_images.append((image_name, p.iou))
+    set_size = 800 if not validation_set else 200
+    label_0_sorted = [img for img, _ in sorted(label_0_images, key=lambda x: x[1], reverse=True)[:set_size]]
+    return label_1_images + label_0_sorted
+
+
+def fake_index(n: int, seed: int = 0, pos_share: float = 0.25):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < pos_share).astype(np.int64)
+    # Coarse IoUs (3 decimals, many ties) like real names; positives above 0.5.
+    ious = np.where(labels == 1, rng.uniform(0.501, 1, n), rng.integers(0, 500, n) / 1000).astype(np.float32)
+    return labels, ious
+
+
+def opts(sampler, **kw):
+    return sampler_options(sampler, kw)
+
+
+@pytest.mark.parametrize("validation, negatives", [(False, 800), (True, 200)])
+def test_hard_negatives_match_the_original(validation, negatives):
+    labels, ious = fake_index(5000, seed=1)
+    names = [format_name(f"IMG_{i % 50}_jpg.rf.ab", i, float(iou), int(lab))
+             for i, (iou, lab) in enumerate(zip(ious, labels))]
+    ious = np.array([parse_name(n).iou for n in names], dtype=np.float32)
+    chosen = select(labels, ious, "hard-negatives", opts("hard-negatives", negatives=negatives), seed=0)
+    assert {names[i] for i in chosen} == set(original_filter_and_sort_images(names, validation))
+
+
+def test_hard_negatives_after_relabel():
+    labels, ious = fake_index(3000, seed=2)
+    relabeled = relabel(ious, 0.35)
+    chosen = select(relabeled, ious, "hard-negatives", opts("hard-negatives", negatives=100), seed=0)
+    assert (relabeled[chosen] == 1).sum() == relabeled.sum()
+    negs = chosen[relabeled[chosen] == 0]
+    assert len(negs) == 100 and ious[negs].min() >= ious[relabeled == 0][np.argsort(-ious[relabeled == 0])][99]
+    assert ious[negs].max() <= np.float32(0.35)
+
+
+def test_iou_strata():
+    labels, ious = fake_index(4000, seed=3)
+    o = opts("iou-strata", per_bin=7)
+    chosen = select(labels, ious, "iou-strata", o, seed=0)
+    assert np.array_equal(chosen, select(labels, ious, "iou-strata", o, seed=0))
+    assert set(np.flatnonzero(labels == 1)) <= set(chosen)
+    negs = chosen[labels[chosen] == 0]
+    counts = np.bincount(np.floor(ious[negs] / 0.05).astype(int))
+    assert counts.max() == 7 and len(negs) == 7 * 10  # 10 bins below IoU 0.5, all well filled
+
+
+def test_weighted_with_replacement_follows_the_weights():
+    labels, ious = fake_index(20000, seed=4)
+    sel = np.arange(len(labels))
+    order = epoch_order(sel, labels, "weighted", opts("weighted"), seed=0, epoch=0, train=True)
+    n0, n1 = (labels == 0).sum(), (labels == 1).sum()
+    expected = 2 * n1 / (n0 + 2 * n1)
+    assert len(order) == len(sel)
+    assert abs(labels[order].mean() - expected) < 0.015
+    assert len(np.unique(order)) < len(order)  # replacement draws duplicates
+
+
+def test_weighted_without_replacement_is_the_originals_reorder():
+    labels, _ = fake_index(2000, seed=5)
+    sel = np.arange(len(labels))
+    order = epoch_order(sel, labels, "weighted", opts("weighted", replacement=False), seed=0, epoch=0, train=True)
+    assert sorted(order) == list(sel)  # each exactly once: the class mix cannot change
+    # ...but positives come earlier on average, the only effect the weights have.
+    rank = np.empty(len(order))
+    rank[order] = np.arange(len(order))
+    assert rank[labels == 1].mean() < rank[labels == 0].mean()
+    again = epoch_order(sel, labels, "weighted", opts("weighted", replacement=False), seed=0, epoch=0, train=True)
+    assert np.array_equal(order, again)
+
+
+def test_balanced_follows_the_weights_without_duplicates():
+    labels, _ = fake_index(8000, seed=6)
+    sel = np.arange(len(labels))
+    order = epoch_order(sel, labels, "balanced", opts("balanced", class_weights={0: 1, 1: 2}), 0, 0, True)
+    assert len(np.unique(order)) == len(order)
+    n0, n1 = (labels == 0).sum(), (labels == 1).sum()
+    assert abs(labels[order].mean() - 2 * n1 / (n0 + 2 * n1)) < 0.002
+    even = epoch_order(sel, labels, "balanced", opts("balanced", class_weights={0: 1, 1: n0 / n1}), 0, 0, True)
+    assert abs(labels[even].mean() - 0.5) < 0.002 and (labels[even] == 1).sum() == n1
+
+
+def test_rank_batches_shapes():
+    order = np.arange(103)
+    train = [rank_batches(order, 8, r, 4, train=True) for r in range(4)]
+    assert all(len(b) == 3 for b in train) and all(len(x) == 8 for b in train for x in b)
+    ev = [rank_batches(order, 8, r, 4, train=False) for r in range(4)]
+    assert {len(b) for b in ev} == {4}
+    assert sorted(i for b in ev for x in b for i in x) == list(range(103))
+    with pytest.raises(ValueError, match="non-empty"):
+        rank_batches(np.arange(5), 1, 0, 4, train=False)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="class_weights"):
+        sampler_options("weighted", {"class_weights": {0: 1}})
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_options("random", {})
