@@ -1,0 +1,153 @@
+"""python -m train on CPU with a tiny architecture: outputs, resume, early stopping, losses, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision import models
+
+from train.__main__ import main as cli
+from train.config import Config
+from train.loop import main
+from train.model import WeightsError, build_model
+
+ARCH = "shufflenet_v2_x0_5"  # ~10x cheaper than resnet18 on CPU
+
+
+def tiny(shards, out, **kw) -> Config:
+    base = dict(shards=str(shards), out=str(out), arch=ARCH, weights="none", head="linear", epochs=2,
+                batch_size=16, device="cpu", backend="dali", workers=2, lr=1e-3)
+    return Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def two_epochs(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    main(tiny(demo_shards, out, target_recall=0.9, patience=5))
+    return out
+
+
+def test_a_run_writes_every_output(two_epochs):
+    for name in ("config.json", "history.json", "metrics.jsonl", "best.pt", "last.pt", "report.txt",
+                 "curves.png", "pr_curve.png", "summary.json"):
+        assert (two_epochs / name).is_file(), name
+    history = json.loads((two_epochs / "history.json").read_text())
+    assert len(history) == 2
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "crack_precision", "crack_recall",
+                "crack_f1", "images_per_sec", "data_wait_share"):
+        assert all(isinstance(h[key], float) for h in history), key
+    assert len((two_epochs / "metrics.jsonl").read_text().splitlines()) == 2
+    report = (two_epochs / "report.txt").read_text()
+    assert "== valid" in report and "== test" in report
+    assert "    No crack" in report and "       Crack" in report and "macro avg" in report
+    assert "confusion matrix" in report
+    assert Config.from_dict(json.loads((two_epochs / "config.json").read_text())).arch == ARCH
+
+
+def test_target_recall_threshold_reaches_it_on_validation(two_epochs):
+    summary = json.loads((two_epochs / "summary.json").read_text())["target_recall"]
+    assert summary["recall"] >= 0.9 and 0 <= summary["threshold"] <= 1
+    assert "target crack recall 0.90" in (two_epochs / "report.txt").read_text()
+
+
+def test_resume_reproduces_an_uninterrupted_run(demo_shards, two_epochs, tmp_path):
+    out = tmp_path / "resumed"
+    main(tiny(demo_shards, out, target_recall=0.9, patience=5, epochs=1))
+    main(Config(resume=str(out), epochs=2))
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait_share")} for e in h]
+    full = strip(json.loads((two_epochs / "history.json").read_text()))
+    resumed = strip(json.loads((out / "history.json").read_text()))
+    assert len(resumed) == len(full) == 2
+    for a, b in zip(full, resumed):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_early_stopping_stops_at_the_first_stall(demo_shards, tmp_path):
+    out = tmp_path / "early"
+    main(tiny(demo_shards, out, epochs=4, patience=1, lr=0.05, optimizer="sgd"))
+    history = json.loads((out / "history.json").read_text())
+    losses = [h["val_loss"] for h in history]
+    stalls = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
+    assert len(history) == (stalls[0] + 1 if stalls else 4)
+
+
+def test_focal_loss_without_alpha_trains(demo_shards, tmp_path):
+    out = tmp_path / "focal"
+    main(tiny(demo_shards, out, epochs=1, loss="focal", focal_alpha=-1, sampler="balanced", backend="torch"))
+    assert json.loads((out / "history.json").read_text())[0]["train_loss"] > 0
+
+
+def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_path, capsys):
+    assert cli(["eval", "--checkpoint", str(two_epochs / "best.pt"), "--shards", str(demo_shards),
+                "--split", "valid", "--device", "cpu"]) == 0
+    assert "No crack" in capsys.readouterr().out
+    ckpt = torch.load(two_epochs / "best.pt", weights_only=True)
+    ckpt["config"]["arch"] = "resnet18"
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert cli(["eval", "--checkpoint", str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    with pytest.raises(WeightsError, match="another architecture"):
+        build_model("resnet18", str(two_epochs / "best.pt"), "linear")
+
+
+def test_bad_inputs_get_clear_messages(demo_shards, tmp_path, capsys):
+    def err(*args):
+        assert cli(list(args)) == 2
+        return capsys.readouterr().err
+
+    assert "does not exist" in err("--shards", str(tmp_path / "none"), "--device", "cpu")
+    (tmp_path / "empty").mkdir()
+    assert "manifest.json is missing" in err("--shards", str(tmp_path / "empty"), "--device", "cpu")
+    assert "split 'nope'" in err("--shards", str(demo_shards), "--val-split", "nope", "--arch", ARCH,
+                                 "--weights", "none", "--device", "cpu", "--out", str(tmp_path / "r"))
+    assert "--loss must be one of" in err("--shards", str(demo_shards), "--loss", "hinge")
+    assert "--class-weights" in err("--shards", str(demo_shards), "--class-weights", "1,2")
+    assert "--weights none" in err("--shards", str(demo_shards), "--arch", ARCH, "--device", "cpu",
+                                   "--out", str(tmp_path / "w"))
+    with pytest.raises(SystemExit):
+        cli(["--shards", str(demo_shards), "--no-such-flag", "1"])
+    assert "NaN" in err("--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--device", "cpu",
+                        "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path / "nan"), "--batch-size", "16")
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("arch", [ARCH, "resnext50_32x4d"])
+def test_imagenet_weights_load_from_the_torch_cache(arch, tmp_path, monkeypatch):
+    weights = models.get_model_weights(arch).DEFAULT
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    reference = models.get_model(arch, weights=None).state_dict()
+    torch.save(reference, cache / os.path.basename(weights.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = build_model(arch, "imagenet", "seed")
+    got = model.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in reference.items())
+    assert model(torch.zeros(2, 3, 224, 224)).shape == (2,)
+
+
+def test_torchrun_two_cpu_ranks_train_and_write_once(demo_shards, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train",
+           "--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--head", "linear",
+           "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--workers", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert run.stdout.count("run folder:") == 1
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["train_loss"] > 0
+
+
+def test_config_round_trip():
+    cfg = Config(shards="x", sampler="weighted", class_weights="0:1,1:3")
+    assert cfg.sampler_options("weighted", 0)["class_weights"] == {0: 1.0, 1: 3.0}
+    assert Config.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown config keys"):
+        Config.from_dict({"shards": "x", "lr_max": 1})

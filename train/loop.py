@@ -1,0 +1,232 @@
+"""`main(cfg)`: train the crack classifier, validate each epoch, stop early, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from crackio import make_loader, read_manifest
+from train.config import Config, resumed
+from train.evaluate import atomic_save, load_checkpoint, predict, world
+from train.losses import make_loss
+from train.model import build_model
+from train.report import crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def init_distributed() -> None:
+    """torchrun sets WORLD_SIZE; nccl on GPU, gloo on CPU. No home-made cluster code."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def run_dir(cfg: Config, rank: int) -> Path:
+    name = cfg.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if dist.is_initialized():  # every rank must agree on rank 0's timestamp
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    out = Path(name)
+    if not cfg.resume and (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
+                              f"or choose another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def loaders(cfg: Config, device: torch.device, rank: int, world_size: int):
+    common = dict(iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device, backend=cfg.backend,
+                  rank=rank, world_size=world_size, workers=cfg.workers or None)
+    train = make_loader(cfg.shards, cfg.train_split, batch_size=cfg.batch_size, train=True, sampler=cfg.sampler,
+                        **common, **cfg.sampler_options(cfg.sampler, cfg.negatives))
+    val = make_loader(cfg.shards, cfg.val_split, batch_size=cfg.batch_size, train=False, sampler=cfg.val_sampler,
+                      **common, **cfg.sampler_options(cfg.val_sampler, cfg.val_negatives))
+    return train, val
+
+
+def train_epoch(model, loader, loss_fn, optimizer, scaler, amp_dtype, epoch: int, cfg: Config, show: bool) -> dict:
+    model.train()
+    device = loader.device
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, samples
+    finite = torch.ones((), device=device, dtype=torch.bool)
+    wait = 0.0
+    start = tick = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
+    for step, batch in enumerate(bar):
+        wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch.images)
+        loss = loss_fn(logits, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(batch.labels)
+        finite &= torch.isfinite(loss.detach())
+        totals += torch.stack([loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum(),
+                               torch.tensor(n, device=device)])
+        if step % 10 == 0 or step == len(loader) - 1:  # a sync every 10 steps, not every step
+            if not bool(finite):
+                raise NonFiniteLoss(f"loss became NaN/inf in epoch {epoch + 1} (step {step})")
+            if show:
+                elapsed = time.perf_counter() - start
+                loss_avg, correct, seen = totals.tolist()
+                bar.set_postfix(loss=f"{loss_avg / seen:.4f}", acc=f"{100 * correct / seen:.1f}%",
+                                img_s=f"{seen / elapsed:.0f}", wait=f"{100 * wait / elapsed:.0f}%")
+        tick = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    return {"train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+            "images_per_sec": seen / elapsed, "data_wait_share": wait / elapsed}
+
+
+def main(cfg: Config) -> Path:
+    """Train, validate, checkpoint, report; returns the run folder."""
+    cfg.validate()
+    if cfg.resume:
+        saved_path = Path(cfg.resume) / "config.json"
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"--resume {cfg.resume}: no config.json there (is it a run folder?)")
+        cfg = resumed(cfg, Config.from_dict(json.loads(saved_path.read_text())))
+        cfg = dataclasses.replace(cfg, out=cfg.resume)
+    init_distributed()
+    rank, world_size = world()
+    device = pick_device(cfg)
+    read_manifest(cfg.shards)  # fail early, naming the folder, before building a model
+    out = run_dir(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    train_loader, val_loader = loaders(cfg, device, rank, world_size)
+    model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
+    cuda = device.type == "cuda"
+    # bf16 where supported (no scaler needed), else fp16 with a GradScaler; fp32 on CPU.
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(cfg, model.parameters())
+    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
+    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": []}
+    if cfg.resume:
+        ckpt = load_checkpoint(out / "last.pt", device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+    if rank == 0:
+        cfg.save(out / "config.json")
+    show = rank == 0
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            break
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
+        train_loader.epoch = epoch
+        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp_dtype,
+                                                 epoch, cfg, show)}
+        val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp_dtype)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
+        row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((probs >= 0.5) == labels).mean()),
+                **crack_metrics(labels, probs)}
+        improved = val_loss < state["best_val_loss"]
+        state["history"].append(row)
+        state |= {"epoch": epoch + 1, "best_val_loss": min(val_loss, state["best_val_loss"]),
+                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
+        if rank == 0:
+            save_epoch(out, model, optimizer, scaler, state, cfg, row, improved)
+            print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
+                  f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
+                  f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} | "
+                  f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
+                  + ("" if improved else f" (no improvement {state['bad_epochs']}/{cfg.patience})"))
+    if state["bad_epochs"] >= cfg.patience and rank == 0:
+        print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
+    final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, world_size, state["history"])
+    return out
+
+
+def save_epoch(out: Path, model, optimizer, scaler, state: dict, cfg: Config, row: dict, improved: bool) -> None:
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "config": dataclasses.asdict(cfg), **state}
+    if improved:
+        atomic_save(ckpt, out / "best.pt")
+    atomic_save(ckpt, out / "last.pt")
+    (out / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, world_size, history) -> None:
+    """Reload best.pt; classification reports on validation (and test), PR curves, curves.png."""
+    if dist.is_initialized():
+        dist.barrier()  # best.pt is written by rank 0
+    if not history:
+        return
+    model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
+    splits = {cfg.val_split: val_loader}
+    if cfg.test_split in read_manifest(cfg.shards)["splits"]:
+        splits[cfg.test_split] = make_loader(cfg.shards, cfg.test_split, batch_size=cfg.batch_size, train=False,
+                                             iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device,
+                                             backend=cfg.backend, rank=rank, world_size=world_size,
+                                             workers=cfg.workers or None)
+    results = {name: predict(model, loader, loss_fn, amp_dtype) for name, loader in splits.items()}
+    if rank != 0:
+        return
+    best = min(history, key=lambda h: h["val_loss"])
+    text = [f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
+            f"loss {cfg.loss}, sampler {cfg.sampler}, IoU threshold {cfg.iou_threshold}\n"]
+    marks = []
+    for name, (_, labels, probs, _) in results.items():
+        text.append(report_text(name, labels, probs))
+    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
+    if cfg.target_recall:
+        labels, probs = results[cfg.val_split][1:3]
+        threshold, recall, precision = threshold_for_recall(labels, probs, cfg.target_recall)
+        summary["target_recall"] = {"target": cfg.target_recall, "threshold": threshold,
+                                    "recall": recall, "precision": precision}
+        text.append(f"target crack recall {cfg.target_recall:.2f} on {cfg.val_split}: threshold {threshold:.4f} "
+                    f"gives recall {recall:.3f} at precision {precision:.3f}\n")
+        for name, (_, labels, probs, _) in results.items():
+            text.append(report_text(f"{name} at the target-recall threshold", labels, probs, threshold))
+        marks.append((f"threshold {threshold:.3f}", recall, precision))
+    (out / "report.txt").write_text("\n".join(text))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_curves(history, out / "curves.png")
+    plot_pr({name: (r[1], r[2]) for name, r in results.items()}, out / "pr_curve.png", marks)
+    print("\n".join(text))
+    print(f"run folder: {out}")
+

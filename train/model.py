@@ -1,0 +1,89 @@
+"""The crack classifier: a torchvision backbone with the original's head or a linear one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be had; the message says which file to provide."""
+
+
+class CrackClassifier(nn.Module):
+    """Returns one logit per image; probabilities come from a sigmoid at evaluation."""
+
+    def __init__(self, backbone: nn.Module, head: str):
+        super().__init__()
+        self.backbone = backbone
+        # seed: the original's ReLU + Linear(1000, 1) on the 1000-class output (its Sigmoid moved
+        # into the loss); linear: the backbone's last Linear already maps to one logit.
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if head == "seed" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).squeeze(1)
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent, attribute, layer) of the classifier's final Linear: `fc` for ResNets,
+    `classifier[-1]` for MobileNet/EfficientNet, `heads.head` for ViT, ..."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to replace with a 1-logit head")
+    parent_name, _, attr = found.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, attr, getattr(parent, attr)
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    """torchvision's DEFAULT ImageNet weights, through its API and cache ($TORCH_HOME/hub/checkpoints)."""
+    weights = models.get_model_weights(arch).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=not cached.exists())
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a partial download a RuntimeError
+        raise WeightsError(
+            f"cannot load ImageNet weights for {arch} ({e}). Offline? Put {weights.url} at {cached} "
+            f"(or set TORCH_HOME), or train from scratch with --weights none.") from e
+
+
+def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
+    """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier."""
+    if arch not in models.list_models(module=models):
+        raise ValueError(f"--arch {arch!r} is not a torchvision classification model "
+                         f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)")
+    backbone = models.get_model(arch, weights=None)
+    if weights == "imagenet":
+        backbone.load_state_dict(imagenet_state_dict(arch))
+    path_state = None
+    if weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
+        path_state = torch.load(path, map_location="cpu", weights_only=True)
+        path_state = path_state.get("model", path_state)  # a crackio checkpoint, or a bare state dict
+        if not any(k.startswith("backbone.") for k in path_state):
+            _load(backbone, path_state, f"--weights {weights}", arch)
+            path_state = None
+    if head == "linear":
+        parent, attr, layer = _last_linear(backbone)
+        setattr(parent, attr, nn.Linear(layer.in_features, 1))
+    model = CrackClassifier(backbone, head)
+    if path_state is not None:
+        _load(model, path_state, f"--weights {weights}", arch)
+    return model
+
+
+def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatched keys"
+        raise WeightsError(f"{source} does not fit --arch {arch} and this head: {first}. "
+                           f"Was it saved from another architecture?") from e
