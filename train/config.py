@@ -17,7 +17,7 @@ class Config:
     out: str = ""                        # run folder; "" = runs/<timestamp>
     arch: str = "resnext50_32x4d"        # any torchvision classification model (resnet18 for quick CPU runs)
     weights: str = "imagenet"            # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
-    head: str = "seed"                   # seed: ReLU + Linear(1000, 1) on the 1000-class output | linear: fc -> Linear(features, 1)
+    head: str = "seed"                   # seed: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit last layer
     optimizer: str = "adam"              # adam | adamw | sgd
     lr: float = 1e-3                     # learning rate (the original's Adam lr)
     weight_decay: float = 0.0            # weight decay
