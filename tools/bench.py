@@ -1,0 +1,267 @@
+"""Images per second: the original PIL pipeline against crackio's loaders, same machine, same cores.
+
+    python tools/bench.py --shards S --src P [--split train] [--batch-size 32] [--seconds S]
+                          [--repeats R] [--json OUT.json] [--model] [--quick] [--workers N]
+
+Rows (train augmentation everywhere except decode-only):
+    seed-baseline      the original's Dataset (PIL, v2 ColorJitter/flip/rotation/normalize)
+                       in a DataLoader over the proposal folder, num_workers = cores
+    seed-baseline-w0   the same with num_workers=0, the original's setting
+    decode-only        torchvision decode_jpeg (libjpeg-turbo) of the same bytes on the
+                       same cores, no augmentation: the ceiling of any CPU pipeline
+    dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader
+Each row runs in its own process (clean peak RSS); the first batches are warm-up;
+the median of the repeats is reported. --model adds the classifier's step rate on
+synthetic tensors and the data-stall share of each loader feeding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WARMUP_BATCHES = 3
+
+
+def seed_baseline(src: Path, batch_size: int, workers: int):
+    """The seed write-up's pipeline, as published (its listing, its Dataset, its transforms)."""
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    class CrackDataset(Dataset):
+        def __init__(self, directory, image_files):
+            self.directory, self.image_files = directory, image_files
+            self.transform = v2.Compose([
+                v2.ColorJitter(brightness=0.5), v2.RandomHorizontalFlip(p=0.5), v2.RandomRotation(180),
+                v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+        def __len__(self):
+            return len(self.image_files)
+
+        def __getitem__(self, idx):
+            name = self.image_files[idx]
+            parts = name.rsplit(".", 4)  # right to left, so dotted stems parse
+            image = Image.open(os.path.join(self.directory, name)).convert("RGB")
+            return self.transform(image), name, float(parts[2].replace("_", ".")), int(parts[3])
+
+    files = [f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f))]
+    return DataLoader(CrackDataset(src, files), batch_size=batch_size, shuffle=True, num_workers=workers,
+                      persistent_workers=workers > 0)
+
+
+def decode_only(shards: Path, split: str, batch_size: int, workers: int):
+    """Yields batch-sized chunks decoded by a pool of `workers` processes (bytes read up front)."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from crackio.reader import ByteReader
+    from crackio.shards import load_index
+
+    index = load_index(shards, split)
+    data = ByteReader(index).read(np.arange(len(index)))
+    chunks = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    pool = mp.get_context("forkserver").Pool(max(1, workers), initializer=_single_thread)
+
+    def batches():
+        while True:
+            yield from pool.imap(_decode_chunk, chunks)
+    return batches()
+
+
+def _single_thread():
+    import torch
+    torch.set_num_threads(1)
+
+
+def _decode_chunk(chunk: list[bytes]) -> int:
+    import torch
+    from torchvision.io import decode_jpeg
+    decoded = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in chunk])
+    return len(decoded)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def batch_len(batch) -> int:
+    return batch if isinstance(batch, int) else len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+
+def run_row(args) -> dict:
+    """One row, in this process: first batch, then img/s over `seconds` per repeat."""
+    import torch
+
+    t0 = time.perf_counter()
+    name = args.row
+    cores = args.workers
+    if name.startswith("seed-baseline"):
+        it = endless(seed_baseline(Path(args.src) / args.split, args.batch_size, 0 if name.endswith("w0") else cores))
+    elif name == "decode-only":
+        it = decode_only(Path(args.shards), args.split, args.batch_size, cores)
+    else:
+        from crackio import make_loader
+        backend, device = name.split("-")
+        loader = make_loader(args.shards, args.split, batch_size=args.batch_size, train=True, backend=backend,
+                             device="cuda" if device == "gpu" else "cpu", workers=cores)
+        it = endless(loader)
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in range(WARMUP_BATCHES - 1):
+        next(it)
+    model = step = None
+    if args.model and name != "decode-only":
+        model, step = make_step(args)
+    rates, stalls = [], []
+    for _ in range(args.repeats):
+        n, wait, start = 0, 0.0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            tick = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - tick
+            if step is not None:
+                step(batch[0] if isinstance(batch, (list, tuple)) else batch.images)
+            n += batch_len(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        rates.append(n / elapsed)
+        stalls.append(wait / elapsed)
+    usage = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    rss = max(usage)  # KiB on Linux; the larger of this process and its biggest worker
+    row = {"name": name, "images_per_sec": statistics.median(rates), "cores": cores,
+           "first_batch_s": first, "peak_rss_mb": rss / 1024}
+    if step is not None:
+        row["data_stall_share"] = statistics.median(stalls)
+    return row
+
+
+def make_step(args):
+    """A training step of the classifier (AMP + channels_last on CUDA) on whatever images it is given."""
+    import torch
+
+    from train.losses import make_loss
+    from train.model import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.arch, "none", "seed").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = make_loss("bce", 0, 0.25, 2, device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def step(images):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+        loss = loss_fn(logits, torch.zeros(len(images), device=device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, step
+
+
+def model_only(args) -> dict:
+    import torch
+    _, step = make_step(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    for _ in range(WARMUP_BATCHES):
+        step(x)
+    rates = []
+    for _ in range(args.repeats):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            step(x)
+            n += len(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - start))
+    return {"name": f"model-only ({args.arch}, synthetic)", "images_per_sec": statistics.median(rates),
+            "cores": args.workers, "first_batch_s": None, "peak_rss_mb": None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", required=True, help="shards folder from tools/pack.py")
+    ap.add_argument("--src", required=True, help="the proposal folder the shards were packed from")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="cores used by every row")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--model", action="store_true", help="add the classifier's step rate and data-stall shares")
+    ap.add_argument("--arch", default="resnext50_32x4d", help="classifier for --model")
+    ap.add_argument("--quick", action="store_true", help="every row briefly (--seconds 2 --repeats 1)")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeats = 2.0, 1
+    if args.row:
+        print(json.dumps(model_only(args) if args.row == "model-only" else run_row(args)))
+        return 0
+    import torch
+
+    from crackio.loader import dali_available
+    rows = ["seed-baseline", "seed-baseline-w0", "decode-only"]
+    rows += [f"{b}-{d}" for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
+             for b in (["dali"] if dali_available() else []) + ["torch"]]
+    if args.model:
+        rows.append("model-only")
+    forward = list(argv if argv is not None else sys.argv[1:])
+    results = []
+    for name in rows:
+        run = subprocess.run([sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"{name}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: {results[-1]['images_per_sec']:.0f} img/s", file=sys.stderr)
+    base = next((r["images_per_sec"] for r in results if r["name"] == "seed-baseline"), None)
+    ceiling = next((r["images_per_sec"] for r in results if r["name"] == "decode-only"), None)
+    for r in results:
+        r["images_per_sec_per_core"] = r["images_per_sec"] / r["cores"]
+        r["vs_seed_baseline"] = r["images_per_sec"] / base if base else None
+        r["vs_decode_only"] = r["images_per_sec"] / ceiling if ceiling else None
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "torch": torch.__version__, "python": platform.python_version(),
+               "batch_size": args.batch_size, "seconds": args.seconds, "repeats": args.repeats}
+    print(table(results, machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+    return 0
+
+
+def table(results: list[dict], machine: dict) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = [f"machine: {machine['cores']} cores, GPU {machine['gpu'] or 'none'}, batch {machine['batch_size']}",
+             f"{'row':<34}{'img/s':>9}{'/core':>8}{'x seed':>8}{'x decode':>9}{'1st batch s':>12}"
+             f"{'peak MB':>9}{'stall':>7}"]
+    for r in results:
+        lines.append(f"{r['name']:<34}{r['images_per_sec']:>9.0f}{r['images_per_sec_per_core']:>8.0f}"
+                     f"{fmt(r['vs_seed_baseline'], '.2f'):>8}{fmt(r['vs_decode_only'], '.2f'):>9}"
+                     f"{fmt(r['first_batch_s'], '.2f'):>12}{fmt(r['peak_rss_mb'], '.0f'):>9}"
+                     f"{fmt(r.get('data_stall_share'), '.0%'):>7}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
