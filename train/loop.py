@@ -80,8 +80,9 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp_dtype, epoch: int
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, samples
     finite = torch.ones((), device=device, dtype=torch.bool)
     wait = 0.0
+    steps = len(loader)  # computed once: it derives the epoch's order
     start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
     for step, batch in enumerate(bar):
         wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -95,7 +96,7 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp_dtype, epoch: int
         finite &= torch.isfinite(loss.detach())
         totals += torch.stack([loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum(),
                                torch.tensor(n, device=device)])
-        if step % 10 == 0 or step == len(loader) - 1:  # a sync every 10 steps, not every step
+        if step % 10 == 0 or step == steps - 1:  # a sync every 10 steps, not every step
             if not bool(finite):
                 raise NonFiniteLoss(f"loss became NaN/inf in epoch {epoch + 1} (step {step})")
             if show:
