@@ -64,13 +64,18 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int,
+                 device: torch.device, rank: int, world_size: int):
+    """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks."""
+    return make_loader(cfg.shards, split, batch_size=cfg.batch_size, train=train, sampler=sampler,
+                       iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device, backend=cfg.backend,
+                       rank=rank, world_size=world_size, workers=cfg.workers or None,
+                       **cfg.sampler_options(sampler, negatives))
+
+
 def loaders(cfg: Config, device: torch.device, rank: int, world_size: int):
-    common = dict(iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device, backend=cfg.backend,
-                  rank=rank, world_size=world_size, workers=cfg.workers or None)
-    train = make_loader(cfg.shards, cfg.train_split, batch_size=cfg.batch_size, train=True, sampler=cfg.sampler,
-                        **common, **cfg.sampler_options(cfg.sampler, cfg.negatives))
-    val = make_loader(cfg.shards, cfg.val_split, batch_size=cfg.batch_size, train=False, sampler=cfg.val_sampler,
-                      **common, **cfg.sampler_options(cfg.val_sampler, cfg.val_negatives))
+    train = split_loader(cfg, cfg.train_split, True, cfg.sampler, cfg.negatives, device, rank, world_size)
+    val = split_loader(cfg, cfg.val_split, False, cfg.val_sampler, cfg.val_negatives, device, rank, world_size)
     return train, val
 
 
@@ -200,10 +205,7 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, 
     model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
     splits = {cfg.val_split: val_loader}
     if cfg.test_split in read_manifest(cfg.shards)["splits"]:
-        splits[cfg.test_split] = make_loader(cfg.shards, cfg.test_split, batch_size=cfg.batch_size, train=False,
-                                             iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device,
-                                             backend=cfg.backend, rank=rank, world_size=world_size,
-                                             workers=cfg.workers or None)
+        splits[cfg.test_split] = split_loader(cfg, cfg.test_split, False, "shuffle", 0, device, rank, world_size)
     results = {name: predict(model, loader, loss_fn, amp_dtype) for name, loader in splits.items()}
     if rank != 0:
         return
