@@ -8,22 +8,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torchvision import models
 
+from tests.helpers import ARCH, tiny
 from train.__main__ import main as cli
 from train.config import Config
 from train.loop import main
 from train.model import WeightsError, build_model
-
-ARCH = "shufflenet_v2_x0_5"  # ~10x cheaper than resnet18 on CPU
-
-
-def tiny(shards, out, **kw) -> Config:
-    base = dict(shards=str(shards), out=str(out), arch=ARCH, weights="none", head="linear", epochs=2,
-                batch_size=16, device="cpu", backend="dali", workers=2, lr=1e-3)
-    return Config(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +29,16 @@ def two_epochs(demo_shards, tmp_path_factory):
 
 def test_a_run_writes_every_output(two_epochs):
     for name in ("config.json", "history.json", "metrics.jsonl", "best.pt", "last.pt", "report.txt",
-                 "curves.png", "pr_curve.png", "summary.json"):
+                 "curves.png", "pr_curve.png", "summary.json", "predictions.npz"):
         assert (two_epochs / name).is_file(), name
+    summary = json.loads((two_epochs / "summary.json").read_text())
+    with np.load(two_epochs / "predictions.npz", allow_pickle=False) as pred:
+        for split in ("valid", "test"):
+            labels = pred[f"{split}_labels"]
+            assert len(labels) == len(pred[f"{split}_probs"]) == len(pred[f"{split}_names"])
+            # the summary's class table is the report of exactly these predictions
+            assert summary["splits"][split]["crack"]["support"] == int(labels.sum())
+            assert summary["splits"][split]["no_crack"]["support"] == int((labels == 0).sum())
     history = json.loads((two_epochs / "history.json").read_text())
     assert len(history) == 2
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "crack_precision", "crack_recall",
@@ -60,7 +62,8 @@ def test_resume_reproduces_an_uninterrupted_run(demo_shards, two_epochs, tmp_pat
     out = tmp_path / "resumed"
     main(tiny(demo_shards, out, target_recall=0.9, patience=5, epochs=1))
     main(Config(resume=str(out), epochs=2))
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait_share")} for e in h]
+    timing = ("images_per_sec", "data_wait_share", "epoch_seconds")
+    strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]
     full = strip(json.loads((two_epochs / "history.json").read_text()))
     resumed = strip(json.loads((out / "history.json").read_text()))
     assert len(resumed) == len(full) == 2

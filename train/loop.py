@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -19,7 +20,7 @@ from train.config import Config, resumed
 from train.evaluate import atomic_save, load_checkpoint, predict, world
 from train.losses import make_loss
 from train.model import build_model
-from train.report import crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
 
 
 class NonFiniteLoss(RuntimeError):
@@ -161,13 +162,14 @@ def main(cfg: Config) -> Path:
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
         train_loader.epoch = epoch
+        epoch_start = time.perf_counter()
         row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp_dtype,
                                                  epoch, cfg, show)}
         val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp_dtype)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
         row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((probs >= 0.5) == labels).mean()),
-                **crack_metrics(labels, probs)}
+                **crack_metrics(labels, probs), "epoch_seconds": time.perf_counter() - epoch_start}
         improved = val_loss < state["best_val_loss"]
         state["history"].append(row)
         state |= {"epoch": epoch + 1, "best_val_loss": min(val_loss, state["best_val_loss"]),
@@ -215,7 +217,13 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, 
     marks = []
     for name, (_, labels, probs, _) in results.items():
         text.append(report_text(name, labels, probs))
-    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"]}
+    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
+               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+               "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
+               "splits": {name: class_metrics(r[1], r[2]) for name, r in results.items()}}
+    # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).
+    np.savez(out / "predictions.npz", **{f"{name}_{field}": np.asarray(value) for name, r in results.items()
+                                         for field, value in zip(("labels", "probs", "names"), r[1:])})
     if cfg.target_recall:
         labels, probs = results[cfg.val_split][1:3]
         threshold, recall, precision = threshold_for_recall(labels, probs, cfg.target_recall)
@@ -227,9 +235,9 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, 
             text.append(report_text(f"{name} at the target-recall threshold", labels, probs, threshold))
         marks.append((f"threshold {threshold:.3f}", recall, precision))
     (out / "report.txt").write_text("\n".join(text))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_curves(history, out / "curves.png")
     plot_pr({name: (r[1], r[2]) for name, r in results.items()}, out / "pr_curve.png", marks)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")  # last: marks the run finished
     print("\n".join(text))
     print(f"run folder: {out}")
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     average_precision_score,
     classification_report,
@@ -18,12 +19,26 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 TARGET_NAMES = ["No crack", "Crack"]
+CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
 
 
 def crack_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     preds = (probs >= threshold).astype(int)
     p, r, f, _ = precision_recall_fscore_support(labels, preds, average="binary", pos_label=1, zero_division=0)
     return {"crack_precision": float(p), "crack_recall": float(r), "crack_f1": float(f)}
+
+
+def class_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """The classification report as data: per class precision/recall/f1/support, accuracy, crack AP."""
+    preds = (probs >= threshold).astype(int)
+    report = classification_report(labels, preds, labels=[0, 1], target_names=TARGET_NAMES, output_dict=True,
+                                   zero_division=0)
+    per_class = {key: {"precision": report[name]["precision"], "recall": report[name]["recall"],
+                       "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
+                 for key, name in zip(CLASS_KEYS, TARGET_NAMES)}
+    ap = float(average_precision_score(labels, probs)) if labels.any() else float("nan")
+    return {**per_class, "accuracy": float((preds == labels).mean()), "average_precision": ap,
+            "threshold": float(threshold)}
 
 
 def report_text(title: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> str:
@@ -48,6 +63,13 @@ def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -
     return float(thresholds[i]), float(recall[i]), float(precision[i])
 
 
+def threshold_for_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold with the highest crack F1."""
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -58,6 +80,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss.set(title="Loss", xlabel="epoch")
     ax_acc.set(title="Accuracy (%)", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -65,19 +88,40 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, marks=()) -> None:
-    """Crack-class precision-recall curves, one per named (labels, probs)."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+def plot_val_losses(histories: dict[str, list[dict]], path: Path) -> None:
+    """Validation loss per epoch, one line per named run history."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        ax.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], marker="o", label=name)
+    ax.set(title="Validation loss", xlabel="epoch", ylabel="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, marks=(),
+            title: str = "Precision-recall, crack class") -> None:
+    """Crack-class precision-recall curves, one per named (labels, scores). marks: (label, recall, precision)
+    points, or (label, recall, precision, curve name) drawn in that curve's colour."""
+    crowded = len(curves) + len(marks) > 4
+    fig, ax = plt.subplots(figsize=(11, 5.5) if crowded else (5.5, 5))
+    colors = {}
     for name, (labels, probs) in curves.items():
         precision, recall, _ = precision_recall_curve(labels, probs)
         ap = average_precision_score(labels, probs)
-        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f})")
-    for label, recall, precision in marks:
-        ax.plot([recall], [precision], "o", label=label)
-    ax.set(xlabel="crack recall", ylabel="crack precision", xlim=(0, 1), ylim=(0, 1.02),
-           title="Precision-recall, crack class")
+        colors[name] = ax.plot(recall, precision, label=f"{name} (AP {ap:.3f})")[0].get_color()
+    for label, recall, precision, *curve in marks:
+        color = colors.get(curve[0]) if curve else None
+        ax.plot([recall], [precision], "D" if curve else "o", color=color, markeredgecolor="black", label=label)
+    ax.set(xlabel="crack recall", ylabel="crack precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    if crowded:  # many entries: the legend goes beside the axes, not over the curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    else:
+        ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
