@@ -63,6 +63,12 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[torch.nn.Module, Conf
     return model, cfg
 
 
+def eval_loader(cfg: Config, shards: str, split: str, batch_size: int, device: str, backend: str):
+    """Every sample of a split once, labelled with the run's IoU threshold (for eval and the SVM stage)."""
+    return make_loader(shards, split, batch_size=batch_size, train=False, iou_threshold=cfg.iou_threshold,
+                       seed=cfg.seed, device=device, backend=backend)
+
+
 def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: str, backend: str,
              threshold: float) -> str:
     """Evaluate a saved model on a split; returns the report (also printed by the CLI)."""
@@ -71,8 +77,7 @@ def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    loader = make_loader(shards or cfg.shards, split, batch_size=batch_size, train=False,
-                         iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device, backend=backend)
+    loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
     amp = torch.bfloat16 if loader.device.type == "cuda" else None

@@ -27,7 +27,7 @@ class CrackClassifier(nn.Module):
         return self.head(self.backbone(x)).squeeze(1)
 
 
-def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     """(parent, attribute, layer) of the classifier's final Linear: `fc` for ResNets,
     `classifier[-1]` for MobileNet/EfficientNet, `heads.head` for ViT, ..."""
     found = None
@@ -72,7 +72,7 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
             _load(backbone, path_state, f"--weights {weights}", arch)
             path_state = None
     if head == "linear":
-        parent, attr, layer = _last_linear(backbone)
+        parent, attr, layer = last_linear(backbone)
         setattr(parent, attr, nn.Linear(layer.in_features, 1))
     model = CrackClassifier(backbone, head)
     if path_state is not None:

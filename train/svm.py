@@ -1,0 +1,169 @@
+"""`python -m train svm`: R-CNN's second stage, a linear SVM on the frozen fine-tuned backbone's features.
+
+Features are the input of the backbone's last Linear layer (the pooled 2048-d vector for ResNeXt50),
+taken through the eval loader in the same pass as the network head's probabilities, and cached per
+split under OUT/features/ (reused while the checkpoint and the shards are unchanged). Training follows
+R-CNN: positives IoU >= --pos-iou, negatives IoU < --neg-iou, the band between ignored, positive loss
+weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (IoU > its threshold), so
+the SVM and the head are compared on the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+from tqdm import tqdm
+
+from crackio import read_manifest
+from train.evaluate import eval_loader, load_checkpoint, model_from_checkpoint
+from train.model import last_linear
+from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
+
+FIELDS = ("features", "probs", "labels", "ious", "names")
+
+
+@torch.no_grad()
+def extract(model, loader, amp_dtype, split: str) -> dict[str, np.ndarray]:
+    """Backbone features, head probabilities, labels, IoUs and names of a whole split, in loader order."""
+    model.eval()
+    grabbed = []
+    # A forward pre-hook on the last Linear works for every torchvision classifier; create_feature_extractor
+    # would need a per-architecture node name.
+    hook = last_linear(model.backbone)[2].register_forward_pre_hook(
+        lambda _module, args: grabbed.append(args[0].float().flatten(1).cpu()))
+    probs, labels, ious, names = [], [], [], []
+    try:
+        for batch in tqdm(loader, desc=f"features {split}", unit="batch", leave=False):
+            with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(batch.images)
+            probs.append(torch.sigmoid(logits.float()).cpu())
+            labels.append(batch.labels.cpu())
+            ious.append(batch.ious.cpu())
+            names += batch.names
+    finally:
+        hook.remove()
+    return {"features": torch.cat(grabbed).numpy(), "probs": torch.cat(probs).numpy(),
+            "labels": torch.cat(labels).numpy().astype(np.int64), "ious": torch.cat(ious).numpy(),
+            "names": np.array(names)}
+
+
+def features_of(model, cfg, shards: str, split: str, args) -> dict[str, np.ndarray]:
+    loader = eval_loader(cfg, shards, split, args.batch_size, args.device, args.backend)
+    amp = torch.bfloat16 if loader.device.type == "cuda" else None
+    return extract(model.to(loader.device), loader, amp, split)
+
+
+def cache_key(checkpoint: Path, shards: str, split: str, iou_threshold: float) -> str:
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update((Path(shards) / "manifest.json").read_bytes())
+    digest.update(f"{split}:{iou_threshold}".encode())
+    return digest.hexdigest()
+
+
+def cached_features(folder: Path, key: str, split: str, compute) -> dict[str, np.ndarray]:
+    """The split's features from folder/<split>.npz when its key matches, else compute() and store them."""
+    path = folder / f"{split}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:  # data only: never unpickled
+            if str(saved["key"]) == key:
+                print(f"features {split}: cached in {path}")
+                return {k: saved[k] for k in FIELDS}
+    data = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, key=np.array(key), **data)
+    os.replace(tmp, path)
+    return data
+
+
+def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[StandardScaler, LinearSVC]:
+    """R-CNN's protocol: start from every positive and a random negative cache, then add the negatives
+    the SVM scores inside the margin (decision > -1), hardest first, for --rounds rounds."""
+    pos = np.flatnonzero(ious >= args.pos_iou)
+    neg = np.flatnonzero(ious < args.neg_iou)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"the train split has {len(pos)} samples with IoU >= {args.pos_iou} and {len(neg)} with "
+                         f"IoU < {args.neg_iou}; the SVM needs both (adjust --pos-iou / --neg-iou)")
+    log.append(f"training set: {len(pos)} positives (IoU >= {args.pos_iou}), {len(neg)} negatives "
+               f"(IoU < {args.neg_iou}), {len(ious) - len(pos) - len(neg)} in between ignored")
+    scaler = StandardScaler().fit(x[np.concatenate([pos, neg])])
+    z = scaler.transform(x).astype(np.float32)
+    rng = np.random.default_rng(args.seed)
+    cache = np.sort(rng.choice(neg, size=min(len(neg), args.negatives), replace=False))
+    for round_ in range(args.rounds + 1):
+        rows = np.concatenate([pos, cache])
+        y = (np.arange(len(rows)) < len(pos)).astype(int)
+        svm = LinearSVC(C=args.C, class_weight={0: 1.0, 1: 2.0}, max_iter=10_000, random_state=args.seed)
+        svm.fit(z[rows], y)
+        scores = svm.decision_function(z[neg])
+        hard = neg[scores > -1]
+        new = np.setdiff1d(hard, cache)
+        log.append(f"round {round_}: trained on {len(pos)} positives + {len(cache)} negatives; {len(hard)} "
+                   f"negatives inside the margin, {len(new)} of them new")
+        if round_ == args.rounds or len(new) == 0:
+            break
+        order = np.argsort(-svm.decision_function(z[new]))
+        cache = np.union1d(cache, new[order[: args.negatives]])
+    return scaler, svm
+
+
+def run_svm(args) -> Path:
+    """Extract (or reuse) features, train the SVM, choose its threshold on validation, report."""
+    path = Path(args.checkpoint)
+    ckpt = load_checkpoint(path, torch.device("cpu"))
+    model, cfg = model_from_checkpoint(ckpt, path)
+    shards = args.shards or cfg.shards
+    splits = [cfg.train_split, cfg.val_split]
+    if cfg.test_split in read_manifest(shards)["splits"]:
+        splits.append(cfg.test_split)
+    out = Path(args.out) if args.out else path.parent / "svm"
+    data = {}
+    for split in splits:
+        key = cache_key(path, shards, split, cfg.iou_threshold)
+        data[split] = cached_features(out / "features", key, split,
+                                      partial(features_of, model, cfg, shards, split, args))
+    log = [f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}); "
+           f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"]
+    train = data[cfg.train_split]
+    scaler, svm = train_svm(train["features"], train["ious"], args, log)
+    scores = {s: svm.decision_function(scaler.transform(data[s]["features"])) for s in splits[1:]}
+    val = data[cfg.val_split]
+    chosen = {}
+    for name, values in (("svm", scores[cfg.val_split]), ("head", val["probs"])):
+        if args.target_recall:
+            chosen[name] = threshold_for_recall(val["labels"], values, args.target_recall)[0]
+        else:
+            chosen[name] = threshold_for_f1(val["labels"], values)
+    rule = f"crack recall >= {args.target_recall}" if args.target_recall else "the highest crack F1"
+    log.append(f"thresholds chosen on {cfg.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}")
+    text, summary, curves = ["\n".join(log) + "\n"], {"log": log, "thresholds": chosen, "splits": {}}, {}
+    for split in splits[1:]:
+        labels, probs = data[split]["labels"], data[split]["probs"]
+        text += [report_text(f"{split}: SVM", labels, scores[split], chosen["svm"]),
+                 report_text(f"{split}: network head", labels, probs, chosen["head"]),
+                 report_text(f"{split}: network head at 0.5", labels, probs, 0.5)]
+        summary["splits"][split] = {"svm": class_metrics(labels, scores[split], chosen["svm"]),
+                                    "head": class_metrics(labels, probs, chosen["head"])}
+        curves |= {f"SVM, {split}": (labels, scores[split]), f"network head, {split}": (labels, probs)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.txt").write_text("\n".join(text))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
+    # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.
+    np.savez(out / "svm_model.npz", mean=scaler.mean_, scale=scaler.scale_, coef=svm.coef_[0],
+             intercept=svm.intercept_, threshold=np.float64(chosen["svm"]))
+    print("\n".join(text))
+    print(f"SVM folder: {out}")
+    return out

@@ -1,0 +1,207 @@
+"""`python -m train sweep`: train a list of variants, then compare them in one table and two plots.
+
+Each variant is a normal run in OUT/<name>/ (train.loop.main), so a sweep that is stopped and started
+again skips finished variants, resumes interrupted ones from last.pt, and retries failed ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+import tomllib
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from train.config import RESUMABLE, Config
+from train.errors import USER_ERRORS
+from train.evaluate import world
+from train.loop import init_distributed
+from train.loop import main as train_main
+from train.report import CLASS_KEYS, plot_pr, plot_val_losses
+
+SHIPPED = Path(__file__).with_name("variants.toml")
+OWNED = ("shards", "out", "resume")  # set by the sweep, not by a variant
+COLUMNS = ["variant", "title", "source", "status", "split", "best_epoch", "epochs_run",
+           *[f"{c}_{m}" for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")],
+           "accuracy", "crack_ap", "wall_s", "images_per_sec", "note"]
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    title: str
+    options: dict  # training options this variant sets
+    reference: dict | None  # the original's published report, if any
+
+
+def load_variants(path: Path) -> list[Variant]:
+    """Parse and check a variants file; every problem names the file and the variant."""
+    if not path.is_file():
+        raise FileNotFoundError(f"variants file {path} does not exist (the shipped one is {SHIPPED})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from e
+    known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
+    variants, seen = [], set()
+    for i, entry in enumerate(data.get("variant", [])):
+        entry = dict(entry)
+        name = str(entry.pop("name", ""))
+        where = f"{path}: variant {i + 1} ({name or 'no name'})"
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in seen:
+            raise ValueError(f"{where}: needs a unique name of letters, digits, '.', '_' or '-'")
+        seen.add(name)
+        title = str(entry.pop("title", name))
+        reference = entry.pop("reference", None)
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
+                             f"with underscores (shards and out are set by the sweep)")
+        if reference is not None:
+            _check_reference(reference, where)
+        variants.append(Variant(name, title, entry, reference))
+    if not variants:
+        raise ValueError(f"{path} defines no [[variant]] tables")
+    return variants
+
+
+def _check_reference(ref: dict, where: str) -> None:
+    for key in CLASS_KEYS:
+        row = ref.get(key)
+        if not isinstance(row, dict) or set(row) - {"precision", "recall", "f1", "support"}:
+            raise ValueError(f"{where}: reference.{key} must be a table of precision, recall, f1, support")
+
+
+def variant_config(base: Config, variant: Variant, out: Path) -> Config:
+    return dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume="")
+
+
+def state(cfg: Config) -> str:
+    """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant."""
+    folder = Path(cfg.out)
+    saved_path = folder / "config.json"
+    if not (folder / "last.pt").is_file():  # nothing trained yet (or it failed in its first epoch): start over
+        return "new"
+    saved = Config.from_dict(json.loads(saved_path.read_text()))
+    changed = [f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now" for k in dataclasses.asdict(cfg)
+               if k not in (*OWNED, *RESUMABLE) and getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
+                         f"to retrain it, or give the sweep another --out")
+    finished = (folder / "summary.json").is_file() and (saved.epochs, saved.patience) == (cfg.epochs, cfg.patience)
+    return "finished" if finished else "partial"
+
+
+def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
+    """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png."""
+    variants = load_variants(variants_path)
+    init_distributed()
+    rank = world()[0]
+    cli = {k: v for k, v in dataclasses.asdict(base).items() if v != getattr(Config(), k)}
+    errors = {}
+    for i, variant in enumerate(variants):
+        overridden = sorted(k for k in variant.options if k in cli and k not in OWNED)
+        if overridden and rank == 0:
+            print(f"note: variant {variant.name} sets {', '.join(overridden)}; the command line's value is not used")
+        cfg = variant_config(base, variant, out)
+        try:
+            status = state(cfg)
+            if rank == 0:
+                print(f"== variant {i + 1}/{len(variants)}: {variant.name} ({variant.title}): {status}")
+            if status != "finished":
+                train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
+        except Exception as e:  # noqa: BLE001 - one failed variant must not stop the others
+            errors[variant.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
+            if rank == 0 and not isinstance(e, USER_ERRORS):
+                traceback.print_exc()  # a bug, not bad input: show where
+                print(f"variant {variant.name} failed: {errors[variant.name]}; going on with the others")
+    if rank != 0:
+        return []
+    rows, curves, histories, marks = [], {}, {}, []
+    for variant in variants:
+        cfg = variant_config(base, variant, out)
+        row, run = collect(variant, cfg, errors.get(variant.name))
+        rows.append(row)
+        if run is not None:
+            curves[variant.title], histories[variant.title] = run
+        if variant.reference:
+            rows.append(reference_row(variant))
+            crack = variant.reference["crack"]
+            marks.append((f"published: {variant.title}", crack["recall"], crack["precision"], variant.title))
+    write_tables(rows, out, base, variants_path)
+    if curves:
+        plot_pr(curves, out / "sweep_pr.png", marks, title="Crack precision-recall per variant")
+        plot_val_losses(histories, out / "sweep_curves.png")
+    print((out / "sweep.md").read_text())
+    return rows
+
+
+def collect(variant: Variant, cfg: Config, error: str | None):
+    """The variant's table row, and (labels, probs), history for the plots when it finished."""
+    row = {"variant": variant.name, "title": variant.title, "source": "crackio"}
+    folder = Path(cfg.out)
+    if error is not None or not (folder / "summary.json").is_file():
+        return row | {"status": "failed", "note": error or "not finished"}, None
+    summary = json.loads((folder / "summary.json").read_text())
+    split = cfg.test_split if cfg.test_split in summary["splits"] else cfg.val_split
+    metrics = summary["splits"][split]
+    row |= {"status": "finished", "split": split, "best_epoch": summary["best_epoch"],
+            "epochs_run": summary["epochs_run"], "accuracy": metrics["accuracy"],
+            "crack_ap": metrics["average_precision"], "wall_s": summary["train_seconds"],
+            "images_per_sec": summary["images_per_sec"]}
+    row |= {f"{c}_{m}": metrics[c][m] for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
+    with np.load(folder / "predictions.npz", allow_pickle=False) as pred:
+        curve = (pred[f"{split}_labels"], pred[f"{split}_probs"])
+    history = json.loads((folder / "history.json").read_text())
+    return row, (curve, history)
+
+
+def reference_row(variant: Variant) -> dict:
+    ref = variant.reference
+    row = {"variant": variant.name, "title": variant.title, "source": "original",
+           "status": "reference", "split": "test", "accuracy": ref.get("accuracy", ""),
+           "note": "the write-up's data and ResNeXt50; accuracy where published"}
+    return row | {f"{c}_{m}": ref[c].get(m, "") for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
+
+
+def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _csv(row.get(k, "")) for k in COLUMNS} for row in rows)
+    lines = [f"# Sweep: {variants_path}", "",
+             f"Shards `{base.shards}`, {base.arch} ({base.weights}), at most {base.epochs} epochs, patience "
+             f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
+             f"test split (validation where there is none) at threshold 0.5; the original's published rows "
+             f"are on its own data.", "",
+             "| variant | source | split | no crack P / R / F1 (support) | crack P / R / F1 (support) | accuracy "
+             "| crack AP | best epoch | wall s | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["status"] == "failed":
+            note = row["note"].replace("|", "\\|")
+            lines.append(f"| {row['title']} | crackio | | **failed**: {note} | | | | | | |")
+            continue
+        label = row["title"] if row["source"] == "crackio" else "↳ the original, as published"
+        lines.append(f"| {label} | {row['source']} | {row['split']} | {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
+                     f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
+                     f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+
+def _prf(row: dict, cls: str) -> str:
+    return (f"{_num(row[f'{cls}_precision'])} / {_num(row[f'{cls}_recall'])} / {_num(row[f'{cls}_f1'])} "
+            f"({row[f'{cls}_support']})")
+
+
+def _num(value, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float | int) and not isinstance(value, bool) else ""
+
+
+def _csv(value):
+    return round(value, 4) if isinstance(value, float) else value
