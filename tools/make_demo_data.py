@@ -1,10 +1,16 @@
 """Generate a synthetic proposal set: crops of textured surfaces with drawn cracks.
 
     python tools/make_demo_data.py OUT [--images N] [--proposals-per-image K] [--seed S]
+                                       [--large COUNT [--large-split NAME]]
 
 Writes OUT/train, OUT/valid and OUT/test, each holding 224x224 JPEG crops named
 `<stem>.<proposal>.<iou>.<label>.jpg`, exactly the layout a real R-CNN proposal
 run produces. Deterministic by seed.
+
+--large COUNT also writes OUT/<large-split> (default `large`) with COUNT names
+hard-linked to the train crops (`<stem>_c<copy>.<proposal>.<iou>.<label>.jpg`):
+a proposal folder at the scale users have (1M names) for a few MB of disk, to
+measure listing, packing and index costs (tools/bench.py --split large).
 """
 
 from __future__ import annotations
@@ -136,21 +142,53 @@ def generate(out: Path, images: int, per_image: int, seed: int) -> dict[str, tup
     return counts
 
 
+def link_large(out: Path, split: str, count: int) -> int:
+    """OUT/<split> with `count` hard links to the train crops under new unique names; returns the count."""
+    from crackio.names import parse_name
+
+    sources = sorted((out / "train").iterdir())
+    if not sources:
+        raise SystemExit(f"error: {out / 'train'} holds no crops to link")
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        src = sources[i % len(sources)]
+        stem = parse_name(src.name).stem
+        name = f"{stem}_c{i // len(sources)}{src.name[len(stem):]}"  # same proposal, IoU text and label
+        try:
+            (folder / name).hardlink_to(src)
+        except FileExistsError:
+            pass  # a re-run: the name is already there
+        except OSError as e:
+            raise SystemExit(f"error: cannot hard-link {src} into {folder} ({e}); use a filesystem with hard "
+                             f"links, or a smaller --large") from e
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output folder (gets train/, valid/, test/)")
     ap.add_argument("--images", type=int, default=60, help="synthetic full images (split 70/15/15)")
     ap.add_argument("--proposals-per-image", type=int, default=40, help="proposal crops cut from each")
     ap.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    ap.add_argument("--large", type=int, default=0, metavar="COUNT",
+                    help="also write a split of COUNT names hard-linked to the train crops (e.g. 1000000)")
+    ap.add_argument("--large-split", default="large", help="that split's folder name (default: large)")
     args = ap.parse_args(argv)
-    if args.images < len(SPLITS) or args.proposals_per_image < 1:
-        ap.error(f"--images must be >= {len(SPLITS)} and --proposals-per-image >= 1")
+    if args.images < len(SPLITS) or args.proposals_per_image < 1 or args.large < 0:
+        ap.error(f"--images must be >= {len(SPLITS)}, --proposals-per-image >= 1, --large >= 0")
+    if args.large_split in {name for name, _ in SPLITS}:
+        ap.error(f"--large-split must not be one of {[name for name, _ in SPLITS]}")
     t0 = time.perf_counter()
     counts = generate(args.out, args.images, args.proposals_per_image, args.seed)
     dt = time.perf_counter() - t0
     crops = sum(c for c, _ in counts.values())
     parts = ", ".join(f"{s} {c} ({p} crack)" for s, (c, p) in counts.items())
     print(f"wrote {crops} crops to {args.out}: {parts} in {dt:.1f} s ({crops / dt:.0f} crops/s)")
+    if args.large:
+        t0 = time.perf_counter()
+        link_large(args.out, args.large_split, args.large)
+        print(f"linked {args.large} names into {args.out / args.large_split} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
