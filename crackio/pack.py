@@ -200,7 +200,9 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
     found, skipped = discover(src)
     total = sum(len(v) for _, v in found.values())
     workers = settings.workers or os.cpu_count() or 1
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    # Fork server, not fork: a forked child inherits the caller's objects, and a DALI pipeline the caller
+    # holds (a test session, a notebook) segfaults when the child garbage-collects it, hanging the pool.
+    pool = mp.get_context("forkserver").Pool(workers) if workers > 1 else None
     imap = (lambda f, jobs: pool.imap(f, jobs, chunksize=16)) if pool else map
     splits: dict[str, dict] = {}
     try:
