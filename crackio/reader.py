@@ -49,8 +49,12 @@ class ByteReader:
 
     def check(self) -> None:
         """Spot-check that the first and last sample of every shard are where the index says."""
-        for shard in range(len(self.paths)):
-            rows = np.flatnonzero(self.shard == shard)
-            if len(rows) == 0:
-                raise ShardError(f"{self.paths[shard]} has no sample in the index: " + REPACK.format(root=self.root))
-            self.read(rows[[0, -1]])
+        # One stable sort groups rows by shard (they already are, as packed), instead of a scan per shard:
+        # 100 shards x 1M rows took 0.6 s that way.
+        order = np.argsort(self.shard, kind="stable")
+        grouped = self.shard[order]
+        shards = np.arange(len(self.paths))
+        first, stop = np.searchsorted(grouped, shards, "left"), np.searchsorted(grouped, shards, "right")
+        for shard in np.flatnonzero(first == stop)[:1]:
+            raise ShardError(f"{self.paths[shard]} has no sample in the index: " + REPACK.format(root=self.root))
+        self.read(order[np.stack([first, stop - 1], axis=1).ravel()])
