@@ -73,6 +73,7 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     args = ["sweep", "--variants", str(variants), "--out", str(out)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(base).items() if k not in ("out", "resume")]
     assert cli(args) == 0
+    assert "variant impossible failed: weighted sampler without replacement cannot draw" in capsys.readouterr().out
     for name in ("sweep.md", "sweep.csv", "sweep_pr.png", "sweep_curves.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "sweep.csv")))

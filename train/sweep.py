@@ -116,8 +116,9 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
                 train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
         except Exception as e:  # noqa: BLE001 - one failed variant must not stop the others
             errors[variant.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
-            if rank == 0 and not isinstance(e, USER_ERRORS):
-                traceback.print_exc()  # a bug, not bad input: show where
+            if rank == 0:
+                if not isinstance(e, USER_ERRORS):
+                    traceback.print_exc()  # a bug, not bad input: show where
                 print(f"variant {variant.name} failed: {errors[variant.name]}; going on with the others")
     if rank != 0:
         return []
