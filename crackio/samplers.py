@@ -19,6 +19,9 @@ Order (per epoch):
     balanced    no duplicates and a class mix that really follows the weights: the
                 largest subset whose class shares are w_c*n_c / sum_k w_k*n_k, i.e. the
                 mix `weighted` with replacement gives in expectation.
+weighted and balanced draw from every sample, or with `selection="hard-negatives"` or
+"iou-strata" (and that selection's options) from that cut: the original weighted its
+already filtered list.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import math
 import numpy as np
 
 SAMPLERS = ("shuffle", "hard-negatives", "iou-strata", "weighted", "balanced")
+SELECTIONS = ("all", "hard-negatives", "iou-strata")
+_CUT = {"selection": "all", "negatives": 800, "per_bin": 10, "bin_width": 0.05}  # what weighting draws from
 DEFAULTS = {
     "hard-negatives": {"negatives": 800},
     "iou-strata": {"per_bin": 10, "bin_width": 0.05},
-    "weighted": {"class_weights": {0: 1, 1: 2}, "replacement": True, "num_samples": None},
-    "balanced": {"class_weights": {0: 1, 1: 2}},
+    "weighted": {"class_weights": {0: 1, 1: 2}, "replacement": True, "num_samples": None, **_CUT},
+    "balanced": {"class_weights": {0: 1, 1: 2}, **_CUT},
     "shuffle": {},
 }
 _SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection and order
@@ -52,6 +57,8 @@ def sampler_options(sampler: str, options: dict) -> dict:
         raise ValueError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, "
                          f"not {sorted(unknown)}")
     merged = {**allowed, **options}
+    if merged.get("selection", "all") not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {merged['selection']!r}")
     if "class_weights" in merged:
         w = {int(k): float(v) for k, v in merged["class_weights"].items()}
         if set(w) != {0, 1} or min(w.values()) < 0 or max(w.values()) == 0:
@@ -64,11 +71,12 @@ def select(labels: np.ndarray, ious: np.ndarray, sampler: str, options: dict, se
     """Row ids in the run's selection (sorted), after relabeling."""
     rows = np.arange(len(labels))
     pos, neg = rows[labels == 1], rows[labels == 0]
-    if sampler == "hard-negatives":
+    cut = options.get("selection", sampler)  # weighted / balanced name their cut; the others are one
+    if cut == "hard-negatives":
         # Stable sort: ties keep index order, as the original's sorted(..., reverse=True) keeps list order.
         hardest = neg[np.argsort(-ious[neg], kind="stable")[: options["negatives"]]]
         return np.sort(np.concatenate([pos, hardest]))
-    if sampler == "iou-strata":
+    if cut == "iou-strata":
         rng = np.random.default_rng([seed, _SEED_SELECT])
         bins = np.floor(ious[neg] / options["bin_width"]).astype(np.int64)
         keep = []

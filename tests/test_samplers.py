@@ -118,3 +118,16 @@ def test_bad_options():
         sampler_options("weighted", {"class_weights": {0: 1}})
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler_options("random", {})
+
+
+@pytest.mark.parametrize("sampler", ["weighted", "balanced"])
+def test_weighting_draws_from_a_cut_when_asked(sampler):
+    labels, ious = fake_index(4000, seed=5)
+    o = opts(sampler, selection="hard-negatives", negatives=300)
+    cut = select(labels, ious, sampler, o, seed=0)
+    assert np.array_equal(cut, select(labels, ious, "hard-negatives", opts("hard-negatives", negatives=300), 0))
+    order = epoch_order(cut, labels, sampler, o, seed=0, epoch=0, train=True)
+    assert set(order) <= set(cut) and (labels[order] == 0).sum() <= (300 if sampler == "balanced" else len(order))
+    assert len(select(labels, ious, sampler, opts(sampler), seed=0)) == 4000  # default: every sample
+    with pytest.raises(ValueError, match="selection must be one of"):
+        opts(sampler, selection="hardest")

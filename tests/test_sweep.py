@@ -25,6 +25,9 @@ accuracy = 0.80
 name = "focal"
 title = "focal, alpha -1"
 loss = "focal"
+sampler = "weighted"
+selection = "hard-negatives"
+negatives = 50
 focal_alpha = -1.0
 iou_threshold = 0.35
 

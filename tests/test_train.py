@@ -111,6 +111,7 @@ def test_bad_inputs_get_clear_messages(demo_shards, tmp_path, capsys):
                                  "--weights", "none", "--device", "cpu", "--out", str(tmp_path / "r"))
     assert "--loss must be one of" in err("--shards", str(demo_shards), "--loss", "hinge")
     assert "--class-weights" in err("--shards", str(demo_shards), "--class-weights", "1,2")
+    assert "--selection must be one of" in err("--shards", str(demo_shards), "--selection", "hardest")
     assert "--weights none" in err("--shards", str(demo_shards), "--arch", ARCH, "--device", "cpu",
                                    "--out", str(tmp_path / "w"))
     with pytest.raises(SystemExit):

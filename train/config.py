@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from crackio.samplers import SAMPLERS
+from crackio.samplers import SAMPLERS, SELECTIONS
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Config:
     class_weights: str = "0:1,1:2"       # weighted | balanced: class weights as 0:w0,1:w1
     replacement: bool = True             # weighted: draw with replacement
     num_samples: int = 0                 # weighted: draws per epoch; 0 = the selection's size
+    selection: str = "all"               # weighted | balanced: draw from all | hard-negatives | iou-strata cut
     val_sampler: str = "shuffle"         # validation selection: shuffle (= every sample) | hard-negatives | iou-strata
     val_negatives: int = 200             # hard-negatives on validation (the original kept 200)
     iou_threshold: float = 0.5           # label = IoU > threshold, recomputed from the stored IoU
@@ -51,6 +52,7 @@ class Config:
 
     def validate(self) -> None:
         choices = {"head": ("seed", "linear"), "optimizer": ("adam", "adamw", "sgd"), "sampler": SAMPLERS,
+                   "selection": SELECTIONS,
                    "val_sampler": ("shuffle", "hard-negatives", "iou-strata"), "loss": ("bce", "focal"),
                    "device": ("auto", "cpu", "cuda"), "backend": ("auto", "dali", "torch")}
         for name, allowed in choices.items():
@@ -80,13 +82,15 @@ class Config:
         return weights
 
     def sampler_options(self, sampler: str, negatives: int) -> dict:
+        cut = {"selection": self.selection, "negatives": negatives, "per_bin": self.per_bin,
+               "bin_width": self.bin_width}
         return {
             "shuffle": {},
             "hard-negatives": {"negatives": negatives},
             "iou-strata": {"per_bin": self.per_bin, "bin_width": self.bin_width},
             "weighted": {"class_weights": self.parsed_class_weights(), "replacement": self.replacement,
-                         "num_samples": self.num_samples or None},
-            "balanced": {"class_weights": self.parsed_class_weights()},
+                         "num_samples": self.num_samples or None, **cut},
+            "balanced": {"class_weights": self.parsed_class_weights(), **cut},
         }[sampler]
 
     def save(self, path: Path) -> None:
