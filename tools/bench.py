@@ -169,6 +169,7 @@ def make_step(args):
     """A training step of the classifier (AMP + channels_last on CUDA) on whatever images it is given."""
     import torch
 
+    from train.evaluate import amp_dtype
     from train.losses import make_loss
     from train.model import build_model
 
@@ -178,7 +179,7 @@ def make_step(args):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = make_loss("bce", 0, 0.25, 2, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = amp_dtype(device)  # the trainer's choice; fp16 there also scales the loss, a step-rate no-op here
 
     def step(images):
         images = images.to(device, non_blocking=True)

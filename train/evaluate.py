@@ -20,19 +20,32 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader, loss_fn, amp_dtype) -> tuple[float, np.ndarray, np.ndarray, list]:
-    """(mean loss, labels, crack probabilities, names) over the whole split, gathered from every rank."""
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where supported (no scaler needed), else fp16; fp32 (None) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
+    """(batch, float logits) for every batch of the loader, in eval mode without gradients."""
     model.eval()
-    device = loader.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            with torch.autocast(loader.device.type, dtype=amp, enabled=amp is not None):
+                out = model(batch.images)
+            yield batch, out.float()
+
+
+def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) -> tuple[float, np.ndarray, np.ndarray,
+                                                                                      list]:
+    """(mean loss, labels, crack probabilities, names) over the whole split, gathered from every rank."""
+    loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     labels, logits, names = [], [], []
-    for batch in loader:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(batch.images)
+    for batch, out in forward_batches(model, loader, amp):
         loss_sum += loss_fn(out, batch.labels).double() * len(batch.labels)
         labels.append(batch.labels)
-        logits.append(out.float())
+        logits.append(out)
         names += batch.names
     part = (float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(), names)
     if dist.is_initialized():  # every rank evaluated a disjoint part; sizes differ, so gather objects
@@ -80,8 +93,7 @@ def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: 
     loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
-    amp = torch.bfloat16 if loader.device.type == "cuda" else None
-    loss, labels, probs, _ = predict(model, loader, loss_fn, amp)
+    loss, labels, probs, _ = predict(model, loader, loss_fn, amp_dtype(loader.device))
     return (f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}), split {split!r}, "
             f"loss {loss:.4f}\n" + report_text(split, labels, probs, threshold))
 

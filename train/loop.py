@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from crackio import make_loader, read_manifest
 from train.config import Config, resumed
-from train.evaluate import atomic_save, load_checkpoint, predict, world
+from train.evaluate import amp_dtype, atomic_save, load_checkpoint, predict, world
 from train.losses import make_loss
 from train.model import build_model
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
@@ -80,7 +80,7 @@ def loaders(cfg: Config, device: torch.device, rank: int, world_size: int):
     return train, val
 
 
-def train_epoch(model, loader, loss_fn, optimizer, scaler, amp_dtype, epoch: int, cfg: Config, show: bool) -> dict:
+def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg: Config, show: bool) -> dict:
     model.train()
     device = loader.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, samples
@@ -91,7 +91,7 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp_dtype, epoch: int
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
     for step, batch in enumerate(bar):
         wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(batch.images)
         loss = loss_fn(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
@@ -137,9 +137,8 @@ def main(cfg: Config) -> Path:
     train_loader, val_loader = loaders(cfg, device, rank, world_size)
     model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
     cuda = device.type == "cuda"
-    # bf16 where supported (no scaler needed), else fp16 with a GradScaler; fp32 on CPU.
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    amp = amp_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
@@ -163,9 +162,9 @@ def main(cfg: Config) -> Path:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
         train_loader.epoch = epoch
         epoch_start = time.perf_counter()
-        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp_dtype,
+        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp,
                                                  epoch, cfg, show)}
-        val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp_dtype)
+        val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
         row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((probs >= 0.5) == labels).mean()),
@@ -183,7 +182,7 @@ def main(cfg: Config) -> Path:
                   + ("" if improved else f" (no improvement {state['bad_epochs']}/{cfg.patience})"))
     if state["bad_epochs"] >= cfg.patience and rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
-    final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, world_size, state["history"])
+    final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state["history"])
     return out
 
 
@@ -198,7 +197,7 @@ def save_epoch(out: Path, model, optimizer, scaler, state: dict, cfg: Config, ro
         f.write(json.dumps(row) + "\n")
 
 
-def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, world_size, history) -> None:
+def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, history) -> None:
     """Reload best.pt; classification reports on validation (and test), PR curves, curves.png."""
     if dist.is_initialized():
         dist.barrier()  # best.pt is written by rank 0
@@ -208,7 +207,7 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp_dtype, device, rank, 
     splits = {cfg.val_split: val_loader}
     if cfg.test_split in read_manifest(cfg.shards)["splits"]:
         splits[cfg.test_split] = split_loader(cfg, cfg.test_split, False, "shuffle", 0, device, rank, world_size)
-    results = {name: predict(model, loader, loss_fn, amp_dtype) for name, loader in splits.items()}
+    results = {name: predict(model, loader, loss_fn, amp) for name, loader in splits.items()}
     if rank != 0:
         return
     best = min(history, key=lambda h: h["val_loss"])

@@ -23,17 +23,15 @@ from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
 from crackio import read_manifest
-from train.evaluate import eval_loader, load_checkpoint, model_from_checkpoint
+from train.evaluate import amp_dtype, eval_loader, forward_batches, load_checkpoint, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 
 
-@torch.no_grad()
-def extract(model, loader, amp_dtype, split: str) -> dict[str, np.ndarray]:
+def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
     """Backbone features, head probabilities, labels, IoUs and names of a whole split, in loader order."""
-    model.eval()
     grabbed = []
     # A forward pre-hook on the last Linear works for every torchvision classifier; create_feature_extractor
     # would need a per-architecture node name.
@@ -41,10 +39,10 @@ def extract(model, loader, amp_dtype, split: str) -> dict[str, np.ndarray]:
         lambda _module, args: grabbed.append(args[0].float().flatten(1).cpu()))
     probs, labels, ious, names = [], [], [], []
     try:
-        for batch in tqdm(loader, desc=f"features {split}", unit="batch", leave=False):
-            with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(batch.images)
-            probs.append(torch.sigmoid(logits.float()).cpu())
+        batches = tqdm(forward_batches(model, loader, amp), total=len(loader), desc=f"features {split}",
+                       unit="batch", leave=False)
+        for batch, logits in batches:
+            probs.append(torch.sigmoid(logits).cpu())
             labels.append(batch.labels.cpu())
             ious.append(batch.ious.cpu())
             names += batch.names
@@ -57,16 +55,21 @@ def extract(model, loader, amp_dtype, split: str) -> dict[str, np.ndarray]:
 
 def features_of(model, cfg, shards: str, split: str, args) -> dict[str, np.ndarray]:
     loader = eval_loader(cfg, shards, split, args.batch_size, args.device, args.backend)
-    amp = torch.bfloat16 if loader.device.type == "cuda" else None
-    return extract(model.to(loader.device), loader, amp, split)
+    return extract(model.to(loader.device), loader, amp_dtype(loader.device), split)
 
 
-def cache_key(checkpoint: Path, shards: str, split: str, iou_threshold: float) -> str:
+def checkpoint_digest(checkpoint: Path, shards: str):
+    """The checkpoint file and the shards' manifest, hashed once; cache_key adds the split."""
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     digest.update((Path(shards) / "manifest.json").read_bytes())
+    return digest
+
+
+def cache_key(digest, split: str, iou_threshold: float) -> str:
+    digest = digest.copy()
     digest.update(f"{split}:{iou_threshold}".encode())
     return digest.hexdigest()
 
@@ -129,9 +132,9 @@ def run_svm(args) -> Path:
     if cfg.test_split in read_manifest(shards)["splits"]:
         splits.append(cfg.test_split)
     out = Path(args.out) if args.out else path.parent / "svm"
-    data = {}
+    data, digest = {}, checkpoint_digest(path, shards)
     for split in splits:
-        key = cache_key(path, shards, split, cfg.iou_threshold)
+        key = cache_key(digest, split, cfg.iou_threshold)
         data[split] = cached_features(out / "features", key, split,
                                       partial(features_of, model, cfg, shards, split, args))
     log = [f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}); "
