@@ -83,7 +83,8 @@ def loaders(cfg: Config, device: torch.device, rank: int, world_size: int):
 def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg: Config, show: bool) -> dict:
     model.train()
     device = loader.device
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, samples
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: summed on the device
+    seen = 0  # samples, counted on the host: no per-step host-to-device copy
     finite = torch.ones((), device=device, dtype=torch.bool)
     wait = 0.0
     steps = len(loader)  # computed once: it derives the epoch's order
@@ -99,22 +100,23 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg:
         scaler.step(optimizer)
         scaler.update()
         n = len(batch.labels)
+        seen += n
         finite &= torch.isfinite(loss.detach())
-        totals += torch.stack([loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum(),
-                               torch.tensor(n, device=device)])
+        totals += torch.stack([loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum()])
         if step % 10 == 0 or step == steps - 1:  # a sync every 10 steps, not every step
             if not bool(finite):
                 raise NonFiniteLoss(f"loss became NaN/inf in epoch {epoch + 1} (step {step})")
             if show:
                 elapsed = time.perf_counter() - start
-                loss_avg, correct, seen = totals.tolist()
+                loss_avg, correct = totals.tolist()
                 bar.set_postfix(loss=f"{loss_avg / seen:.4f}", acc=f"{100 * correct / seen:.1f}%",
                                 img_s=f"{seen / elapsed:.0f}", wait=f"{100 * wait / elapsed:.0f}%")
         tick = time.perf_counter()
     elapsed = time.perf_counter() - start
     if dist.is_initialized():
         dist.all_reduce(totals)
-    loss_sum, correct, seen = totals.tolist()
+        seen *= dist.get_world_size()  # train batches are full and equal in number on every rank
+    loss_sum, correct = totals.tolist()
     return {"train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
             "images_per_sec": seen / elapsed, "data_wait_share": wait / elapsed}
 
