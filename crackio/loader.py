@@ -72,7 +72,7 @@ class Loader:
             self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed)
         else:
             from crackio.torch_backend import TorchBackend
-            self.backend = TorchBackend(self.reader, batch_size, train, self.device, workers, seed)
+            self.backend = TorchBackend(self.reader, self.device, workers)  # batches and order come per epoch
         self.epoch = 0
         self._ious = torch.from_numpy(self.index.ious.astype(np.float32))
         self._labels = torch.from_numpy(self.labels.astype(np.float32))

@@ -48,8 +48,7 @@ class _Plan(Sampler):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, reader: ByteReader, batch_size: int, train: bool, device: torch.device,
-                 num_workers: int, seed: int):
+    def __init__(self, reader: ByteReader, device: torch.device, num_workers: int):
         self.device = device
         self.gpu_decode = device.type == "cuda"
         self.plan = _Plan()
