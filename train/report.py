@@ -15,7 +15,6 @@ from sklearn.metrics import (  # noqa: E402
     classification_report,
     confusion_matrix,
     precision_recall_curve,
-    precision_recall_fscore_support,
 )
 
 TARGET_NAMES = ["No crack", "Crack"]
@@ -23,9 +22,8 @@ CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
 
 
 def crack_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    preds = (probs >= threshold).astype(int)
-    p, r, f, _ = precision_recall_fscore_support(labels, preds, average="binary", pos_label=1, zero_division=0)
-    return {"crack_precision": float(p), "crack_recall": float(r), "crack_f1": float(f)}
+    crack = class_metrics(labels, probs, threshold)["crack"]
+    return {f"crack_{m}": float(crack[m]) for m in ("precision", "recall", "f1")}
 
 
 def class_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:

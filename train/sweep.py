@@ -103,11 +103,11 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     rank = world()[0]
     cli = {k: v for k, v in dataclasses.asdict(base).items() if v != getattr(Config(), k)}
     errors = {}
-    for i, variant in enumerate(variants):
+    configs = [variant_config(base, variant, out) for variant in variants]
+    for i, (variant, cfg) in enumerate(zip(variants, configs)):
         overridden = sorted(k for k in variant.options if k in cli and k not in OWNED)
         if overridden and rank == 0:
             print(f"note: variant {variant.name} sets {', '.join(overridden)}; the command line's value is not used")
-        cfg = variant_config(base, variant, out)
         try:
             status = state(cfg)
             if rank == 0:
@@ -123,8 +123,7 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     if rank != 0:
         return []
     rows, curves, histories, marks = [], {}, {}, []
-    for variant in variants:
-        cfg = variant_config(base, variant, out)
+    for variant, cfg in zip(variants, configs):
         row, run = collect(variant, cfg, errors.get(variant.name))
         rows.append(row)
         if run is not None:
