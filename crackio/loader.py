@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from crackio.augment import AugmentParams, draw_params
+from crackio.errors import ConfigError
 from crackio.reader import ByteReader
-from crackio.samplers import epoch_order, rank_batches, relabel, sampler_options, select
+from crackio.samplers import check_drawable, epoch_order, labels_for, rank_batches, sampler_options, select
 from crackio.shards import load_index
 
 BACKENDS = ("auto", "dali", "torch")
@@ -22,7 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class Batch(NamedTuple):
     images: torch.Tensor   # float32 N x 3 x 224 x 224, ImageNet-normalized, on the loader's device
-    labels: torch.Tensor   # float32 0/1 after the IoU threshold
+    labels: torch.Tensor   # float32 0/1: the names' labels, or IoU > iou_threshold when one is given
     ious: torch.Tensor     # float32
     names: list[str]       # original proposal file names
 
@@ -36,9 +37,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+        raise ConfigError("device 'cuda' asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be one of {DEVICES}, got {device}")
+        raise ConfigError(f"device must be one of {DEVICES}, got {device}")
     return device
 
 
@@ -46,14 +47,14 @@ class Loader:
     """Iterate for one epoch; each new iteration is the next epoch (`epoch` may be set to resume)."""
 
     def __init__(self, shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
-                 iou_threshold: float = 0.5, seed: int = 0, device="auto", backend: str = "auto",
+                 iou_threshold: float | None = None, seed: int = 0, device="auto", backend: str = "auto",
                  rank: int = 0, world_size: int = 1, workers: int | None = None, **options):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "dali" and not dali_available():
-            raise ValueError("backend 'dali' asked for but NVIDIA DALI is not installed "
+            raise ConfigError("backend 'dali' asked for but NVIDIA DALI is not installed "
                              "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'")
         self.index = load_index(shards, split)
         self.reader = ByteReader(self.index)
@@ -62,8 +63,10 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         self.sampler = sampler
         self.options = sampler_options(sampler, options)
-        self.labels = relabel(self.index.ious, iou_threshold)
+        self.iou_threshold = iou_threshold
+        self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
         self.selection = select(self.labels, self.index.ious, sampler, self.options, seed)
+        check_drawable(self.selection, self.labels, sampler, self.options, iou_threshold)
         self.device = resolve_device(device)
         self.backend_name = ("dali" if dali_available() else "torch") if backend == "auto" else backend
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
@@ -104,7 +107,7 @@ class Loader:
 
 
 def make_loader(shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
-                iou_threshold: float = 0.5, seed: int = 0, device="auto", backend: str = "auto",
+                iou_threshold: float | None = None, seed: int = 0, device="auto", backend: str = "auto",
                 rank: int = 0, world_size: int = 1, **sampler_options) -> Loader:
     """A loader over `shards/<split>` yielding `Batch`es, one epoch per iteration.
 
@@ -114,13 +117,14 @@ def make_loader(shards, split: str, *, batch_size: int, train: bool, sampler: st
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
         sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.samplers).
-        iou_threshold: label = IoU > threshold, recomputed from the stored IoU.
+        iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
+            recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
         seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
         device: "cuda", "cpu" or "auto".
         backend: "dali", "torch" or "auto" (DALI where installed).
         rank, world_size: this process's part of every epoch.
         **sampler_options: e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
-            replacement=True, num_samples=None; `workers=` sets decode threads/processes.
+            replacement=True, num_samples=None; `workers=` sets decode threads.
     """
     return Loader(shards, split, batch_size=batch_size, train=train, sampler=sampler,
                   iou_threshold=iou_threshold, seed=seed, device=device, backend=backend,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from crackio.errors import CrackioError
+
+# Formats Pillow reads; anything but a 224x224 RGB JPEG is converted when packed.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class Proposal(NamedTuple):
@@ -15,7 +19,7 @@ class Proposal(NamedTuple):
     label: int
 
 
-class BadName(ValueError):
+class BadName(CrackioError, ValueError):
     """A file name that is not `<stem>.<proposal>.<iou>.<label>.<ext>`."""
 
 
@@ -28,6 +32,9 @@ def parse_name(filename: str) -> Proposal:
     Raises:
         BadName: with the reason the name does not parse.
     """
+    if not is_utf8(filename):
+        raise BadName(f"{display_name(filename)!r}: the name is not valid UTF-8 (an archive unpacked with another "
+                      f"code page?); rename the file in UTF-8")
     # Right to left: Roboflow-style stems ("IMG_0042_jpg.rf.<hash>") hold dots,
     # so the original's `split(".")[2]` breaks on them.
     parts = filename.rsplit(".", 4)
@@ -41,17 +48,37 @@ def parse_name(filename: str) -> Proposal:
         raise BadName(f"{filename!r}: extension .{ext} is not one of {', '.join(IMAGE_EXTENSIONS)}")
     if not stem:
         raise BadName(f"{filename!r}: empty stem")
-    if not proposal.isdigit():
-        raise BadName(f"{filename!r}: proposal number {proposal!r} is not a non-negative integer")
+    if not _digits(proposal):
+        raise BadName(f"{filename!r}: proposal number {proposal!r} is not a non-negative integer in ASCII digits")
     if label not in ("0", "1"):
         raise BadName(f"{filename!r}: label {label!r} is not 0 or 1")
     whole, sep, frac = iou.partition("_")
-    if not (whole.isdigit() and (not sep or frac.isdigit())):
-        raise BadName(f"{filename!r}: IoU {iou!r} is not a number written with '_' for '.' (e.g. 0_734)")
+    if not (_digits(whole) and (not sep or _digits(frac))):
+        raise BadName(f"{filename!r}: IoU {iou!r} is not a number in ASCII digits written with '_' for '.' "
+                      "(e.g. 0_734)")
     value = float(f"{whole}.{frac}" if sep else whole)
     if not 0.0 <= value <= 1.0:
         raise BadName(f"{filename!r}: IoU {value} is outside [0, 1]")
     return Proposal(filename, stem, int(proposal), value, int(label))
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name read from disk whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_name(name: str | os.PathLike) -> str:
+    """A file name or path as text: valid UTF-8 as is, other bytes escaped (`caf\\xe9.1.0_5.1.jpg`)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _digits(text: str) -> bool:
+    # str.isdigit() also accepts "²" and Arabic-Indic digits, which int() and float() then refuse or misread.
+    return text.isascii() and text.isdigit()
 
 
 def format_name(stem: str, proposal: int, iou: float, label: int, ext: str = "jpg") -> str:

@@ -1,22 +1,23 @@
-"""Pack a proposal directory into shards: discover, shuffle, test-decode, write, index."""
+"""Pack a proposal directory into shards: discover, shuffle, decode-check, write, index, report."""
 
 from __future__ import annotations
 
-import io
 import json
-import multiprocessing as mp
 import os
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from crackio.names import IMAGE_EXTENSIONS, BadName, Proposal, parse_name
+from crackio.errors import ConfigError, MissingFile
+from crackio.images import Prepared, prepare, strict_pillow
+from crackio.names import IMAGE_EXTENSIONS, BadName, Proposal, display_name, is_utf8, parse_name
+from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
 from crackio.shards import (
     FORMAT_VERSION,
     INDEX,
@@ -28,14 +29,18 @@ from crackio.shards import (
     shard_name,
 )
 
-IOU_BIN = 0.05  # manifest histogram bin width, the original's IoU strata
-WINDOW = 2048   # files in flight at once: memory stays flat however many files there are
+AHEAD = 2048  # files read and decoded ahead of the writer: memory stays flat however many files there are
+# Names operating systems and archivers leave in folders; never proposals.
+OS_METADATA = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db", "$RECYCLE.BIN", "System Volume Information"}
+HIDDEN = "hidden or operating-system metadata (.DS_Store, ._* AppleDouble, __MACOSX, Thumbs.db)"
+NOT_IMAGE = "not an image file by its extension (metadata such as README, data.yaml, annotation JSON)"
+NO_IMAGES = "folder without image files (not a split)"
 
 
 @dataclass(frozen=True)
 class PackSettings:
     samples_per_shard: int = 10000  # ~150-250 MB tars for 224x224 crops
-    workers: int = 0                # 0 = all cores
+    workers: int = 0                # decoding threads; 0 = all cores
     seed: int = 0                   # seeds the global shuffle
     size: int = 224                 # every stored image is size x size RGB JPEG
     quality: int = 95               # JPEG quality of converted inputs
@@ -43,32 +48,85 @@ class PackSettings:
 
 @dataclass(frozen=True)
 class Skipped:
-    path: str
+    path: str    # as text; bytes that are not UTF-8 escaped (crackio.names.display_name)
     reason: str
 
 
-def discover(src: Path) -> tuple[dict[str, tuple[Path, list[Proposal]]], list[Skipped]]:
-    """Splits and their parsed proposals, sorted by name; nothing is opened yet."""
+class Found:
+    """What discovery saw: splits with their parsed proposals, skipped inputs, ignored names by reason."""
+
+    def __init__(self) -> None:
+        self.splits: dict[str, tuple[Path, list[Proposal]]] = {}
+        self.skipped: list[Skipped] = []
+        self.ignored: Counter[str] = Counter()
+
+    def skip(self, path: str | os.PathLike, reason: str) -> None:
+        self.skipped.append(Skipped(display_name(path), reason))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _ignorable(name: str) -> bool:
+    return name.startswith(".") or name in OS_METADATA
+
+
+def discover(src: Path) -> Found:
+    """Splits and their parsed proposals, sorted by name; nothing is opened yet.
+
+    SRC/<split>/<name> or, when SRC holds image files itself, SRC as one split named
+    after it. Hidden files and folders, OS metadata and non-image files are ignored
+    (counted, not failures); image files that cannot be used are skipped with a reason.
+    """
+    found = Found()
     entries = sorted(os.scandir(src), key=lambda e: e.name)
-    skipped: list[Skipped] = []
-    holds_images = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
-    if holds_images:  # SRC itself is one split; any subfolder in it is stray (reported below)
-        splits = {src.resolve().name: src}
-    else:  # SRC/<split>/...; files beside the split folders belong to no split
-        splits = {e.name: Path(e.path) for e in entries if e.is_dir()}
-        skipped += [Skipped(e.path, "file outside any split folder") for e in entries if not e.is_dir()]
-    found: dict[str, tuple[Path, list[Proposal]]] = {}
-    for split, folder in splits.items():
-        found[split] = (folder, [])
-        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+    visible = []
+    for e in entries:
+        if _ignorable(e.name):
+            found.ignored[HIDDEN] += 1
+        else:
+            visible.append(e)
+    if any(e.is_file() and _is_image(e.name) for e in visible):  # SRC itself is one split
+        folders = {src.resolve().name: src}
+        strays = [e for e in visible if e.is_dir()]
+    else:  # SRC/<split>/...; image files beside the split folders belong to no split
+        folders = {e.name: Path(e.path) for e in visible if e.is_dir()}
+        for e in visible:
             if e.is_dir():
-                skipped.append(Skipped(e.path, "stray folder inside a split folder (splits hold files only)"))
                 continue
-            try:
-                found[split][1].append(parse_name(e.name))
-            except BadName as err:
-                skipped.append(Skipped(e.path, f"name does not parse: {err}"))
-    return found, skipped
+            if _is_image(e.name):
+                found.skip(e.path, "image file outside any split folder: move it into train/, valid/ or test/")
+            else:
+                found.ignored[NOT_IMAGE] += 1
+        strays = []
+    for e in strays:
+        found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
+    for split, folder in folders.items():
+        if not is_utf8(split):
+            found.skip(folder, "split folder name is not valid UTF-8: rename it (e.g. train, valid, test)")
+            continue
+        proposals = []
+        files = sorted(os.scandir(folder), key=lambda e: e.name) if folder is not src else visible
+        for e in files:
+            if _ignorable(e.name):
+                found.ignored[HIDDEN] += 1
+            elif e.is_dir():
+                if folder is not src:
+                    found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
+            elif not _is_image(e.name):
+                found.ignored[NOT_IMAGE] += 1
+            else:
+                try:
+                    proposals.append(parse_name(e.name))
+                except BadName as err:
+                    found.skip(e.path, f"name does not parse: {err}")
+        if proposals or any(_is_image(e.name) for e in files if not e.is_dir()):
+            found.splits[split] = (folder, proposals)
+        else:
+            found.ignored[NO_IMAGES] += 1
+    found.splits = dict(sorted(found.splits.items(), key=lambda kv: split_sort_key(kv[0])))
+    return found
 
 
 def split_order(split: str, count: int, seed: int) -> np.ndarray:
@@ -76,31 +134,19 @@ def split_order(split: str, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(count)
 
 
-def check_image(job: tuple[str, int, int]) -> tuple[bytes | None, str]:
-    """Fully decode one file; return (RGB JPEG bytes, conversion note) or (None, reason)."""
-    path, size, quality = job
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return None, f"unreadable: {e.strerror}"
-    if not data:
-        return None, "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, mode, dims = img.format, img.mode, img.size
-            img.load()  # a full decode: raises on truncated data
-            if fmt == "JPEG" and mode == "RGB" and dims == (size, size):
-                return data, ""  # the common case: bytes copied unchanged
-            rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"not a decodable image: {e}"
-    note = f"{fmt} {mode}"
-    if dims != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-        note += f" {dims[0]}x{dims[1]} resized"
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), note
+def prepared_in_order(paths: list[str], settings: PackSettings, pool: ThreadPoolExecutor | None):
+    """`prepare` of every path, yielded in order, at most AHEAD in flight."""
+    if pool is None:
+        yield from (prepare(p, settings.size, settings.quality) for p in paths)
+        return
+    pending: deque = deque()
+    it = iter(paths)
+    for p in it:
+        pending.append(pool.submit(prepare, p, settings.size, settings.quality))
+        if len(pending) >= AHEAD:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _clean(folder: Path) -> None:
@@ -109,8 +155,10 @@ def _clean(folder: Path) -> None:
         p.unlink()
 
 
-def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str,
-               settings: PackSettings, imap, progress: tqdm) -> tuple[dict, list[Skipped]]:
+def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, settings: PackSettings,
+               pool: ThreadPoolExecutor | None, progress: tqdm) -> tuple[dict, list[Skipped], tuple]:
+    """Write one split; returns its manifest entry, its skipped inputs and (filenames, stems, source digests)
+    of the stored rows, for the leakage report."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     _clean(folder)
@@ -119,6 +167,7 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str,
     flen = max((len(p.filename.encode()) for p in proposals), default=1)
     slen = max((len(p.stem.encode()) for p in proposals), default=1)
     rows = np.zeros(len(proposals), dtype=index_dtype(flen, slen))
+    digests = np.zeros(len(proposals), dtype="S16")
     skipped: list[Skipped] = []
     converted: Counter[str] = Counter()
     shards: list[dict] = []
@@ -133,28 +182,26 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str,
         rows["size"][first:n] = [s for _, s in jpgs]
         shards.append({"name": w.final.name, "samples": w.count, "bytes": w.final.stat().st_size})
 
+    paths = [str(src_dir / p.filename) for p in proposals]
     try:
-        for start in range(0, len(proposals), WINDOW):
-            window = proposals[start:start + WINDOW]
-            jobs = [(str(src_dir / p.filename), settings.size, settings.quality) for p in window]
-            for p, (data, note) in zip(window, imap(check_image, jobs)):
-                progress.update()
-                if data is None:
-                    skipped.append(Skipped(str(src_dir / p.filename), note))
-                    continue
-                if note:
-                    converted[note] += 1
-                if writer is None:
-                    writer = ShardWriter(folder / shard_name(split, len(shards)))
-                rows[n] = (len(shards), 0, 0, p.label, p.iou, p.proposal,
-                           p.filename.encode(), p.stem.encode())
-                meta = {"filename": p.filename, "image": p.stem, "proposal": p.proposal,
-                        "iou": p.iou, "label": p.label}
-                writer.write(n, data, meta)
-                n += 1
-                if writer.count == settings.samples_per_shard:
-                    finish(writer)
-                    writer = None
+        for p, path, result in zip(proposals, paths, prepared_in_order(paths, settings, pool)):
+            progress.update()
+            result: Prepared
+            if result.data is None:
+                skipped.append(Skipped(display_name(path), result.note))
+                continue
+            if result.note:
+                converted[result.note] += 1
+            if writer is None:
+                writer = ShardWriter(folder / shard_name(split, len(shards)))
+            rows[n] = (len(shards), 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
+            digests[n] = result.digest
+            meta = {"filename": p.filename, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label}
+            writer.write(n, result.data, meta)
+            n += 1
+            if writer.count == settings.samples_per_shard:
+                finish(writer)
+                writer = None
         if writer is not None:
             finish(writer)
             writer = None
@@ -169,72 +216,102 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str,
             old.unlink()
             old.with_suffix(".idx").unlink(missing_ok=True)
     save_index(folder / INDEX, rows)
-    edges = np.linspace(0.0, 1.0, round(1 / IOU_BIN) + 1)
-    labels = rows["label"]
+    labels = rows["label"].astype(np.int64)
     info = {
         "samples": int(n),
         "classes": {"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
-        "iou_histogram": {
-            "bin_edges": [round(float(e), 4) for e in edges],
-            "0": np.histogram(rows["iou"][labels == 0], edges)[0].tolist(),
-            "1": np.histogram(rows["iou"][labels == 1], edges)[0].tolist(),
-        },
+        "iou_histogram": iou_histogram(rows["iou"], labels),
+        "labels": label_report(rows["iou"], labels, rows["filename"]),
         "converted": dict(sorted(converted.items())),
         "shards": shards,
     }
-    return info, skipped
+    return info, skipped, (rows["filename"], rows["stem"], digests[:n])
 
 
 def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(),
          progress: bool = True) -> dict:
-    """Pack `src` into `out`; returns the manifest (also written to out/manifest.json)."""
+    """Pack `src` into `out`; returns the manifest (also written to out/manifest.json).
+
+    Decoding runs in `settings.workers` threads of this process (Pillow and libjpeg-turbo
+    release the GIL), so it works the same in a script without a `__main__` guard, in a
+    notebook and under `python -c`. The returned dict adds `seconds`, which the file omits:
+    the same input and seed give a byte-identical manifest.
+
+    Raises:
+        MissingFile: `src` is not a folder.
+        ConfigError: `samples_per_shard` < 1 or `workers` < 0.
+    """
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise FileNotFoundError(f"proposal folder {src} does not exist")
-    if settings.samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be >= 1")
+        raise MissingFile(f"proposal folder {display_name(src)} does not exist")
+    if settings.samples_per_shard < 1 or settings.workers < 0:
+        raise ConfigError("samples_per_shard must be >= 1 and workers >= 0")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
     (out / MANIFEST).unlink(missing_ok=True)
-    found, skipped = discover(src)
-    total = sum(len(v) for _, v in found.values())
-    workers = settings.workers or os.cpu_count() or 1
-    # Fork server, not fork: a forked child inherits the caller's objects, and a DALI pipeline the caller
-    # holds (a test session, a notebook) segfaults when the child garbage-collects it, hanging the pool.
-    pool = mp.get_context("forkserver").Pool(workers) if workers > 1 else None
-    imap = (lambda f, jobs: pool.imap(f, jobs, chunksize=16)) if pool else map
+    found = discover(src)
+    total = sum(len(v) for _, v in found.splits.values())
+    workers = settings.workers or len(os.sched_getaffinity(0))
     splits: dict[str, dict] = {}
+    stored: dict[str, tuple] = {}
+    skipped = list(found.skipped)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="crackio-pack") if workers > 1 else None
     try:
-        with tqdm(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar:
-            for split, (src_dir, proposals) in found.items():
-                info, bad = pack_split(proposals, src_dir, out, split, settings, imap, bar)
-                splits[split] = info
+        with strict_pillow(), tqdm(total=total, unit="file", desc="pack", disable=not progress,
+                                   smoothing=0.1) as bar:
+            for split, (src_dir, proposals) in found.splits.items():
+                splits[split], bad, stored[split] = pack_split(proposals, src_dir, out, split, settings, pool, bar)
                 skipped += bad
     finally:
-        if pool:
-            pool.close()
-            pool.join()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "source": str(src.resolve()),
+        "source": display_name(src.resolve()),
         "settings": asdict(settings) | {"workers": workers},
         "seed": settings.seed,
         "samples": sum(s["samples"] for s in splits.values()),
         "splits": splits,
+        "leakage": leakage_report(stored),
+        "ignored": dict(sorted(found.ignored.items())),
         "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
     }
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     manifest["seconds"] = time.perf_counter() - t0
     return manifest
 
 
 def summary(manifest: dict, out: Path) -> str:
+    """One line of what was written, and a warning line per problem a researcher must know of."""
     parts = [f"{name} {s['samples']} ({s['classes']['1']} crack / {s['classes']['0']} no crack)"
              for name, s in manifest["splits"].items()]
     shards = [sh for s in manifest["splits"].values() for sh in s["shards"]]
     mb = sum(sh["bytes"] for sh in shards) / 1e6
     converted = sum(sum(s["converted"].values()) for s in manifest["splits"].values())
+    ignored = sum(manifest.get("ignored", {}).values())
     secs = manifest.get("seconds", 0.0)
-    return (f"packed {'; '.join(parts)} into {len(shards)} shards, {mb:.1f} MB in {out}; "
-            f"{converted} converted, {len(manifest['skipped'])} skipped; {secs:.1f} s")
+    lines = [f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards, {mb:.1f} MB in {out}; "
+             f"{converted} converted, {len(manifest['skipped'])} skipped, {ignored} ignored; {secs:.1f} s"]
+    lines += [f"warning: {w}" for w in warnings(manifest)]
+    return "\n".join(lines)
+
+
+def warnings(manifest: dict) -> list[str]:
+    """Problems that do not stop a pack but that --strict refuses: leakage between splits, labels that
+    contradict every IoU threshold."""
+    found = []
+    leak = manifest.get("leakage", {})
+    dup, shared = leak.get("duplicate_contents", {}), leak.get("shared_stems", {})
+    if dup.get("count"):
+        found.append(f"{dup['count']} crops have the same bytes in more than one split (leakage); "
+                     f"see 'leakage' in manifest.json")
+    if shared.get("count"):
+        found.append(f"{shared['count']} full images (stems) have proposals in more than one split (leakage); "
+                     f"see 'leakage' in manifest.json")
+    for name, s in manifest["splits"].items():
+        impossible = s.get("labels", {}).get("impossible", {}).get("count", 0)
+        if impossible:
+            found.append(f"{name}: {impossible} names carry a label no IoU threshold gives (crack at IoU 0 or "
+                         f"no crack at IoU 1); see splits.{name}.labels in manifest.json")
+    return found

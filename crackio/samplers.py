@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from crackio.errors import ConfigError
+
 SAMPLERS = ("shuffle", "hard-negatives", "iou-strata", "weighted", "balanced")
 SELECTIONS = ("all", "hard-negatives", "iou-strata")
 _CUT = {"selection": "all", "negatives": 800, "per_bin": 10, "bin_width": 0.05}  # what weighting draws from
@@ -48,21 +50,53 @@ def relabel(ious: np.ndarray, threshold: float) -> np.ndarray:
     return (ious > np.float32(threshold)).astype(np.int64)
 
 
+def labels_for(named: np.ndarray, ious: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The labels a run trains on: the names' own (threshold None), or IoU > threshold."""
+    if threshold is None:
+        return named.astype(np.int64)
+    if not 0 <= threshold < 1:
+        raise ConfigError(f"iou_threshold must be in [0, 1) or None (the names' labels), got {threshold}")
+    return relabel(ious, threshold)
+
+
+def label_source(threshold: float | None) -> str:
+    """How a run's labels were made, in words for reports."""
+    return "labels from the file names" if threshold is None else f"labels relabelled as IoU > {threshold:g}"
+
+
+def check_drawable(selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict,
+                   threshold: float | None) -> None:
+    """Refuse class weights that leave nothing to draw, naming counts, weights and labels.
+
+    Raises:
+        ConfigError: e.g. class_weights {0: 0, 1: 1} on a selection without a crack sample.
+    """
+    if "class_weights" not in options:
+        return
+    w = options["class_weights"]
+    counts = {c: int((labels[selection] == c).sum()) for c in (0, 1)}
+    if sum(w[c] * counts[c] for c in (0, 1)) == 0:
+        raise ConfigError(
+            f"sampler {sampler!r} has nothing to draw: class weights {w} give zero weight to every sample "
+            f"of the selection ({counts[0]} no crack, {counts[1]} crack; {label_source(threshold)}); "
+            f"give a present class a positive weight or change the IoU threshold")
+
+
 def sampler_options(sampler: str, options: dict) -> dict:
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     allowed = DEFAULTS[sampler]
     unknown = set(options) - set(allowed)
     if unknown:
-        raise ValueError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, "
+        raise ConfigError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, "
                          f"not {sorted(unknown)}")
     merged = {**allowed, **options}
     if merged.get("selection", "all") not in SELECTIONS:
-        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {merged['selection']!r}")
+        raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {merged['selection']!r}")
     if "class_weights" in merged:
         w = {int(k): float(v) for k, v in merged["class_weights"].items()}
         if set(w) != {0, 1} or min(w.values()) < 0 or max(w.values()) == 0:
-            raise ValueError(f"class_weights must give non-negative weights for classes 0 and 1, got {w}")
+            raise ConfigError(f"class_weights must give non-negative weights for classes 0 and 1, got {w}")
         merged["class_weights"] = w
     return merged
 
@@ -97,7 +131,7 @@ def epoch_order(selection: np.ndarray, labels: np.ndarray, sampler: str, options
         w = np.array([options["class_weights"][int(c)] for c in (0, 1)])[labels[selection]]
         n = options["num_samples"] or len(selection)
         if not options["replacement"] and n > np.count_nonzero(w):
-            raise ValueError(f"weighted sampler without replacement cannot draw {n} of "
+            raise ConfigError(f"weighted sampler without replacement cannot draw {n} of "
                              f"{np.count_nonzero(w)} samples with non-zero weight")
         return rng.choice(selection, size=n, replace=options["replacement"], p=w / w.sum())
     if sampler == "balanced":
@@ -124,18 +158,18 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     near-equal batches (each <= batch_size) dealt round-robin to the ranks.
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     if train:
         per_step = batch_size * world_size
         steps = len(order) // per_step
         if steps == 0:
-            raise ValueError(f"{len(order)} samples cannot fill one batch of {batch_size} on "
+            raise ConfigError(f"{len(order)} samples cannot fill one batch of {batch_size} on "
                              f"{world_size} rank(s); lower the batch size")
         grid = order[: steps * per_step].reshape(steps, world_size, batch_size)
         return list(grid[:, rank])
     per_rank = math.ceil(math.ceil(len(order) / world_size) / batch_size)
     if per_rank * world_size > len(order):  # some batch would be empty: impossible without padding
-        raise ValueError(f"{len(order)} eval samples cannot give {world_size} rank(s) {per_rank} non-empty "
+        raise ConfigError(f"{len(order)} eval samples cannot give {world_size} rank(s) {per_rank} non-empty "
                          f"batch(es) each; raise the batch size or use fewer ranks")
     parts = np.array_split(order, per_rank * world_size)
     return parts[rank::world_size]

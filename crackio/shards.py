@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from crackio.errors import CrackioError
+
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 FORMAT_VERSION = 1
@@ -153,7 +155,7 @@ class SplitIndex:
         return [b.decode() for b in self.rows["filename"][ids]]
 
 
-class ShardError(RuntimeError):
+class ShardError(CrackioError, RuntimeError):
     """Shards that are missing, incomplete or inconsistent; the message names file and fix."""
 
 

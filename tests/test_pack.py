@@ -70,7 +70,7 @@ def test_round_trip_messy_folder(messy_src, tmp_path):
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == {n for n, k in kinds.items() if k == "skipped"}
     assert "empty file" in skipped["empty.6.0_100.0.jpg"]
-    assert "not a decodable image" in skipped["truncated.5.0_600.1.jpg"]
+    assert "JPEG data is corrupt" in skipped["truncated.5.0_600.1.jpg"]
     assert "name does not parse" in skipped["IMG_0001_badname.jpg"]
     assert "stray folder" in skipped["stray"]
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from crackio.errors import ConfigError
 from train.config import Config, add_config_arguments
 from train.errors import USER_ERRORS
 
@@ -64,9 +65,9 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
 
 def check_svm(args: argparse.Namespace) -> None:
     if not 0 <= args.neg_iou <= args.pos_iou <= 1:
-        raise ValueError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {args.neg_iou} and {args.pos_iou}")
+        raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {args.neg_iou} and {args.pos_iou}")
     if args.rounds < 0 or args.negatives < 1 or args.C <= 0 or args.batch_size < 1:
-        raise ValueError("--rounds must be >= 0, --negatives and --batch-size >= 1, --C > 0")
+        raise ConfigError("--rounds must be >= 0, --negatives and --batch-size >= 1, --C > 0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             variants = Path(options.pop("variants") or SHIPPED)
             out = Path(options.pop("out", "") or "runs/sweep")
             if options.get("resume"):
-                raise ValueError("--resume does not apply to a sweep: run the same sweep command again to "
+                raise ConfigError("--resume does not apply to a sweep: run the same sweep command again to "
                                  "continue it")
             base = Config(**options)
             if not base.shards:
-                raise ValueError("--shards is required (a folder written by tools/pack.py)")
+                raise ConfigError("--shards is required (a folder written by tools/pack.py)")
             run_sweep(base, variants, out)
         else:
             from train.loop import main as train_main

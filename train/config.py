@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crackio.errors import ConfigError
 from crackio.samplers import SAMPLERS, SELECTIONS
 
 
@@ -57,19 +58,19 @@ class Config:
                    "device": ("auto", "cpu", "cuda"), "backend": ("auto", "dali", "torch")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
         positive = ("lr", "batch_size", "epochs", "patience", "negatives", "per_bin", "bin_width")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.iou_threshold < 1:
-            raise ValueError(f"--iou-threshold must be in [0, 1), got {self.iou_threshold}")
+            raise ConfigError(f"--iou-threshold must be in [0, 1), got {self.iou_threshold}")
         if not 0 <= self.target_recall <= 1:
-            raise ValueError(f"--target-recall must be in [0, 1], got {self.target_recall}")
+            raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         self.parsed_class_weights()
         if not self.shards and not self.resume:
-            raise ValueError("--shards is required (a folder written by tools/pack.py)")
+            raise ConfigError("--shards is required (a folder written by tools/pack.py)")
 
     def parsed_class_weights(self) -> dict[int, float]:
         try:
@@ -78,7 +79,7 @@ class Config:
         except ValueError:
             weights = {}
         if set(weights) != {0, 1}:
-            raise ValueError(f"--class-weights must look like 0:1,1:2, got {self.class_weights!r}")
+            raise ConfigError(f"--class-weights must look like 0:1,1:2, got {self.class_weights!r}")
         return weights
 
     def sampler_options(self, sampler: str, negatives: int) -> dict:
@@ -101,7 +102,7 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
         return cls(**d)
 
 

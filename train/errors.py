@@ -1,7 +1,8 @@
-"""The errors that mean bad input, not a bug: the CLI prints them as one line, the sweep as a table note."""
+"""The errors that mean bad input, not a bug: the CLI prints them as one line, the sweep as a table note.
 
-from crackio import ShardError
-from train.model import WeightsError
+Everything else (a DALI, CUDA or shape error, a RuntimeError from a library) keeps its traceback.
+"""
 
-# NonFiniteLoss (train.loop) is a RuntimeError.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ShardError, WeightsError, RuntimeError)
+from crackio.errors import CrackioError
+
+USER_ERRORS = (CrackioError,)

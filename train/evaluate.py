@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from crackio import make_loader
+from crackio.errors import MissingFile
 from train.config import Config
 from train.model import WeightsError, build_model
 from train.report import report_text
@@ -60,7 +61,7 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (a run writes best.pt and last.pt)")
+        raise MissingFile(f"checkpoint {path} does not exist (a run writes best.pt and last.pt)")
     # weights_only: a checkpoint is data, never code; nothing is unpickled beyond tensors and plain types.
     return torch.load(path, map_location=device, weights_only=True)
 

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from crackio import make_loader, read_manifest
+from crackio.errors import ConfigError, CrackioError, MissingFile
 from train.config import Config, resumed
 from train.evaluate import amp_dtype, atomic_save, load_checkpoint, predict, world
 from train.losses import make_loss
@@ -23,7 +24,7 @@ from train.model import build_model
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(CrackioError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -37,7 +38,7 @@ def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
+        raise ConfigError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
@@ -51,7 +52,7 @@ def run_dir(cfg: Config, rank: int) -> Path:
         name = box[0]
     out = Path(name)
     if not cfg.resume and (out / "last.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
+        raise ConfigError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
                               f"or choose another --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def main(cfg: Config) -> Path:
     if cfg.resume:
         saved_path = Path(cfg.resume) / "config.json"
         if not saved_path.is_file():
-            raise FileNotFoundError(f"--resume {cfg.resume}: no config.json there (is it a run folder?)")
+            raise MissingFile(f"--resume {cfg.resume}: no config.json there (is it a run folder?)")
         cfg = resumed(cfg, Config.from_dict(json.loads(saved_path.read_text())))
         cfg = dataclasses.replace(cfg, out=cfg.resume)
     init_distributed()

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 from torchvision import models
 
+from crackio.errors import ConfigError, CrackioError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(CrackioError, RuntimeError):
     """Pretrained weights that cannot be had; the message says which file to provide."""
 
 
@@ -35,7 +37,7 @@ def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
         if isinstance(module, nn.Linear):
             found = name
     if found is None:
-        raise ValueError(f"{type(model).__name__} has no Linear layer to replace with a 1-logit head")
+        raise ConfigError(f"{type(model).__name__} has no Linear layer to replace with a 1-logit head")
     parent_name, _, attr = found.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, attr, getattr(parent, attr)
@@ -56,7 +58,7 @@ def imagenet_state_dict(arch: str) -> dict:
 def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier."""
     if arch not in models.list_models(module=models):
-        raise ValueError(f"--arch {arch!r} is not a torchvision classification model "
+        raise ConfigError(f"--arch {arch!r} is not a torchvision classification model "
                          f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)")
     backbone = models.get_model(arch, weights=None)
     if weights == "imagenet":

@@ -23,6 +23,7 @@ from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
 from crackio import read_manifest
+from crackio.errors import ConfigError
 from train.evaluate import amp_dtype, eval_loader, forward_batches, load_checkpoint, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
@@ -97,7 +98,7 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
     pos = np.flatnonzero(ious >= args.pos_iou)
     neg = np.flatnonzero(ious < args.neg_iou)
     if len(pos) == 0 or len(neg) == 0:
-        raise ValueError(f"the train split has {len(pos)} samples with IoU >= {args.pos_iou} and {len(neg)} with "
+        raise ConfigError(f"the train split has {len(pos)} samples with IoU >= {args.pos_iou} and {len(neg)} with "
                          f"IoU < {args.neg_iou}; the SVM needs both (adjust --pos-iou / --neg-iou)")
     log.append(f"training set: {len(pos)} positives (IoU >= {args.pos_iou}), {len(neg)} negatives "
                f"(IoU < {args.neg_iou}), {len(ious) - len(pos) - len(neg)} in between ignored")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crackio.errors import ConfigError, MissingFile
 from train.config import RESUMABLE, Config
 from train.errors import USER_ERRORS
 from train.evaluate import world
@@ -41,11 +42,11 @@ class Variant:
 def load_variants(path: Path) -> list[Variant]:
     """Parse and check a variants file; every problem names the file and the variant."""
     if not path.is_file():
-        raise FileNotFoundError(f"variants file {path} does not exist (the shipped one is {SHIPPED})")
+        raise MissingFile(f"variants file {path} does not exist (the shipped one is {SHIPPED})")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from e
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
     known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
     variants, seen = [], set()
     for i, entry in enumerate(data.get("variant", [])):
@@ -53,19 +54,19 @@ def load_variants(path: Path) -> list[Variant]:
         name = str(entry.pop("name", ""))
         where = f"{path}: variant {i + 1} ({name or 'no name'})"
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in seen:
-            raise ValueError(f"{where}: needs a unique name of letters, digits, '.', '_' or '-'")
+            raise ConfigError(f"{where}: needs a unique name of letters, digits, '.', '_' or '-'")
         seen.add(name)
         title = str(entry.pop("title", name))
         reference = entry.pop("reference", None)
         unknown = sorted(set(entry) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
+            raise ConfigError(f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
                              f"with underscores (shards and out are set by the sweep)")
         if reference is not None:
             _check_reference(reference, where)
         variants.append(Variant(name, title, entry, reference))
     if not variants:
-        raise ValueError(f"{path} defines no [[variant]] tables")
+        raise ConfigError(f"{path} defines no [[variant]] tables")
     return variants
 
 
@@ -73,7 +74,7 @@ def _check_reference(ref: dict, where: str) -> None:
     for key in CLASS_KEYS:
         row = ref.get(key)
         if not isinstance(row, dict) or set(row) - {"precision", "recall", "f1", "support"}:
-            raise ValueError(f"{where}: reference.{key} must be a table of precision, recall, f1, support")
+            raise ConfigError(f"{where}: reference.{key} must be a table of precision, recall, f1, support")
 
 
 def variant_config(base: Config, variant: Variant, out: Path) -> Config:
@@ -90,7 +91,7 @@ def state(cfg: Config) -> str:
     changed = [f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now" for k in dataclasses.asdict(cfg)
                if k not in (*OWNED, *RESUMABLE) and getattr(saved, k) != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
+        raise ConfigError(f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
                          f"to retrain it, or give the sweep another --out")
     finished = (folder / "summary.json").is_file() and (saved.epochs, saved.patience) == (cfg.epochs, cfg.patience)
     return "finished" if finished else "partial"
