@@ -1,9 +1,11 @@
 """crackio: WebDataset shards, DALI and torch loaders, and samplers for R-CNN crack proposals."""
 
+from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.names import BadName, Proposal, format_name, parse_name
 from crackio.shards import ShardError, SplitIndex, load_index, read_manifest
 
 __all__ = [
+    "ConfigError", "CrackioError", "MissingFile",
     "BadName", "Proposal", "format_name", "parse_name",
     "ShardError", "SplitIndex", "load_index", "read_manifest",
 ]

@@ -58,7 +58,8 @@ def prepare(path: str, size: int = 224, quality: int = 95) -> Prepared:
     digest = hashlib.blake2b(data, digest_size=16).digest()
     if not data:
         return Prepared(None, "empty file (0 bytes): copy it again from its source or delete it", digest)
-    data_out, note = _prepare(data, size, quality)
+    with strict_pillow():  # held for every Pillow call: a PNG's getexif() already decodes the pixels
+        data_out, note = _prepare(data, size, quality)
     return Prepared(data_out, note, digest)
 
 
@@ -84,7 +85,7 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
             if mode == "RGB" and (w, h) == (size, size) and orientation not in ROTATING and orientation != -1:
                 return data, ""  # the common case: bytes stored unchanged
         try:
-            _full_decode(img)
+            img.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return None, f"{fmt} data is corrupt or truncated ({_text(e)}): re-export or re-crop the file"
         notes = [f"{fmt} {mode}"]
@@ -104,11 +105,6 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
         out = io.BytesIO()
         rgb.save(out, format="JPEG", quality=quality)  # no exif= argument: the tag is not carried over
         return out.getvalue(), " ".join(notes)
-
-
-def _full_decode(img: Image.Image) -> None:
-    with strict_pillow():
-        img.load()
 
 
 _strict = {"depth": 0, "saved": False}

@@ -33,6 +33,9 @@ def test_round_trip():
     ("a.1.zero.1.jpg", "IoU"),
     ("a.1.1_5.1.jpg", "outside [0, 1]"),
     (".1.0_5.1.jpg", "empty stem"),
+    ("a.\u0661\u0662.0_5.1.jpg", "ASCII digits"),  # Arabic-Indic digits: str.isdigit() says yes
+    ("a.1.0_\u00b25.1.jpg", "ASCII digits"),         # a superscript two
+    ("caf\udce9.1.0_5.1.jpg", "not valid UTF-8"),    # the Latin-1 byte 0xE9 as read from disk
 ])
 def test_bad_names_say_why(name, why):
     with pytest.raises(BadName, match=why.replace("[", r"\[").replace("]", r"\]")):

@@ -47,7 +47,8 @@ def test_shipped_variants_are_the_originals_six_runs(tmp_path):
     for cfg in configs:
         cfg.validate()
     settings = [(c.loss, c.sampler, c.replacement, c.iou_threshold, c.focal_alpha) for c in configs]
-    assert settings[:4] == [("bce", "shuffle", True, 0.5, 0.25), ("bce", "weighted", True, 0.5, 0.25),
+    # The first two take the names' labels (the original's, IoU > 0.5); two relabel at 0.35.
+    assert settings[:4] == [("bce", "shuffle", True, None, 0.25), ("bce", "weighted", True, None, 0.25),
                             ("bce", "weighted", True, 0.35, 0.25), ("bce", "weighted", False, 0.35, 0.25)]
     assert [(c.loss, c.focal_alpha, c.focal_gamma) for c in configs[4:]] == [("focal", 0.25, 2.0),
                                                                              ("focal", -1.0, 2.0)]
@@ -93,7 +94,9 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     assert n_test["bce"] == n_test["focal"] > 0
     assert int(rows[2]["crack_support"]) >= int(rows[0]["crack_support"])  # IoU 0.35 labels more cracks
     table = (out / "sweep.md").read_text()
-    assert "| BCE, shuffle | crackio | test |" in table and "↳ the original, as published" in table
+    assert "| BCE, shuffle | crackio | test | labels from the file names |" in table
+    assert "| test | labels relabelled as IoU > 0.35 |" in table and "↳ the original, as published" in table
+    assert rows[0]["labels"] == "labels from the file names"
     assert "**failed**" in table
 
     # Again: finished variants are skipped, the failed one is retried.

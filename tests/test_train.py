@@ -13,9 +13,10 @@ import pytest
 import torch
 from torchvision import models
 
+from crackio import ConfigError
 from tests.helpers import ARCH, tiny
 from train.__main__ import main as cli
-from train.config import Config
+from train.config import Config, resume_config
 from train.loop import main
 from train.model import WeightsError, build_model
 
@@ -42,13 +43,19 @@ def test_a_run_writes_every_output(two_epochs):
     history = json.loads((two_epochs / "history.json").read_text())
     assert len(history) == 2
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "crack_precision", "crack_recall",
-                "crack_f1", "images_per_sec", "data_wait_share"):
+                "crack_f1", "crack_ap", "images_per_sec", "data_wait_share", "train_seconds", "val_seconds"):
         assert all(isinstance(h[key], float) for h in history), key
+    assert all(0 <= h["crack_ap"] <= 1 for h in history)  # the threshold-free trend, every epoch
+    assert all(h["train_seconds"] + h["val_seconds"] <= h["epoch_seconds"] for h in history)
+    assert summary["train_seconds"] == pytest.approx(sum(h["train_seconds"] for h in history))
+    assert summary["val_seconds"] == pytest.approx(sum(h["val_seconds"] for h in history))
+    assert summary["labels"] == "labels from the file names" and summary["iou_threshold"] is None
     assert len((two_epochs / "metrics.jsonl").read_text().splitlines()) == 2
     report = (two_epochs / "report.txt").read_text()
     assert "== valid" in report and "== test" in report
     assert "    No crack" in report and "       Crack" in report and "macro avg" in report
     assert "confusion matrix" in report
+    assert "labels from the file names" in report.splitlines()[0]
     assert Config.from_dict(json.loads((two_epochs / "config.json").read_text())).arch == ARCH
 
 
@@ -61,8 +68,8 @@ def test_target_recall_threshold_reaches_it_on_validation(two_epochs):
 def test_resume_reproduces_an_uninterrupted_run(demo_shards, two_epochs, tmp_path):
     out = tmp_path / "resumed"
     main(tiny(demo_shards, out, target_recall=0.9, patience=5, epochs=1))
-    main(Config(resume=str(out), epochs=2))
-    timing = ("images_per_sec", "data_wait_share", "epoch_seconds")
+    main(resume_config(out, epochs=2))
+    timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]
     full = strip(json.loads((two_epochs / "history.json").read_text()))
     resumed = strip(json.loads((out / "history.json").read_text()))
@@ -155,3 +162,43 @@ def test_config_round_trip():
     assert Config.from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown config keys"):
         Config.from_dict({"shards": "x", "lr_max": 1})
+
+
+def test_bugs_keep_their_traceback_bad_input_is_one_line(demo_shards, monkeypatch, capsys):
+    import train.loop
+
+    def boom(cfg):
+        raise RuntimeError("a DALI or CUDA bug")
+
+    monkeypatch.setattr(train.loop, "main", boom)
+    with pytest.raises(RuntimeError, match="a DALI or CUDA bug"):  # not turned into "error: ..." and exit 2
+        cli(["--shards", str(demo_shards)])
+
+
+def test_flags_that_would_be_ignored_are_refused(demo_shards, capsys):
+    def err(*args):
+        assert cli(["--shards", str(demo_shards), *args]) == 2
+        return capsys.readouterr().err
+
+    assert "--class-weights only applies with --sampler weighted or balanced" in err("--class-weights", "0:1,1:3")
+    assert "--negatives only applies" in err("--sampler", "weighted", "--negatives", "5")
+    assert "--focal-gamma only applies with --loss focal" in err("--focal-gamma", "3")
+    assert "--pos-weight only applies with --loss bce" in err("--loss", "focal", "--pos-weight", "2")
+    assert "--val-negatives only applies" in err("--val-negatives", "50")
+
+
+def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path, monkeypatch, capsys):
+    import train.loop
+
+    out = tmp_path / "one"
+    main(tiny(demo_shards, out, epochs=1))
+    got = []
+    monkeypatch.setattr(train.loop, "main", got.append)
+    assert cli(["--resume", str(out), "--epochs", "20"]) == 0  # 20 is also the default: given, so it counts
+    assert got[0].epochs == 20 and got[0].resume == str(out) and got[0].arch == ARCH
+    assert cli(["--resume", str(out), "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change --lr 0.1 (the run has 0.001)" in err and "--out" in err
+    assert cli(["--resume", str(out), "--lr", "0.001", "--out", str(out)]) == 0  # the run's own values: fine
+    with pytest.raises(ConfigError, match="settings other than the run's"):
+        train.loop.check_resumed(Config(resume=str(out)))  # a default config is not that run's

@@ -97,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--shards is required (a folder written by tools/pack.py)")
             run_sweep(base, variants, out)
         else:
+            from train.config import check_applicable, resume_config
             from train.loop import main as train_main
 
-            train_main(Config(**vars(args)))
+            given = vars(args)  # only the flags actually given: their defaults are argparse.SUPPRESS
+            if given.get("resume"):
+                cfg = resume_config(given.pop("resume"), **given)
+            else:
+                cfg = Config(**given)
+                cfg.validate()  # values first, then whether each option applies
+                check_applicable(cfg, given)
+            train_main(cfg)
         return 0
     except USER_ERRORS as e:  # known bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, MissingFile
 from crackio.samplers import SAMPLERS, SELECTIONS
 
 
@@ -35,7 +35,7 @@ class Config:
     selection: str = "all"               # weighted | balanced: draw from all | hard-negatives | iou-strata cut
     val_sampler: str = "shuffle"         # validation selection: shuffle (= every sample) | hard-negatives | iou-strata
     val_negatives: int = 200             # hard-negatives on validation (the original kept 200)
-    iou_threshold: float = 0.5           # label = IoU > threshold, recomputed from the stored IoU
+    iou_threshold: float | None = None   # none: the file names' labels; a number t: label = IoU > t (relabel)
     loss: str = "bce"                    # bce (BCEWithLogitsLoss) | focal (torchvision sigmoid_focal_loss)
     pos_weight: float = 0.0              # bce: weight of the crack class; 0 = none
     focal_alpha: float = 0.25            # focal: alpha; negative = no class weighting (the original's best run)
@@ -64,8 +64,9 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.iou_threshold < 1:
-            raise ConfigError(f"--iou-threshold must be in [0, 1), got {self.iou_threshold}")
+        if self.iou_threshold is not None and not 0 <= self.iou_threshold < 1:
+            raise ConfigError(f"--iou-threshold must be in [0, 1) or none (the names' labels), "
+                              f"got {self.iou_threshold}")
         if not 0 <= self.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         self.parsed_class_weights()
@@ -106,15 +107,74 @@ class Config:
         return cls(**d)
 
 
-# On resume these may change (to extend a run) when given with a non-default value;
-# everything else comes from the run's config.json.
+# On resume only these may change (to extend a run or move it to other hardware); every other setting comes
+# from the run's config.json, and asking for another value is refused rather than silently ignored.
 RESUMABLE = ("epochs", "patience", "device", "backend", "workers")
 
 
-def resumed(cfg: Config, saved: Config) -> Config:
-    default = Config()
-    changes = {k: getattr(cfg, k) for k in RESUMABLE if getattr(cfg, k) != getattr(default, k)}
-    return dataclasses.replace(saved, resume=cfg.resume, **changes)
+def resume_config(run: str | Path, **changes) -> Config:
+    """The config that continues the run in folder `run`, with `changes` (RESUMABLE fields only).
+
+    Raises:
+        MissingFile: `run` holds no config.json.
+        ConfigError: a change to a setting a resumed run cannot change (e.g. --lr).
+    """
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise MissingFile(f"--resume {run}: no config.json there (is it a run folder?)")
+    saved = Config.from_dict(json.loads(path.read_text()))
+    changes.pop("resume", None)
+    if changes.get("out") in (str(run), saved.out):
+        changes.pop("out")
+    refused = [k for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)]
+    if refused:
+        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {getattr(saved, k)!r})"
+                         for k in refused)
+        raise ConfigError(f"--resume {run} continues the run with its own settings and cannot change {said}; "
+                          f"resumable: {', '.join('--' + k for k in RESUMABLE)}. To train with other settings, "
+                          f"start a new run with --out")
+    return dataclasses.replace(saved, resume=str(run), out=str(run), **changes)
+
+
+def check_resumed(cfg: Config) -> None:
+    """`cfg` (with resume set) must be its run's config apart from RESUMABLE fields: build it with resume_config."""
+    saved = resume_config(cfg.resume)
+    differ = [k for k in dataclasses.asdict(cfg) if k not in (*RESUMABLE, "resume", "out")
+              and getattr(cfg, k) != getattr(saved, k)]
+    if differ:
+        raise ConfigError(f"resuming {cfg.resume} with settings other than the run's ({', '.join(differ)}): "
+                          f"build the config with train.config.resume_config({cfg.resume!r}, epochs=...)")
+
+
+# Options that only mean something with another setting: given without it, they are refused, not ignored.
+APPLIES = {
+    "negatives": ("--sampler hard-negatives or --selection hard-negatives",
+                  lambda c: "hard-negatives" in (c.sampler, c.selection)),
+    "per_bin": ("--sampler iou-strata or --selection iou-strata", lambda c: "iou-strata" in (c.sampler, c.selection)),
+    "bin_width": ("--sampler iou-strata or --selection iou-strata",
+                  lambda c: "iou-strata" in (c.sampler, c.selection)),
+    "class_weights": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
+    "selection": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
+    "replacement": ("--sampler weighted", lambda c: c.sampler == "weighted"),
+    "num_samples": ("--sampler weighted", lambda c: c.sampler == "weighted"),
+    "val_negatives": ("--val-sampler hard-negatives", lambda c: c.val_sampler == "hard-negatives"),
+    "pos_weight": ("--loss bce", lambda c: c.loss == "bce"),
+    "focal_alpha": ("--loss focal", lambda c: c.loss == "focal"),
+    "focal_gamma": ("--loss focal", lambda c: c.loss == "focal"),
+}
+
+
+def check_applicable(cfg: Config, given) -> None:
+    """Refuse options in `given` (names) that `cfg`'s other settings would silently ignore.
+
+    Raises:
+        ConfigError: naming the option and the setting it needs, e.g. --class-weights with --sampler shuffle.
+    """
+    for name in sorted(set(given) & set(APPLIES)):
+        needs, ok = APPLIES[name]
+        if not ok(cfg):
+            raise ConfigError(f"--{name.replace('_', '-')} only applies with {needs}; this run would ignore it "
+                              f"(drop it, or choose the setting it belongs to)")
 
 
 def _help(cls) -> dict[str, str]:
@@ -137,10 +197,21 @@ def add_config_arguments(ap: argparse.ArgumentParser) -> None:
         default = f.default
         kind = type(default)
         text = f"{helps.get(f.name, '')} (default: {default!r})"
-        if kind is bool:
+        if default is None:  # the only optional field is a float: `--iou-threshold 0.35`, or `none`
+            ap.add_argument(flag, type=_optional_float, metavar="FLOAT|none", default=argparse.SUPPRESS, help=text)
+        elif kind is bool:
             ap.add_argument(flag, type=_bool, metavar="BOOL", default=argparse.SUPPRESS, help=text)
         else:
             ap.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() in ("none", "names", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:

@@ -16,8 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from crackio import make_loader, read_manifest
-from crackio.errors import ConfigError, CrackioError, MissingFile
-from train.config import Config, resumed
+from crackio.errors import ConfigError, CrackioError
+from crackio.samplers import label_source
+from train.config import Config, check_resumed
 from train.evaluate import amp_dtype, atomic_save, load_checkpoint, predict, world
 from train.losses import make_loss
 from train.model import build_model
@@ -125,12 +126,8 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg:
 def main(cfg: Config) -> Path:
     """Train, validate, checkpoint, report; returns the run folder."""
     cfg.validate()
-    if cfg.resume:
-        saved_path = Path(cfg.resume) / "config.json"
-        if not saved_path.is_file():
-            raise MissingFile(f"--resume {cfg.resume}: no config.json there (is it a run folder?)")
-        cfg = resumed(cfg, Config.from_dict(json.loads(saved_path.read_text())))
-        cfg = dataclasses.replace(cfg, out=cfg.resume)
+    if cfg.resume:  # cfg must be the run's own config (train.config.resume_config builds it)
+        check_resumed(cfg)
     init_distributed()
     rank, world_size = world()
     device = pick_device(cfg)
@@ -167,11 +164,14 @@ def main(cfg: Config) -> Path:
         epoch_start = time.perf_counter()
         row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp,
                                                  epoch, cfg, show)}
+        val_start = time.perf_counter()
         val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
+        now = time.perf_counter()
         row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((probs >= 0.5) == labels).mean()),
-                **crack_metrics(labels, probs), "epoch_seconds": time.perf_counter() - epoch_start}
+                **crack_metrics(labels, probs), "epoch_seconds": now - epoch_start,
+                "train_seconds": val_start - epoch_start, "val_seconds": now - val_start}
         improved = val_loss < state["best_val_loss"]
         state["history"].append(row)
         state |= {"epoch": epoch + 1, "best_val_loss": min(val_loss, state["best_val_loss"]),
@@ -180,7 +180,8 @@ def main(cfg: Config) -> Path:
             save_epoch(out, model, optimizer, scaler, state, cfg, row, improved)
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
                   f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
-                  f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} | "
+                  f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
+                  f"AP {row['crack_ap']:.3f} | "
                   f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
                   + ("" if improved else f" (no improvement {state['bad_epochs']}/{cfg.patience})"))
     if state["bad_epochs"] >= cfg.patience and rank == 0:
@@ -215,12 +216,15 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_
         return
     best = min(history, key=lambda h: h["val_loss"])
     text = [f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
-            f"loss {cfg.loss}, sampler {cfg.sampler}, IoU threshold {cfg.iou_threshold}\n"]
+            f"loss {cfg.loss}, sampler {cfg.sampler}; {label_source(cfg.iou_threshold)}\n"]
     marks = []
     for name, (_, labels, probs, _) in results.items():
         text.append(report_text(name, labels, probs))
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+               "labels": label_source(cfg.iou_threshold), "iou_threshold": cfg.iou_threshold,
+               # training passes and validation passes apart (older histories have epoch_seconds only)
+               "train_seconds": sum(h.get("train_seconds", h.get("epoch_seconds", 0.0)) for h in history),
+               "val_seconds": sum(h.get("val_seconds", 0.0) for h in history),
                "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
                "splits": {name: class_metrics(r[1], r[2]) for name, r in results.items()}}
     # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).

@@ -22,8 +22,10 @@ CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
 
 
 def crack_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    crack = class_metrics(labels, probs, threshold)["crack"]
-    return {f"crack_{m}": float(crack[m]) for m in ("precision", "recall", "f1")}
+    """Crack precision, recall, F1 at the threshold, and the threshold-free average precision (`crack_ap`)."""
+    metrics = class_metrics(labels, probs, threshold)
+    return {**{f"crack_{m}": float(metrics["crack"][m]) for m in ("precision", "recall", "f1")},
+            "crack_ap": metrics["average_precision"]}
 
 
 def class_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:

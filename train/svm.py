@@ -4,8 +4,8 @@ Features are the input of the backbone's last Linear layer (the pooled 2048-d ve
 taken through the eval loader in the same pass as the network head's probabilities, and cached per
 split under OUT/features/ (reused while the checkpoint and the shards are unchanged). Training follows
 R-CNN: positives IoU >= --pos-iou, negatives IoU < --neg-iou, the band between ignored, positive loss
-weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (IoU > its threshold), so
-the SVM and the head are compared on the same samples.
+weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (the names', or IoU > its
+--iou-threshold), so the SVM and the head are compared on the same samples.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from crackio import read_manifest
 from crackio.errors import ConfigError
+from crackio.samplers import label_source
 from train.evaluate import amp_dtype, eval_loader, forward_batches, load_checkpoint, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
@@ -152,6 +153,7 @@ def run_svm(args) -> Path:
             chosen[name] = threshold_for_f1(val["labels"], values)
     rule = f"crack recall >= {args.target_recall}" if args.target_recall else "the highest crack F1"
     log.append(f"thresholds chosen on {cfg.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}")
+    log.append(f"evaluated with the run's {label_source(cfg.iou_threshold)}")
     text, summary, curves = ["\n".join(log) + "\n"], {"log": log, "thresholds": chosen, "splits": {}}, {}
     for split in splits[1:]:
         labels, probs = data[split]["labels"], data[split]["probs"]

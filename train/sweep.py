@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from crackio.errors import ConfigError, MissingFile
-from train.config import RESUMABLE, Config
+from crackio.samplers import label_source
+from train.config import RESUMABLE, Config, check_applicable
 from train.errors import USER_ERRORS
 from train.evaluate import world
 from train.loop import init_distributed
@@ -26,7 +27,7 @@ from train.report import CLASS_KEYS, plot_pr, plot_val_losses
 
 SHIPPED = Path(__file__).with_name("variants.toml")
 OWNED = ("shards", "out", "resume")  # set by the sweep, not by a variant
-COLUMNS = ["variant", "title", "source", "status", "split", "best_epoch", "epochs_run",
+COLUMNS = ["variant", "title", "source", "status", "split", "labels", "best_epoch", "epochs_run",
            *[f"{c}_{m}" for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")],
            "accuracy", "crack_ap", "wall_s", "images_per_sec", "note"]
 
@@ -78,7 +79,10 @@ def _check_reference(ref: dict, where: str) -> None:
 
 
 def variant_config(base: Config, variant: Variant, out: Path) -> Config:
-    return dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume="")
+    """The variant's run: the shared options, then its own (refused where its other settings ignore them)."""
+    cfg = dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume="")
+    check_applicable(cfg, variant.options)
+    return cfg
 
 
 def state(cfg: Config) -> str:
@@ -104,8 +108,16 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     rank = world()[0]
     cli = {k: v for k, v in dataclasses.asdict(base).items() if v != getattr(Config(), k)}
     errors = {}
-    configs = [variant_config(base, variant, out) for variant in variants]
+    configs = []
+    for variant in variants:
+        try:
+            configs.append(variant_config(base, variant, out))
+        except USER_ERRORS as e:  # reported as this variant's failure; the others go on
+            errors[variant.name] = str(e)
+            configs.append(dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume=""))
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
+        if variant.name in errors:
+            continue
         overridden = sorted(k for k in variant.options if k in cli and k not in OWNED)
         if overridden and rank == 0:
             print(f"note: variant {variant.name} sets {', '.join(overridden)}; the command line's value is not used")
@@ -150,9 +162,11 @@ def collect(variant: Variant, cfg: Config, error: str | None):
     summary = json.loads((folder / "summary.json").read_text())
     split = cfg.test_split if cfg.test_split in summary["splits"] else cfg.val_split
     metrics = summary["splits"][split]
-    row |= {"status": "finished", "split": split, "best_epoch": summary["best_epoch"],
+    row |= {"status": "finished", "split": split, "labels": label_source(cfg.iou_threshold),
+            "best_epoch": summary["best_epoch"],
             "epochs_run": summary["epochs_run"], "accuracy": metrics["accuracy"],
-            "crack_ap": metrics["average_precision"], "wall_s": summary["train_seconds"],
+            "crack_ap": metrics["average_precision"],
+            "wall_s": summary["train_seconds"] + summary.get("val_seconds", 0.0),
             "images_per_sec": summary["images_per_sec"]}
     row |= {f"{c}_{m}": metrics[c][m] for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
     with np.load(folder / "predictions.npz", allow_pickle=False) as pred:
@@ -180,16 +194,17 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
              f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
              f"test split (validation where there is none) at threshold 0.5; the original's published rows "
              f"are on its own data.", "",
-             "| variant | source | split | no crack P / R / F1 (support) | crack P / R / F1 (support) | accuracy "
-             "| crack AP | best epoch | wall s | img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | source | split | labels | no crack P / R / F1 (support) | crack P / R / F1 (support) "
+             "| accuracy | crack AP | best epoch | wall s | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["status"] == "failed":
             note = row["note"].replace("|", "\\|")
-            lines.append(f"| {row['title']} | crackio | | **failed**: {note} | | | | | | |")
+            lines.append(f"| {row['title']} | crackio | | | **failed**: {note} | | | | | | |")
             continue
         label = row["title"] if row["source"] == "crackio" else "↳ the original, as published"
-        lines.append(f"| {label} | {row['source']} | {row['split']} | {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
+        lines.append(f"| {label} | {row['source']} | {row['split']} | {row.get('labels', '')} "
+                     f"| {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
                      f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
                      f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
