@@ -35,6 +35,7 @@ OS_METADATA = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db", "$RECYCLE.
 HIDDEN = "hidden or operating-system metadata (.DS_Store, ._* AppleDouble, __MACOSX, Thumbs.db)"
 NOT_IMAGE = "not an image file by its extension (metadata such as README, data.yaml, annotation JSON)"
 NO_IMAGES = "folder without image files (not a split)"
+CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
     digests = np.zeros(len(proposals), dtype="S16")
     skipped: list[Skipped] = []
     converted: Counter[str] = Counter()
+    converted_files: list[str] = []
     shards: list[dict] = []
     writer: ShardWriter | None = None
     n = 0
@@ -192,6 +194,7 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
                 continue
             if result.note:
                 converted[result.note] += 1
+                converted_files.append(f"{p.filename}\t{result.note}\n")
             if writer is None:
                 writer = ShardWriter(folder / shard_name(split, len(shards)))
             rows[n] = (len(shards), 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
@@ -216,6 +219,12 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
             old.unlink()
             old.with_suffix(".idx").unlink(missing_ok=True)
     save_index(folder / INDEX, rows)
+    # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
+    listed = folder / CONVERTED
+    if converted_files:
+        atomic_write(listed, "".join(sorted(converted_files)).encode())
+    else:
+        listed.unlink(missing_ok=True)
     labels = rows["label"].astype(np.int64)
     info = {
         "samples": int(n),
@@ -223,6 +232,7 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
         "iou_histogram": iou_histogram(rows["iou"], labels),
         "labels": label_report(rows["iou"], labels, rows["filename"]),
         "converted": dict(sorted(converted.items())),
+        "converted_list": f"{split}/{CONVERTED}" if converted_files else None,
         "shards": shards,
     }
     return info, skipped, (rows["filename"], rows["stem"], digests[:n])

@@ -76,6 +76,10 @@ def test_each_kind_is_skipped_or_converted_with_its_reason(field):
             assert name not in skipped
             assert any(text in note for note in converted), (name, converted)
     assert len(skipped) == sum(k == "skipped" for _, k, _ in expected["files"].values()) + 1  # + the non-UTF-8 name
+    listed = dict(line.split("\t") for line in (root / "a" / "train" / "converted.tsv").read_text().splitlines())
+    assert sorted(listed) == sorted(n for n, (_, kind, _) in expected["files"].items() if kind == "converted")
+    assert all(text in listed[n] for n, (_, kind, text) in expected["files"].items() if kind == "converted")
+    assert manifest["splits"]["train"]["converted_list"] == "train/converted.tsv"
     assert "at 0x" not in json.dumps(manifest)
 
 

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(manifest["skipped"]) > 20:
         print(f"... and {len(manifest['skipped']) - 20} more, all listed in {args.out / 'manifest.json'}",
               file=sys.stderr)
+    for split, info in manifest["splits"].items():
+        if info["converted_list"]:
+            print(f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "
+                  f"in {args.out / info['converted_list']}", file=sys.stderr)
     print(summary(manifest, args.out))
     if args.strict and manifest["skipped"]:
         print(f"--strict: {len(manifest['skipped'])} inputs were skipped", file=sys.stderr)
