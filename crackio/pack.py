@@ -15,18 +15,17 @@ import numpy as np
 from tqdm import tqdm
 
 from crackio.errors import ConfigError, MissingFile
-from crackio.images import Prepared, prepare, strict_pillow
+from crackio.images import prepare, strict_pillow
 from crackio.names import IMAGE_EXTENSIONS, BadName, Proposal, display_name, is_utf8, parse_name
 from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
 from crackio.shards import (
     FORMAT_VERSION,
     INDEX,
     MANIFEST,
-    ShardWriter,
+    SplitWriter,
     atomic_write,
     index_dtype,
     save_index,
-    shard_name,
 )
 
 AHEAD = 2048  # files read and decoded ahead of the writer: memory stays flat however many files there are
@@ -150,19 +149,11 @@ def prepared_in_order(paths: list[str], settings: PackSettings, pool: ThreadPool
         yield pending.popleft().result()
 
 
-def _clean(folder: Path) -> None:
-    """Drop temporaries of an interrupted run."""
-    for p in folder.glob("*.tmp"):
-        p.unlink()
-
-
 def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, settings: PackSettings,
                pool: ThreadPoolExecutor | None, progress: tqdm) -> tuple[dict, list[Skipped], tuple]:
     """Write one split; returns its manifest entry, its skipped inputs and (filenames, stems, source digests)
     of the stored rows, for the leakage report."""
     folder = out / split
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean(folder)
     order = split_order(split, len(src_split), settings.seed)
     proposals = [src_split[i] for i in order]
     flen = max((len(p.filename.encode()) for p in proposals), default=1)
@@ -172,52 +163,29 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
     skipped: list[Skipped] = []
     converted: Counter[str] = Counter()
     converted_files: list[str] = []
-    shards: list[dict] = []
-    writer: ShardWriter | None = None
-    n = 0
-
-    def finish(w: ShardWriter) -> None:
-        members = w.close()
-        jpgs = [(off, size) for name, off, size in members if name.endswith(".jpg")]
-        first = n - w.count
-        rows["offset"][first:n] = [o for o, _ in jpgs]
-        rows["size"][first:n] = [s for _, s in jpgs]
-        shards.append({"name": w.final.name, "samples": w.count, "bytes": w.final.stat().st_size})
-
+    writer = SplitWriter(folder, split, settings.samples_per_shard)
     paths = [str(src_dir / p.filename) for p in proposals]
     try:
         for p, path, result in zip(proposals, paths, prepared_in_order(paths, settings, pool)):
             progress.update()
-            result: Prepared
             if result.data is None:
                 skipped.append(Skipped(display_name(path), result.note))
                 continue
             if result.note:
                 converted[result.note] += 1
                 converted_files.append(f"{p.filename}\t{result.note}\n")
-            if writer is None:
-                writer = ShardWriter(folder / shard_name(split, len(shards)))
-            rows[n] = (len(shards), 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
+            n = writer.count
+            rows[n] = (0, 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
             digests[n] = result.digest
             meta = {"filename": p.filename, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label}
-            writer.write(n, result.data, meta)
-            n += 1
-            if writer.count == settings.samples_per_shard:
-                finish(writer)
-                writer = None
-        if writer is not None:
-            finish(writer)
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
+            writer.write(result.data, meta)
+        where, shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    n = writer.count
     rows = rows[:n]
-    # Shards left by an earlier, larger pack of this split would be read by nobody: remove them.
-    keep = {s["name"] for s in shards}
-    for old in folder.glob(f"{split}-*.tar"):
-        if old.name not in keep:
-            old.unlink()
-            old.with_suffix(".idx").unlink(missing_ok=True)
+    rows["shard"], rows["offset"], rows["size"] = where.T
     save_index(folder / INDEX, rows)
     # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
     listed = folder / CONVERTED

@@ -41,7 +41,16 @@ def sample_key(row: int) -> str:
     return f"{row:010d}"
 
 
-def index_dtype(filename_len: int, stem_len: int) -> np.dtype:
+# Fields the proposal stage (tools/propose.py) adds, for a later box-regression or detection stage.
+PROPOSAL_FIELDS = [
+    ("box", "<f4", (4,)),     # the proposal in photo pixels: x0, y0, x1, y1 (before context padding)
+    ("gt_box", "<f4", (4,)),  # the best-matching ground-truth box (zeros when the photo has none)
+    ("gt_id", "<i4"),         # its position in the photo's ground-truth list; -1 when none
+    ("photo_size", "<i4", (2,)),  # width, height of the (upright) photo
+]
+
+
+def index_dtype(filename_len: int, stem_len: int, extra: list | None = None) -> np.dtype:
     # Fixed-width byte strings keep the index a plain array: np.load(allow_pickle=False)
     # reads it, nothing is ever unpickled, and 1M rows load in a fraction of a second.
     return np.dtype([
@@ -53,6 +62,7 @@ def index_dtype(filename_len: int, stem_len: int) -> np.dtype:
         ("proposal", "<i4"),     # proposal number within its full image
         ("filename", f"S{max(filename_len, 1)}"),  # original proposal file name (UTF-8)
         ("stem", f"S{max(stem_len, 1)}"),          # full image the proposal was cut from
+        *(extra or []),
     ])
 
 
@@ -91,6 +101,57 @@ class ShardWriter:
     def abort(self) -> None:
         self._file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class SplitWriter:
+    """One split's shards: samples in, in order; `<split>-NNNNNN.tar` + `.idx` out, crash-safe.
+
+    `finish()` returns, per written sample, its (shard, offset, size) in the tars, and the
+    shards' manifest entries; it also removes shards of this split left by an earlier,
+    larger pack. The caller writes the index (it owns the other columns).
+    """
+
+    def __init__(self, folder: Path, split: str, samples_per_shard: int):
+        self.folder, self.split, self.per_shard = folder, split, samples_per_shard
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.tmp"):  # temporaries of an interrupted run
+            stale.unlink()
+        self.count = 0
+        self.shards: list[dict] = []
+        self._where: list[np.ndarray] = []
+        self._tar: ShardWriter | None = None
+
+    def write(self, jpeg: bytes, meta: dict) -> None:
+        if self._tar is None:
+            self._tar = ShardWriter(self.folder / shard_name(self.split, len(self.shards)))
+        self._tar.write(self.count, jpeg, meta)
+        self.count += 1
+        if self._tar.count == self.per_shard:
+            self._close_tar()
+
+    def _close_tar(self) -> None:
+        tar, self._tar = self._tar, None
+        members = tar.close()
+        jpgs = np.array([(len(self.shards), off, size) for name, off, size in members if name.endswith(".jpg")],
+                        dtype=np.int64).reshape(-1, 3)
+        self._where.append(jpgs)
+        self.shards.append({"name": tar.final.name, "samples": tar.count, "bytes": tar.final.stat().st_size})
+
+    def finish(self) -> tuple[np.ndarray, list[dict]]:
+        if self._tar is not None:
+            self._close_tar()
+        keep = {s["name"] for s in self.shards}
+        for old in self.folder.glob(f"{self.split}-*.tar"):
+            if old.name not in keep:
+                old.unlink()
+                old.with_suffix(".idx").unlink(missing_ok=True)
+        where = np.concatenate(self._where) if self._where else np.zeros((0, 3), np.int64)
+        return where, self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.abort()
+            self._tar = None
 
 
 def scan_tar(path: Path) -> list[tuple[str, int, int]]:
