@@ -247,7 +247,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": display_name(src.resolve()),
-        "settings": asdict(settings) | {"workers": workers},
+        "settings": {k: v for k, v in asdict(settings).items() if k != "workers"},  # any worker count, same bytes
         "seed": settings.seed,
         "samples": sum(s["samples"] for s in splits.values()),
         "splits": splits,

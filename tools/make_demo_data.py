@@ -16,6 +16,7 @@ measure listing, packing and index costs (tools/bench.py --split large).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -56,8 +57,9 @@ def surface(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(rgb, mode="RGB")
 
 
-def draw_crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> np.ndarray:
-    """A branching random-walk crack; returns its ground-truth box (x0, y0, x1, y1)."""
+def draw_crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator, mask: ImageDraw.ImageDraw | None = None
+               ) -> np.ndarray:
+    """A branching random-walk crack (also drawn into `mask` as 255); returns its ground-truth box (x0, y0, x1, y1)."""
     length = int(rng.integers(12, 40))
     step = rng.uniform(5, 9)
     shade = int(rng.uniform(10, 70))  # contrast varies from faint to stark
@@ -72,6 +74,8 @@ def draw_crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> np.ndarra
             nx = min(max(x + step * math.cos(angle), 2), FULL - 3)
             ny = min(max(y + step * math.sin(angle), 2), FULL - 3)
             draw.line([(x, y), (nx, ny)], fill=(shade, shade, shade), width=max(1, round(width)))
+            if mask is not None:
+                mask.line([(x, y), (nx, ny)], fill=255, width=max(1, round(width)))
             x, y = nx, ny
             width = max(1.0, width * rng.uniform(0.93, 1.03))
             points.append((x, y))
@@ -101,12 +105,18 @@ def proposals(rng: np.random.Generator, gt: np.ndarray, count: int) -> np.ndarra
     return np.clip(np.asarray(boxes), 0, FULL)
 
 
+def full_image(rng: np.random.Generator) -> tuple[Image.Image, np.ndarray, Image.Image]:
+    """One synthetic photo (FULL x FULL), its ground-truth boxes (N, 4) and its crack mask (L, 255 = crack)."""
+    img = surface(rng)
+    mask = Image.new("L", img.size, 0)
+    draw, mask_draw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    gt = np.stack([draw_crack(draw, rng, mask_draw) for _ in range(int(rng.integers(1, 3)))])
+    return img.filter(ImageFilter.BoxBlur(1)), gt, mask  # soften the drawn lines like a lens would
+
+
 def make_image(out: Path, stem: str, rng: np.random.Generator, count: int) -> tuple[int, int]:
     """Draw one full image, cut `count` proposals from it; returns (written, positives)."""
-    img = surface(rng)
-    draw = ImageDraw.Draw(img)
-    gt = np.stack([draw_crack(draw, rng) for _ in range(int(rng.integers(1, 3)))])
-    img = img.filter(ImageFilter.BoxBlur(1))  # soften the drawn lines like a lens would
+    img, gt, _ = full_image(rng)
     boxes = proposals(rng, gt, count)
     ious = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt)).max(dim=1).values.numpy()
     positives = 0
@@ -119,27 +129,83 @@ def make_image(out: Path, stem: str, rng: np.random.Generator, count: int) -> tu
     return count, positives
 
 
-def generate(out: Path, images: int, per_image: int, seed: int) -> dict[str, tuple[int, int]]:
-    """Write the three splits under `out`; returns {split: (crops, positives)}."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(images)
-    counts: dict[str, tuple[int, int]] = {}
-    start = 0
+def image_plan(images: int, seed: int) -> list[tuple[str, str, np.random.Generator]]:
+    """(split, stem, the photo's own generator) for every synthetic photo: crops and photos share it."""
+    order = np.random.default_rng(seed).permutation(images)
+    plan, start = [], 0
     for i, (split, share) in enumerate(SPLITS):
         n = images - start if i == len(SPLITS) - 1 else max(1, round(images * share))
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        total = pos = 0
         for number in order[start:start + n]:
             # Roboflow-style stem with dots: the case a naive split(".") gets wrong.
             stem = f"IMG_{number:04d}_jpg.rf.{(number * 2654435761) % 16**6:06x}"
-            image_rng = np.random.default_rng([seed, int(number)])
-            written, positives = make_image(folder, stem, image_rng, per_image)
-            total += written
-            pos += positives
-        counts[split] = (total, pos)
+            plan.append((split, stem, np.random.default_rng([seed, int(number)])))
         start += n
+    return plan
+
+
+def generate(out: Path, images: int, per_image: int, seed: int) -> dict[str, tuple[int, int]]:
+    """Write the three splits under `out`; returns {split: (crops, positives)}."""
+    counts: dict[str, tuple[int, int]] = {split: (0, 0) for split, _ in SPLITS}
+    for split, stem, rng in image_plan(images, seed):
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        written, positives = make_image(folder, stem, rng, per_image)
+        counts[split] = (counts[split][0] + written, counts[split][1] + positives)
     return counts
+
+
+FORMATS = ("coco", "yolo", "voc", "mask")
+
+
+def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], formats=FORMATS) -> int:
+    """The synthetic photos (resized to `size` = (width, height)) with their ground truth, one dataset per
+    format in OUT/<format>/<split>/, laid out as Roboflow exports them. Returns the photos written."""
+    width, height = size
+    scale = np.array([width, height, width, height]) / FULL
+    photos: dict[str, list] = {}
+    for split, stem, rng in image_plan(images, seed):
+        img, gt, mask = full_image(rng)
+        img = img.resize(size, Image.BILINEAR)
+        boxes = (gt * scale).round(1)
+        photos.setdefault(split, []).append((stem, img, boxes, mask.resize(size, Image.NEAREST)))
+    for fmt in formats:
+        for split, items in photos.items():
+            folder = out / fmt / split
+            folder.mkdir(parents=True, exist_ok=True)
+            coco = {"images": [], "annotations": [], "categories": [{"id": 0, "name": "cracks"},
+                                                                     {"id": 1, "name": "crack"}]}
+            for number, (stem, img, boxes, mask) in enumerate(items):
+                name = f"{stem}.jpg"
+                target = {"coco": folder, "voc": folder}.get(fmt, folder / "images")
+                target.mkdir(exist_ok=True)
+                img.save(target / name, quality=95)
+                if fmt == "coco":
+                    coco["images"].append({"id": number, "file_name": name, "width": width, "height": height})
+                    coco["annotations"] += [{"id": len(coco["annotations"]), "image_id": number, "category_id": 1,
+                                             "bbox": [b[0], b[1], round(b[2] - b[0], 1), round(b[3] - b[1], 1)],
+                                             "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0}
+                                            for b in boxes]
+                elif fmt == "yolo":
+                    (folder / "labels").mkdir(exist_ok=True)
+                    lines = [f"0 {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
+                             f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}" for b in boxes]
+                    (folder / "labels" / f"{stem}.txt").write_text("".join(line + "\n" for line in lines))
+                elif fmt == "voc":
+                    objects = "".join(
+                        f"<object><name>crack</name><difficult>0</difficult><bndbox><xmin>{b[0] + 1:g}</xmin>"
+                        f"<ymin>{b[1] + 1:g}</ymin><xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax></bndbox></object>"
+                        for b in boxes)
+                    (folder / f"{stem}.xml").write_text(
+                        f"<annotation><filename>{name}</filename><size><width>{width}</width><height>{height}"
+                        f"</height><depth>3</depth></size>{objects}</annotation>\n")
+                else:
+                    (folder / "masks").mkdir(exist_ok=True)
+                    mask.save(folder / "masks" / f"{stem}.png")
+            if fmt == "coco":
+                (folder / "_annotations.coco.json").write_text(json.dumps(coco))
+        if fmt == "yolo":
+            (out / fmt / "data.yaml").write_text("names: [crack]\nnc: 1\n")
+    return sum(len(v) for v in photos.values())
 
 
 def link_large(out: Path, split: str, count: int) -> int:
@@ -174,11 +240,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=0, metavar="COUNT",
                     help="also write a split of COUNT names hard-linked to the train crops (e.g. 1000000)")
     ap.add_argument("--large-split", default="large", help="that split's folder name (default: large)")
+    ap.add_argument("--photos", type=Path, help="also write the full photos with their ground truth here, as "
+                                                 "PHOTOS/{coco,yolo,voc,mask}/<split>/ (tools/propose.py's input)")
+    ap.add_argument("--photo-size", default="480x320", help="photos' WIDTHxHEIGHT (default 480x320)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="annotation formats for --photos")
+    ap.add_argument("--photos-only", action="store_true", help="write --photos and no crops")
     args = ap.parse_args(argv)
     if args.images < len(SPLITS) or args.proposals_per_image < 1 or args.large < 0:
         ap.error(f"--images must be >= {len(SPLITS)}, --proposals-per-image >= 1, --large >= 0")
     if args.large_split in {name for name, _ in SPLITS}:
         ap.error(f"--large-split must not be one of {[name for name, _ in SPLITS]}")
+    formats = [f for f in args.formats.split(",") if f]
+    if any(f not in FORMATS for f in formats):
+        ap.error(f"--formats takes {', '.join(FORMATS)}")
+    try:
+        size = tuple(int(v) for v in args.photo_size.lower().split("x"))
+        assert len(size) == 2 and min(size) >= 32
+    except (ValueError, AssertionError):
+        ap.error(f"--photo-size must look like 480x320 (each side >= 32), got {args.photo_size!r}")
+    if args.photos:
+        t0 = time.perf_counter()
+        n = write_photos(args.photos, args.images, args.seed, size, formats)
+        print(f"wrote {n} photos with ground truth as {', '.join(formats)} under {args.photos} "
+              f"in {time.perf_counter() - t0:.1f} s")
+    if args.photos_only:
+        return 0
     t0 = time.perf_counter()
     counts = generate(args.out, args.images, args.proposals_per_image, args.seed)
     dt = time.perf_counter() - t0

@@ -1,0 +1,160 @@
+"""R-CNN's proposal stage for one photo: selective search, ground truth, IoU and label, warped crops.
+
+Follows Girshick et al. 2014 (R-CNN), section 2.3 and appendix A:
+- proposals from selective search (`opencv-contrib`'s `cv2.ximgproc.segmentation`, fast mode by
+  default), capped at `max_proposals` (R-CNN used ~2,000 per image), plus every ground-truth box
+  and `gt_jitter` jittered copies of each (fine-tuning also trains on ground truth);
+- each proposal's IoU with its best-matching ground-truth box (`torchvision.ops.box_iou`), written
+  to 3 decimals as the original's file names carry it; label = that IoU > `positive_iou` (0.5 for
+  fine-tuning, the original's rule);
+- the warp of appendix A: the box is dilated so that `context` pixels of context surround it at the
+  warped size (16 in R-CNN), pixels outside the photo take the photo's mean colour, and the region
+  is warped anisotropically to `size` x `size` (bilinear), then stored as an RGB JPEG (quality 95,
+  the quality `tools/pack.py` converts with).
+The detection stage (`python -m train detect`) uses the same functions, so it sees crops exactly
+like the ones the network was trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+METHODS = ("selective-search",)
+MODES = ("fast", "quality")
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    method: str = "selective-search"
+    mode: str = "fast"             # selective search: fast | quality
+    max_proposals: int = 2000      # cap per photo (R-CNN: ~2,000)
+    min_size: int = 8              # proposals narrower or lower than this many pixels are dropped
+    context: int = 16              # pixels of context around the box at the warped size (R-CNN: 16)
+    size: int = 224                # warped crop side
+    quality: int = 95              # JPEG quality of the crops
+    positive_iou: float = 0.5      # label = IoU > this
+    negatives_per_image: int = 0   # 0: every negative; N: an IoU-stratified sample of N negatives
+    gt_jitter: int = 0             # jittered copies of each ground-truth box
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"warp": "anisotropic, bilinear", "fill": "photo mean colour",
+                               "label_rule": "IoU (3 decimals) > positive_iou"}
+
+
+def selective_search(rgb: np.ndarray, mode: str, max_proposals: int, min_size: int, seed: int) -> np.ndarray:
+    """Selective-search boxes (K, 4) float64 x0, y0, x1, y1 in pixels, K <= max_proposals; reproducible.
+
+    OpenCV ranks its regions by hierarchy level times an unseeded random number, so its order (and a
+    cap taken from the top of it) changes from run to run, while the set of boxes does not. The set
+    is therefore deduplicated and sorted here, and a cap is a seeded sample of it.
+    """
+    import cv2
+
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV wants BGR
+    search.switchToSelectiveSearchFast() if mode == "fast" else search.switchToSelectiveSearchQuality()
+    rects = search.process().reshape(-1, 4)
+    rects = rects[(rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)]
+    rects = np.unique(rects, axis=0)  # sorted and unique
+    if len(rects) > max_proposals:
+        keep = np.random.default_rng(seed).choice(len(rects), size=max_proposals, replace=False)
+        rects = rects[np.sort(keep)]
+    x, y, w, h = rects.T.astype(np.float64)
+    return np.stack([x, y, x + w, y + h], 1)
+
+
+def jitter(boxes: np.ndarray, copies: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """`copies` jittered versions of each box: centre moved by up to 10% and sides scaled by 0.9-1.1."""
+    if copies == 0 or not len(boxes):
+        return np.zeros((0, 4))
+    b = np.repeat(boxes, copies, axis=0)
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    cx = (b[:, 0] + b[:, 2]) / 2 + rng.uniform(-0.1, 0.1, len(b)) * w
+    cy = (b[:, 1] + b[:, 3]) / 2 + rng.uniform(-0.1, 0.1, len(b)) * h
+    w, h = w * rng.uniform(0.9, 1.1, len(b)), h * rng.uniform(0.9, 1.1, len(b))
+    out = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    return out
+
+
+def best_match(proposals: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU with the best-matching ground-truth box, its position or -1), per proposal."""
+    if not len(gt) or not len(proposals):
+        return np.zeros(len(proposals)), np.full(len(proposals), -1)
+    iou = box_iou(torch.from_numpy(proposals), torch.from_numpy(gt))
+    best, which = iou.max(dim=1)
+    return best.numpy(), which.numpy()
+
+
+def stratified_negatives(ious: np.ndarray, negatives: np.ndarray, count: int, rng: np.random.Generator,
+                         bin_width: float = 0.05) -> np.ndarray:
+    """Up to `count` of `negatives` (positions), spread evenly over IoU bins (the original's strata)."""
+    if len(negatives) <= count:
+        return negatives
+    bins = np.floor(ious[negatives] / bin_width).astype(np.int64)
+    groups = [rng.permutation(negatives[bins == b]) for b in np.unique(bins)]
+    # The j-th member of every bin in turn, j = 0, 1, ...: equal shares per bin, the rare (high-IoU) bins whole.
+    turns = sorted((j, g) for g, members in enumerate(groups) for j in range(len(members)))
+    return np.sort(np.array([groups[g][j] for j, g in turns[:count]], dtype=np.int64))
+
+
+def warp(rgb: np.ndarray, box: np.ndarray, context: int, size: int, fill: np.ndarray) -> np.ndarray:
+    """The crop of appendix A: `box` dilated by `context` pixels at the warped scale, warped to size x size.
+
+    rgb: uint8 H x W x 3. box: x0, y0, x1, y1 in pixels. fill: the colour outside the photo.
+    Returns uint8 size x size x 3.
+    """
+    import cv2
+
+    inner = size - 2 * context  # the box itself fills the centre; `context` pixels on every side
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    sx, sy = inner / w, inner / h  # anisotropic
+    # Output pixel centre u + 0.5 samples photo x = x0 + (u + 0.5 - context) / sx (pixel centres at +0.5).
+    matrix = np.array([[sx, 0, sx * (0.5 - x0) + context - 0.5],
+                       [0, sy, sy * (0.5 - y0) + context - 0.5]], np.float64)
+    return cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=tuple(float(v) for v in fill))
+
+
+def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+@dataclass
+class PhotoProposals:
+    boxes: np.ndarray       # (K, 4) float64, photo pixels
+    ious: np.ndarray        # (K,) IoU rounded to 3 decimals
+    labels: np.ndarray      # (K,) int 0/1
+    gt_ids: np.ndarray      # (K,) best-matching ground-truth position, -1 when none
+    kept: np.ndarray        # positions stored: every positive, and the negatives kept
+    recall_hits: int        # ground-truth boxes some selective-search proposal covers at IoU >= 0.5
+
+
+def propose(rgb: np.ndarray, gt: np.ndarray, settings: ProposalSettings, seed: int, stem: str) -> PhotoProposals:
+    """Proposals of one photo with IoU, label and the ones kept; a pure function of its arguments."""
+    height, width = rgb.shape[:2]
+    photo_seed = [seed, zlib.crc32(stem.encode())]
+    search = selective_search(rgb, settings.mode, settings.max_proposals, settings.min_size, photo_seed)
+    rng = np.random.default_rng([*photo_seed, 1])
+    boxes = np.concatenate([search, gt, jitter(gt, settings.gt_jitter, width, height, rng)]).reshape(-1, 4)
+    best, which = best_match(boxes, gt)
+    ious = np.round(best, 3)
+    labels = (ious > settings.positive_iou).astype(np.int64)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if settings.negatives_per_image:
+        negatives = stratified_negatives(ious, negatives, settings.negatives_per_image, rng)
+    hits = 0
+    if len(gt) and len(search):
+        hits = int((box_iou(torch.from_numpy(gt), torch.from_numpy(search)).max(dim=1).values >= 0.5).sum())
+    return PhotoProposals(boxes, ious, labels, which, np.sort(np.concatenate([positives, negatives])), hits)

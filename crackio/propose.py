@@ -1,0 +1,320 @@
+"""Annotated photos straight to shards: R-CNN's proposal stage without a folder of small files.
+
+    photos + annotations ─ read (crackio.annotations) ─ per photo, in threads: decode upright,
+    ground truth, selective search, IoU and label, warp (crackio.proposals) ─ spool per split,
+    in photo order ─ seeded global shuffle ─ shards, index, manifest (crackio.shards), as pack writes them
+
+The spool (OUT/.spool/<split>.bin, removed at the end) holds each split's crops once, so the
+global shuffle needs no photo decoded twice and memory stays bounded however many photos there
+are (photos in flight: twice the workers; index rows: ~150 bytes per crop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from crackio.annotations import Photo, read_annotations, resolve_boxes
+from crackio.errors import ConfigError
+from crackio.images import strict_pillow
+from crackio.names import display_name, format_name
+from crackio.pack import split_order
+from crackio.proposals import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
+from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
+from crackio.shards import (
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    PROPOSAL_FIELDS,
+    SplitWriter,
+    atomic_write,
+    index_dtype,
+    save_index,
+)
+
+SPOOL = ".spool"
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class ProposeSettings:
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, valid, test, by photo, when no folders
+    classes: tuple[str, ...] = ()   # positive class names; () = every class
+    workers: int = 0                # photos decoded and proposed in parallel (threads); 0 = all cores
+    seed: int = 0                   # seeds the split assignment, proposal caps, jitter, negatives, shuffle
+    samples_per_shard: int = 10000
+
+
+@dataclass
+class PhotoResult:
+    photo: Photo
+    split: str
+    size: tuple[int, int] = (0, 0)
+    gt: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    rows: list[tuple] = field(default_factory=list)   # (proposal, iou, label, box, gt_box, gt_id)
+    jpegs: list[bytes] = field(default_factory=list)
+    proposals: int = 0           # proposals considered (selective search + ground truth + jitter)
+    recall_hits: int = 0
+    problems: list[str] = field(default_factory=list)
+    failed: bool = False         # the photo could not be used at all
+    seconds: dict = field(default_factory=dict)  # search, crops
+
+
+def load_photo(path: Path) -> np.ndarray:
+    """uint8 H x W x 3 RGB of the upright photo (EXIF orientation applied, as labelling tools show it)."""
+    with strict_pillow(), Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: int) -> PhotoResult:
+    """Everything for one photo, in a worker thread; never raises for bad data (problems are returned)."""
+    result = PhotoResult(photo, split)
+    try:
+        rgb = load_photo(photo.path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        result.problems.append(f"unreadable photo ({e})")
+        result.failed = True
+        return result
+    height, width = rgb.shape[:2]
+    result.size = (width, height)
+    result.gt, problems = resolve_boxes(photo, width, height)
+    result.problems += problems
+    t0 = time.perf_counter()
+    found = propose(rgb, result.gt, settings, seed, photo.stem)
+    t1 = time.perf_counter()
+    fill = rgb.reshape(-1, 3).mean(0)
+    for i in found.kept:
+        gt_id = int(found.gt_ids[i])
+        gt_box = result.gt[gt_id] if gt_id >= 0 else np.zeros(4)
+        result.rows.append((int(i), float(found.ious[i]), int(found.labels[i]), found.boxes[i], gt_box, gt_id))
+        crop = warp(rgb, found.boxes[i], settings.context, settings.size, fill)
+        result.jpegs.append(encode_jpeg(crop, settings.quality))
+    result.proposals, result.recall_hits = len(found.boxes), found.recall_hits
+    result.seconds = {"search": t1 - t0, "crops": time.perf_counter() - t1}
+    return result
+
+
+def assign_splits(photos: list[Photo], ratios: tuple[float, ...], seed: int) -> list[str]:
+    """Each photo's split: its folder's, else by `ratios` over a seeded permutation of the photos."""
+    if any(r < 0 for r in ratios) or not sum(ratios) > 0 or len(ratios) != 3:
+        raise ConfigError(f"--split-ratios must be three non-negative numbers (train, valid, test), got {ratios}")
+    unassigned = [i for i, p in enumerate(photos) if p.split is None]
+    splits = [p.split or "" for p in photos]
+    order = np.random.default_rng([seed, 0x5B1]).permutation(len(unassigned))
+    bounds = np.round(np.cumsum(ratios) / sum(ratios) * len(unassigned)).astype(int)
+    for rank, k in enumerate(order):
+        splits[unassigned[k]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+    return splits
+
+
+def results_in_order(jobs: list[tuple[Photo, str]], settings: ProposalSettings, seed: int, workers: int):
+    if workers <= 1:
+        yield from (process_photo(p, s, settings, seed) for p, s in jobs)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="crackio-propose") as pool:
+        pending: deque = deque()
+        try:
+            for p, s in jobs:
+                pending.append(pool.submit(process_photo, p, s, settings, seed))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+class _Spool:
+    """One split's crops in photo order: bytes in a file, rows in memory."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.file = open(path, "wb")
+        self.rows: list[np.ndarray] = []
+        self.where: list[tuple[int, int]] = []  # (offset, size) in the spool
+        self.digests: list[bytes] = []
+        self.offset = 0
+
+    def add(self, result: PhotoResult) -> None:
+        rows = np.zeros(len(result.rows), self.dtype)
+        for k, ((number, iou, label, box, gt_box, gt_id), jpeg) in enumerate(zip(result.rows, result.jpegs)):
+            name = format_name(result.photo.stem, number, iou, label)
+            rows[k] = (0, 0, 0, label, iou, number, name.encode(), result.photo.stem.encode(), box, gt_box, gt_id,
+                       result.size)
+            self.file.write(jpeg)
+            self.where.append((self.offset, len(jpeg)))
+            self.digests.append(hashlib.blake2b(jpeg, digest_size=16).digest())
+            self.offset += len(jpeg)
+        self.rows.append(rows)
+
+
+def _write_split(spool: _Spool, out: Path, split: str, seed: int,
+                 per_shard: int) -> tuple[np.ndarray, list, np.ndarray]:
+    spool.file.close()
+    rows = np.concatenate(spool.rows) if spool.rows else np.zeros(0, spool.dtype)
+    order = split_order(split, len(rows), seed)  # the same global shuffle as tools/pack.py
+    rows, where = rows[order], np.asarray(spool.where, np.int64).reshape(-1, 2)[order]
+    digests = np.asarray(spool.digests, "S16")[order] if len(rows) else np.zeros(0, "S16")
+    writer = SplitWriter(out / split, split, per_shard)
+    try:
+        with open(spool.path, "rb") as f:
+            for row, (offset, size) in zip(rows, where):
+                jpeg = os.pread(f.fileno(), int(size), int(offset))
+                meta = {"filename": row["filename"].decode(), "image": row["stem"].decode(),
+                        "proposal": int(row["proposal"]), "iou": round(float(row["iou"]), 3),
+                        "label": int(row["label"]), "box": [round(float(v), 2) for v in row["box"]],
+                        "gt_box": [round(float(v), 2) for v in row["gt_box"]], "gt_id": int(row["gt_id"]),
+                        "photo_size": [int(v) for v in row["photo_size"]]}
+                writer.write(jpeg, meta)
+        located, shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    rows["shard"], rows["offset"], rows["size"] = located.T
+    save_index(out / split / INDEX, rows)
+    return rows, shards, digests
+
+
+def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
+                      proposal: ProposalSettings | None = None, run: ProposeSettings = ProposeSettings(),
+                      crops: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Read annotated photos in `fmt`, propose, warp, and write shards to `out`; returns the manifest.
+
+    The manifest adds, per split, `photos`, `ground_truth_boxes` and `proposal_recall` (the share of
+    ground-truth boxes some selective-search proposal covers at IoU >= 0.5), and `proposals`, the
+    settings detection reuses. `crops` also writes the original's proposal folder
+    (`crops/<split>/<stem>.<proposal>.<iou>.<label>.jpg`). The returned dict adds `seconds` and
+    `timing` (selective search, crops, writing), which the file omits: same input and seed, same bytes.
+
+    Raises:
+        MissingFile, ConfigError: a missing dataset, a bad setting or format, a class not in the data.
+    """
+    proposal = proposal or ProposalSettings()
+    if proposal.method not in METHODS or proposal.mode not in MODES:
+        raise ConfigError(f"--method must be one of {METHODS} and --mode one of {MODES}")
+    if not (proposal.max_proposals > 0 and 0 <= proposal.context < proposal.size // 2 and run.workers >= 0):
+        raise ConfigError("--max-proposals must be > 0, 0 <= --context < size / 2, --workers >= 0")
+    if not 0 <= proposal.positive_iou < 1 or proposal.negatives_per_image < 0 or proposal.gt_jitter < 0:
+        raise ConfigError("--positive-iou must be in [0, 1); --negatives-per-image and --gt-jitter >= 0")
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    annotated = read_annotations(src, fmt, list(run.classes) or None)
+    splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
+    jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
+    shutil.rmtree(out / SPOOL, ignore_errors=True)
+    (out / SPOOL).mkdir()
+    slen = max(len(p.stem.encode()) for p in annotated.photos)
+    dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
+    workers = run.workers or len(os.sched_getaffinity(0))
+    spools: dict[str, _Spool] = {}
+    stats: dict[str, dict] = {}
+    skipped = [{"path": path, "reason": reason} for path, reason in annotated.problems]
+    timing = {"search": 0.0, "crops": 0.0, "write": 0.0}
+    crops_dir = Path(crops) if crops else None
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
+    bar = tqdm(total=len(jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
+    crops_made = 0
+    try:
+        for result in results_in_order(jobs, proposal, run.seed, workers):
+            bar.update()
+            path = display_name(result.photo.path)
+            skipped += [{"path": path, "reason": why} for why in result.problems]
+            s = stats.setdefault(result.split, {"photos": 0, "ground_truth_boxes": 0, "recall_hits": 0,
+                                                "proposals": 0})
+            if result.failed:
+                continue
+            s["photos"] += 1
+            s["ground_truth_boxes"] += len(result.gt)
+            s["recall_hits"] += result.recall_hits
+            s["proposals"] += result.proposals
+            for key in ("search", "crops"):
+                timing[key] += result.seconds[key]
+            w0 = time.perf_counter()
+            if result.split not in spools:
+                spools[result.split] = _Spool(out / SPOOL / f"{zlib.crc32(result.split.encode()):08x}.bin", dtype)
+            spools[result.split].add(result)
+            if crops_dir is not None:
+                folder = crops_dir / result.split
+                folder.mkdir(parents=True, exist_ok=True)
+                for (number, iou, label, *_), jpeg in zip(result.rows, result.jpegs):
+                    (folder / format_name(result.photo.stem, number, iou, label)).write_bytes(jpeg)
+            timing["write"] += time.perf_counter() - w0
+            crops_made += len(result.rows)
+            bar.set_postfix(crops=crops_made, crops_s=f"{crops_made / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        bar.close()
+        w0 = time.perf_counter()
+        manifest_splits, stored = {}, {}
+        for split in sorted(spools, key=split_sort_key):
+            rows, shards, digests = _write_split(spools[split], out, split, run.seed, run.samples_per_shard)
+            labels = rows["label"].astype(np.int64)
+            s = stats[split]
+            manifest_splits[split] = {
+                "samples": len(rows),
+                "classes": {"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
+                "photos": s["photos"], "ground_truth_boxes": s["ground_truth_boxes"],
+                "proposals_considered": s["proposals"],
+                "proposal_recall": round(s["recall_hits"] / s["ground_truth_boxes"], 4)
+                if s["ground_truth_boxes"] else None,
+                "iou_histogram": iou_histogram(rows["iou"], labels),
+                "labels": label_report(rows["iou"], labels, rows["filename"]),
+                "converted": {}, "converted_list": None,
+                "shards": shards,
+            }
+            stored[split] = (rows["filename"], rows["stem"], digests)
+        timing["write"] += time.perf_counter() - w0
+    finally:
+        bar.close()
+        cv2.setNumThreads(threads)
+        for spool in spools.values():
+            spool.file.close()
+        shutil.rmtree(out / SPOOL, ignore_errors=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": display_name(src.resolve()),
+        "stage": "propose",
+        "annotations": {"format": fmt, "classes": annotated.classes, "positive": annotated.positive},
+        "proposals": proposal.as_dict(),
+        "settings": {k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
+        "seed": run.seed,
+        "samples": sum(s["samples"] for s in manifest_splits.values()),
+        "splits": manifest_splits,
+        "leakage": leakage_report(stored),
+        "ignored": {},
+        "skipped": sorted(skipped, key=lambda s: (s["path"], s["reason"])),
+    }
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest["seconds"] = time.perf_counter() - t0
+    manifest["timing"] = timing
+    return manifest
+
+
+def summary(manifest: dict, out: Path) -> str:
+    """What was written, proposal recall per split, and where the time went."""
+    parts = []
+    for name, s in manifest["splits"].items():
+        recall = "n/a" if s["proposal_recall"] is None else f"{s['proposal_recall']:.2f}"
+        parts.append(f"{name} {s['photos']} photos -> {s['samples']} crops ({s['classes']['1']} crack / "
+                     f"{s['classes']['0']} no crack), proposal recall {recall}")
+    t = manifest.get("timing", {})
+    busy = sum(t.values()) or 1.0
+    timing = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in t.items())
+    return (f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems; "
+            f"{manifest.get('seconds', 0.0):.1f} s ({timing} of worker+writer time)")

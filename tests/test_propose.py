@@ -1,0 +1,243 @@
+"""tools/propose.py: annotated photos in four formats to shards, R-CNN's proposal stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crackio import make_loader
+from crackio.annotations import read_annotations, resolve_boxes
+from crackio.pack import PackSettings, pack
+from crackio.proposals import ProposalSettings, stratified_negatives, warp
+from crackio.propose import ProposeSettings, propose_to_shards
+from crackio.shards import load_index
+from tests.conftest import ROOT
+from tests.test_pack import read_with_webdataset, shard_files
+from tools.make_demo_data import FORMATS, FULL, full_image, image_plan, write_photos
+
+SIZE = (192, 128)  # small photos: selective search in ~0.1 s each
+FAST = ProposalSettings(max_proposals=40)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    write_photos(root, images=12, seed=4, size=SIZE)
+    return root
+
+
+def truth(seed: int = 4, images: int = 12) -> dict[str, np.ndarray]:
+    """The generator's own ground-truth boxes per stem, in photo pixels (as write_photos scales them)."""
+    scale = np.array([*SIZE, *SIZE]) / FULL
+    return {stem: (full_image(rng)[1] * scale).round(1) for _, stem, rng in image_plan(images, seed)}
+
+
+@pytest.fixture(scope="module")
+def proposed(photos, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for fmt in FORMATS:
+        folder = tmp_path_factory.mktemp(f"shards_{fmt}")
+        out[fmt] = folder, propose_to_shards(photos / fmt, fmt, folder, FAST, ProposeSettings(workers=2),
+                                             progress=False)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["coco", "yolo", "voc"])
+def test_box_readers_give_the_known_boxes(photos, fmt):
+    expected = truth()
+    data = read_annotations(photos / fmt, fmt)
+    assert sorted(p.stem for p in data.photos) == sorted(expected) and not data.problems
+    assert {p.split for p in data.photos} == {"train", "valid", "test"}
+    for p in data.photos:
+        boxes, problems = resolve_boxes(p, *SIZE)
+        assert not problems
+        np.testing.assert_allclose(boxes, expected[p.stem], atol=0.01 if fmt != "yolo" else 0.05)
+
+
+def test_mask_reader_boxes_cover_the_drawn_cracks(photos):
+    expected = truth()
+    for p in read_annotations(photos / "mask", "mask").photos:
+        boxes, problems = resolve_boxes(p, *SIZE)
+        assert not problems and len(boxes)
+        gt = expected[p.stem]  # the drawing's boxes have a 6-pixel pad the mask does not
+        for box in boxes:
+            inter = np.clip(np.minimum(box[2:], gt[:, 2:]) - np.maximum(box[:2], gt[:, :2]), 0, None).prod(1)
+            assert (inter / ((box[2] - box[0]) * (box[3] - box[1]))).max() > 0.8
+
+
+def test_coco_image_without_annotations_is_a_photo_without_ground_truth(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / "empty.jpg")
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / "one.jpg")
+    doc = {"images": [{"id": 1, "file_name": "empty.jpg"}, {"id": 2, "file_name": "one.jpg"},
+                      {"id": 3, "file_name": "gone.jpg"}],
+           "annotations": [{"id": 7, "image_id": 2, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 30, 4, 30]]}],
+           "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "spall"}]}
+    (folder / "_annotations.coco.json").write_text(json.dumps(doc))
+    data = read_annotations(tmp_path, "coco")
+    by_stem = {p.stem: p for p in data.photos}
+    assert len(by_stem["empty"].boxes) == 0
+    np.testing.assert_allclose(by_stem["one"].boxes, [[4, 4, 20, 30]])  # the polygon's box
+    assert data.problems == [(str(folder / "gone.jpg"), "missing image named in _annotations.coco.json")]
+    with pytest.raises(Exception, match="--classes pothole: not in the COCO categories"):
+        read_annotations(tmp_path, "coco", ["pothole"])
+
+
+def test_yolo_box_touching_the_border_and_one_beyond_it(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (200, 100)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "labels" / "a.txt").write_text("0 0.95 0.5 0.1 0.4\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n"
+                                               "0 1.2 0.5 0.2 0.2\n")
+    (tmp_path / "classes.txt").write_text("crack\nspall\n")
+    (photo,) = read_annotations(tmp_path, "yolo", ["crack"]).photos
+    boxes, problems = resolve_boxes(photo, 200, 100)
+    np.testing.assert_allclose(boxes, [[180, 30, 200, 70], [80, 40, 120, 60]])  # spall (class 1) is not crack
+    assert problems == ["box [220.0, 40.0, 260.0, 60.0] is outside the photo (200x100)"]
+
+
+def test_voc_difficult_objects_are_ground_truth(tmp_path):
+    Image.new("RGB", (100, 80)).save(tmp_path / "p.jpg")
+    (tmp_path / "p.xml").write_text(
+        "<annotation><filename>p.jpg</filename><object><name>crack</name><difficult>1</difficult><bndbox>"
+        "<xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>60</ymax></bndbox></object></annotation>")
+    (photo,) = read_annotations(tmp_path, "voc").photos
+    np.testing.assert_allclose(photo.boxes, [[10, 20, 40, 60]])  # VOC's 1-based inclusive corners
+    assert photo.difficult == [True]
+
+
+def iou_by_hand(box: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    w = np.clip(np.minimum(box[2], gt[:, 2]) - np.maximum(box[0], gt[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], gt[:, 3]) - np.maximum(box[1], gt[:, 1]), 0, None)
+    inter = w * h
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(gt) - inter)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_stored_iou_and_label_is_recomputed(proposed, photos, fmt):
+    out, manifest = proposed[fmt]
+    gts = {p.stem: resolve_boxes(p, *SIZE)[0] for p in read_annotations(photos / fmt, fmt).photos}
+    stems_by_split = {}
+    for split in manifest["splits"]:
+        rows = load_index(out, split).rows
+        assert len(rows) > 0
+        stems_by_split[split] = set(rows["stem"])
+        for row in rows:
+            gt = gts[row["stem"].decode()]
+            ious = iou_by_hand(row["box"].astype(np.float64), gt) if len(gt) else np.zeros(1)
+            assert abs(round(float(ious.max()), 3) - float(row["iou"])) < 1e-3
+            assert row["label"] == int(round(float(ious.max()), 3) > 0.5)
+            if row["gt_id"] >= 0:
+                np.testing.assert_allclose(row["gt_box"], gt[row["gt_id"]], atol=1e-3)
+            assert tuple(row["photo_size"]) == SIZE
+    splits = list(stems_by_split)
+    assert splits == ["train", "valid", "test"]
+    for i, a in enumerate(splits):  # split by photo: no photo's proposals straddle splits
+        for b in splits[i + 1:]:
+            assert not stems_by_split[a] & stems_by_split[b]
+    assert manifest["leakage"]["shared_stems"]["count"] == 0
+    assert all(s["proposal_recall"] is not None and 0 <= s["proposal_recall"] <= 1
+               for s in manifest["splits"].values())
+    assert manifest["proposals"]["context"] == 16 and manifest["proposals"]["mode"] == "fast"
+
+
+def test_warp_pads_with_the_photo_mean_at_the_edge():
+    rgb = np.zeros((100, 200, 3), np.uint8)
+    rgb[:, :100] = (200, 0, 0)
+    rgb[:, 100:] = (0, 0, 200)
+    fill = rgb.reshape(-1, 3).mean(0)  # (100, 0, 100)
+    crop = warp(rgb, np.array([0, 0, 96, 100.0]), context=16, size=224, fill=fill)
+    # Left of the photo (the context band before x = 0): the mean colour; the box itself: red.
+    np.testing.assert_allclose(crop[100, :14], np.tile([100, 0, 100], (14, 1)), atol=1)
+    np.testing.assert_allclose(crop[100, 20:200], np.tile([200, 0, 0], (180, 1)), atol=1)
+    assert crop[100, 222, 2] > 150  # the context band right of the box (photo x 96..104) reaches the blue half
+    assert crop.shape == (224, 224, 3)
+
+
+def test_stratified_negatives_spread_over_iou_bins():
+    rng = np.random.default_rng(0)
+    ious = np.concatenate([np.zeros(100), np.full(5, 0.42), np.full(5, 0.27)])
+    chosen = stratified_negatives(ious, np.arange(len(ious)), 12, rng)
+    assert len(chosen) == 12 and len(set(chosen)) == 12
+    assert (ious[chosen] == 0.42).sum() == 4 and (ious[chosen] == 0.27).sum() == 4  # equal shares per bin
+
+
+def test_same_output_for_any_worker_count_and_after_an_interruption(photos, proposed, tmp_path):
+    ref, _ = proposed["coco"]
+    one = tmp_path / "one"
+    propose_to_shards(photos / "coco", "coco", one, FAST, ProposeSettings(workers=1), progress=False)
+    assert shard_files(one) == shard_files(ref)
+    assert (one / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    # An interrupted run: no manifest, a half-written tar, a stale spool; the re-run gives the same bytes.
+    (one / "manifest.json").unlink()
+    tar = next((one / "train").glob("*.tar"))
+    tar.write_bytes(tar.read_bytes()[:700])
+    (one / ".spool").mkdir()
+    (one / ".spool" / "x.bin").write_bytes(b"stale")
+    propose_to_shards(photos / "coco", "coco", one, FAST, ProposeSettings(workers=2), progress=False)
+    assert shard_files(one) == shard_files(ref) and not (one / ".spool").exists()
+
+
+def test_crops_folder_equals_the_shards_and_packs_to_the_same_samples(photos, proposed, tmp_path):
+    ref, _ = proposed["yolo"]
+    crops = tmp_path / "crops"
+    propose_to_shards(photos / "yolo", "yolo", tmp_path / "s", FAST, ProposeSettings(workers=2), crops=crops,
+                      progress=False)
+    packed = tmp_path / "packed"
+    pack(crops, packed, PackSettings(workers=1), progress=False)
+    for split in ("train", "valid", "test"):
+        stored = read_with_webdataset(ref, split)
+        files = {p.name: p.read_bytes() for p in (crops / split).iterdir()}
+        assert files == {name: s["jpg"] for name, s in stored.items()}
+        repacked = read_with_webdataset(packed, split)
+        assert {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in repacked.items()} == \
+            {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in stored.items()}
+
+
+def test_loaders_read_proposal_shards(proposed):
+    out, manifest = proposed["mask"]
+    for backend in ("dali", "torch"):
+        loader = make_loader(out, "valid", batch_size=16, train=False, device="cpu", backend=backend)
+        n = sum(len(b.names) for b in loader)
+        assert n == manifest["splits"]["valid"]["samples"]
+
+
+@pytest.mark.slow
+def test_cli_and_training_on_the_result(photos, tmp_path):
+    for fmt in ("coco",):  # every format goes through the same call; each reader is tested above
+        run = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / fmt), "--format",
+                              fmt, "--out", str(tmp_path / fmt), "--max-proposals", "30", "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "proposal recall" in run.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / "coco"), "--format",
+                          "coco", "--out", str(tmp_path / "x"), "--classes", "pothole"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "pothole" in bad.stderr and "Traceback" not in bad.stderr
+    from tests.helpers import tiny
+    from train.loop import main
+
+    run_dir = main(tiny(tmp_path / "coco", tmp_path / "run", epochs=1))
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_problems_are_listed_and_strict_fails(photos, tmp_path):
+    src = tmp_path / "voc"
+    shutil.copytree(photos / "voc", src)
+    first = sorted((src / "train").glob("*.jpg"))[0]
+    first.write_bytes(b"not a photo")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(src), "--format", "voc", "--out",
+                          str(tmp_path / "o"), "--max-proposals", "20", "--quiet", "--strict"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "--strict" in run.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [s["path"] for s in manifest["skipped"]] == [str(first)]
+    assert "unreadable photo" in manifest["skipped"][0]["reason"]
