@@ -36,6 +36,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274
 ROTATING = range(2, 9)      # orientations that move pixels; 1 is upright, others are invalid and ignored
 JPEG_SOI = b"\xff\xd8\xff"
+MAX_PIXELS = 50_000_000  # a proposal crop is resized to 224x224: anything this large is not a crop
 
 
 class Prepared(NamedTuple):
@@ -74,6 +75,13 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
         return None, f"unreadable image header ({_text(e)}): re-export the file"
     with img:
         fmt, mode, (w, h) = img.format, img.mode, img.size
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            return None, (f"{fmt} with {frames} frames (animated or multi-page): a crop is one picture; export the "
+                          f"frame you mean as JPEG")
+        if w * h > MAX_PIXELS:
+            return None, (f"{w}x{h} pixels: larger than any plausible crop (limit {MAX_PIXELS // 10**6} megapixels); "
+                          f"crop or downscale it")
         try:
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         except Exception:  # noqa: BLE001 - malformed EXIF: Pillow raises many kinds; re-encode without it
@@ -200,6 +208,7 @@ _KNOWN = (  # (prefix test, what the file is and what to do)
     (lambda d: d[4:12] in (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypmif1", b"ftypmsf1"),
      "HEIC/HEIF image: Pillow cannot read it without the pillow-heif plugin; convert it to JPEG"),
     (lambda d: d[4:12] == b"ftypavif", "AVIF image: convert it to JPEG"),
+    (lambda d: d.startswith(b"%PDF"), "a PDF document, not an image: export the page as JPEG"),
     (lambda d: d.startswith(b"version https://git-lfs"),
      "a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository"),
     (lambda d: d.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")),

@@ -8,7 +8,7 @@ from typing import NamedTuple
 from crackio.errors import CrackioError
 
 # Formats Pillow reads; anything but a 224x224 RGB JPEG is converted when packed.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class Proposal(NamedTuple):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from crackio.errors import ConfigError, MissingFile
 from crackio.images import prepare, strict_pillow
 from crackio.names import IMAGE_EXTENSIONS, BadName, Proposal, display_name, is_utf8, parse_name
-from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
+from crackio.quality import SPLIT_ORDER, iou_histogram, label_report, leakage_report, split_sort_key
 from crackio.shards import (
     FORMAT_VERSION,
     INDEX,
@@ -72,61 +72,90 @@ def _ignorable(name: str) -> bool:
     return name.startswith(".") or name in OS_METADATA
 
 
-def discover(src: Path) -> Found:
-    """Splits and their parsed proposals, sorted by name; nothing is opened yet.
+def _has_image(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return any(_is_image(e.name) and not _ignorable(e.name) and not e.is_dir() for e in entries)
 
-    SRC/<split>/<name> or, when SRC holds image files itself, SRC as one split named
-    after it. Hidden files and folders, OS metadata and non-image files are ignored
-    (counted, not failures); image files that cannot be used are skipped with a reason.
+
+def _looks_like_proposal(name: str) -> bool:
+    """A proposal name with an extension we do not read (e.g. .gif): skipped, not ignored as metadata."""
+    parts = name.rsplit(".", 4)
+    return len(parts) == 5 and parts[1].isdigit() and parts[3] in ("0", "1")
+
+
+def discover(src: Path) -> Found:
+    """Splits and their parsed proposals, sorted by name; no image is opened yet.
+
+    Layout: SRC/<split>/<name>, or SRC/<name> as one split named after SRC. SRC is one split when
+    it holds image files itself and none of its subfolders with images is named train, valid, val,
+    validation or test (then those subfolders are strays). Hidden files and folders, OS metadata,
+    non-image files and folders without images are ignored (counted, not failures); image files
+    that cannot be used, and entries that are not regular files (named pipes, sockets, devices,
+    dangling links: never opened), are skipped with a reason.
     """
     found = Found()
-    entries = sorted(os.scandir(src), key=lambda e: e.name)
     visible = []
-    for e in entries:
+    for e in sorted(os.scandir(src), key=lambda e: e.name):
         if _ignorable(e.name):
             found.ignored[HIDDEN] += 1
         else:
             visible.append(e)
-    if any(e.is_file() and _is_image(e.name) for e in visible):  # SRC itself is one split
-        folders = {src.resolve().name: src}
-        strays = [e for e in visible if e.is_dir()]
-    else:  # SRC/<split>/...; image files beside the split folders belong to no split
-        folders = {e.name: Path(e.path) for e in visible if e.is_dir()}
+    image_dirs = [e for e in visible if e.is_dir() and _has_image(e.path)]
+    loose = any(e.is_file() and _is_image(e.name) for e in visible)
+    single = loose and not any(e.name.lower() in SPLIT_ORDER for e in image_dirs)
+    if single:
+        folders = {src.absolute().name: (src, visible)}
+    else:
+        folders = {e.name: (Path(e.path), None) for e in visible if e.is_dir()}
         for e in visible:
             if e.is_dir():
                 continue
             if _is_image(e.name):
                 found.skip(e.path, "image file outside any split folder: move it into train/, valid/ or test/")
             else:
-                found.ignored[NOT_IMAGE] += 1
-        strays = []
-    for e in strays:
-        found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
-    for split, folder in folders.items():
+                _classify(e, found)
+    for split, (folder, entries) in folders.items():
         if not is_utf8(split):
             found.skip(folder, "split folder name is not valid UTF-8: rename it (e.g. train, valid, test)")
             continue
+        entries = entries if entries is not None else sorted(os.scandir(folder), key=lambda e: e.name)
         proposals = []
-        files = sorted(os.scandir(folder), key=lambda e: e.name) if folder is not src else visible
-        for e in files:
+        for e in entries:
             if _ignorable(e.name):
                 found.ignored[HIDDEN] += 1
+            elif e.is_dir() and _has_image(e.path):
+                found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
             elif e.is_dir():
-                if folder is not src:
-                    found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
-            elif not _is_image(e.name):
-                found.ignored[NOT_IMAGE] += 1
-            else:
+                found.ignored[NO_IMAGES] += 1
+            elif _is_image(e.name) and e.is_file():
                 try:
                     proposals.append(parse_name(e.name))
                 except BadName as err:
                     found.skip(e.path, f"name does not parse: {err}")
-        if proposals or any(_is_image(e.name) for e in files if not e.is_dir()):
+            else:
+                _classify(e, found)
+        if proposals or any(_is_image(e.name) for e in entries if not e.is_dir()):
             found.splits[split] = (folder, proposals)
         else:
             found.ignored[NO_IMAGES] += 1
     found.splits = dict(sorted(found.splits.items(), key=lambda kv: split_sort_key(kv[0])))
     return found
+
+
+def _classify(e: os.DirEntry, found: Found) -> None:
+    """A file that is not a readable image file by its name: skipped or ignored, never opened."""
+    if not e.is_file():  # follows links: a FIFO, socket, device or dangling link would block or fail
+        found.skip(e.path, "not a regular file (a named pipe, socket, device or broken link): not read")
+    elif _looks_like_proposal(e.name):
+        found.skip(e.path, f"extension .{e.name.rsplit('.', 1)[1]} is not one of {', '.join(IMAGE_EXTENSIONS)}: "
+                           f"convert the file to JPEG")
+    else:
+        found.ignored[NOT_IMAGE] += 1
+
+
+def tsv_field(text: str) -> str:
+    """A name as one TSV field: backslash, tab, newline and carriage return escaped as \\\\, \\t, \\n, \\r."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def split_order(split: str, count: int, seed: int) -> np.ndarray:
@@ -173,7 +202,7 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
                 continue
             if result.note:
                 converted[result.note] += 1
-                converted_files.append(f"{p.filename}\t{result.note}\n")
+                converted_files.append(f"{tsv_field(p.filename)}\t{result.note}\n")
             n = writer.count
             rows[n] = (0, 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
             digests[n] = result.digest
@@ -219,16 +248,23 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
         MissingFile: `src` is not a folder.
         ConfigError: `samples_per_shard` < 1 or `workers` < 0.
     """
-    src, out = Path(src), Path(out)
+    src, out = Path(src).absolute(), Path(out)  # absolute: the manifest is the same however SRC was typed
     if not src.is_dir():
         raise MissingFile(f"proposal folder {display_name(src)} does not exist")
     if settings.samples_per_shard < 1 or settings.workers < 0:
         raise ConfigError("samples_per_shard must be >= 1 and workers >= 0")
     t0 = time.perf_counter()
+    found = discover(src)
+    if not found.splits:
+        raise ConfigError(f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
+                          f"<label>.jpg (or such files in SRC itself)")
+    for folder, _ in found.splits.values():
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise ConfigError(f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
+                              f"next pack would read the shards as a stray folder; write them elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
     (out / MANIFEST).unlink(missing_ok=True)
-    found = discover(src)
     total = sum(len(v) for _, v in found.splits.values())
     workers = settings.workers or len(os.sched_getaffinity(0))
     splits: dict[str, dict] = {}
@@ -246,7 +282,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
             pool.shutdown(wait=True, cancel_futures=True)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "source": display_name(src.resolve()),
+        "source": display_name(src),
         "settings": {k: v for k, v in asdict(settings).items() if k != "workers"},  # any worker count, same bytes
         "seed": settings.seed,
         "samples": sum(s["samples"] for s in splits.values()),

@@ -94,10 +94,27 @@ def sampler_options(sampler: str, options: dict) -> dict:
     if merged.get("selection", "all") not in SELECTIONS:
         raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {merged['selection']!r}")
     if "class_weights" in merged:
-        w = {int(k): float(v) for k, v in merged["class_weights"].items()}
-        if set(w) != {0, 1} or min(w.values()) < 0 or max(w.values()) == 0:
-            raise ConfigError(f"class_weights must give non-negative weights for classes 0 and 1, got {w}")
-        merged["class_weights"] = w
+        given = merged["class_weights"]
+        try:
+            w = {int(k): float(v) for k, v in dict(given).items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"class_weights must map classes 0 and 1 to weights, e.g. {{0: 1, 1: 2}}, "
+                              f"got {given!r}") from None
+        if set(w) != {0, 1} or not all(math.isfinite(v) and v >= 0 for v in w.values()) or max(w.values()) == 0:
+            raise ConfigError(f"class_weights must give finite, non-negative weights (not both 0) for classes 0 "
+                              f"and 1, got {given!r}")
+        top = max(w.values())  # scaled to a maximum of 1: only ratios matter, and 1e308 * n would overflow
+        merged["class_weights"] = {c: v / top for c, v in w.items()}
+    checks = {"negatives": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "per_bin": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "bin_width": lambda v: isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 1,
+              "num_samples": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+              "replacement": lambda v: isinstance(v, bool)}
+    need = {"negatives": "an integer >= 0", "per_bin": "an integer >= 1", "bin_width": "a number in (0, 1]",
+            "num_samples": "None or an integer >= 1", "replacement": "True or False"}
+    for name, ok in checks.items():
+        if name in merged and not ok(merged[name]):
+            raise ConfigError(f"sampler option {name} must be {need[name]}, got {merged[name]!r}")
     return merged
 
 

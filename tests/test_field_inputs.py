@@ -346,3 +346,97 @@ def test_pack_and_torch_loader_work_without_a_main_guard(demo_src, tmp_path, how
                          text=True, timeout=180, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "seen" in run.stdout
+
+
+# --- found by trying to break it (a fresh user with the README and the issue) ------------------------------
+
+def test_a_stray_image_beside_the_split_folders_does_not_make_one_split(demo_src, tmp_path):
+    src = tmp_path / "s"
+    shutil.copytree(demo_src, src)
+    crop = next((src / "train").glob("*.jpg"))
+    shutil.copy(crop, src / "IMG_x.0.0_100.0.jpg")
+    shutil.copy(crop, src / "preview.jpg")
+    manifest = pack(src, tmp_path / "o", PackSettings(workers=1), progress=False)
+    assert list(manifest["splits"]) == ["train", "valid", "test"]
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"IMG_x.0.0_100.0.jpg", "preview.jpg"}
+    assert all("outside any split folder" in r for r in reasons.values())
+
+
+def test_fifo_and_odd_files_are_skipped_without_being_opened(demo_src, tmp_path):
+    src = tmp_path / "s"
+    shutil.copytree(demo_src / "train", src / "train")
+    os.mkfifo(src / "train" / "pipe.0.0_100.0.jpg")  # opening it for reading would block forever
+    (src / "train" / "dangling.0.0_100.0.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    field_inputs.quadrants().save(src / "train" / "still.1.0_900.1.gif")
+    frames = [field_inputs.quadrants(), field_inputs.quadrants().rotate(90)]
+    frames[0].save(src / "train" / "animated.2.0_900.1.gif", save_all=True, append_images=frames[1:])
+    (src / "train" / "odd.3.0_500.1.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (src / "train" / "doc.4.0_500.1.jpg").write_bytes(b"%PDF-1.7\n")
+    (src / "train" / "tab\tname.5.0_500.1.png").write_bytes(field_inputs.encoded(field_inputs.quadrants(), "PNG"))
+    manifest = pack(src, tmp_path / "o", PackSettings(workers=2), progress=False)
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert "not a regular file" in reasons["pipe.0.0_100.0.jpg"]
+    assert "not a regular file" in reasons["dangling.0.0_100.0.jpg"]
+    assert "2 frames" in reasons["animated.2.0_900.1.gif"]
+    assert "extension .heic" in reasons["odd.3.0_500.1.heic"]  # a proposal name: skipped, not ignored
+    assert "PDF" in reasons["doc.4.0_500.1.jpg"]
+    names = load_index(tmp_path / "o", "train").filenames(np.arange(manifest["splits"]["train"]["samples"]))
+    assert "still.1.0_900.1.gif" in names and "tab\tname.5.0_500.1.png" in names
+    listed = (tmp_path / "o" / "train" / "converted.tsv").read_text().splitlines()
+    assert any(line.startswith("tab\\tname.5.0_500.1.png\t") for line in listed)  # one line, the tab escaped
+
+
+def test_manifest_is_the_same_however_src_was_typed(demo_src, tmp_path, monkeypatch):
+    src = tmp_path / "s"
+    shutil.copytree(demo_src, src)
+    (src / "train" / "bad.1.0_5.1.jpg").write_bytes(b"")
+    pack(src, tmp_path / "a", PackSettings(workers=1), progress=False)
+    monkeypatch.chdir(tmp_path)
+    pack(Path("s"), tmp_path / "b", PackSettings(workers=2), progress=False)
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_empty_source_and_out_inside_a_split_are_refused(demo_src, tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run(PACK + [str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "holds no image files" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    src = tmp_path / "s"
+    shutil.copytree(demo_src, src)
+    with pytest.raises(ConfigError, match="inside the split folder"):
+        pack(src, src / "train" / "shards", progress=False)
+
+
+def test_strict_fails_on_leakage_alone(demo_src, tmp_path):
+    src = tmp_path / "leak"
+    shutil.copytree(demo_src, src)
+    shutil.copy(next((src / "train").glob("*.jpg")), src / "test")
+    run = subprocess.run(PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet", "--strict"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "0 inputs were skipped, 2 warnings" in run.stderr
+
+
+@pytest.mark.parametrize("weights", [{0: float("nan"), 1: 1}, {0: float("inf"), 1: 1}, [1, 2], {0: -1, 1: 1}])
+@pytest.mark.parametrize("sampler", ["weighted", "balanced"])
+def test_class_weights_that_are_not_finite_weights_are_refused(labelled_at_035, sampler, weights):
+    out, _ = labelled_at_035
+    with pytest.raises(ConfigError, match="class_weights"):
+        make_loader(out, "train", batch_size=4, train=True, sampler=sampler, class_weights=weights, device="cpu")
+
+
+def test_huge_class_weights_keep_their_ratio(labelled_at_035):
+    out, _ = labelled_at_035
+    loader = make_loader(out, "train", batch_size=4, train=True, sampler="balanced",
+                         class_weights={0: 1e308, 1: 1e308}, device="cpu")
+    assert len(loader) > 0
+
+
+@pytest.mark.parametrize("option", [{"negatives": -1}, {"bin_width": 0}, {"bin_width": float("nan")},
+                                    {"per_bin": 0}])
+def test_sampler_options_out_of_range_are_refused(labelled_at_035, option):
+    out, _ = labelled_at_035
+    sampler = "hard-negatives" if "negatives" in option else "iou-strata"
+    with pytest.raises(ConfigError, match=next(iter(option))):
+        make_loader(out, "train", batch_size=4, train=True, sampler=sampler, device="cpu", **option)

@@ -26,7 +26,7 @@ def test_round_trip():
 
 @pytest.mark.parametrize("name, why", [
     ("IMG_0001.jpg", "5 dot-separated parts"),
-    ("a.1.0_5.1.gif", "extension"),
+    ("a.1.0_5.1.heic", "extension"),
     ("a.x.0_5.1.jpg", "proposal number"),
     ("a.1.0_5.2.jpg", "label"),
     ("a.1.0.734.1.jpg", "outside"),  # IoU written with "." instead of "_"

@@ -126,3 +126,15 @@ def test_sweep_without_shards_is_a_clear_error(tmp_path, capsys):
     assert "--shards is required" in capsys.readouterr().err
     assert cli(["sweep", "--shards", str(tmp_path), "--variants", str(tmp_path / "none.toml")]) == 2
     assert "none.toml does not exist" in capsys.readouterr().err
+
+
+def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text('[[variant]]\nname = "a"\nsampler = "weighted"\nclass_weights = {0 = 1, 1 = 3}\n'
+                    'iou_threshold = "none"\n')
+    (variant,) = load_variants(path)
+    cfg = variant_config(tiny("s", tmp_path), variant, tmp_path)
+    assert cfg.parsed_class_weights() == {0: 1.0, 1: 3.0} and cfg.iou_threshold is None
+    path.write_text('[[variant]]\nname = "b"\nepochs = "ten"\n')
+    with pytest.raises(ValueError, match="epochs = 'ten' must be of type int"):
+        load_variants(path)

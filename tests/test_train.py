@@ -202,3 +202,10 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
     assert cli(["--resume", str(out), "--lr", "0.001", "--out", str(out)]) == 0  # the run's own values: fine
     with pytest.raises(ConfigError, match="settings other than the run's"):
         train.loop.check_resumed(Config(resume=str(out)))  # a default config is not that run's
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--num-samples", "-5"), ("--workers", "-3"),
+                                         ("--val-negatives", "-1"), ("--pos-weight", "nan")])
+def test_negative_settings_are_one_line_errors(demo_shards, capsys, flag, value):
+    assert cli(["--shards", str(demo_shards), flag, value]) == 2
+    assert f"{flag} must be >= 0" in capsys.readouterr().err

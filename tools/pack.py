@@ -4,7 +4,8 @@
 
 Each subfolder of SRC is a split (train, valid, test, ...); a SRC holding images
 directly is one split named after the folder. Bad inputs are skipped and listed
-with their reasons in OUT/manifest.json; --strict turns any skip into exit code 1.
+with their reasons in OUT/manifest.json; --strict turns any skip, and any warning (leakage between
+splits, labels no threshold explains), into exit code 1.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.pack import PackSettings, pack, summary  # noqa: E402
+from crackio.errors import CrackioError  # noqa: E402
+from crackio.pack import PackSettings, pack, summary, warnings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
     ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped or any warning printed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.samples_per_shard < 1 or args.workers < 0:
@@ -33,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
-    manifest = pack(args.src, args.out, settings, progress=not args.quiet)
+    try:
+        manifest = pack(args.src, args.out, settings, progress=not args.quiet)
+    except CrackioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for s in manifest["skipped"][:20]:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
     if len(manifest["skipped"]) > 20:
@@ -44,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "
                   f"in {args.out / info['converted_list']}", file=sys.stderr)
     print(summary(manifest, args.out))
-    if args.strict and manifest["skipped"]:
-        print(f"--strict: {len(manifest['skipped'])} inputs were skipped", file=sys.stderr)
+    problems = warnings(manifest)
+    if args.strict and (manifest["skipped"] or problems):
+        print(f"--strict: {len(manifest['skipped'])} inputs were skipped, {len(problems)} warnings", file=sys.stderr)
         return 1
     return 0
 

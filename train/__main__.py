@@ -1,7 +1,8 @@
 """python -m train --shards shards/ [options]     train the crack classifier
 python -m train eval --checkpoint RUN/best.pt --shards shards/ [--split test]
 python -m train sweep --shards shards/ [--variants FILE] [--out DIR] [training options shared by the variants]
-python -m train svm --checkpoint RUN/best.pt [--shards shards/] [--out DIR]"""
+python -m train svm --checkpoint RUN/best.pt [--shards shards/] [--out DIR]
+python -m train detect --checkpoint RUN/best.pt PHOTOS... [--annotations A --format F] [--out DIR]"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _loader_arguments(ap: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    command = argv[0] if argv[:1] and argv[0] in ("eval", "sweep", "svm") else "train"
+    command = argv[0] if argv[:1] and argv[0] in ("eval", "sweep", "svm", "detect") else "train"
     if command == "eval":
         ap = argparse.ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
         ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
@@ -33,6 +34,22 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
         ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(crack)")
         _loader_arguments(ap, 64)
+    elif command == "detect":
+        ap = argparse.ArgumentParser(prog="python -m train detect", description=(
+            "Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations."))
+        ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
+        ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
+        ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
+        ap.add_argument("--format", default="", choices=("", "coco", "yolo", "voc", "mask"),
+                        help="format of --annotations")
+        ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
+        ap.add_argument("--svm", default="", help="score with RUN/svm/svm_model.npz instead of the network head")
+        ap.add_argument("--score-threshold", type=float, default=None,
+                        help="keep boxes scoring at least this (default: 0.5, or the SVM's chosen threshold)")
+        ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
+        ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
+        ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
+        ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     elif command == "svm":
         ap = argparse.ArgumentParser(prog="python -m train svm", description=(
             "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
@@ -54,7 +71,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         prog = "python -m train" + (" sweep" if command == "sweep" else "")
         ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0 if command == "train" else 2],
                                      epilog=SWEEP_EPILOG if command == "sweep" else
-                                     "Subcommands: python -m train {eval,sweep,svm} --help")
+                                     "Subcommands: python -m train {eval,sweep,svm,detect} --help")
         add_config_arguments(ap)
         if command == "sweep":
             ap.add_argument("--variants", default="", help="variants file (default: the original's six runs, "
@@ -83,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
             check_svm(args)
             run_svm(args)
+        elif command == "detect":
+            from train.detect import run_detect
+
+            run_detect(args.checkpoint, args.photos, args.out, annotations=args.annotations, fmt=args.format,
+                       classes=[c for c in args.classes.split(",") if c] or None, svm=args.svm,
+                       score_threshold=args.score_threshold, nms_iou=args.nms_iou, batch_size=args.batch_size,
+                       device=args.device)
         elif command == "sweep":
             from train.sweep import SHIPPED, run_sweep
 

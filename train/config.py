@@ -64,6 +64,11 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        non_negative = ("seed", "workers", "num_samples", "val_negatives", "pos_weight", "weight_decay", "focal_gamma")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0):  # NaN fails too
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.iou_threshold is not None and not 0 <= self.iou_threshold < 1:
             raise ConfigError(f"--iou-threshold must be in [0, 1) or none (the names' labels), "
                               f"got {self.iou_threshold}")
@@ -75,9 +80,10 @@ class Config:
 
     def parsed_class_weights(self) -> dict[int, float]:
         try:
-            pairs = dict(part.split(":") for part in self.class_weights.split(","))
+            given = self.class_weights  # "0:1,1:2"; a variants file may also give a table {0 = 1, 1 = 2}
+            pairs = dict(given) if isinstance(given, dict) else dict(part.split(":") for part in given.split(","))
             weights = {int(k): float(v) for k, v in pairs.items()}
-        except ValueError:
+        except (ValueError, TypeError, AttributeError):
             weights = {}
         if set(weights) != {0, 1}:
             raise ConfigError(f"--class-weights must look like 0:1,1:2, got {self.class_weights!r}")

@@ -63,12 +63,27 @@ def load_variants(path: Path) -> list[Variant]:
         if unknown:
             raise ConfigError(f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
                              f"with underscores (shards and out are set by the sweep)")
+        for key, value in entry.items():
+            _check_type(key, value, where)
+        if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
+            entry["iou_threshold"] = None
         if reference is not None:
             _check_reference(reference, where)
         variants.append(Variant(name, title, entry, reference))
     if not variants:
         raise ConfigError(f"{path} defines no [[variant]] tables")
     return variants
+
+
+def _check_type(key: str, value, where: str) -> None:
+    """A variant's option must have its field's type (an int is a float; class_weights may be a table)."""
+    default = Config.__dataclass_fields__[key].default
+    kind = float if default is None else type(default)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    ok = ok or (key == "class_weights" and isinstance(value, dict)) or (key == "iou_threshold" and value == "none")
+    if not ok:
+        raise ConfigError(f"{where}: {key} = {value!r} must be of type {kind.__name__} (like {default!r})")
 
 
 def _check_reference(ref: dict, where: str) -> None:

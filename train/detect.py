@@ -1,0 +1,215 @@
+"""`python -m train detect`: boxes around cracks in whole photos, and how good they are.
+
+R-CNN at test time (Girshick et al. 2014, section 2.2): selective-search proposals on the photo,
+each warped exactly as the training crops were (the settings recorded in the training shards'
+manifest by tools/propose.py, the same functions, even the JPEG round trip), scored by the
+fine-tuned network's sigmoid or by the SVM stage on the same forward's features, then greedy
+non-maximum suppression per photo (`torchvision.ops.nms`). With annotations, detection average
+precision is measured (train/detect_report.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import box_iou, nms
+from tqdm import tqdm
+
+from crackio import read_manifest
+from crackio.annotations import PHOTO_EXTENSIONS, read_annotations, resolve_boxes
+from crackio.augment import augment_normalize
+from crackio.errors import ConfigError, MissingFile
+from crackio.loader import resolve_device
+from crackio.names import display_name
+from crackio.proposals import ProposalSettings, encode_jpeg, selective_search, warp
+from crackio.propose import load_photo
+from train.evaluate import amp_dtype, load_checkpoint, model_from_checkpoint
+from train.model import last_linear
+
+KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
+
+
+@dataclass
+class PhotoDetections:
+    path: Path
+    stem: str
+    size: tuple[int, int] = (0, 0)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))   # after NMS, best first, <= KEEP
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    proposals: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    gt: np.ndarray | None = None      # ground truth when annotated
+    seconds: dict = field(default_factory=dict)
+    problem: str = ""                 # why the photo was skipped, or a note on its annotation
+
+
+def proposal_settings(shards: str, checkpoint: Path) -> ProposalSettings:
+    """The proposal and warp settings the run's training crops were made with (its shards' manifest).
+
+    Raises:
+        ConfigError: the shards were packed from a crop folder and record no such settings.
+    """
+    manifest = read_manifest(shards)
+    recorded = manifest.get("proposals")
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{checkpoint} was trained on {shards}, whose manifest records no proposal settings "
+                          f"(shards packed from a crop folder by tools/pack.py): detection must make crops the way "
+                          f"the training crops were made; train on shards from tools/propose.py")
+    names = ProposalSettings.__dataclass_fields__
+    return ProposalSettings(**{k: v for k, v in recorded.items() if k in names})
+
+
+class Scorer:
+    """Scores JPEG crops in batches: the network's P(crack), or the saved SVM's margin on its features."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int, svm: Path | None):
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.amp = amp_dtype(device)
+        self.svm = None
+        if svm is not None:
+            if not svm.is_file():
+                raise MissingFile(f"--svm {svm} does not exist (python -m train svm writes RUN/svm/svm_model.npz)")
+            with np.load(svm, allow_pickle=False) as arrays:
+                self.svm = {k: arrays[k] for k in ("mean", "scale", "coef", "intercept", "threshold")}
+            self._features: list[torch.Tensor] = []
+            last_linear(model.backbone)[2].register_forward_pre_hook(
+                lambda _m, args: self._features.append(args[0].float().flatten(1)))
+        self.threshold = float(self.svm["threshold"]) if self.svm is not None else 0.5
+
+    @torch.no_grad()
+    def __call__(self, jpegs: list[bytes]) -> np.ndarray:
+        scores = []
+        for start in range(0, len(jpegs), self.batch_size):
+            raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[start:start + self.batch_size]]
+            gpu = self.device.type == "cuda"
+            images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device if gpu else "cpu"))
+            x = augment_normalize(images.to(self.device), None)  # the eval pipeline of the loaders
+            if gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self._features = []  # the hook appends this batch's features (the SVM's input)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.model(x).float()
+            if self.svm is None:
+                scores.append(torch.sigmoid(logits).cpu().numpy())
+            else:
+                f = self._features[-1].cpu().numpy().astype(np.float64)
+                s = self.svm
+                scores.append(((f - s["mean"]) / s["scale"]) @ s["coef"] + s["intercept"])
+        return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def photo_files(inputs: list[str]) -> list[Path]:
+    """Photo files named or found (recursively) in the folders named, sorted; hidden files skipped."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS
+                      and not any(part.startswith(".") or part == "__MACOSX" for part in p.parts)]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MissingFile(f"photo or folder {display_name(path)} does not exist")
+    if not files:
+        raise ConfigError(f"no photo ({', '.join(PHOTO_EXTENSIONS)}) in {', '.join(inputs)}")
+    return files
+
+
+def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou: float, seed: int,
+                 pool: ThreadPoolExecutor) -> PhotoDetections:
+    """Proposals, warped crops, scores and NMS for one photo (coordinates in photo pixels)."""
+    result = PhotoDetections(path, path.stem)
+    try:
+        rgb = load_photo(path)
+    except (OSError, ValueError, SyntaxError) as e:
+        result.problem = f"unreadable photo ({e})"
+        return result
+    result.size = (rgb.shape[1], rgb.shape[0])
+    t0 = time.perf_counter()
+    # The stem seeds the cap exactly as tools/propose.py seeds it, so a photo gets the same proposals.
+    boxes = selective_search(rgb, settings.mode, settings.max_proposals, settings.min_size,
+                             [seed, zlib.crc32(path.stem.encode())])
+    t1 = time.perf_counter()
+    fill = rgb.reshape(-1, 3).mean(0)
+    make = lambda box: encode_jpeg(warp(rgb, box, settings.context, settings.size, fill), settings.quality)  # noqa: E731
+    jpegs = list(pool.map(make, boxes))  # OpenCV and Pillow release the GIL
+    t2 = time.perf_counter()
+    scores = scorer(jpegs)
+    t3 = time.perf_counter()
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float64)), nms_iou)[:KEEP].numpy()
+    result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
+    result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2,
+                      "nms": time.perf_counter() - t3}
+    return result
+
+
+def ground_truth(annotations: str, fmt: str, classes: list[str] | None) -> tuple[dict, list[tuple[str, str]]]:
+    data = read_annotations(annotations, fmt, classes)
+    return {p.stem: p for p in data.photos}, list(data.problems)
+
+
+def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str = "", fmt: str = "",
+               classes: list[str] | None = None, svm: str = "", score_threshold: float | None = None,
+               nms_iou: float = 0.3, batch_size: int = 64, device: str = "auto", overview: int = 16) -> Path:
+    """Detect cracks in `photos` with the run's model; write detections, pictures and (with annotations) AP.
+
+    Raises:
+        MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, photo, SVM or annotation.
+    """
+    from train.detect_report import write_outputs
+
+    if annotations and not fmt:
+        raise ConfigError("--annotations needs --format (coco, yolo, voc or mask)")
+    if not 0 < nms_iou <= 1 or batch_size < 1:
+        raise ConfigError("--nms-iou must be in (0, 1] and --batch-size >= 1")
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path, torch.device("cpu"))
+    model, cfg = model_from_checkpoint(ckpt, path)
+    settings = proposal_settings(cfg.shards, path)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None)
+    threshold = scorer.threshold if score_threshold is None else score_threshold
+    files = photo_files(photos)
+    truth, problems = ground_truth(annotations, fmt, classes) if annotations else ({}, [])
+    results: list[PhotoDetections] = []
+    crops = 0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        bar = tqdm(files, unit="photo", desc="detect")
+        for file in bar:
+            r = detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
+            if annotations and not r.problem:
+                photo = truth.get(r.stem)
+                if photo is None:
+                    r.problem = "not in the annotations: detected, left out of AP"
+                else:
+                    r.gt, notes = resolve_boxes(photo, *r.size)
+                    problems += [(display_name(file), n) for n in notes]
+            if r.problem:
+                problems.append((display_name(file), r.problem))
+            results.append(r)
+            crops += len(r.proposals)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
+    out_dir = Path(out) if out else path.parent / "detect"
+    write_outputs(out_dir, results, problems, threshold=threshold, nms_iou=nms_iou, settings=settings,
+                  scored_by="svm" if svm else "network", annotated=bool(annotations), overview=overview,
+                  seconds=time.perf_counter() - start)
+    return out_dir
+
+
+def proposal_recall(proposals: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> int:
+    """How many ground-truth boxes some proposal covers at IoU >= `iou`: the ceiling of any classifier."""
+    if not len(gt) or not len(proposals):
+        return 0
+    return int((box_iou(torch.from_numpy(gt), torch.from_numpy(proposals)).max(dim=1).values >= iou).sum())

@@ -1,0 +1,198 @@
+"""Detection outputs: COCO results, pictures with boxes, a contact sheet, AP, report and summary."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+from crackio.proposals import ProposalSettings
+from crackio.propose import load_photo
+
+DETECTION = (230, 30, 30)
+TRUTH = (40, 200, 60)
+
+
+def match(boxes: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """True positives among `boxes` (best first) against `gt`, greedily, each ground truth once (VOC rule)."""
+    tp = np.zeros(len(boxes), bool)
+    if not len(boxes) or not len(gt):
+        return tp
+    overlaps = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt)).numpy()
+    taken = np.zeros(len(gt), bool)
+    for i, row in enumerate(overlaps):
+        j = int(np.argmax(row))
+        if row[j] >= iou and not taken[j]:
+            tp[i] = taken[j] = True
+    return tp
+
+
+def voc_ap(results, iou: float = 0.5) -> tuple[float, np.ndarray, np.ndarray]:
+    """VOC-style AP at `iou` over all annotated photos: (AP, precision, recall) along the ranked detections.
+
+    Written here because pycocotools interpolates precision at 101 recall points while the VOC
+    2010+ protocol (and the R-CNN paper's mAP) integrates the whole precision envelope, and
+    scikit-learn's average_precision_score knows nothing of box matching.
+    """
+    scores, tps = [], []
+    total = 0
+    for r in results:
+        if r.gt is None:
+            continue
+        total += len(r.gt)
+        tps.append(match(r.boxes, r.gt, iou))
+        scores.append(r.scores)
+    if not total:
+        return float("nan"), np.zeros(0), np.zeros(0)
+    order = np.argsort(-np.concatenate(scores), kind="stable") if scores else np.zeros(0, int)
+    tp = np.concatenate(tps)[order] if tps else np.zeros(0, bool)
+    ctp = np.cumsum(tp)
+    recall = ctp / total
+    precision = ctp / np.arange(1, len(tp) + 1)
+    envelope = np.maximum.accumulate(np.concatenate([precision, [0.0]])[::-1])[::-1][:-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float((steps * envelope).sum()), precision, recall
+
+
+def coco_ap(results) -> dict[str, float]:
+    """COCO AP@[.5:.95] and AP@0.5 through pycocotools, over the annotated photos."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    annotated = [(i, r) for i, r in enumerate(results, 1) if r.gt is not None]
+    if not annotated or not sum(len(r.gt) for _, r in annotated):
+        return {"ap": float("nan"), "ap50": float("nan")}
+    gt = {"images": [{"id": i, "width": r.size[0], "height": r.size[1]} for i, r in annotated],
+          "categories": [{"id": 1, "name": "crack"}], "annotations": []}
+    for i, r in annotated:
+        for b in r.gt:
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "category_id": 1,
+                                      "bbox": xywh(b), "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0})
+    dets = [{"image_id": i, "category_id": 1, "bbox": xywh(b), "score": float(s)}
+            for i, r in annotated for b, s in zip(r.boxes, r.scores)]
+    if not dets:
+        return {"ap": 0.0, "ap50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        truth = COCO()
+        truth.dataset = gt
+        truth.createIndex()
+        evaluation = COCOeval(truth, truth.loadRes(dets), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {"ap": float(evaluation.stats[0]), "ap50": float(evaluation.stats[1])}
+
+
+def xywh(box) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
+def draw(r, threshold: float) -> Image.Image:
+    """The photo with its detections above the threshold (red, with scores) and ground truth (green)."""
+    img = Image.fromarray(load_photo(r.path))
+    pen = ImageDraw.Draw(img)
+    width = max(2, round(max(r.size) / 300))
+    for b in (r.gt if r.gt is not None else []):
+        pen.rectangle([float(v) for v in b], outline=TRUTH, width=width)
+    for b, s in zip(r.boxes, r.scores):
+        if s >= threshold:
+            pen.rectangle([float(v) for v in b], outline=DETECTION, width=width)
+            pen.text((float(b[0]) + 3, float(b[1]) + 2), f"{s:.2f}", fill=DETECTION)
+    return img
+
+
+def contact_sheet(pictures: list[Image.Image], columns: int = 4, width: int = 320) -> Image.Image:
+    thumbs = [p.resize((width, max(1, round(p.height * width / p.width)))) for p in pictures]
+    height = max(t.height for t in thumbs)
+    rows = (len(thumbs) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for k, t in enumerate(thumbs):
+        sheet.paste(t, ((k % columns) * width, (k // columns) * height))
+    return sheet
+
+
+def write_outputs(out: Path, results: list, problems: list[tuple[str, str]], *, threshold: float,
+                  nms_iou: float, settings: ProposalSettings, scored_by: str, annotated: bool, overview: int,
+                  seconds: float) -> None:
+    from train.detect import proposal_recall
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    done = [r for r in results if r.size != (0, 0)]
+    detections = [{"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
+                  for i, r in enumerate(results, 1) for b, s in zip(r.boxes, r.scores) if s >= threshold]
+    (out / "detections.json").write_text(json.dumps(detections, indent=1) + "\n")
+    pictures = []
+    for r in done:
+        picture = draw(r, threshold)
+        picture.save(out / "images" / f"{r.stem}.jpg", quality=90)
+        if len(pictures) < overview:
+            pictures.append(picture)
+    if pictures:
+        contact_sheet(pictures).save(out / "overview.jpg", quality=90)
+    timing = {k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
+              for k in ("proposals", "warping", "scoring", "nms")}
+    rows, text = [], []
+    for r in done:
+        row = {"photo": r.stem, "proposals": len(r.proposals),
+               "detections": int((r.scores >= threshold).sum())}
+        if r.gt is not None:
+            above = r.scores >= threshold
+            tp = match(r.boxes[above], r.gt)
+            row |= {"ground_truth": len(r.gt), "true_positives": int(tp.sum()), "false_positives": int((~tp).sum()),
+                    "covered_by_proposals": proposal_recall(r.proposals, r.gt)}
+        rows.append(row)
+    summary: dict = {"photos": len(results), "detected": len(done), "scored_by": scored_by,
+                     "score_threshold": threshold, "nms_iou": nms_iou, "proposals": settings.as_dict(),
+                     "seconds_per_photo": timing, "photos_per_sec": len(done) / seconds if seconds else 0.0,
+                     "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
+                     "problems": [{"path": p, "reason": why} for p, why in problems], "per_photo": rows}
+    head = (f"{len(done)} of {len(results)} photos, scores from the {scored_by}, threshold {threshold:.3f}, "
+            f"NMS IoU {nms_iou}; {summary['photos_per_sec']:.2f} photos/s, {summary['crops_per_sec']:.0f} crops/s; "
+            f"per photo: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items()))
+    text.append(head)
+    if annotated:
+        ap, precision, recall = voc_ap(done)
+        coco = coco_ap(done)
+        gt_total = sum(row.get("ground_truth", 0) for row in rows)
+        covered = sum(row.get("covered_by_proposals", 0) for row in rows)
+        summary |= {"ap50_voc": ap, "ap_coco": coco["ap"], "ap50_coco": coco["ap50"], "ground_truth_boxes": gt_total,
+                    "proposal_recall": covered / gt_total if gt_total else float("nan")}
+        text.append(f"detection AP@0.5 (VOC, all points) {ap:.3f}; COCO AP@[.5:.95] {coco['ap']:.3f}, "
+                    f"AP@0.5 {coco['ap50']:.3f}; proposal recall {summary['proposal_recall']:.3f} "
+                    f"({covered} of {gt_total} ground-truth boxes covered at IoU >= 0.5: the ceiling of any "
+                    f"classifier)")
+        if len(recall):
+            plot_curve(recall, precision, ap, out / "pr_curve.png")
+    keys = ["photo", "ground_truth", "detections", "true_positives", "false_positives", "covered_by_proposals",
+            "proposals"] if annotated else ["photo", "detections", "proposals"]
+    text.append("\n" + " | ".join(keys))
+    text += [" | ".join(str(row.get(k, "")) for k in keys) for row in rows]
+    if problems:
+        text.append(f"\n{len(problems)} problems:")
+        text += [f"{p}: {why}" for p, why in problems]
+    (out / "report.txt").write_text("\n".join(text) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n".join(text[:2]))
+    print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
+
+
+def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path) -> None:
+    from train.report import plt  # pyplot with the file-only backend train.report selects
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot(recall, precision, label=f"detections (AP@0.5 {ap:.3f})")
+    ax.set(xlabel="recall (ground-truth boxes found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title="Crack detection precision-recall at IoU 0.5")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
