@@ -13,13 +13,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) tools/make_demo_data.py $(DEMO)/proposals --images 60 --proposals-per-image 40 --seed 0
-	$(PY) tools/pack.py $(DEMO)/proposals --out $(DEMO)/shards --samples-per-shard 1000
-	rm -rf $(DEMO)/run
+	rm -rf $(DEMO)
+	# Synthetic photos with ground truth (COCO) and, from the same photos, a folder of proposal crops.
+	$(PY) tools/make_demo_data.py $(DEMO)/proposals --images 60 --proposals-per-image 40 --seed 0 \
+		--photos $(DEMO)/photos --formats coco
+	# The crop-folder path: pack it into shards (the original's folder, as users have it).
+	$(PY) tools/pack.py $(DEMO)/proposals --out $(DEMO)/shards --samples-per-shard 1000 --quiet
+	# The photo path: R-CNN's proposal stage straight into shards (no crop folder on disk).
+	$(PY) tools/propose.py $(DEMO)/photos/coco --format coco --out $(DEMO)/shards-photos --max-proposals 300 \
+		--negatives-per-image 40 --gt-jitter 4 --quiet
 	# A small architecture from scratch so the demo runs on 2 CPU cores without downloads;
 	# the trainer's defaults stay the original's (ResNeXt50, ImageNet weights).
-	$(PY) -m train --shards $(DEMO)/shards --arch shufflenet_v2_x0_5 --weights none --head linear \
+	$(PY) -m train --shards $(DEMO)/shards-photos --arch shufflenet_v2_x0_5 --weights none --head linear \
 		--lr 2e-3 --pos-weight 3 --epochs 6 --patience 3 --target-recall 0.8 --out $(DEMO)/run
+	# Detection on the held-out photos: boxes, annotated pictures, AP against the ground truth.
+	$(PY) -m train detect --checkpoint $(DEMO)/run/best.pt $(DEMO)/photos/coco/test \
+		--annotations $(DEMO)/photos/coco/test --format coco --out $(DEMO)/detect
+	@echo "annotated photos: $(DEMO)/detect/images/, contact sheet: $(DEMO)/detect/overview.jpg"
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

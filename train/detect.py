@@ -84,7 +84,8 @@ class Scorer:
         self.threshold = float(self.svm["threshold"]) if self.svm is not None else 0.5
 
     @torch.no_grad()
-    def __call__(self, jpegs: list[bytes]) -> np.ndarray:
+    def __call__(self, jpegs: list[bytes], boxes: np.ndarray | None = None) -> np.ndarray:
+        """Scores of the crops (float, one per crop); `boxes` (their proposals) are for stand-in scorers."""
         scores = []
         for start in range(0, len(jpegs), self.batch_size):
             raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[start:start + self.batch_size]]
@@ -141,7 +142,7 @@ def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou
     make = lambda box: encode_jpeg(warp(rgb, box, settings.context, settings.size, fill), settings.quality)  # noqa: E731
     jpegs = list(pool.map(make, boxes))  # OpenCV and Pillow release the GIL
     t2 = time.perf_counter()
-    scores = scorer(jpegs)
+    scores = scorer(jpegs, boxes)
     t3 = time.perf_counter()
     keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float64)), nms_iou)[:KEEP].numpy()
     result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes

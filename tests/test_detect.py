@@ -1,0 +1,178 @@
+"""python -m train detect: proposals, scores, NMS, boxes in photo pixels, detection AP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+from crackio import ConfigError
+from crackio.proposals import ProposalSettings
+from crackio.propose import load_photo
+from tests.helpers import ARCH
+from train.__main__ import main as cli
+from train.config import Config
+from train.detect import Scorer, detect_photo, run_detect
+from train.detect_report import coco_ap, voc_ap
+from train.model import build_model, last_linear
+
+SETTINGS = ProposalSettings(max_proposals=200)
+# Dark rectangles on a light, slightly noisy ground: selective search finds each one exactly. The second
+# photo is not square and its second box touches the right and bottom edges.
+PHOTOS = {"easy_a": ((200, 120), [[20, 20, 70, 60], [150, 80, 200, 120]]),
+          "easy_b": ((160, 240), [[30, 40, 100, 90], [90, 170, 160, 240]])}
+
+
+class TrueIoU:
+    """A stand-in scorer: each crop's score is its proposal's true IoU with the photo's ground truth."""
+
+    threshold = 0.5
+
+    def __init__(self, gt: np.ndarray):
+        self.gt = gt
+
+    def __call__(self, jpegs, boxes):
+        return box_iou(torch.from_numpy(boxes), torch.from_numpy(self.gt)).max(dim=1).values.numpy()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("detect_photos")
+    rng = np.random.default_rng(0)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "crack"}]}
+    for i, (stem, ((w, h), boxes)) in enumerate(PHOTOS.items()):
+        img = Image.fromarray((np.full((h, w, 3), 150) + rng.integers(0, 6, (h, w, 3))).astype(np.uint8))
+        pen = ImageDraw.Draw(img)
+        for b in boxes:
+            pen.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], fill=(40, 30, 30))
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i, "category_id": 1,
+                                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+        img.save(folder / f"{stem}.jpg", quality=95)
+        coco["images"].append({"id": i, "file_name": f"{stem}.jpg"})
+    coco["images"].append({"id": 9, "file_name": "gone.jpg"})  # annotations naming a photo that is not there
+    (folder / "_annotations.coco.json").write_text(json.dumps(coco))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained classifier whose run 'trained' on shards recording the proposal settings."""
+    root = tmp_path_factory.mktemp("ckpt")
+    shards = root / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {},
+                                                      "proposals": SETTINGS.as_dict()}))
+    torch.manual_seed(0)
+    model = build_model(ARCH, "none", "linear")
+    cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
+    path = root / "best.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 1}, path)
+    return path
+
+
+def detect_all(photos: Path, nms_iou: float = 0.3):
+    results = []
+    with ThreadPoolExecutor(2) as pool:
+        for stem, (_, boxes) in PHOTOS.items():
+            gt = np.array(boxes, float)
+            r = detect_photo(photos / f"{stem}.jpg", SETTINGS, TrueIoU(gt), nms_iou, 0, pool)
+            r.gt = gt
+            results.append(r)
+    return results
+
+
+def test_a_perfect_scorer_finds_every_box_in_photo_pixels_with_ap_1(photos):
+    results = detect_all(photos)
+    ap, precision, recall = voc_ap(results)
+    assert ap == pytest.approx(1.0) and recall[-1] == 1.0
+    assert coco_ap(results)["ap50"] == pytest.approx(1.0)
+    for r in results:
+        assert r.size == PHOTOS[r.stem][0]
+        top = r.boxes[r.scores >= 0.5]
+        # One detection per ground-truth box, at its place in the photo (the edge box included).
+        assert len(top) == len(r.gt)
+        assert box_iou(torch.from_numpy(r.gt), torch.from_numpy(top)).max(dim=1).values.min() > 0.95
+
+
+def test_nms_suppresses_duplicates(photos):
+    for r in detect_all(photos):
+        assert (r.scores[:-1] >= r.scores[1:]).all()  # best first
+        overlap = box_iou(torch.from_numpy(r.boxes), torch.from_numpy(r.boxes)).numpy()
+        np.fill_diagonal(overlap, 0)
+        assert overlap.max() <= 0.3 + 1e-9
+        assert len(r.proposals) > len(r.boxes)  # something was suppressed
+
+
+def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, photos, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = build_model(ARCH, "none", "linear")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    rng = np.random.default_rng(1)
+    dim = last_linear(model.backbone)[2].in_features
+    arrays = {"mean": rng.normal(size=dim), "scale": rng.uniform(0.5, 2, dim), "coef": rng.normal(size=dim),
+              "intercept": np.array([0.3]), "threshold": np.float64(0.1)}
+    np.savez(tmp_path / "svm_model.npz", **arrays)
+    from crackio.proposals import encode_jpeg, warp
+
+    rgb = load_photo(photos / "easy_a.jpg")
+    boxes = np.array([[10, 10, 80, 70], [140, 70, 200, 120.0]])
+    jpegs = [encode_jpeg(warp(rgb, b, 16, 224, rgb.reshape(-1, 3).mean(0)), 95) for b in boxes]
+    scores = Scorer(model, torch.device("cpu"), 8, tmp_path / "svm_model.npz")(jpegs)
+    grabbed = []
+    hook = last_linear(model.backbone)[2].register_forward_pre_hook(lambda _m, a: grabbed.append(a[0]))
+    from torchvision.io import decode_jpeg
+
+    from crackio.augment import augment_normalize
+
+    with torch.no_grad():
+        model(augment_normalize(torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8))
+                                             for j in jpegs]), None))
+    hook.remove()
+    expected = ((grabbed[0].numpy() - arrays["mean"]) / arrays["scale"]) @ arrays["coef"] + 0.3
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for p in photos.glob("*.jpg"):
+        (tmp_path / "in" / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a photo")
+    out = tmp_path / "det"
+    assert cli(["detect", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--annotations", str(photos),
+                "--format", "coco", "--out", str(out), "--device", "cpu", "--score-threshold", "0"]) == 0
+    for name in ("detections.json", "report.txt", "summary.json", "overview.jpg", "pr_curve.png",
+                 "images/easy_a.jpg", "images/easy_b.jpg"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detected"] == 2 and summary["photos"] == 3
+    assert summary["proposal_recall"] == 1.0 and 0 <= summary["ap50_voc"] <= 1
+    reasons = {Path(p["path"]).name: p["reason"] for p in summary["problems"]}
+    assert "unreadable photo" in reasons["broken.jpg"]
+    assert reasons["gone.jpg"].startswith("missing image named in")
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections and all(set(d) == {"image_id", "file_name", "category_id", "bbox", "score"} for d in detections)
+    report = (out / "report.txt").read_text()
+    assert "detection AP@0.5" in report and "proposal recall 1.000" in report
+    for timing in ("proposals", "warping", "scoring", "nms"):
+        assert timing in summary["seconds_per_photo"]
+
+
+def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    shards = tmp_path / "packed"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
+    ckpt["config"]["shards"] = str(shards)
+    torch.save(ckpt, tmp_path / "best.pt")
+    with pytest.raises(ConfigError, match="records no proposal settings"):
+        run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o"), device="cpu")
+    assert cli(["detect", "--checkpoint", str(tmp_path / "best.pt"), str(photos), "--out", str(tmp_path / "o")]) == 2
+    assert "tools/propose.py" in capsys.readouterr().err
