@@ -241,3 +241,27 @@ def test_problems_are_listed_and_strict_fails(photos, tmp_path):
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [s["path"] for s in manifest["skipped"]] == [str(first)]
     assert "unreadable photo" in manifest["skipped"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
+    import os
+    import signal
+    import time
+
+    ref, _ = proposed["voc"]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / "voc"), "--format", "voc", "--out",
+           str(out), "--max-proposals", "40", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".spool/*.bin")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (out / "manifest.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    subprocess.run(cmd, check=True, timeout=300)
+    assert shard_files(out) == shard_files(ref)
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert not list(out.rglob("*.tmp")) and not (out / ".spool").exists()
