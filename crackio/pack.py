@@ -311,6 +311,16 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def print_skipped(manifest: dict, out: Path, word: str = "skipped", limit: int = 20) -> None:
+    """The first `limit` skipped inputs on stderr, and where the whole list is (the CLIs' shared output)."""
+    import sys
+
+    for s in manifest["skipped"][:limit]:
+        print(f"{word} {s['path']}: {s['reason']}", file=sys.stderr)
+    if len(manifest["skipped"]) > limit:
+        print(f"... and {len(manifest['skipped']) - limit} more, all listed in {out / MANIFEST}", file=sys.stderr)
+
+
 def warnings(manifest: dict) -> list[str]:
     """Problems that do not stop a pack but that --strict refuses: leakage between splits, labels that
     contradict every IoU threshold."""

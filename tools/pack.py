@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.errors import CrackioError  # noqa: E402
-from crackio.pack import PackSettings, pack, summary, warnings  # noqa: E402
+from crackio.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for s in manifest["skipped"][:20]:
-        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    if len(manifest["skipped"]) > 20:
-        print(f"... and {len(manifest['skipped']) - 20} more, all listed in {args.out / 'manifest.json'}",
-              file=sys.stderr)
+    print_skipped(manifest, args.out)
     for split, info in manifest["splits"].items():
         if info["converted_list"]:
             print(f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "

@@ -7,7 +7,7 @@
 
 The shards are read by `python -m train --shards SHARDS` like those of tools/pack.py. Photos or
 annotations that cannot be used are listed with their reasons in SHARDS/manifest.json; --strict
-turns any of them into exit code 1.
+turns any of them, and any warning (leakage, labels no threshold explains), into exit code 1.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.annotations import FORMATS  # noqa: E402
 from crackio.errors import CrackioError  # noqa: E402
+from crackio.pack import print_skipped, warnings  # noqa: E402
 from crackio.proposals import METHODS, MODES, ProposalSettings  # noqa: E402
 from crackio.propose import ProposeSettings, propose_to_shards, summary  # noqa: E402
 
@@ -69,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for s in manifest["skipped"][:20]:
-        print(f"problem {s['path']}: {s['reason']}", file=sys.stderr)
-    if len(manifest["skipped"]) > 20:
-        print(f"... and {len(manifest['skipped']) - 20} more, all listed in {args.out / 'manifest.json'}",
-              file=sys.stderr)
+    print_skipped(manifest, args.out, word="problem")
     print(summary(manifest, args.out))
-    if args.strict and manifest["skipped"]:
-        print(f"--strict: {len(manifest['skipped'])} photo or annotation problems", file=sys.stderr)
+    problems = warnings(manifest)  # leakage between splits, labels no threshold explains
+    for line in problems:
+        print(f"warning: {line}")
+    if args.strict and (manifest["skipped"] or problems):
+        print(f"--strict: {len(manifest['skipped'])} photo or annotation problems, {len(problems)} warnings",
+              file=sys.stderr)
         return 1
     return 0
 
