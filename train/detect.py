@@ -76,8 +76,16 @@ class Scorer:
         if svm is not None:
             if not svm.is_file():
                 raise MissingFile(f"--svm {svm} does not exist (python -m train svm writes RUN/svm/svm_model.npz)")
-            with np.load(svm, allow_pickle=False) as arrays:
-                self.svm = {k: arrays[k] for k in ("mean", "scale", "coef", "intercept", "threshold")}
+            try:
+                with np.load(svm, allow_pickle=False) as arrays:
+                    self.svm = {k: arrays[k].astype(np.float64) for k in ("mean", "scale", "coef", "intercept",
+                                                                           "threshold")}
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
+            dim = last_linear(model.backbone)[2].in_features
+            if any(self.svm[k].shape != (dim,) for k in ("mean", "scale", "coef")):
+                raise ConfigError(f"--svm {svm} was trained on {self.svm['coef'].shape[0]}-d features; this "
+                                  f"checkpoint's backbone gives {dim}-d: use the SVM of this run")
             self._features: list[torch.Tensor] = []
             last_linear(model.backbone)[2].register_forward_pre_hook(
                 lambda _m, args: self._features.append(args[0].float().flatten(1)))
@@ -168,8 +176,8 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
 
     if annotations and not fmt:
         raise ConfigError("--annotations needs --format (coco, yolo, voc or mask)")
-    if not 0 < nms_iou <= 1 or batch_size < 1:
-        raise ConfigError("--nms-iou must be in (0, 1] and --batch-size >= 1")
+    if not 0 < nms_iou <= 1 or batch_size < 1 or (score_threshold is not None and not np.isfinite(score_threshold)):
+        raise ConfigError("--nms-iou must be in (0, 1], --batch-size >= 1 and --score-threshold a finite number")
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
@@ -180,15 +188,23 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
         model = model.to(memory_format=torch.channels_last)
     scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None)
     threshold = scorer.threshold if score_threshold is None else score_threshold
-    files = photo_files(photos)
+    files, seen = [], {}
+    for file in photo_files(photos):  # outputs and annotations go by stem: it must name one photo
+        if file.stem in seen:
+            note = f"a second photo named {file.stem!r} (the first: {display_name(seen[file.stem])}): skipped"
+            files.append((file, note))
+        else:
+            seen[file.stem] = file
+            files.append((file, ""))
     truth, problems = ground_truth(annotations, fmt, classes) if annotations else ({}, [])
     results: list[PhotoDetections] = []
     crops = 0
     start = time.perf_counter()
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         bar = tqdm(files, unit="photo", desc="detect")
-        for file in bar:
-            r = detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
+        for file, duplicate in bar:
+            r = PhotoDetections(file, file.stem, problem=duplicate) if duplicate else \
+                detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
             if annotations and not r.problem:
                 photo = truth.get(r.stem)
                 if photo is None:
