@@ -24,7 +24,8 @@ from crackio.names import display_name
 FORMATS = ("coco", "yolo", "voc", "mask")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
-# Masks: crack pixels are > 0. One crack drawn or predicted as fragments is joined by a dilation
+# Masks: crack pixels are those above half the mask's maximum (0/1 and 0/255 masks alike; a JPEG-saved mask's
+# compression noise stays below). One crack drawn or predicted as fragments is joined by a dilation
 # with a MASK_JOIN x MASK_JOIN ellipse (gaps up to ~MASK_JOIN - 1 pixels); components with fewer than
 # MASK_MIN_PIXELS crack pixels are specks and dropped. The box spans the component's own crack pixels.
 MASK_JOIN = 9
@@ -40,6 +41,8 @@ class Photo:
     normalized: bool = False     # YOLO: boxes are fractions of the photo's size
     mask: Path | None = None     # mask format: boxes come from this image
     difficult: list[bool] = field(default_factory=list)  # VOC's flag per box (kept as ground truth)
+    errors: list[str] = field(default_factory=list)  # ground truth that could not be read: the photo is skipped
+    size: tuple[int, int] | None = None  # (width, height) the annotation says, checked against the photo
 
 
 @dataclass
@@ -83,6 +86,7 @@ def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None
     result = {"coco": _coco, "yolo": _yolo, "voc": _voc, "mask": _mask}[fmt](src, classes)
     stems: dict[str, Path] = {}
     unique = []
+    result.photos.sort(key=lambda p: (p.stem, str(p.path)))  # the same order (and ratio splits) in every format
     for photo in result.photos:  # the stem names every proposal of the photo: it must be unique
         if photo.stem in stems:
             result.problems.append((display_name(photo.path), f"a second photo named {photo.stem!r} (the first: "
@@ -116,17 +120,27 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
         except (OSError, ValueError) as e:
             problems.append((display_name(path), f"not readable JSON ({e})"))
             continue
-        if not isinstance(doc, dict) or "images" not in doc:
-            continue  # some other JSON file beside the annotations
+        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+            problems.append((display_name(path), "not a COCO annotation file (no 'images' list): ignored"))
+            continue
         docs.append((split, path, doc))
     names = sorted({str(c.get("name")) for _, _, doc in docs for c in doc.get("categories", [])})
     positive = _pick(names, wanted, "the COCO categories")
     photos = []
     for split, path, doc in docs:
         cats = {c.get("id"): str(c.get("name")) for c in doc.get("categories", [])}
+        image_ids = {im.get("id") for im in doc["images"]}
         by_image: dict = {}
         for a in doc.get("annotations", []):
-            by_image.setdefault(a.get("image_id"), []).append(a)
+            if a.get("image_id") not in image_ids:
+                problems.append((display_name(path), f"annotation {a.get('id')} names image_id {a.get('image_id')!r}, "
+                                                     f"which is not in 'images': ignored"))
+            elif a.get("category_id") not in cats:
+                problems.append((display_name(path), f"annotation {a.get('id')} names category_id "
+                                                     f"{a.get('category_id')!r}, which is not in 'categories'"))
+                by_image.setdefault(a.get("image_id"), []).append(a)  # its photo is skipped: a box of what?
+            else:
+                by_image.setdefault(a.get("image_id"), []).append(a)
         for im in doc["images"]:
             file_name = str(im.get("file_name", ""))
             photo = next((p for p in (path.parent / file_name, path.parent / "images" / file_name,
@@ -134,30 +148,49 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
             if photo is None:
                 problems.append((display_name(path.parent / file_name), f"missing image named in {path.name}"))
                 continue
-            boxes = []
+            boxes, errors = [], []
             for a in by_image.get(im.get("id"), []):
-                if cats.get(a.get("category_id")) not in positive:
+                if a.get("category_id") not in cats:
+                    errors.append(f"annotation {a.get('id')} has an unknown category_id {a.get('category_id')!r}")
+                    continue
+                if cats[a.get("category_id")] not in positive:
                     continue
                 box = _coco_box(a)
-                if box is None:
-                    problems.append((display_name(photo), f"annotation {a.get('id')} has neither a usable bbox nor "
-                                                          f"a polygon"))
-                    continue
-                boxes.append(box)
-            photos.append(Photo(photo, Path(file_name).stem, split, np.array(boxes, np.float64).reshape(-1, 4)))
+                if isinstance(box, str):
+                    errors.append(f"annotation {a.get('id')}: {box}")
+                else:
+                    boxes.append(box)
+            size = (im["width"], im["height"]) if isinstance(im.get("width"), int) and \
+                isinstance(im.get("height"), int) else None
+            photos.append(Photo(photo, Path(file_name).stem, split, np.array(boxes, np.float64).reshape(-1, 4),
+                                errors=errors, size=size))
     return Annotated(photos, problems, names, positive)
 
 
-def _coco_box(a: dict) -> list[float] | None:
+def _numbers(values) -> list[float] | None:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return out if all(np.isfinite(out)) else None
+
+
+def _coco_box(a: dict) -> list[float] | str:
+    """x0, y0, x1, y1 from `bbox` (x, y, w, h), else from the polygons; or what is wrong with it."""
     bbox = a.get("bbox")
-    if isinstance(bbox, list) and len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0:
-        x, y, w, h = (float(v) for v in bbox)
+    if bbox is not None:
+        values = _numbers(bbox) if isinstance(bbox, list) and len(bbox) == 4 else None
+        if values is None or values[2] <= 0 or values[3] <= 0:
+            return f"bbox {bbox!r} is not 4 finite numbers x, y, w, h with w, h > 0"
+        x, y, w, h = values
         return [x, y, x + w, y + h]
     seg = a.get("segmentation")
-    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 for p in seg):  # polygons
-        pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in seg])
-        return [*pts.min(0), *pts.max(0)]
-    return None
+    if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+        values = _numbers(v for p in seg for v in p)
+        if values is not None:
+            pts = np.asarray(values).reshape(-1, 2)
+            return [*pts.min(0), *pts.max(0)]
+    return "neither a bbox nor polygons of finite numbers (an RLE mask needs its bbox)"
 
 
 # --- YOLO --------------------------------------------------------------------------------------------------
@@ -188,30 +221,40 @@ def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
     for split, images, labels in layouts:
         for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
             txt = labels / (photo.stem + ".txt")
-            boxes = []
+            boxes, errors = [], []
             if txt.is_file():  # no label file: a background photo, as YOLO reads it
-                for number, line in enumerate(txt.read_text().splitlines(), 1):
-                    parts = line.split()
-                    if not parts:
-                        continue
-                    try:
-                        cls, values = int(parts[0]), [float(v) for v in parts[1:]]
-                    except ValueError:
-                        problems.append((display_name(txt), f"line {number} is not 'class cx cy w h'"))
-                        continue
-                    if ids is not None and cls not in ids:
-                        continue
-                    if len(values) == 4:
-                        boxes.append(values)
-                    elif len(values) >= 6 and len(values) % 2 == 0:  # a segment: its polygon's box
-                        pts = np.asarray(values).reshape(-1, 2)
-                        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
-                        boxes.append([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
-                    else:
-                        problems.append((display_name(txt), f"line {number} has {len(values)} numbers after the "
-                                                            f"class, not 4 (a box) or an even count (a polygon)"))
-            photos.append(Photo(photo, photo.stem, split, np.array(boxes, np.float64).reshape(-1, 4), normalized=True))
+                for number, line in enumerate(txt.read_text(encoding="utf-8-sig").splitlines(), 1):
+                    box = _yolo_line(line, len(names))
+                    if isinstance(box, str):
+                        errors.append(f"{txt.name} line {number}: {box}")
+                    elif box is not None and (ids is None or box[0] in ids):
+                        boxes.append(box[1])
+            photos.append(Photo(photo, photo.stem, split, np.array(boxes, np.float64).reshape(-1, 4), normalized=True,
+                                errors=errors))
     return Annotated(photos, problems, names, positive or names)
+
+
+def _yolo_line(line: str, classes: int) -> tuple[int, list[float]] | str | None:
+    """(class, [cx, cy, w, h] normalized) of one label line, None for a blank one, or what is wrong."""
+    parts = line.split()
+    if not parts:
+        return None
+    values = _numbers(parts)
+    if values is None or values[0] != int(values[0]) or values[0] < 0:
+        return f"{line.strip()!r} is not 'class cx cy w h' with an integer class and finite numbers"
+    cls, coords = int(values[0]), values[1:]
+    if classes and cls >= classes:
+        return f"class {cls} is not in the {classes} class names of data.yaml / classes.txt"
+    if len(coords) >= 6 and len(coords) % 2 == 0:  # a segment: its polygon's box
+        pts = np.asarray(coords).reshape(-1, 2)
+        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+        coords = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+    elif len(coords) != 4:
+        return f"{len(coords)} numbers after the class, not 4 (a box) or an even count >= 6 (a polygon)"
+    cx, cy, w, h = coords
+    if w <= 0 or h <= 0 or not all(-0.01 <= v <= 1.01 for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)):
+        return f"box {coords} is not normalized to the photo (0..1, w and h > 0): pixel coordinates?"
+    return cls, coords
 
 
 # --- Pascal VOC --------------------------------------------------------------------------------------------
@@ -236,23 +279,29 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
         except (ET.ParseError, OSError) as e:
             problems.append((display_name(xml), f"not readable XML ({e})"))
             continue
-        objects = []
+        if root.tag != "annotation":
+            problems.append((display_name(xml), f"root element <{root.tag}>, not <annotation>: not a VOC file"))
+            continue
+        objects, errors = [], []
         for obj in root.iter("object"):
             name = (obj.findtext("name") or "").strip()
             names.add(name)
             bb = obj.find("bndbox")
-            try:
-                # VOC boxes are 1-based and inclusive: pixel columns xmin..xmax are x0 = xmin - 1 .. x1 = xmax.
-                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[union-attr]
-            except (AttributeError, TypeError, ValueError):
-                problems.append((display_name(xml), f"object {name!r} has no numeric bndbox"))
+            box = _numbers(bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")) if bb is not None else None
+            if box is None or box[2] < box[0] or box[3] < box[1]:
+                errors.append((name, f"object {name!r} has no bndbox of finite numbers with xmin <= xmax, "
+                                     f"ymin <= ymax"))
                 continue
+            # VOC boxes are 1-based and inclusive: pixel columns xmin..xmax are x0 = xmin - 1 .. x1 = xmax.
             objects.append((name, [box[0] - 1, box[1] - 1, box[2], box[3]], (obj.findtext("difficult") or "0") == "1"))
-        parsed.append((split, xml, images, (root.findtext("filename") or xml.stem).strip(), objects))
+        size = _numbers([root.findtext("size/width"), root.findtext("size/height")])
+        parsed.append((split, xml, images, (root.findtext("filename") or xml.stem).strip(), objects, errors,
+                       tuple(int(v) for v in size) if size and min(size) > 0 else None))
     classes = sorted(names)
     positive = _pick(classes, wanted, "the VOC object names")
     photos = []
-    for split, xml, images, filename, objects in parsed:
+    described: set[Path] = set()
+    for split, xml, images, filename, objects, errors, size in parsed:
         photo = next((p for p in (images / filename, xml.parent / filename) if p.is_file()), None)
         if photo is None:
             candidates = [p for p in images.glob(xml.stem + ".*") if _is_photo(p)]
@@ -260,9 +309,16 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
         if photo is None:
             problems.append((display_name(images / filename), f"missing image named in {xml.name}"))
             continue
+        described.add(photo.resolve())
         kept = [(box, hard) for name, box, hard in objects if name in positive]
         photos.append(Photo(photo, photo.stem, split, np.array([b for b, _ in kept], np.float64).reshape(-1, 4),
-                            difficult=[h for _, h in kept]))
+                            difficult=[h for _, h in kept], size=size,
+                            errors=[why for name, why in errors if name in positive or not name]))
+    folders = {images for _, _, images, *_ in parsed} | {xml.parent for _, xml, *_ in parsed}
+    for folder in sorted(folders):  # a photo without an XML is not "no crack": VOC writes a file per photo
+        for p in sorted(folder.iterdir()):
+            if _is_photo(p) and p.resolve() not in described:
+                problems.append((display_name(p), "no VOC annotation (XML) names this photo: left out"))
     return Annotated(photos, problems, classes, positive)
 
 
@@ -286,10 +342,11 @@ def _mask(src: Path, wanted: list[str] | None) -> Annotated:
 
 
 def mask_boxes(mask: np.ndarray) -> np.ndarray:
-    """Ground-truth boxes of a crack mask (H x W, crack > 0): see MASK_JOIN and MASK_MIN_PIXELS."""
+    """Ground-truth boxes of a crack mask (H x W): see MASK_JOIN and MASK_MIN_PIXELS above."""
     import cv2
 
-    crack = (mask > 0).astype(np.uint8)
+    top = int(mask.max())
+    crack = (mask > top / 2).astype(np.uint8) if top else np.zeros(mask.shape, np.uint8)
     joined = cv2.dilate(crack, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MASK_JOIN, MASK_JOIN)))
     count, labels = cv2.connectedComponents(joined, connectivity=8)
     boxes = []
@@ -300,9 +357,17 @@ def mask_boxes(mask: np.ndarray) -> np.ndarray:
     return np.array(boxes, np.float64).reshape(-1, 4)
 
 
-def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, list[str]]:
-    """The photo's ground-truth boxes in pixels, clipped to it; and the problems with them."""
-    problems = []
+def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """The photo's ground-truth boxes in pixels, clipped to it: (boxes (N, 4), notes, errors).
+
+    Notes are boxes clipped at the border (kept). Errors mean the ground truth is incomplete: an
+    unreadable annotation or mask, a box outside the photo, a size that disagrees with the photo.
+    A photo with errors must be left out: its cracks would become negatives.
+    """
+    errors = list(photo.errors)
+    if photo.size is not None and tuple(photo.size) != (width, height):
+        errors.append(f"the annotation gives the photo as {photo.size[0]}x{photo.size[1]}, the file is "
+                      f"{width}x{height} (another version of the photo?)")
     if photo.mask is not None:
         from PIL import Image, ImageOps
 
@@ -310,11 +375,11 @@ def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, li
             with Image.open(photo.mask) as m:
                 mask = np.asarray(ImageOps.exif_transpose(m).convert("L"))
         except (OSError, ValueError, SyntaxError) as e:
-            return np.zeros((0, 4)), [f"unreadable mask {display_name(photo.mask)} ({e})"]
+            return np.zeros((0, 4)), [], [*errors, f"unreadable mask {display_name(photo.mask)} ({e})"]
         if mask.shape != (height, width):
-            return np.zeros((0, 4)), [f"mask {display_name(photo.mask)} is {mask.shape[1]}x{mask.shape[0]}, the "
-                                      f"photo {width}x{height}"]
-        return mask_boxes(mask), []
+            return np.zeros((0, 4)), [], [*errors, f"mask {display_name(photo.mask)} is {mask.shape[1]}x"
+                                                   f"{mask.shape[0]}, the photo {width}x{height}"]
+        return mask_boxes(mask), [], errors
     boxes = photo.boxes.copy()
     if photo.normalized:
         cx, cy, w, h = boxes.T * np.array([[width], [height], [width], [height]])
@@ -322,10 +387,10 @@ def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, li
     clipped = boxes.copy()
     clipped[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
     clipped[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    # A box that overshoots the border by more than a pixel (not rounding) or is empty once clipped is reported.
+    # Overshooting the border by more than a pixel (not rounding) is noted; empty once clipped is an error.
     far = np.abs(clipped - boxes).max(1) > 1 if len(boxes) else np.zeros(0, bool)
     empty = (clipped[:, 2] - clipped[:, 0] < 1) | (clipped[:, 3] - clipped[:, 1] < 1)
-    for box in boxes[far | empty]:
-        what = "outside the photo" if empty[(boxes == box).all(1)].any() else "beyond the photo's border (clipped)"
-        problems.append(f"box {[round(float(v), 1) for v in box]} is {what} ({width}x{height})")
-    return clipped[~empty], problems
+    text = lambda box: [round(float(v), 1) for v in box]  # noqa: E731
+    notes = [f"box {text(b)} reaches beyond the photo ({width}x{height}): clipped" for b in boxes[far & ~empty]]
+    errors += [f"box {text(b)} is outside the photo ({width}x{height}) or empty" for b in boxes[empty]]
+    return clipped[~empty], notes, errors

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from crackio.annotations import Photo, read_annotations, resolve_boxes
 from crackio.errors import ConfigError
-from crackio.images import strict_pillow
+from crackio.images import strict_pillow, to_rgb8
 from crackio.names import display_name, format_name
 from crackio.pack import split_order
 from crackio.proposals import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
@@ -73,9 +73,18 @@ class PhotoResult:
 
 
 def load_photo(path: Path) -> np.ndarray:
-    """uint8 H x W x 3 RGB of the upright photo (EXIF orientation applied, as labelling tools show it)."""
+    """uint8 H x W x 3 RGB of the upright photo: EXIF orientation applied (as labelling tools show it), other
+    modes converted with their real dynamic range by the packer's rule (crackio.images.to_rgb8).
+
+    Raises:
+        ValueError: a mode whose scale cannot be known (e.g. float pixels outside [0, 1]).
+        OSError, SyntaxError: an unreadable file.
+    """
     with strict_pillow(), Image.open(path) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        rgb, why = to_rgb8(ImageOps.exif_transpose(img))
+        if rgb is None:
+            raise ValueError(why)
+        return np.asarray(rgb)
 
 
 def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: int) -> PhotoResult:
@@ -89,8 +98,12 @@ def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: in
         return result
     height, width = rgb.shape[:2]
     result.size = (width, height)
-    result.gt, problems = resolve_boxes(photo, width, height)
-    result.problems += problems
+    result.gt, notes, errors = resolve_boxes(photo, width, height)
+    result.problems += notes
+    if errors:  # incomplete ground truth: its cracks would be stored as negatives
+        result.problems += [f"photo left out, its ground truth is incomplete: {e}" for e in errors]
+        result.failed = True
+        return result
     t0 = time.perf_counter()
     found = propose(rgb, result.gt, settings, seed, photo.stem)
     t1 = time.perf_counter()
@@ -108,7 +121,7 @@ def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: in
 
 def assign_splits(photos: list[Photo], ratios: tuple[float, ...], seed: int) -> list[str]:
     """Each photo's split: its folder's, else by `ratios` over a seeded permutation of the photos."""
-    if any(r < 0 for r in ratios) or not sum(ratios) > 0 or len(ratios) != 3:
+    if len(ratios) != 3 or not all(np.isfinite(r) and r >= 0 for r in ratios) or not sum(ratios) > 0:
         raise ConfigError(f"--split-ratios must be three non-negative numbers (train, valid, test), got {ratios}")
     unassigned = [i for i, p in enumerate(photos) if p.split is None]
     splits = [p.split or "" for p in photos]
@@ -212,6 +225,9 @@ def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     annotated = read_annotations(src, fmt, list(run.classes) or None)
+    if run.split_ratios != ProposeSettings().split_ratios and all(p.split for p in annotated.photos):
+        raise ConfigError(f"--split-ratios applies to photos without a split folder, and every photo in "
+                          f"{display_name(src)} has one: drop the option, or the split folders")
     splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
     out.mkdir(parents=True, exist_ok=True)

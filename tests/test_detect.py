@@ -176,3 +176,20 @@ def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp
         run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o"), device="cpu")
     assert cli(["detect", "--checkpoint", str(tmp_path / "best.pt"), str(photos), "--out", str(tmp_path / "o")]) == 2
     assert "tools/propose.py" in capsys.readouterr().err
+
+
+def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(checkpoint, photos, tmp_path,
+                                                                               capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["proposals"] = dataclasses.replace(SETTINGS, max_proposals=7).as_dict()  # saved at training time
+    ckpt["config"]["shards"] = str(tmp_path / "moved-away")  # the shards are gone
+    torch.save(ckpt, tmp_path / "best.pt")
+    out = run_detect(str(tmp_path / "best.pt"), [str(photos / "easy_a.jpg")], str(tmp_path / "o"), device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["proposals"]["max_proposals"] == 7 and summary["per_photo"][0]["proposals"] <= 7
+    dim = last_linear(build_model(ARCH, "none", "linear").backbone)[2].in_features
+    np.savez(tmp_path / "svm.npz", mean=np.zeros(dim), scale=np.ones(dim), coef=np.ones(dim), intercept=np.zeros(1),
+             threshold=np.float64(0), checkpoint_sha256=np.array("0" * 64))
+    with pytest.raises(ConfigError, match="another checkpoint's features"):
+        run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o2"), svm=str(tmp_path / "svm.npz"),
+                   device="cpu")

@@ -56,16 +56,16 @@ def test_box_readers_give_the_known_boxes(photos, fmt):
     assert sorted(p.stem for p in data.photos) == sorted(expected) and not data.problems
     assert {p.split for p in data.photos} == {"train", "valid", "test"}
     for p in data.photos:
-        boxes, problems = resolve_boxes(p, *SIZE)
-        assert not problems
+        boxes, notes, errors = resolve_boxes(p, *SIZE)
+        assert not notes and not errors
         np.testing.assert_allclose(boxes, expected[p.stem], atol=0.01 if fmt != "yolo" else 0.05)
 
 
 def test_mask_reader_boxes_cover_the_drawn_cracks(photos):
     expected = truth()
     for p in read_annotations(photos / "mask", "mask").photos:
-        boxes, problems = resolve_boxes(p, *SIZE)
-        assert not problems and len(boxes)
+        boxes, notes, errors = resolve_boxes(p, *SIZE)
+        assert not notes and not errors and len(boxes)
         gt = expected[p.stem]  # the drawing's boxes have a 6-pixel pad the mask does not
         for box in boxes:
             inter = np.clip(np.minimum(box[2:], gt[:, 2:]) - np.maximum(box[:2], gt[:, :2]), 0, None).prod(1)
@@ -91,17 +91,24 @@ def test_coco_image_without_annotations_is_a_photo_without_ground_truth(tmp_path
         read_annotations(tmp_path, "coco", ["pothole"])
 
 
-def test_yolo_box_touching_the_border_and_one_beyond_it(tmp_path):
+def test_yolo_box_touching_the_border_and_bad_lines(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    Image.new("RGB", (200, 100)).save(tmp_path / "images" / "a.jpg")
-    (tmp_path / "labels" / "a.txt").write_text("0 0.95 0.5 0.1 0.4\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n"
-                                               "0 1.2 0.5 0.2 0.2\n")
+    for stem in ("a", "b", "c"):
+        Image.new("RGB", (200, 100)).save(tmp_path / "images" / f"{stem}.jpg")
+    # A byte-order mark (Windows editors), a box touching the right edge, a class that is not crack.
+    (tmp_path / "labels" / "a.txt").write_text("\ufeff0 0.95 0.5 0.1 0.4\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n",
+                                               encoding="utf-8")
+    (tmp_path / "labels" / "b.txt").write_text("0 120 50 20 20\n")     # pixels, not normalized
+    (tmp_path / "labels" / "c.txt").write_text("0 nan 0.5 0.2 0.1\n2 0.5 0.5 0.1 0.1\n")
     (tmp_path / "classes.txt").write_text("crack\nspall\n")
-    (photo,) = read_annotations(tmp_path, "yolo", ["crack"]).photos
-    boxes, problems = resolve_boxes(photo, 200, 100)
+    photos = {p.stem: p for p in read_annotations(tmp_path, "yolo", ["crack"]).photos}
+    boxes, notes, errors = resolve_boxes(photos["a"], 200, 100)
     np.testing.assert_allclose(boxes, [[180, 30, 200, 70], [80, 40, 120, 60]])  # spall (class 1) is not crack
-    assert problems == ["box [220.0, 40.0, 260.0, 60.0] is outside the photo (200x100)"]
+    assert not notes and not errors
+    assert "not normalized" in resolve_boxes(photos["b"], 200, 100)[2][0]
+    errors = resolve_boxes(photos["c"], 200, 100)[2]
+    assert "finite numbers" in errors[0] and "class 2 is not in the 2 class names" in errors[1]
 
 
 def test_voc_difficult_objects_are_ground_truth(tmp_path):
@@ -265,3 +272,84 @@ def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
     assert shard_files(out) == shard_files(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert not list(out.rglob("*.tmp")) and not (out / ".spool").exists()
+
+
+def test_a_photo_with_incomplete_ground_truth_is_left_out_not_made_negatives(photos, tmp_path):
+    """One broken annotation per format: that photo is listed and stores no crop; the others are kept."""
+    broken = {}
+    for fmt in FORMATS:
+        src = tmp_path / fmt
+        shutil.copytree(photos / fmt, src)
+        if fmt == "coco":
+            path = src / "train" / "_annotations.coco.json"
+            doc = json.loads(path.read_text())
+            doc["annotations"][0]["bbox"][2] = -5  # a negative width
+            broken[fmt] = doc["images"][doc["annotations"][0]["image_id"]]["file_name"].rsplit(".", 1)[0]
+            path.write_text(json.dumps(doc))
+        elif fmt == "yolo":
+            label = sorted((src / "train" / "labels").glob("*.txt"))[0]
+            label.write_text(label.read_text() + "0 0.5 0.5\n")  # three numbers
+            broken[fmt] = label.stem
+        elif fmt == "voc":
+            xml = sorted((src / "train").glob("*.xml"))[0]
+            text = xml.read_text()
+            xml.write_text(text.replace("<xmin>", "<xmin>9999", 1))  # xmin > xmax
+            broken[fmt] = xml.stem
+        else:
+            mask = sorted((src / "train" / "masks").glob("*.png"))[0]
+            Image.new("L", (10, 10)).save(mask)  # the wrong size
+            broken[fmt] = mask.stem
+        manifest = propose_to_shards(src, fmt, tmp_path / f"o_{fmt}", FAST, ProposeSettings(workers=2),
+                                     progress=False)
+        stems = {s.decode() for s in load_index(tmp_path / f"o_{fmt}", "train").rows["stem"]}
+        assert broken[fmt] not in stems and len(stems) == 7, fmt
+        (problem,) = [s for s in manifest["skipped"] if broken[fmt] in s["path"] or broken[fmt] in s["reason"]]
+        assert "ground truth is incomplete" in problem["reason"], problem
+
+
+def test_coco_problems_are_listed(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    Image.new("RGB", (64, 48)).save(folder / "a.jpg")
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 48}],
+           "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                           {"id": 2, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}],
+           "categories": [{"id": 1, "name": "crack"}]}
+    (folder / "_annotations.coco.json").write_text(json.dumps(doc))
+    (folder / "notes.json").write_text("[1, 2]")
+    data = read_annotations(tmp_path, "coco")
+    reasons = " | ".join(r for _, r in data.problems)
+    assert "names image_id 5" in reasons and "category_id 9" in reasons and "not a COCO annotation" in reasons
+    _, _, errors = resolve_boxes(data.photos[0], 64, 48)
+    assert any("unknown category_id 9" in e for e in errors) and any("100x48" in e for e in errors)
+
+
+def test_voc_photo_without_xml_is_listed(tmp_path):
+    Image.new("RGB", (50, 40)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (50, 40)).save(tmp_path / "b.jpg")
+    (tmp_path / "a.xml").write_text("<annotation><filename>a.jpg</filename></annotation>")
+    data = read_annotations(tmp_path, "voc")
+    assert [p.stem for p in data.photos] == ["a"]
+    assert data.problems == [(str(tmp_path / "b.jpg"), "no VOC annotation (XML) names this photo: left out")]
+
+
+def test_photos_keep_their_dynamic_range(tmp_path):
+    from crackio.propose import load_photo
+
+    Image.fromarray(np.full((20, 30), 32768, np.uint16)).save(tmp_path / "deep.png")
+    assert np.abs(load_photo(tmp_path / "deep.png").astype(int) - 128).max() <= 1  # not a white photo
+
+
+def test_split_ratio_mistakes_are_refused(photos, tmp_path):
+    from crackio import ConfigError
+    from crackio.propose import assign_splits
+
+    with pytest.raises(ConfigError, match="three non-negative numbers"):
+        assign_splits(read_annotations(photos / "coco", "coco").photos, (float("inf"), 1, 1), 0)
+
+    with pytest.raises(ConfigError, match="split-ratios"):
+        propose_to_shards(photos / "coco", "coco", tmp_path / "o", FAST,
+                          ProposeSettings(split_ratios=(float("inf"), 1, 1)), progress=False)
+    with pytest.raises(ConfigError, match="every photo .* has one"):
+        propose_to_shards(photos / "coco", "coco", tmp_path / "o", FAST,
+                          ProposeSettings(split_ratios=(0.5, 0.25, 0.25)), progress=False)

@@ -71,6 +71,7 @@ def test_svm_stage_reports_beside_the_head_and_reuses_features(run, demo_shards,
     with np.load(out / "svm_model.npz", allow_pickle=False) as m, \
             np.load(out / "features/test.npz", allow_pickle=False) as f:
         scores = ((f["features"] - m["mean"]) / m["scale"]) @ m["coef"] + m["intercept"][0]
+        assert len(str(m["checkpoint_sha256"])) == 64  # which checkpoint's features: detection checks it
         predicted = scores >= float(m["threshold"])
         crack = f["labels"] == 1
         assert predicted[crack].mean() == pytest.approx(summary["splits"]["test"]["svm"]["crack"]["recall"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import box_iou, nms
 from tqdm import tqdm
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from crackio import read_manifest
 from crackio.annotations import PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.augment import augment_normalize
-from crackio.errors import ConfigError, MissingFile
+from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.loader import resolve_device
 from crackio.names import display_name
 from crackio.proposals import ProposalSettings, encode_jpeg, selective_search, warp
@@ -50,14 +51,22 @@ class PhotoDetections:
     problem: str = ""                 # why the photo was skipped, or a note on its annotation
 
 
-def proposal_settings(shards: str, checkpoint: Path) -> ProposalSettings:
-    """The proposal and warp settings the run's training crops were made with (its shards' manifest).
+def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSettings:
+    """The proposal and warp settings the run's training crops were made with: saved in the checkpoint
+    (from its shards' manifest at training time), or for older checkpoints read from those shards.
 
     Raises:
-        ConfigError: the shards were packed from a crop folder and record no such settings.
+        ConfigError: the run trained on crop folders packed by tools/pack.py (no such settings), or an
+            older checkpoint whose shards folder is gone.
     """
-    manifest = read_manifest(shards)
-    recorded = manifest.get("proposals")
+    if "proposals" in ckpt:
+        recorded = ckpt["proposals"]
+    else:
+        try:
+            recorded = read_manifest(shards).get("proposals")
+        except CrackioError as e:
+            raise ConfigError(f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
+                              f"training shards cannot be read ({e}); detection needs them") from e
     if not isinstance(recorded, dict):
         raise ConfigError(f"{checkpoint} was trained on {shards}, whose manifest records no proposal settings "
                           f"(shards packed from a crop folder by tools/pack.py): detection must make crops the way "
@@ -69,7 +78,8 @@ def proposal_settings(shards: str, checkpoint: Path) -> ProposalSettings:
 class Scorer:
     """Scores JPEG crops in batches: the network's P(crack), or the saved SVM's margin on its features."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int, svm: Path | None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int, svm: Path | None,
+                 checkpoint: Path | None = None):
         self.model, self.device, self.batch_size = model, device, batch_size
         self.amp = amp_dtype(device)
         self.svm = None
@@ -80,8 +90,16 @@ class Scorer:
                 with np.load(svm, allow_pickle=False) as arrays:
                     self.svm = {k: arrays[k].astype(np.float64) for k in ("mean", "scale", "coef", "intercept",
                                                                            "threshold")}
+                    made_from = str(arrays["checkpoint_sha256"]) if "checkpoint_sha256" in arrays else None
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
+            if made_from and checkpoint is not None:
+                from train.svm import file_sha256
+
+                if file_sha256(checkpoint).hexdigest() != made_from:
+                    raise ConfigError(f"--svm {svm} was trained on another checkpoint's features (SHA-256 "
+                                      f"{made_from[:12]}..., not {checkpoint}'s): run `python -m train svm "
+                                      f"--checkpoint {checkpoint}` for an SVM of this one")
             dim = last_linear(model.backbone)[2].in_features
             if any(self.svm[k].shape != (dim,) for k in ("mean", "scale", "coef")):
                 raise ConfigError(f"--svm {svm} was trained on {self.svm['coef'].shape[0]}-d features; this "
@@ -137,7 +155,7 @@ def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou
     result = PhotoDetections(path, path.stem)
     try:
         rgb = load_photo(path)
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         result.problem = f"unreadable photo ({e})"
         return result
     result.size = (rgb.shape[1], rgb.shape[0])
@@ -181,12 +199,12 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    settings = proposal_settings(cfg.shards, path)
+    settings = proposal_settings(ckpt, cfg.shards, path)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None)
+    scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
     threshold = scorer.threshold if score_threshold is None else score_threshold
     files, seen = [], {}
     for file in photo_files(photos):  # outputs and annotations go by stem: it must name one photo
@@ -210,8 +228,12 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
                 if photo is None:
                     r.problem = "not in the annotations: detected, left out of AP"
                 else:
-                    r.gt, notes = resolve_boxes(photo, *r.size)
+                    gt, notes, errors = resolve_boxes(photo, *r.size)
                     problems += [(display_name(file), n) for n in notes]
+                    if errors:  # incomplete ground truth would count true detections as false positives
+                        r.problem = f"left out of AP, its ground truth is incomplete: {'; '.join(errors)}"
+                    else:
+                        r.gt = gt
             if r.problem:
                 problems.append((display_name(file), r.problem))
             results.append(r)

@@ -131,7 +131,9 @@ def main(cfg: Config) -> Path:
     init_distributed()
     rank, world_size = world()
     device = pick_device(cfg)
-    read_manifest(cfg.shards)  # fail early, naming the folder, before building a model
+    # Read first: fails early, naming the folder. The proposal stage's settings go into every checkpoint, so
+    # detection makes crops the way these were made even when the shards have moved or been re-made.
+    proposals = read_manifest(cfg.shards).get("proposals")
     out = run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     train_loader, val_loader = loaders(cfg, device, rank, world_size)
@@ -177,7 +179,7 @@ def main(cfg: Config) -> Path:
         state |= {"epoch": epoch + 1, "best_val_loss": min(val_loss, state["best_val_loss"]),
                   "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
         if rank == 0:
-            save_epoch(out, model, optimizer, scaler, state, cfg, row, improved)
+            save_epoch(out, model, optimizer, scaler, state | {"proposals": proposals}, cfg, row, improved)
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
                   f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
                   f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "

@@ -60,12 +60,18 @@ def features_of(model, cfg, shards: str, split: str, args) -> dict[str, np.ndarr
     return extract(model.to(loader.device), loader, amp_dtype(loader.device), split)
 
 
-def checkpoint_digest(checkpoint: Path, shards: str):
-    """The checkpoint file and the shards' manifest, hashed once; cache_key adds the split."""
+def file_sha256(path: Path):
+    """SHA-256 of a file, read in 1 MB blocks (the SVM records its checkpoint's, detection checks it)."""
     digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest
+
+
+def checkpoint_digest(checkpoint: Path, shards: str):
+    """The checkpoint file and the shards' manifest, hashed once; cache_key adds the split."""
+    digest = file_sha256(checkpoint)
     digest.update((Path(shards) / "manifest.json").read_bytes())
     return digest
 
@@ -169,7 +175,8 @@ def run_svm(args) -> Path:
     plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
     # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.
     np.savez(out / "svm_model.npz", mean=scaler.mean_, scale=scaler.scale_, coef=svm.coef_[0],
-             intercept=svm.intercept_, threshold=np.float64(chosen["svm"]))
+             intercept=svm.intercept_, threshold=np.float64(chosen["svm"]),
+             checkpoint_sha256=np.array(file_sha256(path).hexdigest()))  # whose features these are
     print("\n".join(text))
     print(f"SVM folder: {out}")
     return out
