@@ -104,14 +104,14 @@ def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None
 # --- COCO --------------------------------------------------------------------------------------------------
 
 def _coco(src: Path, wanted: list[str] | None) -> Annotated:
+    files: list[tuple[str | None, Path]]
     if src.is_file():
         files = [(None, src)]
     else:
         splits = _split_dirs(src)
         files = [(split, j) for split, d in splits.items() for j in sorted(d.glob("*.json"))]
         if not files:
-            files = [(None, j) for j in sorted(src.glob("*.json"))] + \
-                    [(None, j) for j in sorted((src / "annotations").glob("*.json"))]
+            files = [(None, j) for j in (*sorted(src.glob("*.json")), *sorted((src / "annotations").glob("*.json")))]
     problems: list[tuple[str, str]] = []
     docs = []
     for split, path in files:
@@ -210,14 +210,16 @@ def _yolo_names(src: Path) -> list[str]:
 
 
 def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
-    layouts = [(split, d / "images", d / "labels") for split, d in _split_dirs(src).items()]
+    layouts: list[tuple[str | None, Path, Path]] = [(split, d / "images", d / "labels")
+                                                    for split, d in _split_dirs(src).items()]
     if not layouts and (src / "images").is_dir():
         layouts = [(split, d, src / "labels" / d.name) for split, d in _split_dirs(src / "images").items()]
         layouts = layouts or [(None, src / "images", src / "labels")]
     names = _yolo_names(src)
     positive = _pick(names, wanted, "data.yaml / classes.txt") if names or wanted else []
     ids = {i for i, n in enumerate(names) if n in positive} if names else None  # None: every class
-    photos, problems = [], []
+    photos: list[Photo] = []
+    problems: list[tuple[str, str]] = []
     for split, images, labels in layouts:
         for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
             txt = labels / (photo.stem + ".txt")
@@ -261,18 +263,21 @@ def _yolo_line(line: str, classes: int) -> tuple[int, list[float]] | str | None:
 
 def _voc(src: Path, wanted: list[str] | None) -> Annotated:
     splits = _split_dirs(src)
+    xmls: list[tuple[str | None, Path, Path]]
     if splits:
         xmls = [(split, x, d) for split, d in splits.items() for x in sorted(d.glob("*.xml"))]
     else:
         folder = src / "Annotations" if (src / "Annotations").is_dir() else src
-        sets = {}
+        sets: dict[str, str] = {}
         for name in ("train", "val", "test"):
             listed = src / "ImageSets" / "Main" / f"{name}.txt"
             if listed.is_file():
                 sets |= {line.split()[0]: SPLIT_NAMES[name] for line in listed.read_text().splitlines() if line.strip()}
         images = src / "JPEGImages" if (src / "JPEGImages").is_dir() else folder
         xmls = [(sets.get(x.stem), x, images) for x in sorted(folder.glob("*.xml"))]
-    parsed, problems, names = [], [], set()
+    parsed: list[tuple] = []
+    problems: list[tuple[str, str]] = []
+    names: set[str] = set()
     for split, xml, images in xmls:
         try:
             root = ET.parse(xml).getroot()
@@ -294,9 +299,9 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
                 continue
             # VOC boxes are 1-based and inclusive: pixel columns xmin..xmax are x0 = xmin - 1 .. x1 = xmax.
             objects.append((name, [box[0] - 1, box[1] - 1, box[2], box[3]], (obj.findtext("difficult") or "0") == "1"))
-        size = _numbers([root.findtext("size/width"), root.findtext("size/height")])
-        parsed.append((split, xml, images, (root.findtext("filename") or xml.stem).strip(), objects, errors,
-                       tuple(int(v) for v in size) if size and min(size) > 0 else None))
+        wh = _numbers([root.findtext("size/width"), root.findtext("size/height")])
+        size = (int(wh[0]), int(wh[1])) if wh and min(wh) > 0 else None
+        parsed.append((split, xml, images, (root.findtext("filename") or xml.stem).strip(), objects, errors, size))
     classes = sorted(names)
     positive = _pick(classes, wanted, "the VOC object names")
     photos = []
@@ -327,9 +332,11 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
 def _mask(src: Path, wanted: list[str] | None) -> Annotated:
     if wanted:
         raise ConfigError("--classes does not apply to --format mask: every non-zero mask pixel is crack")
-    layouts = [(split, d / "images", d / "masks") for split, d in _split_dirs(src).items()]
+    layouts: list[tuple[str | None, Path, Path]] = [(split, d / "images", d / "masks")
+                                                    for split, d in _split_dirs(src).items()]
     layouts = layouts or [(None, src / "images", src / "masks")]
-    photos, problems = [], []
+    photos: list[Photo] = []
+    problems: list[tuple[str, str]] = []
     for split, images, masks in layouts:
         for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
             found = [m for m in sorted(masks.glob(photo.stem + ".*")) + sorted(masks.glob(photo.stem + "_mask.*"))

@@ -15,7 +15,8 @@ bytes by offset costs ~10 us per image against ~1-3 ms to decode it on a CPU cor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,11 +67,12 @@ class DaliBackend:
         self._make = lambda: proposal_pipeline(
             source=self.source, train=train, gpu=gpu, batch_size=batch_size, num_threads=num_threads,
             device_id=(device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2)
-        self.pipe = None
+        self.pipe: Any = None  # built on the first epoch (DALI is untyped: see pyproject's mypy section)
         self._clean = False  # True once the last epoch ran to its end
 
-    def run_epoch(self, batches: list[np.ndarray], params: list[AugmentParams]):
-        """Yield (images float32 NCHW on the device, ids int64) for each batch, in order."""
+    def run_epoch(self, batches: Sequence[np.ndarray],
+                  params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images float32 NCHW on the device, ids int64) for each batch, in order (crackio.loader.Backend)."""
         self.source.batches = zip(batches, params)
         if self._clean:
             self.pipe.reset()  # after StopIteration, DALI starts the next epoch on reset

@@ -97,25 +97,31 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return None, f"{fmt} data is corrupt or truncated ({_text(e)}): re-export or re-crop the file"
         notes = [f"{fmt} {mode}"]
+        upright: Image.Image = img
         if orientation in ROTATING:
-            img = ImageOps.exif_transpose(img)
+            upright = ImageOps.exif_transpose(img)
             notes.append(f"EXIF orientation {orientation} applied")
         elif orientation == -1:
             notes.append("unreadable EXIF dropped")
-        rgb, why = to_rgb8(img)
+        rgb, why = to_rgb8(upright)
         if rgb is None:
             return None, why
         if why:
             notes.append(why)
         if rgb.size != (size, size):
             notes.append(f"{rgb.size[0]}x{rgb.size[1]} resized")
-            rgb = rgb.resize((size, size), Image.BILINEAR)
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
         out = io.BytesIO()
         rgb.save(out, format="JPEG", quality=quality)  # no exif= argument: the tag is not carried over
         return out.getvalue(), " ".join(notes)
 
 
-_strict = {"depth": 0, "saved": False}
+class _Strict:
+    depth = 0        # holders inside strict_pillow()
+    saved = False    # the caller's LOAD_TRUNCATED_IMAGES, restored when the last holder leaves
+
+
+_strict = _Strict()
 _strict_lock = threading.Lock()
 
 
@@ -128,17 +134,17 @@ def strict_pillow():
     value is restored when the outermost holder leaves.
     """
     with _strict_lock:
-        if _strict["depth"] == 0:
-            _strict["saved"] = ImageFile.LOAD_TRUNCATED_IMAGES
+        if _strict.depth == 0:
+            _strict.saved = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
-        _strict["depth"] += 1
+        _strict.depth += 1
     try:
         yield
     finally:
         with _strict_lock:
-            _strict["depth"] -= 1
-            if _strict["depth"] == 0:
-                ImageFile.LOAD_TRUNCATED_IMAGES = _strict["saved"]
+            _strict.depth -= 1
+            if _strict.depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _strict.saved
 
 
 def jpeg_problem(data: bytes) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +19,18 @@ from crackio.shards import load_index
 
 BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+class Backend(Protocol):
+    """What decodes the batches the loader planned; every backend has this one method.
+
+    `batches`: this rank's row ids, batch by batch; `params`: each batch's augmentation
+    parameters, or None for eval. Yields (images float32 N x 3 x 224 x 224 normalized on
+    the loader's device, row ids int64) per batch, in order, one epoch, then returns.
+    """
+
+    def run_epoch(self, batches: Sequence[np.ndarray],
+                  params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class Batch(NamedTuple):
@@ -70,6 +82,7 @@ class Loader:
         self.device = resolve_device(device)
         self.backend_name = ("dali" if dali_available() else "torch") if backend == "auto" else backend
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
+        self.backend: Backend
         if self.backend_name == "dali":
             from crackio.dali_backend import DaliBackend
             self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed)

@@ -103,6 +103,7 @@ def discover(src: Path) -> Found:
     image_dirs = [e for e in visible if e.is_dir() and _has_image(e.path)]
     loose = any(e.is_file() and _is_image(e.name) for e in visible)
     single = loose and not any(e.name.lower() in SPLIT_ORDER for e in image_dirs)
+    folders: dict[str, tuple[Path, list[os.DirEntry] | None]]  # None: scanned below
     if single:
         folders = {src.absolute().name: (src, visible)}
     else:

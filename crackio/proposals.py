@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,7 +49,8 @@ class ProposalSettings:
                                "label_rule": "IoU (3 decimals) > positive_iou"}
 
 
-def selective_search(rgb: np.ndarray, mode: str, max_proposals: int, min_size: int, seed: int) -> np.ndarray:
+def selective_search(rgb: np.ndarray, mode: str, max_proposals: int, min_size: int,
+                     seed: int | Sequence[int]) -> np.ndarray:
     """Selective-search boxes (K, 4) float64 x0, y0, x1, y1 in pixels, K <= max_proposals; reproducible.
 
     OpenCV ranks its regions by hierarchy level times an unseeded random number, so its order (and a
@@ -60,7 +62,7 @@ def selective_search(rgb: np.ndarray, mode: str, max_proposals: int, min_size: i
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV wants BGR
     search.switchToSelectiveSearchFast() if mode == "fast" else search.switchToSelectiveSearchQuality()
-    rects = search.process().reshape(-1, 4)
+    rects = np.asarray(search.process()).reshape(-1, 4)
     rects = rects[(rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)]
     rects = np.unique(rects, axis=0)  # sorted and unique
     if len(rects) > max_proposals:

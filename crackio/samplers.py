@@ -34,8 +34,8 @@ from crackio.errors import ConfigError
 
 SAMPLERS = ("shuffle", "hard-negatives", "iou-strata", "weighted", "balanced")
 SELECTIONS = ("all", "hard-negatives", "iou-strata")
-_CUT = {"selection": "all", "negatives": 800, "per_bin": 10, "bin_width": 0.05}  # what weighting draws from
-DEFAULTS = {
+_CUT: dict[str, object] = {"selection": "all", "negatives": 800, "per_bin": 10, "bin_width": 0.05}  # weighting's cut
+DEFAULTS: dict[str, dict[str, object]] = {
     "hard-negatives": {"negatives": 800},
     "iou-strata": {"per_bin": 10, "bin_width": 0.05},
     "weighted": {"class_weights": {0: 1, 1: 2}, "replacement": True, "num_samples": None, **_CUT},

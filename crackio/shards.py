@@ -131,6 +131,7 @@ class SplitWriter:
 
     def _close_tar(self) -> None:
         tar, self._tar = self._tar, None
+        assert tar is not None  # called only with a tar open
         members = tar.close()
         jpgs = np.array([(len(self.shards), off, size) for name, off, size in members if name.endswith(".jpg")],
                         dtype=np.int64).reshape(-1, 3)

@@ -12,7 +12,7 @@ Augmentation runs batched on the loader's device (crackio.augment) in the caller
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -38,9 +38,9 @@ class TorchBackend:
         images = raw if self.gpu_decode else torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
         return images, torch.from_numpy(ids.astype(np.int64))
 
-    def run_epoch(self, batches: list[np.ndarray],
+    def run_epoch(self, batches: Sequence[np.ndarray],
                   params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images float32 NCHW on the device, ids int64) for each batch, in order."""
+        """Yield (images float32 NCHW on the device, ids int64) for each batch, in order (crackio.loader.Backend)."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="crackio-torch")
         pending: deque[Future] = deque()
         todo = iter(batches)

@@ -41,7 +41,7 @@ def surface(rng: np.random.Generator) -> Image.Image:
     base = rng.uniform(110, 200, size=3).astype(np.float32)
     # Low-frequency blotches: a coarse noise field upsampled by PIL (cheap and smooth).
     coarse = rng.normal(0, 18, size=(16, 16)).astype(np.float32)
-    gray = np.asarray(Image.fromarray(coarse, mode="F").resize((FULL, FULL), Image.BILINEAR)).copy()
+    gray = np.asarray(Image.fromarray(coarse, mode="F").resize((FULL, FULL), Image.Resampling.BILINEAR)).copy()
     gray += rng.standard_normal((FULL, FULL), dtype=np.float32) * np.float32(rng.uniform(4, 14))
     if rng.random() < 0.5:  # tile: a per-tile tint and dark grout lines
         pitch = int(rng.integers(96, 200))
@@ -124,7 +124,8 @@ def make_image(out: Path, stem: str, rng: np.random.Generator, count: int) -> tu
         iou = round(float(iou), 3)  # the name holds 3 decimals; the label must agree with it
         label = int(iou > POSITIVE_IOU)
         positives += label
-        crop = img.crop(tuple(int(round(v)) for v in box)).resize((CROP, CROP), Image.BILINEAR)
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        crop = img.crop((x0, y0, x1, y1)).resize((CROP, CROP), Image.Resampling.BILINEAR)
         crop.save(out / format_name(stem, p, iou, label), quality=90)
     return count, positives
 
@@ -165,9 +166,9 @@ def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], forma
     photos: dict[str, list] = {}
     for split, stem, rng in image_plan(images, seed):
         img, gt, mask = full_image(rng)
-        img = img.resize(size, Image.BILINEAR)
+        img = img.resize(size, Image.Resampling.BILINEAR)
         boxes = (gt * scale).round(1)
-        photos.setdefault(split, []).append((stem, img, boxes, mask.resize(size, Image.NEAREST)))
+        photos.setdefault(split, []).append((stem, img, boxes, mask.resize(size, Image.Resampling.NEAREST)))
     for fmt in formats:
         for split, items in photos.items():
             folder = out / fmt / split

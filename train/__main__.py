@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from crackio.errors import ConfigError
+from crackio.loader import BACKENDS, DEVICES
 from train.config import Config, add_config_arguments
 from train.errors import USER_ERRORS
 
@@ -21,8 +22,8 @@ SWEEP_EPILOG = ("--out is the sweep folder (default: runs/sweep); each variant t
 
 def _loader_arguments(ap: argparse.ArgumentParser, batch_size: int) -> None:
     ap.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default: {batch_size})")
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
+    ap.add_argument("--device", default="auto", choices=DEVICES)
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -49,7 +50,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
         ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
         ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
         ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
-        ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        ap.add_argument("--device", default="auto", choices=DEVICES)
     elif command == "svm":
         ap = argparse.ArgumentParser(prog="python -m train svm", description=(
             "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "

@@ -9,7 +9,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from crackio.errors import ConfigError, MissingFile
-from crackio.samplers import SAMPLERS, SELECTIONS
+from crackio.loader import BACKENDS, DEVICES
+from crackio.samplers import DEFAULTS, SAMPLERS, SELECTIONS
+from crackio.shards import atomic_write
+from train.losses import LOSSES
+from train.model import HEAD_ALIASES, HEADS, OPTIMIZERS
+
+# Validation draws every sample or a fixed cut, never weighted: the samplers without class weights.
+VAL_SAMPLERS = tuple(s for s in SAMPLERS if "class_weights" not in DEFAULTS[s])
 
 
 @dataclass
@@ -18,7 +25,7 @@ class Config:
     out: str = ""                        # run folder; "" = runs/<timestamp>
     arch: str = "resnext50_32x4d"        # any torchvision classification model (resnet18 for quick CPU runs)
     weights: str = "imagenet"            # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
-    head: str = "seed"                   # seed: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit last layer
+    head: str = "original"               # original: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit layer
     optimizer: str = "adam"              # adam | adamw | sgd
     lr: float = 1e-3                     # learning rate (the original's Adam lr)
     weight_decay: float = 0.0            # weight decay
@@ -52,10 +59,10 @@ class Config:
     resume: str = ""                     # run folder to continue from its last.pt
 
     def validate(self) -> None:
-        choices = {"head": ("seed", "linear"), "optimizer": ("adam", "adamw", "sgd"), "sampler": SAMPLERS,
-                   "selection": SELECTIONS,
-                   "val_sampler": ("shuffle", "hard-negatives", "iou-strata"), "loss": ("bce", "focal"),
-                   "device": ("auto", "cpu", "cuda"), "backend": ("auto", "dali", "torch")}
+        # Every choice from the module that owns it: a new sampler, backend or loss is added in one place.
+        choices = {"head": (*HEADS, *HEAD_ALIASES), "optimizer": tuple(OPTIMIZERS), "sampler": SAMPLERS,
+                   "selection": SELECTIONS, "val_sampler": VAL_SAMPLERS, "loss": LOSSES, "device": DEVICES,
+                   "backend": BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -90,19 +97,13 @@ class Config:
         return weights
 
     def sampler_options(self, sampler: str, negatives: int) -> dict:
-        cut = {"selection": self.selection, "negatives": negatives, "per_bin": self.per_bin,
-               "bin_width": self.bin_width}
-        return {
-            "shuffle": {},
-            "hard-negatives": {"negatives": negatives},
-            "iou-strata": {"per_bin": self.per_bin, "bin_width": self.bin_width},
-            "weighted": {"class_weights": self.parsed_class_weights(), "replacement": self.replacement,
-                         "num_samples": self.num_samples or None, **cut},
-            "balanced": {"class_weights": self.parsed_class_weights(), **cut},
-        }[sampler]
+        """The options `sampler` takes (crackio.samplers.DEFAULTS), from the fields of the same names."""
+        given = {"negatives": negatives, "class_weights": self.parsed_class_weights(),
+                 "num_samples": self.num_samples or None}  # the three that are not a field's value as is
+        return {name: given[name] if name in given else getattr(self, name) for name in DEFAULTS[sampler]}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        atomic_write(path, (json.dumps(dataclasses.asdict(self), indent=1) + "\n").encode())
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:

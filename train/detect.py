@@ -32,8 +32,9 @@ from crackio.loader import resolve_device
 from crackio.names import display_name
 from crackio.proposals import ProposalSettings, encode_jpeg, selective_search, warp
 from crackio.propose import load_photo
-from train.evaluate import amp_dtype, load_checkpoint, model_from_checkpoint
-from train.model import last_linear
+from train.evaluate import model_from_checkpoint
+from train.model import CrackClassifier, last_linear
+from train.runtime import amp_dtype, load_checkpoint
 
 KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
 
@@ -78,7 +79,7 @@ def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSett
 class Scorer:
     """Scores JPEG crops in batches: the network's P(crack), or the saved SVM's margin on its features."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int, svm: Path | None,
+    def __init__(self, model: CrackClassifier, device: torch.device, batch_size: int, svm: Path | None,
                  checkpoint: Path | None = None):
         self.model, self.device, self.batch_size = model, device, batch_size
         self.amp = amp_dtype(device)
@@ -201,12 +202,13 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
     model, cfg = model_from_checkpoint(ckpt, path)
     settings = proposal_settings(ckpt, cfg.shards, path)
     dev = resolve_device(device)
-    model = model.to(dev).eval()
+    model.to(dev).eval()  # in place: nn.Module.to moves the module itself
     if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
     threshold = scorer.threshold if score_threshold is None else score_threshold
-    files, seen = [], {}
+    files: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
     for file in photo_files(photos):  # outputs and annotations go by stem: it must name one photo
         if file.stem in seen:
             note = f"a second photo named {file.stem!r} (the first: {display_name(seen[file.stem])}): skipped"

@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 
 from crackio.proposals import ProposalSettings
 from crackio.propose import load_photo
+from train.runtime import write_json, write_text
 
 DETECTION = (230, 30, 30)
 TRUTH = (40, 200, 60)
@@ -129,7 +130,7 @@ def write_outputs(out: Path, results: list, problems: list[tuple[str, str]], *, 
     detections = [{"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
                   for i, r in enumerate(results, 1) for b, s in zip(r.boxes, r.scores) if s >= threshold]
     (out / "detections.json").write_text(json.dumps(detections, indent=1) + "\n")
-    pictures = []
+    pictures: list[Image.Image] = []
     for r in done:
         picture = draw(r, threshold)
         picture.save(out / "images" / f"{r.stem}.jpg", quality=90)
@@ -178,8 +179,8 @@ def write_outputs(out: Path, results: list, problems: list[tuple[str, str]], *, 
     if problems:
         text.append(f"\n{len(problems)} problems:")
         text += [f"{p}: {why}" for p, why in problems]
-    (out / "report.txt").write_text("\n".join(text) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "report.txt", "\n".join(text) + "\n")
+    write_json(out / "summary.json", summary)
     print("\n".join(text[:2]))
     print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
 

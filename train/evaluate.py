@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from crackio import make_loader
-from crackio.errors import MissingFile
 from train.config import Config
-from train.model import WeightsError, build_model
+from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
-
-
-def world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bf16 where supported (no scaler needed), else fp16; fp32 (None) on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+from train.runtime import amp_dtype, load_checkpoint
 
 
 def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
@@ -38,9 +26,17 @@ def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
             yield batch, out.float()
 
 
-def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) -> tuple[float, np.ndarray, np.ndarray,
-                                                                                      list]:
-    """(mean loss, labels, crack probabilities, names) over the whole split, gathered from every rank."""
+class Prediction(NamedTuple):
+    """A whole split's evaluation, gathered from every rank."""
+
+    loss: float          # mean loss per sample
+    labels: np.ndarray   # int 0/1, the run's labels
+    probs: np.ndarray    # float32 P(crack)
+    names: list[str]     # proposal file names
+
+
+def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) -> Prediction:
+    """The model's predictions over the whole split, gathered from every rank."""
     loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     labels, logits, names = [], [], []
     for batch, out in forward_batches(model, loader, amp):
@@ -48,25 +44,19 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
         labels.append(batch.labels)
         logits.append(out)
         names += batch.names
-    part = (float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(), names)
+    part = Prediction(float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(),
+                      names)
+    parts: list = [part]
     if dist.is_initialized():  # every rank evaluated a disjoint part; sizes differ, so gather objects
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, part)
-    else:
-        parts = [part]
-    n = sum(len(p[1]) for p in parts)
-    return (sum(p[0] for p in parts) / n, np.concatenate([p[1] for p in parts]).astype(int),
-            np.concatenate([p[2] for p in parts]), [x for p in parts for x in p[3]])
+    parts = [Prediction(*p) for p in parts]
+    n = sum(len(p.labels) for p in parts)
+    return Prediction(sum(p.loss for p in parts) / n, np.concatenate([p.labels for p in parts]).astype(int),
+                      np.concatenate([p.probs for p in parts]), [x for p in parts for x in p.names])
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    if not path.is_file():
-        raise MissingFile(f"checkpoint {path} does not exist (a run writes best.pt and last.pt)")
-    # weights_only: a checkpoint is data, never code; nothing is unpickled beyond tensors and plain types.
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[torch.nn.Module, Config]:
+def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
     cfg = Config.from_dict(ckpt["config"])
     model = build_model(cfg.arch, "none", cfg.head)
     try:
@@ -94,13 +84,6 @@ def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: 
     loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
-    loss, labels, probs, _ = predict(model, loader, loss_fn, amp_dtype(loader.device))
+    p = predict(model, loader, loss_fn, amp_dtype(loader.device))
     return (f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}), split {split!r}, "
-            f"loss {loss:.4f}\n" + report_text(split, labels, probs, threshold))
-
-
-def atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+            f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold))

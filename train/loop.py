@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,28 @@ from tqdm import tqdm
 
 from crackio import make_loader, read_manifest
 from crackio.errors import ConfigError, CrackioError
+from crackio.loader import resolve_device
 from crackio.samplers import label_source
 from train.config import Config, check_resumed
-from train.evaluate import amp_dtype, atomic_save, load_checkpoint, predict, world
+from train.evaluate import predict
 from train.losses import make_loss
-from train.model import build_model
+from train.model import build_model, make_optimizer
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+from train.runtime import amp_dtype, atomic_save, load_checkpoint, world, write_json, write_text
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint carries besides the weights: where the run is and how it went."""
+
+    epoch: int = 0                       # epochs finished
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0                  # epochs since the best validation loss (early stopping)
+    history: list[dict] = dataclasses.field(default_factory=list)  # one row per epoch
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> TrainState:
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
 
 
 class NonFiniteLoss(CrackioError, RuntimeError):
@@ -36,10 +53,10 @@ def init_distributed() -> None:
 
 
 def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    """The loaders' device rule (crackio.loader.resolve_device), on this rank's GPU under torchrun."""
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
@@ -58,13 +75,6 @@ def run_dir(cfg: Config, rank: int) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int,
@@ -143,23 +153,22 @@ def main(cfg: Config) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
-    if cfg.compile:
-        net = torch.compile(net)
-    optimizer = make_optimizer(cfg, model.parameters())
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
+    net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
-    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": []}
+    state = TrainState()
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.pt", device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        state = {k: ckpt[k] for k in state}
+        state = TrainState.from_checkpoint(ckpt)
     if rank == 0:
         cfg.save(out / "config.json")
     show = rank == 0
-    for epoch in range(state["epoch"], cfg.epochs):
-        if state["bad_epochs"] >= cfg.patience:
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.bad_epochs >= cfg.patience:
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
         train_loader.epoch = epoch
@@ -167,38 +176,40 @@ def main(cfg: Config) -> Path:
         row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp,
                                                  epoch, cfg, show)}
         val_start = time.perf_counter()
-        val_loss, labels, probs, _ = predict(model, val_loader, loss_fn, amp)
+        val = predict(model, val_loader, loss_fn, amp)
+        val_loss = val.loss
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
         now = time.perf_counter()
-        row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((probs >= 0.5) == labels).mean()),
-                **crack_metrics(labels, probs), "epoch_seconds": now - epoch_start,
+        row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
+                **crack_metrics(val.labels, val.probs), "epoch_seconds": now - epoch_start,
                 "train_seconds": val_start - epoch_start, "val_seconds": now - val_start}
-        improved = val_loss < state["best_val_loss"]
-        state["history"].append(row)
-        state |= {"epoch": epoch + 1, "best_val_loss": min(val_loss, state["best_val_loss"]),
-                  "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
+        improved = val_loss < state.best_val_loss
+        state.history.append(row)
+        state.epoch, state.best_val_loss = epoch + 1, min(val_loss, state.best_val_loss)
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
         if rank == 0:
-            save_epoch(out, model, optimizer, scaler, state | {"proposals": proposals}, cfg, row, improved)
+            save_epoch(out, model, optimizer, scaler, state, proposals, cfg, row, improved)
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
                   f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
                   f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
                   f"AP {row['crack_ap']:.3f} | "
                   f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
-                  + ("" if improved else f" (no improvement {state['bad_epochs']}/{cfg.patience})"))
-    if state["bad_epochs"] >= cfg.patience and rank == 0:
+                  + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})"))
+    if state.bad_epochs >= cfg.patience and rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
-    final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state["history"])
+    final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state.history)
     return out
 
 
-def save_epoch(out: Path, model, optimizer, scaler, state: dict, cfg: Config, row: dict, improved: bool) -> None:
+def save_epoch(out: Path, model, optimizer, scaler, state: TrainState, proposals: dict | None, cfg: Config,
+               row: dict, improved: bool) -> None:
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "config": dataclasses.asdict(cfg), **state}
+            "config": dataclasses.asdict(cfg), "proposals": proposals, **dataclasses.asdict(state)}
     if improved:
         atomic_save(ckpt, out / "best.pt")
     atomic_save(ckpt, out / "last.pt")
-    (out / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+    write_json(out / "history.json", state.history)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -220,32 +231,33 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_
     text = [f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
             f"loss {cfg.loss}, sampler {cfg.sampler}; {label_source(cfg.iou_threshold)}\n"]
     marks = []
-    for name, (_, labels, probs, _) in results.items():
-        text.append(report_text(name, labels, probs))
+    for name, r in results.items():
+        text.append(report_text(name, r.labels, r.probs))
     summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
                "labels": label_source(cfg.iou_threshold), "iou_threshold": cfg.iou_threshold,
                # training passes and validation passes apart (older histories have epoch_seconds only)
                "train_seconds": sum(h.get("train_seconds", h.get("epoch_seconds", 0.0)) for h in history),
                "val_seconds": sum(h.get("val_seconds", 0.0) for h in history),
                "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
-               "splits": {name: class_metrics(r[1], r[2]) for name, r in results.items()}}
+               "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()}}
     # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).
-    np.savez(out / "predictions.npz", **{f"{name}_{field}": np.asarray(value) for name, r in results.items()
-                                         for field, value in zip(("labels", "probs", "names"), r[1:])})
+    arrays = {f"{name}_{field}": np.asarray(getattr(r, field)) for name, r in results.items()
+              for field in ("labels", "probs", "names")}
+    np.savez(out / "predictions.npz", allow_pickle=False, **arrays)
     if cfg.target_recall:
-        labels, probs = results[cfg.val_split][1:3]
-        threshold, recall, precision = threshold_for_recall(labels, probs, cfg.target_recall)
+        val = results[cfg.val_split]
+        threshold, recall, precision = threshold_for_recall(val.labels, val.probs, cfg.target_recall)
         summary["target_recall"] = {"target": cfg.target_recall, "threshold": threshold,
                                     "recall": recall, "precision": precision}
         text.append(f"target crack recall {cfg.target_recall:.2f} on {cfg.val_split}: threshold {threshold:.4f} "
                     f"gives recall {recall:.3f} at precision {precision:.3f}\n")
-        for name, (_, labels, probs, _) in results.items():
-            text.append(report_text(f"{name} at the target-recall threshold", labels, probs, threshold))
+        for name, r in results.items():
+            text.append(report_text(f"{name} at the target-recall threshold", r.labels, r.probs, threshold))
         marks.append((f"threshold {threshold:.3f}", recall, precision))
-    (out / "report.txt").write_text("\n".join(text))
+    write_text(out / "report.txt", "\n".join(text))
     plot_curves(history, out / "curves.png")
-    plot_pr({name: (r[1], r[2]) for name, r in results.items()}, out / "pr_curve.png", marks)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")  # last: marks the run finished
+    plot_pr({name: (r.labels, r.probs) for name, r in results.items()}, out / "pr_curve.png", marks)
+    write_json(out / "summary.json", summary)  # last, atomically: marks the run finished (the sweep relies on it)
     print("\n".join(text))
     print(f"run folder: {out}")
 

@@ -15,15 +15,30 @@ class WeightsError(CrackioError, RuntimeError):
     """Pretrained weights that cannot be had; the message says which file to provide."""
 
 
+HEADS = ("original", "linear")
+HEAD_ALIASES = {"seed": "original"}  # the head's name until it collided with --seed; accepted for one release
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """adam (the original's) | adamw | sgd (momentum 0.9)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
 class CrackClassifier(nn.Module):
     """Returns one logit per image; probabilities come from a sigmoid at evaluation."""
 
     def __init__(self, backbone: nn.Module, head: str):
         super().__init__()
         self.backbone = backbone
-        # seed: the original's ReLU + Linear(1000, 1) on the 1000-class output (its Sigmoid moved
+        # original: the write-up's ReLU + Linear(1000, 1) on the 1000-class output (its Sigmoid moved
         # into the loss); linear: the backbone's last Linear already maps to one logit.
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if head == "seed" else nn.Identity()
+        original = HEAD_ALIASES.get(head, head) == "original"
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if original else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x)).squeeze(1)

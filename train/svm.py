@@ -11,7 +11,6 @@ weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -25,9 +24,10 @@ from tqdm import tqdm
 from crackio import read_manifest
 from crackio.errors import ConfigError
 from crackio.samplers import label_source
-from train.evaluate import amp_dtype, eval_loader, forward_batches, load_checkpoint, model_from_checkpoint
+from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
+from train.runtime import amp_dtype, load_checkpoint, write_json, write_text
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 
@@ -76,7 +76,7 @@ def checkpoint_digest(checkpoint: Path, shards: str):
     return digest
 
 
-def cache_key(digest, split: str, iou_threshold: float) -> str:
+def cache_key(digest, split: str, iou_threshold: float | None) -> str:
     digest = digest.copy()
     digest.update(f"{split}:{iou_threshold}".encode())
     return digest.hexdigest()
@@ -160,18 +160,21 @@ def run_svm(args) -> Path:
     rule = f"crack recall >= {args.target_recall}" if args.target_recall else "the highest crack F1"
     log.append(f"thresholds chosen on {cfg.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}")
     log.append(f"evaluated with the run's {label_source(cfg.iou_threshold)}")
-    text, summary, curves = ["\n".join(log) + "\n"], {"log": log, "thresholds": chosen, "splits": {}}, {}
+    text = ["\n".join(log) + "\n"]
+    per_split: dict[str, dict] = {}
+    summary = {"log": log, "thresholds": chosen, "splits": per_split}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits[1:]:
         labels, probs = data[split]["labels"], data[split]["probs"]
         text += [report_text(f"{split}: SVM", labels, scores[split], chosen["svm"]),
                  report_text(f"{split}: network head", labels, probs, chosen["head"]),
                  report_text(f"{split}: network head at 0.5", labels, probs, 0.5)]
-        summary["splits"][split] = {"svm": class_metrics(labels, scores[split], chosen["svm"]),
+        per_split[split] = {"svm": class_metrics(labels, scores[split], chosen["svm"]),
                                     "head": class_metrics(labels, probs, chosen["head"])}
         curves |= {f"SVM, {split}": (labels, scores[split]), f"network head, {split}": (labels, probs)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.txt").write_text("\n".join(text))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "report.txt", "\n".join(text))
+    write_json(out / "summary.json", summary)
     plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
     # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.
     np.savez(out / "svm_model.npz", mean=scaler.mean_, scale=scaler.scale_, coef=svm.coef_[0],

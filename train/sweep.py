@@ -20,10 +20,10 @@ from crackio.errors import ConfigError, MissingFile
 from crackio.samplers import label_source
 from train.config import RESUMABLE, Config, check_applicable
 from train.errors import USER_ERRORS
-from train.evaluate import world
 from train.loop import init_distributed
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
+from train.runtime import world, write_text
 
 SHIPPED = Path(__file__).with_name("variants.toml")
 OWNED = ("shards", "out", "resume")  # set by the sweep, not by a variant
@@ -191,7 +191,7 @@ def collect(variant: Variant, cfg: Config, error: str | None):
 
 
 def reference_row(variant: Variant) -> dict:
-    ref = variant.reference
+    ref = variant.reference or {}
     row = {"variant": variant.name, "title": variant.title, "source": "original",
            "status": "reference", "split": "test", "accuracy": ref.get("accuracy", ""),
            "note": "the write-up's data and ResNeXt50; accuracy where published"}
@@ -222,7 +222,7 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
                      f"| {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
                      f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
                      f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "sweep.md", "\n".join(lines) + "\n")
 
 
 def _prf(row: dict, cls: str) -> str:
