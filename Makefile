@@ -1,10 +1,11 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Entry points: `make demo`, `make test` (lint + the whole suite), `make test-fast`, `make lint`.
+# Each creates .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +32,17 @@ demo: $(VENV)/.installed
 		--annotations $(DEMO)/photos/coco/test --format coco --out $(DEMO)/detect
 	@echo "annotated photos: $(DEMO)/detect/images/, contact sheet: $(DEMO)/detect/overview.jpg"
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy crackio train tools
+
+test: lint
 	$(PY) -m pytest -q
+
+# Everything but the multi-process and end-to-end tests (marked slow): under a minute on 2 cores.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

@@ -14,9 +14,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from crackio.loader import dali_available  # noqa: E402
 from crackio.names import format_name  # noqa: E402
 from crackio.pack import PackSettings, pack  # noqa: E402
 from tools.make_demo_data import generate  # noqa: E402
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (Linux only)")
+BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]  # every backend a loader test runs on
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:

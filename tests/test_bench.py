@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
 
 
 def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):

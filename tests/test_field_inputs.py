@@ -24,7 +24,7 @@ from crackio.pack import PackSettings, pack
 from crackio.quality import iou_histogram, label_report
 from crackio.shards import load_index
 from tests import field_inputs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_dali
 from tests.test_pack import read_with_webdataset, shard_files
 
 PACK = [sys.executable, str(ROOT / "tools" / "pack.py")]
@@ -122,6 +122,7 @@ def test_leakage_between_splits_is_reported(field):
     assert shared["count"] == 1 and shared["examples"] == [{"stem": expected["stem"], "splits": ["train", "valid"]}]
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_warning_lines(field, tmp_path):
     src, _, _, _ = field
     cmd = PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet"]
@@ -134,6 +135,7 @@ def test_cli_exit_codes_and_warning_lines(field, tmp_path):
     assert strict.returncode == 1 and "--strict" in strict.stderr
 
 
+@pytest.mark.slow
 def test_strict_accepts_an_export_with_metadata_files(demo_src, tmp_path):
     src = tmp_path / "export"
     shutil.copytree(demo_src, src)
@@ -170,6 +172,7 @@ def eval_images(out: Path, backend: str) -> dict[str, np.ndarray]:
     return {n: img for b in loader for n, img in zip(b.names, unnormalize(b.images))}
 
 
+@needs_dali
 def test_exif_orientation_is_applied_once_and_both_backends_agree(oriented):
     src, out, manifest = oriented
     dali, torch_ = eval_images(out, "dali"), eval_images(out, "torch")
@@ -397,6 +400,7 @@ def test_manifest_is_the_same_however_src_was_typed(demo_src, tmp_path, monkeypa
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_empty_source_and_out_inside_a_split_are_refused(demo_src, tmp_path):
     (tmp_path / "empty").mkdir()
     run = subprocess.run(PACK + [str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"],
@@ -409,6 +413,7 @@ def test_empty_source_and_out_inside_a_split_are_refused(demo_src, tmp_path):
         pack(src, src / "train" / "shards", progress=False)
 
 
+@pytest.mark.slow
 def test_strict_fails_on_leakage_alone(demo_src, tmp_path):
     src = tmp_path / "leak"
     shutil.copytree(demo_src, src)

@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from crackio.loader import dali_available
 from crackio.names import parse_name
 from crackio.pack import PackSettings, pack
 from crackio.shards import ShardError, load_index
@@ -103,6 +104,8 @@ def test_round_trip_messy_folder(messy_src, tmp_path):
             f.seek(row["offset"])
             assert f.read(row["size"]) == s["jpg"]
 
+    if not dali_available():
+        return  # DALI's own reader is checked where DALI is installed (Linux)
     dali = read_with_dali(out, "train")
     assert sorted(sid for _, sid in dali) == sorted(by_sid)
     for jpg, sid in dali:
@@ -127,6 +130,7 @@ def test_same_input_same_seed_gives_identical_shards(demo_src, demo_shards, tmp_
     assert shard_files(other) != shard_files(demo_shards)
 
 
+@pytest.mark.slow
 def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(demo_src), "--out", str(out),
@@ -158,6 +162,7 @@ def test_rerun_repairs_partial_state(demo_src, demo_shards, tmp_path):
     assert shard_files(out) == shard_files(demo_shards)
 
 
+@pytest.mark.slow
 def test_cli_strict_and_summary(messy_src, tmp_path):
     src, _ = messy_src
     cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(src), "--out", str(tmp_path / "o"), "--quiet"]

@@ -18,7 +18,7 @@ from crackio.pack import PackSettings, pack
 from crackio.proposals import ProposalSettings, stratified_negatives, warp
 from crackio.propose import ProposeSettings, propose_to_shards
 from crackio.shards import load_index
-from tests.conftest import ROOT
+from tests.conftest import BACKENDS, ROOT
 from tests.test_pack import read_with_webdataset, shard_files
 from tools.make_demo_data import FORMATS, FULL, full_image, image_plan, write_photos
 
@@ -210,12 +210,11 @@ def test_crops_folder_equals_the_shards_and_packs_to_the_same_samples(photos, pr
             {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in stored.items()}
 
 
-def test_loaders_read_proposal_shards(proposed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaders_read_proposal_shards(proposed, backend):
     out, manifest = proposed["mask"]
-    for backend in ("dali", "torch"):
-        loader = make_loader(out, "valid", batch_size=16, train=False, device="cpu", backend=backend)
-        n = sum(len(b.names) for b in loader)
-        assert n == manifest["splits"]["valid"]["samples"]
+    loader = make_loader(out, "valid", batch_size=16, train=False, device="cpu", backend=backend)
+    assert sum(len(b.names) for b in loader) == manifest["splits"]["valid"]["samples"]
 
 
 @pytest.mark.slow
@@ -236,6 +235,7 @@ def test_cli_and_training_on_the_result(photos, tmp_path):
     assert (run_dir / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_problems_are_listed_and_strict_fails(photos, tmp_path):
     src = tmp_path / "voc"
     shutil.copytree(photos / "voc", src)

@@ -13,6 +13,8 @@ from train import svm
 from train.__main__ import main as cli
 from train.loop import main as train_main
 
+pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
+
 
 @pytest.fixture(scope="module")
 def run(demo_shards, tmp_path_factory):

@@ -12,6 +12,8 @@ from train import sweep
 from train.__main__ import main as cli
 from train.sweep import SHIPPED, load_variants, variant_config
 
+pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
+
 VARIANTS = """
 [[variant]]
 name = "bce"

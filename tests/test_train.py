@@ -20,6 +20,8 @@ from train.config import Config, resume_config
 from train.loop import main
 from train.model import WeightsError, build_model
 
+pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
+
 
 @pytest.fixture(scope="module")
 def two_epochs(demo_shards, tmp_path_factory):
@@ -106,25 +108,37 @@ def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_pat
         build_model("resnet18", str(two_epochs / "best.pt"), "linear")
 
 
-def test_bad_inputs_get_clear_messages(demo_shards, tmp_path, capsys):
-    def err(*args):
-        assert cli(list(args)) == 2
-        return capsys.readouterr().err
+BAD_INPUTS = {  # name: (arguments, with {shards} and {tmp} filled in; the message it must print)
+    "missing shards": (["--shards", "{tmp}/none", "--device", "cpu"], "does not exist"),
+    "no manifest": (["--shards", "{tmp}", "--device", "cpu"], "manifest.json is missing"),
+    "unknown split": (["--shards", "{shards}", "--val-split", "nope", "--arch", ARCH, "--weights", "none",
+                       "--device", "cpu", "--out", "{tmp}/r"], "split 'nope'"),
+    "unknown loss": (["--shards", "{shards}", "--loss", "hinge"], "--loss must be one of"),
+    "bad class weights": (["--shards", "{shards}", "--class-weights", "1,2"], "--class-weights"),
+    "unknown selection": (["--shards", "{shards}", "--selection", "hardest"], "--selection must be one of"),
+    "weights offline": (["--shards", "{shards}", "--arch", ARCH, "--device", "cpu", "--out", "{tmp}/w"],
+                        "--weights none"),
+}
 
-    assert "does not exist" in err("--shards", str(tmp_path / "none"), "--device", "cpu")
-    (tmp_path / "empty").mkdir()
-    assert "manifest.json is missing" in err("--shards", str(tmp_path / "empty"), "--device", "cpu")
-    assert "split 'nope'" in err("--shards", str(demo_shards), "--val-split", "nope", "--arch", ARCH,
-                                 "--weights", "none", "--device", "cpu", "--out", str(tmp_path / "r"))
-    assert "--loss must be one of" in err("--shards", str(demo_shards), "--loss", "hinge")
-    assert "--class-weights" in err("--shards", str(demo_shards), "--class-weights", "1,2")
-    assert "--selection must be one of" in err("--shards", str(demo_shards), "--selection", "hardest")
-    assert "--weights none" in err("--shards", str(demo_shards), "--arch", ARCH, "--device", "cpu",
-                                   "--out", str(tmp_path / "w"))
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_line(demo_shards, tmp_path, capsys, case, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-cache"))  # nothing cached: the offline message
+    args, message = BAD_INPUTS[case]
+    assert cli([a.format(shards=demo_shards, tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_flag_is_argparse_usage(demo_shards):
     with pytest.raises(SystemExit):
         cli(["--shards", str(demo_shards), "--no-such-flag", "1"])
-    assert "NaN" in err("--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--device", "cpu",
-                        "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path / "nan"), "--batch-size", "16")
+
+
+def test_a_nan_loss_stops_without_a_checkpoint(demo_shards, tmp_path, capsys):
+    assert cli(["--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--device", "cpu", "--lr", "1e30",
+                "--epochs", "1", "--out", str(tmp_path / "nan"), "--batch-size", "16"]) == 2
+    assert "NaN" in capsys.readouterr().err
     assert not (tmp_path / "nan" / "last.pt").exists()
 
 
