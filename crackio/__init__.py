@@ -1,15 +1,13 @@
 """crackio: WebDataset shards, DALI and torch loaders, and samplers for R-CNN crack proposals."""
 
 from crackio.errors import ConfigError, CrackioError, MissingFile
+from crackio.loader import Batch, Loader, make_loader
 from crackio.names import BadName, Proposal, format_name, parse_name
 from crackio.shards import ShardError, SplitIndex, load_index, read_manifest
 
 __all__ = [
     "ConfigError", "CrackioError", "MissingFile",
+    "Batch", "Loader", "make_loader",
     "BadName", "Proposal", "format_name", "parse_name",
     "ShardError", "SplitIndex", "load_index", "read_manifest",
 ]
-
-from crackio.loader import Batch, Loader, make_loader  # noqa: E402
-
-__all__ += ["Batch", "Loader", "make_loader"]

@@ -56,7 +56,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class Loader:
-    """Iterate for one epoch; each new iteration is the next epoch (`epoch` may be set to resume)."""
+    """Iterate for one epoch of `Batch`es; each new iteration is the next epoch (`epoch` may be set to resume).
+
+    Args:
+        shards: folder written by tools/pack.py or tools/propose.py.
+        split: e.g. "train", "valid", "test".
+        batch_size: samples per batch (eval batches may be smaller, never padded).
+        train: augment and drop the last partial batch; eval: normalize only, every sample once.
+        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.samplers).
+        iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
+            recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
+        seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
+        device: "cuda", "cpu" or "auto".
+        backend: "dali", "torch" or "auto" (DALI where installed).
+        rank, world_size: this process's part of every epoch.
+        workers: decode threads (default: the cores this process may use).
+        **options: the sampler's, e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
+            replacement=True, num_samples=None.
+
+    Raises:
+        ShardError: missing, incomplete or inconsistent shards (the message names the file and the fix).
+        ConfigError: a setting that cannot work (unknown sampler or option, nothing to draw, no CUDA, ...).
+    """
 
     def __init__(self, shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
                  iou_threshold: float | None = None, seed: int = 0, device="auto", backend: str = "auto",
@@ -90,13 +111,17 @@ class Loader:
             from crackio.torch_backend import TorchBackend
             self.backend = TorchBackend(self.reader, self.device, workers)  # batches and order come per epoch
         self.epoch = 0
+        self._planned: tuple[int, list[np.ndarray]] = (-1, [])
         self._ious = torch.from_numpy(self.index.ious.astype(np.float32))
         self._labels = torch.from_numpy(self.labels.astype(np.float32))
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's row ids for `epoch`, batch by batch: a pure function of the arguments."""
-        order = epoch_order(self.selection, self.labels, self.sampler, self.options, self.seed, epoch, self.train)
-        return rank_batches(order, self.batch_size, self.rank, self.world_size, self.train)
+        """This rank's row ids for `epoch`, batch by batch: a pure function of the arguments, computed once
+        per epoch (`len(loader)` and the iteration share it)."""
+        if self._planned[0] != epoch:
+            order = epoch_order(self.selection, self.labels, self.sampler, self.options, self.seed, epoch, self.train)
+            self._planned = (epoch, rank_batches(order, self.batch_size, self.rank, self.world_size, self.train))
+        return self._planned[1]
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch))
@@ -119,26 +144,6 @@ class Loader:
                         self.index.filenames(ids.numpy()))
 
 
-def make_loader(shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
-                iou_threshold: float | None = None, seed: int = 0, device="auto", backend: str = "auto",
-                rank: int = 0, world_size: int = 1, **sampler_options) -> Loader:
-    """A loader over `shards/<split>` yielding `Batch`es, one epoch per iteration.
-
-    Args:
-        shards: folder written by tools/pack.py.
-        split: e.g. "train", "valid", "test".
-        batch_size: samples per batch (eval batches may be smaller, never padded).
-        train: augment and drop the last partial batch; eval: normalize only, every sample once.
-        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.samplers).
-        iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
-            recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
-        seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
-        device: "cuda", "cpu" or "auto".
-        backend: "dali", "torch" or "auto" (DALI where installed).
-        rank, world_size: this process's part of every epoch.
-        **sampler_options: e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
-            replacement=True, num_samples=None; `workers=` sets decode threads.
-    """
-    return Loader(shards, split, batch_size=batch_size, train=train, sampler=sampler,
-                  iou_threshold=iou_threshold, seed=seed, device=device, backend=backend,
-                  rank=rank, world_size=world_size, **sampler_options)
+def make_loader(shards, split: str, **settings) -> Loader:
+    """A loader over `shards/<split>` yielding `Batch`es, one epoch per iteration (the settings of `Loader`)."""
+    return Loader(shards, split, **settings)

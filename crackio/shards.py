@@ -66,8 +66,13 @@ def index_dtype(filename_len: int, stem_len: int, extra: list | None = None) -> 
     ])
 
 
-class ShardWriter:
-    """Writes one tar to `<final>.tmp` and renames it into place only when complete."""
+class TarShard:
+    """Writes one tar to `<final>.tmp` and renames it into place only when complete.
+
+    A context manager: leaving the block normally closes (renames) it, an exception aborts it and
+    removes the temporary. (Named apart from `webdataset.ShardWriter`, which splits a stream into
+    many tars; this is one tar with its DALI index.)
+    """
 
     def __init__(self, final: Path):
         self.final = final
@@ -102,6 +107,15 @@ class ShardWriter:
         self._file.close()
         self.tmp.unlink(missing_ok=True)
 
+    def __enter__(self) -> TarShard:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
 
 class SplitWriter:
     """One split's shards: samples in, in order; `<split>-NNNNNN.tar` + `.idx` out, crash-safe.
@@ -119,11 +133,11 @@ class SplitWriter:
         self.count = 0
         self.shards: list[dict] = []
         self._where: list[np.ndarray] = []
-        self._tar: ShardWriter | None = None
+        self._tar: TarShard | None = None
 
     def write(self, jpeg: bytes, meta: dict) -> None:
         if self._tar is None:
-            self._tar = ShardWriter(self.folder / shard_name(self.split, len(self.shards)))
+            self._tar = TarShard(self.folder / shard_name(self.split, len(self.shards)))
         self._tar.write(self.count, jpeg, meta)
         self.count += 1
         if self._tar.count == self.per_shard:

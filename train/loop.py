@@ -99,7 +99,7 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg:
     seen = 0  # samples, counted on the host: no per-step host-to-device copy
     finite = torch.ones((), device=device, dtype=torch.bool)
     wait = 0.0
-    steps = len(loader)  # computed once: it derives the epoch's order
+    steps = len(loader)
     start = tick = time.perf_counter()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
     for step, batch in enumerate(bar):
