@@ -197,19 +197,25 @@ def _help(cls) -> dict[str, str]:
     return helps
 
 
-def add_config_arguments(ap: argparse.ArgumentParser) -> None:
-    helps = _help(Config)
-    for f in fields(Config):
+def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bool = True) -> None:
+    """One flag per field of the dataclass `cls`, typed by its default, helped by its `#` comment.
+
+    given_only: flags not given are left out of the namespace (argparse.SUPPRESS), so the caller
+    knows which were given (resume and option checks); else they hold the field's default.
+    """
+    helps = _help(cls)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kind = type(default)
         text = f"{helps.get(f.name, '')} (default: {default!r})"
+        value = argparse.SUPPRESS if given_only else default
         if default is None:  # the only optional field is a float: `--iou-threshold 0.35`, or `none`
-            ap.add_argument(flag, type=_optional_float, metavar="FLOAT|none", default=argparse.SUPPRESS, help=text)
+            ap.add_argument(flag, type=_optional_float, metavar="FLOAT|none", default=value, help=text)
         elif kind is bool:
-            ap.add_argument(flag, type=_bool, metavar="BOOL", default=argparse.SUPPRESS, help=text)
+            ap.add_argument(flag, type=_bool, metavar="BOOL", default=value, help=text)
         else:
-            ap.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+            ap.add_argument(flag, type=kind, default=value, help=text)
 
 
 def _optional_float(text: str) -> float | None:

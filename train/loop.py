@@ -20,7 +20,7 @@ from crackio import make_loader, read_manifest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loader import resolve_device
 from crackio.samplers import label_source
-from train.config import Config, check_resumed
+from train.config import Config, add_config_arguments, check_applicable, check_resumed, resume_config
 from train.evaluate import predict
 from train.losses import make_loss
 from train.model import build_model, make_optimizer
@@ -131,6 +131,23 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg:
     loss_sum, correct = totals.tolist()
     return {"train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
             "images_per_sec": seen / elapsed, "data_wait_share": wait / elapsed}
+
+
+def cli(argv: list[str]) -> None:
+    """`python -m train [options]`: the flags actually given make the config (or extend a resumed run)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train", description="Train the crack classifier.",
+                                 epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help")
+    add_config_arguments(ap)
+    given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
+    if given.get("resume"):
+        cfg = resume_config(given.pop("resume"), **given)
+    else:
+        cfg = Config(**given)
+        cfg.validate()  # values first, then whether each option applies
+        check_applicable(cfg, given)
+    main(cfg)
 
 
 def main(cfg: Config) -> Path:

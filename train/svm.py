@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,13 +24,55 @@ from tqdm import tqdm
 
 from crackio import read_manifest
 from crackio.errors import ConfigError
+from crackio.loader import BACKENDS, DEVICES
 from crackio.samplers import label_source
+from train.config import add_config_arguments
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
 from train.runtime import amp_dtype, load_checkpoint, write_json, write_text
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
+
+
+@dataclass
+class SvmConfig:
+    checkpoint: str = ""        # RUN/best.pt of a finished run (required)
+    shards: str = ""            # shards folder; "" = the one the run trained on
+    out: str = ""               # output folder; "" = RUN/svm
+    pos_iou: float = 0.7        # positives: IoU >= this (R-CNN)
+    neg_iou: float = 0.3        # negatives: IoU < this (R-CNN); the band between is ignored
+    rounds: int = 3             # hard-negative mining rounds
+    negatives: int = 5000       # initial random negatives, and the most hard negatives added per round
+    C: float = 1e-3             # LinearSVC C on standardized features
+    target_recall: float = 0.0  # choose thresholds for this crack recall on validation; 0 = the highest F1
+    seed: int = 0               # seeds the initial negative cache
+    batch_size: int = 64        # batch size of the feature pass
+    device: str = "auto"        # auto | cpu | cuda
+    backend: str = "auto"       # auto | dali | torch
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
+        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
+            raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
+        if self.rounds < 0 or self.negatives < 1 or not self.C > 0 or self.batch_size < 1:
+            raise ConfigError("--rounds must be >= 0, --negatives and --batch-size >= 1, --C > 0")
+        if self.device not in DEVICES or self.backend not in BACKENDS:
+            raise ConfigError(f"--device must be one of {DEVICES} and --backend one of {BACKENDS}")
+
+
+def cli(argv: list[str]) -> None:
+    """`python -m train svm --checkpoint RUN/best.pt [options]`: flags derived from SvmConfig."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train svm", description=(
+        "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
+        "reported beside the network head."))
+    add_config_arguments(ap, SvmConfig, given_only=False)
+    cfg = SvmConfig(**vars(ap.parse_args(argv)))
+    cfg.validate()
+    run_svm(cfg)
 
 
 def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
@@ -130,7 +173,7 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
     return scaler, svm
 
 
-def run_svm(args) -> Path:
+def run_svm(args: SvmConfig) -> Path:
     """Extract (or reuse) features, train the SVM, choose its threshold on validation, report."""
     path = Path(args.checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))

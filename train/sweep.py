@@ -18,7 +18,7 @@ import numpy as np
 
 from crackio.errors import ConfigError, MissingFile
 from crackio.samplers import label_source
-from train.config import RESUMABLE, Config, check_applicable
+from train.config import RESUMABLE, Config, add_config_arguments, check_applicable
 from train.errors import USER_ERRORS
 from train.loop import init_distributed
 from train.loop import main as train_main
@@ -38,6 +38,31 @@ class Variant:
     title: str
     options: dict  # training options this variant sets
     reference: dict | None  # the original's published report, if any
+
+
+EPILOG = ("--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
+          "here are shared by every variant; a variant's own settings win. Run the same command again to "
+          "skip finished variants, resume interrupted ones and retry failed ones.")
+
+
+def cli(argv: list[str]) -> None:
+    """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train sweep", epilog=EPILOG,
+                                 description="Train a list of variants, then compare them in one table and plots.")
+    add_config_arguments(ap)
+    ap.add_argument("--variants", default="", help="variants file (default: the original's six runs, "
+                                                     "train/variants.toml)")
+    options = vars(ap.parse_args(argv))
+    variants = Path(options.pop("variants") or SHIPPED)
+    out = Path(options.pop("out", "") or "runs/sweep")
+    if options.get("resume"):
+        raise ConfigError("--resume does not apply to a sweep: run the same sweep command again to continue it")
+    base = Config(**options)
+    if not base.shards:
+        raise ConfigError("--shards is required (a folder written by tools/pack.py)")
+    run_sweep(base, variants, out)
 
 
 def load_variants(path: Path) -> list[Variant]:
