@@ -6,8 +6,18 @@ from crackio.names import BadName, Proposal, format_name, parse_name
 from crackio.shards import ShardError, SplitIndex, load_index, read_manifest
 
 __all__ = [
-    "ConfigError", "CrackioError", "MissingFile",
-    "Batch", "Loader", "make_loader",
-    "BadName", "Proposal", "format_name", "parse_name",
-    "ShardError", "SplitIndex", "load_index", "read_manifest",
+    "ConfigError",
+    "CrackioError",
+    "MissingFile",
+    "Batch",
+    "Loader",
+    "make_loader",
+    "BadName",
+    "Proposal",
+    "format_name",
+    "parse_name",
+    "ShardError",
+    "SplitIndex",
+    "load_index",
+    "read_manifest",
 ]

@@ -35,11 +35,11 @@ MASK_MIN_PIXELS = 20
 @dataclass
 class Photo:
     path: Path
-    stem: str                    # unique within the dataset: the proposals' <stem>
-    split: str | None            # from the dataset's folders; None: assigned by ratios
-    boxes: np.ndarray            # float64 (N, 4); x0, y0, x1, y1 (normalized cx, cy, w, h when `normalized`)
-    normalized: bool = False     # YOLO: boxes are fractions of the photo's size
-    mask: Path | None = None     # mask format: boxes come from this image
+    stem: str  # unique within the dataset: the proposals' <stem>
+    split: str | None  # from the dataset's folders; None: assigned by ratios
+    boxes: np.ndarray  # float64 (N, 4); x0, y0, x1, y1 (normalized cx, cy, w, h when `normalized`)
+    normalized: bool = False  # YOLO: boxes are fractions of the photo's size
+    mask: Path | None = None  # mask format: boxes come from this image
     difficult: list[bool] = field(default_factory=list)  # VOC's flag per box (kept as ground truth)
     errors: list[str] = field(default_factory=list)  # ground truth that could not be read: the photo is skipped
     size: tuple[int, int] | None = None  # (width, height) the annotation says, checked against the photo
@@ -49,8 +49,8 @@ class Photo:
 class Annotated:
     photos: list[Photo]
     problems: list[tuple[str, str]]  # (path, reason): photos or annotations that could not be used
-    classes: list[str]               # every class name seen
-    positive: list[str]              # the class names taken as crack
+    classes: list[str]  # every class name seen
+    positive: list[str]  # the class names taken as crack
 
 
 def _is_photo(p: Path) -> bool:
@@ -58,8 +58,9 @@ def _is_photo(p: Path) -> bool:
 
 
 def _split_dirs(src: Path) -> dict[str, Path]:
-    return {SPLIT_NAMES[d.name.lower()]: d for d in sorted(src.iterdir())
-            if d.is_dir() and d.name.lower() in SPLIT_NAMES}
+    return {
+        SPLIT_NAMES[d.name.lower()]: d for d in sorted(src.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_NAMES
+    }
 
 
 def _pick(classes: list[str], wanted: list[str] | None, where: str) -> list[str]:
@@ -89,19 +90,27 @@ def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None
     result.photos.sort(key=lambda p: (p.stem, str(p.path)))  # the same order (and ratio splits) in every format
     for photo in result.photos:  # the stem names every proposal of the photo: it must be unique
         if photo.stem in stems:
-            result.problems.append((display_name(photo.path), f"a second photo named {photo.stem!r} (the first: "
-                                    f"{display_name(stems[photo.stem])}); rename one of them"))
+            result.problems.append(
+                (
+                    display_name(photo.path),
+                    f"a second photo named {photo.stem!r} (the first: "
+                    f"{display_name(stems[photo.stem])}); rename one of them",
+                )
+            )
             continue
         stems[photo.stem] = photo.path
         unique.append(photo)
     result.photos = unique
     if not result.photos:
-        raise ConfigError(f"no annotated photo found in {display_name(src)} as --format {fmt}: "
-                          f"{'; '.join(r for _, r in result.problems[:3]) or 'see README for the layouts'}")
+        raise ConfigError(
+            f"no annotated photo found in {display_name(src)} as --format {fmt}: "
+            f"{'; '.join(r for _, r in result.problems[:3]) or 'see README for the layouts'}"
+        )
     return result
 
 
 # --- COCO --------------------------------------------------------------------------------------------------
+
 
 def _coco(src: Path, wanted: list[str] | None) -> Annotated:
     files: list[tuple[str | None, Path]]
@@ -133,18 +142,38 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
         by_image: dict = {}
         for a in doc.get("annotations", []):
             if a.get("image_id") not in image_ids:
-                problems.append((display_name(path), f"annotation {a.get('id')} names image_id {a.get('image_id')!r}, "
-                                                     f"which is not in 'images': ignored"))
+                problems.append(
+                    (
+                        display_name(path),
+                        f"annotation {a.get('id')} names image_id {a.get('image_id')!r}, "
+                        f"which is not in 'images': ignored",
+                    )
+                )
             elif a.get("category_id") not in cats:
-                problems.append((display_name(path), f"annotation {a.get('id')} names category_id "
-                                                     f"{a.get('category_id')!r}, which is not in 'categories'"))
+                problems.append(
+                    (
+                        display_name(path),
+                        f"annotation {a.get('id')} names category_id "
+                        f"{a.get('category_id')!r}, which is not in 'categories'",
+                    )
+                )
                 by_image.setdefault(a.get("image_id"), []).append(a)  # its photo is skipped: a box of what?
             else:
                 by_image.setdefault(a.get("image_id"), []).append(a)
         for im in doc["images"]:
             file_name = str(im.get("file_name", ""))
-            photo = next((p for p in (path.parent / file_name, path.parent / "images" / file_name,
-                                      path.parent.parent / "images" / file_name) if p.is_file()), None)
+            photo = next(
+                (
+                    p
+                    for p in (
+                        path.parent / file_name,
+                        path.parent / "images" / file_name,
+                        path.parent.parent / "images" / file_name,
+                    )
+                    if p.is_file()
+                ),
+                None,
+            )
             if photo is None:
                 problems.append((display_name(path.parent / file_name), f"missing image named in {path.name}"))
                 continue
@@ -160,10 +189,21 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
                     errors.append(f"annotation {a.get('id')}: {box}")
                 else:
                     boxes.append(box)
-            size = (im["width"], im["height"]) if isinstance(im.get("width"), int) and \
-                isinstance(im.get("height"), int) else None
-            photos.append(Photo(photo, Path(file_name).stem, split, np.array(boxes, np.float64).reshape(-1, 4),
-                                errors=errors, size=size))
+            size = (
+                (im["width"], im["height"])
+                if isinstance(im.get("width"), int) and isinstance(im.get("height"), int)
+                else None
+            )
+            photos.append(
+                Photo(
+                    photo,
+                    Path(file_name).stem,
+                    split,
+                    np.array(boxes, np.float64).reshape(-1, 4),
+                    errors=errors,
+                    size=size,
+                )
+            )
     return Annotated(photos, problems, names, positive)
 
 
@@ -195,6 +235,7 @@ def _coco_box(a: dict) -> list[float] | str:
 
 # --- YOLO --------------------------------------------------------------------------------------------------
 
+
 def _yolo_names(src: Path) -> list[str]:
     import yaml  # PyYAML: Ultralytics' data.yaml (names as a list or an {id: name} mapping)
 
@@ -210,8 +251,9 @@ def _yolo_names(src: Path) -> list[str]:
 
 
 def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
-    layouts: list[tuple[str | None, Path, Path]] = [(split, d / "images", d / "labels")
-                                                    for split, d in _split_dirs(src).items()]
+    layouts: list[tuple[str | None, Path, Path]] = [
+        (split, d / "images", d / "labels") for split, d in _split_dirs(src).items()
+    ]
     if not layouts and (src / "images").is_dir():
         layouts = [(split, d, src / "labels" / d.name) for split, d in _split_dirs(src / "images").items()]
         layouts = layouts or [(None, src / "images", src / "labels")]
@@ -231,8 +273,11 @@ def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
                         errors.append(f"{txt.name} line {number}: {box}")
                     elif box is not None and (ids is None or box[0] in ids):
                         boxes.append(box[1])
-            photos.append(Photo(photo, photo.stem, split, np.array(boxes, np.float64).reshape(-1, 4), normalized=True,
-                                errors=errors))
+            photos.append(
+                Photo(
+                    photo, photo.stem, split, np.array(boxes, np.float64).reshape(-1, 4), normalized=True, errors=errors
+                )
+            )
     return Annotated(photos, problems, names, positive or names)
 
 
@@ -260,6 +305,7 @@ def _yolo_line(line: str, classes: int) -> tuple[int, list[float]] | str | None:
 
 
 # --- Pascal VOC --------------------------------------------------------------------------------------------
+
 
 def _voc(src: Path, wanted: list[str] | None) -> Annotated:
     splits = _split_dirs(src)
@@ -294,8 +340,9 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
             bb = obj.find("bndbox")
             box = _numbers(bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")) if bb is not None else None
             if box is None or box[2] < box[0] or box[3] < box[1]:
-                errors.append((name, f"object {name!r} has no bndbox of finite numbers with xmin <= xmax, "
-                                     f"ymin <= ymax"))
+                errors.append(
+                    (name, f"object {name!r} has no bndbox of finite numbers with xmin <= xmax, ymin <= ymax")
+                )
                 continue
             # VOC boxes are 1-based and inclusive: pixel columns xmin..xmax are x0 = xmin - 1 .. x1 = xmax.
             objects.append((name, [box[0] - 1, box[1] - 1, box[2], box[3]], (obj.findtext("difficult") or "0") == "1"))
@@ -316,9 +363,17 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
             continue
         described.add(photo.resolve())
         kept = [(box, hard) for name, box, hard in objects if name in positive]
-        photos.append(Photo(photo, photo.stem, split, np.array([b for b, _ in kept], np.float64).reshape(-1, 4),
-                            difficult=[h for _, h in kept], size=size,
-                            errors=[why for name, why in errors if name in positive or not name]))
+        photos.append(
+            Photo(
+                photo,
+                photo.stem,
+                split,
+                np.array([b for b, _ in kept], np.float64).reshape(-1, 4),
+                difficult=[h for _, h in kept],
+                size=size,
+                errors=[why for name, why in errors if name in positive or not name],
+            )
+        )
     folders = {images for _, _, images, *_ in parsed} | {xml.parent for _, xml, *_ in parsed}
     for folder in sorted(folders):  # a photo without an XML is not "no crack": VOC writes a file per photo
         for p in sorted(folder.iterdir()):
@@ -329,18 +384,27 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
 
 # --- segmentation masks ------------------------------------------------------------------------------------
 
+
 def _mask(src: Path, wanted: list[str] | None) -> Annotated:
     if wanted:
         raise ConfigError("--classes does not apply to --format mask: every non-zero mask pixel is crack")
-    layouts: list[tuple[str | None, Path, Path]] = [(split, d / "images", d / "masks")
-                                                    for split, d in _split_dirs(src).items()]
+    layouts: list[tuple[str | None, Path, Path]] = [
+        (split, d / "images", d / "masks") for split, d in _split_dirs(src).items()
+    ]
     layouts = layouts or [(None, src / "images", src / "masks")]
     photos: list[Photo] = []
     problems: list[tuple[str, str]] = []
     for split, images, masks in layouts:
         for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
-            found = [m for m in sorted(masks.glob(photo.stem + ".*")) + sorted(masks.glob(photo.stem + "_mask.*"))
-                     if _is_photo(m)] if masks.is_dir() else []
+            found = (
+                [
+                    m
+                    for m in sorted(masks.glob(photo.stem + ".*")) + sorted(masks.glob(photo.stem + "_mask.*"))
+                    if _is_photo(m)
+                ]
+                if masks.is_dir()
+                else []
+            )
             if not found:
                 problems.append((display_name(photo), f"no mask {photo.stem}.png in {display_name(masks)}"))
                 continue
@@ -373,8 +437,10 @@ def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, li
     """
     errors = list(photo.errors)
     if photo.size is not None and tuple(photo.size) != (width, height):
-        errors.append(f"the annotation gives the photo as {photo.size[0]}x{photo.size[1]}, the file is "
-                      f"{width}x{height} (another version of the photo?)")
+        errors.append(
+            f"the annotation gives the photo as {photo.size[0]}x{photo.size[1]}, the file is "
+            f"{width}x{height} (another version of the photo?)"
+        )
     if photo.mask is not None:
         from PIL import Image, ImageOps
 
@@ -384,8 +450,14 @@ def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, li
         except (OSError, ValueError, SyntaxError) as e:
             return np.zeros((0, 4)), [], [*errors, f"unreadable mask {display_name(photo.mask)} ({e})"]
         if mask.shape != (height, width):
-            return np.zeros((0, 4)), [], [*errors, f"mask {display_name(photo.mask)} is {mask.shape[1]}x"
-                                                   f"{mask.shape[0]}, the photo {width}x{height}"]
+            return (
+                np.zeros((0, 4)),
+                [],
+                [
+                    *errors,
+                    f"mask {display_name(photo.mask)} is {mask.shape[1]}x{mask.shape[0]}, the photo {width}x{height}",
+                ],
+            )
         return mask_boxes(mask), [], errors
     boxes = photo.boxes.copy()
     if photo.normalized:

@@ -32,8 +32,8 @@ _SEED_AUG = 0xA06
 
 class AugmentParams(NamedTuple):
     brightness: np.ndarray  # float32 factor per sample
-    flip: np.ndarray        # int32 0/1 per sample
-    angle: np.ndarray       # float32 degrees, counter-clockwise, per sample
+    flip: np.ndarray  # int32 0/1 per sample
+    angle: np.ndarray  # float32 degrees, counter-clockwise, per sample
 
     def take(self, start: int, stop: int) -> AugmentParams:
         return AugmentParams(*(a[start:stop] for a in self))

@@ -37,8 +37,9 @@ def proposal_pipeline(source, train: bool, gpu: bool):
         images = fn.brightness(images, brightness=brightness)
         images = fn.flip(images, horizontal=flip)
         images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD]
+    )
     return images, ids
 
 
@@ -59,19 +60,28 @@ class _EpochSource:
 class DaliBackend:
     name = "dali"
 
-    def __init__(self, reader: ByteReader, batch_size: int, train: bool, device: torch.device,
-                 num_threads: int, seed: int):
+    def __init__(
+        self, reader: ByteReader, batch_size: int, train: bool, device: torch.device, num_threads: int, seed: int
+    ):
         self.device = device
         self.source = _EpochSource(reader)
         gpu = device.type == "cuda"
         self._make = lambda: proposal_pipeline(
-            source=self.source, train=train, gpu=gpu, batch_size=batch_size, num_threads=num_threads,
-            device_id=(device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2)
+            source=self.source,
+            train=train,
+            gpu=gpu,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=(device.index or 0) if gpu else None,
+            seed=seed,
+            prefetch_queue_depth=2,
+        )
         self.pipe: Any = None  # built on the first epoch (DALI is untyped: see pyproject's mypy section)
         self._clean = False  # True once the last epoch ran to its end
 
-    def run_epoch(self, batches: Sequence[np.ndarray],
-                  params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def run_epoch(
+        self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images float32 NCHW on the device, ids int64) for each batch, in order (crackio.loader.Backend)."""
         self.source.batches = zip(batches, params)
         if self._clean:

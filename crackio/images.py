@@ -34,15 +34,15 @@ import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274
-ROTATING = range(2, 9)      # orientations that move pixels; 1 is upright, others are invalid and ignored
+ROTATING = range(2, 9)  # orientations that move pixels; 1 is upright, others are invalid and ignored
 JPEG_SOI = b"\xff\xd8\xff"
 MAX_PIXELS = 50_000_000  # a proposal crop is resized to 224x224: anything this large is not a crop
 
 
 class Prepared(NamedTuple):
     data: bytes | None  # the RGB JPEG to store; None: the file is skipped
-    note: str           # "" = stored byte for byte; else what was converted, or why it was skipped
-    digest: bytes       # BLAKE2b-128 of the source bytes (empty when unread), for the leakage report
+    note: str  # "" = stored byte for byte; else what was converted, or why it was skipped
+    digest: bytes  # BLAKE2b-128 of the source bytes (empty when unread), for the leakage report
 
 
 def prepare(path: str, size: int = 224, quality: int = 95) -> Prepared:
@@ -77,11 +77,15 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
         fmt, mode, (w, h) = img.format, img.mode, img.size
         frames = getattr(img, "n_frames", 1)
         if frames > 1:
-            return None, (f"{fmt} with {frames} frames (animated or multi-page): a crop is one picture; export the "
-                          f"frame you mean as JPEG")
+            return None, (
+                f"{fmt} with {frames} frames (animated or multi-page): a crop is one picture; export the "
+                f"frame you mean as JPEG"
+            )
         if w * h > MAX_PIXELS:
-            return None, (f"{w}x{h} pixels: larger than any plausible crop (limit {MAX_PIXELS // 10**6} megapixels); "
-                          f"crop or downscale it")
+            return None, (
+                f"{w}x{h} pixels: larger than any plausible crop (limit {MAX_PIXELS // 10**6} megapixels); "
+                f"crop or downscale it"
+            )
         try:
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         except Exception:  # noqa: BLE001 - malformed EXIF: Pillow raises many kinds; re-encode without it
@@ -117,8 +121,8 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
 
 
 class _Strict:
-    depth = 0        # holders inside strict_pillow()
-    saved = False    # the caller's LOAD_TRUNCATED_IMAGES, restored when the last holder leaves
+    depth = 0  # holders inside strict_pillow()
+    saved = False  # the caller's LOAD_TRUNCATED_IMAGES, restored when the last holder leaves
 
 
 _strict = _Strict()
@@ -148,7 +152,7 @@ def strict_pillow():
 
 
 def jpeg_problem(data: bytes) -> str:
-    """"" if libjpeg-turbo decodes the JPEG without a warning, else the reason to skip it."""
+    """ "" if libjpeg-turbo decodes the JPEG without a warning, else the reason to skip it."""
     try:
         # strict=True turns libjpeg's recoverable warnings ("Corrupt JPEG data: premature end of data
         # segment", grey rows filled in) into errors; Pillow and torchvision only print them, if that.
@@ -174,7 +178,7 @@ def jpeg_precision(data: bytes) -> int | None:
             return data[i + 4] if i + 4 < len(data) else None
         if marker == 0xDA:  # start of scan before any frame header: malformed
             return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
 
@@ -190,13 +194,17 @@ def to_rgb8(img: Image.Image) -> tuple[Image.Image | None, str]:
         lo, hi = values.min(), values.max()
         if mode == "F":
             if lo < 0 or hi > 1:
-                return None, (f"32-bit float image with values in [{lo:g}, {hi:g}]: only [0, 1] has a known "
-                              f"scale; save it as 8-bit")
+                return None, (
+                    f"32-bit float image with values in [{lo:g}, {hi:g}]: only [0, 1] has a known "
+                    f"scale; save it as 8-bit"
+                )
             scaled, note = values * 255.0, "float [0, 1] scaled to 8 bits"
         else:
             if lo < 0 or hi > 65535:
-                return None, (f"{mode} integer image with values in [{lo}, {hi}]: only 0..65535 has a known "
-                              f"scale; save it as 8- or 16-bit")
+                return None, (
+                    f"{mode} integer image with values in [{lo}, {hi}]: only 0..65535 has a known "
+                    f"scale; save it as 8- or 16-bit"
+                )
             scaled, note = values.astype(np.float64) * (255.0 / 65535.0), "16-bit range scaled to 8 bits"
         gray = Image.fromarray(np.rint(scaled).astype(np.uint8))
         return gray.convert("RGB"), note
@@ -211,14 +219,20 @@ def to_rgb8(img: Image.Image) -> tuple[Image.Image | None, str]:
 
 
 _KNOWN = (  # (prefix test, what the file is and what to do)
-    (lambda d: d[4:12] in (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypmif1", b"ftypmsf1"),
-     "HEIC/HEIF image: Pillow cannot read it without the pillow-heif plugin; convert it to JPEG"),
+    (
+        lambda d: d[4:12] in (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypmif1", b"ftypmsf1"),
+        "HEIC/HEIF image: Pillow cannot read it without the pillow-heif plugin; convert it to JPEG",
+    ),
     (lambda d: d[4:12] == b"ftypavif", "AVIF image: convert it to JPEG"),
     (lambda d: d.startswith(b"%PDF"), "a PDF document, not an image: export the page as JPEG"),
-    (lambda d: d.startswith(b"version https://git-lfs"),
-     "a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository"),
-    (lambda d: d.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")),
-     "an HTML page, not an image (a failed download?): download the file again"),
+    (
+        lambda d: d.startswith(b"version https://git-lfs"),
+        "a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository",
+    ),
+    (
+        lambda d: d.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")),
+        "an HTML page, not an image (a failed download?): download the file again",
+    ),
     (lambda d: d.startswith(JPEG_SOI), "a JPEG whose header Pillow cannot parse: re-export the file"),
 )
 
@@ -235,8 +249,7 @@ def describe_unknown(data: bytes) -> str:
         text = None
     if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
         return "a text file, not an image: move it out of the split folder"
-    return (f"not an image format Pillow can read (starts with bytes {data[:8].hex(' ')}): "
-            f"convert it to JPEG or PNG")
+    return f"not an image format Pillow can read (starts with bytes {data[:8].hex(' ')}): convert it to JPEG or PNG"
 
 
 def _text(e: BaseException) -> str:

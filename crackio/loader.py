@@ -29,15 +29,16 @@ class Backend(Protocol):
     the loader's device, row ids int64) per batch, in order, one epoch, then returns.
     """
 
-    def run_epoch(self, batches: Sequence[np.ndarray],
-                  params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def run_epoch(
+        self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor   # float32 N x 3 x 224 x 224, ImageNet-normalized, on the loader's device
-    labels: torch.Tensor   # float32 0/1: the names' labels, or IoU > iou_threshold when one is given
-    ious: torch.Tensor     # float32
-    names: list[str]       # original proposal file names
+    images: torch.Tensor  # float32 N x 3 x 224 x 224, ImageNet-normalized, on the loader's device
+    labels: torch.Tensor  # float32 0/1: the names' labels, or IoU > iou_threshold when one is given
+    ious: torch.Tensor  # float32
+    names: list[str]  # original proposal file names
 
 
 def dali_available() -> bool:
@@ -79,16 +80,32 @@ class Loader:
         ConfigError: a setting that cannot work (unknown sampler or option, nothing to draw, no CUDA, ...).
     """
 
-    def __init__(self, shards, split: str, *, batch_size: int, train: bool, sampler: str = "shuffle",
-                 iou_threshold: float | None = None, seed: int = 0, device="auto", backend: str = "auto",
-                 rank: int = 0, world_size: int = 1, workers: int | None = None, **options):
+    def __init__(
+        self,
+        shards,
+        split: str,
+        *,
+        batch_size: int,
+        train: bool,
+        sampler: str = "shuffle",
+        iou_threshold: float | None = None,
+        seed: int = 0,
+        device="auto",
+        backend: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int | None = None,
+        **options,
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "dali" and not dali_available():
-            raise ConfigError("backend 'dali' asked for but NVIDIA DALI is not installed "
-                             "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'")
+            raise ConfigError(
+                "backend 'dali' asked for but NVIDIA DALI is not installed "
+                "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'"
+            )
         self.index = load_index(shards, split)
         self.reader = ByteReader(self.index)
         self.reader.check()
@@ -106,9 +123,11 @@ class Loader:
         self.backend: Backend
         if self.backend_name == "dali":
             from crackio.dali_backend import DaliBackend
+
             self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed)
         else:
             from crackio.torch_backend import TorchBackend
+
             self.backend = TorchBackend(self.reader, self.device, workers)  # batches and order come per epoch
         self.epoch = 0
         self._planned: tuple[int, list[np.ndarray]] = (-1, [])
@@ -140,8 +159,12 @@ class Loader:
         epoch = self.epoch
         self.epoch += 1  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
         for images, ids in self.backend.run_epoch(*self.plan(epoch)):
-            yield Batch(images, self._labels[ids].to(self.device), self._ious[ids].to(self.device),
-                        self.index.filenames(ids.numpy()))
+            yield Batch(
+                images,
+                self._labels[ids].to(self.device),
+                self._ious[ids].to(self.device),
+                self.index.filenames(ids.numpy()),
+            )
 
 
 def make_loader(shards, split: str, **settings) -> Loader:

@@ -33,15 +33,16 @@ def parse_name(filename: str) -> Proposal:
         BadName: with the reason the name does not parse.
     """
     if not is_utf8(filename):
-        raise BadName(f"{display_name(filename)!r}: the name is not valid UTF-8 (an archive unpacked with another "
-                      f"code page?); rename the file in UTF-8")
+        raise BadName(
+            f"{display_name(filename)!r}: the name is not valid UTF-8 (an archive unpacked with another "
+            f"code page?); rename the file in UTF-8"
+        )
     # Right to left: Roboflow-style stems ("IMG_0042_jpg.rf.<hash>") hold dots,
     # so the original's `split(".")[2]` breaks on them.
     parts = filename.rsplit(".", 4)
     if len(parts) != 5:
         raise BadName(
-            f"{filename!r}: expected <stem>.<proposal>.<iou>.<label>.<ext> "
-            f"(5 dot-separated parts, found {len(parts)})"
+            f"{filename!r}: expected <stem>.<proposal>.<iou>.<label>.<ext> (5 dot-separated parts, found {len(parts)})"
         )
     stem, proposal, iou, label, ext = parts
     if "." + ext.lower() not in IMAGE_EXTENSIONS:
@@ -54,8 +55,9 @@ def parse_name(filename: str) -> Proposal:
         raise BadName(f"{filename!r}: label {label!r} is not 0 or 1")
     whole, sep, frac = iou.partition("_")
     if not (_digits(whole) and (not sep or _digits(frac))):
-        raise BadName(f"{filename!r}: IoU {iou!r} is not a number in ASCII digits written with '_' for '.' "
-                      "(e.g. 0_734)")
+        raise BadName(
+            f"{filename!r}: IoU {iou!r} is not a number in ASCII digits written with '_' for '.' (e.g. 0_734)"
+        )
     value = float(f"{whole}.{frac}" if sep else whole)
     if not 0.0 <= value <= 1.0:
         raise BadName(f"{filename!r}: IoU {value} is outside [0, 1]")

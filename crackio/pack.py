@@ -40,15 +40,15 @@ CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 @dataclass(frozen=True)
 class PackSettings:
     samples_per_shard: int = 10000  # ~150-250 MB tars for 224x224 crops
-    workers: int = 0                # decoding threads; 0 = all cores
-    seed: int = 0                   # seeds the global shuffle
-    size: int = 224                 # every stored image is size x size RGB JPEG
-    quality: int = 95               # JPEG quality of converted inputs
+    workers: int = 0  # decoding threads; 0 = all cores
+    seed: int = 0  # seeds the global shuffle
+    size: int = 224  # every stored image is size x size RGB JPEG
+    quality: int = 95  # JPEG quality of converted inputs
 
 
 @dataclass(frozen=True)
 class Skipped:
-    path: str    # as text; bytes that are not UTF-8 escaped (crackio.names.display_name)
+    path: str  # as text; bytes that are not UTF-8 escaped (crackio.names.display_name)
     reason: str
 
 
@@ -148,8 +148,11 @@ def _classify(e: os.DirEntry, found: Found) -> None:
     if not e.is_file():  # follows links: a FIFO, socket, device or dangling link would block or fail
         found.skip(e.path, "not a regular file (a named pipe, socket, device or broken link): not read")
     elif _looks_like_proposal(e.name):
-        found.skip(e.path, f"extension .{e.name.rsplit('.', 1)[1]} is not one of {', '.join(IMAGE_EXTENSIONS)}: "
-                           f"convert the file to JPEG")
+        found.skip(
+            e.path,
+            f"extension .{e.name.rsplit('.', 1)[1]} is not one of {', '.join(IMAGE_EXTENSIONS)}: "
+            f"convert the file to JPEG",
+        )
     else:
         found.ignored[NOT_IMAGE] += 1
 
@@ -179,8 +182,15 @@ def prepared_in_order(paths: list[str], settings: PackSettings, pool: ThreadPool
         yield pending.popleft().result()
 
 
-def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, settings: PackSettings,
-               pool: ThreadPoolExecutor | None, progress: tqdm) -> tuple[dict, list[Skipped], tuple]:
+def pack_split(
+    src_split: list[Proposal],
+    src_dir: Path,
+    out: Path,
+    split: str,
+    settings: PackSettings,
+    pool: ThreadPoolExecutor | None,
+    progress: tqdm,
+) -> tuple[dict, list[Skipped], tuple]:
     """Write one split; returns its manifest entry, its skipped inputs and (filenames, stems, source digests)
     of the stored rows, for the leakage report."""
     folder = out / split
@@ -236,8 +246,9 @@ def pack_split(src_split: list[Proposal], src_dir: Path, out: Path, split: str, 
     return info, skipped, (rows["filename"], rows["stem"], digests[:n])
 
 
-def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(),
-         progress: bool = True) -> dict:
+def pack(
+    src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(), progress: bool = True
+) -> dict:
     """Pack `src` into `out`; returns the manifest (also written to out/manifest.json).
 
     Decoding runs in `settings.workers` threads of this process (Pillow and libjpeg-turbo
@@ -257,12 +268,16 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
     t0 = time.perf_counter()
     found = discover(src)
     if not found.splits:
-        raise ConfigError(f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
-                          f"<label>.jpg (or such files in SRC itself)")
+        raise ConfigError(
+            f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
+            f"<label>.jpg (or such files in SRC itself)"
+        )
     for folder, _ in found.splits.values():
         if out.resolve().is_relative_to(folder.resolve()):
-            raise ConfigError(f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
-                              f"next pack would read the shards as a stray folder; write them elsewhere")
+            raise ConfigError(
+                f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
+                f"next pack would read the shards as a stray folder; write them elsewhere"
+            )
     out.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -273,8 +288,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
     skipped = list(found.skipped)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="crackio-pack") if workers > 1 else None
     try:
-        with strict_pillow(), tqdm(total=total, unit="file", desc="pack", disable=not progress,
-                                   smoothing=0.1) as bar:
+        with strict_pillow(), tqdm(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar:
             for split, (src_dir, proposals) in found.splits.items():
                 splits[split], bad, stored[split] = pack_split(proposals, src_dir, out, split, settings, pool, bar)
                 skipped += bad
@@ -299,15 +313,19 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings 
 
 def summary(manifest: dict, out: Path) -> str:
     """One line of what was written, and a warning line per problem a researcher must know of."""
-    parts = [f"{name} {s['samples']} ({s['classes']['1']} crack / {s['classes']['0']} no crack)"
-             for name, s in manifest["splits"].items()]
+    parts = [
+        f"{name} {s['samples']} ({s['classes']['1']} crack / {s['classes']['0']} no crack)"
+        for name, s in manifest["splits"].items()
+    ]
     shards = [sh for s in manifest["splits"].values() for sh in s["shards"]]
     mb = sum(sh["bytes"] for sh in shards) / 1e6
     converted = sum(sum(s["converted"].values()) for s in manifest["splits"].values())
     ignored = sum(manifest.get("ignored", {}).values())
     secs = manifest.get("seconds", 0.0)
-    lines = [f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards, {mb:.1f} MB in {out}; "
-             f"{converted} converted, {len(manifest['skipped'])} skipped, {ignored} ignored; {secs:.1f} s"]
+    lines = [
+        f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards, {mb:.1f} MB in {out}; "
+        f"{converted} converted, {len(manifest['skipped'])} skipped, {ignored} ignored; {secs:.1f} s"
+    ]
     lines += [f"warning: {w}" for w in warnings(manifest)]
     return "\n".join(lines)
 
@@ -329,14 +347,19 @@ def warnings(manifest: dict) -> list[str]:
     leak = manifest.get("leakage", {})
     dup, shared = leak.get("duplicate_contents", {}), leak.get("shared_stems", {})
     if dup.get("count"):
-        found.append(f"{dup['count']} crops have the same bytes in more than one split (leakage); "
-                     f"see 'leakage' in manifest.json")
+        found.append(
+            f"{dup['count']} crops have the same bytes in more than one split (leakage); see 'leakage' in manifest.json"
+        )
     if shared.get("count"):
-        found.append(f"{shared['count']} full images (stems) have proposals in more than one split (leakage); "
-                     f"see 'leakage' in manifest.json")
+        found.append(
+            f"{shared['count']} full images (stems) have proposals in more than one split (leakage); "
+            f"see 'leakage' in manifest.json"
+        )
     for name, s in manifest["splits"].items():
         impossible = s.get("labels", {}).get("impossible", {}).get("count", 0)
         if impossible:
-            found.append(f"{name}: {impossible} names carry a label no IoU threshold gives (crack at IoU 0 or "
-                         f"no crack at IoU 1); see splits.{name}.labels in manifest.json")
+            found.append(
+                f"{name}: {impossible} names carry a label no IoU threshold gives (crack at IoU 0 or "
+                f"no crack at IoU 1); see splits.{name}.labels in manifest.json"
+            )
     return found

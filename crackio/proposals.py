@@ -34,23 +34,27 @@ MODES = ("fast", "quality")
 @dataclass(frozen=True)
 class ProposalSettings:
     method: str = "selective-search"
-    mode: str = "fast"             # selective search: fast | quality
-    max_proposals: int = 2000      # cap per photo (R-CNN: ~2,000)
-    min_size: int = 8              # proposals narrower or lower than this many pixels are dropped
-    context: int = 16              # pixels of context around the box at the warped size (R-CNN: 16)
-    size: int = 224                # warped crop side
-    quality: int = 95              # JPEG quality of the crops
-    positive_iou: float = 0.5      # label = IoU > this
-    negatives_per_image: int = 0   # 0: every negative; N: an IoU-stratified sample of N negatives
-    gt_jitter: int = 0             # jittered copies of each ground-truth box
+    mode: str = "fast"  # selective search: fast | quality
+    max_proposals: int = 2000  # cap per photo (R-CNN: ~2,000)
+    min_size: int = 8  # proposals narrower or lower than this many pixels are dropped
+    context: int = 16  # pixels of context around the box at the warped size (R-CNN: 16)
+    size: int = 224  # warped crop side
+    quality: int = 95  # JPEG quality of the crops
+    positive_iou: float = 0.5  # label = IoU > this
+    negatives_per_image: int = 0  # 0: every negative; N: an IoU-stratified sample of N negatives
+    gt_jitter: int = 0  # jittered copies of each ground-truth box
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"warp": "anisotropic, bilinear", "fill": "photo mean colour",
-                               "label_rule": "IoU (3 decimals) > positive_iou"}
+        return asdict(self) | {
+            "warp": "anisotropic, bilinear",
+            "fill": "photo mean colour",
+            "label_rule": "IoU (3 decimals) > positive_iou",
+        }
 
 
-def selective_search(rgb: np.ndarray, mode: str, max_proposals: int, min_size: int,
-                     seed: int | Sequence[int]) -> np.ndarray:
+def selective_search(
+    rgb: np.ndarray, mode: str, max_proposals: int, min_size: int, seed: int | Sequence[int]
+) -> np.ndarray:
     """Selective-search boxes (K, 4) float64 x0, y0, x1, y1 in pixels, K <= max_proposals; reproducible.
 
     OpenCV ranks its regions by hierarchy level times an unseeded random number, so its order (and a
@@ -96,8 +100,9 @@ def best_match(proposals: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nd
     return best.numpy(), which.numpy()
 
 
-def stratified_negatives(ious: np.ndarray, negatives: np.ndarray, count: int, rng: np.random.Generator,
-                         bin_width: float = 0.05) -> np.ndarray:
+def stratified_negatives(
+    ious: np.ndarray, negatives: np.ndarray, count: int, rng: np.random.Generator, bin_width: float = 0.05
+) -> np.ndarray:
     """Up to `count` of `negatives` (positions), spread evenly over IoU bins (the original's strata)."""
     if len(negatives) <= count:
         return negatives
@@ -121,10 +126,15 @@ def warp(rgb: np.ndarray, box: np.ndarray, context: int, size: int, fill: np.nda
     w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
     sx, sy = inner / w, inner / h  # anisotropic
     # Output pixel centre u + 0.5 samples photo x = x0 + (u + 0.5 - context) / sx (pixel centres at +0.5).
-    matrix = np.array([[sx, 0, sx * (0.5 - x0) + context - 0.5],
-                       [0, sy, sy * (0.5 - y0) + context - 0.5]], np.float64)
-    return cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=tuple(float(v) for v in fill))
+    matrix = np.array([[sx, 0, sx * (0.5 - x0) + context - 0.5], [0, sy, sy * (0.5 - y0) + context - 0.5]], np.float64)
+    return cv2.warpAffine(
+        rgb,
+        matrix,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=tuple(float(v) for v in fill),
+    )
 
 
 def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
@@ -135,12 +145,12 @@ def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
 
 @dataclass
 class PhotoProposals:
-    boxes: np.ndarray       # (K, 4) float64, photo pixels
-    ious: np.ndarray        # (K,) IoU rounded to 3 decimals
-    labels: np.ndarray      # (K,) int 0/1
-    gt_ids: np.ndarray      # (K,) best-matching ground-truth position, -1 when none
-    kept: np.ndarray        # positions stored: every positive, and the negatives kept
-    recall_hits: int        # ground-truth boxes some selective-search proposal covers at IoU >= 0.5
+    boxes: np.ndarray  # (K, 4) float64, photo pixels
+    ious: np.ndarray  # (K,) IoU rounded to 3 decimals
+    labels: np.ndarray  # (K,) int 0/1
+    gt_ids: np.ndarray  # (K,) best-matching ground-truth position, -1 when none
+    kept: np.ndarray  # positions stored: every positive, and the negatives kept
+    recall_hits: int  # ground-truth boxes some selective-search proposal covers at IoU >= 0.5
 
 
 def propose(rgb: np.ndarray, gt: np.ndarray, settings: ProposalSettings, seed: int, stem: str) -> PhotoProposals:

@@ -51,9 +51,9 @@ SPLITS = ("train", "valid", "test")
 @dataclass(frozen=True)
 class ProposeSettings:
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, valid, test, by photo, when no folders
-    classes: tuple[str, ...] = ()   # positive class names; () = every class
-    workers: int = 0                # photos decoded and proposed in parallel (threads); 0 = all cores
-    seed: int = 0                   # seeds the split assignment, proposal caps, jitter, negatives, shuffle
+    classes: tuple[str, ...] = ()  # positive class names; () = every class
+    workers: int = 0  # photos decoded and proposed in parallel (threads); 0 = all cores
+    seed: int = 0  # seeds the split assignment, proposal caps, jitter, negatives, shuffle
     samples_per_shard: int = 10000
 
 
@@ -63,12 +63,12 @@ class PhotoResult:
     split: str
     size: tuple[int, int] = (0, 0)
     gt: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-    rows: list[tuple] = field(default_factory=list)   # (proposal, iou, label, box, gt_box, gt_id)
+    rows: list[tuple] = field(default_factory=list)  # (proposal, iou, label, box, gt_box, gt_id)
     jpegs: list[bytes] = field(default_factory=list)
-    proposals: int = 0           # proposals considered (selective search + ground truth + jitter)
+    proposals: int = 0  # proposals considered (selective search + ground truth + jitter)
     recall_hits: int = 0
     problems: list[str] = field(default_factory=list)
-    failed: bool = False         # the photo could not be used at all
+    failed: bool = False  # the photo could not be used at all
     seconds: dict = field(default_factory=dict)  # search, crops
 
 
@@ -165,8 +165,20 @@ class _Spool:
         rows = np.zeros(len(result.rows), self.dtype)
         for k, ((number, iou, label, box, gt_box, gt_id), jpeg) in enumerate(zip(result.rows, result.jpegs)):
             name = format_name(result.photo.stem, number, iou, label)
-            rows[k] = (0, 0, 0, label, iou, number, name.encode(), result.photo.stem.encode(), box, gt_box, gt_id,
-                       result.size)
+            rows[k] = (
+                0,
+                0,
+                0,
+                label,
+                iou,
+                number,
+                name.encode(),
+                result.photo.stem.encode(),
+                box,
+                gt_box,
+                gt_id,
+                result.size,
+            )
             self.file.write(jpeg)
             self.where.append((self.offset, len(jpeg)))
             self.digests.append(hashlib.blake2b(jpeg, digest_size=16).digest())
@@ -174,8 +186,9 @@ class _Spool:
         self.rows.append(rows)
 
 
-def _write_split(spool: _Spool, out: Path, split: str, seed: int,
-                 per_shard: int) -> tuple[np.ndarray, list, np.ndarray]:
+def _write_split(
+    spool: _Spool, out: Path, split: str, seed: int, per_shard: int
+) -> tuple[np.ndarray, list, np.ndarray]:
     spool.file.close()
     rows = np.concatenate(spool.rows) if spool.rows else np.zeros(0, spool.dtype)
     order = split_order(split, len(rows), seed)  # the same global shuffle as tools/pack.py
@@ -186,11 +199,17 @@ def _write_split(spool: _Spool, out: Path, split: str, seed: int,
         with open(spool.path, "rb") as f:
             for row, (offset, size) in zip(rows, where):
                 jpeg = os.pread(f.fileno(), int(size), int(offset))
-                meta = {"filename": row["filename"].decode(), "image": row["stem"].decode(),
-                        "proposal": int(row["proposal"]), "iou": round(float(row["iou"]), 3),
-                        "label": int(row["label"]), "box": [round(float(v), 2) for v in row["box"]],
-                        "gt_box": [round(float(v), 2) for v in row["gt_box"]], "gt_id": int(row["gt_id"]),
-                        "photo_size": [int(v) for v in row["photo_size"]]}
+                meta = {
+                    "filename": row["filename"].decode(),
+                    "image": row["stem"].decode(),
+                    "proposal": int(row["proposal"]),
+                    "iou": round(float(row["iou"]), 3),
+                    "label": int(row["label"]),
+                    "box": [round(float(v), 2) for v in row["box"]],
+                    "gt_box": [round(float(v), 2) for v in row["gt_box"]],
+                    "gt_id": int(row["gt_id"]),
+                    "photo_size": [int(v) for v in row["photo_size"]],
+                }
                 writer.write(jpeg, meta)
         located, shards = writer.finish()
     except BaseException:
@@ -201,9 +220,15 @@ def _write_split(spool: _Spool, out: Path, split: str, seed: int,
     return rows, shards, digests
 
 
-def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
-                      proposal: ProposalSettings | None = None, run: ProposeSettings = ProposeSettings(),
-                      crops: str | os.PathLike | None = None, progress: bool = True) -> dict:
+def propose_to_shards(
+    src: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    proposal: ProposalSettings | None = None,
+    run: ProposeSettings = ProposeSettings(),
+    crops: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
     """Read annotated photos in `fmt`, propose, warp, and write shards to `out`; returns the manifest.
 
     The manifest adds, per split, `photos`, `ground_truth_boxes` and `proposal_recall` (the share of
@@ -226,8 +251,10 @@ def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
     src, out = Path(src), Path(out)
     annotated = read_annotations(src, fmt, list(run.classes) or None)
     if run.split_ratios != ProposeSettings().split_ratios and all(p.split for p in annotated.photos):
-        raise ConfigError(f"--split-ratios applies to photos without a split folder, and every photo in "
-                          f"{display_name(src)} has one: drop the option, or the split folders")
+        raise ConfigError(
+            f"--split-ratios applies to photos without a split folder, and every photo in "
+            f"{display_name(src)} has one: drop the option, or the split folders"
+        )
     splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
     out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +280,7 @@ def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
             bar.update()
             path = display_name(result.photo.path)
             skipped += [{"path": path, "reason": why} for why in result.problems]
-            s = stats.setdefault(result.split, {"photos": 0, "ground_truth_boxes": 0, "recall_hits": 0,
-                                                "proposals": 0})
+            s = stats.setdefault(result.split, {"photos": 0, "ground_truth_boxes": 0, "recall_hits": 0, "proposals": 0})
             if result.failed:
                 continue
             s["photos"] += 1
@@ -285,13 +311,16 @@ def propose_to_shards(src: str | os.PathLike, fmt: str, out: str | os.PathLike,
             manifest_splits[split] = {
                 "samples": len(rows),
                 "classes": {"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
-                "photos": s["photos"], "ground_truth_boxes": s["ground_truth_boxes"],
+                "photos": s["photos"],
+                "ground_truth_boxes": s["ground_truth_boxes"],
                 "proposals_considered": s["proposals"],
                 "proposal_recall": round(s["recall_hits"] / s["ground_truth_boxes"], 4)
-                if s["ground_truth_boxes"] else None,
+                if s["ground_truth_boxes"]
+                else None,
                 "iou_histogram": iou_histogram(rows["iou"], labels),
                 "labels": label_report(rows["iou"], labels, rows["filename"]),
-                "converted": {}, "converted_list": None,
+                "converted": {},
+                "converted_list": None,
                 "shards": shards,
             }
             stored[split] = (rows["filename"], rows["stem"], digests)
@@ -327,10 +356,14 @@ def summary(manifest: dict, out: Path) -> str:
     parts = []
     for name, s in manifest["splits"].items():
         recall = "n/a" if s["proposal_recall"] is None else f"{s['proposal_recall']:.2f}"
-        parts.append(f"{name} {s['photos']} photos -> {s['samples']} crops ({s['classes']['1']} crack / "
-                     f"{s['classes']['0']} no crack), proposal recall {recall}")
+        parts.append(
+            f"{name} {s['photos']} photos -> {s['samples']} crops ({s['classes']['1']} crack / "
+            f"{s['classes']['0']} no crack), proposal recall {recall}"
+        )
     t = manifest.get("timing", {})
     busy = sum(t.values()) or 1.0
     timing = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in t.items())
-    return (f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems; "
-            f"{manifest.get('seconds', 0.0):.1f} s ({timing} of worker+writer time)")
+    return (
+        f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems; "
+        f"{manifest.get('seconds', 0.0):.1f} s ({timing} of worker+writer time)"
+    )

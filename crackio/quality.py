@@ -49,16 +49,21 @@ def label_report(ious: np.ndarray, labels: np.ndarray, filenames: np.ndarray) ->
     pos, neg = np.sort(ious[labels == 1]), np.sort(ious[labels == 0])
     lo = float(neg[-1]) if len(neg) else 0.0
     hi = float(pos[0]) if len(pos) else 1.0
-    report: dict = {"rule": "label = IoU > t",
-                    "consistent_thresholds": {"min": round(lo, 6), "below": round(hi, 6)} if lo < hi else None}
+    report: dict = {
+        "rule": "label = IoU > t",
+        "consistent_thresholds": {"min": round(lo, 6), "below": round(hi, 6)} if lo < hi else None,
+    }
     if lo >= hi:
         candidates = np.unique(np.concatenate([[np.float32(0)], ious[ious < 1]]))
         conflicts = np.searchsorted(pos, candidates, "right") + len(neg) - np.searchsorted(neg, candidates, "right")
         best = int(np.argmin(conflicts))  # the lowest such threshold
         t = candidates[best]
         wrong = np.flatnonzero(((labels == 1) & (ious <= t)) | ((labels == 0) & (ious > t)))
-        report["fewest_conflicts"] = {"threshold": round(float(t), 6), "count": int(conflicts[best]),
-                                      "names": _names(filenames, wrong)}
+        report["fewest_conflicts"] = {
+            "threshold": round(float(t), 6),
+            "count": int(conflicts[best]),
+            "names": _names(filenames, wrong),
+        }
     impossible = np.flatnonzero(((labels == 1) & (ious <= 0)) | ((labels == 0) & (ious >= 1)))
     report["impossible"] = {"count": int(len(impossible)), "names": _names(filenames, impossible)}
     return report
@@ -86,8 +91,10 @@ def leakage_report(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]])
     filenames = np.concatenate([splits[s][0] for s in names]) if names else np.zeros(0, "S1")
 
     def where(group: np.ndarray) -> dict[str, list[str]]:
-        return {names[i]: sorted(b.decode() for b in filenames[group[split_ids[group] == i]])[:EXAMPLES]
-                for i in np.unique(split_ids[group])}
+        return {
+            names[i]: sorted(b.decode() for b in filenames[group[split_ids[group] == i]])[:EXAMPLES]
+            for i in np.unique(split_ids[group])
+        }
 
     dup = _cross_split_groups(np.concatenate([splits[s][2] for s in names]), split_ids) if names else []
     # Stems: one entry per (split, stem), so a photo with many proposals in one split is one position.
@@ -97,7 +104,10 @@ def leakage_report(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]])
     shared = _cross_split_groups(stems, stem_split)
     return {
         "duplicate_contents": {"count": len(dup), "examples": [where(g) for g in dup[:EXAMPLES]]},
-        "shared_stems": {"count": len(shared),
-                         "examples": [{"stem": stems[g[0]].decode(), "splits": [names[i] for i in stem_split[g]]}
-                                      for g in shared[:EXAMPLES]]},
+        "shared_stems": {
+            "count": len(shared),
+            "examples": [
+                {"stem": stems[g[0]].decode(), "splits": [names[i] for i in stem_split[g]]} for g in shared[:EXAMPLES]
+            ],
+        },
     }

@@ -41,9 +41,10 @@ class ByteReader:
             shard, size = int(self.shard[i]), int(self.size[i])
             data = os.pread(self._fd(shard), size, int(self.offset[i]))
             if len(data) != size or not data.startswith(JPEG_SOI):
-                raise ShardError(f"sample {int(i)} in {self.paths[shard]} does not match the index "
-                                 f"(expected {size} JPEG bytes at offset {int(self.offset[i])}): "
-                                 + REPACK.format(root=self.root))
+                raise ShardError(
+                    f"sample {int(i)} in {self.paths[shard]} does not match the index "
+                    f"(expected {size} JPEG bytes at offset {int(self.offset[i])}): " + REPACK.format(root=self.root)
+                )
             out.append(data)
         return out
 

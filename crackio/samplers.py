@@ -64,8 +64,9 @@ def label_source(threshold: float | None) -> str:
     return "labels from the file names" if threshold is None else f"labels relabelled as IoU > {threshold:g}"
 
 
-def check_drawable(selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict,
-                   threshold: float | None) -> None:
+def check_drawable(
+    selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict, threshold: float | None
+) -> None:
     """Refuse class weights that leave nothing to draw, naming counts, weights and labels.
 
     Raises:
@@ -79,7 +80,8 @@ def check_drawable(selection: np.ndarray, labels: np.ndarray, sampler: str, opti
         raise ConfigError(
             f"sampler {sampler!r} has nothing to draw: class weights {w} give zero weight to every sample "
             f"of the selection ({counts[0]} no crack, {counts[1]} crack; {label_source(threshold)}); "
-            f"give a present class a positive weight or change the IoU threshold")
+            f"give a present class a positive weight or change the IoU threshold"
+        )
 
 
 def sampler_options(sampler: str, options: dict) -> dict:
@@ -88,8 +90,7 @@ def sampler_options(sampler: str, options: dict) -> dict:
     allowed = DEFAULTS[sampler]
     unknown = set(options) - set(allowed)
     if unknown:
-        raise ConfigError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, "
-                         f"not {sorted(unknown)}")
+        raise ConfigError(f"sampler {sampler!r} takes {sorted(allowed) or 'no options'}, not {sorted(unknown)}")
     merged = {**allowed, **options}
     if merged.get("selection", "all") not in SELECTIONS:
         raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {merged['selection']!r}")
@@ -98,20 +99,29 @@ def sampler_options(sampler: str, options: dict) -> dict:
         try:
             w = {int(k): float(v) for k, v in dict(given).items()}
         except (TypeError, ValueError):
-            raise ConfigError(f"class_weights must map classes 0 and 1 to weights, e.g. {{0: 1, 1: 2}}, "
-                              f"got {given!r}") from None
+            raise ConfigError(
+                f"class_weights must map classes 0 and 1 to weights, e.g. {{0: 1, 1: 2}}, got {given!r}"
+            ) from None
         if set(w) != {0, 1} or not all(math.isfinite(v) and v >= 0 for v in w.values()) or max(w.values()) == 0:
-            raise ConfigError(f"class_weights must give finite, non-negative weights (not both 0) for classes 0 "
-                              f"and 1, got {given!r}")
+            raise ConfigError(
+                f"class_weights must give finite, non-negative weights (not both 0) for classes 0 and 1, got {given!r}"
+            )
         top = max(w.values())  # scaled to a maximum of 1: only ratios matter, and 1e308 * n would overflow
         merged["class_weights"] = {c: v / top for c, v in w.items()}
-    checks = {"negatives": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-              "per_bin": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-              "bin_width": lambda v: isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 1,
-              "num_samples": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-              "replacement": lambda v: isinstance(v, bool)}
-    need = {"negatives": "an integer >= 0", "per_bin": "an integer >= 1", "bin_width": "a number in (0, 1]",
-            "num_samples": "None or an integer >= 1", "replacement": "True or False"}
+    checks = {
+        "negatives": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "per_bin": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "bin_width": lambda v: isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 1,
+        "num_samples": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "replacement": lambda v: isinstance(v, bool),
+    }
+    need = {
+        "negatives": "an integer >= 0",
+        "per_bin": "an integer >= 1",
+        "bin_width": "a number in (0, 1]",
+        "num_samples": "None or an integer >= 1",
+        "replacement": "True or False",
+    }
     for name, ok in checks.items():
         if name in merged and not ok(merged[name]):
             raise ConfigError(f"sampler option {name} must be {need[name]}, got {merged[name]!r}")
@@ -138,8 +148,9 @@ def select(labels: np.ndarray, ious: np.ndarray, sampler: str, options: dict, se
     return rows
 
 
-def epoch_order(selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict,
-                seed: int, epoch: int, train: bool) -> np.ndarray:
+def epoch_order(
+    selection: np.ndarray, labels: np.ndarray, sampler: str, options: dict, seed: int, epoch: int, train: bool
+) -> np.ndarray:
     """The whole epoch's sequence of row ids, before it is split between ranks."""
     if not train:
         return selection
@@ -148,8 +159,10 @@ def epoch_order(selection: np.ndarray, labels: np.ndarray, sampler: str, options
         w = np.array([options["class_weights"][int(c)] for c in (0, 1)])[labels[selection]]
         n = options["num_samples"] or len(selection)
         if not options["replacement"] and n > np.count_nonzero(w):
-            raise ConfigError(f"weighted sampler without replacement cannot draw {n} of "
-                             f"{np.count_nonzero(w)} samples with non-zero weight")
+            raise ConfigError(
+                f"weighted sampler without replacement cannot draw {n} of "
+                f"{np.count_nonzero(w)} samples with non-zero weight"
+            )
         return rng.choice(selection, size=n, replace=options["replacement"], p=w / w.sum())
     if sampler == "balanced":
         return rng.permutation(balanced_subset(selection, labels, options["class_weights"], rng))
@@ -166,8 +179,7 @@ def balanced_subset(selection: np.ndarray, labels: np.ndarray, weights: dict, rn
     return np.concatenate([rng.choice(by_class[c], size=take[c], replace=False) for c in (0, 1)])
 
 
-def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
-                 train: bool) -> list[np.ndarray]:
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int, train: bool) -> list[np.ndarray]:
     """This rank's batches; every rank gets the same number of batches.
 
     Train drops the tail that does not fill a batch on every rank. Eval keeps every
@@ -180,13 +192,17 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
         per_step = batch_size * world_size
         steps = len(order) // per_step
         if steps == 0:
-            raise ConfigError(f"{len(order)} samples cannot fill one batch of {batch_size} on "
-                             f"{world_size} rank(s); lower the batch size")
+            raise ConfigError(
+                f"{len(order)} samples cannot fill one batch of {batch_size} on "
+                f"{world_size} rank(s); lower the batch size"
+            )
         grid = order[: steps * per_step].reshape(steps, world_size, batch_size)
         return list(grid[:, rank])
     per_rank = math.ceil(math.ceil(len(order) / world_size) / batch_size)
     if per_rank * world_size > len(order):  # some batch would be empty: impossible without padding
-        raise ConfigError(f"{len(order)} eval samples cannot give {world_size} rank(s) {per_rank} non-empty "
-                         f"batch(es) each; raise the batch size or use fewer ranks")
+        raise ConfigError(
+            f"{len(order)} eval samples cannot give {world_size} rank(s) {per_rank} non-empty "
+            f"batch(es) each; raise the batch size or use fewer ranks"
+        )
     parts = np.array_split(order, per_rank * world_size)
     return parts[rank::world_size]

@@ -43,9 +43,9 @@ def sample_key(row: int) -> str:
 
 # Fields the proposal stage (tools/propose.py) adds, for a later box-regression or detection stage.
 PROPOSAL_FIELDS = [
-    ("box", "<f4", (4,)),     # the proposal in photo pixels: x0, y0, x1, y1 (before context padding)
+    ("box", "<f4", (4,)),  # the proposal in photo pixels: x0, y0, x1, y1 (before context padding)
     ("gt_box", "<f4", (4,)),  # the best-matching ground-truth box (zeros when the photo has none)
-    ("gt_id", "<i4"),         # its position in the photo's ground-truth list; -1 when none
+    ("gt_id", "<i4"),  # its position in the photo's ground-truth list; -1 when none
     ("photo_size", "<i4", (2,)),  # width, height of the (upright) photo
 ]
 
@@ -53,17 +53,19 @@ PROPOSAL_FIELDS = [
 def index_dtype(filename_len: int, stem_len: int, extra: list | None = None) -> np.dtype:
     # Fixed-width byte strings keep the index a plain array: np.load(allow_pickle=False)
     # reads it, nothing is ever unpickled, and 1M rows load in a fraction of a second.
-    return np.dtype([
-        ("shard", "<i4"),        # shard number within the split
-        ("offset", "<i8"),       # byte offset of the JPEG data inside the tar
-        ("size", "<i8"),         # JPEG size in bytes
-        ("label", "i1"),         # label as parsed from the file name
-        ("iou", "<f4"),          # IoU with the best-matching ground-truth box
-        ("proposal", "<i4"),     # proposal number within its full image
-        ("filename", f"S{max(filename_len, 1)}"),  # original proposal file name (UTF-8)
-        ("stem", f"S{max(stem_len, 1)}"),          # full image the proposal was cut from
-        *(extra or []),
-    ])
+    return np.dtype(
+        [
+            ("shard", "<i4"),  # shard number within the split
+            ("offset", "<i8"),  # byte offset of the JPEG data inside the tar
+            ("size", "<i8"),  # JPEG size in bytes
+            ("label", "i1"),  # label as parsed from the file name
+            ("iou", "<f4"),  # IoU with the best-matching ground-truth box
+            ("proposal", "<i4"),  # proposal number within its full image
+            ("filename", f"S{max(filename_len, 1)}"),  # original proposal file name (UTF-8)
+            ("stem", f"S{max(stem_len, 1)}"),  # full image the proposal was cut from
+            *(extra or []),
+        ]
+    )
 
 
 class TarShard:
@@ -83,12 +85,14 @@ class TarShard:
 
     def write(self, row: int, jpeg: bytes, meta: dict) -> None:
         key = sample_key(row)
-        self._tar.write({
-            "__key__": key,
-            "jpg": jpeg,
-            "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
-            "sid": np.int64(row).astype("<i8").tobytes(),
-        })
+        self._tar.write(
+            {
+                "__key__": key,
+                "jpg": jpeg,
+                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+                "sid": np.int64(row).astype("<i8").tobytes(),
+            }
+        )
         self.count += 1
 
     def close(self) -> list[tuple[str, int, int]]:
@@ -147,8 +151,9 @@ class SplitWriter:
         tar, self._tar = self._tar, None
         assert tar is not None  # called only with a tar open
         members = tar.close()
-        jpgs = np.array([(len(self.shards), off, size) for name, off, size in members if name.endswith(".jpg")],
-                        dtype=np.int64).reshape(-1, 3)
+        jpgs = np.array(
+            [(len(self.shards), off, size) for name, off, size in members if name.endswith(".jpg")], dtype=np.int64
+        ).reshape(-1, 3)
         self._where.append(jpgs)
         self.shards.append({"name": tar.final.name, "samples": tar.count, "bytes": tar.final.stat().st_size})
 
@@ -213,8 +218,8 @@ class SplitIndex:
 
     root: Path
     split: str
-    rows: np.ndarray          # structured array of index_dtype
-    shards: list[Path]        # tar paths, position = shard number
+    rows: np.ndarray  # structured array of index_dtype
+    shards: list[Path]  # tar paths, position = shard number
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -242,18 +247,23 @@ def read_manifest(root: str | os.PathLike) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
-        raise ShardError(f"shards folder {root} does not exist: pack a proposal folder first with "
-                         f"`python tools/pack.py SRC --out {root}`")
+        raise ShardError(
+            f"shards folder {root} does not exist: pack a proposal folder first with "
+            f"`python tools/pack.py SRC --out {root}`"
+        )
     if not path.is_file():
-        raise ShardError(f"{path} is missing, so {root} holds no complete pack (an interrupted run?): "
-                         + REPACK.format(root=root))
+        raise ShardError(
+            f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ShardError(f"{path} is unreadable ({e}): " + REPACK.format(root=root)) from e
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path} has format_version {manifest.get('format_version')!r}, this crackio "
-                         f"reads {FORMAT_VERSION}: " + REPACK.format(root=root))
+        raise ShardError(
+            f"{path} has format_version {manifest.get('format_version')!r}, this crackio "
+            f"reads {FORMAT_VERSION}: " + REPACK.format(root=root)
+        )
     return manifest
 
 
@@ -268,26 +278,32 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     splits = manifest["splits"]
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
-        raise ShardError(f"split {split!r} is not in {root / MANIFEST} (it has: {have}); "
-                         f"pack a folder {split}/ or choose another split")
+        raise ShardError(
+            f"split {split!r} is not in {root / MANIFEST} (it has: {have}); "
+            f"pack a folder {split}/ or choose another split"
+        )
     info = splits[split]
     if info["samples"] == 0:
-        raise ShardError(f"split {split!r} in {root} is empty: every input was skipped "
-                         f"(see 'skipped' in {root / MANIFEST})")
+        raise ShardError(
+            f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {root / MANIFEST})"
+        )
     index_path = root / split / INDEX
     try:
         rows = np.load(index_path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ShardError(f"{index_path} cannot be read ({e}): " + REPACK.format(root=root)) from e
     if len(rows) != info["samples"]:
-        raise ShardError(f"{index_path} has {len(rows)} rows but the manifest says {info['samples']}: "
-                         + REPACK.format(root=root))
+        raise ShardError(
+            f"{index_path} has {len(rows)} rows but the manifest says {info['samples']}: " + REPACK.format(root=root)
+        )
     shards = [root / split / s["name"] for s in info["shards"]]
     for path, s in zip(shards, info["shards"]):
         if not path.is_file():
             raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
         actual = path.stat().st_size
         if actual != s["bytes"]:
-            raise ShardError(f"shard {path} is {actual} bytes, the manifest says {s['bytes']} "
-                             f"(truncated or replaced): " + REPACK.format(root=root))
+            raise ShardError(
+                f"shard {path} is {actual} bytes, the manifest says {s['bytes']} "
+                f"(truncated or replaced): " + REPACK.format(root=root)
+            )
     return SplitIndex(root, split, rows, shards)

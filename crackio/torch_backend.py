@@ -38,8 +38,9 @@ class TorchBackend:
         images = raw if self.gpu_decode else torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
         return images, torch.from_numpy(ids.astype(np.int64))
 
-    def run_epoch(self, batches: Sequence[np.ndarray],
-                  params: Iterable[AugmentParams | None]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def run_epoch(
+        self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images float32 NCHW on the device, ids int64) for each batch, in order (crackio.loader.Backend)."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="crackio-torch")
         pending: deque[Future] = deque()

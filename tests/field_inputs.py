@@ -78,11 +78,17 @@ def field_files() -> dict[str, tuple[bytes, str, str]]:
         "gray_alpha.8.0_100.0.png": (encoded(la, "PNG"), "converted", "transparency composited over black"),
         "warned.9.0_900.1.jpg": (corrupt_jpeg(), "skipped", "JPEG data is corrupt: decoder warning"),
         "deep.10.0_900.1.jpg": (twelve_bit_jpeg(), "skipped", "12-bit JPEG: not supported by Pillow/DALI"),
-        "noise.11.0_100.0.jpg": (bytes(np.random.default_rng(3).integers(0, 256, 3000, dtype=np.uint8)), "skipped",
-                                 "not an image format Pillow can read"),
+        "noise.11.0_100.0.jpg": (
+            bytes(np.random.default_rng(3).integers(0, 256, 3000, dtype=np.uint8)),
+            "skipped",
+            "not an image format Pillow can read",
+        ),
         "page.12.0_100.0.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "skipped", "HTML page"),
-        "lfs.13.0_100.0.jpg": (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "skipped",
-                               "git lfs pull"),
+        "lfs.13.0_100.0.jpg": (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            "skipped",
+            "git lfs pull",
+        ),
         "at_zero.14.0_000.1.jpg": (jpeg(quadrants()), "stored", ""),  # a crack label at IoU 0: no threshold gives it
     }
 

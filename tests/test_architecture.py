@@ -6,8 +6,12 @@ import pytest
 
 from tests.conftest import ROOT
 
-MODULES = sorted(p.relative_to(ROOT).as_posix() for folder in ("crackio", "train", "tools")
-                 for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py")
+MODULES = sorted(
+    p.relative_to(ROOT).as_posix()
+    for folder in ("crackio", "train", "tools")
+    for p in (ROOT / folder).glob("*.py")
+    if p.name != "__init__.py"
+)
 
 
 @pytest.mark.parametrize("module", MODULES)

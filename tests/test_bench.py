@@ -15,9 +15,26 @@ pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make tes
 
 def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--shards", str(demo_shards),
-                          "--src", str(demo_src), "--quick", "--seconds", "1", "--batch-size", "8",
-                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--shards",
+            str(demo_shards),
+            "--src",
+            str(demo_src),
+            "--quick",
+            "--seconds",
+            "1",
+            "--batch-size",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["results"]}

@@ -26,8 +26,10 @@ from train.model import build_model, last_linear
 SETTINGS = ProposalSettings(max_proposals=200)
 # Dark rectangles on a light, slightly noisy ground: selective search finds each one exactly. The second
 # photo is not square and its second box touches the right and bottom edges.
-PHOTOS = {"easy_a": ((200, 120), [[20, 20, 70, 60], [150, 80, 200, 120]]),
-          "easy_b": ((160, 240), [[30, 40, 100, 90], [90, 170, 160, 240]])}
+PHOTOS = {
+    "easy_a": ((200, 120), [[20, 20, 70, 60], [150, 80, 200, 120]]),
+    "easy_b": ((160, 240), [[30, 40, 100, 90], [90, 170, 160, 240]]),
+}
 
 
 class TrueIoU:
@@ -52,8 +54,14 @@ def photos(tmp_path_factory) -> Path:
         pen = ImageDraw.Draw(img)
         for b in boxes:
             pen.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], fill=(40, 30, 30))
-            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i, "category_id": 1,
-                                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]),
+                    "image_id": i,
+                    "category_id": 1,
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                }
+            )
         img.save(folder / f"{stem}.jpg", quality=95)
         coco["images"].append({"id": i, "file_name": f"{stem}.jpg"})
     coco["images"].append({"id": 9, "file_name": "gone.jpg"})  # annotations naming a photo that is not there
@@ -67,8 +75,9 @@ def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ckpt")
     shards = root / "shards"
     shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {},
-                                                      "proposals": SETTINGS.as_dict()}))
+    (shards / "manifest.json").write_text(
+        json.dumps({"format_version": 1, "splits": {}, "proposals": SETTINGS.as_dict()})
+    )
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
     cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
@@ -117,8 +126,13 @@ def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, ph
     model.eval()
     rng = np.random.default_rng(1)
     dim = last_linear(model.backbone)[2].in_features
-    arrays = {"mean": rng.normal(size=dim), "scale": rng.uniform(0.5, 2, dim), "coef": rng.normal(size=dim),
-              "intercept": np.array([0.3]), "threshold": np.float64(0.1)}
+    arrays = {
+        "mean": rng.normal(size=dim),
+        "scale": rng.uniform(0.5, 2, dim),
+        "coef": rng.normal(size=dim),
+        "intercept": np.array([0.3]),
+        "threshold": np.float64(0.1),
+    }
     np.savez(tmp_path / "svm_model.npz", **arrays)
     from crackio.proposals import encode_jpeg, warp
 
@@ -133,8 +147,11 @@ def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, ph
     from crackio.augment import augment_normalize
 
     with torch.no_grad():
-        model(augment_normalize(torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8))
-                                             for j in jpegs]), None))
+        model(
+            augment_normalize(
+                torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpegs]), None
+            )
+        )
     hook.remove()
     expected = ((grabbed[0].numpy() - arrays["mean"]) / arrays["scale"]) @ arrays["coef"] + 0.3
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
@@ -146,10 +163,36 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
         (tmp_path / "in" / p.name).write_bytes(p.read_bytes())
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not a photo")
     out = tmp_path / "det"
-    assert cli(["detect", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--annotations", str(photos),
-                "--format", "coco", "--out", str(out), "--device", "cpu", "--score-threshold", "0"]) == 0
-    for name in ("detections.json", "report.txt", "summary.json", "overview.jpg", "pr_curve.png",
-                 "images/easy_a.jpg", "images/easy_b.jpg"):
+    assert (
+        cli(
+            [
+                "detect",
+                "--checkpoint",
+                str(checkpoint),
+                str(tmp_path / "in"),
+                "--annotations",
+                str(photos),
+                "--format",
+                "coco",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--score-threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "detections.json",
+        "report.txt",
+        "summary.json",
+        "overview.jpg",
+        "pr_curve.png",
+        "images/easy_a.jpg",
+        "images/easy_b.jpg",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detected"] == 2 and summary["photos"] == 3
@@ -178,8 +221,7 @@ def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp
     assert "tools/propose.py" in capsys.readouterr().err
 
 
-def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(checkpoint, photos, tmp_path,
-                                                                               capsys):
+def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(checkpoint, photos, tmp_path, capsys):
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["proposals"] = dataclasses.replace(SETTINGS, max_proposals=7).as_dict()  # saved at training time
     ckpt["config"]["shards"] = str(tmp_path / "moved-away")  # the shards are gone
@@ -188,8 +230,16 @@ def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(ch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["proposals"]["max_proposals"] == 7 and summary["per_photo"][0]["proposals"] <= 7
     dim = last_linear(build_model(ARCH, "none", "linear").backbone)[2].in_features
-    np.savez(tmp_path / "svm.npz", mean=np.zeros(dim), scale=np.ones(dim), coef=np.ones(dim), intercept=np.zeros(1),
-             threshold=np.float64(0), checkpoint_sha256=np.array("0" * 64))
+    np.savez(
+        tmp_path / "svm.npz",
+        mean=np.zeros(dim),
+        scale=np.ones(dim),
+        coef=np.ones(dim),
+        intercept=np.zeros(1),
+        threshold=np.float64(0),
+        checkpoint_sha256=np.array("0" * 64),
+    )
     with pytest.raises(ConfigError, match="another checkpoint's features"):
-        run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o2"), svm=str(tmp_path / "svm.npz"),
-                   device="cpu")
+        run_detect(
+            str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o2"), svm=str(tmp_path / "svm.npz"), device="cpu"
+        )

@@ -43,14 +43,23 @@ def field(demo_src, tmp_path_factory):
 
 
 def stored_names(out: Path) -> list[str]:
-    return sorted(n for split in ("train", "valid", "test") for n in load_index(out, split).filenames(
-        np.arange(len(load_index(out, split)))))
+    return sorted(
+        n
+        for split in ("train", "valid", "test")
+        for n in load_index(out, split).filenames(np.arange(len(load_index(out, split))))
+    )
 
 
 def test_every_good_crop_is_stored_exactly_once(field):
     src, root, expected, manifest = field
-    good = {p.name for p in src.rglob("*.jpg") if "__MACOSX" not in p.parts and not p.name.startswith(".")
-            and expected["files"].get(p.name, (0, "stored"))[1] != "skipped" and parse_ok(p.name)}
+    good = {
+        p.name
+        for p in src.rglob("*.jpg")
+        if "__MACOSX" not in p.parts
+        and not p.name.startswith(".")
+        and expected["files"].get(p.name, (0, "stored"))[1] != "skipped"
+        and parse_ok(p.name)
+    }
     good |= {n for n, (_, kind, _) in expected["files"].items() if kind != "skipped"}
     names = stored_names(root / "a")
     assert len(names) == len(set(names)) == len(good)
@@ -117,7 +126,8 @@ def test_leakage_between_splits_is_reported(field):
     leak = manifest["leakage"]
     assert leak["duplicate_contents"]["count"] == 1
     assert leak["duplicate_contents"]["examples"] == [
-        {"train": [expected["duplicate"]], "test": ["copied_jpg.rf.z.1.0_900.1.jpg"]}]
+        {"train": [expected["duplicate"]], "test": ["copied_jpg.rf.z.1.0_900.1.jpg"]}
+    ]
     shared = leak["shared_stems"]
     assert shared["count"] == 1 and shared["examples"] == [{"stem": expected["stem"], "splits": ["train", "valid"]}]
 
@@ -143,13 +153,15 @@ def test_strict_accepts_an_export_with_metadata_files(demo_src, tmp_path):
     (src / "data.yaml").write_text("nc: 1\n")
     (src / "train" / "_annotations.coco.json").write_text("{}")
     (src / "__MACOSX").mkdir()
-    run = subprocess.run(PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet", "--strict"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet", "--strict"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "4 ignored" in run.stdout
 
 
 # --- one decoding truth: orientation, bit depth, modes, warnings ---------------------------------------------
+
 
 def unnormalize(images: torch.Tensor) -> np.ndarray:
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
@@ -188,8 +200,10 @@ def test_exif_orientation_is_applied_once_and_both_backends_agree(oriented):
     for s in read_with_webdataset(out, "valid").values():
         with Image.open(io.BytesIO(s["jpg"])) as img:
             assert img.getexif().get(EXIF_ORIENTATION, 1) == 1
-    assert read_with_webdataset(out, "valid")["orient_1.1.0_600.1.jpg"]["jpg"] == \
-        (src / "orient_1.1.0_600.1.jpg").read_bytes()  # upright: stored byte for byte
+    assert (
+        read_with_webdataset(out, "valid")["orient_1.1.0_600.1.jpg"]["jpg"]
+        == (src / "orient_1.1.0_600.1.jpg").read_bytes()
+    )  # upright: stored byte for byte
 
 
 def stored_pixels(path: Path) -> np.ndarray:
@@ -253,6 +267,7 @@ def test_jpeg_with_decoder_warnings_is_skipped_whatever_pillows_global(tmp_path,
 
 # --- labels -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def labelled_at_035(tmp_path_factory):
     """Crops whose names were labelled IoU > 0.35, as in the original's relabeling experiment."""
@@ -315,13 +330,16 @@ def test_splits_are_listed_train_valid_test_then_the_rest(demo_src, tmp_path):
 
 # --- samplers with nothing to draw ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler, options", [("weighted", {"class_weights": {0: 0, 1: 1}}),
-                                              ("balanced", {"class_weights": {0: 0, 1: 1}})])
+
+@pytest.mark.parametrize(
+    "sampler, options", [("weighted", {"class_weights": {0: 0, 1: 1}}), ("balanced", {"class_weights": {0: 0, 1: 1}})]
+)
 def test_weights_that_leave_nothing_to_draw_are_refused(labelled_at_035, sampler, options):
     out, _ = labelled_at_035
     with pytest.raises(ConfigError, match=r"nothing to draw.*32 no crack, 0 crack.*IoU > 0.95"):
-        make_loader(out, "train", batch_size=4, train=True, sampler=sampler, iou_threshold=0.95, device="cpu",
-                    **options)
+        make_loader(
+            out, "train", batch_size=4, train=True, sampler=sampler, iou_threshold=0.95, device="cpu", **options
+        )
 
 
 # --- scripts and notebooks without a __main__ guard ---------------------------------------------------------
@@ -345,13 +363,21 @@ def test_pack_and_torch_loader_work_without_a_main_guard(demo_src, tmp_path, how
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(code))
     argv = {"script": [str(script)], "-c": ["-c", code], "stdin": ["-"]}[how]
-    run = subprocess.run([sys.executable, *argv], input=code if how == "stdin" else None, capture_output=True,
-                         text=True, timeout=180, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, *argv],
+        input=code if how == "stdin" else None,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "seen" in run.stdout
 
 
 # --- found by trying to break it (a fresh user with the README and the issue) ------------------------------
+
 
 def test_a_stray_image_beside_the_split_folders_does_not_make_one_split(demo_src, tmp_path):
     src = tmp_path / "s"
@@ -403,8 +429,9 @@ def test_manifest_is_the_same_however_src_was_typed(demo_src, tmp_path, monkeypa
 @pytest.mark.slow
 def test_empty_source_and_out_inside_a_split_are_refused(demo_src, tmp_path):
     (tmp_path / "empty").mkdir()
-    run = subprocess.run(PACK + [str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        PACK + [str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True
+    )
     assert run.returncode == 2 and "holds no image files" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()
     src = tmp_path / "s"
@@ -418,8 +445,9 @@ def test_strict_fails_on_leakage_alone(demo_src, tmp_path):
     src = tmp_path / "leak"
     shutil.copytree(demo_src, src)
     shutil.copy(next((src / "train").glob("*.jpg")), src / "test")
-    run = subprocess.run(PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet", "--strict"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        PACK + [str(src), "--out", str(tmp_path / "o"), "--quiet", "--strict"], capture_output=True, text=True
+    )
     assert run.returncode == 1 and "0 inputs were skipped, 2 warnings" in run.stderr
 
 
@@ -433,13 +461,13 @@ def test_class_weights_that_are_not_finite_weights_are_refused(labelled_at_035, 
 
 def test_huge_class_weights_keep_their_ratio(labelled_at_035):
     out, _ = labelled_at_035
-    loader = make_loader(out, "train", batch_size=4, train=True, sampler="balanced",
-                         class_weights={0: 1e308, 1: 1e308}, device="cpu")
+    loader = make_loader(
+        out, "train", batch_size=4, train=True, sampler="balanced", class_weights={0: 1e308, 1: 1e308}, device="cpu"
+    )
     assert len(loader) > 0
 
 
-@pytest.mark.parametrize("option", [{"negatives": -1}, {"bin_width": 0}, {"bin_width": float("nan")},
-                                    {"per_bin": 0}])
+@pytest.mark.parametrize("option", [{"negatives": -1}, {"bin_width": 0}, {"bin_width": float("nan")}, {"per_bin": 0}])
 def test_sampler_options_out_of_range_are_refused(labelled_at_035, option):
     out, _ = labelled_at_035
     sampler = "hard-negatives" if "negatives" in option else "iou-strata"

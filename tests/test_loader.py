@@ -75,8 +75,9 @@ def test_backends_agree_on_eval_and_on_train_given_the_same_parameters(coded_sha
 
 def test_order_is_a_pure_function_of_seed_epoch_rank(demo_shards):
     def order(seed, epoch, **kw):
-        loader = make_loader(demo_shards, "train", batch_size=4, train=True, seed=seed, backend="torch",
-                             device="cpu", **kw)
+        loader = make_loader(
+            demo_shards, "train", batch_size=4, train=True, seed=seed, backend="torch", device="cpu", **kw
+        )
         return np.concatenate(loader.batches(epoch))
 
     assert np.array_equal(order(0, 0), order(0, 0))
@@ -105,8 +106,12 @@ def test_iteration_advances_the_epoch_and_epoch_can_be_set(demo_shards):
 @pytest.mark.parametrize("train", [True, False])
 def test_ranks_are_disjoint_complete_and_equal(demo_shards, train):
     world = 3
-    loaders = [make_loader(demo_shards, "valid", batch_size=5, train=train, rank=r, world_size=world,
-                           backend="torch", device="cpu") for r in range(world)]
+    loaders = [
+        make_loader(
+            demo_shards, "valid", batch_size=5, train=train, rank=r, world_size=world, backend="torch", device="cpu"
+        )
+        for r in range(world)
+    ]
     per_rank = [loaders[r].batches(4) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1, "every rank needs the same number of batches"
     ids = [i for batches in per_rank for b in batches for i in b]
@@ -120,16 +125,25 @@ def test_ranks_are_disjoint_complete_and_equal(demo_shards, train):
 
 
 def test_relabel_by_threshold(coded_shards):
-    loader = make_loader(coded_shards, "valid", batch_size=64, train=False, iou_threshold=0.35,
-                         backend="torch", device="cpu")
+    loader = make_loader(
+        coded_shards, "valid", batch_size=64, train=False, iou_threshold=0.35, backend="torch", device="cpu"
+    )
     (batch,) = collect(loader)
     assert torch.equal(batch.labels, (batch.ious > 0.35).float())
     assert batch.labels.sum() > sum(parse_name(n).label for n in batch.names)
 
 
 def test_hard_negatives_loader_selects_like_the_original(demo_shards):
-    loader = make_loader(demo_shards, "train", batch_size=1, train=False, sampler="hard-negatives",
-                         negatives=20, backend="torch", device="cpu")
+    loader = make_loader(
+        demo_shards,
+        "train",
+        batch_size=1,
+        train=False,
+        sampler="hard-negatives",
+        negatives=20,
+        backend="torch",
+        device="cpu",
+    )
     names = [n for b in loader for n in b.names]
     index = load_index(demo_shards, "train")
     labels = index.labels
@@ -151,6 +165,7 @@ def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
         make_loader(demo_shards, "valid", batch_size=10_000, train=True, device="cpu").batches(0)
 
     import shutil
+
     broken = tmp_path / "s"
     shutil.copytree(demo_shards, broken)
     index = np.load(broken / "train" / "index.npy")

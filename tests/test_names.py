@@ -24,19 +24,22 @@ def test_round_trip():
     assert parse_name(name).iou == 0.346
 
 
-@pytest.mark.parametrize("name, why", [
-    ("IMG_0001.jpg", "5 dot-separated parts"),
-    ("a.1.0_5.1.heic", "extension"),
-    ("a.x.0_5.1.jpg", "proposal number"),
-    ("a.1.0_5.2.jpg", "label"),
-    ("a.1.0.734.1.jpg", "outside"),  # IoU written with "." instead of "_"
-    ("a.1.zero.1.jpg", "IoU"),
-    ("a.1.1_5.1.jpg", "outside [0, 1]"),
-    (".1.0_5.1.jpg", "empty stem"),
-    ("a.\u0661\u0662.0_5.1.jpg", "ASCII digits"),  # Arabic-Indic digits: str.isdigit() says yes
-    ("a.1.0_\u00b25.1.jpg", "ASCII digits"),         # a superscript two
-    ("caf\udce9.1.0_5.1.jpg", "not valid UTF-8"),    # the Latin-1 byte 0xE9 as read from disk
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("IMG_0001.jpg", "5 dot-separated parts"),
+        ("a.1.0_5.1.heic", "extension"),
+        ("a.x.0_5.1.jpg", "proposal number"),
+        ("a.1.0_5.2.jpg", "label"),
+        ("a.1.0.734.1.jpg", "outside"),  # IoU written with "." instead of "_"
+        ("a.1.zero.1.jpg", "IoU"),
+        ("a.1.1_5.1.jpg", "outside [0, 1]"),
+        (".1.0_5.1.jpg", "empty stem"),
+        ("a.\u0661\u0662.0_5.1.jpg", "ASCII digits"),  # Arabic-Indic digits: str.isdigit() says yes
+        ("a.1.0_\u00b25.1.jpg", "ASCII digits"),  # a superscript two
+        ("caf\udce9.1.0_5.1.jpg", "not valid UTF-8"),  # the Latin-1 byte 0xE9 as read from disk
+    ],
+)
 def test_bad_names_say_why(name, why):
     with pytest.raises(BadName, match=why.replace("[", r"\[").replace("]", r"\]")):
         parse_name(name)

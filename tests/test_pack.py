@@ -25,8 +25,11 @@ from tests.conftest import ROOT
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def read_with_webdataset(out: Path, split: str) -> dict[str, dict]:
@@ -46,9 +49,15 @@ def read_with_dali(out: Path, split: str) -> list[tuple[bytes, int]]:
 
     @pipeline_def(batch_size=16, num_threads=1, device_id=None)
     def pipe():
-        jpg, sid = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                         ext=["jpg", "sid"], dtypes=[types.UINT8, types.INT64],
-                                         missing_component_behavior="error", pad_last_batch=True, name="r")
+        jpg, sid = fn.readers.webdataset(
+            paths=tars,
+            index_paths=[t[:-4] + ".idx" for t in tars],
+            ext=["jpg", "sid"],
+            dtypes=[types.UINT8, types.INT64],
+            missing_component_behavior="error",
+            pad_last_batch=True,
+            name="r",
+        )
         return jpg, sid
 
     p = pipe()
@@ -85,8 +94,7 @@ def test_round_trip_messy_folder(messy_src, tmp_path):
     assert sorted(samples) == good
     for name, s in samples.items():
         p = parse_name(name)
-        assert s["meta"] == {"filename": name, "image": p.stem, "proposal": p.proposal,
-                             "iou": p.iou, "label": p.label}
+        assert s["meta"] == {"filename": name, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label}
         with Image.open(io.BytesIO(s["jpg"])) as img:
             assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224))
         if kinds.get(name) != "converted":  # RGB JPEG inputs are stored byte for byte
@@ -133,8 +141,18 @@ def test_same_input_same_seed_gives_identical_shards(demo_src, demo_shards, tmp_
 @pytest.mark.slow
 def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(demo_src), "--out", str(out),
-           "--samples-per-shard", "50", "--workers", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "pack.py"),
+        str(demo_src),
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        "50",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.rglob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:

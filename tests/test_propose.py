@@ -44,8 +44,10 @@ def proposed(photos, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     out = {}
     for fmt in FORMATS:
         folder = tmp_path_factory.mktemp(f"shards_{fmt}")
-        out[fmt] = folder, propose_to_shards(photos / fmt, fmt, folder, FAST, ProposeSettings(workers=2),
-                                             progress=False)
+        out[fmt] = (
+            folder,
+            propose_to_shards(photos / fmt, fmt, folder, FAST, ProposeSettings(workers=2), progress=False),
+        )
     return out
 
 
@@ -77,10 +79,15 @@ def test_coco_image_without_annotations_is_a_photo_without_ground_truth(tmp_path
     folder.mkdir()
     Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / "empty.jpg")
     Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / "one.jpg")
-    doc = {"images": [{"id": 1, "file_name": "empty.jpg"}, {"id": 2, "file_name": "one.jpg"},
-                      {"id": 3, "file_name": "gone.jpg"}],
-           "annotations": [{"id": 7, "image_id": 2, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 30, 4, 30]]}],
-           "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "spall"}]}
+    doc = {
+        "images": [
+            {"id": 1, "file_name": "empty.jpg"},
+            {"id": 2, "file_name": "one.jpg"},
+            {"id": 3, "file_name": "gone.jpg"},
+        ],
+        "annotations": [{"id": 7, "image_id": 2, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 30, 4, 30]]}],
+        "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "spall"}],
+    }
     (folder / "_annotations.coco.json").write_text(json.dumps(doc))
     data = read_annotations(tmp_path, "coco")
     by_stem = {p.stem: p for p in data.photos}
@@ -97,9 +104,10 @@ def test_yolo_box_touching_the_border_and_bad_lines(tmp_path):
     for stem in ("a", "b", "c"):
         Image.new("RGB", (200, 100)).save(tmp_path / "images" / f"{stem}.jpg")
     # A byte-order mark (Windows editors), a box touching the right edge, a class that is not crack.
-    (tmp_path / "labels" / "a.txt").write_text("\ufeff0 0.95 0.5 0.1 0.4\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n",
-                                               encoding="utf-8")
-    (tmp_path / "labels" / "b.txt").write_text("0 120 50 20 20\n")     # pixels, not normalized
+    (tmp_path / "labels" / "a.txt").write_text(
+        "\ufeff0 0.95 0.5 0.1 0.4\n0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n", encoding="utf-8"
+    )
+    (tmp_path / "labels" / "b.txt").write_text("0 120 50 20 20\n")  # pixels, not normalized
     (tmp_path / "labels" / "c.txt").write_text("0 nan 0.5 0.2 0.1\n2 0.5 0.5 0.1 0.1\n")
     (tmp_path / "classes.txt").write_text("crack\nspall\n")
     photos = {p.stem: p for p in read_annotations(tmp_path, "yolo", ["crack"]).photos}
@@ -115,7 +123,8 @@ def test_voc_difficult_objects_are_ground_truth(tmp_path):
     Image.new("RGB", (100, 80)).save(tmp_path / "p.jpg")
     (tmp_path / "p.xml").write_text(
         "<annotation><filename>p.jpg</filename><object><name>crack</name><difficult>1</difficult><bndbox>"
-        "<xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>60</ymax></bndbox></object></annotation>")
+        "<xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>60</ymax></bndbox></object></annotation>"
+    )
     (photo,) = read_annotations(tmp_path, "voc").photos
     np.testing.assert_allclose(photo.boxes, [[10, 20, 40, 60]])  # VOC's 1-based inclusive corners
     assert photo.difficult == [True]
@@ -149,11 +158,10 @@ def test_every_stored_iou_and_label_is_recomputed(proposed, photos, fmt):
     splits = list(stems_by_split)
     assert splits == ["train", "valid", "test"]
     for i, a in enumerate(splits):  # split by photo: no photo's proposals straddle splits
-        for b in splits[i + 1:]:
+        for b in splits[i + 1 :]:
             assert not stems_by_split[a] & stems_by_split[b]
     assert manifest["leakage"]["shared_stems"]["count"] == 0
-    assert all(s["proposal_recall"] is not None and 0 <= s["proposal_recall"] <= 1
-               for s in manifest["splits"].values())
+    assert all(s["proposal_recall"] is not None and 0 <= s["proposal_recall"] <= 1 for s in manifest["splits"].values())
     assert manifest["proposals"]["context"] == 16 and manifest["proposals"]["mode"] == "fast"
 
 
@@ -197,8 +205,9 @@ def test_same_output_for_any_worker_count_and_after_an_interruption(photos, prop
 def test_crops_folder_equals_the_shards_and_packs_to_the_same_samples(photos, proposed, tmp_path):
     ref, _ = proposed["yolo"]
     crops = tmp_path / "crops"
-    propose_to_shards(photos / "yolo", "yolo", tmp_path / "s", FAST, ProposeSettings(workers=2), crops=crops,
-                      progress=False)
+    propose_to_shards(
+        photos / "yolo", "yolo", tmp_path / "s", FAST, ProposeSettings(workers=2), crops=crops, progress=False
+    )
     packed = tmp_path / "packed"
     pack(crops, packed, PackSettings(workers=1), progress=False)
     for split in ("train", "valid", "test"):
@@ -206,8 +215,9 @@ def test_crops_folder_equals_the_shards_and_packs_to_the_same_samples(photos, pr
         files = {p.name: p.read_bytes() for p in (crops / split).iterdir()}
         assert files == {name: s["jpg"] for name, s in stored.items()}
         repacked = read_with_webdataset(packed, split)
-        assert {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in repacked.items()} == \
-            {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in stored.items()}
+        assert {n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in repacked.items()} == {
+            n: (s["jpg"], s["meta"]["iou"], s["meta"]["label"]) for n, s in stored.items()
+        }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,13 +230,40 @@ def test_loaders_read_proposal_shards(proposed, backend):
 @pytest.mark.slow
 def test_cli_and_training_on_the_result(photos, tmp_path):
     for fmt in ("coco",):  # every format goes through the same call; each reader is tested above
-        run = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / fmt), "--format",
-                              fmt, "--out", str(tmp_path / fmt), "--max-proposals", "30", "--quiet"],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "propose.py"),
+                str(photos / fmt),
+                "--format",
+                fmt,
+                "--out",
+                str(tmp_path / fmt),
+                "--max-proposals",
+                "30",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr
         assert "proposal recall" in run.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / "coco"), "--format",
-                          "coco", "--out", str(tmp_path / "x"), "--classes", "pothole"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "propose.py"),
+            str(photos / "coco"),
+            "--format",
+            "coco",
+            "--out",
+            str(tmp_path / "x"),
+            "--classes",
+            "pothole",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "pothole" in bad.stderr and "Traceback" not in bad.stderr
     from tests.helpers import tiny
     from train.loop import main
@@ -241,9 +278,24 @@ def test_problems_are_listed_and_strict_fails(photos, tmp_path):
     shutil.copytree(photos / "voc", src)
     first = sorted((src / "train").glob("*.jpg"))[0]
     first.write_bytes(b"not a photo")
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "propose.py"), str(src), "--format", "voc", "--out",
-                          str(tmp_path / "o"), "--max-proposals", "20", "--quiet", "--strict"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "propose.py"),
+            str(src),
+            "--format",
+            "voc",
+            "--out",
+            str(tmp_path / "o"),
+            "--max-proposals",
+            "20",
+            "--quiet",
+            "--strict",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1 and "--strict" in run.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [s["path"] for s in manifest["skipped"]] == [str(first)]
@@ -258,8 +310,20 @@ def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
 
     ref, _ = proposed["voc"]
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(photos / "voc"), "--format", "voc", "--out",
-           str(out), "--max-proposals", "40", "--workers", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "propose.py"),
+        str(photos / "voc"),
+        "--format",
+        "voc",
+        "--out",
+        str(out),
+        "--max-proposals",
+        "40",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob(".spool/*.bin")) and proc.poll() is None and time.monotonic() < deadline:
@@ -299,8 +363,7 @@ def test_a_photo_with_incomplete_ground_truth_is_left_out_not_made_negatives(pho
             mask = sorted((src / "train" / "masks").glob("*.png"))[0]
             Image.new("L", (10, 10)).save(mask)  # the wrong size
             broken[fmt] = mask.stem
-        manifest = propose_to_shards(src, fmt, tmp_path / f"o_{fmt}", FAST, ProposeSettings(workers=2),
-                                     progress=False)
+        manifest = propose_to_shards(src, fmt, tmp_path / f"o_{fmt}", FAST, ProposeSettings(workers=2), progress=False)
         stems = {s.decode() for s in load_index(tmp_path / f"o_{fmt}", "train").rows["stem"]}
         assert broken[fmt] not in stems and len(stems) == 7, fmt
         (problem,) = [s for s in manifest["skipped"] if broken[fmt] in s["path"] or broken[fmt] in s["reason"]]
@@ -311,10 +374,14 @@ def test_coco_problems_are_listed(tmp_path):
     folder = tmp_path / "train"
     folder.mkdir()
     Image.new("RGB", (64, 48)).save(folder / "a.jpg")
-    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 48}],
-           "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5]},
-                           {"id": 2, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}],
-           "categories": [{"id": 1, "name": "crack"}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": 2, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]},
+        ],
+        "categories": [{"id": 1, "name": "crack"}],
+    }
     (folder / "_annotations.coco.json").write_text(json.dumps(doc))
     (folder / "notes.json").write_text("[1, 2]")
     data = read_annotations(tmp_path, "coco")
@@ -348,8 +415,20 @@ def test_split_ratio_mistakes_are_refused(photos, tmp_path):
         assign_splits(read_annotations(photos / "coco", "coco").photos, (float("inf"), 1, 1), 0)
 
     with pytest.raises(ConfigError, match="split-ratios"):
-        propose_to_shards(photos / "coco", "coco", tmp_path / "o", FAST,
-                          ProposeSettings(split_ratios=(float("inf"), 1, 1)), progress=False)
+        propose_to_shards(
+            photos / "coco",
+            "coco",
+            tmp_path / "o",
+            FAST,
+            ProposeSettings(split_ratios=(float("inf"), 1, 1)),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="every photo .* has one"):
-        propose_to_shards(photos / "coco", "coco", tmp_path / "o", FAST,
-                          ProposeSettings(split_ratios=(0.5, 0.25, 0.25)), progress=False)
+        propose_to_shards(
+            photos / "coco",
+            "coco",
+            tmp_path / "o",
+            FAST,
+            ProposeSettings(split_ratios=(0.5, 0.25, 0.25)),
+            progress=False,
+        )

@@ -39,8 +39,10 @@ def opts(sampler, **kw):
 @pytest.mark.parametrize("validation, negatives", [(False, 800), (True, 200)])
 def test_hard_negatives_match_the_original(validation, negatives):
     labels, ious = fake_index(5000, seed=1)
-    names = [format_name(f"IMG_{i % 50}_jpg.rf.ab", i, float(iou), int(lab))
-             for i, (iou, lab) in enumerate(zip(ious, labels))]
+    names = [
+        format_name(f"IMG_{i % 50}_jpg.rf.ab", i, float(iou), int(lab))
+        for i, (iou, lab) in enumerate(zip(ious, labels))
+    ]
     ious = np.array([parse_name(n).iou for n in names], dtype=np.float32)
     chosen = select(labels, ious, "hard-negatives", opts("hard-negatives", negatives=negatives), seed=0)
     assert {names[i] for i in chosen} == set(original_filter_and_sort_images(names, validation))

@@ -24,8 +24,9 @@ def run(demo_shards, tmp_path_factory):
 
 
 def settings(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"pos_iou": 0.7, "neg_iou": 0.3, "rounds": 3, "negatives": 20, "C": 1.0,
-                                 "seed": 0, **kw})
+    return argparse.Namespace(
+        **{"pos_iou": 0.7, "neg_iou": 0.3, "rounds": 3, "negatives": 20, "C": 1.0, "seed": 0, **kw}
+    )
 
 
 def test_hard_negative_mining_grows_the_cache_with_margin_violators():
@@ -60,8 +61,15 @@ def test_svm_stage_reports_beside_the_head_and_reuses_features(run, demo_shards,
     args = ["svm", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--negatives", "30", "--C", "0.01"]
     assert cli(args) == 0
     out = run / "svm"
-    for name in ("report.txt", "summary.json", "pr_curve.png", "svm_model.npz", "features/train.npz",
-                 "features/valid.npz", "features/test.npz"):
+    for name in (
+        "report.txt",
+        "summary.json",
+        "pr_curve.png",
+        "svm_model.npz",
+        "features/train.npz",
+        "features/valid.npz",
+        "features/test.npz",
+    ):
         assert (out / name).is_file(), name
     report = (out / "report.txt").read_text()
     for title in ("valid: SVM", "valid: network head", "test: SVM", "test: network head at 0.5"):
@@ -70,8 +78,10 @@ def test_svm_stage_reports_beside_the_head_and_reuses_features(run, demo_shards,
 
     # The saved arrays are the model: scoring the cached test features with them gives the reported figures.
     summary = json.loads((out / "summary.json").read_text())
-    with np.load(out / "svm_model.npz", allow_pickle=False) as m, \
-            np.load(out / "features/test.npz", allow_pickle=False) as f:
+    with (
+        np.load(out / "svm_model.npz", allow_pickle=False) as m,
+        np.load(out / "features/test.npz", allow_pickle=False) as f,
+    ):
         scores = ((f["features"] - m["mean"]) / m["scale"]) @ m["coef"] + m["intercept"][0]
         assert len(str(m["checkpoint_sha256"])) == 64  # which checkpoint's features: detection checks it
         predicted = scores >= float(m["threshold"])

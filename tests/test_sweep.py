@@ -50,10 +50,13 @@ def test_shipped_variants_are_the_originals_six_runs(tmp_path):
         cfg.validate()
     settings = [(c.loss, c.sampler, c.replacement, c.iou_threshold, c.focal_alpha) for c in configs]
     # The first two take the names' labels (the original's, IoU > 0.5); two relabel at 0.35.
-    assert settings[:4] == [("bce", "shuffle", True, None, 0.25), ("bce", "weighted", True, None, 0.25),
-                            ("bce", "weighted", True, 0.35, 0.25), ("bce", "weighted", False, 0.35, 0.25)]
-    assert [(c.loss, c.focal_alpha, c.focal_gamma) for c in configs[4:]] == [("focal", 0.25, 2.0),
-                                                                             ("focal", -1.0, 2.0)]
+    assert settings[:4] == [
+        ("bce", "shuffle", True, None, 0.25),
+        ("bce", "weighted", True, None, 0.25),
+        ("bce", "weighted", True, 0.35, 0.25),
+        ("bce", "weighted", False, 0.35, 0.25),
+    ]
+    assert [(c.loss, c.focal_alpha, c.focal_gamma) for c in configs[4:]] == [("focal", 0.25, 2.0), ("focal", -1.0, 2.0)]
     assert all(c.parsed_class_weights() == {0: 1, 1: 2} for c in configs[1:4])
     # The write-up's published crack F1 for each run, in order.
     assert [v.reference["crack"]["f1"] for v in variants] == [0.66, 0.66, 0.74, 0.74, 0.42, 0.75]
@@ -61,10 +64,13 @@ def test_shipped_variants_are_the_originals_six_runs(tmp_path):
 
 def test_bad_variant_files_name_the_file_and_the_fix(tmp_path):
     path = tmp_path / "v.toml"
-    for text, message in (('[[variant]]\nname = "a"\nlearning_rate = 1\n', "unknown options ['learning_rate']"),
-                          ('[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n', "unique name"),
-                          ('[[variant]]\nname = "a"\nout = "x"\n', "set by the sweep"),
-                          ("[[variant]\n", "not valid TOML"), ("x = 1\n", "defines no [[variant]]")):
+    for text, message in (
+        ('[[variant]]\nname = "a"\nlearning_rate = 1\n', "unknown options ['learning_rate']"),
+        ('[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n', "unique name"),
+        ('[[variant]]\nname = "a"\nout = "x"\n', "set by the sweep"),
+        ("[[variant]\n", "not valid TOML"),
+        ("x = 1\n", "defines no [[variant]]"),
+    ):
         path.write_text(text)
         with pytest.raises(ValueError, match="v.toml") as e:
             load_variants(path)
@@ -84,8 +90,11 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["variant"], r["source"], r["status"]) for r in rows] == [
-        ("bce", "crackio", "finished"), ("bce", "original", "reference"), ("focal", "crackio", "finished"),
-        ("impossible", "crackio", "failed")]
+        ("bce", "crackio", "finished"),
+        ("bce", "original", "reference"),
+        ("focal", "crackio", "finished"),
+        ("impossible", "crackio", "failed"),
+    ]
     assert "cannot draw 100000" in rows[3]["note"]
     assert rows[1]["crack_f1"] == "0.66" and rows[1]["no_crack_support"] == "37111"
     n_test = {"bce": 0, "focal": 0}
@@ -132,8 +141,9 @@ def test_sweep_without_shards_is_a_clear_error(tmp_path, capsys):
 
 def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
     path = tmp_path / "v.toml"
-    path.write_text('[[variant]]\nname = "a"\nsampler = "weighted"\nclass_weights = {0 = 1, 1 = 3}\n'
-                    'iou_threshold = "none"\n')
+    path.write_text(
+        '[[variant]]\nname = "a"\nsampler = "weighted"\nclass_weights = {0 = 1, 1 = 3}\niou_threshold = "none"\n'
+    )
     (variant,) = load_variants(path)
     cfg = variant_config(tiny("s", tmp_path), variant, tmp_path)
     assert cfg.parsed_class_weights() == {0: 1.0, 1: 3.0} and cfg.iou_threshold is None

@@ -31,8 +31,18 @@ def two_epochs(demo_shards, tmp_path_factory):
 
 
 def test_a_run_writes_every_output(two_epochs):
-    for name in ("config.json", "history.json", "metrics.jsonl", "best.pt", "last.pt", "report.txt",
-                 "curves.png", "pr_curve.png", "summary.json", "predictions.npz"):
+    for name in (
+        "config.json",
+        "history.json",
+        "metrics.jsonl",
+        "best.pt",
+        "last.pt",
+        "report.txt",
+        "curves.png",
+        "pr_curve.png",
+        "summary.json",
+        "predictions.npz",
+    ):
         assert (two_epochs / name).is_file(), name
     summary = json.loads((two_epochs / "summary.json").read_text())
     with np.load(two_epochs / "predictions.npz", allow_pickle=False) as pred:
@@ -44,8 +54,20 @@ def test_a_run_writes_every_output(two_epochs):
             assert summary["splits"][split]["no_crack"]["support"] == int((labels == 0).sum())
     history = json.loads((two_epochs / "history.json").read_text())
     assert len(history) == 2
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "crack_precision", "crack_recall",
-                "crack_f1", "crack_ap", "images_per_sec", "data_wait_share", "train_seconds", "val_seconds"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "crack_precision",
+        "crack_recall",
+        "crack_f1",
+        "crack_ap",
+        "images_per_sec",
+        "data_wait_share",
+        "train_seconds",
+        "val_seconds",
+    ):
         assert all(isinstance(h[key], float) for h in history), key
     assert all(0 <= h["crack_ap"] <= 1 for h in history)  # the threshold-free trend, every epoch
     assert all(h["train_seconds"] + h["val_seconds"] <= h["epoch_seconds"] for h in history)
@@ -96,8 +118,22 @@ def test_focal_loss_without_alpha_trains(demo_shards, tmp_path):
 
 
 def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_path, capsys):
-    assert cli(["eval", "--checkpoint", str(two_epochs / "best.pt"), "--shards", str(demo_shards),
-                "--split", "valid", "--device", "cpu"]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--checkpoint",
+                str(two_epochs / "best.pt"),
+                "--shards",
+                str(demo_shards),
+                "--split",
+                "valid",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "No crack" in capsys.readouterr().out
     ckpt = torch.load(two_epochs / "best.pt", weights_only=True)
     ckpt["config"]["arch"] = "resnet18"
@@ -111,13 +147,30 @@ def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_pat
 BAD_INPUTS = {  # name: (arguments, with {shards} and {tmp} filled in; the message it must print)
     "missing shards": (["--shards", "{tmp}/none", "--device", "cpu"], "does not exist"),
     "no manifest": (["--shards", "{tmp}", "--device", "cpu"], "manifest.json is missing"),
-    "unknown split": (["--shards", "{shards}", "--val-split", "nope", "--arch", ARCH, "--weights", "none",
-                       "--device", "cpu", "--out", "{tmp}/r"], "split 'nope'"),
+    "unknown split": (
+        [
+            "--shards",
+            "{shards}",
+            "--val-split",
+            "nope",
+            "--arch",
+            ARCH,
+            "--weights",
+            "none",
+            "--device",
+            "cpu",
+            "--out",
+            "{tmp}/r",
+        ],
+        "split 'nope'",
+    ),
     "unknown loss": (["--shards", "{shards}", "--loss", "hinge"], "--loss must be one of"),
     "bad class weights": (["--shards", "{shards}", "--class-weights", "1,2"], "--class-weights"),
     "unknown selection": (["--shards", "{shards}", "--selection", "hardest"], "--selection must be one of"),
-    "weights offline": (["--shards", "{shards}", "--arch", ARCH, "--device", "cpu", "--out", "{tmp}/w"],
-                        "--weights none"),
+    "weights offline": (
+        ["--shards", "{shards}", "--arch", ARCH, "--device", "cpu", "--out", "{tmp}/w"],
+        "--weights none",
+    ),
 }
 
 
@@ -136,8 +189,29 @@ def test_unknown_flag_is_argparse_usage(demo_shards):
 
 
 def test_a_nan_loss_stops_without_a_checkpoint(demo_shards, tmp_path, capsys):
-    assert cli(["--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--device", "cpu", "--lr", "1e30",
-                "--epochs", "1", "--out", str(tmp_path / "nan"), "--batch-size", "16"]) == 2
+    assert (
+        cli(
+            [
+                "--shards",
+                str(demo_shards),
+                "--arch",
+                ARCH,
+                "--weights",
+                "none",
+                "--device",
+                "cpu",
+                "--lr",
+                "1e30",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "nan"),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 2
+    )
     assert "NaN" in capsys.readouterr().err
     assert not (tmp_path / "nan" / "last.pt").exists()
 
@@ -158,9 +232,33 @@ def test_imagenet_weights_load_from_the_torch_cache(arch, tmp_path, monkeypatch)
 
 def test_torchrun_two_cpu_ranks_train_and_write_once(demo_shards, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train",
-           "--shards", str(demo_shards), "--arch", ARCH, "--weights", "none", "--head", "linear",
-           "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--workers", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "train",
+        "--shards",
+        str(demo_shards),
+        "--arch",
+        ARCH,
+        "--weights",
+        "none",
+        "--head",
+        "linear",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -218,8 +316,16 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
         train.loop.check_resumed(Config(resume=str(out)))  # a default config is not that run's
 
 
-@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--num-samples", "-5"), ("--workers", "-3"),
-                                         ("--val-negatives", "-1"), ("--pos-weight", "nan")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--seed", "-1"),
+        ("--num-samples", "-5"),
+        ("--workers", "-3"),
+        ("--val-negatives", "-1"),
+        ("--pos-weight", "nan"),
+    ],
+)
 def test_negative_settings_are_one_line_errors(demo_shards, capsys, flag, value):
     assert cli(["--shards", str(demo_shards), flag, value]) == 2
     assert f"{flag} must be >= 0" in capsys.readouterr().err

@@ -47,10 +47,16 @@ def seed_baseline(src: Path, batch_size: int, workers: int):
     class CrackDataset(Dataset):
         def __init__(self, directory, image_files):
             self.directory, self.image_files = directory, image_files
-            self.transform = v2.Compose([
-                v2.ColorJitter(brightness=0.5), v2.RandomHorizontalFlip(p=0.5), v2.RandomRotation(180),
-                v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+            self.transform = v2.Compose(
+                [
+                    v2.ColorJitter(brightness=0.5),
+                    v2.RandomHorizontalFlip(p=0.5),
+                    v2.RandomRotation(180),
+                    v2.ToImage(),
+                    v2.ToDtype(torch.float32, scale=True),
+                    v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+                ]
+            )
 
         def __len__(self):
             return len(self.image_files)
@@ -62,8 +68,13 @@ def seed_baseline(src: Path, batch_size: int, workers: int):
             return self.transform(image), name, float(parts[2].replace("_", ".")), int(parts[3])
 
     files = [f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f))]
-    return DataLoader(CrackDataset(src, files), batch_size=batch_size, shuffle=True, num_workers=workers,
-                      persistent_workers=workers > 0)
+    return DataLoader(
+        CrackDataset(src, files),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def decode_only(shards: Path, split: str, batch_size: int, workers: int):
@@ -79,23 +90,26 @@ def decode_only(shards: Path, split: str, batch_size: int, workers: int):
     # A fixed sample of the split is enough to measure decoding, and keeps a 1M-row split out of memory.
     rows = np.random.default_rng(0).permutation(len(index))[:DECODE_SAMPLE]
     data = ByteReader(index).read(np.sort(rows))
-    chunks = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
     pool = mp.get_context("forkserver").Pool(max(1, workers), initializer=_single_thread)
 
     def batches():
         while True:
             yield from pool.imap(_decode_chunk, chunks)
+
     return batches()
 
 
 def _single_thread():
     import torch
+
     torch.set_num_threads(1)
 
 
 def _decode_chunk(chunk: list[bytes]) -> int:
     import torch
     from torchvision.io import decode_jpeg
+
     decoded = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in chunk])
     return len(decoded)
 
@@ -129,9 +143,17 @@ def run_row(args) -> dict:
         it = decode_only(Path(args.shards), args.split, args.batch_size, cores)
     else:
         from crackio import make_loader
+
         backend, device = name.split("-")
-        loader = make_loader(args.shards, args.split, batch_size=args.batch_size, train=True, backend=backend,
-                             device="cuda" if device == "gpu" else "cpu", workers=cores)
+        loader = make_loader(
+            args.shards,
+            args.split,
+            batch_size=args.batch_size,
+            train=True,
+            backend=backend,
+            device="cuda" if device == "gpu" else "cpu",
+            workers=cores,
+        )
         it = endless(loader)
     setup = time.perf_counter() - t0  # the original's directory listing vs crackio's index load
     next(it)
@@ -158,8 +180,14 @@ def run_row(args) -> dict:
         stalls.append(wait / elapsed)
     usage = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     rss = max(usage)  # KiB on Linux; the larger of this process and its biggest worker
-    row = {"name": name, "images_per_sec": statistics.median(rates), "cores": cores,
-           "setup_s": setup, "first_batch_s": first, "peak_rss_mb": rss / 1024}
+    row = {
+        "name": name,
+        "images_per_sec": statistics.median(rates),
+        "cores": cores,
+        "setup_s": setup,
+        "first_batch_s": first,
+        "peak_rss_mb": rss / 1024,
+    }
     if step is not None:
         row["data_stall_share"] = statistics.median(stalls)
     return row
@@ -189,11 +217,13 @@ def make_step(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return model, step
 
 
 def model_only(args) -> dict:
     import torch
+
     _, step = make_step(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
@@ -208,8 +238,14 @@ def model_only(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - start))
-    return {"name": f"model-only ({args.arch}, synthetic)", "images_per_sec": statistics.median(rates),
-            "cores": args.workers, "setup_s": None, "first_batch_s": None, "peak_rss_mb": None}
+    return {
+        "name": f"model-only ({args.arch}, synthetic)",
+        "images_per_sec": statistics.median(rates),
+        "cores": args.workers,
+        "setup_s": None,
+        "first_batch_s": None,
+        "peak_rss_mb": None,
+    }
 
 
 def main(argv=None) -> int:
@@ -235,9 +271,13 @@ def main(argv=None) -> int:
     import torch
 
     from crackio.loader import dali_available
+
     rows = ["seed-baseline", "seed-baseline-w0", "decode-only"]
-    rows += [f"{b}-{d}" for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
-             for b in (["dali"] if dali_available() else []) + ["torch"]]
+    rows += [
+        f"{b}-{d}"
+        for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
+        for b in (["dali"] if dali_available() else []) + ["torch"]
+    ]
     if args.model:
         rows.append("model-only")
     forward = list(argv if argv is not None else sys.argv[1:])
@@ -255,10 +295,16 @@ def main(argv=None) -> int:
         r["images_per_sec_per_core"] = r["images_per_sec"] / r["cores"]
         r["vs_seed_baseline"] = r["images_per_sec"] / base if base else None
         r["vs_decode_only"] = r["images_per_sec"] / ceiling if ceiling else None
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "torch": torch.__version__, "python": platform.python_version(),
-               "batch_size": args.batch_size, "seconds": args.seconds, "repeats": args.repeats}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch_size": args.batch_size,
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+    }
     print(table(results, machine))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
@@ -267,15 +313,19 @@ def main(argv=None) -> int:
 
 def table(results: list[dict], machine: dict) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = [f"machine: {machine['cores']} cores, GPU {machine['gpu'] or 'none'}, batch {machine['batch_size']}",
-             f"{'row':<34}{'img/s':>9}{'/core':>8}{'x seed':>8}{'x decode':>9}{'setup s':>9}{'1st batch s':>12}"
-             f"{'peak MB':>9}{'stall':>7}"]
+    lines = [
+        f"machine: {machine['cores']} cores, GPU {machine['gpu'] or 'none'}, batch {machine['batch_size']}",
+        f"{'row':<34}{'img/s':>9}{'/core':>8}{'x seed':>8}{'x decode':>9}{'setup s':>9}{'1st batch s':>12}"
+        f"{'peak MB':>9}{'stall':>7}",
+    ]
     for r in results:
-        lines.append(f"{r['name']:<34}{r['images_per_sec']:>9.0f}{r['images_per_sec_per_core']:>8.0f}"
-                     f"{fmt(r['vs_seed_baseline'], '.2f'):>8}{fmt(r['vs_decode_only'], '.2f'):>9}"
-                     f"{fmt(r['setup_s'], '.2f'):>9}{fmt(r['first_batch_s'], '.2f'):>12}"
-                     f"{fmt(r['peak_rss_mb'], '.0f'):>9}"
-                     f"{fmt(r.get('data_stall_share'), '.0%'):>7}")
+        lines.append(
+            f"{r['name']:<34}{r['images_per_sec']:>9.0f}{r['images_per_sec_per_core']:>8.0f}"
+            f"{fmt(r['vs_seed_baseline'], '.2f'):>8}{fmt(r['vs_decode_only'], '.2f'):>9}"
+            f"{fmt(r['setup_s'], '.2f'):>9}{fmt(r['first_batch_s'], '.2f'):>12}"
+            f"{fmt(r['peak_rss_mb'], '.0f'):>9}"
+            f"{fmt(r.get('data_stall_share'), '.0%'):>7}"
+        )
     return "\n".join(lines)
 
 

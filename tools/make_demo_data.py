@@ -57,8 +57,9 @@ def surface(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(rgb, mode="RGB")
 
 
-def draw_crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator, mask: ImageDraw.ImageDraw | None = None
-               ) -> np.ndarray:
+def draw_crack(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, mask: ImageDraw.ImageDraw | None = None
+) -> np.ndarray:
     """A branching random-walk crack (also drawn into `mask` as 255); returns its ground-truth box (x0, y0, x1, y1)."""
     length = int(rng.integers(12, 40))
     step = rng.uniform(5, 9)
@@ -136,7 +137,7 @@ def image_plan(images: int, seed: int) -> list[tuple[str, str, np.random.Generat
     plan, start = [], 0
     for i, (split, share) in enumerate(SPLITS):
         n = images - start if i == len(SPLITS) - 1 else max(1, round(images * share))
-        for number in order[start:start + n]:
+        for number in order[start : start + n]:
             # Roboflow-style stem with dots: the case a naive split(".") gets wrong.
             stem = f"IMG_{number:04d}_jpg.rf.{(number * 2654435761) % 16**6:06x}"
             plan.append((split, stem, np.random.default_rng([seed, int(number)])))
@@ -173,8 +174,11 @@ def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], forma
         for split, items in photos.items():
             folder = out / fmt / split
             folder.mkdir(parents=True, exist_ok=True)
-            coco = {"images": [], "annotations": [], "categories": [{"id": 0, "name": "cracks"},
-                                                                     {"id": 1, "name": "crack"}]}
+            coco = {
+                "images": [],
+                "annotations": [],
+                "categories": [{"id": 0, "name": "cracks"}, {"id": 1, "name": "crack"}],
+            }
             for number, (stem, img, boxes, mask) in enumerate(items):
                 name = f"{stem}.jpg"
                 target = {"coco": folder, "voc": folder}.get(fmt, folder / "images")
@@ -182,23 +186,35 @@ def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], forma
                 img.save(target / name, quality=95)
                 if fmt == "coco":
                     coco["images"].append({"id": number, "file_name": name, "width": width, "height": height})
-                    coco["annotations"] += [{"id": len(coco["annotations"]), "image_id": number, "category_id": 1,
-                                             "bbox": [b[0], b[1], round(b[2] - b[0], 1), round(b[3] - b[1], 1)],
-                                             "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0}
-                                            for b in boxes]
+                    coco["annotations"] += [
+                        {
+                            "id": len(coco["annotations"]),
+                            "image_id": number,
+                            "category_id": 1,
+                            "bbox": [b[0], b[1], round(b[2] - b[0], 1), round(b[3] - b[1], 1)],
+                            "area": float((b[2] - b[0]) * (b[3] - b[1])),
+                            "iscrowd": 0,
+                        }
+                        for b in boxes
+                    ]
                 elif fmt == "yolo":
                     (folder / "labels").mkdir(exist_ok=True)
-                    lines = [f"0 {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
-                             f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}" for b in boxes]
+                    lines = [
+                        f"0 {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
+                        f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}"
+                        for b in boxes
+                    ]
                     (folder / "labels" / f"{stem}.txt").write_text("".join(line + "\n" for line in lines))
                 elif fmt == "voc":
                     objects = "".join(
                         f"<object><name>crack</name><difficult>0</difficult><bndbox><xmin>{b[0] + 1:g}</xmin>"
                         f"<ymin>{b[1] + 1:g}</ymin><xmax>{b[2]:g}</xmax><ymax>{b[3]:g}</ymax></bndbox></object>"
-                        for b in boxes)
+                        for b in boxes
+                    )
                     (folder / f"{stem}.xml").write_text(
                         f"<annotation><filename>{name}</filename><size><width>{width}</width><height>{height}"
-                        f"</height><depth>3</depth></size>{objects}</annotation>\n")
+                        f"</height><depth>3</depth></size>{objects}</annotation>\n"
+                    )
                 else:
                     (folder / "masks").mkdir(exist_ok=True)
                     mask.save(folder / "masks" / f"{stem}.png")
@@ -221,14 +237,16 @@ def link_large(out: Path, split: str, count: int) -> int:
     for i in range(count):
         src = sources[i % len(sources)]
         stem = parse_name(src.name).stem
-        name = f"{stem}_c{i // len(sources)}{src.name[len(stem):]}"  # same proposal, IoU text and label
+        name = f"{stem}_c{i // len(sources)}{src.name[len(stem) :]}"  # same proposal, IoU text and label
         try:
             (folder / name).hardlink_to(src)
         except FileExistsError:
             pass  # a re-run: the name is already there
         except OSError as e:
-            raise SystemExit(f"error: cannot hard-link {src} into {folder} ({e}); use a filesystem with hard "
-                             f"links, or a smaller --large") from e
+            raise SystemExit(
+                f"error: cannot hard-link {src} into {folder} ({e}); use a filesystem with hard "
+                f"links, or a smaller --large"
+            ) from e
     return count
 
 
@@ -238,11 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=60, help="synthetic full images (split 70/15/15)")
     ap.add_argument("--proposals-per-image", type=int, default=40, help="proposal crops cut from each")
     ap.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    ap.add_argument("--large", type=int, default=0, metavar="COUNT",
-                    help="also write a split of COUNT names hard-linked to the train crops (e.g. 1000000)")
+    ap.add_argument(
+        "--large",
+        type=int,
+        default=0,
+        metavar="COUNT",
+        help="also write a split of COUNT names hard-linked to the train crops (e.g. 1000000)",
+    )
     ap.add_argument("--large-split", default="large", help="that split's folder name (default: large)")
-    ap.add_argument("--photos", type=Path, help="also write the full photos with their ground truth here, as "
-                                                 "PHOTOS/{coco,yolo,voc,mask}/<split>/ (tools/propose.py's input)")
+    ap.add_argument(
+        "--photos",
+        type=Path,
+        help="also write the full photos with their ground truth here, as "
+        "PHOTOS/{coco,yolo,voc,mask}/<split>/ (tools/propose.py's input)",
+    )
     ap.add_argument("--photo-size", default="480x320", help="photos' WIDTHxHEIGHT (default 480x320)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="annotation formats for --photos")
     ap.add_argument("--photos-only", action="store_true", help="write --photos and no crops")
@@ -262,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.photos:
         t0 = time.perf_counter()
         n = write_photos(args.photos, args.images, args.seed, size, formats)
-        print(f"wrote {n} photos with ground truth as {', '.join(formats)} under {args.photos} "
-              f"in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote {n} photos with ground truth as {', '.join(formats)} under {args.photos} "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
     if args.photos_only:
         return 0
     t0 = time.perf_counter()

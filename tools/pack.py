@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     print_skipped(manifest, args.out)
     for split, info in manifest["splits"].items():
         if info["converted_list"]:
-            print(f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "
-                  f"in {args.out / info['converted_list']}", file=sys.stderr)
+            print(
+                f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "
+                f"in {args.out / info['converted_list']}",
+                file=sys.stderr,
+            )
     print(summary(manifest, args.out))
     problems = warnings(manifest)
     if args.strict and (manifest["skipped"] or problems):

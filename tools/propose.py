@@ -45,11 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-proposals", type=int, default=p.max_proposals, help="cap per photo (R-CNN: ~2000)")
     ap.add_argument("--context", type=int, default=p.context, help="context pixels at the warped size (R-CNN: 16)")
     ap.add_argument("--positive-iou", type=float, default=p.positive_iou, help="label = IoU > this (default 0.5)")
-    ap.add_argument("--negatives-per-image", type=int, default=p.negatives_per_image,
-                    help="keep an IoU-stratified sample of N negatives per photo (default 0: all)")
+    ap.add_argument(
+        "--negatives-per-image",
+        type=int,
+        default=p.negatives_per_image,
+        help="keep an IoU-stratified sample of N negatives per photo (default 0: all)",
+    )
     ap.add_argument("--gt-jitter", type=int, default=p.gt_jitter, help="jittered copies of each ground-truth box")
-    ap.add_argument("--split-ratios", type=_ratios, default=r.split_ratios,
-                    help="train,valid,test shares by photo when the dataset has no split folders")
+    ap.add_argument(
+        "--split-ratios",
+        type=_ratios,
+        default=r.split_ratios,
+        help="train,valid,test shares by photo when the dataset has no split folders",
+    )
     ap.add_argument("--classes", default="", help="positive class names, comma-separated (default: every class)")
     ap.add_argument("--workers", type=int, default=r.workers, help="photos in parallel (threads; 0 = all cores)")
     ap.add_argument("--seed", type=int, default=r.seed, help="seed of splits, caps, jitter, negatives, shuffle")
@@ -58,15 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 if any photo or annotation had a problem")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    proposal = ProposalSettings(method=args.method, mode=args.mode, max_proposals=args.max_proposals,
-                                context=args.context, positive_iou=args.positive_iou,
-                                negatives_per_image=args.negatives_per_image, gt_jitter=args.gt_jitter)
-    run = ProposeSettings(split_ratios=args.split_ratios,
-                          classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-                          workers=args.workers, seed=args.seed, samples_per_shard=args.samples_per_shard)
+    proposal = ProposalSettings(
+        method=args.method,
+        mode=args.mode,
+        max_proposals=args.max_proposals,
+        context=args.context,
+        positive_iou=args.positive_iou,
+        negatives_per_image=args.negatives_per_image,
+        gt_jitter=args.gt_jitter,
+    )
+    run = ProposeSettings(
+        split_ratios=args.split_ratios,
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        workers=args.workers,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    )
     try:
-        manifest = propose_to_shards(args.src, args.format, args.out, proposal, run, args.crops,
-                                     progress=not args.quiet)
+        manifest = propose_to_shards(
+            args.src, args.format, args.out, proposal, run, args.crops, progress=not args.quiet
+        )
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in problems:
         print(f"warning: {line}")
     if args.strict and (manifest["skipped"] or problems):
-        print(f"--strict: {len(manifest['skipped'])} photo or annotation problems, {len(problems)} warnings",
-              file=sys.stderr)
+        print(
+            f"--strict: {len(manifest['skipped'])} photo or annotation problems, {len(problems)} warnings",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -21,52 +21,60 @@ VAL_SAMPLERS = tuple(s for s in SAMPLERS if "class_weights" not in DEFAULTS[s])
 
 @dataclass
 class Config:
-    shards: str = ""                     # folder written by tools/pack.py (required)
-    out: str = ""                        # run folder; "" = runs/<timestamp>
-    arch: str = "resnext50_32x4d"        # any torchvision classification model (resnet18 for quick CPU runs)
-    weights: str = "imagenet"            # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
-    head: str = "original"               # original: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit layer
-    optimizer: str = "adam"              # adam | adamw | sgd
-    lr: float = 1e-3                     # learning rate (the original's Adam lr)
-    weight_decay: float = 0.0            # weight decay
-    batch_size: int = 32                 # samples per batch on each rank
-    epochs: int = 20                     # maximum epochs
-    patience: int = 3                    # early stopping: epochs without a lower validation loss
-    sampler: str = "shuffle"             # train sampler: shuffle | hard-negatives | iou-strata | weighted | balanced
-    negatives: int = 800                 # hard-negatives: negatives kept (highest IoU first)
-    per_bin: int = 10                    # iou-strata: negatives per IoU bin
-    bin_width: float = 0.05              # iou-strata: IoU bin width
-    class_weights: str = "0:1,1:2"       # weighted | balanced: class weights as 0:w0,1:w1
-    replacement: bool = True             # weighted: draw with replacement
-    num_samples: int = 0                 # weighted: draws per epoch; 0 = the selection's size
-    selection: str = "all"               # weighted | balanced: draw from all | hard-negatives | iou-strata cut
-    val_sampler: str = "shuffle"         # validation selection: shuffle (= every sample) | hard-negatives | iou-strata
-    val_negatives: int = 200             # hard-negatives on validation (the original kept 200)
-    iou_threshold: float | None = None   # none: the file names' labels; a number t: label = IoU > t (relabel)
-    loss: str = "bce"                    # bce (BCEWithLogitsLoss) | focal (torchvision sigmoid_focal_loss)
-    pos_weight: float = 0.0              # bce: weight of the crack class; 0 = none
-    focal_alpha: float = 0.25            # focal: alpha; negative = no class weighting (the original's best run)
-    focal_gamma: float = 2.0             # focal: gamma
-    target_recall: float = 0.0           # also report the threshold reaching this crack recall on validation; 0 = off
-    device: str = "auto"                 # auto | cpu | cuda
-    backend: str = "auto"                # auto | dali | torch
-    workers: int = 0                     # decode threads/processes per rank; 0 = all cores
-    compile: bool = False                # torch.compile the model (CUDA)
-    seed: int = 0                        # seeds sampling, augmentation, initialisation
-    train_split: str = "train"           # split names inside --shards
+    shards: str = ""  # folder written by tools/pack.py (required)
+    out: str = ""  # run folder; "" = runs/<timestamp>
+    arch: str = "resnext50_32x4d"  # any torchvision classification model (resnet18 for quick CPU runs)
+    weights: str = "imagenet"  # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
+    head: str = "original"  # original: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit layer
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # learning rate (the original's Adam lr)
+    weight_decay: float = 0.0  # weight decay
+    batch_size: int = 32  # samples per batch on each rank
+    epochs: int = 20  # maximum epochs
+    patience: int = 3  # early stopping: epochs without a lower validation loss
+    sampler: str = "shuffle"  # train sampler: shuffle | hard-negatives | iou-strata | weighted | balanced
+    negatives: int = 800  # hard-negatives: negatives kept (highest IoU first)
+    per_bin: int = 10  # iou-strata: negatives per IoU bin
+    bin_width: float = 0.05  # iou-strata: IoU bin width
+    class_weights: str = "0:1,1:2"  # weighted | balanced: class weights as 0:w0,1:w1
+    replacement: bool = True  # weighted: draw with replacement
+    num_samples: int = 0  # weighted: draws per epoch; 0 = the selection's size
+    selection: str = "all"  # weighted | balanced: draw from all | hard-negatives | iou-strata cut
+    val_sampler: str = "shuffle"  # validation selection: shuffle (= every sample) | hard-negatives | iou-strata
+    val_negatives: int = 200  # hard-negatives on validation (the original kept 200)
+    iou_threshold: float | None = None  # none: the file names' labels; a number t: label = IoU > t (relabel)
+    loss: str = "bce"  # bce (BCEWithLogitsLoss) | focal (torchvision sigmoid_focal_loss)
+    pos_weight: float = 0.0  # bce: weight of the crack class; 0 = none
+    focal_alpha: float = 0.25  # focal: alpha; negative = no class weighting (the original's best run)
+    focal_gamma: float = 2.0  # focal: gamma
+    target_recall: float = 0.0  # also report the threshold reaching this crack recall on validation; 0 = off
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | dali | torch
+    workers: int = 0  # decode threads/processes per rank; 0 = all cores
+    compile: bool = False  # torch.compile the model (CUDA)
+    seed: int = 0  # seeds sampling, augmentation, initialisation
+    train_split: str = "train"  # split names inside --shards
     val_split: str = "valid"
-    test_split: str = "test"             # reported at the end when present
-    resume: str = ""                     # run folder to continue from its last.pt
+    test_split: str = "test"  # reported at the end when present
+    resume: str = ""  # run folder to continue from its last.pt
 
     def validate(self) -> None:
         # Every choice from the module that owns it: a new sampler, backend or loss is added in one place.
-        choices = {"head": (*HEADS, *HEAD_ALIASES), "optimizer": tuple(OPTIMIZERS), "sampler": SAMPLERS,
-                   "selection": SELECTIONS, "val_sampler": VAL_SAMPLERS, "loss": LOSSES, "device": DEVICES,
-                   "backend": BACKENDS}
+        choices = {
+            "head": (*HEADS, *HEAD_ALIASES),
+            "optimizer": tuple(OPTIMIZERS),
+            "sampler": SAMPLERS,
+            "selection": SELECTIONS,
+            "val_sampler": VAL_SAMPLERS,
+            "loss": LOSSES,
+            "device": DEVICES,
+            "backend": BACKENDS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         positive = ("lr", "batch_size", "epochs", "patience", "negatives", "per_bin", "bin_width")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -77,8 +85,9 @@ class Config:
             if not (isinstance(value, int | float) and value >= 0):  # NaN fails too
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if self.iou_threshold is not None and not 0 <= self.iou_threshold < 1:
-            raise ConfigError(f"--iou-threshold must be in [0, 1) or none (the names' labels), "
-                              f"got {self.iou_threshold}")
+            raise ConfigError(
+                f"--iou-threshold must be in [0, 1) or none (the names' labels), got {self.iou_threshold}"
+            )
         if not 0 <= self.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         self.parsed_class_weights()
@@ -98,8 +107,11 @@ class Config:
 
     def sampler_options(self, sampler: str, negatives: int) -> dict:
         """The options `sampler` takes (crackio.samplers.DEFAULTS), from the fields of the same names."""
-        given = {"negatives": negatives, "class_weights": self.parsed_class_weights(),
-                 "num_samples": self.num_samples or None}  # the three that are not a field's value as is
+        given = {
+            "negatives": negatives,
+            "class_weights": self.parsed_class_weights(),
+            "num_samples": self.num_samples or None,
+        }  # the three that are not a field's value as is
         return {name: given[name] if name in given else getattr(self, name) for name in DEFAULTS[sampler]}
 
     def save(self, path: Path) -> None:
@@ -135,31 +147,38 @@ def resume_config(run: str | Path, **changes) -> Config:
         changes.pop("out")
     refused = [k for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)]
     if refused:
-        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {getattr(saved, k)!r})"
-                         for k in refused)
-        raise ConfigError(f"--resume {run} continues the run with its own settings and cannot change {said}; "
-                          f"resumable: {', '.join('--' + k for k in RESUMABLE)}. To train with other settings, "
-                          f"start a new run with --out")
+        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {getattr(saved, k)!r})" for k in refused)
+        raise ConfigError(
+            f"--resume {run} continues the run with its own settings and cannot change {said}; "
+            f"resumable: {', '.join('--' + k for k in RESUMABLE)}. To train with other settings, "
+            f"start a new run with --out"
+        )
     return dataclasses.replace(saved, resume=str(run), out=str(run), **changes)
 
 
 def check_resumed(cfg: Config) -> None:
     """`cfg` (with resume set) must be its run's config apart from RESUMABLE fields: build it with resume_config."""
     saved = resume_config(cfg.resume)
-    differ = [k for k in dataclasses.asdict(cfg) if k not in (*RESUMABLE, "resume", "out")
-              and getattr(cfg, k) != getattr(saved, k)]
+    differ = [
+        k
+        for k in dataclasses.asdict(cfg)
+        if k not in (*RESUMABLE, "resume", "out") and getattr(cfg, k) != getattr(saved, k)
+    ]
     if differ:
-        raise ConfigError(f"resuming {cfg.resume} with settings other than the run's ({', '.join(differ)}): "
-                          f"build the config with train.config.resume_config({cfg.resume!r}, epochs=...)")
+        raise ConfigError(
+            f"resuming {cfg.resume} with settings other than the run's ({', '.join(differ)}): "
+            f"build the config with train.config.resume_config({cfg.resume!r}, epochs=...)"
+        )
 
 
 # Options that only mean something with another setting: given without it, they are refused, not ignored.
 APPLIES = {
-    "negatives": ("--sampler hard-negatives or --selection hard-negatives",
-                  lambda c: "hard-negatives" in (c.sampler, c.selection)),
+    "negatives": (
+        "--sampler hard-negatives or --selection hard-negatives",
+        lambda c: "hard-negatives" in (c.sampler, c.selection),
+    ),
     "per_bin": ("--sampler iou-strata or --selection iou-strata", lambda c: "iou-strata" in (c.sampler, c.selection)),
-    "bin_width": ("--sampler iou-strata or --selection iou-strata",
-                  lambda c: "iou-strata" in (c.sampler, c.selection)),
+    "bin_width": ("--sampler iou-strata or --selection iou-strata", lambda c: "iou-strata" in (c.sampler, c.selection)),
     "class_weights": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
     "selection": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
     "replacement": ("--sampler weighted", lambda c: c.sampler == "weighted"),
@@ -180,8 +199,10 @@ def check_applicable(cfg: Config, given) -> None:
     for name in sorted(set(given) & set(APPLIES)):
         needs, ok = APPLIES[name]
         if not ok(cfg):
-            raise ConfigError(f"--{name.replace('_', '-')} only applies with {needs}; this run would ignore it "
-                              f"(drop it, or choose the setting it belongs to)")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} only applies with {needs}; this run would ignore it "
+                f"(drop it, or choose the setting it belongs to)"
+            )
 
 
 def _help(cls) -> dict[str, str]:
@@ -191,7 +212,7 @@ def _help(cls) -> dict[str, str]:
     helps = {}
     for line in inspect.getsource(cls).splitlines():
         line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", "def", "\"")):
+        if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
             name = line.split(":", 1)[0].strip()
             helps[name] = line.split("#", 1)[1].strip()
     return helps

@@ -44,12 +44,12 @@ class PhotoDetections:
     path: Path
     stem: str
     size: tuple[int, int] = (0, 0)
-    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))   # after NMS, best first, <= KEEP
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # after NMS, best first, <= KEEP
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     proposals: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-    gt: np.ndarray | None = None      # ground truth when annotated
+    gt: np.ndarray | None = None  # ground truth when annotated
     seconds: dict = field(default_factory=dict)
-    problem: str = ""                 # why the photo was skipped, or a note on its annotation
+    problem: str = ""  # why the photo was skipped, or a note on its annotation
 
 
 def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSettings:
@@ -66,12 +66,16 @@ def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSett
         try:
             recorded = read_manifest(shards).get("proposals")
         except CrackioError as e:
-            raise ConfigError(f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
-                              f"training shards cannot be read ({e}); detection needs them") from e
+            raise ConfigError(
+                f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
+                f"training shards cannot be read ({e}); detection needs them"
+            ) from e
     if not isinstance(recorded, dict):
-        raise ConfigError(f"{checkpoint} was trained on {shards}, whose manifest records no proposal settings "
-                          f"(shards packed from a crop folder by tools/pack.py): detection must make crops the way "
-                          f"the training crops were made; train on shards from tools/propose.py")
+        raise ConfigError(
+            f"{checkpoint} was trained on {shards}, whose manifest records no proposal settings "
+            f"(shards packed from a crop folder by tools/pack.py): detection must make crops the way "
+            f"the training crops were made; train on shards from tools/propose.py"
+        )
     names = ProposalSettings.__dataclass_fields__
     return ProposalSettings(**{k: v for k, v in recorded.items() if k in names})
 
@@ -79,8 +83,14 @@ def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSett
 class Scorer:
     """Scores JPEG crops in batches: the network's P(crack), or the saved SVM's margin on its features."""
 
-    def __init__(self, model: CrackClassifier, device: torch.device, batch_size: int, svm: Path | None,
-                 checkpoint: Path | None = None):
+    def __init__(
+        self,
+        model: CrackClassifier,
+        device: torch.device,
+        batch_size: int,
+        svm: Path | None,
+        checkpoint: Path | None = None,
+    ):
         self.model, self.device, self.batch_size = model, device, batch_size
         self.amp = amp_dtype(device)
         self.svm = None
@@ -89,8 +99,9 @@ class Scorer:
                 raise MissingFile(f"--svm {svm} does not exist (python -m train svm writes RUN/svm/svm_model.npz)")
             try:
                 with np.load(svm, allow_pickle=False) as arrays:
-                    self.svm = {k: arrays[k].astype(np.float64) for k in ("mean", "scale", "coef", "intercept",
-                                                                           "threshold")}
+                    self.svm = {
+                        k: arrays[k].astype(np.float64) for k in ("mean", "scale", "coef", "intercept", "threshold")
+                    }
                     made_from = str(arrays["checkpoint_sha256"]) if "checkpoint_sha256" in arrays else None
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
@@ -98,16 +109,21 @@ class Scorer:
                 from train.svm import file_sha256
 
                 if file_sha256(checkpoint).hexdigest() != made_from:
-                    raise ConfigError(f"--svm {svm} was trained on another checkpoint's features (SHA-256 "
-                                      f"{made_from[:12]}..., not {checkpoint}'s): run `python -m train svm "
-                                      f"--checkpoint {checkpoint}` for an SVM of this one")
+                    raise ConfigError(
+                        f"--svm {svm} was trained on another checkpoint's features (SHA-256 "
+                        f"{made_from[:12]}..., not {checkpoint}'s): run `python -m train svm "
+                        f"--checkpoint {checkpoint}` for an SVM of this one"
+                    )
             dim = last_linear(model.backbone)[2].in_features
             if any(self.svm[k].shape != (dim,) for k in ("mean", "scale", "coef")):
-                raise ConfigError(f"--svm {svm} was trained on {self.svm['coef'].shape[0]}-d features; this "
-                                  f"checkpoint's backbone gives {dim}-d: use the SVM of this run")
+                raise ConfigError(
+                    f"--svm {svm} was trained on {self.svm['coef'].shape[0]}-d features; this "
+                    f"checkpoint's backbone gives {dim}-d: use the SVM of this run"
+                )
             self._features: list[torch.Tensor] = []
             last_linear(model.backbone)[2].register_forward_pre_hook(
-                lambda _m, args: self._features.append(args[0].float().flatten(1)))
+                lambda _m, args: self._features.append(args[0].float().flatten(1))
+            )
         self.threshold = float(self.svm["threshold"]) if self.svm is not None else 0.5
 
     @torch.no_grad()
@@ -115,7 +131,7 @@ class Scorer:
         """Scores of the crops (float, one per crop); `boxes` (their proposals) are for stand-in scorers."""
         scores = []
         for start in range(0, len(jpegs), self.batch_size):
-            raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[start:start + self.batch_size]]
+            raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[start : start + self.batch_size]]
             gpu = self.device.type == "cuda"
             images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device if gpu else "cpu"))
             x = augment_normalize(images.to(self.device), None)  # the eval pipeline of the loaders
@@ -140,24 +156,40 @@ def cli(argv: list[str]) -> None:
     from crackio.annotations import FORMATS
     from crackio.loader import DEVICES
 
-    ap = argparse.ArgumentParser(prog="python -m train detect", description=(
-        "Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations."))
+    ap = argparse.ArgumentParser(
+        prog="python -m train detect",
+        description=("Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations."),
+    )
     ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
     ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
     ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
     ap.add_argument("--format", default="", choices=("", *FORMATS), help="format of --annotations")
     ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
     ap.add_argument("--svm", default="", help="score with RUN/svm/svm_model.npz instead of the network head")
-    ap.add_argument("--score-threshold", type=float, default=None,
-                    help="keep boxes scoring at least this (default: 0.5, or the SVM's chosen threshold)")
+    ap.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="keep boxes scoring at least this (default: 0.5, or the SVM's chosen threshold)",
+    )
     ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
     ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
     ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
     ap.add_argument("--device", default="auto", choices=DEVICES)
     a = ap.parse_args(argv)
-    run_detect(a.checkpoint, a.photos, a.out, annotations=a.annotations, fmt=a.format,
-               classes=[c for c in a.classes.split(",") if c] or None, svm=a.svm, score_threshold=a.score_threshold,
-               nms_iou=a.nms_iou, batch_size=a.batch_size, device=a.device)
+    run_detect(
+        a.checkpoint,
+        a.photos,
+        a.out,
+        annotations=a.annotations,
+        fmt=a.format,
+        classes=[c for c in a.classes.split(",") if c] or None,
+        svm=a.svm,
+        score_threshold=a.score_threshold,
+        nms_iou=a.nms_iou,
+        batch_size=a.batch_size,
+        device=a.device,
+    )
 
 
 def photo_files(inputs: list[str]) -> list[Path]:
@@ -166,8 +198,13 @@ def photo_files(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS
-                      and not any(part.startswith(".") or part == "__MACOSX" for part in p.parts)]
+            files += [
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+                and p.suffix.lower() in PHOTO_EXTENSIONS
+                and not any(part.startswith(".") or part == "__MACOSX" for part in p.parts)
+            ]
         elif path.is_file():
             files.append(path)
         else:
@@ -177,8 +214,9 @@ def photo_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou: float, seed: int,
-                 pool: ThreadPoolExecutor) -> PhotoDetections:
+def detect_photo(
+    path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou: float, seed: int, pool: ThreadPoolExecutor
+) -> PhotoDetections:
     """Proposals, warped crops, scores and NMS for one photo (coordinates in photo pixels)."""
     result = PhotoDetections(path, path.stem)
     try:
@@ -189,8 +227,9 @@ def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou
     result.size = (rgb.shape[1], rgb.shape[0])
     t0 = time.perf_counter()
     # The stem seeds the cap exactly as tools/propose.py seeds it, so a photo gets the same proposals.
-    boxes = selective_search(rgb, settings.mode, settings.max_proposals, settings.min_size,
-                             [seed, zlib.crc32(path.stem.encode())])
+    boxes = selective_search(
+        rgb, settings.mode, settings.max_proposals, settings.min_size, [seed, zlib.crc32(path.stem.encode())]
+    )
     t1 = time.perf_counter()
     fill = rgb.reshape(-1, 3).mean(0)
     make = lambda box: encode_jpeg(warp(rgb, box, settings.context, settings.size, fill), settings.quality)  # noqa: E731
@@ -200,8 +239,7 @@ def detect_photo(path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou
     t3 = time.perf_counter()
     keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float64)), nms_iou)[:KEEP].numpy()
     result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
-    result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2,
-                      "nms": time.perf_counter() - t3}
+    result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2, "nms": time.perf_counter() - t3}
     return result
 
 
@@ -210,9 +248,21 @@ def ground_truth(annotations: str, fmt: str, classes: list[str] | None) -> tuple
     return {p.stem: p for p in data.photos}, list(data.problems)
 
 
-def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str = "", fmt: str = "",
-               classes: list[str] | None = None, svm: str = "", score_threshold: float | None = None,
-               nms_iou: float = 0.3, batch_size: int = 64, device: str = "auto", overview: int = 16) -> Path:
+def run_detect(
+    checkpoint: str,
+    photos: list[str],
+    out: str,
+    *,
+    annotations: str = "",
+    fmt: str = "",
+    classes: list[str] | None = None,
+    svm: str = "",
+    score_threshold: float | None = None,
+    nms_iou: float = 0.3,
+    batch_size: int = 64,
+    device: str = "auto",
+    overview: int = 16,
+) -> Path:
     """Detect cracks in `photos` with the run's model; write detections, pictures and (with annotations) AP.
 
     Raises:
@@ -250,8 +300,11 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         bar = tqdm(files, unit="photo", desc="detect")
         for file, duplicate in bar:
-            r = PhotoDetections(file, file.stem, problem=duplicate) if duplicate else \
-                detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
+            r = (
+                PhotoDetections(file, file.stem, problem=duplicate)
+                if duplicate
+                else detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
+            )
             if annotations and not r.problem:
                 photo = truth.get(r.stem)
                 if photo is None:
@@ -270,9 +323,18 @@ def run_detect(checkpoint: str, photos: list[str], out: str, *, annotations: str
             elapsed = time.perf_counter() - start
             bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
     out_dir = Path(out) if out else path.parent / "detect"
-    write_outputs(out_dir, results, problems, threshold=threshold, nms_iou=nms_iou, settings=settings,
-                  scored_by="svm" if svm else "network", annotated=bool(annotations), overview=overview,
-                  seconds=time.perf_counter() - start)
+    write_outputs(
+        out_dir,
+        results,
+        problems,
+        threshold=threshold,
+        nms_iou=nms_iou,
+        settings=settings,
+        scored_by="svm" if svm else "network",
+        annotated=bool(annotations),
+        overview=overview,
+        seconds=time.perf_counter() - start,
+    )
     return out_dir
 
 

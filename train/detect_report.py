@@ -69,14 +69,28 @@ def coco_ap(results) -> dict[str, float]:
     annotated = [(i, r) for i, r in enumerate(results, 1) if r.gt is not None]
     if not annotated or not sum(len(r.gt) for _, r in annotated):
         return {"ap": float("nan"), "ap50": float("nan")}
-    gt = {"images": [{"id": i, "width": r.size[0], "height": r.size[1]} for i, r in annotated],
-          "categories": [{"id": 1, "name": "crack"}], "annotations": []}
+    gt = {
+        "images": [{"id": i, "width": r.size[0], "height": r.size[1]} for i, r in annotated],
+        "categories": [{"id": 1, "name": "crack"}],
+        "annotations": [],
+    }
     for i, r in annotated:
         for b in r.gt:
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "category_id": 1,
-                                      "bbox": xywh(b), "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0})
-    dets = [{"image_id": i, "category_id": 1, "bbox": xywh(b), "score": float(s)}
-            for i, r in annotated for b, s in zip(r.boxes, r.scores)]
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "bbox": xywh(b),
+                    "area": float((b[2] - b[0]) * (b[3] - b[1])),
+                    "iscrowd": 0,
+                }
+            )
+    dets = [
+        {"image_id": i, "category_id": 1, "bbox": xywh(b), "score": float(s)}
+        for i, r in annotated
+        for b, s in zip(r.boxes, r.scores)
+    ]
     if not dets:
         return {"ap": 0.0, "ap50": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
@@ -100,7 +114,7 @@ def draw(r, threshold: float) -> Image.Image:
     img = Image.fromarray(load_photo(r.path))
     pen = ImageDraw.Draw(img)
     width = max(2, round(max(r.size) / 300))
-    for b in (r.gt if r.gt is not None else []):
+    for b in r.gt if r.gt is not None else []:
         pen.rectangle([float(v) for v in b], outline=TRUTH, width=width)
     for b, s in zip(r.boxes, r.scores):
         if s >= threshold:
@@ -119,16 +133,30 @@ def contact_sheet(pictures: list[Image.Image], columns: int = 4, width: int = 32
     return sheet
 
 
-def write_outputs(out: Path, results: list, problems: list[tuple[str, str]], *, threshold: float,
-                  nms_iou: float, settings: ProposalSettings, scored_by: str, annotated: bool, overview: int,
-                  seconds: float) -> None:
+def write_outputs(
+    out: Path,
+    results: list,
+    problems: list[tuple[str, str]],
+    *,
+    threshold: float,
+    nms_iou: float,
+    settings: ProposalSettings,
+    scored_by: str,
+    annotated: bool,
+    overview: int,
+    seconds: float,
+) -> None:
     from train.detect import proposal_recall
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     done = [r for r in results if r.size != (0, 0)]
-    detections = [{"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
-                  for i, r in enumerate(results, 1) for b, s in zip(r.boxes, r.scores) if s >= threshold]
+    detections = [
+        {"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
+        for i, r in enumerate(results, 1)
+        for b, s in zip(r.boxes, r.scores)
+        if s >= threshold
+    ]
     (out / "detections.json").write_text(json.dumps(detections, indent=1) + "\n")
     pictures: list[Image.Image] = []
     for r in done:
@@ -138,42 +166,75 @@ def write_outputs(out: Path, results: list, problems: list[tuple[str, str]], *, 
             pictures.append(picture)
     if pictures:
         contact_sheet(pictures).save(out / "overview.jpg", quality=90)
-    timing = {k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
-              for k in ("proposals", "warping", "scoring", "nms")}
+    timing = {
+        k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
+        for k in ("proposals", "warping", "scoring", "nms")
+    }
     rows, text = [], []
     for r in done:
-        row = {"photo": r.stem, "proposals": len(r.proposals),
-               "detections": int((r.scores >= threshold).sum())}
+        row = {"photo": r.stem, "proposals": len(r.proposals), "detections": int((r.scores >= threshold).sum())}
         if r.gt is not None:
             above = r.scores >= threshold
             tp = match(r.boxes[above], r.gt)
-            row |= {"ground_truth": len(r.gt), "true_positives": int(tp.sum()), "false_positives": int((~tp).sum()),
-                    "covered_by_proposals": proposal_recall(r.proposals, r.gt)}
+            row |= {
+                "ground_truth": len(r.gt),
+                "true_positives": int(tp.sum()),
+                "false_positives": int((~tp).sum()),
+                "covered_by_proposals": proposal_recall(r.proposals, r.gt),
+            }
         rows.append(row)
-    summary: dict = {"photos": len(results), "detected": len(done), "scored_by": scored_by,
-                     "score_threshold": threshold, "nms_iou": nms_iou, "proposals": settings.as_dict(),
-                     "seconds_per_photo": timing, "photos_per_sec": len(done) / seconds if seconds else 0.0,
-                     "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
-                     "problems": [{"path": p, "reason": why} for p, why in problems], "per_photo": rows}
-    head = (f"{len(done)} of {len(results)} photos, scores from the {scored_by}, threshold {threshold:.3f}, "
-            f"NMS IoU {nms_iou}; {summary['photos_per_sec']:.2f} photos/s, {summary['crops_per_sec']:.0f} crops/s; "
-            f"per photo: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items()))
+    summary: dict = {
+        "photos": len(results),
+        "detected": len(done),
+        "scored_by": scored_by,
+        "score_threshold": threshold,
+        "nms_iou": nms_iou,
+        "proposals": settings.as_dict(),
+        "seconds_per_photo": timing,
+        "photos_per_sec": len(done) / seconds if seconds else 0.0,
+        "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
+        "problems": [{"path": p, "reason": why} for p, why in problems],
+        "per_photo": rows,
+    }
+    head = (
+        f"{len(done)} of {len(results)} photos, scores from the {scored_by}, threshold {threshold:.3f}, "
+        f"NMS IoU {nms_iou}; {summary['photos_per_sec']:.2f} photos/s, {summary['crops_per_sec']:.0f} crops/s; "
+        f"per photo: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
+    )
     text.append(head)
     if annotated:
         ap, precision, recall = voc_ap(done)
         coco = coco_ap(done)
         gt_total = sum(row.get("ground_truth", 0) for row in rows)
         covered = sum(row.get("covered_by_proposals", 0) for row in rows)
-        summary |= {"ap50_voc": ap, "ap_coco": coco["ap"], "ap50_coco": coco["ap50"], "ground_truth_boxes": gt_total,
-                    "proposal_recall": covered / gt_total if gt_total else float("nan")}
-        text.append(f"detection AP@0.5 (VOC, all points) {ap:.3f}; COCO AP@[.5:.95] {coco['ap']:.3f}, "
-                    f"AP@0.5 {coco['ap50']:.3f}; proposal recall {summary['proposal_recall']:.3f} "
-                    f"({covered} of {gt_total} ground-truth boxes covered at IoU >= 0.5: the ceiling of any "
-                    f"classifier)")
+        summary |= {
+            "ap50_voc": ap,
+            "ap_coco": coco["ap"],
+            "ap50_coco": coco["ap50"],
+            "ground_truth_boxes": gt_total,
+            "proposal_recall": covered / gt_total if gt_total else float("nan"),
+        }
+        text.append(
+            f"detection AP@0.5 (VOC, all points) {ap:.3f}; COCO AP@[.5:.95] {coco['ap']:.3f}, "
+            f"AP@0.5 {coco['ap50']:.3f}; proposal recall {summary['proposal_recall']:.3f} "
+            f"({covered} of {gt_total} ground-truth boxes covered at IoU >= 0.5: the ceiling of any "
+            f"classifier)"
+        )
         if len(recall):
             plot_curve(recall, precision, ap, out / "pr_curve.png")
-    keys = ["photo", "ground_truth", "detections", "true_positives", "false_positives", "covered_by_proposals",
-            "proposals"] if annotated else ["photo", "detections", "proposals"]
+    keys = (
+        [
+            "photo",
+            "ground_truth",
+            "detections",
+            "true_positives",
+            "false_positives",
+            "covered_by_proposals",
+            "proposals",
+        ]
+        if annotated
+        else ["photo", "detections", "proposals"]
+    )
     text.append("\n" + " | ".join(keys))
     text += [" | ".join(str(row.get(k, "")) for k in keys) for row in rows]
     if problems:
@@ -190,8 +251,13 @@ def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path)
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot(recall, precision, label=f"detections (AP@0.5 {ap:.3f})")
-    ax.set(xlabel="recall (ground-truth boxes found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-           title="Crack detection precision-recall at IoU 0.5")
+    ax.set(
+        xlabel="recall (ground-truth boxes found)",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="Crack detection precision-recall at IoU 0.5",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()

@@ -29,10 +29,10 @@ def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
 class Prediction(NamedTuple):
     """A whole split's evaluation, gathered from every rank."""
 
-    loss: float          # mean loss per sample
-    labels: np.ndarray   # int 0/1, the run's labels
-    probs: np.ndarray    # float32 P(crack)
-    names: list[str]     # proposal file names
+    loss: float  # mean loss per sample
+    labels: np.ndarray  # int 0/1, the run's labels
+    probs: np.ndarray  # float32 P(crack)
+    names: list[str]  # proposal file names
 
 
 def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) -> Prediction:
@@ -44,16 +44,21 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
         labels.append(batch.labels)
         logits.append(out)
         names += batch.names
-    part = Prediction(float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(),
-                      names)
+    part = Prediction(
+        float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(), names
+    )
     parts: list = [part]
     if dist.is_initialized():  # every rank evaluated a disjoint part; sizes differ, so gather objects
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, part)
     parts = [Prediction(*p) for p in parts]
     n = sum(len(p.labels) for p in parts)
-    return Prediction(sum(p.loss for p in parts) / n, np.concatenate([p.labels for p in parts]).astype(int),
-                      np.concatenate([p.probs for p in parts]), [x for p in parts for x in p.names])
+    return Prediction(
+        sum(p.loss for p in parts) / n,
+        np.concatenate([p.labels for p in parts]).astype(int),
+        np.concatenate([p.probs for p in parts]),
+        [x for p in parts for x in p.names],
+    )
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
@@ -62,15 +67,24 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Conf
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise WeightsError(f"{path} does not fit its own config (arch {cfg.arch}, head {cfg.head}): "
-                           f"{str(e).splitlines()[0]}") from e
+        raise WeightsError(
+            f"{path} does not fit its own config (arch {cfg.arch}, head {cfg.head}): {str(e).splitlines()[0]}"
+        ) from e
     return model, cfg
 
 
 def eval_loader(cfg: Config, shards: str, split: str, batch_size: int, device: str, backend: str):
     """Every sample of a split once, labelled with the run's IoU threshold (for eval and the SVM stage)."""
-    return make_loader(shards, split, batch_size=batch_size, train=False, iou_threshold=cfg.iou_threshold,
-                       seed=cfg.seed, device=device, backend=backend)
+    return make_loader(
+        shards,
+        split,
+        batch_size=batch_size,
+        train=False,
+        iou_threshold=cfg.iou_threshold,
+        seed=cfg.seed,
+        device=device,
+        backend=backend,
+    )
 
 
 def cli(argv: list[str]) -> None:
@@ -91,8 +105,9 @@ def cli(argv: list[str]) -> None:
     print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
 
 
-def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: str, backend: str,
-             threshold: float) -> str:
+def run_eval(
+    checkpoint: str, shards: str, split: str, batch_size: int, device: str, backend: str, threshold: float
+) -> str:
     """Evaluate a saved model on a split; returns the report (also printed by the CLI)."""
     from train.losses import make_loss
 
@@ -103,5 +118,7 @@ def run_eval(checkpoint: str, shards: str, split: str, batch_size: int, device: 
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
     p = predict(model, loader, loss_fn, amp_dtype(loader.device))
-    return (f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}), split {split!r}, "
-            f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold))
+    return (
+        f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}), split {split!r}, "
+        f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold)
+    )

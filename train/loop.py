@@ -32,9 +32,9 @@ from train.runtime import amp_dtype, atomic_save, load_checkpoint, world, write_
 class TrainState:
     """What a checkpoint carries besides the weights: where the run is and how it went."""
 
-    epoch: int = 0                       # epochs finished
+    epoch: int = 0  # epochs finished
     best_val_loss: float = math.inf
-    bad_epochs: int = 0                  # epochs since the best validation loss (early stopping)
+    bad_epochs: int = 0  # epochs since the best validation loss (early stopping)
     history: list[dict] = dataclasses.field(default_factory=list)  # one row per epoch
 
     @classmethod
@@ -70,20 +70,33 @@ def run_dir(cfg: Config, rank: int) -> Path:
         name = box[0]
     out = Path(name)
     if not cfg.resume and (out / "last.pt").exists():
-        raise ConfigError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
-                              f"or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int,
-                 device: torch.device, rank: int, world_size: int):
+def split_loader(
+    cfg: Config, split: str, train: bool, sampler: str, negatives: int, device: torch.device, rank: int, world_size: int
+):
     """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks."""
-    return make_loader(cfg.shards, split, batch_size=cfg.batch_size, train=train, sampler=sampler,
-                       iou_threshold=cfg.iou_threshold, seed=cfg.seed, device=device, backend=cfg.backend,
-                       rank=rank, world_size=world_size, workers=cfg.workers or None,
-                       **cfg.sampler_options(sampler, negatives))
+    return make_loader(
+        cfg.shards,
+        split,
+        batch_size=cfg.batch_size,
+        train=train,
+        sampler=sampler,
+        iou_threshold=cfg.iou_threshold,
+        seed=cfg.seed,
+        device=device,
+        backend=cfg.backend,
+        rank=rank,
+        world_size=world_size,
+        workers=cfg.workers or None,
+        **cfg.sampler_options(sampler, negatives),
+    )
 
 
 def loaders(cfg: Config, device: torch.device, rank: int, world_size: int):
@@ -121,24 +134,35 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, amp, epoch: int, cfg:
             if show:
                 elapsed = time.perf_counter() - start
                 loss_avg, correct = totals.tolist()
-                bar.set_postfix(loss=f"{loss_avg / seen:.4f}", acc=f"{100 * correct / seen:.1f}%",
-                                img_s=f"{seen / elapsed:.0f}", wait=f"{100 * wait / elapsed:.0f}%")
+                bar.set_postfix(
+                    loss=f"{loss_avg / seen:.4f}",
+                    acc=f"{100 * correct / seen:.1f}%",
+                    img_s=f"{seen / elapsed:.0f}",
+                    wait=f"{100 * wait / elapsed:.0f}%",
+                )
         tick = time.perf_counter()
     elapsed = time.perf_counter() - start
     if dist.is_initialized():
         dist.all_reduce(totals)
         seen *= dist.get_world_size()  # train batches are full and equal in number on every rank
     loss_sum, correct = totals.tolist()
-    return {"train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
-            "images_per_sec": seen / elapsed, "data_wait_share": wait / elapsed}
+    return {
+        "train_loss": loss_sum / seen,
+        "train_accuracy": 100.0 * correct / seen,
+        "images_per_sec": seen / elapsed,
+        "data_wait_share": wait / elapsed,
+    }
 
 
 def cli(argv: list[str]) -> None:
     """`python -m train [options]`: the flags actually given make the config (or extend a resumed run)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m train", description="Train the crack classifier.",
-                                 epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help")
+    ap = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train the crack classifier.",
+        epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help",
+    )
     add_config_arguments(ap)
     given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
     if given.get("resume"):
@@ -190,39 +214,60 @@ def main(cfg: Config) -> Path:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
         train_loader.epoch = epoch
         epoch_start = time.perf_counter()
-        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp,
-                                                 epoch, cfg, show)}
+        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp, epoch, cfg, show)}
         val_start = time.perf_counter()
         val = predict(model, val_loader, loss_fn, amp)
         val_loss = val.loss
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
         now = time.perf_counter()
-        row |= {"val_loss": val_loss, "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
-                **crack_metrics(val.labels, val.probs), "epoch_seconds": now - epoch_start,
-                "train_seconds": val_start - epoch_start, "val_seconds": now - val_start}
+        row |= {
+            "val_loss": val_loss,
+            "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
+            **crack_metrics(val.labels, val.probs),
+            "epoch_seconds": now - epoch_start,
+            "train_seconds": val_start - epoch_start,
+            "val_seconds": now - val_start,
+        }
         improved = val_loss < state.best_val_loss
         state.history.append(row)
         state.epoch, state.best_val_loss = epoch + 1, min(val_loss, state.best_val_loss)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
         if rank == 0:
             save_epoch(out, model, optimizer, scaler, state, proposals, cfg, row, improved)
-            print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
-                  f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
-                  f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
-                  f"AP {row['crack_ap']:.3f} | "
-                  f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
-                  + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})"))
+            print(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
+                f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
+                f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
+                f"AP {row['crack_ap']:.3f} | "
+                f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
+                + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
+            )
     if state.bad_epochs >= cfg.patience and rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
     final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state.history)
     return out
 
 
-def save_epoch(out: Path, model, optimizer, scaler, state: TrainState, proposals: dict | None, cfg: Config,
-               row: dict, improved: bool) -> None:
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "config": dataclasses.asdict(cfg), "proposals": proposals, **dataclasses.asdict(state)}
+def save_epoch(
+    out: Path,
+    model,
+    optimizer,
+    scaler,
+    state: TrainState,
+    proposals: dict | None,
+    cfg: Config,
+    row: dict,
+    improved: bool,
+) -> None:
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "config": dataclasses.asdict(cfg),
+        "proposals": proposals,
+        **dataclasses.asdict(state),
+    }
     if improved:
         atomic_save(ckpt, out / "best.pt")
     atomic_save(ckpt, out / "last.pt")
@@ -245,29 +290,45 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_
     if rank != 0:
         return
     best = min(history, key=lambda h: h["val_loss"])
-    text = [f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
-            f"loss {cfg.loss}, sampler {cfg.sampler}; {label_source(cfg.iou_threshold)}\n"]
+    text = [
+        f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
+        f"loss {cfg.loss}, sampler {cfg.sampler}; {label_source(cfg.iou_threshold)}\n"
+    ]
     marks = []
     for name, r in results.items():
         text.append(report_text(name, r.labels, r.probs))
-    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history),
-               "labels": label_source(cfg.iou_threshold), "iou_threshold": cfg.iou_threshold,
-               # training passes and validation passes apart (older histories have epoch_seconds only)
-               "train_seconds": sum(h.get("train_seconds", h.get("epoch_seconds", 0.0)) for h in history),
-               "val_seconds": sum(h.get("val_seconds", 0.0) for h in history),
-               "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
-               "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()}}
+    summary = {
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "epochs_run": len(history),
+        "labels": label_source(cfg.iou_threshold),
+        "iou_threshold": cfg.iou_threshold,
+        # training passes and validation passes apart (older histories have epoch_seconds only)
+        "train_seconds": sum(h.get("train_seconds", h.get("epoch_seconds", 0.0)) for h in history),
+        "val_seconds": sum(h.get("val_seconds", 0.0) for h in history),
+        "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
+        "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
+    }
     # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).
-    arrays = {f"{name}_{field}": np.asarray(getattr(r, field)) for name, r in results.items()
-              for field in ("labels", "probs", "names")}
+    arrays = {
+        f"{name}_{field}": np.asarray(getattr(r, field))
+        for name, r in results.items()
+        for field in ("labels", "probs", "names")
+    }
     np.savez(out / "predictions.npz", allow_pickle=False, **arrays)
     if cfg.target_recall:
         val = results[cfg.val_split]
         threshold, recall, precision = threshold_for_recall(val.labels, val.probs, cfg.target_recall)
-        summary["target_recall"] = {"target": cfg.target_recall, "threshold": threshold,
-                                    "recall": recall, "precision": precision}
-        text.append(f"target crack recall {cfg.target_recall:.2f} on {cfg.val_split}: threshold {threshold:.4f} "
-                    f"gives recall {recall:.3f} at precision {precision:.3f}\n")
+        summary["target_recall"] = {
+            "target": cfg.target_recall,
+            "threshold": threshold,
+            "recall": recall,
+            "precision": precision,
+        }
+        text.append(
+            f"target crack recall {cfg.target_recall:.2f} on {cfg.val_split}: threshold {threshold:.4f} "
+            f"gives recall {recall:.3f} at precision {precision:.3f}\n"
+        )
         for name, r in results.items():
             text.append(report_text(f"{name} at the target-recall threshold", r.labels, r.probs, threshold))
         marks.append((f"threshold {threshold:.3f}", recall, precision))
@@ -277,4 +338,3 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_
     write_json(out / "summary.json", summary)  # last, atomically: marks the run finished (the sweep relies on it)
     print("\n".join(text))
     print(f"run folder: {out}")
-

@@ -16,5 +16,6 @@ def make_loss(kind: str, pos_weight: float, alpha: float, gamma: float, device: 
         bce = nn.BCEWithLogitsLoss(pos_weight=weight)
         return lambda logits, targets: bce(logits.float(), targets)
     # torchvision: alpha < 0 turns the class weighting off (the original's best run used -1).
-    return lambda logits, targets: sigmoid_focal_loss(logits.float(), targets, alpha=alpha, gamma=gamma,
-                                                      reduction="mean")
+    return lambda logits, targets: sigmoid_focal_loss(
+        logits.float(), targets, alpha=alpha, gamma=gamma, reduction="mean"
+    )

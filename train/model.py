@@ -67,14 +67,17 @@ def imagenet_state_dict(arch: str) -> dict:
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a partial download a RuntimeError
         raise WeightsError(
             f"cannot load ImageNet weights for {arch} ({e}). Offline? Put {weights.url} at {cached} "
-            f"(or set TORCH_HOME), or train from scratch with --weights none.") from e
+            f"(or set TORCH_HOME), or train from scratch with --weights none."
+        ) from e
 
 
 def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier."""
     if arch not in models.list_models(module=models):
-        raise ConfigError(f"--arch {arch!r} is not a torchvision classification model "
-                         f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)")
+        raise ConfigError(
+            f"--arch {arch!r} is not a torchvision classification model "
+            f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)"
+        )
     backbone = models.get_model(arch, weights=None)
     if weights == "imagenet":
         backbone.load_state_dict(imagenet_state_dict(arch))
@@ -102,5 +105,6 @@ def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
         module.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "mismatched keys"
-        raise WeightsError(f"{source} does not fit --arch {arch} and this head: {first}. "
-                           f"Was it saved from another architecture?") from e
+        raise WeightsError(
+            f"{source} does not fit --arch {arch} and this head: {first}. Was it saved from another architecture?"
+        ) from e

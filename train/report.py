@@ -24,21 +24,34 @@ CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
 def crack_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Crack precision, recall, F1 at the threshold, and the threshold-free average precision (`crack_ap`)."""
     metrics = class_metrics(labels, probs, threshold)
-    return {**{f"crack_{m}": float(metrics["crack"][m]) for m in ("precision", "recall", "f1")},
-            "crack_ap": metrics["average_precision"]}
+    return {
+        **{f"crack_{m}": float(metrics["crack"][m]) for m in ("precision", "recall", "f1")},
+        "crack_ap": metrics["average_precision"],
+    }
 
 
 def class_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
     """The classification report as data: per class precision/recall/f1/support, accuracy, crack AP."""
     preds = (probs >= threshold).astype(int)
-    report = classification_report(labels, preds, labels=[0, 1], target_names=TARGET_NAMES, output_dict=True,
-                                   zero_division=0)
-    per_class = {key: {"precision": report[name]["precision"], "recall": report[name]["recall"],
-                       "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
-                 for key, name in zip(CLASS_KEYS, TARGET_NAMES)}
+    report = classification_report(
+        labels, preds, labels=[0, 1], target_names=TARGET_NAMES, output_dict=True, zero_division=0
+    )
+    per_class = {
+        key: {
+            "precision": report[name]["precision"],
+            "recall": report[name]["recall"],
+            "f1": report[name]["f1-score"],
+            "support": int(report[name]["support"]),
+        }
+        for key, name in zip(CLASS_KEYS, TARGET_NAMES)
+    }
     ap = float(average_precision_score(labels, probs)) if labels.any() else float("nan")
-    return {**per_class, "accuracy": float((preds == labels).mean()), "average_precision": ap,
-            "threshold": float(threshold)}
+    return {
+        **per_class,
+        "accuracy": float((preds == labels).mean()),
+        "average_precision": ap,
+        "threshold": float(threshold),
+    }
 
 
 def report_text(title: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> str:
@@ -46,12 +59,14 @@ def report_text(title: str, labels: np.ndarray, probs: np.ndarray, threshold: fl
     report = classification_report(labels, preds, labels=[0, 1], target_names=TARGET_NAMES, zero_division=0)
     cm = confusion_matrix(labels, preds, labels=[0, 1])
     ap = average_precision_score(labels, probs) if labels.any() else float("nan")
-    return (f"== {title} (threshold {threshold:.3f}, {len(labels)} samples) ==\n{report}\n"
-            f"crack average precision {ap:.3f} (chance: the crack share, {labels.mean():.3f})\n"
-            f"confusion matrix (rows: true, columns: predicted)\n"
-            f"{'':>10}{TARGET_NAMES[0]:>10}{TARGET_NAMES[1]:>10}\n"
-            f"{TARGET_NAMES[0]:>10}{cm[0, 0]:>10}{cm[0, 1]:>10}\n"
-            f"{TARGET_NAMES[1]:>10}{cm[1, 0]:>10}{cm[1, 1]:>10}\n")
+    return (
+        f"== {title} (threshold {threshold:.3f}, {len(labels)} samples) ==\n{report}\n"
+        f"crack average precision {ap:.3f} (chance: the crack share, {labels.mean():.3f})\n"
+        f"confusion matrix (rows: true, columns: predicted)\n"
+        f"{'':>10}{TARGET_NAMES[0]:>10}{TARGET_NAMES[1]:>10}\n"
+        f"{TARGET_NAMES[0]:>10}{cm[0, 0]:>10}{cm[0, 1]:>10}\n"
+        f"{TARGET_NAMES[1]:>10}{cm[1, 0]:>10}{cm[1, 1]:>10}\n"
+    )
 
 
 def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -> tuple[float, float, float]:
@@ -102,8 +117,9 @@ def plot_val_losses(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, marks=(),
-            title: str = "Precision-recall, crack class") -> None:
+def plot_pr(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, marks=(), title: str = "Precision-recall, crack class"
+) -> None:
     """Crack-class precision-recall curves, one per named (labels, scores). marks: (label, recall, precision)
     points, or (label, recall, precision, curve name) drawn in that curve's colour."""
     crowded = len(curves) + len(marks) > 4

@@ -37,19 +37,19 @@ FIELDS = ("features", "probs", "labels", "ious", "names")
 
 @dataclass
 class SvmConfig:
-    checkpoint: str = ""        # RUN/best.pt of a finished run (required)
-    shards: str = ""            # shards folder; "" = the one the run trained on
-    out: str = ""               # output folder; "" = RUN/svm
-    pos_iou: float = 0.7        # positives: IoU >= this (R-CNN)
-    neg_iou: float = 0.3        # negatives: IoU < this (R-CNN); the band between is ignored
-    rounds: int = 3             # hard-negative mining rounds
-    negatives: int = 5000       # initial random negatives, and the most hard negatives added per round
-    C: float = 1e-3             # LinearSVC C on standardized features
+    checkpoint: str = ""  # RUN/best.pt of a finished run (required)
+    shards: str = ""  # shards folder; "" = the one the run trained on
+    out: str = ""  # output folder; "" = RUN/svm
+    pos_iou: float = 0.7  # positives: IoU >= this (R-CNN)
+    neg_iou: float = 0.3  # negatives: IoU < this (R-CNN); the band between is ignored
+    rounds: int = 3  # hard-negative mining rounds
+    negatives: int = 5000  # initial random negatives, and the most hard negatives added per round
+    C: float = 1e-3  # LinearSVC C on standardized features
     target_recall: float = 0.0  # choose thresholds for this crack recall on validation; 0 = the highest F1
-    seed: int = 0               # seeds the initial negative cache
-    batch_size: int = 64        # batch size of the feature pass
-    device: str = "auto"        # auto | cpu | cuda
-    backend: str = "auto"       # auto | dali | torch
+    seed: int = 0  # seeds the initial negative cache
+    batch_size: int = 64  # batch size of the feature pass
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | dali | torch
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -66,9 +66,13 @@ def cli(argv: list[str]) -> None:
     """`python -m train svm --checkpoint RUN/best.pt [options]`: flags derived from SvmConfig."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m train svm", description=(
-        "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
-        "reported beside the network head."))
+    ap = argparse.ArgumentParser(
+        prog="python -m train svm",
+        description=(
+            "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
+            "reported beside the network head."
+        ),
+    )
     add_config_arguments(ap, SvmConfig, given_only=False)
     cfg = SvmConfig(**vars(ap.parse_args(argv)))
     cfg.validate()
@@ -81,11 +85,13 @@ def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
     # A forward pre-hook on the last Linear works for every torchvision classifier; create_feature_extractor
     # would need a per-architecture node name.
     hook = last_linear(model.backbone)[2].register_forward_pre_hook(
-        lambda _module, args: grabbed.append(args[0].float().flatten(1).cpu()))
+        lambda _module, args: grabbed.append(args[0].float().flatten(1).cpu())
+    )
     probs, labels, ious, names = [], [], [], []
     try:
-        batches = tqdm(forward_batches(model, loader, amp), total=len(loader), desc=f"features {split}",
-                       unit="batch", leave=False)
+        batches = tqdm(
+            forward_batches(model, loader, amp), total=len(loader), desc=f"features {split}", unit="batch", leave=False
+        )
         for batch, logits in batches:
             probs.append(torch.sigmoid(logits).cpu())
             labels.append(batch.labels.cpu())
@@ -93,9 +99,13 @@ def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
             names += batch.names
     finally:
         hook.remove()
-    return {"features": torch.cat(grabbed).numpy(), "probs": torch.cat(probs).numpy(),
-            "labels": torch.cat(labels).numpy().astype(np.int64), "ious": torch.cat(ious).numpy(),
-            "names": np.array(names)}
+    return {
+        "features": torch.cat(grabbed).numpy(),
+        "probs": torch.cat(probs).numpy(),
+        "labels": torch.cat(labels).numpy().astype(np.int64),
+        "ious": torch.cat(ious).numpy(),
+        "names": np.array(names),
+    }
 
 
 def features_of(model, cfg, shards: str, split: str, args) -> dict[str, np.ndarray]:
@@ -148,10 +158,14 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
     pos = np.flatnonzero(ious >= args.pos_iou)
     neg = np.flatnonzero(ious < args.neg_iou)
     if len(pos) == 0 or len(neg) == 0:
-        raise ConfigError(f"the train split has {len(pos)} samples with IoU >= {args.pos_iou} and {len(neg)} with "
-                         f"IoU < {args.neg_iou}; the SVM needs both (adjust --pos-iou / --neg-iou)")
-    log.append(f"training set: {len(pos)} positives (IoU >= {args.pos_iou}), {len(neg)} negatives "
-               f"(IoU < {args.neg_iou}), {len(ious) - len(pos) - len(neg)} in between ignored")
+        raise ConfigError(
+            f"the train split has {len(pos)} samples with IoU >= {args.pos_iou} and {len(neg)} with "
+            f"IoU < {args.neg_iou}; the SVM needs both (adjust --pos-iou / --neg-iou)"
+        )
+    log.append(
+        f"training set: {len(pos)} positives (IoU >= {args.pos_iou}), {len(neg)} negatives "
+        f"(IoU < {args.neg_iou}), {len(ious) - len(pos) - len(neg)} in between ignored"
+    )
     scaler = StandardScaler().fit(x[np.concatenate([pos, neg])])
     z = scaler.transform(x).astype(np.float32)
     rng = np.random.default_rng(args.seed)
@@ -164,8 +178,10 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
         scores = svm.decision_function(z[neg])
         hard = neg[scores > -1]
         new = np.setdiff1d(hard, cache)
-        log.append(f"round {round_}: trained on {len(pos)} positives + {len(cache)} negatives; {len(hard)} "
-                   f"negatives inside the margin, {len(new)} of them new")
+        log.append(
+            f"round {round_}: trained on {len(pos)} positives + {len(cache)} negatives; {len(hard)} "
+            f"negatives inside the margin, {len(new)} of them new"
+        )
         if round_ == args.rounds or len(new) == 0:
             break
         order = np.argsort(-svm.decision_function(z[new]))
@@ -186,10 +202,13 @@ def run_svm(args: SvmConfig) -> Path:
     data, digest = {}, checkpoint_digest(path, shards)
     for split in splits:
         key = cache_key(digest, split, cfg.iou_threshold)
-        data[split] = cached_features(out / "features", key, split,
-                                      partial(features_of, model, cfg, shards, split, args))
-    log = [f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}); "
-           f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"]
+        data[split] = cached_features(
+            out / "features", key, split, partial(features_of, model, cfg, shards, split, args)
+        )
+    log = [
+        f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}); "
+        f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"
+    ]
     train = data[cfg.train_split]
     scaler, svm = train_svm(train["features"], train["ious"], args, log)
     scores = {s: svm.decision_function(scaler.transform(data[s]["features"])) for s in splits[1:]}
@@ -209,20 +228,30 @@ def run_svm(args: SvmConfig) -> Path:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits[1:]:
         labels, probs = data[split]["labels"], data[split]["probs"]
-        text += [report_text(f"{split}: SVM", labels, scores[split], chosen["svm"]),
-                 report_text(f"{split}: network head", labels, probs, chosen["head"]),
-                 report_text(f"{split}: network head at 0.5", labels, probs, 0.5)]
-        per_split[split] = {"svm": class_metrics(labels, scores[split], chosen["svm"]),
-                                    "head": class_metrics(labels, probs, chosen["head"])}
+        text += [
+            report_text(f"{split}: SVM", labels, scores[split], chosen["svm"]),
+            report_text(f"{split}: network head", labels, probs, chosen["head"]),
+            report_text(f"{split}: network head at 0.5", labels, probs, 0.5),
+        ]
+        per_split[split] = {
+            "svm": class_metrics(labels, scores[split], chosen["svm"]),
+            "head": class_metrics(labels, probs, chosen["head"]),
+        }
         curves |= {f"SVM, {split}": (labels, scores[split]), f"network head, {split}": (labels, probs)}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.txt", "\n".join(text))
     write_json(out / "summary.json", summary)
     plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
     # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.
-    np.savez(out / "svm_model.npz", mean=scaler.mean_, scale=scaler.scale_, coef=svm.coef_[0],
-             intercept=svm.intercept_, threshold=np.float64(chosen["svm"]),
-             checkpoint_sha256=np.array(file_sha256(path).hexdigest()))  # whose features these are
+    np.savez(
+        out / "svm_model.npz",
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        coef=svm.coef_[0],
+        intercept=svm.intercept_,
+        threshold=np.float64(chosen["svm"]),
+        checkpoint_sha256=np.array(file_sha256(path).hexdigest()),
+    )  # whose features these are
     print("\n".join(text))
     print(f"SVM folder: {out}")
     return out

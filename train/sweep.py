@@ -27,9 +27,22 @@ from train.runtime import world, write_text
 
 SHIPPED = Path(__file__).with_name("variants.toml")
 OWNED = ("shards", "out", "resume")  # set by the sweep, not by a variant
-COLUMNS = ["variant", "title", "source", "status", "split", "labels", "best_epoch", "epochs_run",
-           *[f"{c}_{m}" for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")],
-           "accuracy", "crack_ap", "wall_s", "images_per_sec", "note"]
+COLUMNS = [
+    "variant",
+    "title",
+    "source",
+    "status",
+    "split",
+    "labels",
+    "best_epoch",
+    "epochs_run",
+    *[f"{c}_{m}" for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")],
+    "accuracy",
+    "crack_ap",
+    "wall_s",
+    "images_per_sec",
+    "note",
+]
 
 
 @dataclasses.dataclass
@@ -40,20 +53,26 @@ class Variant:
     reference: dict | None  # the original's published report, if any
 
 
-EPILOG = ("--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
-          "here are shared by every variant; a variant's own settings win. Run the same command again to "
-          "skip finished variants, resume interrupted ones and retry failed ones.")
+EPILOG = (
+    "--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
+    "here are shared by every variant; a variant's own settings win. Run the same command again to "
+    "skip finished variants, resume interrupted ones and retry failed ones."
+)
 
 
 def cli(argv: list[str]) -> None:
     """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m train sweep", epilog=EPILOG,
-                                 description="Train a list of variants, then compare them in one table and plots.")
+    ap = argparse.ArgumentParser(
+        prog="python -m train sweep",
+        epilog=EPILOG,
+        description="Train a list of variants, then compare them in one table and plots.",
+    )
     add_config_arguments(ap)
-    ap.add_argument("--variants", default="", help="variants file (default: the original's six runs, "
-                                                     "train/variants.toml)")
+    ap.add_argument(
+        "--variants", default="", help="variants file (default: the original's six runs, train/variants.toml)"
+    )
     options = vars(ap.parse_args(argv))
     variants = Path(options.pop("variants") or SHIPPED)
     out = Path(options.pop("out", "") or "runs/sweep")
@@ -86,8 +105,10 @@ def load_variants(path: Path) -> list[Variant]:
         reference = entry.pop("reference", None)
         unknown = sorted(set(entry) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
-                             f"with underscores (shards and out are set by the sweep)")
+            raise ConfigError(
+                f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
+                f"with underscores (shards and out are set by the sweep)"
+            )
         for key, value in entry.items():
             _check_type(key, value, where)
         if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
@@ -132,11 +153,16 @@ def state(cfg: Config) -> str:
     if not (folder / "last.pt").is_file():  # nothing trained yet (or it failed in its first epoch): start over
         return "new"
     saved = Config.from_dict(json.loads(saved_path.read_text()))
-    changed = [f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now" for k in dataclasses.asdict(cfg)
-               if k not in (*OWNED, *RESUMABLE) and getattr(saved, k) != getattr(cfg, k)]
+    changed = [
+        f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now"
+        for k in dataclasses.asdict(cfg)
+        if k not in (*OWNED, *RESUMABLE) and getattr(saved, k) != getattr(cfg, k)
+    ]
     if changed:
-        raise ConfigError(f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
-                         f"to retrain it, or give the sweep another --out")
+        raise ConfigError(
+            f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
+            f"to retrain it, or give the sweep another --out"
+        )
     finished = (folder / "summary.json").is_file() and (saved.epochs, saved.patience) == (cfg.epochs, cfg.patience)
     return "finished" if finished else "partial"
 
@@ -202,12 +228,17 @@ def collect(variant: Variant, cfg: Config, error: str | None):
     summary = json.loads((folder / "summary.json").read_text())
     split = cfg.test_split if cfg.test_split in summary["splits"] else cfg.val_split
     metrics = summary["splits"][split]
-    row |= {"status": "finished", "split": split, "labels": label_source(cfg.iou_threshold),
-            "best_epoch": summary["best_epoch"],
-            "epochs_run": summary["epochs_run"], "accuracy": metrics["accuracy"],
-            "crack_ap": metrics["average_precision"],
-            "wall_s": summary["train_seconds"] + summary.get("val_seconds", 0.0),
-            "images_per_sec": summary["images_per_sec"]}
+    row |= {
+        "status": "finished",
+        "split": split,
+        "labels": label_source(cfg.iou_threshold),
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "accuracy": metrics["accuracy"],
+        "crack_ap": metrics["average_precision"],
+        "wall_s": summary["train_seconds"] + summary.get("val_seconds", 0.0),
+        "images_per_sec": summary["images_per_sec"],
+    }
     row |= {f"{c}_{m}": metrics[c][m] for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
     with np.load(folder / "predictions.npz", allow_pickle=False) as pred:
         curve = (pred[f"{split}_labels"], pred[f"{split}_probs"])
@@ -217,9 +248,15 @@ def collect(variant: Variant, cfg: Config, error: str | None):
 
 def reference_row(variant: Variant) -> dict:
     ref = variant.reference or {}
-    row = {"variant": variant.name, "title": variant.title, "source": "original",
-           "status": "reference", "split": "test", "accuracy": ref.get("accuracy", ""),
-           "note": "the write-up's data and ResNeXt50; accuracy where published"}
+    row = {
+        "variant": variant.name,
+        "title": variant.title,
+        "source": "original",
+        "status": "reference",
+        "split": "test",
+        "accuracy": ref.get("accuracy", ""),
+        "note": "the write-up's data and ResNeXt50; accuracy where published",
+    }
     return row | {f"{c}_{m}": ref[c].get(m, "") for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
 
 
@@ -229,30 +266,38 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: _csv(row.get(k, "")) for k in COLUMNS} for row in rows)
-    lines = [f"# Sweep: {variants_path}", "",
-             f"Shards `{base.shards}`, {base.arch} ({base.weights}), at most {base.epochs} epochs, patience "
-             f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
-             f"test split (validation where there is none) at threshold 0.5; the original's published rows "
-             f"are on its own data.", "",
-             "| variant | source | split | labels | no crack P / R / F1 (support) | crack P / R / F1 (support) "
-             "| accuracy | crack AP | best epoch | wall s | img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Sweep: {variants_path}",
+        "",
+        f"Shards `{base.shards}`, {base.arch} ({base.weights}), at most {base.epochs} epochs, patience "
+        f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
+        f"test split (validation where there is none) at threshold 0.5; the original's published rows "
+        f"are on its own data.",
+        "",
+        "| variant | source | split | labels | no crack P / R / F1 (support) | crack P / R / F1 (support) "
+        "| accuracy | crack AP | best epoch | wall s | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row["status"] == "failed":
             note = row["note"].replace("|", "\\|")
             lines.append(f"| {row['title']} | crackio | | | **failed**: {note} | | | | | | |")
             continue
         label = row["title"] if row["source"] == "crackio" else "↳ the original, as published"
-        lines.append(f"| {label} | {row['source']} | {row['split']} | {row.get('labels', '')} "
-                     f"| {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
-                     f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
-                     f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |")
+        lines.append(
+            f"| {label} | {row['source']} | {row['split']} | {row.get('labels', '')} "
+            f"| {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
+            f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
+            f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |"
+        )
     write_text(out / "sweep.md", "\n".join(lines) + "\n")
 
 
 def _prf(row: dict, cls: str) -> str:
-    return (f"{_num(row[f'{cls}_precision'])} / {_num(row[f'{cls}_recall'])} / {_num(row[f'{cls}_f1'])} "
-            f"({row[f'{cls}_support']})")
+    return (
+        f"{_num(row[f'{cls}_precision'])} / {_num(row[f'{cls}_recall'])} / {_num(row[f'{cls}_f1'])} "
+        f"({row[f'{cls}_support']})"
+    )
 
 
 def _num(value, digits: int = 2) -> str:
