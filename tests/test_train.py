@@ -329,3 +329,10 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
 def test_negative_settings_are_one_line_errors(demo_shards, capsys, flag, value):
     assert cli(["--shards", str(demo_shards), flag, value]) == 2
     assert f"{flag} must be >= 0" in capsys.readouterr().err
+
+
+def test_head_seed_is_a_deprecated_alias_of_original(demo_shards):
+    cfg = Config(shards=str(demo_shards), head="seed")
+    with pytest.warns(FutureWarning, match="--head original"):
+        cfg.validate()
+    assert build_model(ARCH, "none", "seed").head[1].out_features == 1  # the original head, same weights layout

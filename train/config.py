@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -59,6 +60,13 @@ class Config:
     resume: str = ""  # run folder to continue from its last.pt
 
     def validate(self) -> None:
+        if self.head in HEAD_ALIASES:  # FutureWarning: shown by default, unlike DeprecationWarning
+            warnings.warn(
+                f"--head {self.head} is now called --head {HEAD_ALIASES[self.head]} (it collided with "
+                f"--seed); the old name goes in the next release",
+                FutureWarning,
+                stacklevel=2,
+            )
         # Every choice from the module that owns it: a new sampler, backend or loss is added in one place.
         choices = {
             "head": (*HEADS, *HEAD_ALIASES),
