@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+from crackio.loader import dali_available
 from tests.conftest import ROOT
+from tools.bench import consume
 
 pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
 
 
 def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     out = tmp_path / "bench.json"
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    (src / "train" / "broken.1.0_500.1.jpg").write_bytes(b"not a jpeg")  # the normal case: a few bad files
+    (src / "train" / "empty.2.0_100.0.jpg").write_bytes(b"")
     run = subprocess.run(
         [
             sys.executable,
@@ -22,7 +31,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
             "--shards",
             str(demo_shards),
             "--src",
-            str(demo_src),
+            str(src),
             "--quick",
             "--seconds",
             "1",
@@ -38,11 +47,18 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["results"]}
-    assert {"seed-baseline", "seed-baseline-w0", "decode-only", "dali-cpu", "torch-cpu"} <= set(rows)
+    expected = {"seed-baseline", "seed-baseline-w0", "wds-dataloader", "decode-only", "dali-cpu", "torch-cpu"}
+    assert expected | ({"dali-reader"} if dali_available() else set()) <= set(rows)
+    peers = ("seed_baseline", "wds_dataloader", "decode_only") + (("dali_reader",) if dali_available() else ())
     for r in rows.values():
         assert r["images_per_sec"] > 0 and r["cores"] >= 1 and 0 < r["setup_s"] < r["first_batch_s"]
-        assert r["vs_seed_baseline"] > 0 and r["vs_decode_only"] > 0 and r["peak_rss_mb"] > 0
-    assert rows["seed-baseline"]["vs_seed_baseline"] == 1.0
+        assert all(r[f"vs_{peer}"] > 0 for peer in peers) and r["peak_rss_mb"] > 0
+        if r["name"] != "decode-only":  # every loader row fed the two simulated accelerators
+            assert set(r["consumers"]) == {"300", "2250"}
+            assert all(0 <= c["stall_share"] <= 1 for c in r["consumers"].values())
+    assert rows["seed-baseline"]["vs_seed_baseline"] == 1.0 and rows["wds-dataloader"]["vs_wds_dataloader"] == 1.0
+    # The folder holds bad files: the baseline still runs, on the shards' samples, and says so.
+    assert "would stop at the first bad one" in rows["seed-baseline"]["note"] and "note: seed-baseline" in run.stdout
     assert data["machine"]["cores"] >= 1
     assert "img/s" in run.stdout and "seed-baseline" in run.stdout
 
@@ -60,3 +76,26 @@ def test_large_split_is_hard_links_with_unique_names(tmp_path):
         source, copy = train[f.stat().st_ino], parse_name(f.name)
         assert copy.stem.startswith(source.stem + "_c")
         assert (copy.proposal, copy.iou, copy.label) == (source.proposal, source.iou, source.label)
+
+
+def fake_loader(rate: float, batch: int = 10):
+    """A loader that makes `rate` img/s in this thread (no read-ahead): each batch takes batch / rate seconds."""
+    while True:
+        time.sleep(batch / rate)
+        yield list(range(batch)), None  # (images, labels), as the loaders yield
+
+
+def test_a_slow_consumer_never_waits_and_a_fast_one_waits_for_the_rest():
+    slow = consume(fake_loader(5000), rate=100, seconds=0.5)  # the accelerator is 50x slower than the loader
+    assert slow["stall_share"] < 0.05 and slow["images_per_sec"] == pytest.approx(100, rel=0.1)
+    fast = consume(fake_loader(200), rate=20000, seconds=0.5)  # 100x faster: it waits ~1 - 200/20000 of the time
+    assert fast["stall_share"] == pytest.approx(1 - 200 / 20000, abs=0.03)
+    assert fast["images_per_sec"] == pytest.approx(200, rel=0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_says_no_cuda_and_exits_0(capsys):
+    from tools.gpu_check import main
+
+    assert main([]) == 0
+    assert "no CUDA" in capsys.readouterr().out

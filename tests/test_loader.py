@@ -175,6 +175,7 @@ def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
         make_loader(broken, "train", batch_size=4, train=True, device="cpu")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_backends_match_cpu(coded_shards, backend):

@@ -1,12 +1,15 @@
-"""Images per second: the original PIL pipeline against crackio's loaders, same machine, same cores.
+"""Images per second: crackio's loaders against the pipelines a user would pick instead, same machine, cores.
 
     python tools/bench.py --shards S --src P [--split train] [--batch-size 32] [--seconds S]
-                          [--repeats R] [--json OUT.json] [--model] [--quick] [--workers N]
+                          [--repeats R] [--json OUT.json] [--model] [--quick] [--workers N] [--consumer-rate R]
 
-Rows (train augmentation everywhere except decode-only):
-    seed-baseline      the original's Dataset (PIL, v2 ColorJitter/flip/rotation/normalize)
-                       in a DataLoader over the proposal folder, num_workers = cores
+Rows (train augmentation everywhere except decode-only; peers in tools/bench_peers.py):
+    seed-baseline      the original's Dataset (PIL, v2 ColorJitter/flip/rotation/normalize) in a
+                       DataLoader over the proposal folder, num_workers = cores, on the files the
+                       shards hold (its directory listing is timed apart)
     seed-baseline-w0   the same with num_workers=0, the original's setting
+    wds-dataloader     the webdataset library over the same shards in a DataLoader, same transforms
+    dali-reader        DALI's fn.readers.webdataset with the .idx files and crackio's operators
     decode-only        torchvision decode_jpeg (libjpeg-turbo) of the same bytes on the
                        same cores, no augmentation: the ceiling of any CPU pipeline
     dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader
@@ -15,7 +18,9 @@ the median of the repeats is reported. setup_s is the time to build the row's
 loader (the original lists the directory, crackio loads its index); first_batch_s
 adds the first batch. For those at scale: make_demo_data.py --large 1000000, pack
 that split, and run with --split large. --model adds the classifier's step rate on
-synthetic tensors and the data-stall share of each loader feeding it.
+synthetic tensors and the data-stall share of each loader feeding it. Each loader
+row also feeds simulated accelerators (--consumer-rate, CONSUMERS below) that sleep
+len(batch) / R per batch, and reports the share of time they wait for data.
 """
 
 from __future__ import annotations
@@ -32,49 +37,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools import bench_peers as peers  # noqa: E402
 
 WARMUP_BATCHES = 3
 DECODE_SAMPLE = 8192  # images decode-only cycles through
-
-
-def seed_baseline(src: Path, batch_size: int, workers: int):
-    """The seed write-up's pipeline, as published (its listing, its Dataset, its transforms)."""
-    import torch
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision.transforms import v2
-
-    class CrackDataset(Dataset):
-        def __init__(self, directory, image_files):
-            self.directory, self.image_files = directory, image_files
-            self.transform = v2.Compose(
-                [
-                    v2.ColorJitter(brightness=0.5),
-                    v2.RandomHorizontalFlip(p=0.5),
-                    v2.RandomRotation(180),
-                    v2.ToImage(),
-                    v2.ToDtype(torch.float32, scale=True),
-                    v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-                ]
-            )
-
-        def __len__(self):
-            return len(self.image_files)
-
-        def __getitem__(self, idx):
-            name = self.image_files[idx]
-            parts = name.rsplit(".", 4)  # right to left, so dotted stems parse
-            image = Image.open(os.path.join(self.directory, name)).convert("RGB")
-            return self.transform(image), name, float(parts[2].replace("_", ".")), int(parts[3])
-
-    files = [f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f))]
-    return DataLoader(
-        CrackDataset(src, files),
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
 
 
 def decode_only(shards: Path, split: str, batch_size: int, workers: int):
@@ -137,8 +103,24 @@ def run_row(args) -> dict:
     t0 = time.perf_counter()
     name = args.row
     cores = args.workers
+    extra: dict = {}
     if name.startswith("seed-baseline"):
-        it = endless(seed_baseline(Path(args.src) / args.split, args.batch_size, 0 if name.endswith("w0") else cores))
+        folder = Path(args.src) / args.split
+        files = index_filenames(args)  # the samples the shards hold: a folder with bad files still gets a baseline
+        tick = time.perf_counter()
+        listed = peers.listing(folder)  # the original's listing, timed apart
+        extra["listing_s"] = time.perf_counter() - tick
+        if len(listed) > len(files):
+            extra["note"] = (
+                f"{len(listed) - len(files)} files of {folder} are not in the shards (bad or skipped "
+                f"inputs): the original, reading its own listing, would stop at the first bad one"
+            )
+        t0 = time.perf_counter()
+        it = endless(peers.seed_baseline(folder, files, args.batch_size, 0 if name.endswith("w0") else cores))
+    elif name == "wds-dataloader":
+        it = endless(peers.wds_dataloader(shard_paths(args), args.batch_size, cores))
+    elif name == "dali-reader":
+        it = peers.dali_reader(shard_paths(args), args.batch_size, cores)
     elif name == "decode-only":
         it = decode_only(Path(args.shards), args.split, args.batch_size, cores)
     else:
@@ -178,6 +160,8 @@ def run_row(args) -> dict:
         elapsed = time.perf_counter() - start
         rates.append(n / elapsed)
         stalls.append(wait / elapsed)
+    if step is None and name != "decode-only":
+        extra["consumers"] = {f"{rate:g}": consume(it, rate, args.seconds) for rate in args.consumer_rate}
     usage = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     rss = max(usage)  # KiB on Linux; the larger of this process and its biggest worker
     row = {
@@ -190,7 +174,37 @@ def run_row(args) -> dict:
     }
     if step is not None:
         row["data_stall_share"] = statistics.median(stalls)
-    return row
+    return row | extra
+
+
+def consume(batches, rate: float, seconds: float) -> dict:
+    """A simulated accelerator: holds each batch for len(batch) / rate seconds without using the CPU
+    (a GPU step leaves the host idle), for `seconds`; returns the share of time it waited for data."""
+    n, wait, start = 0, 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - tick
+        k = batch_len(batch)
+        n += k
+        time.sleep(k / rate)
+    elapsed = time.perf_counter() - start
+    return {"stall_share": wait / elapsed, "images_per_sec": n / elapsed}
+
+
+def index_filenames(args) -> list[str]:
+    import numpy as np
+
+    from crackio.shards import load_index
+
+    index = load_index(args.shards, args.split)
+    return index.filenames(np.arange(len(index)))
+
+
+def shard_paths(args) -> list[str]:
+    from crackio.shards import load_index
+
+    return [str(p) for p in load_index(args.shards, args.split).shards]
 
 
 def make_step(args):
@@ -202,7 +216,7 @@ def make_step(args):
     from train.runtime import amp_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args.arch, "none", "seed").to(device)
+    model = build_model(args.arch, "none", "original").to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -248,6 +262,15 @@ def model_only(args) -> dict:
     }
 
 
+# Simulated consumers: img/s of ResNeXt50_32x4d mixed-precision training (estimates for a simulation, not
+# measurements). A100: NVIDIA DeepLearningExamples publish 1,211 img/s for ResNeXt101-32x4d (AMP, 1x A100 80GB,
+# PyTorch/Classification/ConvNets/resnext101-32x4d/README.md); ResNeXt50_32x4d needs 4.3 of its 8.0 GFLOPs per
+# image, so ~2,250. RTX 3060 (the original's GPU): no published figure; it has ~1/8 of an A100's FP16 tensor
+# throughput with FP32 accumulation (25 vs 312 TFLOPS) and ~1/5 of its memory bandwidth, so ~300.
+CONSUMERS = {"RTX 3060": 300.0, "A100": 2250.0}
+PEERS = ("seed-baseline", "wds-dataloader", "dali-reader", "decode-only")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", required=True, help="shards folder from tools/pack.py")
@@ -260,9 +283,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--model", action="store_true", help="add the classifier's step rate and data-stall shares")
     ap.add_argument("--arch", default="resnext50_32x4d", help="classifier for --model")
+    ap.add_argument(
+        "--consumer-rate",
+        type=float,
+        action="append",
+        metavar="R",
+        help="simulate an accelerator consuming R img/s (repeatable; default: "
+        + ", ".join(f"{v:.0f} ({k})" for k, v in CONSUMERS.items())
+        + ")",
+    )
     ap.add_argument("--quick", action="store_true", help="every row briefly (--seconds 2 --repeats 1)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args(argv)
+    args.consumer_rate = args.consumer_rate or list(CONSUMERS.values())
+    if any(not rate > 0 for rate in args.consumer_rate):
+        ap.error("--consumer-rate must be > 0")
     if args.quick:
         args.seconds, args.repeats = 2.0, 1
     if args.row:
@@ -272,11 +307,12 @@ def main(argv=None) -> int:
 
     from crackio.loader import dali_available
 
-    rows = ["seed-baseline", "seed-baseline-w0", "decode-only"]
+    dali = dali_available()
+    rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *(["dali-reader"] if dali else []), "decode-only"]
     rows += [
         f"{b}-{d}"
         for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
-        for b in (["dali"] if dali_available() else []) + ["torch"]
+        for b in (["dali"] if dali else []) + ["torch"]
     ]
     if args.model:
         rows.append("model-only")
@@ -289,12 +325,11 @@ def main(argv=None) -> int:
             continue
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
         print(f"  {name}: {results[-1]['images_per_sec']:.0f} img/s", file=sys.stderr)
-    base = next((r["images_per_sec"] for r in results if r["name"] == "seed-baseline"), None)
-    ceiling = next((r["images_per_sec"] for r in results if r["name"] == "decode-only"), None)
+    rates = {r["name"]: r["images_per_sec"] for r in results}
     for r in results:
         r["images_per_sec_per_core"] = r["images_per_sec"] / r["cores"]
-        r["vs_seed_baseline"] = r["images_per_sec"] / base if base else None
-        r["vs_decode_only"] = r["images_per_sec"] / ceiling if ceiling else None
+        for peer in PEERS:  # ratios to every peer the user could pick instead
+            r["vs_" + peer.replace("-", "_")] = r["images_per_sec"] / rates[peer] if peer in rates else None
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)),
@@ -304,6 +339,9 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "seconds": args.seconds,
         "repeats": args.repeats,
+        "consumers": {
+            f"{rate:g}": next((k for k, v in CONSUMERS.items() if v == rate), "given") for rate in args.consumer_rate
+        },
     }
     print(table(results, machine))
     if args.json:
@@ -312,21 +350,33 @@ def main(argv=None) -> int:
 
 
 def table(results: list[dict], machine: dict) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    consumers = list(machine["consumers"])
     lines = [
-        f"machine: {machine['cores']} cores, GPU {machine['gpu'] or 'none'}, batch {machine['batch_size']}",
-        f"{'row':<34}{'img/s':>9}{'/core':>8}{'x seed':>8}{'x decode':>9}{'setup s':>9}{'1st batch s':>12}"
-        f"{'peak MB':>9}{'stall':>7}",
+        f"machine: {machine['cores']} cores, GPU {machine['gpu'] or 'none'}, batch {machine['batch_size']}; "
+        f"stall@R: share of time a simulated accelerator consuming R img/s waits for data ("
+        + ", ".join(f"{r} = {name}" for r, name in machine["consumers"].items())
+        + ")",
+        f"{'row':<28}{'img/s':>7}{'/core':>7}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
+        f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f"{'stall@' + c:>12}" for c in consumers),
     ]
     for r in results:
+        stalls = r.get("consumers", {})
         lines.append(
-            f"{r['name']:<34}{r['images_per_sec']:>9.0f}{r['images_per_sec_per_core']:>8.0f}"
-            f"{fmt(r['vs_seed_baseline'], '.2f'):>8}{fmt(r['vs_decode_only'], '.2f'):>9}"
-            f"{fmt(r['setup_s'], '.2f'):>9}{fmt(r['first_batch_s'], '.2f'):>12}"
-            f"{fmt(r['peak_rss_mb'], '.0f'):>9}"
-            f"{fmt(r.get('data_stall_share'), '.0%'):>7}"
+            f"{r['name']:<28}{r['images_per_sec']:>7.0f}{r['images_per_sec_per_core']:>7.0f}"
+            f"{fmt(r['vs_seed_baseline'], '.2f'):>7}{fmt(r['vs_wds_dataloader'], '.2f'):>7}"
+            f"{fmt(r['vs_dali_reader'], '.2f'):>10}{fmt(r['vs_decode_only'], '.2f'):>9}"
+            f"{fmt(r['setup_s'], '.2f'):>8}{fmt(r['first_batch_s'], '.2f'):>7}"
+            f"{fmt(r['peak_rss_mb'], '.0f'):>8}{fmt(r.get('data_stall_share'), '.0%'):>6}"
+            + "".join(f"{fmt(stalls.get(c, {}).get('stall_share'), '.0%'):>12}" for c in consumers)
         )
-    return "\n".join(lines)
+    notes = [f"note: {r['name']}: {r['note']}" for r in results if r.get("note")]
+    notes += [
+        f"note: {r['name']}: the original's directory listing took {r['listing_s']:.2f} s (not in setup)"
+        for r in results
+        if r.get("listing_s") is not None and r["name"] == "seed-baseline"
+    ]
+    return "\n".join(lines + notes)
 
 
 if __name__ == "__main__":
