@@ -50,7 +50,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+        raise ConfigError(
+            "device 'cuda' asked for but torch sees no CUDA GPU; use device 'cpu' or 'auto' (--device cpu)"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device must be one of {DEVICES}, got {device}")
     return device
@@ -82,7 +84,7 @@ class Loader:
 
     def __init__(
         self,
-        shards,
+        shards: str | os.PathLike,
         split: str,
         *,
         batch_size: int,
@@ -90,7 +92,7 @@ class Loader:
         sampler: str = "shuffle",
         iou_threshold: float | None = None,
         seed: int = 0,
-        device="auto",
+        device: str | torch.device = "auto",
         backend: str = "auto",
         rank: int = 0,
         world_size: int = 1,
@@ -167,6 +169,5 @@ class Loader:
             )
 
 
-def make_loader(shards, split: str, **settings) -> Loader:
-    """A loader over `shards/<split>` yielding `Batch`es, one epoch per iteration (the settings of `Loader`)."""
-    return Loader(shards, split, **settings)
+# The public entry point is the class itself: one signature, checked by mypy at every call.
+make_loader = Loader

@@ -34,12 +34,13 @@ from crackio.errors import ConfigError
 
 SAMPLERS = ("shuffle", "hard-negatives", "iou-strata", "weighted", "balanced")
 SELECTIONS = ("all", "hard-negatives", "iou-strata")
+CLASS_WEIGHTS: dict[int, float] = {0: 1, 1: 2}  # the original's WeightedRandomSampler weights
 _CUT: dict[str, object] = {"selection": "all", "negatives": 800, "per_bin": 10, "bin_width": 0.05}  # weighting's cut
 DEFAULTS: dict[str, dict[str, object]] = {
     "hard-negatives": {"negatives": 800},
     "iou-strata": {"per_bin": 10, "bin_width": 0.05},
-    "weighted": {"class_weights": {0: 1, 1: 2}, "replacement": True, "num_samples": None, **_CUT},
-    "balanced": {"class_weights": {0: 1, 1: 2}, **_CUT},
+    "weighted": {"class_weights": CLASS_WEIGHTS, "replacement": True, "num_samples": None, **_CUT},
+    "balanced": {"class_weights": CLASS_WEIGHTS, **_CUT},
     "shuffle": {},
 }
 _SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection and order

@@ -18,8 +18,11 @@ import io
 import json
 import os
 import tarfile
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -197,13 +200,20 @@ def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write `data` (bytes, or a function that writes to the open file) to `path` atomically: a unique
+    temporary beside it, fsync, rename. A crash or an error leaves the previous file (the temporary is
+    removed on error). Every file that marks completion goes through here."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_index(path: Path, rows: np.ndarray) -> None:

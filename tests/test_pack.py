@@ -17,11 +17,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from crackio.loader import dali_available
 from crackio.names import parse_name
 from crackio.pack import PackSettings, pack
 from crackio.shards import ShardError, load_index
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_dali
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
@@ -112,8 +111,13 @@ def test_round_trip_messy_folder(messy_src, tmp_path):
             f.seek(row["offset"])
             assert f.read(row["size"]) == s["jpg"]
 
-    if not dali_available():
-        return  # DALI's own reader is checked where DALI is installed (Linux)
+
+@needs_dali
+def test_dali_reads_the_packed_tars_with_their_idx(messy_src, tmp_path):
+    src, _ = messy_src
+    out = tmp_path / "shards"
+    pack(src, out, PackSettings(samples_per_shard=40, workers=2), progress=False)
+    by_sid = {s["sid"]: s for s in read_with_webdataset(out, "train").values()}
     dali = read_with_dali(out, "train")
     assert sorted(sid for _, sid in dali) == sorted(by_sid)
     for jpg, sid in dali:

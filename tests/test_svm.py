@@ -13,8 +13,6 @@ from train import svm
 from train.__main__ import main as cli
 from train.loop import main as train_main
 
-pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
-
 
 @pytest.fixture(scope="module")
 def run(demo_shards, tmp_path_factory):
@@ -57,6 +55,7 @@ def test_feature_cache_is_keyed(tmp_path):
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_svm_stage_reports_beside_the_head_and_reuses_features(run, demo_shards, monkeypatch, capsys):
     args = ["svm", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--negatives", "30", "--C", "0.01"]
     assert cli(args) == 0

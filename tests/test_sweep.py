@@ -12,8 +12,6 @@ from train import sweep
 from train.__main__ import main as cli
 from train.sweep import SHIPPED, load_variants, variant_config
 
-pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
-
 VARIANTS = """
 [[variant]]
 name = "bce"
@@ -77,6 +75,7 @@ def test_bad_variant_files_name_the_file_and_the_fix(tmp_path):
         assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monkeypatch, capsys):
     variants = tmp_path / "variants.toml"
     variants.write_text(VARIANTS)
@@ -84,7 +83,7 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     base = tiny(demo_shards, "", epochs=1)
     args = ["sweep", "--variants", str(variants), "--out", str(out)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(base).items() if k not in ("out", "resume")]
-    assert cli(args) == 0
+    assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert "variant impossible failed: weighted sampler without replacement cannot draw" in capsys.readouterr().out
     for name in ("sweep.md", "sweep.csv", "sweep_pr.png", "sweep_curves.png"):
         assert (out / name).is_file(), name
@@ -113,19 +112,19 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     # Again: finished variants are skipped, the failed one is retried.
     calls = []
     monkeypatch.setattr(sweep, "train_main", lambda cfg: calls.append(cfg))
-    assert cli(args) == 0
+    assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert [c.out for c in calls] == [str(out / "impossible")]
 
     # An interrupted variant (no summary.json yet) is resumed from its folder.
     calls.clear()
     (out / "focal" / "summary.json").unlink()
-    assert cli(args) == 0
+    assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert [(c.out, c.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
 
     # A finished folder trained with other options is reported, not silently reused or overwritten.
     calls.clear()
     capsys.readouterr()
-    assert cli([*args, "--lr", "0.5"]) == 0
+    assert cli([*args, "--lr", "0.5"]) == 1
     assert [c.out for c in calls] == [str(out / "impossible")]
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert rows[0]["status"] == "failed" and "lr: 0.001 then, 0.5 now" in rows[0]["note"]

@@ -31,7 +31,7 @@ def _ratios(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three numbers like 0.7,0.15,0.15, got {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three numbers (train, valid, test), got {text!r}")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
     module = importlib.import_module(COMMANDS[command] if command else "train.loop")
     try:
-        module.cli(argv[1:] if command else argv)
-        return 0
+        return module.cli(argv[1:] if command else argv) or 0  # a cli may return an exit code
     except USER_ERRORS as e:  # known bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

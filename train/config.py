@@ -5,19 +5,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import warnings
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from crackio.errors import ConfigError, MissingFile
 from crackio.loader import BACKENDS, DEVICES
-from crackio.samplers import DEFAULTS, SAMPLERS, SELECTIONS
+from crackio.samplers import CLASS_WEIGHTS, DEFAULTS, SAMPLERS, SELECTIONS
 from crackio.shards import atomic_write
 from train.losses import LOSSES
 from train.model import HEAD_ALIASES, HEADS, OPTIMIZERS
 
 # Validation draws every sample or a fixed cut, never weighted: the samplers without class weights.
 VAL_SAMPLERS = tuple(s for s in SAMPLERS if "class_weights" not in DEFAULTS[s])
+_SAMPLER: dict = DEFAULTS  # the samplers' own defaults are the CLI's
+_WEIGHTS = ",".join(f"{c}:{w:g}" for c, w in CLASS_WEIGHTS.items())
+
+
+# Every choice from the module that owns it: a new sampler, backend or loss is added in one place, and the CLI's
+# `choices=` and --help follow.
+CHOICES = {
+    "head": (*HEADS, *HEAD_ALIASES),
+    "optimizer": tuple(OPTIMIZERS),
+    "sampler": SAMPLERS,
+    "selection": SELECTIONS,
+    "val_sampler": VAL_SAMPLERS,
+    "loss": LOSSES,
+    "device": DEVICES,
+    "backend": BACKENDS,
+}
 
 
 @dataclass
@@ -26,32 +42,32 @@ class Config:
     out: str = ""  # run folder; "" = runs/<timestamp>
     arch: str = "resnext50_32x4d"  # any torchvision classification model (resnet18 for quick CPU runs)
     weights: str = "imagenet"  # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
-    head: str = "original"  # original: ReLU + Linear(1000, 1) on the 1000 outputs | linear: 1-logit layer
-    optimizer: str = "adam"  # adam | adamw | sgd
+    head: str = "original"  # original: ReLU + Linear(1000, 1) on the 1000 outputs; linear: a 1-logit last layer
+    optimizer: str = "adam"  # the optimizer (sgd: momentum 0.9)
     lr: float = 1e-3  # learning rate (the original's Adam lr)
     weight_decay: float = 0.0  # weight decay
     batch_size: int = 32  # samples per batch on each rank
     epochs: int = 20  # maximum epochs
     patience: int = 3  # early stopping: epochs without a lower validation loss
-    sampler: str = "shuffle"  # train sampler: shuffle | hard-negatives | iou-strata | weighted | balanced
-    negatives: int = 800  # hard-negatives: negatives kept (highest IoU first)
-    per_bin: int = 10  # iou-strata: negatives per IoU bin
-    bin_width: float = 0.05  # iou-strata: IoU bin width
-    class_weights: str = "0:1,1:2"  # weighted | balanced: class weights as 0:w0,1:w1
-    replacement: bool = True  # weighted: draw with replacement
+    sampler: str = "shuffle"  # train sampler (crackio.samplers)
+    negatives: int = _SAMPLER["hard-negatives"]["negatives"]  # hard-negatives: negatives kept (highest IoU first)
+    per_bin: int = _SAMPLER["iou-strata"]["per_bin"]  # iou-strata: negatives per IoU bin
+    bin_width: float = _SAMPLER["iou-strata"]["bin_width"]  # iou-strata: IoU bin width
+    class_weights: str = _WEIGHTS  # weighted, balanced: class weights as 0:w0,1:w1
+    replacement: bool = _SAMPLER["weighted"]["replacement"]  # weighted: draw with replacement
     num_samples: int = 0  # weighted: draws per epoch; 0 = the selection's size
-    selection: str = "all"  # weighted | balanced: draw from all | hard-negatives | iou-strata cut
-    val_sampler: str = "shuffle"  # validation selection: shuffle (= every sample) | hard-negatives | iou-strata
+    selection: str = "all"  # weighted, balanced: draw from all samples or from a cut
+    val_sampler: str = "shuffle"  # validation selection (shuffle = every sample)
     val_negatives: int = 200  # hard-negatives on validation (the original kept 200)
     iou_threshold: float | None = None  # none: the file names' labels; a number t: label = IoU > t (relabel)
-    loss: str = "bce"  # bce (BCEWithLogitsLoss) | focal (torchvision sigmoid_focal_loss)
+    loss: str = "bce"  # bce (BCEWithLogitsLoss) or focal (torchvision sigmoid_focal_loss)
     pos_weight: float = 0.0  # bce: weight of the crack class; 0 = none
     focal_alpha: float = 0.25  # focal: alpha; negative = no class weighting (the original's best run)
     focal_gamma: float = 2.0  # focal: gamma
     target_recall: float = 0.0  # also report the threshold reaching this crack recall on validation; 0 = off
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | dali | torch
-    workers: int = 0  # decode threads/processes per rank; 0 = all cores
+    device: str = "auto"  # where training runs (auto: CUDA if torch sees one)
+    backend: str = "auto"  # the loader's decoder (auto: DALI where installed)
+    workers: int = 0  # decode threads per rank; 0 = all cores
     compile: bool = False  # torch.compile the model (CUDA)
     seed: int = 0  # seeds sampling, augmentation, initialisation
     train_split: str = "train"  # split names inside --shards
@@ -59,26 +75,20 @@ class Config:
     test_split: str = "test"  # reported at the end when present
     resume: str = ""  # run folder to continue from its last.pt
 
-    def validate(self) -> None:
-        if self.head in HEAD_ALIASES:  # FutureWarning: shown by default, unlike DeprecationWarning
-            warnings.warn(
-                f"--head {self.head} is now called --head {HEAD_ALIASES[self.head]} (it collided with "
-                f"--seed); the old name goes in the next release",
-                FutureWarning,
-                stacklevel=2,
+    def __post_init__(self) -> None:
+        # The old head name is mapped once, here: configs saved from now on, resume checks and checkpoints
+        # all see the new name, so runs keep loading when the alias is removed.
+        if self.head in HEAD_ALIASES:
+            new = HEAD_ALIASES[self.head]
+            print(
+                f"warning: --head {self.head} is now --head {new} (it collided with --seed); the old name "
+                f"goes in the next release",
+                file=sys.stderr,
             )
-        # Every choice from the module that owns it: a new sampler, backend or loss is added in one place.
-        choices = {
-            "head": (*HEADS, *HEAD_ALIASES),
-            "optimizer": tuple(OPTIMIZERS),
-            "sampler": SAMPLERS,
-            "selection": SELECTIONS,
-            "val_sampler": VAL_SAMPLERS,
-            "loss": LOSSES,
-            "device": DEVICES,
-            "backend": BACKENDS,
-        }
-        for name, allowed in choices.items():
+            self.head = new
+
+    def validate(self) -> None:
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
@@ -180,22 +190,30 @@ def check_resumed(cfg: Config) -> None:
 
 
 # Options that only mean something with another setting: given without it, they are refused, not ignored.
-APPLIES = {
-    "negatives": (
-        "--sampler hard-negatives or --selection hard-negatives",
-        lambda c: "hard-negatives" in (c.sampler, c.selection),
-    ),
-    "per_bin": ("--sampler iou-strata or --selection iou-strata", lambda c: "iou-strata" in (c.sampler, c.selection)),
-    "bin_width": ("--sampler iou-strata or --selection iou-strata", lambda c: "iou-strata" in (c.sampler, c.selection)),
-    "class_weights": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
-    "selection": ("--sampler weighted or balanced", lambda c: c.sampler in ("weighted", "balanced")),
-    "replacement": ("--sampler weighted", lambda c: c.sampler == "weighted"),
-    "num_samples": ("--sampler weighted", lambda c: c.sampler == "weighted"),
+# Sampler options apply as crackio.samplers.DEFAULTS says (a cut's options only with that cut as --selection);
+# the rest:
+APPLIES_TO = {
     "val_negatives": ("--val-sampler hard-negatives", lambda c: c.val_sampler == "hard-negatives"),
     "pos_weight": ("--loss bce", lambda c: c.loss == "bce"),
     "focal_alpha": ("--loss focal", lambda c: c.loss == "focal"),
     "focal_gamma": ("--loss focal", lambda c: c.loss == "focal"),
 }
+_OPTIONS = {name for options in DEFAULTS.values() for name in options}
+_CUT_OPTIONS = {name for cut in SELECTIONS for name in DEFAULTS.get(cut, {})}  # a selection cut's own options
+
+
+def _sampler_option_applies(cfg: Config, name: str) -> tuple[bool, str]:
+    """(whether `name` changes this run's sampling, the settings it needs), from crackio.samplers.DEFAULTS."""
+    takes = DEFAULTS[cfg.sampler]
+    if name in _CUT_OPTIONS and "selection" in takes:  # weighted/balanced: only with that cut as --selection
+        ok = name in DEFAULTS.get(cfg.selection, {})
+    else:
+        ok = name in takes
+    direct = [
+        s for s in SAMPLERS if name in DEFAULTS[s] and (name not in _CUT_OPTIONS or "selection" not in DEFAULTS[s])
+    ]
+    cuts = [c for c in SELECTIONS if name in DEFAULTS.get(c, {})] if name in _CUT_OPTIONS else []
+    return ok, " or ".join([f"--sampler {s}" for s in direct] + [f"--selection {c}" for c in cuts])
 
 
 def check_applicable(cfg: Config, given) -> None:
@@ -204,9 +222,13 @@ def check_applicable(cfg: Config, given) -> None:
     Raises:
         ConfigError: naming the option and the setting it needs, e.g. --class-weights with --sampler shuffle.
     """
-    for name in sorted(set(given) & set(APPLIES)):
-        needs, ok = APPLIES[name]
-        if not ok(cfg):
+    for name in sorted(set(given) & (set(APPLIES_TO) | _OPTIONS)):
+        if name in APPLIES_TO:
+            needs, rule = APPLIES_TO[name]
+            ok = rule(cfg)
+        else:
+            ok, needs = _sampler_option_applies(cfg, name)
+        if not ok:
             raise ConfigError(
                 f"--{name.replace('_', '-')} only applies with {needs}; this run would ignore it "
                 f"(drop it, or choose the setting it belongs to)"
@@ -226,7 +248,7 @@ def _help(cls) -> dict[str, str]:
     return helps
 
 
-def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bool = True) -> None:
+def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bool = True, skip=()) -> None:
     """One flag per field of the dataclass `cls`, typed by its default, helped by its `#` comment.
 
     given_only: flags not given are left out of the namespace (argparse.SUPPRESS), so the caller
@@ -234,12 +256,16 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bo
     """
     helps = _help(cls)
     for f in fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kind = type(default)
         text = f"{helps.get(f.name, '')} (default: {default!r})"
         value = argparse.SUPPRESS if given_only else default
-        if default is None:  # the only optional field is a float: `--iou-threshold 0.35`, or `none`
+        if cls is Config and f.name in CHOICES:
+            ap.add_argument(flag, choices=CHOICES[f.name], default=value, help=text)
+        elif default is None:  # the only optional field is a float: `--iou-threshold 0.35`, or `none`
             ap.add_argument(flag, type=_optional_float, metavar="FLOAT|none", default=value, help=text)
         elif kind is bool:
             ap.add_argument(flag, type=_bool, metavar="BOOL", default=value, help=text)

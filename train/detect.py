@@ -25,7 +25,7 @@ from torchvision.ops import box_iou, nms
 from tqdm import tqdm
 
 from crackio import read_manifest
-from crackio.annotations import PHOTO_EXTENSIONS, read_annotations, resolve_boxes
+from crackio.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.augment import augment_normalize
 from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.loader import resolve_device
@@ -153,7 +153,6 @@ def cli(argv: list[str]) -> None:
     """`python -m train detect --checkpoint RUN/best.pt PHOTOS... [options]`."""
     import argparse
 
-    from crackio.annotations import FORMATS
     from crackio.loader import DEVICES
 
     ap = argparse.ArgumentParser(
@@ -163,7 +162,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
     ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
     ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
-    ap.add_argument("--format", default="", choices=("", *FORMATS), help="format of --annotations")
+    ap.add_argument("--format", default="", choices=FORMATS, help="format of --annotations")
     ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
     ap.add_argument("--svm", default="", help="score with RUN/svm/svm_model.npz instead of the network head")
     ap.add_argument(
@@ -271,7 +270,7 @@ def run_detect(
     from train.detect_report import write_outputs
 
     if annotations and not fmt:
-        raise ConfigError("--annotations needs --format (coco, yolo, voc or mask)")
+        raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     if not 0 < nms_iou <= 1 or batch_size < 1 or (score_threshold is not None and not np.isfinite(score_threshold)):
         raise ConfigError("--nms-iou must be in (0, 1], --batch-size >= 1 and --score-threshold a finite number")
     path = Path(checkpoint)

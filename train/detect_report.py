@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +156,7 @@ def write_outputs(
         for b, s in zip(r.boxes, r.scores)
         if s >= threshold
     ]
-    (out / "detections.json").write_text(json.dumps(detections, indent=1) + "\n")
+    write_json(out / "detections.json", detections)
     pictures: list[Image.Image] = []
     for r in done:
         picture = draw(r, threshold)

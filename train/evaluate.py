@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from crackio import make_loader
+from crackio.errors import ConfigError
 from train.config import Config
 from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
@@ -102,6 +103,10 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=DEVICES)
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     a = ap.parse_args(argv)
+    if not 0 <= a.threshold <= 1 or a.batch_size < 1:
+        raise ConfigError(
+            f"--threshold must be in [0, 1] (a probability) and --batch-size >= 1, got {a.threshold} and {a.batch_size}"
+        )
     print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
 
 

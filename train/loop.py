@@ -25,7 +25,7 @@ from train.evaluate import predict
 from train.losses import make_loss
 from train.model import build_model, make_optimizer
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
-from train.runtime import amp_dtype, atomic_save, load_checkpoint, world, write_json, write_text
+from train.runtime import amp_dtype, atomic_save, load_checkpoint, save_npz, world, write_json, write_text
 
 
 @dataclasses.dataclass
@@ -315,7 +315,7 @@ def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_
         for name, r in results.items()
         for field in ("labels", "probs", "names")
     }
-    np.savez(out / "predictions.npz", allow_pickle=False, **arrays)
+    save_npz(out / "predictions.npz", **arrays)
     if cfg.target_recall:
         val = results[cfg.val_split]
         threshold, recall, precision = threshold_for_recall(val.labels, val.probs, cfg.target_recall)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from crackio.errors import MissingFile
+from crackio.errors import ConfigError, MissingFile
 from crackio.shards import atomic_write
 
 
@@ -31,24 +31,31 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
 
     Raises:
         MissingFile: no such file.
+        ConfigError: a file that is not a crackio checkpoint (or needs unpickling beyond tensors): refused.
     """
     if not path.is_file():
         raise MissingFile(f"checkpoint {path} does not exist (a run writes best.pt and last.pt)")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{path} is not a crackio checkpoint, or needs more than tensors and plain types to load "
+            f"(refused, nothing was run): {first[:200]}"
+        ) from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ConfigError(f"{path} is not a crackio checkpoint (no model and config): use RUN/best.pt or RUN/last.pt")
+    return ckpt
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the previous file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through the one atomic writer: a crash leaves the previous file or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """np.savez (plain arrays, nothing pickled) through the atomic writer."""
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -11,7 +11,6 @@ weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (the
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from train.config import add_config_arguments
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
-from train.runtime import amp_dtype, load_checkpoint, write_json, write_text
+from train.runtime import amp_dtype, load_checkpoint, save_npz, write_json, write_text
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 
@@ -56,10 +55,20 @@ class SvmConfig:
             raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
         if not 0 <= self.neg_iou <= self.pos_iou <= 1:
             raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
-        if self.rounds < 0 or self.negatives < 1 or not self.C > 0 or self.batch_size < 1:
-            raise ConfigError("--rounds must be >= 0, --negatives and --batch-size >= 1, --C > 0")
-        if self.device not in DEVICES or self.backend not in BACKENDS:
-            raise ConfigError(f"--device must be one of {DEVICES} and --backend one of {BACKENDS}")
+        limits = {
+            "rounds": (self.rounds >= 0, ">= 0"),
+            "negatives": (self.negatives >= 1, ">= 1"),
+            "C": (self.C > 0, "> 0"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "seed": (self.seed >= 0, ">= 0"),
+            "target_recall": (0 <= self.target_recall <= 1, "in [0, 1]"),
+        }
+        for name, (ok, rule) in limits.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        for name, allowed in {"device": DEVICES, "backend": BACKENDS}.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 def cli(argv: list[str]) -> None:
@@ -145,10 +154,7 @@ def cached_features(folder: Path, key: str, split: str, compute) -> dict[str, np
                 return {k: saved[k] for k in FIELDS}
     data = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, key=np.array(key), **data)
-    os.replace(tmp, path)
+    save_npz(path, key=np.array(key), **data)
     return data
 
 
@@ -240,18 +246,18 @@ def run_svm(args: SvmConfig) -> Path:
         curves |= {f"SVM, {split}": (labels, scores[split]), f"network head, {split}": (labels, probs)}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.txt", "\n".join(text))
-    write_json(out / "summary.json", summary)
     plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
     # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.
-    np.savez(
+    save_npz(
         out / "svm_model.npz",
         mean=scaler.mean_,
         scale=scaler.scale_,
         coef=svm.coef_[0],
         intercept=svm.intercept_,
         threshold=np.float64(chosen["svm"]),
-        checkpoint_sha256=np.array(file_sha256(path).hexdigest()),
-    )  # whose features these are
+        checkpoint_sha256=np.array(file_sha256(path).hexdigest()),  # whose features these are
+    )
+    write_json(out / "summary.json", summary)  # last: marks the stage finished
     print("\n".join(text))
     print(f"SVM folder: {out}")
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 import tomllib
@@ -60,8 +61,10 @@ EPILOG = (
 )
 
 
-def cli(argv: list[str]) -> None:
-    """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`."""
+def cli(argv: list[str]) -> int:
+    """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`.
+
+    Returns 1 when a variant failed (its row says why), 0 when every variant finished."""
     import argparse
 
     ap = argparse.ArgumentParser(
@@ -69,19 +72,20 @@ def cli(argv: list[str]) -> None:
         epilog=EPILOG,
         description="Train a list of variants, then compare them in one table and plots.",
     )
-    add_config_arguments(ap)
+    add_config_arguments(ap, skip=("out", "resume"))  # a sweep has its own folder, and resumes by re-running
+    ap.add_argument("--out", default="runs/sweep", help="the sweep folder; each variant trains in OUT/<name>/")
     ap.add_argument(
         "--variants", default="", help="variants file (default: the original's six runs, train/variants.toml)"
     )
     options = vars(ap.parse_args(argv))
     variants = Path(options.pop("variants") or SHIPPED)
-    out = Path(options.pop("out", "") or "runs/sweep")
-    if options.get("resume"):
-        raise ConfigError("--resume does not apply to a sweep: run the same sweep command again to continue it")
+    out = Path(options.pop("out"))
     base = Config(**options)
     if not base.shards:
         raise ConfigError("--shards is required (a folder written by tools/pack.py)")
-    run_sweep(base, variants, out)
+    base.validate()  # the shared options, once, before any variant trains
+    rows = run_sweep(base, variants, out)
+    return 1 if any(row.get("status") == "failed" for row in rows) else 0
 
 
 def load_variants(path: Path) -> list[Variant]:
@@ -262,10 +266,11 @@ def reference_row(variant: Variant) -> dict:
 
 def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: _csv(row.get(k, "")) for k in COLUMNS} for row in rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: _csv(row.get(k, "")) for k in COLUMNS} for row in rows)
+    write_text(out / "sweep.csv", table.getvalue())
     lines = [
         f"# Sweep: {variants_path}",
         "",
