@@ -63,16 +63,64 @@ def rotate_batch(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """uint8 NCHW -> augmented uint8 NCHW, batched on whatever device `images` is on (the CUDA path)."""
+    x = images.to(torch.float32)
+    dev = x.device
+    factor = torch.from_numpy(params.brightness).to(dev).view(-1, 1, 1, 1)
+    x = (x * factor).round_().clamp_(0, 255)  # rounded like the uint8 result of PIL and DALI
+    flip = torch.from_numpy(params.flip).to(dev).view(-1, 1, 1, 1).bool()
+    x = torch.where(flip, x.flip(-1), x)
+    return rotate_batch(x, torch.from_numpy(params.angle)).to(torch.uint8)  # whole numbers: exact
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """0-255 NCHW (uint8 or float) -> ImageNet-normalized float32 NCHW, on the images' device.
+
+    The loaders apply it unless asked for uint8 output; then the model applies it on its device
+    (`train.model.CrackClassifier`), FFCV-style: 4x fewer bytes cross the host."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.to(torch.float32) - mean) / std
+
+
 def augment_normalize(images: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
     """uint8 NCHW -> normalized float32 NCHW; `params=None` is the eval pipeline."""
-    x = images.to(torch.float32)
-    if params is not None:
-        dev = x.device
-        factor = torch.from_numpy(params.brightness).to(dev).view(-1, 1, 1, 1)
-        x = (x * factor).round_().clamp_(0, 255)  # rounded like the uint8 result of PIL and DALI
-        flip = torch.from_numpy(params.flip).to(dev).view(-1, 1, 1, 1).bool()
-        x = torch.where(flip, x.flip(-1), x)
-        x = rotate_batch(x, torch.from_numpy(params.angle))
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
+    return normalize(images if params is None else augment(images, params))
+
+
+def warp_matrix(angle: float, flip: int, size: int = SIZE) -> np.ndarray:
+    """The 2x3 output -> input pixel map of flip-then-rotate (counter-clockwise by `angle` degrees about the
+    centre), as `rotate_batch` and DALI's fn.rotate compute it: one warp instead of a flip copy and a rotation."""
+    c = (size - 1) / 2
+    r = math.radians(float(angle))
+    cos, sin = math.cos(r), math.sin(r)
+    row0 = [cos, -sin, c - cos * c + sin * c]
+    row1 = [sin, cos, c - sin * c - cos * c]
+    if flip:  # x -> size - 1 - x after the rotation's map
+        row0 = [-row0[0], -row0[1], 2 * c - row0[2]]
+    return np.array([row0, row1], dtype=np.float64)
+
+
+def augment_image(chw: np.ndarray, brightness: float, flip: int, angle: float) -> np.ndarray:
+    """One uint8 3 x H x W image, augmented on the CPU with OpenCV (the torch backend's worker threads).
+
+    OpenCV because the CPU rotation is what bounds a CPU pipeline: DALI's fn.rotate halves the DALI CPU
+    pipeline's rate and torch's grid_sample is slower still, while cv2.warpAffine (nearest, the flip folded
+    into its matrix) costs ~0.25 ms and releases the GIL. Brightness goes last: a per-pixel scale commutes
+    with copying pixels and with the zero fill, so the result equals brightness-flip-rotate (the original's
+    order); `convertScaleAbs` rounds half to even and saturates, as `augment` does.
+    """
+    import cv2
+
+    hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
+    size = hwc.shape[1], hwc.shape[0]
+    out = cv2.warpAffine(
+        hwc,
+        warp_matrix(angle, flip, hwc.shape[1]),
+        size,
+        flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+    return cv2.convertScaleAbs(out, alpha=float(brightness)).transpose(2, 0, 1)

@@ -28,7 +28,7 @@ from crackio.reader import ByteReader
 
 
 @pipeline_def(enable_conditionals=False)
-def proposal_pipeline(source, train: bool, gpu: bool):
+def proposal_pipeline(source, train: bool, gpu: bool, uint8: bool = False):
     dtypes = [types.UINT8, types.INT64] + ([types.FLOAT, types.INT32, types.FLOAT] if train else [])
     jpegs, ids, *aug = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -37,6 +37,8 @@ def proposal_pipeline(source, train: bool, gpu: bool):
         images = fn.brightness(images, brightness=brightness)
         images = fn.flip(images, horizontal=flip)
         images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
+    if uint8:  # normalization left to the consumer's device (crackio.augment.normalize)
+        return fn.transpose(images, perm=[2, 0, 1]), ids
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD]
     )
@@ -61,15 +63,24 @@ class DaliBackend:
     name = "dali"
 
     def __init__(
-        self, reader: ByteReader, batch_size: int, train: bool, device: torch.device, num_threads: int, seed: int
+        self,
+        reader: ByteReader,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        num_threads: int,
+        seed: int,
+        output: str = "float32",
     ):
         self.device = device
+        self.dtype = torch.uint8 if output == "uint8" else torch.float32
         self.source = _EpochSource(reader)
         gpu = device.type == "cuda"
         self._make = lambda: proposal_pipeline(
             source=self.source,
             train=train,
             gpu=gpu,
+            uint8=output == "uint8",
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=(device.index or 0) if gpu else None,
@@ -98,6 +109,6 @@ class DaliBackend:
                 self._clean = True
                 return
             images = images.as_tensor()
-            out = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
+            out = torch.empty(images.shape(), dtype=self.dtype, device=self.device)
             feed_ndarray(images, out, cuda_stream=stream)
             yield out, torch.from_numpy(np.array(ids.as_tensor()).reshape(-1))

@@ -18,6 +18,7 @@ from crackio.samplers import check_drawable, epoch_order, labels_for, rank_batch
 from crackio.shards import load_index
 
 BACKENDS = ("auto", "dali", "torch")
+OUTPUTS = ("float32", "uint8")  # normalized float images, or augmented uint8 ones normalized by the consumer
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -35,7 +36,7 @@ class Backend(Protocol):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # float32 N x 3 x 224 x 224, ImageNet-normalized, on the loader's device
+    images: torch.Tensor  # N x 3 x 224 x 224 on the loader's device: float32 normalized, or uint8 0-255
     labels: torch.Tensor  # float32 0/1: the names' labels, or IoU > iou_threshold when one is given
     ious: torch.Tensor  # float32
     names: list[str]  # original proposal file names
@@ -74,6 +75,9 @@ class Loader:
         backend: "dali", "torch" or "auto" (DALI where installed).
         rank, world_size: this process's part of every epoch.
         workers: decode threads (default: the cores this process may use).
+        output: "float32" (default): ImageNet-normalized images; "uint8": augmented 0-255 images, 4x fewer
+            bytes, for a consumer that normalizes on its own device (crackio.augment.normalize; the trainer's
+            model does it on CUDA).
         **options: the sampler's, e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
             replacement=True, num_samples=None.
 
@@ -97,10 +101,14 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         workers: int | None = None,
+        output: str = "float32",
         **options,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.output = output
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "dali" and not dali_available():
@@ -126,11 +134,11 @@ class Loader:
         if self.backend_name == "dali":
             from crackio.dali_backend import DaliBackend
 
-            self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed)
+            self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed, output)
         else:
             from crackio.torch_backend import TorchBackend
 
-            self.backend = TorchBackend(self.reader, self.device, workers)  # batches and order come per epoch
+            self.backend = TorchBackend(self.reader, self.device, workers, output)  # batches come per epoch
         self.epoch = 0
         self._planned: tuple[int, list[np.ndarray]] = (-1, [])
         self._ious = torch.from_numpy(self.index.ious.astype(np.float32))

@@ -47,7 +47,16 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["results"]}
-    expected = {"seed-baseline", "seed-baseline-w0", "wds-dataloader", "decode-only", "dali-cpu", "torch-cpu"}
+    expected = {
+        "seed-baseline",
+        "seed-baseline-w0",
+        "wds-dataloader",
+        "decode-only",
+        "dali-cpu",
+        "torch-cpu",
+        "dali-cpu-uint8",
+        "torch-cpu-uint8",
+    }
     assert expected | ({"dali-reader"} if dali_available() else set()) <= set(rows)
     peers = ("seed_baseline", "wds_dataloader", "decode_only") + (("dali_reader",) if dali_available() else ())
     for r in rows.values():

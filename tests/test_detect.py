@@ -243,3 +243,13 @@ def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(ch
         run_detect(
             str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o2"), svm=str(tmp_path / "svm.npz"), device="cpu"
         )
+
+
+def test_the_model_normalizes_uint8_input_itself():
+    from crackio.augment import normalize
+
+    torch.manual_seed(0)
+    model = build_model(ARCH, "none", "linear").eval()
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(model(images), model(normalize(images)))

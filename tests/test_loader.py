@@ -184,3 +184,42 @@ def test_gpu_backends_match_cpu(coded_shards, backend):
     for g, c in zip(gpu, cpu):
         assert g.images.device.type == "cuda" and g.names == c.names
         assert (g.images.cpu() - c.images).abs().mean() < 0.02  # nvJPEG vs libjpeg-turbo
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_output_is_the_float_output_before_normalization(coded_shards, backend, train):
+    from crackio.augment import normalize
+
+    kw = dict(batch_size=16, train=train, backend=backend, device="cpu", seed=4)
+    floats = next(iter(make_loader(coded_shards, "train", **kw)))
+    raw = next(iter(make_loader(coded_shards, "train", output="uint8", **kw)))
+    assert raw.images.dtype == torch.uint8 and raw.names == floats.names
+    assert torch.allclose(normalize(raw.images), floats.images, atol=1e-5)
+
+
+def test_cpu_augmentation_equals_the_batched_reference():
+    """OpenCV's one-warp flip + rotation + brightness (the CPU path) against the torch reference (the CUDA path)."""
+    from crackio.augment import augment, augment_image, draw_params
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
+    params = draw_params(32, seed=1, epoch=0, rank=0)
+    reference = augment(images, params)
+    mine = torch.from_numpy(
+        np.stack(
+            [augment_image(images[i].numpy(), params.brightness[i], params.flip[i], params.angle[i]) for i in range(32)]
+        )
+    )
+    differ = (mine.int() - reference.int()).abs() > 0
+    assert differ.float().mean() < 0.002  # only where a rotated pixel centre lies on a rounding boundary
+
+
+def test_augmentation_parameters_follow_the_originals_distribution():
+    from crackio.augment import draw_params
+
+    p = draw_params(200_000, seed=0, epoch=0, rank=0)
+    assert 0.5 <= p.brightness.min() and p.brightness.max() <= 1.5 and abs(p.brightness.mean() - 1) < 0.01
+    assert abs(p.flip.mean() - 0.5) < 0.01 and set(np.unique(p.flip)) == {0, 1}
+    assert -180 <= p.angle.min() and p.angle.max() <= 180 and abs(p.angle.mean()) < 1.5
+    assert abs(np.histogram(p.angle, bins=8, range=(-180, 180))[0] / len(p.angle) - 1 / 8).max() < 0.01

@@ -12,7 +12,8 @@ Rows (train augmentation everywhere except decode-only; peers in tools/bench_pee
     dali-reader        DALI's fn.readers.webdataset with the .idx files and crackio's operators
     decode-only        torchvision decode_jpeg (libjpeg-turbo) of the same bytes on the
                        same cores, no augmentation: the ceiling of any CPU pipeline
-    dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader
+    dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader (normalized float32);
+                       the same with -uint8: augmented uint8 output, normalized on the consumer's device
 Each row runs in its own process (clean peak RSS); the first batches are warm-up;
 the median of the repeats is reported. setup_s is the time to build the row's
 loader (the original lists the directory, crackio loads its index); first_batch_s
@@ -126,7 +127,7 @@ def run_row(args) -> dict:
     else:
         from crackio import make_loader
 
-        backend, device = name.split("-")
+        backend, device, *rest = name.split("-")  # e.g. dali-cpu, torch-gpu-uint8
         loader = make_loader(
             args.shards,
             args.split,
@@ -135,6 +136,7 @@ def run_row(args) -> dict:
             backend=backend,
             device="cuda" if device == "gpu" else "cpu",
             workers=cores,
+            output="uint8" if rest == ["uint8"] else "float32",
         )
         it = endless(loader)
     setup = time.perf_counter() - t0  # the original's directory listing vs crackio's index load
@@ -309,10 +311,11 @@ def main(argv=None) -> int:
 
     dali = dali_available()
     rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *(["dali-reader"] if dali else []), "decode-only"]
-    rows += [
-        f"{b}-{d}"
+    rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
+        f"{b}-{d}{o}"
         for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
         for b in (["dali"] if dali else []) + ["torch"]
+        for o in ("", "-uint8")
     ]
     if args.model:
         rows.append("model-only")

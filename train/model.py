@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from crackio.augment import normalize
 from crackio.errors import ConfigError, CrackioError
 
 
@@ -41,6 +42,8 @@ class CrackClassifier(nn.Module):
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if original else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # a loader's uint8 output: normalized here, on the model's device
+            x = normalize(x)
         return self.head(self.backbone(x)).squeeze(1)
 
 
