@@ -102,8 +102,9 @@ def warp_matrix(angle: float, flip: int, size: int = SIZE) -> np.ndarray:
     return np.array([row0, row1], dtype=np.float64)
 
 
-def augment_image(chw: np.ndarray, brightness: float, flip: int, angle: float) -> np.ndarray:
-    """One uint8 3 x H x W image, augmented on the CPU with OpenCV (the torch backend's worker threads).
+def augment_image(hwc: np.ndarray, brightness: float, flip: int, angle: float) -> np.ndarray:
+    """One uint8 H x W x 3 image, augmented on the CPU with OpenCV (the torch backend's worker threads), returned
+    H x W x 3 (the caller stacks a batch and views it as N x 3 x H x W, channels_last, without a copy).
 
     OpenCV because the CPU rotation is what bounds a CPU pipeline: DALI's fn.rotate halves the DALI CPU
     pipeline's rate and torch's grid_sample is slower still, while cv2.warpAffine (nearest, the flip folded
@@ -113,7 +114,6 @@ def augment_image(chw: np.ndarray, brightness: float, flip: int, angle: float) -
     """
     import cv2
 
-    hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
     size = hwc.shape[1], hwc.shape[0]
     out = cv2.warpAffine(
         hwc,
@@ -123,4 +123,4 @@ def augment_image(chw: np.ndarray, brightness: float, flip: int, angle: float) -
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(0, 0, 0),
     )
-    return cv2.convertScaleAbs(out, alpha=float(brightness)).transpose(2, 0, 1)
+    return cv2.convertScaleAbs(out, alpha=float(brightness))

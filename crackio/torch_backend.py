@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -40,20 +41,24 @@ class TorchBackend:
     def _load(
         self, ids: np.ndarray, params: AugmentParams | None
     ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.reader.read(ids)]
+        data = self.reader.read(ids)
         ids_t = torch.from_numpy(ids.astype(np.int64))
         if self.gpu:
-            return raw, ids_t
-        images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
-        if params is not None:
-            images = torch.from_numpy(
-                np.stack(
-                    [
-                        augment_image(img, params.brightness[i], params.flip[i], params.angle[i])
-                        for i, img in enumerate(images.numpy())
-                    ]
+            return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], ids_t
+        if params is None:  # eval: torchvision's batched decode
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+            images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
+        else:
+            # Train: libjpeg-turbo through simplejpeg decodes straight to H x W x 3, what OpenCV warps (the same
+            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested), then one stack
+            # viewed as N x 3 x H x W (channels_last): no transposing copy.
+            augmented = [
+                augment_image(
+                    simplejpeg.decode_jpeg(d, colorspace="RGB"), params.brightness[i], params.flip[i], params.angle[i]
                 )
-            )
+                for i, d in enumerate(data)
+            ]
+            images = torch.from_numpy(np.stack(augmented)).permute(0, 3, 1, 2)
         return (images if self.uint8 else normalize(images)), ids_t
 
     def run_epoch(

@@ -208,9 +208,12 @@ def test_cpu_augmentation_equals_the_batched_reference():
     reference = augment(images, params)
     mine = torch.from_numpy(
         np.stack(
-            [augment_image(images[i].numpy(), params.brightness[i], params.flip[i], params.angle[i]) for i in range(32)]
+            [
+                augment_image(images[i].permute(1, 2, 0).numpy(), params.brightness[i], params.flip[i], params.angle[i])
+                for i in range(32)
+            ]
         )
-    )
+    ).permute(0, 3, 1, 2)  # augment_image returns H x W x 3
     differ = (mine.int() - reference.int()).abs() > 0
     assert differ.float().mean() < 0.002  # only where a rotated pixel centre lies on a rounding boundary
 
@@ -223,3 +226,16 @@ def test_augmentation_parameters_follow_the_originals_distribution():
     assert abs(p.flip.mean() - 0.5) < 0.01 and set(np.unique(p.flip)) == {0, 1}
     assert -180 <= p.angle.min() and p.angle.max() <= 180 and abs(p.angle.mean()) < 1.5
     assert abs(np.histogram(p.angle, bins=8, range=(-180, 180))[0] / len(p.angle) - 1 / 8).max() < 0.01
+
+
+def test_simplejpeg_and_torchvision_decode_the_same_pixels(demo_shards):
+    """The torch backend decodes train images with simplejpeg and eval ones with torchvision: one libjpeg-turbo."""
+    import simplejpeg
+    from torchvision.io import decode_jpeg
+
+    index = load_index(demo_shards, "train")
+    from crackio.reader import ByteReader
+
+    for data in ByteReader(index).read(np.arange(min(64, len(index)))):
+        tv = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+        assert np.array_equal(simplejpeg.decode_jpeg(data, colorspace="RGB"), tv)
