@@ -84,6 +84,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.to(torch.float32) - mean) / std
 
 
+def normalize_hwc(images: torch.Tensor) -> torch.Tensor:
+    """`normalize` for contiguous uint8 N x H x W x 3 (the CPU path's stack), written in place into one float
+    buffer; equal to `normalize` within float rounding (a multiply by 1/std instead of a divide)."""
+    mean = torch.tensor(MEAN) * 255
+    scale = 1.0 / (torch.tensor(STD) * 255)
+    out = torch.empty(images.shape, dtype=torch.float32)
+    torch.sub(images, mean, out=out)
+    return out.mul_(scale)
+
+
 def augment_normalize(images: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
     """uint8 NCHW -> normalized float32 NCHW; `params=None` is the eval pipeline."""
     return normalize(images if params is None else augment(images, params))

@@ -23,7 +23,7 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio.augment import AugmentParams, augment, augment_image, normalize
+from crackio.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
 from crackio.reader import ByteReader
 
 
@@ -58,7 +58,10 @@ class TorchBackend:
                 )
                 for i, d in enumerate(data)
             ]
-            images = torch.from_numpy(np.stack(augmented)).permute(0, 3, 1, 2)
+            hwc = torch.from_numpy(np.stack(augmented))
+            if not self.uint8:  # normalized on the contiguous N x H x W x 3 block: ~2x faster than strided
+                return normalize_hwc(hwc).permute(0, 3, 1, 2), ids_t
+            images = hwc.permute(0, 3, 1, 2)
         return (images if self.uint8 else normalize(images)), ids_t
 
     def run_epoch(
