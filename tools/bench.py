@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--src", required=True, help="the proposal folder the shards were packed from")
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per repeat")
+    ap.add_argument("--seconds", type=float, default=None, help="timed seconds per repeat (default 10; 2 with --quick)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="cores used by every row")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -300,15 +300,29 @@ def main(argv=None) -> int:
     args.consumer_rate = args.consumer_rate or list(CONSUMERS.values())
     if any(not rate > 0 for rate in args.consumer_rate):
         ap.error("--consumer-rate must be > 0")
-    if args.quick:
-        args.seconds, args.repeats = 2.0, 1
+    if args.workers < 1 or args.batch_size < 1 or (args.seconds is not None and not args.seconds > 0):
+        ap.error("--workers and --batch-size must be >= 1 and --seconds > 0")
+    if args.quick:  # brief rows; an explicit --seconds still counts
+        args.repeats = 1
+    args.seconds = args.seconds or (2.0 if args.quick else 10.0)
     if args.row:
         print(json.dumps(model_only(args) if args.row == "model-only" else run_row(args)))
         return 0
     import torch
 
+    from crackio.errors import CrackioError
     from crackio.loader import dali_available
+    from crackio.shards import load_index
 
+    try:  # check the inputs once, here, rather than as one traceback per row
+        samples = len(load_index(args.shards, args.split))
+    except CrackioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if samples < args.batch_size:
+        ap.error(f"split {args.split!r} has {samples} samples, fewer than one batch of {args.batch_size}")
+    if not (Path(args.src) / args.split).is_dir():
+        ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
     dali = dali_available()
     rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *(["dali-reader"] if dali else []), "decode-only"]
     rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
@@ -321,8 +335,15 @@ def main(argv=None) -> int:
         rows.append("model-only")
     forward = list(argv if argv is not None else sys.argv[1:])
     results = []
+    limit = 120 + args.seconds * (args.repeats + len(args.consumer_rate)) * 3  # a stuck row must not hang the run
     for name in rows:
-        run = subprocess.run([sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True)
+        try:
+            run = subprocess.run(
+                [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=limit
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{name}: no batch for {limit:.0f} s: left out", file=sys.stderr)
+            continue
         if run.returncode != 0:
             print(f"{name}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
             continue
@@ -361,7 +382,7 @@ def table(results: list[dict], machine: dict) -> str:
         + ", ".join(f"{r} = {name}" for r, name in machine["consumers"].items())
         + ")",
         f"{'row':<28}{'img/s':>7}{'/core':>7}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
-        f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f"{'stall@' + c:>12}" for c in consumers),
+        f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f" {'stall@' + c:>11}" for c in consumers),
     ]
     for r in results:
         stalls = r.get("consumers", {})
@@ -371,7 +392,7 @@ def table(results: list[dict], machine: dict) -> str:
             f"{fmt(r['vs_dali_reader'], '.2f'):>10}{fmt(r['vs_decode_only'], '.2f'):>9}"
             f"{fmt(r['setup_s'], '.2f'):>8}{fmt(r['first_batch_s'], '.2f'):>7}"
             f"{fmt(r['peak_rss_mb'], '.0f'):>8}{fmt(r.get('data_stall_share'), '.0%'):>6}"
-            + "".join(f"{fmt(stalls.get(c, {}).get('stall_share'), '.0%'):>12}" for c in consumers)
+            + "".join(f" {fmt(stalls.get(c, {}).get('stall_share'), '.0%'):>11}" for c in consumers)
         )
     notes = [f"note: {r['name']}: {r['note']}" for r in results if r.get("note")]
     notes += [

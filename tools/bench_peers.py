@@ -77,15 +77,17 @@ def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int =
     from torch.utils.data import DataLoader
 
     transform = original_transform()
+    # resampled=True: every worker draws shards at random, endlessly (webdataset's setting for training streams).
+    # Split by worker instead, a split with fewer tars than workers (3,520 crops fit one 10,000-sample shard)
+    # would leave all workers but one idle: not what a user who read the docs would measure.
     dataset = (
-        wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=wds.single_node_only, empty_check=False)
+        wds.WebDataset(tars, resampled=True, nodesplitter=wds.single_node_only, empty_check=False)
         .shuffle(buffer)
         .decode("pil")  # images with PIL; .json with json (nothing is unpickled: no .pyd/.pickle members)
         .to_tuple("jpg", "json")
         .map_tuple(transform, lambda meta: meta["label"])
         .batched(batch_size, partial=False)
     )
-    # One shard per worker at a time: with fewer shards than workers some workers idle, as they would for a user.
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
