@@ -108,3 +108,14 @@ def test_gpu_check_says_no_cuda_and_exits_0(capsys):
 
     assert main([]) == 0
     assert "no CUDA" in capsys.readouterr().out
+
+
+def test_bad_bench_inputs_are_one_line(demo_src, demo_shards, capsys):
+    from tools.bench import main
+
+    assert main(["--shards", str(demo_shards), "--src", str(demo_src), "--split", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'nosuch' is not in" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["--shards", str(demo_shards), "--src", str(demo_src), "--batch-size", "100000"])
+    assert "fewer than one batch" in capsys.readouterr().err
