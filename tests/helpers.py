@@ -23,3 +23,20 @@ def tiny(shards, out, **kw) -> Config:
         lr=1e-3,
     )
     return Config(**{**base, **kw})
+
+
+def kill_when(cmd: list[str], out, pattern: str, seconds: float = 120) -> bool:
+    """Run `cmd`, SIGKILL it as soon as `out` holds a file matching `pattern`; False if it finished first
+    (its manifest exists), so the caller can skip."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + seconds
+    while not list(out.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return not (out / "manifest.json").exists()

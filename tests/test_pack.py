@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from crackio.names import parse_name
 from crackio.pack import PackSettings, pack
 from crackio.shards import ShardError, load_index
 from tests.conftest import ROOT, needs_dali
+from tests.helpers import kill_when
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
@@ -157,13 +155,7 @@ def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path
         "1",
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.rglob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if (out / "manifest.json").exists():
+    if not kill_when(cmd, out, "**/*.tar"):
         pytest.skip("the packer finished before it could be killed")
     with pytest.raises(ShardError, match="re-run"):
         load_index(out, "train")

@@ -19,6 +19,7 @@ from crackio.proposals import ProposalSettings, stratified_negatives, warp
 from crackio.propose import ProposeSettings, propose_to_shards
 from crackio.shards import load_index
 from tests.conftest import BACKENDS, ROOT
+from tests.helpers import kill_when
 from tests.test_pack import read_with_webdataset, shard_files
 from tools.make_demo_data import FORMATS, FULL, full_image, image_plan, write_photos
 
@@ -304,9 +305,6 @@ def test_problems_are_listed_and_strict_fails(photos, tmp_path):
 
 @pytest.mark.slow
 def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
-    import os
-    import signal
-    import time
 
     ref, _ = proposed["voc"]
     out = tmp_path / "killed"
@@ -324,13 +322,7 @@ def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
         "2",
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob(".spool/*.bin")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if (out / "manifest.json").exists():
+    if not kill_when(cmd, out, ".spool/*.bin"):
         pytest.skip("the run finished before it could be killed")
     subprocess.run(cmd, check=True, timeout=300)
     assert shard_files(out) == shard_files(ref)
