@@ -16,3 +16,33 @@ class ConfigError(CrackioError, ValueError):
 
 class MissingFile(CrackioError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class WriteError(CrackioError):
+    """Writing an output failed: no space left, over quota, a read-only file system, an I/O error.
+
+    Bad input in the sense that the user fixes it (frees space, picks another folder), so the
+    command lines print it as one line; `errno` keeps the OS error number.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):  # crosses from a worker process to its parent intact
+        return type(self), (str(self), self.errno)
+
+
+def write_error(path: object, error: OSError) -> WriteError:
+    """One line for an OSError met while writing `path`: what happened, where, what to do."""
+    import errno as codes
+    import os
+
+    what = (os.strerror(error.errno) if error.errno else str(error)).lower()
+    fix = {
+        codes.ENOSPC: "free space or write elsewhere",
+        codes.EDQUOT: "free space within your quota or write elsewhere",
+        codes.EROFS: "write to a writable folder",
+        codes.EACCES: "fix the folder's permissions or write elsewhere",
+    }.get(error.errno or 0, "check the disk and the folder")
+    return WriteError(f"{what} while writing {path}: {fix}, then re-run", error.errno)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
+import stat
 import threading
 from typing import NamedTuple
 
@@ -37,6 +39,7 @@ EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274
 ROTATING = range(2, 9)  # orientations that move pixels; 1 is upright, others are invalid and ignored
 JPEG_SOI = b"\xff\xd8\xff"
 MAX_PIXELS = 50_000_000  # a proposal crop is resized to 224x224: anything this large is not a crop
+MAX_FILE_BYTES = 256 << 20  # read no further: a 50-megapixel PNG is ~150 MB, a 224x224 crop ~10 KB
 
 
 class Prepared(NamedTuple):
@@ -52,16 +55,35 @@ def prepare(path: str, size: int = 224, quality: int = 95) -> Prepared:
     libjpeg-turbo release the GIL while decoding, so the packer runs this in threads.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: a path that became a named pipe since it was listed must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         return Prepared(None, f"unreadable: {e.strerror or e}", b"")
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Prepared(None, "not a regular file (a named pipe, socket or device): not read", b"")
+        if st.st_size > MAX_FILE_BYTES:
+            return Prepared(None, _too_large(st.st_size), b"")
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while it is read
+        except OSError as e:
+            return Prepared(None, f"unreadable: {e.strerror or e}", b"")
+    if len(data) > MAX_FILE_BYTES:
+        return Prepared(None, _too_large(len(data)), b"")
     digest = hashlib.blake2b(data, digest_size=16).digest()
     if not data:
         return Prepared(None, "empty file (0 bytes): copy it again from its source or delete it", digest)
     with strict_pillow():  # held for every Pillow call: a PNG's getexif() already decodes the pixels
         data_out, note = _prepare(data, size, quality)
     return Prepared(data_out, note, digest)
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"{size / 2**20:.0f} MiB file: larger than any plausible crop (limit {MAX_FILE_BYTES >> 20} MiB), "
+        f"not read; crop or downscale it"
+    )
 
 
 def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:

@@ -6,10 +6,10 @@ import json
 import os
 import time
 import zlib
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -17,30 +17,35 @@ from tqdm import tqdm
 from crackio.errors import ConfigError, MissingFile
 from crackio.images import prepare, strict_pillow
 from crackio.names import IMAGE_EXTENSIONS, BadName, Proposal, display_name, is_utf8, parse_name
+from crackio.outdir import OutputFolder, manifest_files
 from crackio.quality import SPLIT_ORDER, iou_histogram, label_report, leakage_report, split_sort_key
 from crackio.shards import (
     FORMAT_VERSION,
     INDEX,
     MANIFEST,
-    SplitWriter,
+    ShardResult,
+    assemble_index,
     atomic_write,
     index_dtype,
     save_index,
+    shard_name,
+    write_shard,
 )
+from crackio.workers import check_stop, run_ordered, tick
 
-AHEAD = 2048  # files read and decoded ahead of the writer: memory stays flat however many files there are
 # Names operating systems and archivers leave in folders; never proposals.
 OS_METADATA = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db", "$RECYCLE.BIN", "System Volume Information"}
 HIDDEN = "hidden or operating-system metadata (.DS_Store, ._* AppleDouble, __MACOSX, Thumbs.db)"
 NOT_IMAGE = "not an image file by its extension (metadata such as README, data.yaml, annotation JSON)"
 NO_IMAGES = "folder without image files (not a split)"
+OUTPUT = "the output folder (--out inside SRC)"
 CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 
 
 @dataclass(frozen=True)
 class PackSettings:
     samples_per_shard: int = 10000  # ~150-250 MB tars for 224x224 crops
-    workers: int = 0  # decoding threads; 0 = all cores
+    workers: int = 0  # processes writing shards; 0 = all cores (parallel across shards)
     seed: int = 0  # seeds the global shuffle
     size: int = 224  # every stored image is size x size RGB JPEG
     quality: int = 95  # JPEG quality of converted inputs
@@ -74,7 +79,7 @@ def _ignorable(name: str) -> bool:
 
 def _has_image(folder: str) -> bool:
     with os.scandir(folder) as entries:
-        return any(_is_image(e.name) and not _ignorable(e.name) and not e.is_dir() for e in entries)
+        return any(_is_image(e.name) and not _ignorable(e.name) and not _is_dir(e) for e in entries)
 
 
 def _looks_like_proposal(name: str) -> bool:
@@ -83,7 +88,21 @@ def _looks_like_proposal(name: str) -> bool:
     return len(parts) == 5 and parts[1].isdigit() and parts[3] in ("0", "1")
 
 
-def discover(src: Path) -> Found:
+def _is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or an entry gone since the listing
+        return False
+
+
+def _is_regular(e: os.DirEntry) -> bool:
+    try:
+        return e.is_file()  # follows links: a link to a regular file counts, a dangling one does not
+    except OSError:
+        return False
+
+
+def discover(src: Path, exclude: Path | None = None) -> Found:
     """Splits and their parsed proposals, sorted by name; no image is opened yet.
 
     Layout: SRC/<split>/<name>, or SRC/<name> as one split named after SRC. SRC is one split when
@@ -91,25 +110,29 @@ def discover(src: Path) -> Found:
     validation or test (then those subfolders are strays). Hidden files and folders, OS metadata,
     non-image files and folders without images are ignored (counted, not failures); image files
     that cannot be used, and entries that are not regular files (named pipes, sockets, devices,
-    dangling links: never opened), are skipped with a reason.
+    dangling links, symlink loops: never opened), are skipped with a reason. `exclude` (the output
+    folder, when it is inside SRC) is ignored.
     """
     found = Found()
     visible = []
+    skip_dir = exclude.resolve() if exclude is not None else None
     for e in sorted(os.scandir(src), key=lambda e: e.name):
         if _ignorable(e.name):
             found.ignored[HIDDEN] += 1
+        elif skip_dir is not None and _is_dir(e) and Path(e.path).resolve() == skip_dir:
+            found.ignored[OUTPUT] += 1
         else:
             visible.append(e)
-    image_dirs = [e for e in visible if e.is_dir() and _has_image(e.path)]
-    loose = any(e.is_file() and _is_image(e.name) for e in visible)
+    image_dirs = [e for e in visible if _is_dir(e) and _has_image(e.path)]
+    loose = any(_is_regular(e) and _is_image(e.name) for e in visible)
     single = loose and not any(e.name.lower() in SPLIT_ORDER for e in image_dirs)
     folders: dict[str, tuple[Path, list[os.DirEntry] | None]]  # None: scanned below
     if single:
         folders = {src.absolute().name: (src, visible)}
     else:
-        folders = {e.name: (Path(e.path), None) for e in visible if e.is_dir()}
+        folders = {e.name: (Path(e.path), None) for e in visible if _is_dir(e)}
         for e in visible:
-            if e.is_dir():
+            if _is_dir(e):
                 continue
             if _is_image(e.name):
                 found.skip(e.path, "image file outside any split folder: move it into train/, valid/ or test/")
@@ -124,18 +147,18 @@ def discover(src: Path) -> Found:
         for e in entries:
             if _ignorable(e.name):
                 found.ignored[HIDDEN] += 1
-            elif e.is_dir() and _has_image(e.path):
+            elif _is_dir(e) and _has_image(e.path):
                 found.skip(e.path, "stray folder inside a split folder (splits hold files only)")
-            elif e.is_dir():
+            elif _is_dir(e):
                 found.ignored[NO_IMAGES] += 1
-            elif _is_image(e.name) and e.is_file():
+            elif _is_image(e.name) and _is_regular(e):
                 try:
                     proposals.append(parse_name(e.name))
                 except BadName as err:
                     found.skip(e.path, f"name does not parse: {err}")
             else:
                 _classify(e, found)
-        if proposals or any(_is_image(e.name) for e in entries if not e.is_dir()):
+        if proposals or any(_is_image(e.name) for e in entries if not _is_dir(e)):
             found.splits[split] = (folder, proposals)
         else:
             found.ignored[NO_IMAGES] += 1
@@ -145,8 +168,8 @@ def discover(src: Path) -> Found:
 
 def _classify(e: os.DirEntry, found: Found) -> None:
     """A file that is not a readable image file by its name: skipped or ignored, never opened."""
-    if not e.is_file():  # follows links: a FIFO, socket, device or dangling link would block or fail
-        found.skip(e.path, "not a regular file (a named pipe, socket, device or broken link): not read")
+    if not _is_regular(e):  # a FIFO would block a read, a device never end, a dangling link or loop fail
+        found.skip(e.path, "not a regular file (a named pipe, socket, device, broken link or symlink loop): not read")
     elif _looks_like_proposal(e.name):
         found.skip(
             e.path,
@@ -167,83 +190,104 @@ def split_order(split: str, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(count)
 
 
-def prepared_in_order(paths: list[str], settings: PackSettings, pool: ThreadPoolExecutor | None):
-    """`prepare` of every path, yielded in order, at most AHEAD in flight."""
-    if pool is None:
-        yield from (prepare(p, settings.size, settings.quality) for p in paths)
-        return
-    pending: deque = deque()
-    it = iter(paths)
-    for p in it:
-        pending.append(pool.submit(prepare, p, settings.size, settings.quality))
-        if len(pending) >= AHEAD:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+class _ShardTask(NamedTuple):
+    folder: Path
+    split: str
+    number: int
+    first_key: int  # key of proposals[0]: its position in the split's seeded order
+    src_dir: Path
+    proposals: list[Proposal]
+    size: int
+    quality: int
 
 
-def pack_split(
-    src_split: list[Proposal],
-    src_dir: Path,
-    out: Path,
-    split: str,
-    settings: PackSettings,
-    pool: ThreadPoolExecutor | None,
-    progress: tqdm,
-) -> tuple[dict, list[Skipped], tuple]:
-    """Write one split; returns its manifest entry, its skipped inputs and (filenames, stems, source digests)
-    of the stored rows, for the leakage report."""
-    folder = out / split
-    order = split_order(split, len(src_split), settings.seed)
-    proposals = [src_split[i] for i in order]
-    flen = max((len(p.filename.encode()) for p in proposals), default=1)
-    slen = max((len(p.stem.encode()) for p in proposals), default=1)
-    rows = np.zeros(len(proposals), dtype=index_dtype(flen, slen))
-    digests = np.zeros(len(proposals), dtype="S16")
+class _PackedShard(NamedTuple):
+    result: ShardResult
+    skipped: list[Skipped]
+    converted: list[str]  # converted.tsv lines
+    digests: np.ndarray  # S16 BLAKE2b of each stored sample's source bytes, in key order
+
+
+def _pack_shard(task: _ShardTask) -> _PackedShard:
+    """Read, check and store one shard's slice of the seeded order (runs in a worker process)."""
     skipped: list[Skipped] = []
-    converted: Counter[str] = Counter()
-    converted_files: list[str] = []
-    writer = SplitWriter(folder, split, settings.samples_per_shard)
-    paths = [str(src_dir / p.filename) for p in proposals]
-    try:
-        for p, path, result in zip(proposals, paths, prepared_in_order(paths, settings, pool)):
-            progress.update()
+    converted: list[str] = []
+    digests: list[bytes] = []
+
+    def samples():
+        for key, p in enumerate(task.proposals, task.first_key):
+            check_stop()
+            path = os.path.join(task.src_dir, p.filename)
+            result = prepare(path, task.size, task.quality)
+            tick()
             if result.data is None:
                 skipped.append(Skipped(display_name(path), result.note))
+                yield key, None, {}
                 continue
             if result.note:
-                converted[result.note] += 1
-                converted_files.append(f"{tsv_field(p.filename)}\t{result.note}\n")
-            n = writer.count
-            rows[n] = (0, 0, 0, p.label, p.iou, p.proposal, p.filename.encode(), p.stem.encode())
-            digests[n] = result.digest
-            meta = {"filename": p.filename, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label}
-            writer.write(result.data, meta)
-        where, shards = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    n = writer.count
-    rows = rows[:n]
-    rows["shard"], rows["offset"], rows["size"] = where.T
+                converted.append(f"{tsv_field(p.filename)}\t{result.note}\n")
+            digests.append(result.digest)
+            yield (
+                key,
+                result.data,
+                {"filename": p.filename, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label},
+            )
+
+    result = write_shard(task.folder / shard_name(task.split, task.number), task.number, samples())
+    return _PackedShard(result, skipped, converted, np.array(digests, dtype="S16"))
+
+
+def shard_slices(count: int, per_shard: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard's slice of a split's order: shard k holds keys k*per_shard onwards."""
+    return [(k, min(k + per_shard, count)) for k in range(0, count, per_shard)]
+
+
+def _index_rows(ordered: list[Proposal], packed: list[_PackedShard]) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """The split's index (every column), its shard list and the stored samples' digests, in key order."""
+    flen = max((len(p.filename.encode()) for p in ordered), default=1)
+    slen = max((len(p.stem.encode()) for p in ordered), default=1)
+    rows, shards = assemble_index([p.result for p in packed], index_dtype(flen, slen))
+    keys = rows["key"]
+    kept = [ordered[k] for k in keys]
+    rows["label"] = np.fromiter((p.label for p in kept), np.int8, len(kept))
+    rows["iou"] = np.fromiter((p.iou for p in kept), np.float32, len(kept))
+    rows["proposal"] = np.fromiter((p.proposal for p in kept), np.int32, len(kept))
+    rows["filename"] = [p.filename.encode() for p in kept]
+    rows["stem"] = [p.stem.encode() for p in kept]
+    digests = np.concatenate([p.digests for p in packed]) if packed else np.zeros(0, "S16")
+    return rows, shards, digests
+
+
+def _split_info(folder: Path, split: str, rows: np.ndarray, shards: list[dict], packed: list[_PackedShard]) -> dict:
+    """Write the split's index and converted list; returns its manifest entry."""
     save_index(folder / INDEX, rows)
+    converted_lines = sorted(line for p in packed for line in p.converted)
     # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
     listed = folder / CONVERTED
-    if converted_files:
-        atomic_write(listed, "".join(sorted(converted_files)).encode())
+    if converted_lines:
+        atomic_write(listed, "".join(converted_lines).encode())
     else:
         listed.unlink(missing_ok=True)
+    converted = Counter(line.rstrip("\n").rsplit("\t", 1)[1] for line in converted_lines)
     labels = rows["label"].astype(np.int64)
-    info = {
-        "samples": int(n),
+    return {
+        "samples": len(rows),
         "classes": {"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
         "iou_histogram": iou_histogram(rows["iou"], labels),
         "labels": label_report(rows["iou"], labels, rows["filename"]),
         "converted": dict(sorted(converted.items())),
-        "converted_list": f"{split}/{CONVERTED}" if converted_files else None,
+        "converted_list": f"{split}/{CONVERTED}" if converted_lines else None,
         "shards": shards,
     }
-    return info, skipped, (rows["filename"], rows["stem"], digests[:n])
+
+
+def planned_files(split: str, shard_count: int) -> set[str]:
+    """Every file a split of `shard_count` shards may be written as (relative to OUT)."""
+    files = {f"{split}/{INDEX}", f"{split}/{CONVERTED}"}
+    for k in range(shard_count):
+        name = shard_name(split, k)
+        files |= {f"{split}/{name}", f"{split}/{name[:-4]}.idx"}
+    return files
 
 
 def pack(
@@ -251,14 +295,19 @@ def pack(
 ) -> dict:
     """Pack `src` into `out`; returns the manifest (also written to out/manifest.json).
 
-    Decoding runs in `settings.workers` threads of this process (Pillow and libjpeg-turbo
-    release the GIL), so it works the same in a script without a `__main__` guard, in a
-    notebook and under `python -c`. The returned dict adds `seconds`, which the file omits:
-    the same input and seed give a byte-identical manifest.
+    Shard k of a split holds the slice [k * samples_per_shard, (k + 1) * samples_per_shard) of
+    the split's seeded order (a skipped input only makes its shard smaller), so `settings.workers`
+    processes each write whole shards (crackio.workers: forked, so scripts without a
+    `__main__` guard and notebooks work) and the output is byte-identical for any worker count.
+    This process only writes the index and the manifest. Memory: the parsed names and index rows
+    here (~0.5 KB per input), one sample per worker, at most 2 x workers shards' results in flight.
+    The returned dict adds `seconds`, which the file omits.
 
     Raises:
         MissingFile: `src` is not a folder.
-        ConfigError: `samples_per_shard` < 1 or `workers` < 0.
+        ConfigError: `samples_per_shard` < 1 or `workers` < 0; `out` is held by another run or holds a
+            file crackio did not write where a shard goes.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM under `sigterm_as_interrupt`); workers and temporaries are gone.
     """
     src, out = Path(src).absolute(), Path(out)  # absolute: the manifest is the same however SRC was typed
     if not src.is_dir():
@@ -266,7 +315,7 @@ def pack(
     if settings.samples_per_shard < 1 or settings.workers < 0:
         raise ConfigError("samples_per_shard must be >= 1 and workers >= 0")
     t0 = time.perf_counter()
-    found = discover(src)
+    found = discover(src, exclude=out)
     if not found.splits:
         raise ConfigError(
             f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
@@ -278,35 +327,61 @@ def pack(
                 f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
                 f"next pack would read the shards as a stray folder; write them elsewhere"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
-    (out / MANIFEST).unlink(missing_ok=True)
-    total = sum(len(v) for _, v in found.splits.values())
+    per = settings.samples_per_shard
+    tasks: list[_ShardTask] = []
+    ordered: dict[str, list[Proposal]] = {}
+    for split, (src_dir, proposals) in found.splits.items():
+        ordered[split] = [proposals[i] for i in split_order(split, len(proposals), settings.seed)]
+        for start, stop in shard_slices(len(proposals), per):
+            task = _ShardTask(
+                out / split,
+                split,
+                start // per,
+                start,
+                src_dir,
+                ordered[split][start:stop],
+                settings.size,
+                settings.quality,
+            )
+            tasks.append(task)
     workers = settings.workers or len(os.sched_getaffinity(0))
-    splits: dict[str, dict] = {}
-    stored: dict[str, tuple] = {}
-    skipped = list(found.skipped)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="crackio-pack") if workers > 1 else None
-    try:
+    total = sum(len(t.proposals) for t in tasks)
+    with OutputFolder(out) as held:
+        planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in ordered.items()))
+        held.claim(planned)
+        # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
+        (out / MANIFEST).unlink(missing_ok=True)
+        for split in ordered:
+            (out / split).mkdir(exist_ok=True)
+        packed: dict[str, list[_PackedShard]] = {split: [] for split in ordered}
         with strict_pillow(), tqdm(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar:
-            for split, (src_dir, proposals) in found.splits.items():
-                splits[split], bad, stored[split] = pack_split(proposals, src_dir, out, split, settings, pool, bar)
-                skipped += bad
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": display_name(src),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "workers"},  # any worker count, same bytes
-        "seed": settings.seed,
-        "samples": sum(s["samples"] for s in splits.values()),
-        "splits": splits,
-        "leakage": leakage_report(stored),
-        "ignored": dict(sorted(found.ignored.items())),
-        "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
-    }
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+            def advance(done: int) -> None:
+                bar.update(done - bar.n)
+
+            for task, result in zip(tasks, run_ordered(_pack_shard, tasks, workers, advance)):
+                packed[task.split].append(result)
+        splits: dict[str, dict] = {}
+        stored: dict[str, tuple] = {}
+        skipped = list(found.skipped)
+        for split, shards in packed.items():
+            rows, entries, digests = _index_rows(ordered[split], shards)
+            splits[split] = _split_info(out / split, split, rows, entries, shards)
+            stored[split] = (rows["filename"], rows["stem"], digests)
+            skipped += [s for p in shards for s in p.skipped]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": display_name(src),
+            "settings": {k: v for k, v in asdict(settings).items() if k != "workers"},  # any worker count, same bytes
+            "seed": settings.seed,
+            "samples": sum(s["samples"] for s in splits.values()),
+            "splits": splits,
+            "leakage": leakage_report(stored),
+            "ignored": dict(sorted(found.ignored.items())),
+            "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
+        }
+        atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        held.finish(manifest_files(manifest))
     manifest["seconds"] = time.perf_counter() - t0
     return manifest
 

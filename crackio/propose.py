@@ -11,26 +11,28 @@ are (photos in flight: twice the workers; index rows: ~150 bytes per crop).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from crackio.annotations import Photo, read_annotations, resolve_boxes
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, write_error
 from crackio.images import strict_pillow, to_rgb8
 from crackio.names import display_name, format_name
-from crackio.pack import split_order
+from crackio.outdir import OutputFolder, manifest_files
+from crackio.pack import planned_files, shard_slices, split_order
 from crackio.proposals import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
 from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
 from crackio.shards import (
@@ -38,11 +40,15 @@ from crackio.shards import (
     INDEX,
     MANIFEST,
     PROPOSAL_FIELDS,
-    SplitWriter,
+    ShardResult,
+    assemble_index,
     atomic_write,
     index_dtype,
     save_index,
+    shard_name,
+    write_shard,
 )
+from crackio.workers import check_stop, run_ordered, tick
 
 SPOOL = ".spool"
 SPLITS = ("train", "valid", "test")
@@ -155,7 +161,10 @@ class _Spool:
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype = path, dtype
-        self.file = open(path, "wb")
+        try:
+            self.file = open(path, "wb")
+        except OSError as e:
+            raise write_error(path, e) from None
         self.rows: list[np.ndarray] = []
         self.where: list[tuple[int, int]] = []  # (offset, size) in the spool
         self.digests: list[bytes] = []
@@ -166,6 +175,8 @@ class _Spool:
         for k, ((number, iou, label, box, gt_box, gt_id), jpeg) in enumerate(zip(result.rows, result.jpegs)):
             name = format_name(result.photo.stem, number, iou, label)
             rows[k] = (
+                0,  # shard, offset, size, crc32, key: set when the shards are written
+                0,
                 0,
                 0,
                 0,
@@ -179,45 +190,75 @@ class _Spool:
                 gt_id,
                 result.size,
             )
-            self.file.write(jpeg)
+            try:
+                self.file.write(jpeg)
+            except OSError as e:
+                raise write_error(self.path, e) from None
             self.where.append((self.offset, len(jpeg)))
             self.digests.append(hashlib.blake2b(jpeg, digest_size=16).digest())
             self.offset += len(jpeg)
         self.rows.append(rows)
 
 
+class _SpoolShard(NamedTuple):
+    folder: Path
+    split: str
+    number: int
+    first_key: int
+    spool: Path
+    rows: np.ndarray  # the slice of the split's index rows in seeded order
+    where: np.ndarray  # (offset, size) of each crop in the spool
+
+
+def _meta(row: np.void) -> dict:
+    return {
+        "filename": row["filename"].decode(),
+        "image": row["stem"].decode(),
+        "proposal": int(row["proposal"]),
+        "iou": round(float(row["iou"]), 3),
+        "label": int(row["label"]),
+        "box": [round(float(v), 2) for v in row["box"]],
+        "gt_box": [round(float(v), 2) for v in row["gt_box"]],
+        "gt_id": int(row["gt_id"]),
+        "photo_size": [int(v) for v in row["photo_size"]],
+    }
+
+
+def _write_spooled_shard(task: _SpoolShard) -> ShardResult:
+    """One shard from the spool (runs in a worker process, like tools/pack.py's shards)."""
+    with open(task.spool, "rb") as f:
+
+        def samples():
+            for key, (row, (offset, size)) in enumerate(zip(task.rows, task.where), task.first_key):
+                check_stop()
+                yield key, os.pread(f.fileno(), int(size), int(offset)), _meta(row)
+                tick()
+
+        return write_shard(task.folder / shard_name(task.split, task.number), task.number, samples())
+
+
 def _write_split(
-    spool: _Spool, out: Path, split: str, seed: int, per_shard: int
+    spool: _Spool, out: Path, split: str, seed: int, per_shard: int, workers: int
 ) -> tuple[np.ndarray, list, np.ndarray]:
-    spool.file.close()
+    try:
+        spool.file.close()
+    except OSError as e:
+        raise write_error(spool.path, e) from None
     rows = np.concatenate(spool.rows) if spool.rows else np.zeros(0, spool.dtype)
-    order = split_order(split, len(rows), seed)  # the same global shuffle as tools/pack.py
+    order = split_order(split, len(rows), seed)  # the same global shuffle and shard slices as tools/pack.py
     rows, where = rows[order], np.asarray(spool.where, np.int64).reshape(-1, 2)[order]
     digests = np.asarray(spool.digests, "S16")[order] if len(rows) else np.zeros(0, "S16")
-    writer = SplitWriter(out / split, split, per_shard)
-    try:
-        with open(spool.path, "rb") as f:
-            for row, (offset, size) in zip(rows, where):
-                jpeg = os.pread(f.fileno(), int(size), int(offset))
-                meta = {
-                    "filename": row["filename"].decode(),
-                    "image": row["stem"].decode(),
-                    "proposal": int(row["proposal"]),
-                    "iou": round(float(row["iou"]), 3),
-                    "label": int(row["label"]),
-                    "box": [round(float(v), 2) for v in row["box"]],
-                    "gt_box": [round(float(v), 2) for v in row["gt_box"]],
-                    "gt_id": int(row["gt_id"]),
-                    "photo_size": [int(v) for v in row["photo_size"]],
-                }
-                writer.write(jpeg, meta)
-        located, shards = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    rows["shard"], rows["offset"], rows["size"] = located.T
-    save_index(out / split / INDEX, rows)
-    return rows, shards, digests
+    tasks = [
+        _SpoolShard(out / split, split, start // per_shard, start, spool.path, rows[start:stop], where[start:stop])
+        for start, stop in shard_slices(len(rows), per_shard)
+    ]
+    (out / split).mkdir(exist_ok=True)
+    indexed, shards = assemble_index(list(run_ordered(_write_spooled_shard, tasks, workers)), rows.dtype)
+    kept = rows[indexed["key"]]  # every crop is stored: the same rows, now with their locations
+    for column in ("shard", "offset", "size", "crc32", "key"):
+        kept[column] = indexed[column]
+    save_index(out / split / INDEX, kept)
+    return kept, shards, digests[indexed["key"]]
 
 
 def propose_to_shards(
@@ -257,10 +298,40 @@ def propose_to_shards(
         )
     splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputFolder(out) as held:
+        return _propose(held, src, fmt, out, annotated, jobs, proposal, run, crops, progress, t0)
+
+
+def _spool_name(split: str) -> str:
+    return f"{SPOOL}/{zlib.crc32(split.encode()):08x}.bin"
+
+
+def _remove_spool(out: Path, splits: set[str]) -> None:
+    for split in splits:
+        (out / _spool_name(split)).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: holds something crackio did not write
+        (out / SPOOL).rmdir()
+
+
+def _propose(
+    held: OutputFolder,
+    src: Path,
+    fmt: str,
+    out: Path,
+    annotated,
+    jobs: list[tuple[Photo, str]],
+    proposal: ProposalSettings,
+    run: ProposeSettings,
+    crops: str | os.PathLike | None,
+    progress: bool,
+    t0: float,
+) -> dict:
+    """`propose_to_shards` once OUT is held: spool, shards, manifest."""
+    split_names = {split for _, split in jobs}
+    held.claim({MANIFEST} | {_spool_name(s) for s in split_names})
     (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
-    shutil.rmtree(out / SPOOL, ignore_errors=True)
-    (out / SPOOL).mkdir()
+    _remove_spool(out, split_names)
+    (out / SPOOL).mkdir(exist_ok=True)
     slen = max(len(p.stem.encode()) for p in annotated.photos)
     dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
     workers = run.workers or len(os.sched_getaffinity(0))
@@ -291,13 +362,17 @@ def propose_to_shards(
                 timing[key] += result.seconds[key]
             w0 = time.perf_counter()
             if result.split not in spools:
-                spools[result.split] = _Spool(out / SPOOL / f"{zlib.crc32(result.split.encode()):08x}.bin", dtype)
+                spools[result.split] = _Spool(out / _spool_name(result.split), dtype)
             spools[result.split].add(result)
             if crops_dir is not None:
                 folder = crops_dir / result.split
                 folder.mkdir(parents=True, exist_ok=True)
                 for (number, iou, label, *_), jpeg in zip(result.rows, result.jpegs):
-                    (folder / format_name(result.photo.stem, number, iou, label)).write_bytes(jpeg)
+                    crop = folder / format_name(result.photo.stem, number, iou, label)
+                    try:
+                        crop.write_bytes(jpeg)
+                    except OSError as e:
+                        raise write_error(crop, e) from None
             timing["write"] += time.perf_counter() - w0
             crops_made += len(result.rows)
             bar.set_postfix(crops=crops_made, crops_s=f"{crops_made / max(bar.format_dict['elapsed'], 1e-9):.0f}")
@@ -305,7 +380,9 @@ def propose_to_shards(
         w0 = time.perf_counter()
         manifest_splits, stored = {}, {}
         for split in sorted(spools, key=split_sort_key):
-            rows, shards, digests = _write_split(spools[split], out, split, run.seed, run.samples_per_shard)
+            per = run.samples_per_shard
+            held.claim(planned_files(split, -(-sum(len(r) for r in spools[split].rows) // per)))
+            rows, shards, digests = _write_split(spools[split], out, split, run.seed, per, workers)
             labels = rows["label"].astype(np.int64)
             s = stats[split]
             manifest_splits[split] = {
@@ -329,8 +406,9 @@ def propose_to_shards(
         bar.close()
         cv2.setNumThreads(threads)
         for spool in spools.values():
-            spool.file.close()
-        shutil.rmtree(out / SPOOL, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a full disk fails the flush again; the spool goes anyway
+                spool.file.close()
+        _remove_spool(out, split_names)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": display_name(src.resolve()),
@@ -346,6 +424,7 @@ def propose_to_shards(
         "skipped": sorted(skipped, key=lambda s: (s["path"], s["reason"])),
     }
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    held.finish(manifest_files(manifest))
     manifest["seconds"] = time.perf_counter() - t0
     manifest["timing"] = timing
     return manifest

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 
 from crackio.shards import REPACK, ShardError, SplitIndex
-
-JPEG_SOI = b"\xff\xd8"
 
 
 class ByteReader:
@@ -19,6 +18,8 @@ class ByteReader:
         self.shard = index.rows["shard"]
         self.offset = index.rows["offset"]
         self.size = index.rows["size"]
+        self.crc32 = index.rows["crc32"]
+        self.filename = index.rows["filename"]
         self.root = index.root
         self._fds: dict[int, int] = {}
 
@@ -36,17 +37,30 @@ class ByteReader:
         return fd
 
     def read(self, ids: np.ndarray) -> list[bytes]:
+        """The JPEG bytes of rows `ids`, each checked against its CRC32 before any decoder sees it.
+
+        Raises:
+            ShardError: a short read or a checksum mismatch, naming the tar, the row and the original file.
+        """
         out = []
         for i in ids:
             shard, size = int(self.shard[i]), int(self.size[i])
             data = os.pread(self._fd(shard), size, int(self.offset[i]))
-            if len(data) != size or not data.startswith(JPEG_SOI):
-                raise ShardError(
-                    f"sample {int(i)} in {self.paths[shard]} does not match the index "
-                    f"(expected {size} JPEG bytes at offset {int(self.offset[i])}): " + REPACK.format(root=self.root)
-                )
+            # zlib.crc32: ~2 us for a 10 KB crop, against ~100 us to decode it.
+            if len(data) != size or zlib.crc32(data) != int(self.crc32[i]):
+                what = "does not match its checksum" if len(data) == size else "is cut short"
+                raise self._damaged(int(i), shard, what)
             out.append(data)
         return out
+
+    def _damaged(self, row: int, shard: int, what: str) -> ShardError:
+        name = bytes(self.filename[row]).decode(errors="replace")
+        return ShardError(
+            f"sample {row} ({name}) in {self.paths[shard]} {what} (damaged on disk or in transfer, or index "
+            f"and tars of different packs): "
+            + REPACK.format(root=self.root)
+            + f", or check the whole folder with `python tools/pack.py --verify {self.root}`"
+        )
 
     def check(self) -> None:
         """Spot-check that the first and last sample of every shard are where the index says."""

@@ -7,9 +7,12 @@ Layout under the shards root (see DESIGN.md):
     <split>/<split>-NNNNNN.idx          DALI wds2idx v1.2 index of that tar
     <split>/index.npy                   structured array, one row per sample (INDEX_FIELDS)
 
-`<key>.sid` is the sample's row in index.npy as 8 little-endian bytes, so a DALI
-reader can hand back an int64 and labels, IoUs and names are looked up in bulk
-from the index instead of parsing JSON per sample.
+A sample's key is its position in the split's seeded order (before skipped inputs
+are left out): shard k holds keys [k * samples_per_shard, (k + 1) * samples_per_shard),
+which is what lets worker processes write whole shards independently. `<key>.sid` is
+the key as 8 little-endian bytes, so a DALI reader can hand back an int64 and labels,
+IoUs and names are looked up in bulk from the index (`key` column, ascending:
+`np.searchsorted`) instead of parsing JSON per sample.
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
+import re
 import tempfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
-import webdataset as wds
 
-from crackio.errors import CrackioError
+from crackio.errors import CrackioError, write_error
 
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32 and key columns in the index; keys are positions in the seeded order
 TAR_MTIME = 0  # fixed member times: the same input gives byte-identical tars
 
 
@@ -53,14 +56,19 @@ PROPOSAL_FIELDS = [
 ]
 
 
+LOCATED = np.dtype([("key", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("crc32", "<u4")])  # per stored JPEG
+
+
 def index_dtype(filename_len: int, stem_len: int, extra: list | None = None) -> np.dtype:
     # Fixed-width byte strings keep the index a plain array: np.load(allow_pickle=False)
-    # reads it, nothing is ever unpickled, and 1M rows load in a fraction of a second.
+    # reads it (or memory-maps it), nothing is ever unpickled, and 1M rows load in a fraction of a second.
     return np.dtype(
         [
-            ("shard", "<i4"),  # shard number within the split
+            ("shard", "<i4"),  # position of the sample's tar in the manifest's shard list
             ("offset", "<i8"),  # byte offset of the JPEG data inside the tar
             ("size", "<i8"),  # JPEG size in bytes
+            ("crc32", "<u4"),  # zlib.crc32 of the JPEG bytes, checked on every read
+            ("key", "<i8"),  # the sample's key: its position in the split's seeded order (`<key>.sid`)
             ("label", "i1"),  # label as parsed from the file name
             ("iou", "<f4"),  # IoU with the best-matching ground-truth box
             ("proposal", "<i4"),  # proposal number within its full image
@@ -71,47 +79,105 @@ def index_dtype(filename_len: int, stem_len: int, extra: list | None = None) -> 
     )
 
 
-class TarShard:
-    """Writes one tar to `<final>.tmp` and renames it into place only when complete.
+BLOCK = 512  # tar block size
+RECORD = 20 * BLOCK  # tar record size: GNU tar and Python's tarfile pad an archive to whole records
 
-    A context manager: leaving the block normally closes (renames) it, an exception aborts it and
-    removes the temporary. (Named apart from `webdataset.ShardWriter`, which splits a stream into
-    many tars; this is one tar with its DALI index.)
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file as this format stores it (mode 0444, uid and gid 0,
+    no owner names, mtime 0): byte for byte what `tarfile.TarInfo.tobuf()` gives for those fields.
+
+    Written by hand because `tobuf` costs ~18 us a member and a sample has three: a quarter of the
+    per-sample cost of packing (tests/test_pack.py checks equality with tarfile for many names and sizes).
+
+    Raises:
+        ValueError: `name` is not ASCII or longer than 100 bytes, or `size` does not fit 11 octal digits.
+    """
+    raw = name.encode("ascii")
+    if len(raw) > 100 or not 0 <= size < 8**11:
+        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
+    head = b"".join(
+        (
+            raw.ljust(100, b"\0"),
+            b"0000444\0",  # mode
+            b"0000000\0",  # uid
+            b"0000000\0",  # gid
+            b"%011o\0" % size,
+            b"%011o\0" % TAR_MTIME,
+            b" " * 8,  # checksum, computed over the header with this field as spaces
+            b"0",  # regular file
+            b"\0" * 100,  # link name
+            b"ustar\x0000",  # POSIX magic and version
+            b"\0" * 80,  # owner and group names, device major and minor (empty for a regular file)
+            b"\0" * 167,  # prefix, padding
+        )
+    )
+    checksum = b"%06o\0 " % sum(head)
+    return head[:148] + checksum + head[156:]
+
+
+class TarShard:
+    """Writes one tar to `<final>.tmp` and renames it, with its DALI index, into place only when complete.
+
+    Members per sample: `<key>.jpg`, `<key>.json`, `<key>.sid` (sorted by extension, as
+    webdataset's TarWriter orders them); offsets are known as the bytes are written, so no
+    archive is read back. A context manager: leaving the block normally closes it, an exception
+    aborts it and removes the temporary.
     """
 
     def __init__(self, final: Path):
         self.final = final
         self.tmp = final.with_name(final.name + ".tmp")
-        self._file = open(self.tmp, "wb")
-        self._tar = wds.TarWriter(self._file, user="", group="", mtime=TAR_MTIME, encoder=False)
+        try:
+            self._file = open(self.tmp, "wb", buffering=1 << 20)
+        except OSError as e:
+            raise write_error(self.tmp, e) from None
+        self._pos = 0
+        self._members: list[tuple[str, int, int]] = []
         self.count = 0
 
-    def write(self, row: int, jpeg: bytes, meta: dict) -> None:
-        key = sample_key(row)
-        self._tar.write(
-            {
-                "__key__": key,
-                "jpg": jpeg,
-                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
-                "sid": np.int64(row).astype("<i8").tobytes(),
-            }
-        )
-        self.count += 1
+    def _member(self, name: str, data: bytes) -> int:
+        pad = -len(data) % BLOCK
+        try:
+            self._file.write(ustar_header(name, len(data)))
+            self._file.write(data)
+            if pad:
+                self._file.write(bytes(pad))
+        except OSError as e:
+            raise write_error(self.tmp, e) from None
+        offset = self._pos + BLOCK
+        self._members.append((name, offset, len(data)))
+        self._pos = offset + len(data) + pad
+        return offset
 
-    def close(self) -> list[tuple[str, int, int]]:
-        """Finish the tar, write its DALI index, rename both; returns (member, offset, size)."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        members = scan_tar(self.tmp)
-        idx = self.final.with_suffix(".idx")
-        atomic_write(idx, wds2idx_text(members).encode())
+    def write(self, key: int, jpeg: bytes, meta: dict) -> tuple[int, int, int]:
+        """Append one sample; returns the JPEG's (offset in the tar, size, crc32)."""
+        name = sample_key(key)
+        offset = self._member(name + ".jpg", jpeg)
+        self._member(name + ".json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+        self._member(name + ".sid", np.int64(key).astype("<i8").tobytes())
+        self.count += 1
+        return offset, len(jpeg), zlib.crc32(jpeg)
+
+    def close(self) -> dict:
+        """End the archive, fsync, write its DALI index, rename both; returns the manifest's shard entry."""
+        end = self._pos + 2 * BLOCK
+        try:
+            self._file.write(bytes(2 * BLOCK + (-end % RECORD)))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise write_error(self.tmp, e) from None
+        atomic_write(self.final.with_suffix(".idx"), wds2idx_text(self._members).encode())
         os.replace(self.tmp, self.final)
-        return members
+        return {"name": self.final.name, "samples": self.count, "bytes": self.final.stat().st_size}
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # flushes the buffer: fails again on a full disk; the file goes anyway
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TarShard:
@@ -124,63 +190,49 @@ class TarShard:
             self.abort()
 
 
-class SplitWriter:
-    """One split's shards: samples in, in order; `<split>-NNNNNN.tar` + `.idx` out, crash-safe.
+class ShardResult(NamedTuple):
+    """What writing one shard gives back to the process that writes the index."""
 
-    `finish()` returns, per written sample, its (shard, offset, size) in the tars, and the
-    shards' manifest entries; it also removes shards of this split left by an earlier,
-    larger pack. The caller writes the index (it owns the other columns).
+    number: int  # k in <split>-k.tar: the slice [k * samples_per_shard, (k + 1) * samples_per_shard) of the order
+    entry: dict | None  # the manifest's shard entry; None when every input of the slice was skipped (no file)
+    located: np.ndarray  # LOCATED per stored sample, in key order
+
+
+def write_shard(final: Path, number: int, samples: Iterable[tuple[int, bytes | None, dict]]) -> ShardResult:
+    """Write the samples (key, JPEG or None for a skipped input, JSON metadata) as tar `final`.
+
+    Nothing is written when every JPEG is None; an exception removes the temporary.
     """
-
-    def __init__(self, folder: Path, split: str, samples_per_shard: int):
-        self.folder, self.split, self.per_shard = folder, split, samples_per_shard
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.tmp"):  # temporaries of an interrupted run
-            stale.unlink()
-        self.count = 0
-        self.shards: list[dict] = []
-        self._where: list[np.ndarray] = []
-        self._tar: TarShard | None = None
-
-    def write(self, jpeg: bytes, meta: dict) -> None:
-        if self._tar is None:
-            self._tar = TarShard(self.folder / shard_name(self.split, len(self.shards)))
-        self._tar.write(self.count, jpeg, meta)
-        self.count += 1
-        if self._tar.count == self.per_shard:
-            self._close_tar()
-
-    def _close_tar(self) -> None:
-        tar, self._tar = self._tar, None
-        assert tar is not None  # called only with a tar open
-        members = tar.close()
-        jpgs = np.array(
-            [(len(self.shards), off, size) for name, off, size in members if name.endswith(".jpg")], dtype=np.int64
-        ).reshape(-1, 3)
-        self._where.append(jpgs)
-        self.shards.append({"name": tar.final.name, "samples": tar.count, "bytes": tar.final.stat().st_size})
-
-    def finish(self) -> tuple[np.ndarray, list[dict]]:
-        if self._tar is not None:
-            self._close_tar()
-        keep = {s["name"] for s in self.shards}
-        for old in self.folder.glob(f"{self.split}-*.tar"):
-            if old.name not in keep:
-                old.unlink()
-                old.with_suffix(".idx").unlink(missing_ok=True)
-        where = np.concatenate(self._where) if self._where else np.zeros((0, 3), np.int64)
-        return where, self.shards
-
-    def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.abort()
-            self._tar = None
+    located = []
+    tar: TarShard | None = None
+    try:
+        for key, jpeg, meta in samples:
+            if jpeg is None:
+                continue
+            if tar is None:
+                tar = TarShard(final)
+            located.append((key, *tar.write(key, jpeg, meta)))
+        entry = tar.close() if tar is not None else None
+    except BaseException:
+        if tar is not None:
+            tar.abort()
+        raise
+    if entry is None:  # an earlier pack's shard of this number would otherwise be listed by nobody
+        final.unlink(missing_ok=True)
+        final.with_suffix(".idx").unlink(missing_ok=True)
+    return ShardResult(number, entry, np.array(located, dtype=LOCATED))
 
 
-def scan_tar(path: Path) -> list[tuple[str, int, int]]:
-    """(member name, data offset, size) of every regular file, read from the headers."""
-    with tarfile.open(path, "r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+def assemble_index(results: list[ShardResult], dtype: np.dtype) -> tuple[np.ndarray, list[dict]]:
+    """A split's index rows (location columns filled, in key order) and its manifest shard list, from
+    its shards' results in shard-number order; empty shards take no place in the list."""
+    written = [r for r in results if r.entry is not None]
+    located = np.concatenate([r.located for r in written]) if written else np.zeros(0, LOCATED)
+    rows = np.zeros(len(located), dtype)
+    rows["shard"] = np.repeat(np.arange(len(written), dtype=np.int32), [len(r.located) for r in written])
+    for field in ("key", "offset", "size", "crc32"):
+        rows[field] = located[field]
+    return rows, [r.entry for r in written if r.entry is not None]
 
 
 def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
@@ -204,13 +256,19 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
     """Write `data` (bytes, or a function that writes to the open file) to `path` atomically: a unique
     temporary beside it, fsync, rename. A crash or an error leaves the previous file (the temporary is
     removed on error). Every file that marks completion goes through here."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -251,9 +309,36 @@ class ShardError(CrackioError, RuntimeError):
 
 
 REPACK = "re-run `python tools/pack.py SRC --out {root}`"
+INDEX_COLUMNS = {
+    "shard": "i",
+    "offset": "i",
+    "size": "i",
+    "crc32": "u",
+    "key": "i",
+    "label": "i",
+    "iou": "f",
+    "proposal": "i",
+    "filename": "S",
+    "stem": "S",
+}  # name: dtype kind every index must have
+
+
+def shard_pattern(split: str) -> re.Pattern:
+    """The names the writer gives a split's tars: `<split>-NNNNNN.tar`, nothing else (no folders, no `..`)."""
+    return re.compile(re.escape(split) + r"-[0-9]{6}\.tar")
+
+
+def _bad(path: Path, what: str, root: Path) -> ShardError:
+    return ShardError(f"{path} {what}: " + REPACK.format(root=root))
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of a complete pack, every field a loader uses type-checked.
+
+    Raises:
+        ShardError: no complete pack, an unreadable or malformed manifest, another format version, a split or
+            shard name that is not a plain name of the writer's pattern (so no path can point outside `root`).
+    """
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -266,22 +351,65 @@ def read_manifest(root: str | os.PathLike) -> dict:
             f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path} is unreadable ({e}): " + REPACK.format(root=root)) from e
+        with open(path, "rb") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        manifest = json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:
+        raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
+    if not isinstance(manifest, dict):
+        raise _bad(path, "is not a JSON object", root)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(
-            f"{path} has format_version {manifest.get('format_version')!r}, this crackio "
-            f"reads {FORMAT_VERSION}: " + REPACK.format(root=root)
+        raise _bad(
+            path, f"has format_version {manifest.get('format_version')!r}, this crackio reads {FORMAT_VERSION}", root
         )
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise _bad(path, "has no 'splits' object", root)
+    for split, info in splits.items():
+        where = f"splits[{split!r}]"
+        if not (split and "/" not in split and "\\" not in split and split not in (".", "..") and "\x00" not in split):
+            raise _bad(path, f"names a split {split!r} that is not a plain folder name", root)
+        if not isinstance(info, dict) or not _count(info.get("samples")) or not isinstance(info.get("shards"), list):
+            raise _bad(path, f"{where} needs 'samples' (an integer >= 0) and a 'shards' list", root)
+        pattern = shard_pattern(split)
+        for k, shard in enumerate(info["shards"]):
+            if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)):
+                raise _bad(path, f"{where}.shards[{k}] has no name", root)
+            if not pattern.fullmatch(shard["name"]):
+                raise _bad(
+                    path,
+                    f"{where}.shards[{k}] names {shard['name']!r}, not a file {split}-NNNNNN.tar of the split's folder",
+                    root,
+                )
+            if not (_count(shard.get("samples")) and _count(shard.get("bytes"))):
+                raise _bad(path, f"{where}.shards[{k}] needs 'samples' and 'bytes' as integers >= 0", root)
+        if sum(s["samples"] for s in info["shards"]) != info["samples"]:
+            raise _bad(
+                path,
+                f"{where}: its shards hold {sum(s['samples'] for s in info['shards'])} samples, not {info['samples']}",
+                root,
+            )
     return manifest
 
 
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge messy folder, never this large
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
-    """Load and check a split's index against its manifest and tars (sizes, not contents).
+    """Load a split's index, memory-mapped read-only, and check it against its manifest and tars (sizes and
+    locations, not contents: `verify` reads every byte).
+
+    Memory-mapped: the processes of a node (ranks, workers) share one copy in the page cache,
+    and a process touches only the pages of the columns it reads.
 
     Raises:
-        ShardError: naming the missing or inconsistent file and how to fix it.
+        ShardError: naming the missing, malformed or inconsistent file and how to fix it.
     """
     root = Path(root)
     manifest = read_manifest(root)
@@ -299,21 +427,72 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         )
     index_path = root / split / INDEX
     try:
-        rows = np.load(index_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{index_path} cannot be read ({e}): " + REPACK.format(root=root)) from e
+        rows = np.load(index_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
+        raise _bad(index_path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})", root) from None
+    names = rows.dtype.names or ()
+    wrong = [c for c, kind in INDEX_COLUMNS.items() if c not in names or rows.dtype[c].kind != kind]
+    if rows.ndim != 1 or wrong:
+        raise _bad(index_path, f"is not a crackio index (columns {wrong or 'shape'} missing or mistyped)", root)
     if len(rows) != info["samples"]:
-        raise ShardError(
-            f"{index_path} has {len(rows)} rows but the manifest says {info['samples']}: " + REPACK.format(root=root)
-        )
+        raise _bad(index_path, f"has {len(rows)} rows but the manifest says {info['samples']}", root)
     shards = [root / split / s["name"] for s in info["shards"]]
     for path, s in zip(shards, info["shards"]):
         if not path.is_file():
             raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
         actual = path.stat().st_size
         if actual != s["bytes"]:
-            raise ShardError(
-                f"shard {path} is {actual} bytes, the manifest says {s['bytes']} "
-                f"(truncated or replaced): " + REPACK.format(root=root)
-            )
+            raise _bad(path, f"is {actual} bytes, the manifest says {s['bytes']} (truncated or replaced)", root)
+    _check_rows(rows, np.array([s["bytes"] for s in info["shards"]], np.int64), index_path, root)
     return SplitIndex(root, split, rows, shards)
+
+
+def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: Path, root: Path) -> None:
+    """Every row points inside its tar: shard number in range, offset and size non-negative, end within the file;
+    keys strictly ascending. Vectorized: ~20 ms per million rows."""
+    shard = np.asarray(rows["shard"])
+    if len(shard) and (shard.min() < 0 or shard.max() >= len(shard_bytes)):
+        raise _bad(path, f"has shard numbers outside 0..{len(shard_bytes) - 1}", root)
+    offset, size = np.asarray(rows["offset"]), np.asarray(rows["size"])
+    bad = (offset < 512) | (size <= 0) | (offset + size > shard_bytes[shard])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise _bad(path, f"row {row} points outside its tar (offset {int(offset[row])}, size {int(size[row])})", root)
+    if (np.diff(np.asarray(rows["key"])) <= 0).any():
+        raise _bad(path, "has keys that are not strictly ascending", root)
+
+
+def verify(root: str | os.PathLike) -> Iterator[str]:
+    """Read every stored sample of every split and check it against the index: yields one line per problem
+    (none: the folder is sound). Checks each JPEG's CRC32, that the tar member at its offset is `<key>.jpg`,
+    and that each tar's DALI `.idx` lists the tar's samples. Sequential reads, one tar at a time.
+
+    Raises:
+        ShardError: the manifest or an index is malformed (nothing sample-level can be checked then).
+    """
+    root = Path(root)
+    for split, info in read_manifest(root)["splits"].items():
+        if info["samples"] == 0:
+            continue
+        index = load_index(root, split)
+        rows = index.rows
+        for number, path in enumerate(index.shards):
+            ids = np.flatnonzero(np.asarray(rows["shard"]) == number)
+            ids = ids[np.argsort(np.asarray(rows["offset"])[ids], kind="stable")]
+            idx = path.with_suffix(".idx")
+            try:
+                head = idx.read_text().split("\n", 1)[0].split()
+                if head[:1] != ["v1.2"] or head[1:] != [str(len(ids))]:
+                    yield f"{idx}: its header says {' '.join(head)!r}, the tar holds {len(ids)} samples"
+            except (OSError, UnicodeDecodeError) as e:
+                yield f"{idx}: unreadable ({e})"
+            with open(path, "rb") as f:
+                for i in ids:
+                    offset, size = int(rows["offset"][i]), int(rows["size"][i])
+                    data = os.pread(f.fileno(), size + BLOCK, offset - BLOCK)
+                    member = data[:100].rstrip(b"\0")
+                    name = bytes(rows["filename"][i]).decode(errors="replace")
+                    if member != f"{sample_key(int(rows['key'][i]))}.jpg".encode():
+                        yield f"{path}: row {i} ({name}) points at member {member[:40]!r}, not its own"
+                    elif len(data) != size + BLOCK or zlib.crc32(data[BLOCK:]) != int(rows["crc32"][i]):
+                        yield f"{path}: row {i} ({name}) does not match its checksum"

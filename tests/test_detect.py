@@ -16,6 +16,7 @@ from torchvision.ops import box_iou
 from crackio import ConfigError
 from crackio.proposals import ProposalSettings
 from crackio.propose import load_photo
+from crackio.shards import FORMAT_VERSION
 from tests.helpers import ARCH
 from train.__main__ import main as cli
 from train.config import Config
@@ -76,7 +77,7 @@ def checkpoint(tmp_path_factory) -> Path:
     shards = root / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text(
-        json.dumps({"format_version": 1, "splits": {}, "proposals": SETTINGS.as_dict()})
+        json.dumps({"format_version": FORMAT_VERSION, "splits": {}, "proposals": SETTINGS.as_dict()})
     )
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
@@ -212,7 +213,7 @@ def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp
     ckpt = torch.load(checkpoint, weights_only=True)
     shards = tmp_path / "packed"
     shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
+    (shards / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": {}}))
     ckpt["config"]["shards"] = str(shards)
     torch.save(ckpt, tmp_path / "best.pt")
     with pytest.raises(ConfigError, match="records no proposal settings"):

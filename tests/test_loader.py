@@ -171,7 +171,7 @@ def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
     index = np.load(broken / "train" / "index.npy")
     index["offset"] += 512  # points at the wrong bytes, tar sizes still match the manifest
     np.save(broken / "train" / "index.npy", index)
-    with pytest.raises(ShardError, match=r"does not match the index.*re-run"):
+    with pytest.raises(ShardError, match=r"does not match its checksum.*re-run"):
         make_loader(broken, "train", batch_size=4, train=True, device="cpu")
 
 

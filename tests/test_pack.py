@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from crackio.names import parse_name
+from crackio.outdir import LOCK
 from crackio.pack import PackSettings, pack
 from crackio.shards import ShardError, load_index
 from tests.conftest import ROOT, needs_dali
@@ -25,7 +27,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(out)): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name not in ("manifest.json", LOCK)  # the lock file holds the last writer's PID
     }
 
 
@@ -99,9 +101,12 @@ def test_round_trip_messy_folder(messy_src, tmp_path):
 
     index = load_index(out, "train")
     by_sid = {s["sid"]: s for s in samples.values()}
-    assert sorted(by_sid) == list(range(len(index)))
+    keys = index.rows["key"]
+    assert sorted(by_sid) == list(keys) and (np.diff(keys) > 0).all()  # rows in key order
+    assert keys[-1] == len(index) + 3 - 1  # 3 of the slots were inputs that could not be stored
     for sid, s in by_sid.items():
-        row = index.rows[sid]
+        row = index.rows[np.searchsorted(keys, sid)]
+        assert row["crc32"] == zlib.crc32(s["jpg"])
         assert row["filename"].decode() == s["meta"]["filename"]
         assert row["label"] == s["meta"]["label"] and row["iou"] == np.float32(s["meta"]["iou"])
         tar = index.shards[row["shard"]]
@@ -164,16 +169,22 @@ def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path
     assert not list(out.rglob("*.tmp"))
 
 
-def test_rerun_repairs_partial_state(demo_src, demo_shards, tmp_path):
+def test_rerun_repairs_partial_state_and_keeps_what_crackio_did_not_write(demo_src, demo_shards, tmp_path):
     out = tmp_path / "partial"
-    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    pack(demo_src, out, PackSettings(samples_per_shard=10, workers=1), progress=False)  # 16 train shards
+    assert (out / "train" / "train-000015.tar").is_file()
     (out / "manifest.json").unlink()
     (out / "train" / "train-000000.tar.tmp").write_bytes(b"half a shard")
-    (out / "train" / "train-000099.tar").write_bytes(b"stale shard of an older pack")
     tar = out / "train" / "train-000001.tar"
     tar.write_bytes(tar.read_bytes()[:1000])
-    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
-    assert shard_files(out) == shard_files(demo_shards)
+    mine = {"train/train-2023.tar": b"a user's own tar", "valid/valid-backup.tar": b"backup", "notes.txt": b"x"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)  # 4 train shards
+    got = shard_files(out)
+    for name, data in mine.items():
+        assert got.pop(name) == data  # never deleted: crackio did not write them
+    assert got == shard_files(demo_shards)  # the earlier pack's shards 4..15 and the temporary are gone
 
 
 @pytest.mark.slow

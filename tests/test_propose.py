@@ -14,9 +14,10 @@ from PIL import Image
 
 from crackio import make_loader
 from crackio.annotations import read_annotations, resolve_boxes
+from crackio.outdir import WRITTEN
 from crackio.pack import PackSettings, pack
 from crackio.proposals import ProposalSettings, stratified_negatives, warp
-from crackio.propose import ProposeSettings, propose_to_shards
+from crackio.propose import ProposeSettings, _spool_name, propose_to_shards
 from crackio.shards import load_index
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
@@ -198,7 +199,9 @@ def test_same_output_for_any_worker_count_and_after_an_interruption(photos, prop
     tar = next((one / "train").glob("*.tar"))
     tar.write_bytes(tar.read_bytes()[:700])
     (one / ".spool").mkdir()
-    (one / ".spool" / "x.bin").write_bytes(b"stale")
+    (one / _spool_name("train")).write_bytes(b"stale")  # an interrupted run's spool, which it had recorded
+    record = json.loads((one / WRITTEN).read_text())
+    (one / WRITTEN).write_text(json.dumps({"files": record["files"] + [_spool_name("train")]}))
     propose_to_shards(photos / "coco", "coco", one, FAST, ProposeSettings(workers=2), progress=False)
     assert shard_files(one) == shard_files(ref) and not (one / ".spool").exists()
 

@@ -1,6 +1,7 @@
 """Pack a proposal directory into WebDataset shards with DALI and random-access indexes.
 
     python tools/pack.py SRC [--out shards/] [--samples-per-shard N] [--workers N] [--seed S] [--strict]
+    python tools/pack.py --verify OUT      read every stored sample and check it against its checksum
 
 Each subfolder of SRC is a split (train, valid, test, ...); a SRC holding images
 directly is one split named after the folder. Bad inputs are skipped and listed
@@ -15,14 +16,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.errors import CrackioError  # noqa: E402
 from crackio.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
+from crackio.shards import read_manifest, verify  # noqa: E402
+from crackio.workers import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     d = PackSettings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", type=Path, help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg")
+    ap.add_argument(
+        "src", type=Path, nargs="?", help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg"
+    )
+    ap.add_argument("--verify", type=Path, metavar="OUT", help="read every sample of a shards folder and check it")
     ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder (default: shards/)")
     ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
     ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
@@ -30,16 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped or any warning printed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.verify is not None:
+        return run_command(lambda: check(args.verify), args.verify)
+    if args.src is None:
+        ap.error("give a proposal folder SRC, or --verify OUT")
     if args.samples_per_shard < 1 or args.workers < 0:
         ap.error("--samples-per-shard must be >= 1 and --workers >= 0")
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
-    try:
-        manifest = pack(args.src, args.out, settings, progress=not args.quiet)
-    except CrackioError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: report(pack(args.src, args.out, settings, progress=not args.quiet), args), args.out)
+
+
+def check(out: Path) -> int:
+    problems = 0
+    for line in verify(out):
+        problems += 1
+        print(f"damaged: {line}", file=sys.stderr)
+    samples = read_manifest(out)["samples"]
+    if problems:
+        print(f"{problems} of {samples} samples in {out} are damaged: re-run `python tools/pack.py SRC --out {out}`")
+        return 1
+    print(f"{out}: all {samples} samples match their checksums")
+    return 0
+
+
+def report(manifest: dict, args: argparse.Namespace) -> int:
     print_skipped(manifest, args.out)
     for split, info in manifest["splits"].items():
         if info["converted_list"]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.annotations import FORMATS  # noqa: E402
-from crackio.errors import CrackioError  # noqa: E402
 from crackio.pack import print_skipped, warnings  # noqa: E402
 from crackio.proposals import METHODS, MODES, ProposalSettings  # noqa: E402
 from crackio.propose import ProposeSettings, propose_to_shards, summary  # noqa: E402
+from crackio.workers import run_command  # noqa: E402
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -82,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
     )
-    try:
-        manifest = propose_to_shards(
-            args.src, args.format, args.out, proposal, run, args.crops, progress=not args.quiet
-        )
-    except CrackioError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(
+        lambda: report(
+            propose_to_shards(args.src, args.format, args.out, proposal, run, args.crops, progress=not args.quiet),
+            args,
+        ),
+        args.out,
+    )
+
+
+def report(manifest: dict, args: argparse.Namespace) -> int:
     print_skipped(manifest, args.out, word="problem")
     print(summary(manifest, args.out))
     problems = warnings(manifest)  # leakage between splits, labels no threshold explains

@@ -1,0 +1,158 @@
+"""The output folder of a pack or proposal run: one writer at a time, and what crackio wrote there.
+
+- **One writer.** A run holds an exclusive `flock` on `OUT/.crackio.lock` for its whole
+  length; a second run into the same folder fails at once naming the holder's PID. The
+  kernel drops the lock when its process ends, so a killed run never blocks the next one.
+- **Only its own files.** `OUT/.crackio-written.json` lists every file a run may write,
+  recorded before any is written. A re-run deletes only listed files it no longer needs
+  (and folders that end up empty), refuses to overwrite a file it did not write, and
+  removes the temporaries of listed files. A pack written before the list existed is
+  known from its `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+from crackio.errors import ConfigError, write_error
+from crackio.names import display_name
+
+LOCK = ".crackio.lock"
+WRITTEN = ".crackio-written.json"
+MANIFEST = "manifest.json"
+
+
+def plain_relative(path: str) -> bool:
+    """A path crackio may name inside OUT: relative, no `..`, no empty or `.` parts, no backslash."""
+    p = PurePosixPath(path)
+    return (
+        isinstance(path, str)
+        and bool(path)
+        and not p.is_absolute()
+        and "\\" not in path
+        and "\x00" not in path
+        and all(part not in ("", ".", "..") for part in path.split("/"))
+    )
+
+
+def manifest_files(manifest: dict) -> set[str]:
+    """The files a manifest says its pack consists of (relative to OUT), plain names only."""
+    files = {MANIFEST}
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    for split, info in (splits or {}).items() if isinstance(splits, dict) else ():
+        if not (isinstance(split, str) and plain_relative(split) and "/" not in split and isinstance(info, dict)):
+            continue
+        files |= {f"{split}/index.npy", f"{split}/converted.tsv"}
+        for shard in info.get("shards") or []:
+            name = shard.get("name") if isinstance(shard, dict) else None
+            if isinstance(name, str) and plain_relative(name) and "/" not in name and name.endswith(".tar"):
+                files |= {f"{split}/{name}", f"{split}/{name[:-4]}.idx"}
+    return files
+
+
+class OutputFolder:
+    """Hold OUT for one run: `with OutputFolder(out) as folder: folder.claim(paths); ...; folder.finish(keep)`.
+
+    Raises (on entry):
+        ConfigError: another run holds the folder (its PID named), or OUT is not a folder.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        self._fd: int | None = None
+        self.written: set[str] = set()
+
+    def __enter__(self) -> OutputFolder:
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {display_name(self.out)} exists and is not a folder: choose a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.out, e) from None
+        try:
+            fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(self.out / LOCK, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{display_name(self.out)} is being written by another crackio run (PID {holder}): wait for it "
+                f"to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        self.written = self._previously_written()
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:  # interrupted or failed: workers killed by a signal could not remove theirs
+            self.remove_temporaries()
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (unlinking a lock file races)
+            self._fd = None
+
+    def _previously_written(self) -> set[str]:
+        written: set[str] = set()
+        for name, read in ((WRITTEN, lambda d: d.get("files", [])), (MANIFEST, manifest_files)):
+            try:
+                data = json.loads((self.out / name).read_text())
+                files = read(data)
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue  # missing or damaged: then nothing is known to be ours from it
+            written |= {f for f in files if isinstance(f, str) and plain_relative(f)}
+        return written
+
+    def _record(self) -> None:
+        from crackio.shards import atomic_write
+
+        text = json.dumps({"files": sorted(self.written)}, indent=0) + "\n"
+        atomic_write(self.out / WRITTEN, text.encode())
+
+    def claim(self, paths: set[str]) -> None:
+        """Record `paths` (relative to OUT) as crackio's before writing any, and remove their temporaries.
+
+        Raises:
+            ConfigError: one of them exists and crackio did not write it (never overwritten).
+        """
+        foreign = sorted(p for p in paths - self.written if (self.out / p).exists() and not (self.out / p).is_dir())
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise ConfigError(
+                f"{display_name(self.out / foreign[0])}{more} exists and was not written by crackio: move it "
+                f"away or choose another --out (crackio never overwrites files it did not write)"
+            )
+        self.written |= paths
+        self._record()
+        self.remove_temporaries()
+
+    def remove_temporaries(self) -> None:
+        """Remove `<name>.tmp` and `<name>.<random>.tmp` of every recorded file (an interrupted run's)."""
+        for p in sorted(self.written):
+            target = self.out / p
+            if target.parent.is_dir():
+                for tmp in target.parent.glob(f"{_glob_escape(target.name)}.*"):
+                    if tmp.name.endswith(".tmp"):
+                        tmp.unlink(missing_ok=True)
+
+    def finish(self, keep: set[str]) -> None:
+        """After a complete run: delete the files crackio wrote earlier that `keep` lacks, then folders left
+        empty by that (an earlier pack's split), and record `keep` as what OUT holds."""
+        for p in sorted(self.written - keep):
+            (self.out / p).unlink(missing_ok=True)
+            parent = (self.out / p).parent
+            while parent != self.out and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        self.written = set(keep)
+        self._record()
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)

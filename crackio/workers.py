@@ -1,0 +1,170 @@
+"""Worker processes for the writing stages (pack, propose): ordered results, progress, a prompt clean stop.
+
+Why processes: a thread pool tops out near one core, because Python's per-sample work
+(tar headers, metadata, bookkeeping) holds the GIL between the decodes that release it.
+Each worker writes whole shards, so nothing per sample crosses a process boundary.
+
+Why `fork`: `spawn` and `forkserver` start each worker by re-running the user's main
+module, and users call `pack` from scripts without a `__main__` guard, from `python -c`
+and from notebooks; a forked worker starts from the caller's memory and re-runs nothing.
+
+Stopping: workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group);
+the parent sets a shared event on Ctrl-C, SIGTERM (see `sigterm_as_interrupt`) or any
+error, each worker stops at its next sample (`check_stop`), removes its temporary and
+returns, and the parent re-raises. A worker whose parent died stops the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Stopped(Exception):
+    """Raised inside a worker when the run is stopping; the parent raises the original cause."""
+
+
+class _Local:
+    """Stand-ins for the shared event and counter when tasks run in the calling process."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def is_set(self) -> bool:
+        return False
+
+    def get_lock(self):
+        return contextlib.nullcontext()
+
+
+_stop = _Local()
+_done = _Local()
+_parent = 0
+
+
+def _init(stop, done, parent: int) -> None:
+    global _stop, _done, _parent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop, _done, _parent = stop, done, parent
+
+
+def check_stop() -> None:
+    """Call once per sample inside a task: raises `Stopped` when the run is stopping or the parent is gone."""
+    if _stop.is_set() or (_parent and os.getppid() != _parent):
+        raise Stopped
+
+
+def tick(n: int = 1) -> None:
+    """Count `n` finished samples for the parent's progress bar."""
+    with _done.get_lock():
+        _done.value += n
+
+
+def run_ordered(
+    fn: Callable[[T], R], tasks: Sequence[T], workers: int, progress: Callable[[int], None] | None = None
+) -> Iterator[R]:
+    """`fn(task)` for every task, yielded in task order; at most 2 x workers tasks in flight.
+
+    `workers` <= 1 (or a single task) runs in this process. `progress(n)` is called with the
+    number of samples finished so far (`tick`). `fn` and the tasks must be picklable results-wise:
+    a task's return value travels back through a pipe.
+
+    Raises:
+        whatever a task raised (the first, in task order), after every worker has stopped;
+        KeyboardInterrupt and SystemExit likewise, once the workers are gone.
+    """
+    global _done
+    if workers <= 1 or len(tasks) <= 1:
+        _done = _Local()
+        for task in tasks:
+            result = fn(task)
+            if progress:
+                progress(_done.value)
+            yield result
+        return
+    context = multiprocessing.get_context("fork")
+    stop, done = context.Event(), context.Value("q", 0)
+    with ProcessPoolExecutor(
+        min(workers, len(tasks)), mp_context=context, initializer=_init, initargs=(stop, done, os.getpid())
+    ) as pool:
+        pending: deque = deque()
+        queued = iter(tasks)
+        try:
+            for task in queued:
+                pending.append(pool.submit(fn, task))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                while not pending[0].done():
+                    wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    if progress:
+                        progress(done.value)
+                yield pending.popleft().result()
+                for task in queued:
+                    pending.append(pool.submit(fn, task))
+                    break
+        except BaseException:
+            stop.set()  # every worker stops at its next sample and removes its temporary
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            if progress:
+                progress(done.value)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block SIGTERM raises KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C.
+
+    Only in the main thread (signal handlers can be set nowhere else); elsewhere a no-op.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(body: Callable[[], int], out: object) -> int:
+    """A writing command's body (tools/pack.py, tools/propose.py) with its failures as one line on stderr.
+
+    SIGTERM acts as Ctrl-C. Returns the body's exit code; 2 for bad input or a failed write
+    (`CrackioError`: no space left, a held folder, ...); 130 (Ctrl-C) or 143 (SIGTERM) when
+    interrupted, after the workers and temporaries are gone. Anything else is a bug: it propagates.
+    """
+    import sys
+
+    from crackio.errors import CrackioError
+
+    try:
+        with sigterm_as_interrupt():
+            return body()
+    except CrackioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(
+            f"interrupted: {out} holds no complete output (workers stopped, temporaries removed); run the same "
+            f"command again to finish",
+            file=sys.stderr,
+        )
+        return 143 if "SIGTERM" in str(e) else 130

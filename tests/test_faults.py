@@ -1,0 +1,393 @@
+"""Faults and hostile files on the shards side: every failure one clear line, nothing left behind, nothing read
+or written outside the folders named, never a folder the loader accepts with wrong samples."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crackio import shards as shards_module
+from crackio.errors import ConfigError, WriteError
+from crackio.loader import make_loader
+from crackio.outdir import LOCK, WRITTEN, OutputFolder
+from crackio.pack import PackSettings, pack
+from crackio.shards import ShardError, load_index, read_manifest, verify
+from tests.conftest import BACKENDS, ROOT
+from tests.test_pack import shard_files
+
+PACK = [sys.executable, str(ROOT / "tools" / "pack.py")]
+
+
+def one_line(stderr: str) -> str:
+    """The CLI's message: exactly one line, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture()
+def shards(demo_shards, tmp_path) -> Path:
+    """A private copy of the demo shards to damage."""
+    import shutil
+
+    out = tmp_path / "shards"
+    shutil.copytree(demo_shards, out)
+    return out
+
+
+def edit_manifest(out: Path, change) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+# --- 1. the shards folder is untrusted input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../../outside.tar", "/etc/passwd", "train/../../x.tar", "valid-000000.tar", "train-1.tar", ""]
+)
+def test_a_manifest_naming_a_file_outside_the_split_is_refused(shards, tmp_path, name):
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes((shards / "train" / "train-000000.tar").read_bytes())
+    edit_manifest(shards, lambda m: m["splits"]["train"]["shards"][0].update(name=name))
+    with pytest.raises(ShardError, match="not a file train-NNNNNN.tar of the split's folder"):
+        load_index(shards, "train")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(splits=[]), "no 'splits' object"),
+        (lambda m: m["splits"].update({"..": m["splits"]["train"]}), "not a plain folder name"),
+        (lambda m: m["splits"]["train"].update(samples="160"), "'samples' \\(an integer"),
+        (lambda m: m["splits"]["train"].update(samples=-1), "'samples' \\(an integer"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(bytes=None), "'bytes' as integers"),
+        (lambda m: m["splits"]["train"]["shards"].append("x"), "has no name"),
+        (lambda m: m["splits"]["train"].update(samples=159), "hold 160 samples, not 159"),
+    ],
+)
+def test_malformed_manifest_fields_are_one_shard_error(shards, change, message):
+    edit_manifest(shards, change)
+    with pytest.raises(ShardError, match=message):
+        load_index(shards, "train")
+
+
+def test_unreadable_or_hostile_json_is_a_shard_error(shards):
+    for text in ["[" * 100_000, "not json", "[1, 2]", '{"format_version": 2}']:
+        (shards / "manifest.json").write_text(text)
+        with pytest.raises(ShardError, match=r"manifest.json"):
+            load_index(shards, "train")
+
+
+def rewrite_index(out: Path, change) -> None:
+    rows = np.load(out / "train" / "index.npy")
+    change(rows)
+    np.save(out / "train" / "index.npy", rows)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["shard"].__setitem__(3, 99), "shard numbers outside"),
+        (lambda r: r["shard"].__setitem__(3, -1), "shard numbers outside"),
+        (lambda r: r["offset"].__setitem__(3, -5), "row 3 points outside its tar"),
+        (lambda r: r["size"].__setitem__(3, 10**12), "row 3 points outside its tar"),
+        (lambda r: r["key"].__setitem__(3, 0), "keys that are not strictly ascending"),
+    ],
+)
+def test_index_rows_are_checked_before_use(shards, change, message):
+    rewrite_index(shards, change)
+    with pytest.raises(ShardError, match=message):
+        load_index(shards, "train")
+
+
+def test_malformed_index_files_are_shard_errors(shards):
+    path = shards / "train" / "index.npy"
+    good = path.read_bytes()
+    header_end = good.index(b"\n") + 1
+    bigger = good[:header_end].replace(b"(160,)", b"(99999999,)")  # claims far more rows than the file holds
+    for data, message in [
+        (bigger + good[header_end:], "cannot be read"),
+        (b"\x93NUMPY garbage", "cannot be read"),
+        (b"", "cannot be read"),
+    ]:
+        path.write_bytes(data)
+        with pytest.raises(ShardError, match=message):
+            load_index(shards, "train")
+    np.save(path, np.arange(160), allow_pickle=False)
+    with pytest.raises(ShardError, match="not a crackio index"):
+        load_index(shards, "train")
+    np.save(path, np.array([{"a": 1}] * 160, dtype=object), allow_pickle=True)  # a pickle inside the .npy
+    with pytest.raises(ShardError, match="cannot be read"):
+        load_index(shards, "train")
+
+
+def test_validation_costs_little(shards):
+    start = time.perf_counter()
+    for _ in range(10):
+        load_index(shards, "train")
+    assert (time.perf_counter() - start) / 10 < 1.0  # generous: the figure is measured in README, not here
+
+
+# --- 6. integrity of stored samples ------------------------------------------------------------------------------
+
+
+def flip_byte_in_a_stored_jpeg(out: Path) -> tuple[int, str]:
+    index = load_index(out, "train")
+    row = 5
+    offset, size = int(index.rows["offset"][row]), int(index.rows["size"][row])
+    tar = index.shards[int(index.rows["shard"][row])]
+    with open(tar, "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    return row, index.filenames(np.array([row]))[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flipped_byte_is_refused_before_decoding_by_both_backends(shards, backend):
+    row, name = flip_byte_in_a_stored_jpeg(shards)
+    loader = make_loader(shards, "train", batch_size=160, train=False, backend=backend, device="cpu")
+    with pytest.raises(ShardError, match=rf"sample {row} \({name}\) in .*train-000000.tar does not match its checksum"):
+        next(iter(loader))
+
+
+def test_swapped_samples_are_found(shards):
+    rows = np.load(shards / "train" / "index.npy")
+    rows[["offset", "size", "crc32"]][[1, 2]] = rows[["offset", "size", "crc32"]][[2, 1]]  # labels now mismatched
+    np.save(shards / "train" / "index.npy", rows)
+    problems = list(verify(shards))
+    assert len(problems) == 2 and all("points at member" in p for p in problems)
+
+
+def test_verify_command(shards):
+    ok = subprocess.run([*PACK, "--verify", str(shards)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "all 240 samples match" in ok.stdout, ok.stderr
+    _, name = flip_byte_in_a_stored_jpeg(shards)
+    bad = subprocess.run([*PACK, "--verify", str(shards)], capture_output=True, text=True)
+    assert bad.returncode == 1 and name in one_line(bad.stderr) and "1 of 240 samples" in bad.stdout
+
+
+# --- 3. out of space -------------------------------------------------------------------------------------------
+
+
+class FillsUp:
+    """A file whose disk fills after 100 KB: every later write raises ENOSPC, as a real full disk does."""
+
+    def __init__(self, f):
+        self.f, self.left = f, 100_000
+
+    @classmethod
+    def open(cls, path, mode="r", buffering=-1):
+        return cls(open(path, mode, buffering=0))
+
+    def write(self, data):
+        self.left -= len(data)
+        if self.left < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_during_pack_is_one_line_and_leaves_no_temporaries(demo_src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(shards_module, "open", FillsUp.open, raising=False)  # the tar writer's open()
+    with pytest.raises(WriteError, match=r"no space left on device while writing .*train-000000.tar.tmp: free space"):
+        pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    assert not temporaries(out) and not (out / "manifest.json").exists()
+    with pytest.raises(ShardError, match="is missing"):
+        load_index(out, "train")
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_during_pack_keeps_the_previous_state_out_of_the_loader(demo_src, tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    try:
+        out = disk / "shards"
+        run = subprocess.run([*PACK, str(demo_src), "--out", str(out), "--quiet"], capture_output=True, text=True)
+        assert run.returncode == 2
+        assert "no space left on device while writing" in one_line(run.stderr) and str(out) in run.stderr
+        assert not temporaries(out) and not (out / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# --- 4. signals -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_src(demo_src, tmp_path_factory) -> Path:
+    """6,000 names (hard links to the demo crops): a pack that takes a few seconds."""
+    src = tmp_path_factory.mktemp("big") / "train"
+    src.mkdir()
+    crops = sorted((demo_src / "train").iterdir())
+    for i in range(6000):
+        c = crops[i % len(crops)]
+        stem = c.name.split(".", 1)[0]
+        (src / f"{stem}_c{i // len(crops)}{c.name[len(stem) :]}").hardlink_to(c)
+    return src.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(big_src, tmp_path, sig, code):
+    out = tmp_path / "out"
+    cmd = [*PACK, str(big_src), "--out", str(out), "--workers", "2", "--samples-per-shard", "300", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("train/*.tar*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the pack finished before the signal")
+    sent = time.monotonic()
+    # Ctrl-C in a terminal reaches the whole process group; `kill PID` only the main process.
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+    stderr = proc.communicate(timeout=30)[1]
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == code and one_line(stderr).startswith("interrupted:")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no worker left behind
+    assert not temporaries(out) and not (out / "manifest.json").exists()
+    subprocess.run(cmd, check=True, capture_output=True)
+    clean = tmp_path / "clean"
+    subprocess.run(cmd[:4] + [str(clean)] + cmd[5:], check=True, capture_output=True)
+    assert shard_files(out) == shard_files(clean)
+
+
+# --- 5. one writer per folder; only crackio's own files ------------------------------------------------------------
+
+
+def test_a_second_run_into_a_held_folder_exits_at_once_naming_the_holder(demo_src, tmp_path):
+    out = tmp_path / "out"
+    with OutputFolder(out):
+        with pytest.raises(ConfigError, match=rf"being written by another crackio run \(PID {os.getpid()}\)"):
+            pack(demo_src, out, PackSettings(workers=1), progress=False)
+        run = subprocess.run([*PACK, str(demo_src), "--out", str(out), "--quiet"], capture_output=True, text=True)
+        assert run.returncode == 2 and f"PID {os.getpid()}" in one_line(run.stderr)
+    # The lock file of a finished (or killed) holder stays behind and blocks nobody.
+    assert (out / LOCK).exists()
+    pack(demo_src, out, PackSettings(workers=1), progress=False)
+
+
+@pytest.mark.slow
+def test_two_concurrent_packs_into_one_folder_never_leave_wrong_samples(big_src, tmp_path):
+    out = tmp_path / "out"
+    cmds = [
+        [*PACK, str(big_src), "--out", str(out), "--workers", "1", "--seed", str(seed), "--quiet"] for seed in (1, 2)
+    ]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2]
+    refused = next(err for code, err in results if code == 2)
+    assert "being written by another crackio run" in one_line(refused)
+    assert list(verify(out)) == []
+    seed = read_manifest(out)["seed"]
+    assert results[seed - 1][0] == 0  # the folder holds the pack of the run that succeeded
+
+
+def test_files_crackio_did_not_write_are_never_overwritten(demo_src, tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "train-000000.tar").write_bytes(b"a user's file with a shard's name")
+    with pytest.raises(ConfigError, match=r"train-000000.tar exists and was not written by crackio"):
+        pack(demo_src, out, PackSettings(workers=1), progress=False)
+    assert (out / "train" / "train-000000.tar").read_bytes() == b"a user's file with a shard's name"
+
+
+def test_a_split_gone_from_the_source_loses_its_old_folder(demo_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    out = tmp_path / "out"
+    pack(src, out, PackSettings(workers=1), progress=False)
+    (out / "test" / "mine.txt").write_text("a user's note")
+    (out / "valid" / "README").write_text("kept")
+    shutil.rmtree(src / "valid")
+    shutil.rmtree(src / "test")
+    pack(src, out, PackSettings(workers=1), progress=False)
+    assert not (out / "test" / "index.npy").exists() and not list((out / "test").glob("*.tar"))
+    assert (out / "test" / "mine.txt").read_text() == "a user's note"  # so its folder stays
+    assert sorted(p.name for p in (out / "valid").iterdir()) == ["README"]
+    assert "valid" not in json.loads((out / WRITTEN).read_text())["files"]
+
+
+def test_out_inside_src_is_not_read_back_as_a_split(demo_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    first = pack(src, src / "shards", PackSettings(workers=1), progress=False)
+    again = pack(src, src / "shards", PackSettings(workers=1), progress=False)
+    assert list(again["splits"]) == ["train", "valid", "test"] == list(first["splits"])
+    assert again["samples"] == first["samples"] == 240 and not again["skipped"]
+
+
+# --- 7. source folders as file systems really are -------------------------------------------------------------------
+
+
+def test_links_pipes_sockets_and_devices_named_like_proposals(demo_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src / "train", src / "train")
+    t = src / "train"
+    good = sorted(t.iterdir())[0]
+    (t / "loop.1.0_000.0.jpg").symlink_to(t / "loop.1.0_000.0.jpg")
+    (t / "dangling.1.0_000.0.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (t / "zero.1.0_000.0.jpg").symlink_to("/dev/zero")
+    (t / "linked.1.0_000.0.jpg").symlink_to(good)
+    os.mkfifo(t / "pipe.1.0_000.0.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(t / "sock.1.0_000.0.jpg"))
+    try:
+        manifest = pack(src, tmp_path / "out", PackSettings(workers=2), progress=False)
+    finally:
+        sock.close()
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {f"{n}.1.0_000.0.jpg" for n in ("loop", "dangling", "zero", "pipe", "sock")}
+    assert all("not a regular file" in r for r in skipped.values())
+    index = load_index(tmp_path / "out", "train")
+    assert "linked.1.0_000.0.jpg" in index.filenames(np.arange(len(index)))  # a link to a regular file is followed
+
+
+def test_a_file_larger_than_any_crop_is_skipped_before_it_is_read(tmp_path, monkeypatch):
+    from crackio import images
+
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate(images.MAX_FILE_BYTES + 1)  # sparse: nothing to read, and it must not be read
+    reads = []
+    monkeypatch.setattr(images.io, "BytesIO", lambda *a: reads.append(a) or pytest.fail("read"))
+    result = images.prepare(str(path))
+    assert result.data is None and "larger than any plausible crop" in result.note and not reads
+
+
+def test_a_name_the_packer_writes_crc_for_is_the_bytes_it_stored(demo_shards):
+    index = load_index(demo_shards, "valid")
+    tar = index.shards[0].read_bytes()
+    for row in index.rows[:20]:
+        data = tar[row["offset"] : row["offset"] + row["size"]]
+        assert zlib.crc32(data) == row["crc32"]
