@@ -13,8 +13,17 @@ import torch
 
 from crackio.augment import AugmentParams, draw_params
 from crackio.errors import ConfigError
-from crackio.reader import ByteReader
-from crackio.samplers import check_drawable, epoch_order, labels_for, rank_batches, sampler_options, select
+from crackio.reader import BlockReader, ByteReader
+from crackio.samplers import (
+    ORDERS,
+    block_order,
+    check_drawable,
+    epoch_order,
+    labels_for,
+    rank_batches,
+    sampler_options,
+    select,
+)
 from crackio.shards import load_index
 
 BACKENDS = ("auto", "dali", "torch")
@@ -78,6 +87,13 @@ class Loader:
         output: "float32" (default): ImageNet-normalized images; "uint8": augmented 0-255 images, 4x fewer
             bytes, for a consumer that normalizes on its own device (crackio.augment.normalize; the trainer's
             model does it on CUDA).
+        order: "random" (default): every batch drawn from the whole split, one random read per sample;
+            "block": training batches drawn from a shuffle window of `window` blocks of `block_size`
+            consecutive rows, read ahead a block at a time (crackio.samplers.block_order): sequential reads
+            for shards on a network file system, a spinning disk or a split larger than memory. The same
+            samples per epoch, the same number of steps; eval order is sequential either way.
+        block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
+            (default 8).
         **options: the sampler's, e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
             replacement=True, num_samples=None.
 
@@ -102,6 +118,9 @@ class Loader:
         world_size: int = 1,
         workers: int | None = None,
         output: str = "float32",
+        order: str = "random",
+        block_size: int = 128,
+        window: int = 8,
         **options,
     ):
         if batch_size < 1:
@@ -116,8 +135,14 @@ class Loader:
                 "backend 'dali' asked for but NVIDIA DALI is not installed "
                 "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'"
             )
+        if order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
+        if not (isinstance(block_size, int) and block_size >= 1 and isinstance(window, int) and window >= 1):
+            raise ConfigError(f"block_size and window must be integers >= 1, got {block_size!r} and {window!r}")
+        self.order, self.block_size, self.window = order, block_size, window
         self.index = load_index(shards, split)
-        self.reader = ByteReader(self.index)
+        blocks = order == "block" and train
+        self.reader = BlockReader(self.index, block_size) if blocks else ByteReader(self.index)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -149,7 +174,14 @@ class Loader:
         per epoch (`len(loader)` and the iteration share it)."""
         if self._planned[0] != epoch:
             order = epoch_order(self.selection, self.labels, self.sampler, self.options, self.seed, epoch, self.train)
-            self._planned = (epoch, rank_batches(order, self.batch_size, self.rank, self.world_size, self.train))
+            if isinstance(self.reader, BlockReader):  # train in block order: this rank's part, batch by batch
+                mine = block_order(
+                    order, len(self.index), self.block_size, self.window, self.seed, epoch, self.rank, self.world_size
+                )
+                # Equal parts per rank: the same cut into batches as rank_batches on world_size 1.
+                self._planned = (epoch, rank_batches(mine, self.batch_size, 0, 1, True))
+            else:
+                self._planned = (epoch, rank_batches(order, self.batch_size, self.rank, self.world_size, self.train))
         return self._planned[1]
 
     def __len__(self) -> int:
@@ -168,7 +200,10 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch += 1  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
-        for images, ids in self.backend.run_epoch(*self.plan(epoch)):
+        batches, params = self.plan(epoch)
+        if isinstance(self.reader, BlockReader):
+            self.reader.prefetch(batches)
+        for images, ids in self.backend.run_epoch(batches, params):
             yield Batch(
                 images,
                 self._labels[ids].to(self.device),

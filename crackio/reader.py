@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -45,13 +46,16 @@ class ByteReader:
         out = []
         for i in ids:
             shard, size = int(self.shard[i]), int(self.size[i])
-            data = os.pread(self._fd(shard), size, int(self.offset[i]))
+            data = self._bytes(int(i), shard, size)
             # zlib.crc32: ~2 us for a 10 KB crop, against ~100 us to decode it.
             if len(data) != size or zlib.crc32(data) != int(self.crc32[i]):
                 what = "does not match its checksum" if len(data) == size else "is cut short"
                 raise self._damaged(int(i), shard, what)
             out.append(data)
         return out
+
+    def _bytes(self, row: int, shard: int, size: int) -> bytes:
+        return os.pread(self._fd(shard), size, int(self.offset[row]))
 
     def _damaged(self, row: int, shard: int, what: str) -> ShardError:
         name = bytes(self.filename[row]).decode(errors="replace")
@@ -73,3 +77,108 @@ class ByteReader:
         for shard in np.flatnonzero(first == stop)[:1]:
             raise ShardError(f"{self.paths[shard]} has no sample in the index: " + REPACK.format(root=self.root))
         self.read(order[np.stack([first, stop - 1], axis=1).ravel()])
+
+
+class BlockReader(ByteReader):
+    """A `ByteReader` for block order: whole blocks read ahead, one sequential `pread` per block and tar.
+
+    `prefetch(batches)` at the start of an epoch hands over the epoch's plan; a thread then reads
+    the blocks (`block_size` consecutive index rows) in the order the plan first needs them, the
+    byte span from the first to the last needed sample of the block in each tar, keeping at most
+    `budget` bytes that are not yet consumed. `read` serves samples from those buffers and frees a
+    block once its last planned sample has been read. A sample whose block is not buffered yet is
+    read directly (never a wait on the read-ahead, so no ordering of the backends' threads can
+    deadlock it). Thread-safe; checksums are checked as in `ByteReader`.
+    """
+
+    def __init__(self, index: SplitIndex, block_size: int, budget: int = 64 << 20):
+        super().__init__(index)
+        self.block_size, self.budget = block_size, budget
+        self._cond = threading.Condition()
+        self._buffers: dict[tuple[int, int], tuple[int, bytes]] = {}  # (block, shard) -> (first offset, bytes)
+        self._left: dict[int, int] = {}  # block -> planned reads not yet served
+        self._held = 0  # bytes buffered
+        self._epoch = 0  # bumped by every prefetch: an older read-ahead thread stops
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_cond", "_buffers", "_left")} | {
+            "_buffers": {},
+            "_left": {},
+            "_held": 0,
+        }
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cond = threading.Condition()
+
+    def prefetch(self, batches: list[np.ndarray]) -> None:
+        """Start reading ahead for an epoch whose batches (row ids) will be read in this order."""
+        ids = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        blocks = ids // self.block_size
+        uses = np.bincount(blocks, minlength=1)
+        _, first = np.unique(blocks, return_index=True)
+        order = blocks[np.sort(first)]  # blocks by first use
+        needed = np.zeros(len(self.shard), bool)
+        needed[ids] = True
+        with self._cond:
+            self._epoch += 1
+            self._buffers.clear()
+            self._held = 0
+            self._left = {int(b): int(uses[b]) for b in order}
+            self._cond.notify_all()
+        thread = threading.Thread(
+            target=self._read_ahead, args=(self._epoch, order, needed), name="crackio-block-reader", daemon=True
+        )
+        thread.start()
+
+    def _spans(self, block: int, needed: np.ndarray) -> list[tuple[int, int, int]]:
+        rows = np.arange(block * self.block_size, min((block + 1) * self.block_size, len(self.shard)))
+        rows = rows[needed[rows]]
+        spans = []
+        for shard in np.unique(self.shard[rows]):
+            mine = rows[self.shard[rows] == shard]
+            start = int(self.offset[mine].min())
+            spans.append((int(shard), start, int((self.offset[mine] + self.size[mine]).max()) - start))
+        return spans
+
+    def _read_ahead(self, epoch: int, order: np.ndarray, needed: np.ndarray) -> None:
+        for block in order:
+            block = int(block)
+            for shard, start, length in self._spans(block, needed):
+                with self._cond:
+                    while self._epoch == epoch and self._held > 0 and self._held + length > self.budget:
+                        self._cond.wait()
+                    if self._epoch != epoch:
+                        return
+                    if self._left.get(block, 0) == 0:
+                        break  # already consumed by direct reads
+                try:
+                    data = os.pread(self._fd(shard), length, start)
+                except OSError:
+                    return  # a reader thread never fails the epoch: `read` reads directly and reports the error
+                with self._cond:
+                    if self._epoch != epoch:
+                        return
+                    if self._left.get(block, 0) > 0:
+                        self._buffers[(block, shard)] = (start, data)
+                        self._held += len(data)
+
+    def _bytes(self, row: int, shard: int, size: int) -> bytes:
+        block = row // self.block_size
+        offset = int(self.offset[row])
+        with self._cond:
+            buffered = self._buffers.get((block, shard))
+            left = self._left.get(block, 0) - 1
+            if left <= 0:
+                self._left.pop(block, None)
+                for key in [k for k in self._buffers if k[0] == block]:
+                    self._held -= len(self._buffers.pop(key)[1])
+                self._cond.notify_all()
+            else:
+                self._left[block] = left
+        if buffered is not None:
+            start, data = buffered
+            if start <= offset and offset + size <= start + len(data):
+                return data[offset - start : offset - start + size]
+        return os.pread(self._fd(shard), size, offset)

@@ -9,6 +9,7 @@ import torch
 from crackio import Batch, ShardError, make_loader
 from crackio.augment import MEAN, STD
 from crackio.names import parse_name
+from crackio.reader import BlockReader, ByteReader
 from crackio.shards import load_index
 from tests.conftest import BACKENDS, code_color, decode_id, needs_dali
 
@@ -239,3 +240,58 @@ def test_simplejpeg_and_torchvision_decode_the_same_pixels(demo_shards):
     for data in ByteReader(index).read(np.arange(min(64, len(index)))):
         tv = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy()
         assert np.array_equal(simplejpeg.decode_jpeg(data, colorspace="RGB"), tv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_order_keeps_images_attached_and_reads_every_planned_sample(coded_shards, backend):
+    loader = make_loader(
+        coded_shards,
+        "train",
+        batch_size=8,
+        train=True,
+        backend=backend,
+        device="cpu",
+        seed=2,
+        order="block",
+        block_size=7,
+        window=2,
+    )
+    assert isinstance(loader.reader, BlockReader)
+    ids, params = loader.plan(0)
+    assert sorted(np.concatenate(ids)) == sorted(set(np.concatenate(ids)))  # shuffle: each row at most once
+    assert len(ids) == 100 // 8  # the same steps as random order
+    for b, p, planned in zip(collect(loader), params, ids):
+        assert b.names == loader.index.filenames(planned)
+        for name, rgb, factor in zip(b.names, center_rgb(b.images), p.brightness):
+            expected = np.clip(np.round(np.array(code_color(parse_name(name).proposal)) * factor), 0, 255)
+            assert np.abs(rgb - expected).max() < 4, (name, rgb, expected)
+    assert loader.reader._held == 0 and not loader.reader._buffers  # every block freed after its last read
+
+
+def test_block_order_is_the_same_on_both_backends_and_on_resume(demo_shards):
+    def names(backend, epoch):
+        loader = make_loader(
+            demo_shards, "train", batch_size=8, train=True, backend=backend, device="cpu", order="block", block_size=16
+        )
+        loader.epoch = epoch  # resume at this epoch
+        return [b.names for b in collect(loader)]
+
+    assert names("torch", 1) == names(BACKENDS[-1], 1) != names("torch", 0)
+    eval_block = make_loader(demo_shards, "valid", batch_size=8, train=False, device="cpu", order="block")
+    eval_random = make_loader(demo_shards, "valid", batch_size=8, train=False, device="cpu")
+    assert [b.names for b in collect(eval_block)] == [b.names for b in collect(eval_random)]
+
+
+def test_block_reader_serves_a_sample_from_an_unbuffered_block_directly(coded_shards):
+    from crackio.shards import load_index
+
+    reader = BlockReader(load_index(coded_shards, "train"), block_size=5, budget=1)  # buffers one block at most
+    plan = [np.arange(100)[::-1].copy()]  # the reverse of the read-ahead's order of first use
+    reader.prefetch(plan)
+    assert reader.read(np.arange(100)) == ByteReader(load_index(coded_shards, "train")).read(np.arange(100))
+
+
+def test_order_options_are_checked(demo_shards):
+    for bad in ({"order": "sequential"}, {"block_size": 0}, {"window": 0}, {"block_size": 2.5}):
+        with pytest.raises(ValueError, match="order must be|block_size and window"):
+            make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", **bad)
