@@ -119,3 +119,37 @@ def test_bad_bench_inputs_are_one_line(demo_src, demo_shards, capsys):
     with pytest.raises(SystemExit):
         main(["--shards", str(demo_shards), "--src", str(demo_src), "--batch-size", "100000"])
     assert "fewer than one batch" in capsys.readouterr().err
+
+
+def test_bench_scale_pack_and_memory(demo_src, demo_shards, tmp_path):
+    scale = [sys.executable, str(ROOT / "tools" / "bench_scale.py")]
+    out = tmp_path / "pack.json"
+    run = subprocess.run(
+        [*scale, "pack", str(demo_src), "--workers", "1", "2", "--samples-per-shard", "50", "--json", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())["pack"]
+    assert result["inputs"] == 240 and [r["workers"] for r in result["rows"]] == [1, 2]
+    assert all(r["files_per_sec"] > 0 and r["vs_pillow"] > 0 for r in result["rows"])
+    shares = result["shares"]
+    assert abs(shares["share_read"] + shares["share_check_decode"] + shares["share_write"] - 1) < 0.5
+    out = tmp_path / "memory.json"
+    run = subprocess.run(
+        [*scale, "memory", str(demo_shards), "--split", "train", "--processes", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    memory = json.loads(out.read_text())["memory"]
+    assert memory["processes"] == 2 and 0 < memory["sum_pss_mb"] <= memory["sum_rss_mb"]
+
+
+@pytest.mark.parametrize("row", ["random", "block", "webdataset"])
+def test_bench_scale_cold_rows_read(demo_shards, row):
+    scale = [sys.executable, str(ROOT / "tools" / "bench_scale.py")]
+    args = ["cold", str(demo_shards), "--split", "train", "--seconds", "0.5", "--batch-size", "8", "--block-size", "16"]
+    run = subprocess.run([*scale, *args, "--row", row], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1])["images_per_sec"] > 0

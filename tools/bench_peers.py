@@ -71,8 +71,11 @@ def seed_baseline(folder: Path, files: list[str], batch_size: int, workers: int)
     )
 
 
-def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int = 1000):
-    """The pipeline the `webdataset` documentation suggests, over crackio's shards."""
+def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int = 1000, resampled: bool = True):
+    """The pipeline the `webdataset` documentation suggests, over crackio's shards.
+
+    resampled=False: each worker reads its share of the tars once, in order (sequential reads, one pass).
+    """
     import webdataset as wds
     from torch.utils.data import DataLoader
 
@@ -80,9 +83,13 @@ def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int =
     # resampled=True: every worker draws shards at random, endlessly (webdataset's setting for training streams).
     # Split by worker instead, a split with fewer tars than workers (3,520 crops fit one 10,000-sample shard)
     # would leave all workers but one idle: not what a user who read the docs would measure.
-    dataset = (
+    source = (
         wds.WebDataset(tars, resampled=True, nodesplitter=wds.single_node_only, empty_check=False)
-        .shuffle(buffer)
+        if resampled
+        else wds.WebDataset(tars, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
+    )
+    dataset = (
+        source.shuffle(buffer)
         .decode("pil")  # images with PIL; .json with json (nothing is unpickled: no .pyd/.pickle members)
         .to_tuple("jpg", "json")
         .map_tuple(transform, lambda meta: meta["label"])
@@ -91,8 +98,10 @@ def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int =
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
-def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0):
-    """DALI's webdataset reader with crackio's augmentation operators (random draws inside DALI), CPU mode."""
+def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0, shuffle: bool = True):
+    """DALI's webdataset reader with crackio's augmentation operators (random draws inside DALI), CPU mode.
+
+    shuffle=False: the tars in order, sequential reads."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, seed=seed, prefetch_queue_depth=2)
@@ -101,7 +110,7 @@ def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0):
             paths=tars,
             index_paths=[t[:-4] + ".idx" for t in tars],
             ext=["jpg"],
-            random_shuffle=True,
+            random_shuffle=shuffle,
             initial_fill=1024,
             name="reader",
         )

@@ -1,0 +1,316 @@
+"""Figures at scale: packing rate against Pillow's decode, cold-cache reading by order, memory of many loaders.
+
+    python tools/bench_scale.py pack SRC [--workers 1 2] [--samples-per-shard N] [--json OUT]
+    python tools/bench_scale.py cold SHARDS [--split large] [--seconds S] [--json OUT]
+    python tools/bench_scale.py memory SHARDS [--split large] [--processes 8] [--json OUT]
+
+pack    files/s of tools/pack.py with each worker count (a fresh output folder each; peak RSS of
+        the main process and of the largest worker), beside Pillow's full decode
+        (`Image.open(path).load()`) of a sample of the same files in as many processes; the
+        share of one worker's time in reading, checking/decoding and writing; the projected
+        files/s per additional core.
+cold    img/s reading a split with the page cache dropped before each row (`echo 3 >
+        /proc/sys/vm/drop_caches`, needs root; refused otherwise) and again warm: crackio's
+        torch backend in `random` and `block` order (train, uint8 output), DALI's
+        `fn.readers.webdataset` (where DALI is installed) and the `webdataset` library reading
+        the same tars sequentially, all decoding and augmenting on the same cores.
+memory  N processes each holding a train loader on the split (index loaded, first epoch
+        planned, one batch read): the sum of their proportional set sizes (PSS, shared pages
+        split between the processes that share them) and of their private memory (USS), from
+        /proc/PID/smaps_rollup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+# --- pack -----------------------------------------------------------------------------------------------------
+
+
+def _pillow_decode(paths: list[str]) -> int:
+    from PIL import Image
+
+    for p in paths:
+        with Image.open(p) as img:
+            img.load()
+    return len(paths)
+
+
+def pillow_rate(paths: list[str], processes: int) -> float:
+    """Files/s of Pillow's full decode of `paths` (read from the page cache) in `processes` processes."""
+    import multiprocessing
+
+    _pillow_decode(paths[:200])  # warm the page cache and the imports
+    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        start = time.perf_counter()
+        done = sum(pool.imap_unordered(_pillow_decode, chunks))
+        return done / (time.perf_counter() - start)
+
+
+def shares(paths: list[str]) -> dict:
+    """Where one worker's time per file goes: reading, checking/decoding (`prepare` less its read), writing."""
+    from crackio.images import prepare
+    from crackio.shards import TarShard
+
+    t_read = t_prepare = t_write = 0.0
+    with tempfile.TemporaryDirectory() as tmp, TarShard(Path(tmp) / "x-000000.tar") as tar:
+        for key, p in enumerate(paths):
+            t0 = time.perf_counter()
+            with open(p, "rb") as f:
+                f.read()
+            t1 = time.perf_counter()
+            result = prepare(p)
+            t2 = time.perf_counter()
+            if result.data is not None:
+                tar.write(key, result.data, {"filename": os.path.basename(p), "label": 0})
+            t3 = time.perf_counter()
+            t_read, t_prepare, t_write = t_read + t1 - t0, t_prepare + t2 - t1, t_write + t3 - t2
+    n = len(paths)
+    total = t_prepare + t_write
+    return {
+        "read_us": 1e6 * t_read / n,
+        "check_decode_us": 1e6 * (t_prepare - t_read) / n,
+        "write_us": 1e6 * t_write / n,
+        "share_read": t_read / total,
+        "share_check_decode": (t_prepare - t_read) / total,
+        "share_write": t_write / total,
+        "files_per_sec_per_core": n / total,
+    }
+
+
+def bench_pack(args) -> dict:
+    from crackio.pack import discover
+
+    found = discover(args.src)
+    paths = [str(folder / p.filename) for folder, proposals in found.splits.values() for p in proposals]
+    if not paths:
+        raise SystemExit(f"error: {args.src} holds no proposal files")
+    import random
+
+    sample = random.Random(0).sample(paths, min(len(paths), args.sample))
+    rows: list[dict] = []
+    results = {"inputs": len(paths), "shares": shares(sample[:5000]), "rows": rows}
+    for workers in args.workers:
+        decode = pillow_rate(sample, workers)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            code = (
+                "import resource, sys, time; sys.path.insert(0, sys.argv[1]);"
+                "from crackio.pack import PackSettings, pack;"
+                "t = time.perf_counter();"
+                "pack(sys.argv[2], sys.argv[3], PackSettings(workers=int(sys.argv[4]),"
+                " samples_per_shard=int(sys.argv[5])), progress=False);"
+                "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+                " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+            )
+            run = subprocess.run(
+                [sys.executable, "-c", code, str(ROOT), str(args.src), tmp + "/out", str(workers),
+                 str(args.samples_per_shard)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            seconds, main_kib, child_kib = run.stdout.split()
+        rate = len(paths) / float(seconds)
+        row = {
+            "workers": workers,
+            "files_per_sec": rate,
+            "pillow_decode_files_per_sec": decode,
+            "vs_pillow": rate / decode,
+            "seconds": float(seconds),
+            "main_peak_rss_mb": int(main_kib) / 1024,
+            "worker_peak_rss_mb": int(child_kib) / 1024,
+        }
+        rows.append(row)
+        print(
+            f"  pack --workers {workers}: {rate:,.0f} files/s = {row['vs_pillow']:.2f}x Pillow's decode "
+            f"({decode:,.0f} files/s on {workers} processes)",
+            file=sys.stderr,
+        )
+    return results
+
+
+# --- cold -----------------------------------------------------------------------------------------------------
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"error: cannot drop the page cache ({e.strerror}): run `cold` as root") from None
+
+
+def cold_row(args) -> dict:
+    """One reading row in this process: img/s over `seconds` after the first batch."""
+    from tools import bench_peers as peers
+    from tools.bench import batch_len, endless
+
+    name = args.row
+    t0 = time.perf_counter()
+    if name in ("random", "block"):
+        from crackio import make_loader
+
+        loader = make_loader(
+            args.shards, args.split, batch_size=args.batch_size, train=True, backend="torch", device="cpu",
+            output="uint8", order=name, block_size=args.block_size,
+        )  # fmt: skip
+        it = endless(loader)  # a small split: epoch after epoch
+    else:
+        from crackio.shards import load_index
+
+        tars = [str(p) for p in load_index(args.shards, args.split).shards]
+        if name == "dali-reader":
+            it = peers.dali_reader(tars, args.batch_size, args.workers, shuffle=False)
+        else:
+            it = endless(peers.wds_dataloader(tars, args.batch_size, args.workers, buffer=1000, resampled=False))
+    first = next(it)
+    n, start = 0, time.perf_counter()
+    first_s = start - t0
+    while time.perf_counter() - start < args.seconds:
+        batch = next(it)
+        n += batch_len(batch)
+    del first
+    return {"name": name, "images_per_sec": n / (time.perf_counter() - start), "first_batch_s": first_s}
+
+
+def bench_cold(args) -> dict:
+    from crackio.loader import dali_available
+
+    rows = ["random", "block", *(["dali-reader"] if dali_available() else []), "webdataset"]
+    results = []
+    for cache in ("cold", "warm"):
+        for name in rows:
+            if cache == "cold":
+                drop_caches()
+            forward = [a for a in sys.argv[1:] if a not in ("--json",)]
+            run = subprocess.run(
+                [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=600
+            )
+            if run.returncode:
+                print(f"{name} ({cache}): failed\n{run.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(run.stdout.strip().splitlines()[-1]) | {"cache": cache}
+            results.append(row)
+            print(f"  {name} {cache}: {row['images_per_sec']:,.0f} img/s", file=sys.stderr)
+    return {"rows": results}
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+
+def hold_loader(shards: str, split: str, ready: str) -> None:
+    """Build a train loader, plan its first epoch, read one batch, then wait for the parent to measure."""
+    from crackio import make_loader  # from the checkout first on sys.path (bench_memory's --code)
+
+    loader = make_loader(shards, split, batch_size=32, train=True, backend="torch", device="cpu", workers=1)
+    loader.batches(0)
+    next(iter(loader))
+    Path(ready).touch()
+    time.sleep(3600)
+
+
+def smaps(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":")
+        fields[key] = int(value.split()[0])  # kB
+    return fields
+
+
+def bench_memory(args) -> dict:
+    procs, marks = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        # crackio is imported from --code (e.g. a checkout of an earlier commit: the "before" figure).
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from tools.bench_scale import hold_loader;"
+            "sys.path.insert(0, sys.argv[2]); hold_loader(*sys.argv[3:])"
+        )
+        try:
+            for k in range(args.processes):
+                marks.append(Path(tmp) / f"ready{k}")
+                cmd = [sys.executable, "-c", code, str(ROOT), str(args.code), str(args.shards), args.split]
+                procs.append(subprocess.Popen([*cmd, str(marks[-1])]))
+            deadline = time.monotonic() + 600
+            while not all(m.exists() for m in marks):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise SystemExit("error: a loader process failed or took over 10 minutes")
+                time.sleep(0.2)
+            each = [smaps(p.pid) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    total = {k: sum(e[k] for e in each) / 1024 for k in ("Rss", "Pss", "Private_Clean", "Private_Dirty")}
+    result = {
+        "processes": args.processes,
+        "sum_rss_mb": total["Rss"],
+        "sum_pss_mb": total["Pss"],
+        "sum_private_mb": total["Private_Clean"] + total["Private_Dirty"],
+    }
+    print(
+        f"  {args.processes} loaders: PSS {result['sum_pss_mb']:,.0f} MB, private {result['sum_private_mb']:,.0f} MB, "
+        f"RSS {result['sum_rss_mb']:,.0f} MB (shared pages counted in each)",
+        file=sys.stderr,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("pack", help="packing rate against Pillow's decode")
+    p.add_argument("src", type=Path)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--sample", type=int, default=20000, help="files for Pillow's rate and the time shares")
+    p.add_argument("--tmp", default=None, help="folder for the output shards (default: the system's)")
+    c = sub.add_parser("cold", help="cold- and warm-cache reading by order")
+    m = sub.add_parser("memory", help="memory of many processes holding a loader")
+    for q in (c, m):
+        q.add_argument("shards", type=Path)
+        q.add_argument("--split", default="large")
+    c.add_argument("--seconds", type=float, default=20.0)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--block-size", type=int, default=128)
+    c.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    c.add_argument("--row", help=argparse.SUPPRESS)
+    m.add_argument("--processes", type=int, default=8)
+    m.add_argument("--code", type=Path, default=ROOT, help="the checkout whose crackio to measure (default: this)")
+    for q in (p, c, m):
+        q.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.what == "cold" and args.row:
+        print(json.dumps(cold_row(args)))
+        return 0
+    result = {"pack": bench_pack, "cold": bench_cold, "memory": bench_memory}[args.what](args)
+    result = {"machine": machine(), args.what: result}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
