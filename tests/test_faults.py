@@ -391,3 +391,48 @@ def test_a_name_the_packer_writes_crc_for_is_the_bytes_it_stored(demo_shards):
     for row in index.rows[:20]:
         data = tar[row["offset"] : row["offset"] + row["size"]]
         assert zlib.crc32(data) == row["crc32"]
+
+
+# --- the proposal stage ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coco_photos(tmp_path_factory) -> Path:
+    from tools.make_demo_data import write_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    write_photos(root, images=24, seed=4, size=(320, 240), formats=("coco",))
+    return root / "coco"
+
+
+def test_a_full_disk_during_propose_is_one_line_and_leaves_nothing(coco_photos, tmp_path, monkeypatch):
+    from crackio.proposals import ProposalSettings
+    from crackio.propose import ProposeSettings, propose_to_shards
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(shards_module, "open", FillsUp.open, raising=False)
+    with pytest.raises(WriteError, match=r"no space left on device while writing .*\.tar\.tmp"):
+        settings = ProposeSettings(workers=1, samples_per_shard=20)
+        propose_to_shards(coco_photos, "coco", out, ProposalSettings(max_proposals=40), settings, progress=False)
+    assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(coco_photos), "--format", "coco", "--out", str(out)]
+    cmd += ["--max-proposals", "300", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".spool/*.bin")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the proposal run finished before the signal")
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = proc.communicate(timeout=30)[1]
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130 and one_line(stderr).startswith("interrupted:")
+    assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert list(verify(out)) == []
