@@ -35,12 +35,11 @@ class AugmentParams(NamedTuple):
     flip: np.ndarray  # int32 0/1 per sample
     angle: np.ndarray  # float32 degrees, counter-clockwise, per sample
 
-    def take(self, start: int, stop: int) -> AugmentParams:
-        return AugmentParams(*(a[start:stop] for a in self))
 
-
-def draw_params(count: int, seed: int, epoch: int, rank: int) -> AugmentParams:
-    rng = np.random.default_rng([seed, _SEED_AUG, epoch, rank])
+def draw_params(count: int, seed: int, epoch: int, rank: int, batch: int | None = None) -> AugmentParams:
+    """`count` samples' parameters, a pure function of (seed, epoch, rank) and, when given, the batch number
+    (the loader draws batch by batch: nothing per sample of the split is held for the epoch)."""
+    rng = np.random.default_rng([seed, _SEED_AUG, epoch, rank, *([] if batch is None else [batch])])
     return AugmentParams(
         brightness=rng.uniform(*BRIGHTNESS, size=count).astype(np.float32),
         flip=(rng.random(count) < FLIP_P).astype(np.int32),

@@ -47,14 +47,14 @@ _SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection 
 
 
 def relabel(ious: np.ndarray, threshold: float) -> np.ndarray:
-    """label = IoU > threshold, compared in float32 as the index stores IoUs."""
-    return (ious > np.float32(threshold)).astype(np.int64)
+    """label = IoU > threshold, compared in float32 as the index stores IoUs; int8 (1 byte a sample)."""
+    return (ious > np.float32(threshold)).astype(np.int8)
 
 
 def labels_for(named: np.ndarray, ious: np.ndarray, threshold: float | None) -> np.ndarray:
-    """The labels a run trains on: the names' own (threshold None), or IoU > threshold."""
+    """The labels a run trains on: the names' own (threshold None), or IoU > threshold; int8 0/1."""
     if threshold is None:
-        return named.astype(np.int64)
+        return named.astype(np.int8)
     if not 0 <= threshold < 1:
         raise ConfigError(f"iou_threshold must be in [0, 1) or None (the names' labels), got {threshold}")
     return relabel(ious, threshold)
