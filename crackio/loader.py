@@ -200,14 +200,18 @@ class Loader:
         batches, params = self.plan(epoch)
         if isinstance(self.reader, BlockReader):
             self.reader.prefetch(batches)
-        for images, ids in self.backend.run_epoch(batches, params):
-            rows = ids.numpy()  # labels and IoUs looked up per batch: no per-sample copy held for the run
-            yield Batch(
-                images,
-                torch.from_numpy(self.labels[rows].astype(np.float32)).to(self.device),
-                torch.from_numpy(np.asarray(self.index.ious[rows], dtype=np.float32)).to(self.device),
-                self.index.filenames(rows),
-            )
+        try:
+            for images, ids in self.backend.run_epoch(batches, params):
+                rows = ids.numpy()  # labels and IoUs looked up per batch: no per-sample copy held for the run
+                yield Batch(
+                    images,
+                    torch.from_numpy(self.labels[rows].astype(np.float32)).to(self.device),
+                    torch.from_numpy(np.asarray(self.index.ious[rows], dtype=np.float32)).to(self.device),
+                    self.index.filenames(rows),
+                )
+        finally:
+            if isinstance(self.reader, BlockReader):
+                self.reader.close()
 
 
 # The public entry point is the class itself: one signature, checked by mypy at every call.

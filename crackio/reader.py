@@ -132,6 +132,15 @@ class BlockReader(ByteReader):
         )
         thread.start()
 
+    def close(self) -> None:
+        """Stop the read-ahead and drop its buffers (the epoch ended or was abandoned)."""
+        with self._cond:
+            self._epoch += 1
+            self._buffers.clear()
+            self._left.clear()
+            self._held = 0
+            self._cond.notify_all()
+
     def _spans(self, block: int, needed: np.ndarray) -> list[tuple[int, int, int]]:
         rows = np.arange(block * self.block_size, min((block + 1) * self.block_size, len(self.shard)))
         rows = rows[needed[rows]]

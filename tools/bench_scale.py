@@ -10,10 +10,12 @@ pack    files/s of tools/pack.py with each worker count (a fresh output folder e
         share of one worker's time in reading, checking/decoding and writing; the projected
         files/s per additional core.
 cold    img/s reading a split with the page cache dropped before each row (`echo 3 >
-        /proc/sys/vm/drop_caches`, needs root; refused otherwise) and again warm: crackio's
-        torch backend in `random` and `block` order (train, uint8 output), DALI's
-        `fn.readers.webdataset` (where DALI is installed) and the `webdataset` library reading
-        the same tars sequentially, all decoding and augmenting on the same cores.
+        /proc/sys/vm/drop_caches`, needs root; refused otherwise) and again warm (every tar
+        read once first): reading only (io-random, io-block: crackio's reader in each order;
+        io-sequential: the tars front to back), then whole pipelines: crackio's torch backend
+        in `random` and `block` order (train, uint8 output), DALI's `fn.readers.webdataset`
+        (where DALI is installed) and the `webdataset` library reading the same tars
+        sequentially, all decoding and augmenting on the same cores.
 memory  N processes each holding a train loader on the split (index loaded, first epoch
         planned, one batch read): the sum of their proportional set sizes (PSS, shared pages
         split between the processes that share them) and of their private memory (USS), from
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +172,8 @@ def cold_row(args) -> dict:
 
     name = args.row
     t0 = time.perf_counter()
+    if name.startswith("io-"):
+        return io_row(args)
     if name in ("random", "block"):
         from crackio import make_loader
 
@@ -195,25 +200,89 @@ def cold_row(args) -> dict:
     return {"name": name, "images_per_sec": n / (time.perf_counter() - start), "first_batch_s": first_s}
 
 
+def io_row(args) -> dict:
+    """Reading only, no decoding: samples/s of crackio's reader in `random` or `block` order (the backend's
+    `workers` threads reading batch after batch), or of reading the tars front to back in 1 MiB chunks
+    (what DALI's and webdataset's readers do), counted as samples by the tars' samples per byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crackio import make_loader
+    from crackio.reader import BlockReader
+    from crackio.shards import load_index
+
+    name = args.row
+    if name == "io-sequential":
+        index = load_index(args.shards, args.split)
+        per_byte = len(index) / sum(p.stat().st_size for p in index.shards)
+        done, start = 0, time.perf_counter()
+        for path in index.shards:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 20):
+                    done += len(chunk)
+                    if time.perf_counter() - start > args.seconds:
+                        return {"name": name, "images_per_sec": done * per_byte / (time.perf_counter() - start)}
+        return {"name": name, "images_per_sec": done * per_byte / (time.perf_counter() - start)}
+    loader = make_loader(
+        args.shards, args.split, batch_size=args.batch_size, train=True, backend="torch", device="cpu",
+        order=name[3:], block_size=args.block_size,
+    )  # fmt: skip
+    batches = loader.batches(0)
+    if isinstance(loader.reader, BlockReader):
+        loader.reader.prefetch(batches)
+    n, start = 0, time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        for data in pool.map(loader.reader.read, batches):
+            n += len(data)
+            if time.perf_counter() - start > args.seconds:
+                pool.shutdown(wait=False, cancel_futures=True)
+                break
+        rate = n / (time.perf_counter() - start)
+    if isinstance(loader.reader, BlockReader):
+        loader.reader.close()
+    return {"name": name, "images_per_sec": rate}
+
+
+def warm_up(shards: Path, split: str) -> None:
+    """Read every tar of the split once, so the warm rows find it all in the page cache."""
+    from crackio.shards import load_index
+
+    for path in load_index(shards, split).shards:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
 def bench_cold(args) -> dict:
     from crackio.loader import dali_available
 
-    rows = ["random", "block", *(["dali-reader"] if dali_available() else []), "webdataset"]
+    rows = ["io-random", "io-block", "io-sequential", "random", "block"]
+    rows += [*(["dali-reader"] if dali_available() else []), "webdataset"]
+    rows = [r for r in rows if not args.rows or r in args.rows]
     results = []
     for cache in ("cold", "warm"):
+        if cache == "warm":
+            warm_up(args.shards, args.split)
         for name in rows:
-            if cache == "cold":
-                drop_caches()
-            forward = [a for a in sys.argv[1:] if a not in ("--json",)]
-            run = subprocess.run(
-                [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=600
-            )
-            if run.returncode:
-                print(f"{name} ({cache}): failed\n{run.stderr[-2000:]}", file=sys.stderr)
+            runs = []
+            for _ in range(args.repeats):
+                if cache == "cold":
+                    drop_caches()
+                forward = list(sys.argv[1:])
+                if "--json" in forward:  # the rows print their JSON; only the parent writes the file
+                    del forward[forward.index("--json") : forward.index("--json") + 2]
+                run = subprocess.run(
+                    [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=600
+                )
+                if run.returncode:
+                    print(f"{name} ({cache}): failed\n{run.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            if not runs:
                 continue
-            row = json.loads(run.stdout.strip().splitlines()[-1]) | {"cache": cache}
+            rates = [r["images_per_sec"] for r in runs]
+            row = runs[rates.index(statistics.median_low(rates))] | {"cache": cache, "all_images_per_sec": rates}
             results.append(row)
-            print(f"  {name} {cache}: {row['images_per_sec']:,.0f} img/s", file=sys.stderr)
+            print(f"  {name} {cache}: {row['images_per_sec']:,.0f} img/s (median of {len(rates)})", file=sys.stderr)
     return {"rows": results}
 
 
@@ -295,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--block-size", type=int, default=128)
     c.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    c.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    c.add_argument("--repeats", type=int, default=3, help="runs per row, each after dropping the cache; median")
     c.add_argument("--row", help=argparse.SUPPRESS)
     m.add_argument("--processes", type=int, default=8)
     m.add_argument("--code", type=Path, default=ROOT, help="the checkout whose crackio to measure (default: this)")
