@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ from PIL import Image
 
 from crackio.pack import PackSettings, pack
 from crackio.proposals import ProposalSettings
-from tests.helpers import ARCH, kill_when, tiny
+from tests.helpers import ARCH, tiny
 from train import runtime, sweep
 from train.__main__ import main as cli
 from train.config import Config
@@ -383,8 +384,11 @@ def test_a_really_full_disk_is_reported_as_such(run1, small_disk, monkeypatch, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_a_checkpoint_write_keeps_the_previous_one(run1, tmp_path, monkeypatch, capsys, signum):
+@pytest.mark.parametrize(
+    "signum, name, epochs",
+    [(signal.SIGINT, "last.pt", "2"), (signal.SIGTERM, "summary.json", "1")],  # epoch 2's checkpoint; the report
+)
+def test_a_signal_during_a_write_keeps_the_previous_file(run1, tmp_path, monkeypatch, capsys, signum, name, epochs):
     run = copy_run(run1, tmp_path / "run")
     before = snapshot(run)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -396,56 +400,49 @@ def test_a_signal_during_a_checkpoint_write_keeps_the_previous_one(run1, tmp_pat
             os.kill(os.getpid(), signum)  # arrives with the temporary written, before the rename
             time.sleep(5)  # the handler raises here
 
-        return real(path, write if path.name == "last.pt" else data)
+        return real(path, write if path.name == name else data)
 
     monkeypatch.setattr(runtime, "atomic_write", interrupted)
-    assert cli(["--resume", str(run), "--epochs", "2"]) == 128 + signum
-    line = one_line(capsys.readouterr().err, run / "last.pt")
+    assert cli(["--resume", str(run), "--epochs", epochs]) == 128 + signum
+    line = one_line(capsys.readouterr().err, run / "last.pt", f"--resume {run}")
     assert line.startswith(f"interrupted by {signal.Signals(signum).name}: {run / 'last.pt'} holds epoch 1")
-    assert not temporaries(run) and snapshot(run)["last.pt"] == before["last.pt"]
+    assert not temporaries(run) and snapshot(run)[name] == before[name]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
 
 @pytest.mark.slow
-def test_sigterm_stops_training_cleanly_and_resume_goes_on(demo_shards, tmp_path):
+def test_sigterm_in_the_first_epoch_stops_cleanly_and_resume_starts_it_again(demo_shards, tmp_path, capsys):
     run = tmp_path / "run"
-    cmd = [*TRAIN, "--shards", str(demo_shards), *FLAGS, "--epochs", "2", "--out", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [*TRAIN, "--shards", str(demo_shards), *FLAGS, "--epochs", "1", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    err = bytearray()
+    reader = threading.Thread(target=lambda: [err.extend(chunk) for chunk in iter(lambda: proc.stderr.read1(), b"")])
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        while b"epoch 1/1" not in err and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None, "training ended before the signal"
+        assert proc.poll() is None and not (run / "last.pt").exists(), "not stopped in the first epoch"
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        reader.join()
     assert proc.returncode == 128 + signal.SIGTERM
     assert took < 10, f"took {took:.1f} s to stop"
-    line = one_line(err, run / "last.pt", f"--resume {run}")
-    saved = torch.load(run / "last.pt", weights_only=True)["epoch"]
-    assert f"holds epoch {saved}" in line
+    line = one_line(err.decode(), run)
+    assert line == f"interrupted by SIGTERM: no epoch finished: `python -m train --resume {run}` starts it again " + (
+        "with its saved settings"
+    )
     with pytest.raises(ProcessLookupError):  # nothing of its session is left running: no orphans
         os.killpg(proc.pid, 0)
-    assert not temporaries(run)
-    assert cli(["--resume", str(run)]) == 0  # as after a kill -9: on from the last finished epoch
-    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
-
-
-# ---- what a kill -9 leaves
-
-
-@pytest.mark.slow
-def test_resume_after_a_kill_before_the_first_epoch_starts_at_epoch_one(demo_shards, tmp_path, capsys):
-    run = tmp_path / "run"
-    cmd = [*TRAIN, "--shards", str(demo_shards), *FLAGS, "--epochs", "1", "--out", str(run)]
-    kill_when(cmd, run, "config.json")
-    assert (run / "config.json").is_file() and not (run / "last.pt").exists()
-    # What a kill -9 during a write leaves (the atomic writer's own temporary names), and a user's file.
+    assert not temporaries(run) and not (run / "last.pt").exists()
+    # What a kill -9 during a write would have left (the atomic writer's own temporary names), and a user's file:
+    # --resume continues as after a kill -9.
     for name in ("last.pt", "best.pt", "history.json"):
         fd, _ = tempfile.mkstemp(dir=run, prefix=name + ".", suffix=".tmp")
         os.write(fd, b"half a file")
@@ -455,7 +452,7 @@ def test_resume_after_a_kill_before_the_first_epoch_starts_at_epoch_one(demo_sha
     assert cli(["--resume", str(run)]) == 0
     assert "has no last.pt (stopped before its first epoch finished): starting at epoch 1" in capsys.readouterr().out
     assert not temporaries(run) and (run / "notes.tmp").read_text() == "mine"
-    assert len(json.loads((run / "history.json").read_text())) == 1
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
 
 
 # ---- the pack a run trains on
