@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Scorer:
                         k: arrays[k].astype(np.float64) for k in ("mean", "scale", "coef", "intercept", "threshold")
                     }
                     made_from = str(arrays["checkpoint_sha256"]) if "checkpoint_sha256" in arrays else None
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
             if made_from and checkpoint is not None:
                 from train.svm import file_sha256
@@ -266,6 +267,8 @@ def run_detect(
 
     Raises:
         MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, photo, SVM or annotation.
+        CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
+        OutputError: an output cannot be written (full disk, I/O error).
     """
     from train.detect_report import write_outputs
 

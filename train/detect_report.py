@@ -13,8 +13,9 @@ from torchvision.ops import box_iou
 
 from crackio.proposals import ProposalSettings
 from crackio.propose import load_photo
-from train.runtime import write_json, write_text
+from train.runtime import make_dir, remove_temporaries, write_file, write_json, write_text
 
+OUTPUTS = ("detections.json", "overview.jpg", "pr_curve.png", "report.txt", "summary.json")  # images/ apart
 DETECTION = (230, 30, 30)
 TRUTH = (40, 200, 60)
 
@@ -132,6 +133,13 @@ def contact_sheet(pictures: list[Image.Image], columns: int = 4, width: int = 32
     return sheet
 
 
+def save_jpeg(picture: Image.Image, path: Path) -> None:
+    """A JPEG through the atomic writer (raises OutputError: full disk, I/O error)."""
+    data = io.BytesIO()  # in memory first: Pillow reports a full disk as "encoder error", not the OS error
+    picture.save(data, format="JPEG", quality=90)
+    write_file(path, data.getvalue())
+
+
 def write_outputs(
     out: Path,
     results: list,
@@ -145,10 +153,16 @@ def write_outputs(
     overview: int,
     seconds: float,
 ) -> None:
+    """detections.json, images/<stem>.jpg, overview.jpg, pr_curve.png (annotated), report.txt, summary.json last.
+
+    Raises:
+        OutputError: a file cannot be written (full disk, I/O error); the files written before are complete.
+    """
     from train.detect import proposal_recall
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    make_dir(out / "images")
+    remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
+    remove_temporaries(out / "images", ["*.jpg"])
     done = [r for r in results if r.size != (0, 0)]
     detections = [
         {"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
@@ -160,11 +174,11 @@ def write_outputs(
     pictures: list[Image.Image] = []
     for r in done:
         picture = draw(r, threshold)
-        picture.save(out / "images" / f"{r.stem}.jpg", quality=90)
+        save_jpeg(picture, out / "images" / f"{r.stem}.jpg")
         if len(pictures) < overview:
             pictures.append(picture)
     if pictures:
-        contact_sheet(pictures).save(out / "overview.jpg", quality=90)
+        save_jpeg(contact_sheet(pictures), out / "overview.jpg")
     timing = {
         k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
         for k in ("proposals", "warping", "scoring", "nms")
@@ -246,7 +260,7 @@ def write_outputs(
 
 
 def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path) -> None:
-    from train.report import plt  # pyplot with the file-only backend train.report selects
+    from train.report import plt, save_figure  # pyplot with the file-only backend train.report selects
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot(recall, precision, label=f"detections (AP@0.5 {ap:.3f})")
@@ -260,5 +274,4 @@ def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -14,7 +14,7 @@ from crackio.errors import ConfigError
 from train.config import Config
 from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
-from train.runtime import amp_dtype, load_checkpoint
+from train.runtime import CheckpointError, amp_dtype, load_checkpoint
 
 
 def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
@@ -63,7 +63,17 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
-    cfg = Config.from_dict(ckpt["config"])
+    """The classifier and run config a checkpoint (from train.runtime.load_checkpoint) holds.
+
+    Raises:
+        CheckpointError: its config is refused (unknown keys, wrong types, values no run could have).
+        WeightsError: its weights do not fit its own config.
+    """
+    try:
+        cfg = Config.from_dict(ckpt["config"], f"{path} (its config)")
+        cfg.validate()  # its split names become paths (features/<split>.npz): checked like a command line's
+    except ConfigError as e:
+        raise CheckpointError(f"{path} holds a config no run could have: {e}") from e
     model = build_model(cfg.arch, "none", cfg.head)
     try:
         model.load_state_dict(ckpt["model"])
@@ -124,6 +134,6 @@ def run_eval(
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
     p = predict(model, loader, loss_fn, amp_dtype(loader.device))
     return (
-        f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}), split {split!r}, "
+        f"checkpoint {path} (epoch {ckpt.get('epoch', '?')}, {cfg.arch}/{cfg.head}), split {split!r}, "
         f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold)
     )

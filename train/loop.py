@@ -6,8 +6,12 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
+import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +24,48 @@ from crackio import make_loader, read_manifest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loader import resolve_device
 from crackio.samplers import label_source
-from train.config import Config, add_config_arguments, check_applicable, check_resumed, resume_config
+from train.config import (
+    Config,
+    add_config_arguments,
+    check_applicable,
+    check_resumed,
+    check_same_pack,
+    pack_fingerprint,
+    resume_config,
+)
 from train.evaluate import predict
 from train.losses import make_loss
 from train.model import build_model, make_optimizer
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
-from train.runtime import amp_dtype, atomic_save, load_checkpoint, save_npz, world, write_json, write_text
+from train.runtime import (
+    CheckpointError,
+    Interrupted,
+    OutputError,
+    RankFailure,
+    amp_dtype,
+    atomic_save,
+    load_checkpoint,
+    make_dir,
+    remove_temporaries,
+    save_npz,
+    world,
+    write_json,
+    write_text,
+)
+
+# Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
+RUN_FILES = (
+    "config.json",
+    "best.pt",
+    "last.pt",
+    "history.json",
+    "metrics.jsonl",
+    "predictions.npz",
+    "report.txt",
+    "curves.png",
+    "pr_curve.png",
+    "summary.json",
+)
 
 
 @dataclasses.dataclass
@@ -38,7 +78,24 @@ class TrainState:
     history: list[dict] = dataclasses.field(default_factory=list)  # one row per epoch
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> TrainState:
+    def from_checkpoint(cls, ckpt: dict, path: Path) -> TrainState:
+        """The state a checkpoint carries, its types checked (the file is untrusted input).
+
+        Raises:
+            CheckpointError: a field missing or of the wrong type, naming the file.
+        """
+        kinds = {"epoch": int, "best_val_loss": float, "bad_epochs": int, "history": list}
+        for name, kind in kinds.items():
+            value = ckpt.get(name)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok or (isinstance(value, int) and value < 0):
+                raise CheckpointError(
+                    f"{path} is not a checkpoint a run can continue from ({name} = {value!r}): "
+                    f"it was not written by python -m train"
+                )
+        if not all(isinstance(row, dict) for row in ckpt["history"]) or len(ckpt["history"]) != ckpt["epoch"]:
+            raise CheckpointError(f"{path} holds a history that does not match its epoch {ckpt['epoch']}")
         return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -46,10 +103,17 @@ class NonFiniteLoss(CrackioError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def init_distributed() -> None:
-    """torchrun sets WORLD_SIZE; nccl on GPU, gloo on CPU. No home-made cluster code."""
+def init_distributed(timeout: float = Config.dist_timeout) -> None:
+    """torchrun sets WORLD_SIZE; nccl on GPU, gloo on CPU. No home-made cluster code. Every collective gives
+    up after `timeout` seconds (--dist-timeout), so a stopped or hung rank ends the job instead of blocking it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+
+
+# What gloo says when a peer does not answer in time or went away ("Timed out waiting 600000ms for recv
+# operation", "Connection closed by peer", ...); other RuntimeErrors under torchrun are bugs and keep their traceback.
+_PEER_FAILED = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|closed by peer", re.I)
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -74,8 +138,39 @@ def run_dir(cfg: Config, rank: int) -> Path:
             f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"
         )
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
+        remove_temporaries(out, RUN_FILES)  # left by a kill -9 or a power cut during a write
     return out
+
+
+def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank: int) -> dict | None:
+    """The checkpoint --resume continues from (RUN/last.pt, checked to have trained on this pack), or None
+    when the run stopped before its first epoch finished: it then starts from epoch 0 with its saved config.
+
+    Raises:
+        CheckpointError: last.pt is not a checkpoint of a run.
+        ConfigError: the shards hold another pack than the run trained on.
+    """
+    path = out / "last.pt"
+    if not path.exists():
+        if rank == 0:
+            print(f"note: {out} has no last.pt (stopped before its first epoch finished): starting at epoch 1")
+        return None
+    ckpt = load_checkpoint(path, device)
+    warning = check_same_pack(ckpt.get("pack"), pack, cfg.resume, cfg.shards, ckpt["config"].get("shards"))
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
+    TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
+    return ckpt
+
+
+def kept(out: Path | None, epochs_saved: int) -> str:
+    """What a stopped run leaves, and how to go on: the end of its one-line message."""
+    if out is None or not (out / "config.json").is_file():
+        return "nothing to resume: run the same command again"
+    if epochs_saved:
+        return f"{out / 'last.pt'} holds epoch {epochs_saved}: continue with `python -m train --resume {out}`"
+    return f"no epoch finished: `python -m train --resume {out}` starts it again with its saved settings"
 
 
 def split_loader(
@@ -177,78 +272,119 @@ def cli(argv: list[str]) -> None:
 
 
 def main(cfg: Config) -> Path:
-    """Train, validate, checkpoint, report; returns the run folder."""
+    """Train, validate, checkpoint, report; returns the run folder.
+
+    Raises:
+        CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile); a refused checkpoint
+            (CheckpointError); on --resume, shards holding another pack than the run's; a file that cannot be
+            written (OutputError: full disk, I/O error); a NaN loss (NonFiniteLoss); under torchrun, another
+            rank stopped, hung past --dist-timeout or died (RankFailure). One line each.
+        Interrupted: SIGINT or SIGTERM (train.runtime.stop_on_signals); its note says what was kept.
+    """
     cfg.validate()
     if cfg.resume:  # cfg must be the run's own config (train.config.resume_config builds it)
         check_resumed(cfg)
-    init_distributed()
+    init_distributed(cfg.dist_timeout)
     rank, world_size = world()
     device = pick_device(cfg)
     # Read first: fails early, naming the folder. The proposal stage's settings go into every checkpoint, so
-    # detection makes crops the way these were made even when the shards have moved or been re-made.
+    # detection makes crops the way these were made even when the shards have moved or been re-made; so does
+    # the pack's fingerprint, so that --resume refuses other data.
     proposals = read_manifest(cfg.shards).get("proposals")
-    out = run_dir(cfg, rank)
-    torch.manual_seed(cfg.seed)
-    train_loader, val_loader = loaders(cfg, device, rank, world_size)
-    model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
-    cuda = device.type == "cuda"
-    amp = amp_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
-    net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
-    state = TrainState()
-    if cfg.resume:
-        ckpt = load_checkpoint(out / "last.pt", device)
+    pack = pack_fingerprint(cfg.shards)
+    out, saved = None, 0  # the run folder, the epochs its last.pt holds: what a stopped run reports
+    try:
+        out = run_dir(cfg, rank)
+        ckpt = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
+        if rank == 0:  # after the checks: a refused --resume leaves the run's config as it was
+            cfg.save(out / "config.json")
+        state = TrainState.from_checkpoint(ckpt, out / "last.pt") if ckpt else TrainState()
+        saved = state.epoch
+        torch.manual_seed(cfg.seed)
+        train_loader, val_loader = loaders(cfg, device, rank, world_size)
+        model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
+        cuda = device.type == "cuda"
+        amp = amp_dtype(device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
+        net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
+        optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+        loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
+        if ckpt:
+            restore(ckpt, out / "last.pt", model, optimizer, scaler)
+        show = rank == 0
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.bad_epochs >= cfg.patience:
+                break
+            torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
+            train_loader.epoch = epoch
+            epoch_start = time.perf_counter()
+            row = {
+                "epoch": epoch + 1,
+                **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp, epoch, cfg, show),
+            }
+            val_start = time.perf_counter()
+            val = predict(model, val_loader, loss_fn, amp)
+            val_loss = val.loss
+            if not math.isfinite(val_loss):
+                raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
+            now = time.perf_counter()
+            row |= {
+                "val_loss": val_loss,
+                "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
+                **crack_metrics(val.labels, val.probs),
+                "epoch_seconds": now - epoch_start,
+                "train_seconds": val_start - epoch_start,
+                "val_seconds": now - val_start,
+            }
+            improved = val_loss < state.best_val_loss
+            state.history.append(row)
+            state.epoch, state.best_val_loss = epoch + 1, min(val_loss, state.best_val_loss)
+            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+            if rank == 0:
+                save_epoch(out, model, optimizer, scaler, state, proposals, pack, cfg, improved)
+                print(
+                    f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
+                    f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
+                    f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
+                    f"AP {row['crack_ap']:.3f} | "
+                    f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
+                    + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
+                )
+            saved = state.epoch
+        if state.bad_epochs >= cfg.patience and rank == 0:
+            print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
+        final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state.history)
+        return out
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through train.runtime.stop_on_signals
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), kept(out, saved)) from None
+    except OutputError as e:
+        raise OutputError(f"{e}; {kept(out, saved)}") from e
+    except RuntimeError as e:
+        if isinstance(e, CrackioError) or not (dist.is_initialized() and _PEER_FAILED.search(str(e))):
+            raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0])[:200]  # gloo prefixes its source file
+        raise RankFailure(
+            f"rank {rank}: waiting for the other ranks failed ({why}): one of them stopped, hung for more than "
+            f"--dist-timeout {cfg.dist_timeout:g} s or died; {kept(out, saved)}"
+        ) from e
+
+
+def restore(ckpt: dict, path: Path, model, optimizer, scaler) -> None:
+    """Weights, optimizer and scaler state from a resumed checkpoint.
+
+    Raises:
+        CheckpointError: a state that does not fit this run's model or optimizer.
+    """
+    try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState.from_checkpoint(ckpt)
-    if rank == 0:
-        cfg.save(out / "config.json")
-    show = rank == 0
-    for epoch in range(state.epoch, cfg.epochs):
-        if state.bad_epochs >= cfg.patience:
-            break
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
-        train_loader.epoch = epoch
-        epoch_start = time.perf_counter()
-        row = {"epoch": epoch + 1, **train_epoch(net, train_loader, loss_fn, optimizer, scaler, amp, epoch, cfg, show)}
-        val_start = time.perf_counter()
-        val = predict(model, val_loader, loss_fn, amp)
-        val_loss = val.loss
-        if not math.isfinite(val_loss):
-            raise NonFiniteLoss(f"validation loss is {val_loss} after epoch {epoch + 1}")
-        now = time.perf_counter()
-        row |= {
-            "val_loss": val_loss,
-            "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
-            **crack_metrics(val.labels, val.probs),
-            "epoch_seconds": now - epoch_start,
-            "train_seconds": val_start - epoch_start,
-            "val_seconds": now - val_start,
-        }
-        improved = val_loss < state.best_val_loss
-        state.history.append(row)
-        state.epoch, state.best_val_loss = epoch + 1, min(val_loss, state.best_val_loss)
-        state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        if rank == 0:
-            save_epoch(out, model, optimizer, scaler, state, proposals, cfg, row, improved)
-            print(
-                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
-                f"val loss {val_loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
-                f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
-                f"AP {row['crack_ap']:.3f} | "
-                f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
-                + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
-            )
-    if state.bad_epochs >= cfg.patience and rank == 0:
-        print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
-    final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, state.history)
-    return out
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} does not fit this run's model and optimizer: {first}") from e
 
 
 def save_epoch(
@@ -258,8 +394,8 @@ def save_epoch(
     scaler,
     state: TrainState,
     proposals: dict | None,
+    pack: dict,
     cfg: Config,
-    row: dict,
     improved: bool,
 ) -> None:
     ckpt = {
@@ -268,14 +404,18 @@ def save_epoch(
         "scaler": scaler.state_dict(),
         "config": dataclasses.asdict(cfg),
         "proposals": proposals,
+        "pack": pack,  # what --resume checks the shards against (train.config.check_same_pack)
         **dataclasses.asdict(state),
     }
+    # best.pt before last.pt: whatever fails or is killed in between, last.pt's best_val_loss is never
+    # lower than best.pt's, and a resume repeats the epoch (same seed) and rewrites best.pt.
     if improved:
         atomic_save(ckpt, out / "best.pt")
     atomic_save(ckpt, out / "last.pt")
     write_json(out / "history.json", state.history)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    # Rewritten whole from the history last.pt holds (not appended): no half line after a full disk, and no
+    # line twice or missing after a resume.
+    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in state.history))
 
 
 def final_report(cfg, out, model, val_loader, loss_fn, amp, device, rank, world_size, history) -> None:

@@ -10,6 +10,7 @@ from torchvision import models
 
 from crackio.augment import normalize
 from crackio.errors import ConfigError, CrackioError
+from train.runtime import is_state_dict, load_data
 
 
 class WeightsError(CrackioError, RuntimeError):
@@ -75,7 +76,13 @@ def imagenet_state_dict(arch: str) -> dict:
 
 
 def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
-    """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier."""
+    """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier.
+
+    Raises:
+        ConfigError: an unknown --arch.
+        WeightsError: weights that cannot be had or do not fit.
+        CheckpointError: a weights file that is no torch file or needs unpickling beyond tensors (refused).
+    """
     if arch not in models.list_models(module=models):
         raise ConfigError(
             f"--arch {arch!r} is not a torchvision classification model "
@@ -89,11 +96,18 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
-        path_state = torch.load(path, map_location="cpu", weights_only=True)
-        path_state = path_state.get("model", path_state)  # a crackio checkpoint, or a bare state dict
-        if not any(k.startswith("backbone.") for k in path_state):
-            _load(backbone, path_state, f"--weights {weights}", arch)
-            path_state = None
+        state = load_data(path, torch.device("cpu"), "weights file")  # data only: refused if it needs code
+        if isinstance(state, dict) and "model" in state:
+            state = state["model"]
+        if not is_state_dict(state):  # a crackio checkpoint, or a bare state dict; nothing else
+            raise WeightsError(
+                f"--weights {weights} is not a state dict or a crackio checkpoint (a mapping of parameter names "
+                f"to tensors): use imagenet, none, RUN/best.pt or torch.save(model.state_dict())"
+            )
+        if any(k.startswith("backbone.") for k in state):
+            path_state = state
+        else:
+            _load(backbone, state, f"--weights {weights}", arch)
     if head == "linear":
         parent, attr, layer = last_linear(backbone)
         setattr(parent, attr, nn.Linear(layer.in_features, 1))

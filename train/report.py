@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,8 @@ from sklearn.metrics import (  # noqa: E402
     confusion_matrix,
     precision_recall_curve,
 )
+
+from train.runtime import write_file  # noqa: E402
 
 TARGET_NAMES = ["No crack", "Crack"]
 CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
@@ -85,6 +88,18 @@ def threshold_for_f1(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG through the atomic writer (raises OutputError: full disk, I/O error); closed either way."""
+    try:
+        # Encoded in memory, then written: Pillow (matplotlib's PNG writer) writes straight to the file's
+        # descriptor when it has one, and reports a full disk as "encoder error -2", not the OS error.
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    write_file(path, png.getvalue())
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -99,8 +114,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_val_losses(histories: dict[str, list[dict]], path: Path) -> None:
@@ -113,8 +127,7 @@ def plot_val_losses(histories: dict[str, list[dict]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pr(
@@ -139,5 +152,4 @@ def plot_pr(
     else:
         ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

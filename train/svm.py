@@ -11,6 +11,7 @@ weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (the
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,9 +30,10 @@ from train.config import add_config_arguments
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
-from train.runtime import amp_dtype, load_checkpoint, save_npz, write_json, write_text
+from train.runtime import amp_dtype, load_checkpoint, make_dir, remove_temporaries, save_npz, write_json, write_text
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
+OUTPUTS = ("report.txt", "pr_curve.png", "svm_model.npz", "summary.json")  # in OUT; features/<split>.npz below
 
 
 @dataclass
@@ -145,15 +147,24 @@ def cache_key(digest, split: str, iou_threshold: float | None) -> str:
 
 
 def cached_features(folder: Path, key: str, split: str, compute) -> dict[str, np.ndarray]:
-    """The split's features from folder/<split>.npz when its key matches, else compute() and store them."""
+    """The split's features from folder/<split>.npz when its key matches, else compute() and store them
+    (a cache file that cannot be read is computed again and replaced).
+
+    Raises:
+        OutputError: the features cannot be stored (full disk, I/O error).
+    """
     path = folder / f"{split}.npz"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:  # data only: never unpickled
-            if str(saved["key"]) == key:
-                print(f"features {split}: cached in {path}")
-                return {k: saved[k] for k in FIELDS}
+        try:
+            with np.load(path, allow_pickle=False) as saved:  # data only: never unpickled
+                if str(saved["key"]) == key:
+                    cached = {k: saved[k] for k in FIELDS}
+                    print(f"features {split}: cached in {path}")
+                    return cached
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"features {split}: {path} is unreadable ({e}); computing them again")
     data = compute()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     save_npz(path, key=np.array(key), **data)
     return data
 
@@ -196,7 +207,13 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
 
 
 def run_svm(args: SvmConfig) -> Path:
-    """Extract (or reuse) features, train the SVM, choose its threshold on validation, report."""
+    """Extract (or reuse) features, train the SVM, choose its threshold on validation, report.
+
+    Raises:
+        MissingFile, CheckpointError: a missing or refused checkpoint.
+        ShardError, ConfigError: unusable shards or settings.
+        OutputError: an output cannot be written (full disk, I/O error); earlier outputs are unchanged.
+    """
     path = Path(args.checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
@@ -205,6 +222,8 @@ def run_svm(args: SvmConfig) -> Path:
     if cfg.test_split in read_manifest(shards)["splits"]:
         splits.append(cfg.test_split)
     out = Path(args.out) if args.out else path.parent / "svm"
+    remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
+    remove_temporaries(out / "features", ["*.npz"])
     data, digest = {}, checkpoint_digest(path, shards)
     for split in splits:
         key = cache_key(digest, split, cfg.iou_threshold)
@@ -212,7 +231,7 @@ def run_svm(args: SvmConfig) -> Path:
             out / "features", key, split, partial(features_of, model, cfg, shards, split, args)
         )
     log = [
-        f"checkpoint {path} (epoch {ckpt['epoch']}, {cfg.arch}/{cfg.head}); "
+        f"checkpoint {path} (epoch {ckpt.get('epoch', '?')}, {cfg.arch}/{cfg.head}); "
         f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"
     ]
     train = data[cfg.train_split]
@@ -244,7 +263,7 @@ def run_svm(args: SvmConfig) -> Path:
             "head": class_metrics(labels, probs, chosen["head"]),
         }
         curves |= {f"SVM, {split}": (labels, scores[split]), f"network head, {split}": (labels, probs)}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_text(out / "report.txt", "\n".join(text))
     plot_pr(curves, out / "pr_curve.png", title="Crack precision-recall: SVM vs network head")
     # The model as plain arrays (no pickle): score = ((x - mean) / scale) @ coef + intercept.

@@ -11,23 +11,29 @@ import dataclasses
 import io
 import json
 import re
+import signal
 import tomllib
 import traceback
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from crackio.errors import ConfigError, MissingFile
 from crackio.samplers import label_source
-from train.config import RESUMABLE, Config, add_config_arguments, check_applicable
+from train.config import RESUMABLE, Config, add_config_arguments, check_applicable, check_type, read_config
 from train.errors import USER_ERRORS
 from train.loop import init_distributed
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
-from train.runtime import world, write_text
+from train.runtime import Interrupted, OutputError, make_dir, remove_temporaries, world, write_text
 
 SHIPPED = Path(__file__).with_name("variants.toml")
-OWNED = ("shards", "out", "resume")  # set by the sweep, not by a variant
+# Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).
+OWNED = ("shards", "out", "resume", "dist_timeout")
+OUTPUTS = ("sweep.csv", "sweep.md", "sweep_pr.png", "sweep_curves.png")
+# A variant's name is its folder OUT/<name>: no separator, not "." or "..", not hidden, at most 100 characters.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 COLUMNS = [
     "variant",
     "title",
@@ -89,32 +95,49 @@ def cli(argv: list[str]) -> int:
 
 
 def load_variants(path: Path) -> list[Variant]:
-    """Parse and check a variants file; every problem names the file and the variant."""
+    """Parse and check a variants file; every problem names the file and the variant.
+
+    Raises:
+        MissingFile: no such file.
+        ConfigError: not TOML, no variants, a name that is not a safe folder name or not unique, unknown
+            options or values of the wrong type.
+    """
     if not path.is_file():
         raise MissingFile(f"variants file {path} does not exist (the shipped one is {SHIPPED})")
     try:
         data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
+    entries = data.get("variant", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: variants must be [[variant]] tables")
     variants, seen = [], set()
-    for i, entry in enumerate(data.get("variant", [])):
+    for i, entry in enumerate(entries):
         entry = dict(entry)
-        name = str(entry.pop("name", ""))
+        name = entry.pop("name", "")
         where = f"{path}: variant {i + 1} ({name or 'no name'})"
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in seen:
-            raise ConfigError(f"{where}: needs a unique name of letters, digits, '.', '_' or '-'")
-        seen.add(name)
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: the name {name!r} is refused: it names the folder OUT/<name>, so it must start with "
+                f"a letter, digit or '_' and hold only letters, digits, '.', '_' or '-' (at most 100)"
+            )
+        if name.lower() in seen:  # case-insensitive: one folder on macOS and Windows
+            raise ConfigError(f"{where}: needs a unique name (another variant is also called {name!r})")
+        seen.add(name.lower())
         title = str(entry.pop("title", name))
         reference = entry.pop("reference", None)
         unknown = sorted(set(entry) - known)
         if unknown:
             raise ConfigError(
                 f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
-                f"with underscores (shards and out are set by the sweep)"
+                f"with underscores ({', '.join(OWNED)} are set by the sweep)"
             )
         for key, value in entry.items():
-            _check_type(key, value, where)
+            if not (key == "iou_threshold" and value == "none"):
+                check_type(key, value, where)
         if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
             entry["iou_threshold"] = None
         if reference is not None:
@@ -125,18 +148,9 @@ def load_variants(path: Path) -> list[Variant]:
     return variants
 
 
-def _check_type(key: str, value, where: str) -> None:
-    """A variant's option must have its field's type (an int is a float; class_weights may be a table)."""
-    default = Config.__dataclass_fields__[key].default
-    kind = float if default is None else type(default)
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-    ok = ok or (key == "class_weights" and isinstance(value, dict)) or (key == "iou_threshold" and value == "none")
-    if not ok:
-        raise ConfigError(f"{where}: {key} = {value!r} must be of type {kind.__name__} (like {default!r})")
-
-
-def _check_reference(ref: dict, where: str) -> None:
+def _check_reference(ref, where: str) -> None:
+    if not isinstance(ref, dict):
+        raise ConfigError(f"{where}: reference must be a table")
     for key in CLASS_KEYS:
         row = ref.get(key)
         if not isinstance(row, dict) or set(row) - {"precision", "recall", "f1", "support"}:
@@ -144,8 +158,19 @@ def _check_reference(ref: dict, where: str) -> None:
 
 
 def variant_config(base: Config, variant: Variant, out: Path) -> Config:
-    """The variant's run: the shared options, then its own (refused where its other settings ignore them)."""
-    cfg = dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume="")
+    """The variant's run: the shared options, then its own (refused where its other settings ignore them).
+
+    Raises:
+        ConfigError: an option the variant's other settings would ignore, or a folder OUT/<name> that is a
+            link leading outside OUT (the sweep writes only inside --out).
+    """
+    folder = out / variant.name
+    if not folder.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(
+            f"{folder} leads to {folder.resolve()}, outside --out {out}: the sweep writes only inside --out "
+            f"(remove that link, or choose another --out)"
+        )
+    cfg = dataclasses.replace(base, **variant.options, out=str(folder), resume="")
     check_applicable(cfg, variant.options)
     return cfg
 
@@ -153,10 +178,11 @@ def variant_config(base: Config, variant: Variant, out: Path) -> Config:
 def state(cfg: Config) -> str:
     """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant."""
     folder = Path(cfg.out)
-    saved_path = folder / "config.json"
     if not (folder / "last.pt").is_file():  # nothing trained yet (or it failed in its first epoch): start over
         return "new"
-    saved = Config.from_dict(json.loads(saved_path.read_text()))
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} holds last.pt but no config.json: delete that folder to retrain the variant")
+    saved = read_config(folder)
     changed = [
         f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now"
         for k in dataclasses.asdict(cfg)
@@ -172,10 +198,21 @@ def state(cfg: Config) -> str:
 
 
 def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
-    """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png."""
+    """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png.
+
+    A variant's bad settings or data fail that variant only (its row says why); a file that cannot be written
+    (OutputError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since every later variant would meet them.
+
+    Raises:
+        MissingFile, ConfigError: the variants file.
+        OutputError: a full disk or an I/O error, naming the file.
+        Interrupted: SIGINT or SIGTERM, with what to run to continue.
+    """
     variants = load_variants(variants_path)
-    init_distributed()
+    init_distributed(base.dist_timeout)
     rank = world()[0]
+    if rank == 0:
+        remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     cli = {k: v for k, v in dataclasses.asdict(base).items() if v != getattr(Config(), k)}
     errors = {}
     configs = []
@@ -197,6 +234,11 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
                 print(f"== variant {i + 1}/{len(variants)}: {variant.name} ({variant.title}): {status}")
             if status != "finished":
                 train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
+        except KeyboardInterrupt as e:
+            note = f"variant {variant.name} stopped; run the same sweep command again to go on (it resumes there)"
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), note) from None
+        except OutputError as e:
+            raise OutputError(f"variant {variant.name}: {e}") from e
         except Exception as e:  # noqa: BLE001 - one failed variant must not stop the others
             errors[variant.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
             if rank == 0:
@@ -229,6 +271,15 @@ def collect(variant: Variant, cfg: Config, error: str | None):
     folder = Path(cfg.out)
     if error is not None or not (folder / "summary.json").is_file():
         return row | {"status": "failed", "note": error or "not finished"}, None
+    try:
+        return _finished(row, cfg, folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as e:
+        # files read back are untrusted: a damaged one fails this row, in words, not the sweep
+        note = f"{folder} holds damaged results ({type(e).__name__}: {e}); delete that folder to retrain it"
+        return row | {"status": "failed", "note": note}, None
+
+
+def _finished(row: dict, cfg: Config, folder: Path):
     summary = json.loads((folder / "summary.json").read_text())
     split = cfg.test_split if cfg.test_split in summary["splits"] else cfg.val_split
     metrics = summary["splits"][split]
@@ -265,7 +316,8 @@ def reference_row(variant: Variant) -> dict:
 
 
 def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """sweep.csv and sweep.md (raises OutputError on a full disk or an I/O error)."""
+    make_dir(out)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
     writer.writeheader()
