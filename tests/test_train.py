@@ -121,6 +121,17 @@ def test_focal_loss_without_alpha_trains(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_block_order_trains_and_block_size_needs_it(demo_shards, tmp_path, capsys):
+    out = tmp_path / "block"
+    main(tiny(demo_shards, out, epochs=1, order="block", block_size=16, backend="torch"))
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["train_loss"] > 0
+    assert json.loads((out / "config.json").read_text())["order"] == "block"
+    code = cli(["--shards", str(demo_shards), "--out", str(tmp_path / "x"), "--block-size", "64", "--weights", "none"])
+    assert code == 2 and "--block-size only applies with --order block" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_path, capsys):
     assert (
         cli(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from crackio.errors import ConfigError, MissingFile
 from crackio.loader import BACKENDS, DEVICES
-from crackio.samplers import CLASS_WEIGHTS, DEFAULTS, SAMPLERS, SELECTIONS
+from crackio.samplers import CLASS_WEIGHTS, DEFAULTS, ORDERS, SAMPLERS, SELECTIONS
 from train.losses import LOSSES
 from train.model import HEAD_ALIASES, HEADS, OPTIMIZERS
 from train.runtime import write_json
@@ -34,6 +34,7 @@ CHOICES = {
     "loss": LOSSES,
     "device": DEVICES,
     "backend": BACKENDS,
+    "order": ORDERS,
 }
 
 
@@ -69,6 +70,8 @@ class Config:
     device: str = "auto"  # where training runs (auto: CUDA if torch sees one)
     backend: str = "auto"  # the loader's decoder (auto: DALI where installed)
     workers: int = 0  # decode threads per rank; 0 = all cores
+    order: str = "random"  # train reading order: random | block (runs of consecutive rows, for data not in memory)
+    block_size: int = 128  # block order: consecutive index rows per block (~1 MB of crops)
     compile: bool = False  # torch.compile the model (CUDA)
     seed: int = 0  # seeds sampling, augmentation, initialisation
     train_split: str = "train"  # split names inside --shards
@@ -95,7 +98,17 @@ class Config:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
-        positive = ("lr", "batch_size", "epochs", "patience", "negatives", "per_bin", "bin_width", "dist_timeout")
+        positive = (
+            "lr",
+            "batch_size",
+            "epochs",
+            "patience",
+            "negatives",
+            "per_bin",
+            "bin_width",
+            "dist_timeout",
+            "block_size",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -186,7 +199,8 @@ def is_path_component(name) -> bool:
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
 # folder: main() then checks that folder holds the same pack); every other setting comes from the run's
 # config.json, and asking for another value is refused rather than silently ignored.
-RESUMABLE = ("epochs", "patience", "device", "backend", "workers", "dist_timeout", "shards")
+# How to read and where to run may change between epochs; what is learned from may not.
+RESUMABLE = ("epochs", "patience", "device", "backend", "workers", "order", "block_size", "dist_timeout", "shards")
 
 
 def read_config(run: str | Path) -> Config:
@@ -331,6 +345,7 @@ APPLIES_TO = {
     "pos_weight": ("--loss bce", lambda c: c.loss == "bce"),
     "focal_alpha": ("--loss focal", lambda c: c.loss == "focal"),
     "focal_gamma": ("--loss focal", lambda c: c.loss == "focal"),
+    "block_size": ("--order block", lambda c: c.order == "block"),
 }
 _OPTIONS = {name for options in DEFAULTS.values() for name in options}
 _CUT_OPTIONS = {name for cut in SELECTIONS for name in DEFAULTS.get(cut, {})}  # a selection cut's own options

@@ -192,6 +192,8 @@ def split_loader(
         workers=cfg.workers or None,
         # On CUDA the loader hands over uint8 images (4x fewer bytes) and the model normalizes them on the GPU.
         output="uint8" if device.type == "cuda" else "float32",
+        order=cfg.order,
+        block_size=cfg.block_size,
         **cfg.sampler_options(sampler, negatives),
     )
 
