@@ -33,8 +33,8 @@ class WriteError(CrackioError):
         return type(self), (str(self), self.errno)
 
 
-def write_error(path: object, error: OSError) -> WriteError:
-    """One line for an OSError met while writing `path`: what happened, where, what to do."""
+def write_error(path: object, error: OSError, note: str = "") -> WriteError:
+    """One line for an OSError met while writing `path`: what happened, where, (`note`,) what to do."""
     import errno as codes
     import os
 
@@ -45,4 +45,4 @@ def write_error(path: object, error: OSError) -> WriteError:
         codes.EROFS: "write to a writable folder",
         codes.EACCES: "fix the folder's permissions or write elsewhere",
     }.get(error.errno or 0, "check the disk and the folder")
-    return WriteError(f"{what} while writing {path}: {fix}, then re-run", error.errno)
+    return WriteError(f"{what} while writing {path}{f' ({note})' if note else ''}: {fix}, then re-run", error.errno)

@@ -268,7 +268,8 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} was written"
+        raise write_error(path, e, kept) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

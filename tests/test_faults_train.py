@@ -258,10 +258,11 @@ def test_a_write_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, mon
 def test_torch_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
     (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
     full_disk(monkeypatch, "last.pt")
-    with pytest.raises(runtime.OutputError) as e:
+    with pytest.raises(runtime.WriteError) as e:
         runtime.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "last.pt")
     assert str(e.value) == (
-        f"no space left on device while writing {tmp_path / 'last.pt'} (the previous last.pt is unchanged)"
+        f"no space left on device while writing {tmp_path / 'last.pt'} (the previous last.pt is unchanged): "
+        f"free space or write elsewhere, then re-run"
     )
     assert "enforce fail" not in str(e.value)
     assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint" and not temporaries(tmp_path)

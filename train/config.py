@@ -155,7 +155,7 @@ class Config:
         return {name: given[name] if name in given else getattr(self, name) for name in DEFAULTS[sampler]}
 
     def save(self, path: Path) -> None:
-        """config.json, atomically (raises OutputError on a full disk or an I/O error)."""
+        """config.json, atomically (raises WriteError on a full disk or an I/O error)."""
         write_json(path, dataclasses.asdict(self))
 
     @classmethod

@@ -268,7 +268,7 @@ def run_detect(
     Raises:
         MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, photo, SVM or annotation.
         CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
-        OutputError: an output cannot be written (full disk, I/O error).
+        WriteError: an output cannot be written (full disk, I/O error).
     """
     from train.detect_report import write_outputs
 

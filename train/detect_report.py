@@ -134,7 +134,7 @@ def contact_sheet(pictures: list[Image.Image], columns: int = 4, width: int = 32
 
 
 def save_jpeg(picture: Image.Image, path: Path) -> None:
-    """A JPEG through the atomic writer (raises OutputError: full disk, I/O error)."""
+    """A JPEG through the atomic writer (raises WriteError: full disk, I/O error)."""
     data = io.BytesIO()  # in memory first: Pillow reports a full disk as "encoder error", not the OS error
     picture.save(data, format="JPEG", quality=90)
     write_file(path, data.getvalue())
@@ -156,7 +156,7 @@ def write_outputs(
     """detections.json, images/<stem>.jpg, overview.jpg, pr_curve.png (annotated), report.txt, summary.json last.
 
     Raises:
-        OutputError: a file cannot be written (full disk, I/O error); the files written before are complete.
+        WriteError: a file cannot be written (full disk, I/O error); the files written before are complete.
     """
     from train.detect import proposal_recall
 

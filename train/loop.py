@@ -40,8 +40,8 @@ from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, rep
 from train.runtime import (
     CheckpointError,
     Interrupted,
-    OutputError,
     RankFailure,
+    WriteError,
     amp_dtype,
     atomic_save,
     load_checkpoint,
@@ -279,7 +279,7 @@ def main(cfg: Config) -> Path:
     Raises:
         CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile); a refused checkpoint
             (CheckpointError); on --resume, shards holding another pack than the run's; a file that cannot be
-            written (OutputError: full disk, I/O error); a NaN loss (NonFiniteLoss); under torchrun, another
+            written (WriteError: full disk, I/O error); a NaN loss (NonFiniteLoss); under torchrun, another
             rank stopped, hung past --dist-timeout or died (RankFailure). One line each.
         Interrupted: SIGINT or SIGTERM (train.runtime.stop_on_signals); its note says what was kept.
     """
@@ -362,8 +362,8 @@ def main(cfg: Config) -> Path:
         return out
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through train.runtime.stop_on_signals
         raise Interrupted(getattr(e, "signum", signal.SIGINT), kept(out, saved)) from None
-    except OutputError as e:
-        raise OutputError(f"{e}; {kept(out, saved)}") from e
+    except WriteError as e:
+        raise WriteError(f"{e}; {kept(out, saved)}") from e
     except RuntimeError as e:
         if isinstance(e, CrackioError) or not (dist.is_initialized() and _PEER_FAILED.search(str(e))):
             raise

@@ -89,7 +89,7 @@ def threshold_for_f1(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def save_figure(fig, path: Path) -> None:
-    """The figure as a PNG through the atomic writer (raises OutputError: full disk, I/O error); closed either way."""
+    """The figure as a PNG through the atomic writer (raises WriteError: full disk, I/O error); closed either way."""
     try:
         # Encoded in memory, then written: Pillow (matplotlib's PNG writer) writes straight to the file's
         # descriptor when it has one, and reports a full disk as "encoder error -2", not the OS error.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from crackio.errors import ConfigError, CrackioError, MissingFile
+from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.shards import atomic_write
 
 
@@ -116,11 +116,6 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
 # ---- files a command writes
 
 
-class OutputError(CrackioError):
-    """A file or folder could not be written (no space left, an I/O error, no permission): the message names it
-    and the OS error; the temporary is removed and the previous file, if any, is unchanged."""
-
-
 def _reason(e: OSError) -> str:
     """ "no space left on device", "permission denied", ...: the OS's words, as a clause."""
     text = e.strerror or str(e) or type(e).__name__
@@ -143,30 +138,26 @@ def write_file(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     (crackio.shards.atomic_write: a unique temporary beside it, fsync, rename), then the folder fsynced.
 
     Raises:
-        OutputError: a full disk, an I/O or permission error, in one line naming `path`; the temporary is
+        WriteError: a full disk, an I/O or permission error, in one line naming `path`; the temporary is
             removed and the previous file, if any, is unchanged.
     """
-    try:
-        atomic_write(path, data)
-    except OSError as e:
-        kept = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} was written"
-        raise OutputError(f"{_reason(e)} while writing {path} ({kept})") from e
+    atomic_write(path, data)  # raises WriteError naming the path and what is left of the previous file
     try:
         fsync_dir(path.parent)
     except OSError as e:
-        raise OutputError(f"{_reason(e)} while syncing the folder of {path}") from e
+        raise WriteError(f"{_reason(e)} while syncing the folder of {path}") from e
 
 
 def make_dir(path: Path) -> Path:
     """mkdir -p, a failure (read-only disk, permissions) as one line.
 
     Raises:
-        OutputError: naming the folder and the OS error.
+        WriteError: naming the folder and the OS error.
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"{_reason(e)} while creating the folder {path}") from e
+        raise WriteError(f"{_reason(e)} while creating the folder {path}") from e
     return path
 
 
@@ -193,7 +184,7 @@ def atomic_save(obj, path: Path) -> None:
     """torch.save through write_file: a crash, a kill or a full disk leaves the previous file or the new one.
 
     Raises:
-        OutputError: see write_file.
+        WriteError: see write_file.
     """
 
     def save(f: BinaryIO) -> None:
@@ -209,17 +200,17 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def save_npz(path: Path, **arrays) -> None:
-    """np.savez (plain arrays, nothing pickled) through write_file (raises OutputError)."""
+    """np.savez (plain arrays, nothing pickled) through write_file (raises WriteError)."""
     write_file(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
 
 
 def write_text(path: Path, text: str) -> None:
-    """A text file through write_file (raises OutputError): for files whose presence means "finished"."""
+    """A text file through write_file (raises WriteError): for files whose presence means "finished"."""
     write_file(path, text.encode())
 
 
 def write_json(path: Path, data) -> None:
-    """JSON through write_file (raises OutputError)."""
+    """JSON through write_file (raises WriteError)."""
     write_text(path, json.dumps(data, indent=1) + "\n")
 
 
@@ -233,7 +224,7 @@ def remove_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     `<name>.XXXXXXXX.tmp`), for the given names or patterns ("last.pt", "*.jpg") only; returns them.
 
     Raises:
-        OutputError: a temporary that cannot be removed.
+        WriteError: a temporary that cannot be removed.
     """
     if not folder.is_dir():
         return []
@@ -245,7 +236,7 @@ def remove_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
-                raise OutputError(f"{_reason(e)} while removing the stale temporary {path}") from e
+                raise WriteError(f"{_reason(e)} while removing the stale temporary {path}") from e
             removed.append(path)
     return removed
 

@@ -151,7 +151,7 @@ def cached_features(folder: Path, key: str, split: str, compute) -> dict[str, np
     (a cache file that cannot be read is computed again and replaced).
 
     Raises:
-        OutputError: the features cannot be stored (full disk, I/O error).
+        WriteError: the features cannot be stored (full disk, I/O error).
     """
     path = folder / f"{split}.npz"
     if path.is_file():
@@ -212,7 +212,7 @@ def run_svm(args: SvmConfig) -> Path:
     Raises:
         MissingFile, CheckpointError: a missing or refused checkpoint.
         ShardError, ConfigError: unusable shards or settings.
-        OutputError: an output cannot be written (full disk, I/O error); earlier outputs are unchanged.
+        WriteError: an output cannot be written (full disk, I/O error); earlier outputs are unchanged.
     """
     path = Path(args.checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))

@@ -26,7 +26,7 @@ from train.errors import USER_ERRORS
 from train.loop import init_distributed
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
-from train.runtime import Interrupted, OutputError, make_dir, remove_temporaries, world, write_text
+from train.runtime import Interrupted, WriteError, make_dir, remove_temporaries, world, write_text
 
 SHIPPED = Path(__file__).with_name("variants.toml")
 # Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).
@@ -201,11 +201,11 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png.
 
     A variant's bad settings or data fail that variant only (its row says why); a file that cannot be written
-    (OutputError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since every later variant would meet them.
+    (WriteError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since every later variant would meet them.
 
     Raises:
         MissingFile, ConfigError: the variants file.
-        OutputError: a full disk or an I/O error, naming the file.
+        WriteError: a full disk or an I/O error, naming the file.
         Interrupted: SIGINT or SIGTERM, with what to run to continue.
     """
     variants = load_variants(variants_path)
@@ -237,8 +237,8 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
         except KeyboardInterrupt as e:
             note = f"variant {variant.name} stopped; run the same sweep command again to go on (it resumes there)"
             raise Interrupted(getattr(e, "signum", signal.SIGINT), note) from None
-        except OutputError as e:
-            raise OutputError(f"variant {variant.name}: {e}") from e
+        except WriteError as e:
+            raise WriteError(f"variant {variant.name}: {e}") from e
         except Exception as e:  # noqa: BLE001 - one failed variant must not stop the others
             errors[variant.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
             if rank == 0:
@@ -316,7 +316,7 @@ def reference_row(variant: Variant) -> dict:
 
 
 def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path) -> None:
-    """sweep.csv and sweep.md (raises OutputError on a full disk or an I/O error)."""
+    """sweep.csv and sweep.md (raises WriteError on a full disk or an I/O error)."""
     make_dir(out)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
