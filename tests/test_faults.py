@@ -177,6 +177,7 @@ def test_swapped_samples_are_found(shards):
     assert len(problems) == 2 and all("points at member" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_verify_command(shards):
     ok = subprocess.run([*PACK, "--verify", str(shards)], capture_output=True, text=True)
     assert ok.returncode == 0 and "all 240 samples match" in ok.stdout, ok.stderr
@@ -279,6 +280,7 @@ def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(big
 # --- 5. one writer per folder; only crackio's own files ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_held_folder_exits_at_once_naming_the_holder(demo_src, tmp_path):
     out = tmp_path / "out"
     with OutputFolder(out):
@@ -405,6 +407,7 @@ def coco_photos(tmp_path_factory) -> Path:
     return root / "coco"
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_propose_is_one_line_and_leaves_nothing(coco_photos, tmp_path, monkeypatch):
     from crackio.proposals import ProposalSettings
     from crackio.propose import ProposeSettings, propose_to_shards
