@@ -16,9 +16,10 @@ from torchvision import models
 from crackio import ConfigError
 from tests.helpers import ARCH, tiny
 from train.__main__ import main as cli
-from train.config import Config, resume_config
+from train.config import Config
 from train.loop import main
 from train.model import WeightsError, build_model
+from train.resume import resume_config
 
 
 @pytest.fixture(scope="module")

@@ -24,19 +24,12 @@ from crackio import make_loader, read_manifest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loader import resolve_device
 from crackio.samplers import label_source
-from train.config import (
-    Config,
-    add_config_arguments,
-    check_applicable,
-    check_resumed,
-    check_same_pack,
-    pack_fingerprint,
-    resume_config,
-)
+from train.config import Config, add_config_arguments, check_applicable
 from train.evaluate import predict
 from train.losses import make_loss
 from train.model import build_model, make_optimizer
 from train.report import class_metrics, crack_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+from train.resume import check_resumed, check_same_pack, pack_fingerprint, resume_config
 from train.runtime import (
     CheckpointError,
     Interrupted,
@@ -284,7 +277,7 @@ def main(cfg: Config) -> Path:
         Interrupted: SIGINT or SIGTERM (train.runtime.stop_on_signals); its note says what was kept.
     """
     cfg.validate()
-    if cfg.resume:  # cfg must be the run's own config (train.config.resume_config builds it)
+    if cfg.resume:  # cfg must be the run's own config (train.resume.resume_config builds it)
         check_resumed(cfg)
     init_distributed(cfg.dist_timeout)
     rank, world_size = world()
@@ -406,7 +399,7 @@ def save_epoch(
         "scaler": scaler.state_dict(),
         "config": dataclasses.asdict(cfg),
         "proposals": proposals,
-        "pack": pack,  # what --resume checks the shards against (train.config.check_same_pack)
+        "pack": pack,  # what --resume checks the shards against (train.resume.check_same_pack)
         **dataclasses.asdict(state),
     }
     # best.pt before last.pt: whatever fails or is killed in between, last.pt's best_val_loss is never
