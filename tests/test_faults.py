@@ -238,6 +238,25 @@ def test_a_real_full_disk_during_pack_keeps_the_previous_state_out_of_the_loader
 # --- 4. signals -------------------------------------------------------------------------------------------------
 
 
+def interrupt(cmd: list[str], out: Path, pattern: str, sig: int, group: bool) -> tuple[int, str]:
+    """Run `cmd`, send `sig` once `out` holds a file matching `pattern` (to its process group, as a terminal's
+    Ctrl-C does, or to the process alone); (exit code, stderr). Asserts an exit within 5 s and that no process
+    of the group is left; skips if the command finished first."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the command finished before the signal")
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+    stderr = proc.communicate(timeout=30)[1]
+    assert time.monotonic() - sent < 5
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no worker left behind
+    return proc.returncode, stderr
+
+
 @pytest.fixture(scope="module")
 def big_src(demo_src, tmp_path_factory) -> Path:
     """6,000 names (hard links to the demo crops): a pack that takes a few seconds."""
@@ -256,20 +275,9 @@ def big_src(demo_src, tmp_path_factory) -> Path:
 def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(big_src, tmp_path, sig, code):
     out = tmp_path / "out"
     cmd = [*PACK, str(big_src), "--out", str(out), "--workers", "2", "--samples-per-shard", "300", "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("train/*.tar*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.skip("the pack finished before the signal")
-    sent = time.monotonic()
     # Ctrl-C in a terminal reaches the whole process group; `kill PID` only the main process.
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
-    stderr = proc.communicate(timeout=30)[1]
-    assert time.monotonic() - sent < 5
-    assert proc.returncode == code and one_line(stderr).startswith("interrupted:")
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)  # no worker left behind
+    returncode, stderr = interrupt(cmd, out, "train/*.tar*", sig, group=sig == signal.SIGINT)
+    assert returncode == code and one_line(stderr).startswith("interrupted:")
     assert not temporaries(out) and not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     clean = tmp_path / "clean"
@@ -425,17 +433,8 @@ def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos,
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(coco_photos), "--format", "coco", "--out", str(out)]
     cmd += ["--max-proposals", "300", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob(".spool/*.bin")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.skip("the proposal run finished before the signal")
-    sent = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)
-    stderr = proc.communicate(timeout=30)[1]
-    assert time.monotonic() - sent < 5
-    assert proc.returncode == 130 and one_line(stderr).startswith("interrupted:")
+    returncode, stderr = interrupt(cmd, out, ".spool/*.bin", signal.SIGINT, group=True)
+    assert returncode == 130 and one_line(stderr).startswith("interrupted:")
     assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     assert list(verify(out)) == []
