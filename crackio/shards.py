@@ -252,15 +252,30 @@ def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # no /proc (not Linux): the common default
+
+
 def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write `data` (bytes, or a function that writes to the open file) to `path` atomically: a unique
     temporary beside it, fsync, rename. A crash or an error leaves the previous file (the temporary is
-    removed on error). Every file that marks completion goes through here."""
+    removed on error). Every file that marks completion goes through here. The file gets the permissions a
+    plain `open()` would give it (0666 less the umask; mkstemp's own are 0600), so a shared folder stays readable.
+    """
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     except OSError as e:
         raise write_error(path, e) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
@@ -302,7 +317,8 @@ class SplitIndex:
         return self.rows["iou"]
 
     def filenames(self, ids: np.ndarray) -> list[str]:
-        return [b.decode() for b in self.rows["filename"][ids]]
+        # Written as UTF-8; a damaged byte shows escaped rather than failing the epoch.
+        return [b.decode(errors="backslashreplace") for b in self.rows["filename"][ids]]
 
 
 class ShardError(CrackioError, RuntimeError):
@@ -377,7 +393,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
         pattern = shard_pattern(split)
         for k, shard in enumerate(info["shards"]):
             if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)):
-                raise _bad(path, f"{where}.shards[{k}] has no name", root)
+                raise _bad(path, f"{where}.shards[{k}] has no file name (a string)", root)
             if not pattern.fullmatch(shard["name"]):
                 raise _bad(
                     path,
@@ -427,6 +443,8 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
             f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {root / MANIFEST})"
         )
     index_path = root / split / INDEX
+    if index_path.exists() and index_path.resolve().parent != (root / split).resolve():
+        raise _bad(index_path, f"is a link to {index_path.resolve()}, outside {(root / split).resolve()}", root)
     try:
         rows = np.load(index_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
@@ -438,6 +456,10 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     if len(rows) != info["samples"]:
         raise _bad(index_path, f"has {len(rows)} rows but the manifest says {info['samples']}", root)
     shards = [root / split / s["name"] for s in info["shards"]]
+    folder = (root / split).resolve()
+    for path in shards:
+        if path.exists() and path.resolve().parent != folder:  # a link out of the split's folder
+            raise _bad(path, f"is a link to {path.resolve()}, outside {folder}", root)
     for path, s in zip(shards, info["shards"]):
         if not path.is_file():
             raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
@@ -450,7 +472,7 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
 
 def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: Path, root: Path) -> None:
     """Every row points inside its tar: shard number in range, offset and size non-negative, end within the file;
-    keys strictly ascending. Vectorized: ~20 ms per million rows."""
+    keys strictly ascending; labels 0 or 1, IoUs within [0, 1]. Vectorized: ~40 ms per million rows."""
     shard = np.asarray(rows["shard"])
     if len(shard) and (shard.min() < 0 or shard.max() >= len(shard_bytes)):
         raise _bad(path, f"has shard numbers outside 0..{len(shard_bytes) - 1}", root)
@@ -461,6 +483,15 @@ def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: Path, root: Pat
         raise _bad(path, f"row {row} points outside its tar (offset {int(offset[row])}, size {int(size[row])})", root)
     if (np.diff(np.asarray(rows["key"])) <= 0).any():
         raise _bad(path, "has keys that are not strictly ascending", root)
+    label, iou = np.asarray(rows["label"]), np.asarray(rows["iou"])
+    bad = ((label != 0) & (label != 1)) | ~((iou >= 0) & (iou <= 1))  # NaN fails the second test
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise _bad(
+            path,
+            f"row {row} has label {int(label[row])} and IoU {float(iou[row])}: labels are 0 or 1, IoUs within [0, 1]",
+            root,
+        )
 
 
 def verify(root: str | os.PathLike) -> Iterator[str]:
@@ -489,11 +520,45 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
                 yield f"{idx}: unreadable ({e})"
             with open(path, "rb") as f:
                 for i in ids:
-                    offset, size = int(rows["offset"][i]), int(rows["size"][i])
-                    data = os.pread(f.fileno(), size + BLOCK, offset - BLOCK)
-                    member = data[:100].rstrip(b"\0")
-                    name = bytes(rows["filename"][i]).decode(errors="replace")
-                    if member != f"{sample_key(int(rows['key'][i]))}.jpg".encode():
-                        yield f"{path}: row {i} ({name}) points at member {member[:40]!r}, not its own"
-                    elif len(data) != size + BLOCK or zlib.crc32(data[BLOCK:]) != int(rows["crc32"][i]):
-                        yield f"{path}: row {i} ({name}) does not match its checksum"
+                    yield from _verify_sample(f.fileno(), rows[i], int(i), path)
+
+
+def _member(data: bytes, at: int) -> tuple[str, int, int]:
+    """(name, data offset, size) of the ustar header at `at` in `data`; ("", ...) when it is not one."""
+    head = data[at : at + BLOCK]
+    try:
+        return head[:100].rstrip(b"\0").decode("ascii"), at + BLOCK, int(head[124:136].strip(b" \0") or b"0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return "", at + BLOCK, 0
+
+
+def _verify_sample(fd: int, row: np.void, i: int, path: Path) -> Iterator[str]:
+    """The sample's three members read in one go and compared with its index row: the JPEG's member name and
+    CRC32, the JSON's file name, label and IoU (to its 3 decimals), the `.sid`'s key."""
+    offset, size, key = int(row["offset"]), int(row["size"]), sample_key(int(row["key"]))
+    name = bytes(row["filename"]).decode(errors="backslashreplace")
+    data = os.pread(fd, size + 4 * BLOCK + 4096, offset - BLOCK)  # jpg header+data, json, sid (json < 4 KB)
+    member, start, _ = _member(data, 0)
+    if member != f"{key}.jpg":
+        yield f"{path}: row {i} ({name}) points at member {member[:40]!r}, not its own ({key}.jpg)"
+        return
+    if zlib.crc32(data[start : start + size]) != int(row["crc32"]):
+        yield f"{path}: row {i} ({name}) does not match its checksum"
+        return
+    json_member, json_start, json_size = _member(data, start + size + (-size % BLOCK))
+    sid_member, sid_start, _ = _member(data, json_start + json_size + (-json_size % BLOCK))
+    try:
+        meta = json.loads(data[json_start : json_start + json_size])
+        sid = int.from_bytes(data[sid_start : sid_start + 8], "little")
+        same = (
+            json_member == f"{key}.json"
+            and sid_member == f"{key}.sid"
+            and sid == int(row["key"])
+            and meta["filename"] == name
+            and meta["label"] == int(row["label"])
+            and abs(meta["iou"] - float(row["iou"])) <= 5e-4
+        )
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        yield f"{path}: row {i} ({name}): the sample's .json/.sid in the tar disagree with the index (name, label, IoU)"

@@ -78,7 +78,7 @@ def test_a_manifest_naming_a_file_outside_the_split_is_refused(shards, tmp_path,
         (lambda m: m["splits"]["train"].update(samples="160"), "'samples' \\(an integer"),
         (lambda m: m["splits"]["train"].update(samples=-1), "'samples' \\(an integer"),
         (lambda m: m["splits"]["train"]["shards"][0].update(bytes=None), "'bytes' as integers"),
-        (lambda m: m["splits"]["train"]["shards"].append("x"), "has no name"),
+        (lambda m: m["splits"]["train"]["shards"].append("x"), "has no file name"),
         (lambda m: m["splits"]["train"].update(samples=159), "hold 160 samples, not 159"),
     ],
 )
@@ -109,6 +109,9 @@ def rewrite_index(out: Path, change) -> None:
         (lambda r: r["offset"].__setitem__(3, -5), "row 3 points outside its tar"),
         (lambda r: r["size"].__setitem__(3, 10**12), "row 3 points outside its tar"),
         (lambda r: r["key"].__setitem__(3, 0), "keys that are not strictly ascending"),
+        (lambda r: r["label"].__setitem__(3, 7), "row 3 has label 7"),
+        (lambda r: r["iou"].__setitem__(3, np.nan), "row 3 has label .* and IoU nan"),
+        (lambda r: r["iou"].__setitem__(3, 1.5), "labels are 0 or 1, IoUs within"),
     ],
 )
 def test_index_rows_are_checked_before_use(shards, change, message):
@@ -169,21 +172,48 @@ def test_a_flipped_byte_is_refused_before_decoding_by_both_backends(shards, back
         next(iter(loader))
 
 
-def test_swapped_samples_are_found(shards):
+def test_swapped_samples_are_found_by_the_loader_and_by_verify(shards):
     rows = np.load(shards / "train" / "index.npy")
     rows[["offset", "size", "crc32"]][[1, 2]] = rows[["offset", "size", "crc32"]][[2, 1]]  # labels now mismatched
     np.save(shards / "train" / "index.npy", rows)
     problems = list(verify(shards))
     assert len(problems) == 2 and all("points at member" in p for p in problems)
+    loader = make_loader(shards, "train", batch_size=160, train=False, backend="torch", device="cpu")
+    with pytest.raises(ShardError, match=r"sample 1 \(.*\) in .* is not stored as its key 0+\d+ says"):
+        next(iter(loader))
+
+
+def test_an_index_that_disagrees_with_the_tars_metadata_is_found_by_verify(shards):
+    rows = np.load(shards / "train" / "index.npy")
+    rows["label"] = 1 - rows["label"]  # every label flipped: the loader cannot tell, the tar's .json can
+    np.save(shards / "train" / "index.npy", rows)
+    problems = list(verify(shards))
+    assert len(problems) == 160 and all("disagree with the index" in p for p in problems)
+
+
+def test_shared_folders_stay_readable_and_links_out_of_a_split_are_refused(demo_src, tmp_path):
+    old = os.umask(0o022)
+    try:
+        pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
+    finally:
+        os.umask(old)
+    for name in ["manifest.json", "train/index.npy", "train/train-000000.idx", ".crackio-written.json"]:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+    elsewhere = tmp_path / "elsewhere.tar"
+    tar = tmp_path / "out" / "train" / "train-000000.tar"
+    tar.rename(elsewhere)
+    tar.symlink_to(elsewhere)
+    with pytest.raises(ShardError, match="is a link to .*elsewhere.tar, outside"):
+        load_index(tmp_path / "out", "train")
 
 
 @pytest.mark.slow
 def test_verify_command(shards):
     ok = subprocess.run([*PACK, "--verify", str(shards)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "all 240 samples match" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "all 240 samples match their checksums and their index rows" in ok.stdout
     _, name = flip_byte_in_a_stored_jpeg(shards)
     bad = subprocess.run([*PACK, "--verify", str(shards)], capture_output=True, text=True)
-    assert bad.returncode == 1 and name in one_line(bad.stderr) and "1 of 240 samples" in bad.stdout
+    assert bad.returncode == 1 and name in one_line(bad.stderr) and "1 problems in" in bad.stdout
 
 
 # --- 3. out of space -------------------------------------------------------------------------------------------
@@ -197,6 +227,8 @@ class FillsUp:
 
     @classmethod
     def open(cls, path, mode="r", buffering=-1):
+        if "w" not in mode:
+            return open(path, mode, buffering)
         return cls(open(path, mode, buffering=0))
 
     def write(self, data):

@@ -54,9 +54,9 @@ def check(out: Path) -> int:
         print(f"damaged: {line}", file=sys.stderr)
     samples = read_manifest(out)["samples"]
     if problems:
-        print(f"{problems} of {samples} samples in {out} are damaged: re-run `python tools/pack.py SRC --out {out}`")
+        print(f"{problems} problems in {out} ({samples} samples): re-run `python tools/pack.py SRC --out {out}`")
         return 1
-    print(f"{out}: all {samples} samples match their checksums")
+    print(f"{out}: all {samples} samples match their checksums and their index rows")
     return 0
 
 
