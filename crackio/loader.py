@@ -137,9 +137,11 @@ class Loader:
             )
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
-        if not (isinstance(block_size, int) and block_size >= 1 and isinstance(window, int) and window >= 1):
+        if not all(
+            isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in (block_size, window)
+        ):
             raise ConfigError(f"block_size and window must be integers >= 1, got {block_size!r} and {window!r}")
-        self.order, self.block_size, self.window = order, block_size, window
+        self.order, self.block_size, self.window = order, int(block_size), int(window)
         self.index = load_index(shards, split)
         blocks = order == "block" and train
         self.reader = BlockReader(self.index, block_size) if blocks else ByteReader(self.index)
@@ -165,6 +167,7 @@ class Loader:
 
             self.backend = TorchBackend(self.reader, self.device, workers, output)  # batches come per epoch
         self.epoch = 0
+        self._iterating = False  # an epoch's iteration is under way (DALI runs one at a time)
         self._planned: tuple[int, list[np.ndarray]] = (-1, [])
 
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -176,6 +179,11 @@ class Loader:
                 mine = block_order(
                     order, len(self.index), self.block_size, self.window, self.seed, epoch, self.rank, self.world_size
                 )
+                if len(mine) < self.batch_size:
+                    raise ConfigError(
+                        f"{len(order)} samples cannot fill one batch of {self.batch_size} on {self.world_size} "
+                        f"rank(s); lower the batch size"
+                    )
                 # Equal parts per rank: the same cut into batches as rank_batches on world_size 1.
                 self._planned = (epoch, rank_batches(mine, self.batch_size, 0, 1, True))
             else:
@@ -195,8 +203,14 @@ class Loader:
         return batches, (draw_params(bs, seed, epoch, rank, i) for i in range(len(batches)))
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._iterating and self.backend_name == "dali":
+            raise ConfigError(
+                "this loader is already iterating an epoch, and its DALI pipeline runs one epoch at a time: finish "
+                "the previous iteration or close it (iterator.close()) first, or use backend='torch'"
+            )
         epoch = self.epoch
         self.epoch += 1  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
+        self._iterating = True
         batches, params = self.plan(epoch)
         if isinstance(self.reader, BlockReader):
             self.reader.prefetch(batches)
@@ -210,6 +224,7 @@ class Loader:
                     self.index.filenames(rows),
                 )
         finally:
+            self._iterating = False
             if isinstance(self.reader, BlockReader):
                 self.reader.close()
 

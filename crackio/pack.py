@@ -38,7 +38,6 @@ OS_METADATA = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db", "$RECYCLE.
 HIDDEN = "hidden or operating-system metadata (.DS_Store, ._* AppleDouble, __MACOSX, Thumbs.db)"
 NOT_IMAGE = "not an image file by its extension (metadata such as README, data.yaml, annotation JSON)"
 NO_IMAGES = "folder without image files (not a split)"
-OUTPUT = "the output folder (--out inside SRC)"
 CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 
 
@@ -120,7 +119,7 @@ def discover(src: Path, exclude: Path | None = None) -> Found:
         if _ignorable(e.name):
             found.ignored[HIDDEN] += 1
         elif skip_dir is not None and _is_dir(e) and Path(e.path).resolve() == skip_dir:
-            found.ignored[OUTPUT] += 1
+            continue  # not counted: the first pack, before the folder existed, must write the same manifest
         else:
             visible.append(e)
     image_dirs = [e for e in visible if _is_dir(e) and _has_image(e.path)]
@@ -315,6 +314,11 @@ def pack(
     if settings.samples_per_shard < 1 or settings.workers < 0:
         raise ConfigError("samples_per_shard must be >= 1 and workers >= 0")
     t0 = time.perf_counter()
+    if out.resolve() == src.resolve():
+        raise ConfigError(
+            f"--out {display_name(out)} is the proposal folder itself: the shards would go beside the crops; "
+            f"write them elsewhere (e.g. --out {display_name(src)}/shards or a sibling folder)"
+        )
     found = discover(src, exclude=out)
     if not found.splits:
         raise ConfigError(
@@ -380,8 +384,8 @@ def pack(
             "ignored": dict(sorted(found.ignored.items())),
             "skipped": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
         }
+        held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete pack
         atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-        held.finish(manifest_files(manifest))
     manifest["seconds"] = time.perf_counter() - t0
     return manifest
 

@@ -423,8 +423,8 @@ def _propose(
         "ignored": {},
         "skipped": sorted(skipped, key=lambda s: (s["path"], s["reason"])),
     }
+    held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    held.finish(manifest_files(manifest))
     manifest["seconds"] = time.perf_counter() - t0
     manifest["timing"] = timing
     return manifest

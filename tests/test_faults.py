@@ -382,9 +382,13 @@ def test_out_inside_src_is_not_read_back_as_a_split(demo_src, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(demo_src, src)
     first = pack(src, src / "shards", PackSettings(workers=1), progress=False)
+    manifest = (src / "shards" / "manifest.json").read_bytes()
     again = pack(src, src / "shards", PackSettings(workers=1), progress=False)
     assert list(again["splits"]) == ["train", "valid", "test"] == list(first["splits"])
     assert again["samples"] == first["samples"] == 240 and not again["skipped"]
+    assert (src / "shards" / "manifest.json").read_bytes() == manifest  # the same input, the same manifest
+    with pytest.raises(ConfigError, match="is the proposal folder itself"):
+        pack(src, src, PackSettings(workers=1), progress=False)
 
 
 # --- 7. source folders as file systems really are -------------------------------------------------------------------
@@ -470,3 +474,15 @@ def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos,
     assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     assert list(verify(out)) == []
+
+
+def test_a_failure_recording_the_files_leaves_no_manifest(demo_src, tmp_path, monkeypatch):
+    from crackio.errors import write_error
+
+    def full(self, keep):
+        raise write_error(tmp_path / "out" / WRITTEN, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(OutputFolder, "finish", full)
+    with pytest.raises(WriteError, match="no space left on device while writing .*crackio-written.json"):
+        pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists() and not temporaries(tmp_path / "out")

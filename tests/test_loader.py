@@ -295,3 +295,27 @@ def test_order_options_are_checked(demo_shards):
     for bad in ({"order": "sequential"}, {"block_size": 0}, {"window": 0}, {"block_size": 2.5}):
         with pytest.raises(ValueError, match="order must be|block_size and window"):
             make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", **bad)
+
+
+@needs_dali
+def test_a_dali_loader_refuses_a_second_concurrent_epoch(demo_shards):
+    loader = make_loader(demo_shards, "train", batch_size=8, train=True, backend="dali", device="cpu")
+    first = iter(loader)
+    next(first)
+    with pytest.raises(ValueError, match="already iterating an epoch"):
+        next(iter(loader))
+    first.close()
+    assert len(list(loader)) == len(loader)  # after close, the next epoch runs whole
+
+
+def test_block_order_messages_and_integer_types(demo_shards):
+    with pytest.raises(ValueError, match="cannot fill one batch of 16 on 40 rank"):
+        make_loader(
+            demo_shards, "valid", batch_size=16, train=True, device="cpu", order="block", rank=0, world_size=40
+        ).batches(0)
+    assert (
+        make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=np.int64(32)).block_size
+        == 32
+    )
+    with pytest.raises(ValueError, match="block_size and window"):
+        make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=True)

@@ -130,6 +130,9 @@ def test_block_order_trains_and_block_size_needs_it(demo_shards, tmp_path, capsy
     assert json.loads((out / "config.json").read_text())["order"] == "block"
     code = cli(["--shards", str(demo_shards), "--out", str(tmp_path / "x"), "--block-size", "64", "--weights", "none"])
     assert code == 2 and "--block-size only applies with --order block" in capsys.readouterr().err
+    main(tiny(demo_shards, tmp_path / "random", epochs=1, backend="torch"))
+    assert cli(["--resume", str(tmp_path / "random"), "--epochs", "2", "--block-size", "64"]) == 2
+    assert "--block-size only applies with --order block" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -259,6 +259,7 @@ def cli(argv: list[str]) -> None:
     given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
     if given.get("resume"):
         cfg = resume_config(given.pop("resume"), **given)
+        check_applicable(cfg, given)  # e.g. --block-size on a run in random order
     else:
         cfg = Config(**given)
         cfg.validate()  # values first, then whether each option applies
