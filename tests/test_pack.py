@@ -222,3 +222,14 @@ def test_empty_split_is_an_error(tmp_path):
     assert manifest["splits"]["train"]["samples"] == 0
     with pytest.raises(ShardError, match="'train' in .* is empty"):
         load_index(tmp_path / "out", "train")
+
+
+def test_any_worker_count_writes_the_same_bytes(demo_src, tmp_path):
+    """Shard k holds keys [k*S, (k+1)*S) whatever process writes it: 1, 2 and 3 workers, 12 shards."""
+    outs = []
+    for workers in (1, 2, 3):
+        outs.append(tmp_path / f"w{workers}")
+        pack(demo_src, outs[-1], PackSettings(samples_per_shard=20, workers=workers), progress=False)
+    assert len(list(outs[0].glob("*/*.tar"))) == 12
+    assert shard_files(outs[0]) == shard_files(outs[1]) == shard_files(outs[2])
+    assert len({(o / "manifest.json").read_bytes() for o in outs}) == 1
