@@ -55,6 +55,17 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+def integer(name: str, value, least: int, most: int = 2**40) -> int:
+    """`value` as an int if it is an integer (numpy's too, not a bool) within [least, most].
+
+    Raises:
+        ConfigError: naming the argument and what it must be.
+    """
+    if not (isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_) and least <= value <= most):
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,8 +134,17 @@ class Loader:
         window: int = 8,
         **options,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size, rank, world_size, seed = (
+            integer(name, value, least)
+            for name, value, least in (
+                ("batch_size", batch_size, 1),
+                ("rank", rank, 0),
+                ("world_size", world_size, 1),
+                ("seed", seed, 0),
+            )
+        )
+        if workers is not None:
+            workers = integer("workers", workers, 0)
         if output not in OUTPUTS:
             raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.output = output
@@ -137,14 +157,11 @@ class Loader:
             )
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
-        if not all(
-            isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in (block_size, window)
-        ):
-            raise ConfigError(f"block_size and window must be integers >= 1, got {block_size!r} and {window!r}")
-        self.order, self.block_size, self.window = order, int(block_size), int(window)
+        self.order = order
+        self.block_size, self.window = integer("block_size", block_size, 1), integer("window", window, 1)
         self.index = load_index(shards, split)
         blocks = order == "block" and train
-        self.reader = BlockReader(self.index, block_size) if blocks else ByteReader(self.index)
+        self.reader = BlockReader(self.index, self.block_size) if blocks else ByteReader(self.index)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size

@@ -73,7 +73,7 @@ class OutputFolder:
         except OSError as e:
             raise write_error(self.out, e) from None
         try:
-            fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, like every file
         except OSError as e:
             raise write_error(self.out / LOCK, e) from None
         try:

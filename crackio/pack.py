@@ -325,12 +325,22 @@ def pack(
             f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
             f"<label>.jpg (or such files in SRC itself)"
         )
-    for folder, _ in found.splits.values():
+    for split, (folder, _) in found.splits.items():
         if out.resolve().is_relative_to(folder.resolve()):
             raise ConfigError(
                 f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
                 f"next pack would read the shards as a stray folder; write them elsewhere"
             )
+        if (out / split).resolve() == folder.resolve():
+            raise ConfigError(
+                f"--out {display_name(out)} would put split {split}'s shards into its own source folder "
+                f"{display_name(folder)}; write them elsewhere"
+            )
+    if out.resolve().parent == src.resolve() and out.is_dir() and _has_image(str(out)):
+        raise ConfigError(
+            f"--out {display_name(out)} is a split folder of {display_name(src)} (it holds images): the split "
+            f"would be left out of the pack; write the shards elsewhere"
+        )
     per = settings.samples_per_shard
     tasks: list[_ShardTask] = []
     ordered: dict[str, list[Proposal]] = {}

@@ -290,6 +290,11 @@ def propose_to_shards(
         raise ConfigError("--positive-iou must be in [0, 1); --negatives-per-image and --gt-jitter >= 0")
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(
+            f"--out {display_name(out)} is inside the photo folder {display_name(src)}: the next run would read "
+            f"the shards as photos or annotations; write them elsewhere"
+        )
     annotated = read_annotations(src, fmt, list(run.classes) or None)
     if run.split_ratios != ProposeSettings().split_ratios and all(p.split for p in annotated.photos):
         raise ConfigError(

@@ -110,11 +110,11 @@ def sampler_options(sampler: str, options: dict) -> dict:
         top = max(w.values())  # scaled to a maximum of 1: only ratios matter, and 1e308 * n would overflow
         merged["class_weights"] = {c: v / top for c, v in w.items()}
     checks = {
-        "negatives": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "per_bin": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "negatives": lambda v: _integer(v) and v >= 0,
+        "per_bin": lambda v: _integer(v) and v >= 1,
         "bin_width": lambda v: isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 1,
-        "num_samples": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-        "replacement": lambda v: isinstance(v, bool),
+        "num_samples": lambda v: v is None or (_integer(v) and v >= 1),
+        "replacement": lambda v: isinstance(v, bool | np.bool_),
     }
     need = {
         "negatives": "an integer >= 0",
@@ -126,7 +126,13 @@ def sampler_options(sampler: str, options: dict) -> dict:
     for name, ok in checks.items():
         if name in merged and not ok(merged[name]):
             raise ConfigError(f"sampler option {name} must be {need[name]}, got {merged[name]!r}")
+        if name in merged and _integer(merged[name]):
+            merged[name] = int(merged[name])  # numpy integers in, plain ints for every later use
     return merged
+
+
+def _integer(v) -> bool:
+    return bool(isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) and v < 2**40)
 
 
 def select(labels: np.ndarray, ious: np.ndarray, sampler: str, options: dict, seed: int) -> np.ndarray:

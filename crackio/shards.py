@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -368,11 +369,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
             f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
         )
     try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-        manifest = json.loads(text)
+        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
     except (OSError, ValueError, RecursionError) as e:
         raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
     if not isinstance(manifest, dict):
@@ -412,6 +409,30 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge messy folder, never this large
+MAX_IDX_BYTES = 1 << 30  # ~100 bytes a sample
+
+
+def read_regular(path: Path, limit: int | None) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes: opened without blocking (a
+    named pipe) and sized before reading (a device, a file larger than `limit`). `limit` None: only check it
+    is a regular file (returns b"").
+
+    Raises:
+        OSError: unreadable; ValueError: not a regular file, or larger than `limit`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a named pipe, a device or a folder)")
+        if limit is None:
+            return b""
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, larger than the {limit >> 20} MiB this file can be")
+        data = f.read(info.st_size + 1)  # sized to the file: read(limit) would reserve `limit` bytes up front
+        if len(data) > limit:
+            raise ValueError(f"more than the {limit >> 20} MiB this file can be")
+        return data
 
 
 def _count(value) -> bool:
@@ -446,6 +467,7 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     if index_path.exists() and index_path.resolve().parent != (root / split).resolve():
         raise _bad(index_path, f"is a link to {index_path.resolve()}, outside {(root / split).resolve()}", root)
     try:
+        read_regular(index_path, None)  # a named pipe or a device would block or never end np.load
         rows = np.load(index_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
         raise _bad(index_path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})", root) from None
@@ -513,10 +535,12 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
             ids = ids[np.argsort(np.asarray(rows["offset"])[ids], kind="stable")]
             idx = path.with_suffix(".idx")
             try:
-                head = idx.read_text().split("\n", 1)[0].split()
+                if idx.resolve().parent != path.resolve().parent:
+                    raise ValueError(f"a link to {idx.resolve()}, outside the split's folder")
+                head = read_regular(idx, MAX_IDX_BYTES).decode().split("\n", 1)[0].split()
                 if head[:1] != ["v1.2"] or head[1:] != [str(len(ids))]:
                     yield f"{idx}: its header says {' '.join(head)!r}, the tar holds {len(ids)} samples"
-            except (OSError, UnicodeDecodeError) as e:
+            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
                 yield f"{idx}: unreadable ({e})"
             with open(path, "rb") as f:
                 for i in ids:

@@ -486,3 +486,49 @@ def test_a_failure_recording_the_files_leaves_no_manifest(demo_src, tmp_path, mo
     with pytest.raises(WriteError, match="no space left on device while writing .*crackio-written.json"):
         pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists() and not temporaries(tmp_path / "out")
+
+
+def test_out_that_is_a_split_folder_or_would_write_into_one_is_refused(demo_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    with pytest.raises(ConfigError, match="is a split folder of"):
+        pack(src, src / "train", PackSettings(workers=1), progress=False)
+    with pytest.raises(ConfigError, match="would put split train's shards into its own source folder"):
+        pack(src / "train", src, PackSettings(workers=1), progress=False)
+    assert not list(src.rglob("*.tar"))
+
+
+def test_propose_refuses_out_inside_the_photo_folder(coco_photos, tmp_path):
+    from crackio.propose import propose_to_shards
+
+    for out in (coco_photos, coco_photos / "train", coco_photos / "shards"):
+        with pytest.raises(ConfigError, match="inside the photo folder"):
+            propose_to_shards(coco_photos, "coco", out, progress=False)
+
+
+def test_special_files_in_a_shards_folder_never_block_or_fill_memory(shards):
+    index = shards / "train" / "index.npy"
+    index.unlink()
+    os.mkfifo(index)
+    with pytest.raises(ShardError, match="index.npy cannot be read .*not a regular file"):
+        load_index(shards, "train")  # would block for ever in np.load
+
+
+def test_verify_reads_idx_files_safely(shards):
+    idx = shards / "train" / "train-000000.idx"
+    idx.unlink()
+    idx.symlink_to("/dev/zero")
+    problems = list(verify(shards))
+    assert any("train-000000.idx: unreadable" in p for p in problems)
+
+
+def test_lock_file_follows_the_umask(demo_src, tmp_path):
+    old = os.umask(0o002)
+    try:
+        pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / LOCK).stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o664

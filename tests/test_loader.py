@@ -293,7 +293,7 @@ def test_block_reader_serves_a_sample_from_an_unbuffered_block_directly(coded_sh
 
 def test_order_options_are_checked(demo_shards):
     for bad in ({"order": "sequential"}, {"block_size": 0}, {"window": 0}, {"block_size": 2.5}):
-        with pytest.raises(ValueError, match="order must be|block_size and window"):
+        with pytest.raises(ValueError, match="order must be|(block_size|window) must be an integer"):
             make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", **bad)
 
 
@@ -317,5 +317,28 @@ def test_block_order_messages_and_integer_types(demo_shards):
         make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=np.int64(32)).block_size
         == 32
     )
-    with pytest.raises(ValueError, match="block_size and window"):
+    with pytest.raises(ValueError, match="block_size must be an integer"):
         make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=True)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"batch_size": 32.0}, "batch_size must be an integer >= 1"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"world_size": True, "rank": False}, "rank must be an integer"),
+        ({"block_size": np.uint64(2**64 - 1)}, "block_size must be an integer"),
+    ],
+)
+def test_loader_arguments_are_integers_or_one_clear_error(demo_shards, kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_loader(demo_shards, "train", **{"batch_size": 8, **kw}, train=True, device="cpu")
+
+
+def test_sampler_options_take_numpy_integers(demo_shards):
+    loader = make_loader(
+        demo_shards, "train", batch_size=8, train=True, device="cpu", sampler="hard-negatives", negatives=np.int64(50)
+    )
+    assert loader.options["negatives"] == 50 and type(loader.options["negatives"]) is int

@@ -149,3 +149,15 @@ def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
     path.write_text('[[variant]]\nname = "b"\nepochs = "ten"\n')
     with pytest.raises(ValueError, match="epochs = 'ten' must be of type int"):
         load_variants(path)
+
+
+def test_a_shared_option_no_variant_uses_is_refused(demo_shards, tmp_path, capsys):
+    path = tmp_path / "v.toml"
+    path.write_text('[[variant]]\nname = "a"\n\n[[variant]]\nname = "w"\nsampler = "weighted"\n')
+    base = ["sweep", "--shards", str(demo_shards), "--variants", str(path), "--out", str(tmp_path / "s")]
+    assert cli([*base, "--block-size", "64"]) == 2
+    assert "--block-size applies to none of the variants" in capsys.readouterr().err
+    assert cli([*base, "--focal-gamma", "3"]) == 2
+    assert not (tmp_path / "s").exists()  # refused before any variant trains
+    # One variant using a shared option is enough: the weighted one reads --class-weights.
+    assert sweep.check_shared_options(sweep.Config(shards="x"), load_variants(path), {"class_weights"}, path) is None

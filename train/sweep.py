@@ -91,8 +91,30 @@ def cli(argv: list[str]) -> int:
     if not base.shards:
         raise ConfigError("--shards is required (a folder written by tools/pack.py)")
     base.validate()  # the shared options, once, before any variant trains
+    check_shared_options(base, load_variants(variants), set(options) - {"shards"}, variants)
     rows = run_sweep(base, variants, out)
     return 1 if any(row.get("status") == "failed" for row in rows) else 0
+
+
+def check_shared_options(base: Config, variants: list[Variant], given: set[str], path: Path) -> None:
+    """Refuse a shared option that every variant would ignore (e.g. --block-size when no variant reads in block
+    order): an option one variant uses is fine, the others ignore it as they must.
+
+    Raises:
+        ConfigError: naming the option and the variants file.
+    """
+    for name in sorted(given):
+        for variant in variants:
+            try:
+                check_applicable(dataclasses.replace(base, **variant.options), {name})
+                break
+            except ConfigError:
+                continue
+        else:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} applies to none of the variants in {path} (each would ignore it): "
+                f"drop it, or give it to the variants that use it"
+            )
 
 
 def load_variants(path: Path) -> list[Variant]:
