@@ -97,13 +97,15 @@ def cli(argv: list[str]) -> int:
 
 
 def check_shared_options(base: Config, variants: list[Variant], given: set[str], path: Path) -> None:
-    """Refuse a shared option that every variant would ignore (e.g. --block-size when no variant reads in block
-    order): an option one variant uses is fine, the others ignore it as they must.
+    """Refuse a shared option set away from its default that every variant would ignore (e.g. --block-size 64
+    when no variant reads in block order): an option one variant uses is fine, the others ignore it as they
+    must; a default spelled out (scripts that pass every option) changes nothing and passes.
 
     Raises:
         ConfigError: naming the option and the variants file.
     """
-    for name in sorted(given):
+    default = Config()
+    for name in sorted(n for n in given if getattr(base, n) != getattr(default, n)):
         for variant in variants:
             try:
                 check_applicable(dataclasses.replace(base, **variant.options), {name})
