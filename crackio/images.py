@@ -25,15 +25,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import re
-import stat
 import threading
 from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from crackio.shards import NotRegular, TooLarge, read_regular
 
 EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274
 ROTATING = range(2, 9)  # orientations that move pixels; 1 is upright, others are invalid and ignored
@@ -55,22 +55,14 @@ def prepare(path: str, size: int = 224, quality: int = 95) -> Prepared:
     libjpeg-turbo release the GIL while decoding, so the packer runs this in threads.
     """
     try:
-        # O_NONBLOCK: a path that became a named pipe since it was listed must not block the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        # Never blocks on a path that became a named pipe since it was listed, never reads a device.
+        data = read_regular(path, MAX_FILE_BYTES)
+    except NotRegular:
+        return Prepared(None, "not a regular file (a named pipe, socket or device): not read", b"")
+    except TooLarge as e:
+        return Prepared(None, _too_large(e.size), b"")
     except OSError as e:
         return Prepared(None, f"unreadable: {e.strerror or e}", b"")
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return Prepared(None, "not a regular file (a named pipe, socket or device): not read", b"")
-        if st.st_size > MAX_FILE_BYTES:
-            return Prepared(None, _too_large(st.st_size), b"")
-        try:
-            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while it is read
-        except OSError as e:
-            return Prepared(None, f"unreadable: {e.strerror or e}", b"")
-    if len(data) > MAX_FILE_BYTES:
-        return Prepared(None, _too_large(len(data)), b"")
     digest = hashlib.blake2b(data, digest_size=16).digest()
     if not data:
         return Prepared(None, "empty file (0 bytes): copy it again from its source or delete it", digest)

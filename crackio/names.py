@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 from crackio.errors import CrackioError
 
@@ -71,6 +71,12 @@ def is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def is_path_component(name: object) -> TypeGuard[str]:
+    """One folder or file name: joined to a folder, it never climbs out of it (not "", "." or "..", no "/",
+    "\\" or NUL). Every name read from a file that becomes a path is checked with this."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 def display_name(name: str | os.PathLike) -> str:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from crackio.errors import ConfigError, write_error
-from crackio.names import display_name
+from crackio.names import display_name, is_path_component
+from crackio.shards import TEMPORARY, atomic_write
 
 LOCK = ".crackio.lock"
 WRITTEN = ".crackio-written.json"
@@ -26,16 +27,8 @@ MANIFEST = "manifest.json"
 
 
 def plain_relative(path: str) -> bool:
-    """A path crackio may name inside OUT: relative, no `..`, no empty or `.` parts, no backslash."""
-    p = PurePosixPath(path)
-    return (
-        isinstance(path, str)
-        and bool(path)
-        and not p.is_absolute()
-        and "\\" not in path
-        and "\x00" not in path
-        and all(part not in ("", ".", "..") for part in path.split("/"))
-    )
+    """A path crackio may name inside OUT: relative, every part a plain name (so no `..`, no backslash)."""
+    return isinstance(path, str) and all(is_path_component(part) for part in path.split("/"))
 
 
 def manifest_files(manifest: dict) -> set[str]:
@@ -43,12 +36,12 @@ def manifest_files(manifest: dict) -> set[str]:
     files = {MANIFEST}
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     for split, info in (splits or {}).items() if isinstance(splits, dict) else ():
-        if not (isinstance(split, str) and plain_relative(split) and "/" not in split and isinstance(info, dict)):
+        if not (is_path_component(split) and isinstance(info, dict)):
             continue
         files |= {f"{split}/index.npy", f"{split}/converted.tsv"}
         for shard in info.get("shards") or []:
             name = shard.get("name") if isinstance(shard, dict) else None
-            if isinstance(name, str) and plain_relative(name) and "/" not in name and name.endswith(".tar"):
+            if is_path_component(name) and name.endswith(".tar"):
                 files |= {f"{split}/{name}", f"{split}/{name[:-4]}.idx"}
     return files
 
@@ -110,8 +103,6 @@ class OutputFolder:
         return written
 
     def _record(self) -> None:
-        from crackio.shards import atomic_write
-
         text = json.dumps({"files": sorted(self.written)}, indent=0) + "\n"
         atomic_write(self.out / WRITTEN, text.encode())
 
@@ -133,12 +124,13 @@ class OutputFolder:
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:
-        """Remove `<name>.tmp` and `<name>.<random>.tmp` of every recorded file (an interrupted run's)."""
+        """Remove the temporaries of every recorded file (an interrupted run's; crackio.shards.TEMPORARY)."""
         for p in sorted(self.written):
             target = self.out / p
             if target.parent.is_dir():
                 for tmp in target.parent.glob(f"{_glob_escape(target.name)}.*"):
-                    if tmp.name.endswith(".tmp"):
+                    found = TEMPORARY.fullmatch(tmp.name)
+                    if tmp.name == f"{target.name}.tmp" or (found and found["target"] == target.name):
                         tmp.unlink(missing_ok=True)
 
     def finish(self, keep: set[str]) -> None:

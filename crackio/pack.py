@@ -307,7 +307,8 @@ def pack(
         MissingFile: `src` is not a folder.
         ConfigError: `samples_per_shard` < 1 or `workers` < 0; `out` is held by another run or holds a
             file crackio did not write where a shard goes.
-        KeyboardInterrupt: Ctrl-C (or SIGTERM under `sigterm_as_interrupt`); workers and temporaries are gone.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM under `crackio.workers.stop_on_signals`); workers and
+            temporaries are gone.
     """
     src, out = Path(src).absolute(), Path(out)  # absolute: the manifest is the same however SRC was typed
     if not src.is_dir():

@@ -32,6 +32,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from crackio.errors import CrackioError, write_error
+from crackio.names import is_path_component
 
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
@@ -253,6 +254,11 @@ def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples)
 
 
+# What this module's writers leave when killed mid-write: atomic_write's `<name>.<8 random>.tmp` (mkstemp's
+# names) and TarShard's `<name>.tmp`. Re-runs remove them by this pattern, for the names they write.
+TEMPORARY = re.compile(r"(?P<target>.+?)(?:\.[a-z0-9_]{8})?\.tmp")
+
+
 def _umask() -> int:
     """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
     try:
@@ -383,7 +389,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise _bad(path, "has no 'splits' object", root)
     for split, info in splits.items():
         where = f"splits[{split!r}]"
-        if not (split and "/" not in split and "\\" not in split and split not in (".", "..") and "\x00" not in split):
+        if not is_path_component(split):
             raise _bad(path, f"names a split {split!r} that is not a plain folder name", root)
         if not isinstance(info, dict) or not _count(info.get("samples")) or not isinstance(info.get("shards"), list):
             raise _bad(path, f"{where} needs 'samples' (an integer >= 0) and a 'shards' list", root)
@@ -412,26 +418,39 @@ MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge
 MAX_IDX_BYTES = 1 << 30  # ~100 bytes a sample
 
 
-def read_regular(path: Path, limit: int | None) -> bytes:
+class NotRegular(ValueError):
+    """A path that is a named pipe, a device, a socket or a folder, where a regular file was expected."""
+
+
+class TooLarge(ValueError):
+    """A file larger than it can plausibly be; `size` in bytes."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size} bytes, larger than the {limit >> 20} MiB this file can be")
+        self.size = size
+
+
+def read_regular(path: str | os.PathLike, limit: int | None) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes: opened without blocking (a
-    named pipe) and sized before reading (a device, a file larger than `limit`). `limit` None: only check it
-    is a regular file (returns b"").
+    named pipe), sized before reading (a device, a file larger than `limit`), and read in a buffer of its own
+    size (`read(limit)` would reserve `limit` bytes up front). `limit` None: only check it is a regular file
+    (returns b""). Used for every file crackio reads whole: inputs of a pack, manifests, indexes.
 
     Raises:
-        OSError: unreadable; ValueError: not a regular file, or larger than `limit`.
+        OSError: unreadable; NotRegular; TooLarge.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with open(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a named pipe, a device or a folder)")
+            raise NotRegular("not a regular file (a named pipe, a device or a folder)")
         if limit is None:
             return b""
         if info.st_size > limit:
-            raise ValueError(f"{info.st_size} bytes, larger than the {limit >> 20} MiB this file can be")
-        data = f.read(info.st_size + 1)  # sized to the file: read(limit) would reserve `limit` bytes up front
+            raise TooLarge(info.st_size, limit)
+        data = f.read(info.st_size + 1)  # a byte more: a file that grew since the fstat is caught
         if len(data) > limit:
-            raise ValueError(f"more than the {limit >> 20} MiB this file can be")
+            raise TooLarge(len(data), limit)
         return data
 
 

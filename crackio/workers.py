@@ -9,7 +9,7 @@ module, and users call `pack` from scripts without a `__main__` guard, from `pyt
 and from notebooks; a forked worker starts from the caller's memory and re-runs nothing.
 
 Stopping: workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group);
-the parent sets a shared event on Ctrl-C, SIGTERM (see `sigterm_as_interrupt`) or any
+the parent sets a shared event on Ctrl-C, SIGTERM (see `stop_on_signals`) or any
 error, each worker stops at its next sample (`check_stop`), removes its temporary and
 returns, and the parent re-raises. A worker whose parent died stops the same way.
 """
@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -122,41 +123,51 @@ def run_ordered(
                 progress(done.value)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so that every `finally` runs (temporaries removed, loader
+    threads joined); `note` says what was kept and how to continue."""
+
+    def __init__(self, signum: int = signal.SIGINT, note: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = int(signum), note
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside the block SIGTERM raises KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C.
-
-    Only in the main thread (signal handlers can be set nowhere else); elsewhere a no-op.
-    """
-    import threading
-
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in the main thread while inside; a second signal acts as it
+    would by default (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends at once). Nothing is installed
+    outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    def stop(signum, _frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_command(body: Callable[[], int], out: object) -> int:
     """A writing command's body (tools/pack.py, tools/propose.py) with its failures as one line on stderr.
 
-    SIGTERM acts as Ctrl-C. Returns the body's exit code; 2 for bad input or a failed write
-    (`CrackioError`: no space left, a held folder, ...); 130 (Ctrl-C) or 143 (SIGTERM) when
-    interrupted, after the workers and temporaries are gone. Anything else is a bug: it propagates.
+    SIGINT and SIGTERM raise `Interrupted` (`stop_on_signals`, the trainer's too). Returns the body's exit
+    code; 2 for bad input or a failed write (`CrackioError`: no space left, a held folder, ...); 130 (Ctrl-C)
+    or 143 (SIGTERM) when interrupted, after the workers and temporaries are gone. Anything else is a bug:
+    it propagates.
     """
     import sys
 
     from crackio.errors import CrackioError
 
     try:
-        with sigterm_as_interrupt():
+        with stop_on_signals():
             return body()
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,4 +178,4 @@ def run_command(body: Callable[[], int], out: object) -> int:
             f"command again to finish",
             file=sys.stderr,
         )
-        return 143 if "SIGTERM" in str(e) else 130
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)

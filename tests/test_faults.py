@@ -191,12 +191,16 @@ def test_an_index_that_disagrees_with_the_tars_metadata_is_found_by_verify(shard
     assert len(problems) == 160 and all("disagree with the index" in p for p in problems)
 
 
-def test_shared_folders_stay_readable_and_links_out_of_a_split_are_refused(demo_src, tmp_path):
-    old = os.umask(0o022)
+def pack_under_umask(src: Path, out: Path, mask: int) -> None:
+    old = os.umask(mask)
     try:
-        pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
+        pack(src, out, PackSettings(workers=1), progress=False)
     finally:
         os.umask(old)
+
+
+def test_shared_folders_stay_readable_and_links_out_of_a_split_are_refused(demo_src, tmp_path):
+    pack_under_umask(demo_src, tmp_path / "out", 0o022)
     for name in ["manifest.json", "train/index.npy", "train/train-000000.idx", ".crackio-written.json"]:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
     elsewhere = tmp_path / "elsewhere.tar"
@@ -525,10 +529,6 @@ def test_verify_reads_idx_files_safely(shards):
 
 
 def test_lock_file_follows_the_umask(demo_src, tmp_path):
-    old = os.umask(0o002)
-    try:
-        pack(demo_src, tmp_path / "out", PackSettings(workers=1), progress=False)
-    finally:
-        os.umask(old)
+    pack_under_umask(demo_src, tmp_path / "out", 0o002)
     assert (tmp_path / "out" / LOCK).stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o664

@@ -14,7 +14,7 @@ import torch
 from torchvision import models
 
 from crackio import ConfigError
-from tests.helpers import ARCH, tiny
+from tests.helpers import ARCH, TINY_ARGS, tiny
 from train.__main__ import main as cli
 from train.config import Config
 from train.loop import main
@@ -172,12 +172,7 @@ BAD_INPUTS = {  # name: (arguments, with {shards} and {tmp} filled in; the messa
             "{shards}",
             "--val-split",
             "nope",
-            "--arch",
-            ARCH,
-            "--weights",
-            "none",
-            "--device",
-            "cpu",
+            *TINY_ARGS,
             "--out",
             "{tmp}/r",
         ],
@@ -220,12 +215,7 @@ def test_a_nan_loss_stops_without_a_checkpoint(demo_shards, tmp_path, capsys):
             [
                 "--shards",
                 str(demo_shards),
-                "--arch",
-                ARCH,
-                "--weights",
-                "none",
-                "--device",
-                "cpu",
+                *TINY_ARGS,
                 "--lr",
                 "1e30",
                 "--epochs",

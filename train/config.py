@@ -10,6 +10,7 @@ from pathlib import Path
 
 from crackio.errors import ConfigError
 from crackio.loader import BACKENDS, DEVICES
+from crackio.names import is_path_component
 from crackio.samplers import CLASS_WEIGHTS, DEFAULTS, ORDERS, SAMPLERS, SELECTIONS
 from train.losses import LOSSES
 from train.model import HEAD_ALIASES, HEADS, OPTIMIZERS
@@ -187,11 +188,6 @@ def check_type(key: str, value, where: str) -> None:
     ok = ok or (key == "class_weights" and isinstance(value, dict)) or (key == "iou_threshold" and value is None)
     if not ok:
         raise ConfigError(f"{where}: {key} = {value!r} must be of type {kind.__name__} (like {default!r})")
-
-
-def is_path_component(name) -> bool:
-    """One folder or file name: a name that becomes a path never climbs out of the folder it is joined to."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 # Options that only mean something with another setting: given without it, they are refused, not ignored.

@@ -3,16 +3,13 @@ command writes (atomic, fsynced, a full disk reported as such), stale temporarie
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import re
-import signal
 import struct
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import BinaryIO
@@ -22,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
-from crackio.shards import atomic_write
+from crackio.shards import TEMPORARY, atomic_write
+from crackio.workers import Interrupted, stop_on_signals  # noqa: F401 - the trainer's names for them
 
 
 def world() -> tuple[int, int]:
@@ -214,11 +212,6 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-# tempfile.mkstemp's names, which crackio.shards.atomic_write uses: prefix, 8 characters of
-# "abcdefghijklmnopqrstuvwxyz0123456789_", suffix.
-_TEMPORARY = re.compile(r"(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
-
-
 def remove_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     """Remove what interrupted atomic writes left in `folder` (a kill -9 or a power cut leaves
     `<name>.XXXXXXXX.tmp`), for the given names or patterns ("last.pt", "*.jpg") only; returns them.
@@ -231,7 +224,7 @@ def remove_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
     patterns = tuple(names)
     removed = []
     for path in sorted(folder.iterdir()):
-        found = _TEMPORARY.fullmatch(path.name)
+        found = TEMPORARY.fullmatch(path.name)
         if found and path.is_file() and any(fnmatch(found["target"], p) for p in patterns):
             try:
                 path.unlink(missing_ok=True)
@@ -242,34 +235,3 @@ def remove_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
 
 
 # ---- Ctrl-C and SIGTERM
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised in the main thread so that every `finally` runs (temporaries removed, loader
-    threads joined); `note` says what was kept and how to continue."""
-
-    def __init__(self, signum: int = signal.SIGINT, note: str = ""):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.note = int(signum), note
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted in the main thread while inside; a second signal acts as it
-    would by default (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends at once). Nothing is installed
-    outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, _frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
