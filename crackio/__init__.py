@@ -1,25 +1,63 @@
-"""crackio: WebDataset shards, DALI and torch loaders, and samplers for R-CNN crack proposals."""
+"""crackio: WebDataset shards, DALI and torch loaders, and samplers for R-CNN crack proposals.
 
-from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
-from crackio.loader import Batch, Loader, make_loader
-from crackio.names import BadName, Proposal, format_name, parse_name
-from crackio.shards import ShardError, SplitIndex, load_index, read_manifest, verify
+Three sides of one seam: `crackio.format` (the on-disk contract), `crackio.writing` (what writes it:
+pack, the proposal stage) and `crackio.loading` (what reads it: loader, samplers, backends). The
+public names below are imported on first use, so `import crackio.writing...` never imports torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {
+    "ConfigError": "crackio.errors",
+    "CrackioError": "crackio.errors",
+    "MissingFile": "crackio.errors",
+    "WriteError": "crackio.errors",
+    "ShardError": "crackio.format.layout",
+    "read_manifest": "crackio.format.manifest",
+    "SplitIndex": "crackio.format.index",
+    "load_index": "crackio.format.index",
+    "verify": "crackio.format.verify",
+    "BadName": "crackio.writing.filenames",
+    "Proposal": "crackio.writing.filenames",
+    "format_name": "crackio.writing.filenames",
+    "parse_name": "crackio.writing.filenames",
+    "Batch": "crackio.loading.loader",
+    "Loader": "crackio.loading.loader",
+    "make_loader": "crackio.loading.loader",
+}
 __all__ = [
     "ConfigError",
     "CrackioError",
     "MissingFile",
     "WriteError",
-    "Batch",
-    "Loader",
-    "make_loader",
+    "ShardError",
+    "read_manifest",
+    "SplitIndex",
+    "load_index",
+    "verify",
     "BadName",
     "Proposal",
     "format_name",
     "parse_name",
-    "ShardError",
-    "SplitIndex",
-    "load_index",
-    "read_manifest",
-    "verify",
+    "Batch",
+    "Loader",
+    "make_loader",
 ]
+
+if TYPE_CHECKING:
+    from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
+    from crackio.format.index import SplitIndex, load_index
+    from crackio.format.layout import ShardError
+    from crackio.format.manifest import read_manifest
+    from crackio.format.verify import verify
+    from crackio.loading.loader import Batch, Loader, make_loader
+    from crackio.writing.filenames import BadName, Proposal, format_name, parse_name
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'crackio' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -31,18 +31,3 @@ class WriteError(CrackioError):
 
     def __reduce__(self):  # crosses from a worker process to its parent intact
         return type(self), (str(self), self.errno)
-
-
-def write_error(path: object, error: OSError, note: str = "") -> WriteError:
-    """One line for an OSError met while writing `path`: what happened, where, (`note`,) what to do."""
-    import errno as codes
-    import os
-
-    what = (os.strerror(error.errno) if error.errno else str(error)).lower()
-    fix = {
-        codes.ENOSPC: "free space or write elsewhere",
-        codes.EDQUOT: "free space within your quota or write elsewhere",
-        codes.EROFS: "write to a writable folder",
-        codes.EACCES: "fix the folder's permissions or write elsewhere",
-    }.get(error.errno or 0, "check the disk and the folder")
-    return WriteError(f"{what} while writing {path}{f' ({note})' if note else ''}: {fix}, then re-run", error.errno)

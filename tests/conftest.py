@@ -14,9 +14,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from crackio.loader import dali_available  # noqa: E402
-from crackio.names import format_name  # noqa: E402
-from crackio.pack import PackSettings, pack  # noqa: E402
+from crackio.loading.loader import dali_available  # noqa: E402
+from crackio.writing.filenames import format_name  # noqa: E402
+from crackio.writing.pack import PackSettings, pack  # noqa: E402
 from tools.make_demo_data import generate  # noqa: E402
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (Linux only)")

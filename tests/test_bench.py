@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from crackio.loader import dali_available
+from crackio.loading.loader import dali_available
 from tests.conftest import ROOT
 from tools.bench import consume
 
@@ -73,7 +73,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
 
 
 def test_large_split_is_hard_links_with_unique_names(tmp_path):
-    from crackio.names import parse_name
+    from crackio.writing.filenames import parse_name
     from tools.make_demo_data import generate, link_large
 
     generate(tmp_path, images=3, per_image=4, seed=0)

@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
 from crackio import ConfigError
-from crackio.proposals import ProposalSettings
-from crackio.propose import load_photo
-from crackio.shards import FORMAT_VERSION
+from crackio.format.layout import FORMAT_VERSION
+from crackio.writing.proposal_stage import load_photo
+from crackio.writing.regions import ProposalSettings
 from tests.helpers import ARCH
 from train.__main__ import main as cli
 from train.config import Config
@@ -135,7 +135,7 @@ def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, ph
         "threshold": np.float64(0.1),
     }
     np.savez(tmp_path / "svm_model.npz", **arrays)
-    from crackio.proposals import encode_jpeg, warp
+    from crackio.writing.regions import encode_jpeg, warp
 
     rgb = load_photo(photos / "easy_a.jpg")
     boxes = np.array([[10, 10, 80, 70], [140, 70, 200, 120.0]])
@@ -145,7 +145,7 @@ def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, ph
     hook = last_linear(model.backbone)[2].register_forward_pre_hook(lambda _m, a: grabbed.append(a[0]))
     from torchvision.io import decode_jpeg
 
-    from crackio.augment import augment_normalize
+    from crackio.loading.augment import augment_normalize
 
     with torch.no_grad():
         model(
@@ -247,7 +247,7 @@ def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(ch
 
 
 def test_the_model_normalizes_uint8_input_itself():
-    from crackio.augment import normalize
+    from crackio.loading.augment import normalize
 
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear").eval()

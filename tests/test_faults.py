@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crackio import shards as shards_module
 from crackio.errors import ConfigError, WriteError
-from crackio.loader import make_loader
-from crackio.outdir import LOCK, WRITTEN, OutputFolder
-from crackio.pack import PackSettings, pack
-from crackio.shards import ShardError, load_index, read_manifest, verify
+from crackio.format import tar as shards_module
+from crackio.format.index import load_index
+from crackio.format.layout import ShardError
+from crackio.format.manifest import read_manifest
+from crackio.format.verify import verify
+from crackio.loading.loader import make_loader
+from crackio.writing.outdir import LOCK, WRITTEN, OutputFolder
+from crackio.writing.pack import PackSettings, pack
 from tests.conftest import BACKENDS, ROOT
 from tests.test_pack import shard_files
 
@@ -313,7 +316,7 @@ def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(big
     cmd = [*PACK, str(big_src), "--out", str(out), "--workers", "2", "--samples-per-shard", "300", "--quiet"]
     # Ctrl-C in a terminal reaches the whole process group; `kill PID` only the main process.
     returncode, stderr = interrupt(cmd, out, "train/*.tar*", sig, group=sig == signal.SIGINT)
-    assert returncode == code and one_line(stderr).startswith("interrupted:")
+    assert returncode == code and one_line(stderr).startswith("interrupted by SIG")
     assert not temporaries(out) and not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     clean = tmp_path / "clean"
@@ -424,7 +427,7 @@ def test_links_pipes_sockets_and_devices_named_like_proposals(demo_src, tmp_path
 
 
 def test_a_file_larger_than_any_crop_is_skipped_before_it_is_read(tmp_path, monkeypatch):
-    from crackio import images
+    from crackio.writing import images
 
     path = tmp_path / "huge.jpg"
     with open(path, "wb") as f:
@@ -457,8 +460,8 @@ def coco_photos(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_full_disk_during_propose_is_one_line_and_leaves_nothing(coco_photos, tmp_path, monkeypatch):
-    from crackio.proposals import ProposalSettings
-    from crackio.propose import ProposeSettings, propose_to_shards
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from crackio.writing.regions import ProposalSettings
 
     out = tmp_path / "out"
     monkeypatch.setattr(shards_module, "open", FillsUp.open, raising=False)
@@ -474,14 +477,14 @@ def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos,
     cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(coco_photos), "--format", "coco", "--out", str(out)]
     cmd += ["--max-proposals", "300", "--workers", "2", "--quiet"]
     returncode, stderr = interrupt(cmd, out, ".spool/*.bin", signal.SIGINT, group=True)
-    assert returncode == 130 and one_line(stderr).startswith("interrupted:")
+    assert returncode == 130 and one_line(stderr).startswith("interrupted by SIG")
     assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     assert list(verify(out)) == []
 
 
 def test_a_failure_recording_the_files_leaves_no_manifest(demo_src, tmp_path, monkeypatch):
-    from crackio.errors import write_error
+    from crackio.fsio import write_error
 
     def full(self, keep):
         raise write_error(tmp_path / "out" / WRITTEN, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
@@ -505,7 +508,7 @@ def test_out_that_is_a_split_folder_or_would_write_into_one_is_refused(demo_src,
 
 
 def test_propose_refuses_out_inside_the_photo_folder(coco_photos, tmp_path):
-    from crackio.propose import propose_to_shards
+    from crackio.writing.proposal_stage import propose_to_shards
 
     for out in (coco_photos, coco_photos / "train", coco_photos / "shards"):
         with pytest.raises(ConfigError, match="inside the photo folder"):

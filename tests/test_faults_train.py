@@ -28,10 +28,12 @@ import pytest
 import torch
 from PIL import Image
 
-from crackio.pack import PackSettings, pack
-from crackio.proposals import ProposalSettings
+from crackio import fsio
+from crackio.errors import WriteError
+from crackio.writing.pack import PackSettings, pack
+from crackio.writing.regions import ProposalSettings
 from tests.helpers import ARCH, tiny
-from train import runtime, sweep
+from train import checkpoint, sweep
 from train.__main__ import main as cli
 from train.config import Config
 from train.loop import main as train_main
@@ -86,7 +88,7 @@ class Payload:
 def full_disk(monkeypatch, name: str, room: int = 64) -> None:
     """Writes of the file called `name` through the atomic writer fail as on a full disk: the first `room`
     bytes reach the temporary, then OSError(ENOSPC). Torch, numpy, matplotlib and PIL write through it."""
-    real = runtime.atomic_write
+    real = fsio.atomic_write
 
     class Full:
         def __init__(self, f):
@@ -109,7 +111,7 @@ def full_disk(monkeypatch, name: str, room: int = 64) -> None:
             return real(path, data)
         return real(path, lambda f: data(Full(f)) if callable(data) else Full(f).write(data))
 
-    monkeypatch.setattr(runtime, "atomic_write", failing)
+    monkeypatch.setattr(fsio, "atomic_write", failing)
 
 
 # ---- names that become paths
@@ -251,15 +253,15 @@ def test_a_write_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, mon
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    runtime.atomic_save({"w": torch.zeros(2)}, tmp_path / "last.pt")
+    checkpoint.atomic_save({"w": torch.zeros(2)}, tmp_path / "last.pt")
     assert calls == ["fsync file", "rename", "fsync folder"]
 
 
 def test_torch_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
     (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
     full_disk(monkeypatch, "last.pt")
-    with pytest.raises(runtime.WriteError) as e:
-        runtime.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "last.pt")
+    with pytest.raises(WriteError) as e:
+        checkpoint.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "last.pt")
     assert str(e.value) == (
         f"no space left on device while writing {tmp_path / 'last.pt'} (the previous last.pt is unchanged): "
         f"free space or write elsewhere, then re-run"
@@ -393,7 +395,7 @@ def test_a_signal_during_a_write_keeps_the_previous_file(run1, tmp_path, monkeyp
     run = copy_run(run1, tmp_path / "run")
     before = snapshot(run)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    real = runtime.atomic_write
+    real = fsio.atomic_write
 
     def interrupted(path: Path, data) -> None:
         def write(f):
@@ -403,7 +405,7 @@ def test_a_signal_during_a_write_keeps_the_previous_file(run1, tmp_path, monkeyp
 
         return real(path, write if path.name == name else data)
 
-    monkeypatch.setattr(runtime, "atomic_write", interrupted)
+    monkeypatch.setattr(fsio, "atomic_write", interrupted)
     assert cli(["--resume", str(run), "--epochs", epochs]) == 128 + signum
     line = one_line(capsys.readouterr().err, run / "last.pt", f"--resume {run}")
     assert line.startswith(f"interrupted by {signal.Signals(signum).name}: {run / 'last.pt'} holds epoch 1")

@@ -17,12 +17,12 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from crackio import ConfigError, make_loader
-from crackio.augment import MEAN, STD
-from crackio.images import EXIF_ORIENTATION, prepare
-from crackio.names import BadName, parse_name
-from crackio.pack import PackSettings, pack
-from crackio.quality import iou_histogram, label_report
-from crackio.shards import load_index
+from crackio.format.index import load_index
+from crackio.loading.augment import MEAN, STD
+from crackio.writing.filenames import BadName, parse_name
+from crackio.writing.images import EXIF_ORIENTATION, prepare
+from crackio.writing.pack import PackSettings, pack
+from crackio.writing.quality import iou_histogram, label_report
 from tests import field_inputs
 from tests.conftest import ROOT, needs_dali
 from tests.test_pack import read_with_webdataset, shard_files
@@ -348,7 +348,7 @@ UNGUARDED = """
 import sys
 sys.path.insert(0, {root!r})
 from crackio import make_loader
-from crackio.pack import PackSettings, pack
+from crackio.writing.pack import PackSettings, pack
 manifest = pack({src!r}, {out!r}, PackSettings(workers=2), progress=False)
 loader = make_loader({out!r}, "train", batch_size=16, train=True, backend="torch", device="cpu", workers=2)
 seen = sum(len(b.names) for b in loader)

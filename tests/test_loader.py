@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from crackio import Batch, ShardError, make_loader
-from crackio.augment import MEAN, STD
-from crackio.names import parse_name
-from crackio.reader import BlockReader, ByteReader
-from crackio.shards import load_index
+from crackio.format.index import load_index
+from crackio.loading.augment import MEAN, STD
+from crackio.loading.readers import BlockReader, ByteReader
+from crackio.writing.filenames import parse_name
 from tests.conftest import BACKENDS, code_color, decode_id, needs_dali
 
 
@@ -190,7 +190,7 @@ def test_gpu_backends_match_cpu(coded_shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [False, True])
 def test_uint8_output_is_the_float_output_before_normalization(coded_shards, backend, train):
-    from crackio.augment import normalize
+    from crackio.loading.augment import normalize
 
     kw = dict(batch_size=16, train=train, backend=backend, device="cpu", seed=4)
     floats = next(iter(make_loader(coded_shards, "train", **kw)))
@@ -201,7 +201,7 @@ def test_uint8_output_is_the_float_output_before_normalization(coded_shards, bac
 
 def test_cpu_augmentation_equals_the_batched_reference():
     """OpenCV's one-warp flip + rotation + brightness (the CPU path) against the torch reference (the CUDA path)."""
-    from crackio.augment import augment, augment_image, draw_params
+    from crackio.loading.augment import augment, augment_image, draw_params
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
@@ -220,7 +220,7 @@ def test_cpu_augmentation_equals_the_batched_reference():
 
 
 def test_augmentation_parameters_follow_the_originals_distribution():
-    from crackio.augment import draw_params
+    from crackio.loading.augment import draw_params
 
     p = draw_params(200_000, seed=0, epoch=0, rank=0)
     assert 0.5 <= p.brightness.min() and p.brightness.max() <= 1.5 and abs(p.brightness.mean() - 1) < 0.01
@@ -235,7 +235,7 @@ def test_simplejpeg_and_torchvision_decode_the_same_pixels(demo_shards):
     from torchvision.io import decode_jpeg
 
     index = load_index(demo_shards, "train")
-    from crackio.reader import ByteReader
+    from crackio.loading.readers import ByteReader
 
     for data in ByteReader(index).read(np.arange(min(64, len(index)))):
         tv = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy()
@@ -283,7 +283,7 @@ def test_block_order_is_the_same_on_both_backends_and_on_resume(demo_shards):
 
 
 def test_block_reader_serves_a_sample_from_an_unbuffered_block_directly(coded_shards):
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
 
     reader = BlockReader(load_index(coded_shards, "train"), block_size=5, budget=1)  # buffers one block at most
     plan = [np.arange(100)[::-1].copy()]  # the reverse of the read-ahead's order of first use

@@ -1,6 +1,6 @@
 import pytest
 
-from crackio.names import BadName, format_name, parse_name
+from crackio.writing.filenames import BadName, format_name, parse_name
 
 
 def test_dotted_stem_parses_right_to_left():

@@ -15,10 +15,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from crackio.names import parse_name
-from crackio.outdir import LOCK
-from crackio.pack import PackSettings, pack
-from crackio.shards import ShardError, load_index
+from crackio.format.index import load_index
+from crackio.format.layout import ShardError
+from crackio.writing.filenames import parse_name
+from crackio.writing.outdir import LOCK
+from crackio.writing.pack import PackSettings, pack
 from tests.conftest import ROOT, needs_dali
 from tests.helpers import kill_when
 

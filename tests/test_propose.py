@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from crackio import make_loader
-from crackio.annotations import read_annotations, resolve_boxes
-from crackio.outdir import WRITTEN
-from crackio.pack import PackSettings, pack
-from crackio.proposals import ProposalSettings, stratified_negatives, warp
-from crackio.propose import ProposeSettings, _spool_name, propose_to_shards
-from crackio.shards import load_index
+from crackio.format.index import load_index
+from crackio.writing.annotations import read_annotations, resolve_boxes
+from crackio.writing.outdir import WRITTEN
+from crackio.writing.pack import PackSettings, pack
+from crackio.writing.proposal_stage import ProposeSettings, _spool_name, propose_to_shards
+from crackio.writing.regions import ProposalSettings, stratified_negatives, warp
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
 from tests.test_pack import read_with_webdataset, shard_files
@@ -396,7 +396,7 @@ def test_voc_photo_without_xml_is_listed(tmp_path):
 
 
 def test_photos_keep_their_dynamic_range(tmp_path):
-    from crackio.propose import load_photo
+    from crackio.writing.proposal_stage import load_photo
 
     Image.fromarray(np.full((20, 30), 32768, np.uint16)).save(tmp_path / "deep.png")
     assert np.abs(load_photo(tmp_path / "deep.png").astype(int) - 128).max() <= 1  # not a white photo
@@ -404,7 +404,7 @@ def test_photos_keep_their_dynamic_range(tmp_path):
 
 def test_split_ratio_mistakes_are_refused(photos, tmp_path):
     from crackio import ConfigError
-    from crackio.propose import assign_splits
+    from crackio.writing.proposal_stage import assign_splits
 
     with pytest.raises(ConfigError, match="three non-negative numbers"):
         assign_splits(read_annotations(photos / "coco", "coco").photos, (float("inf"), 1, 1), 0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crackio.names import format_name, parse_name
-from crackio.samplers import block_order, epoch_order, rank_batches, relabel, sampler_options, select
+from crackio.loading.samplers import block_order, epoch_order, rank_batches, relabel, sampler_options, select
+from crackio.writing.filenames import format_name, parse_name
 
 
 def original_filter_and_sort_images(image_names: list[str], validation_set: bool) -> list[str]:
@@ -135,7 +135,7 @@ def test_weighting_draws_from_a_cut_when_asked(sampler):
         opts(sampler, selection="hardest")
 
 
-# --- block order (crackio.samplers.block_order) ------------------------------------------------------------------
+# --- block order (crackio.loading.samplers.block_order) ----------------------------------------------------------
 
 BLOCK_CASES = [
     ("shuffle", {}),

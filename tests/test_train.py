@@ -342,7 +342,7 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
     assert "cannot change --lr 0.1 (the run has 0.001)" in err and "--out" in err
     assert cli(["--resume", str(out), "--lr", "0.001", "--out", str(out)]) == 0  # the run's own values: fine
     with pytest.raises(ConfigError, match="settings other than the run's"):
-        train.loop.check_resumed(Config(resume=str(out)))  # a default config is not that run's
+        train.resume.check_resumed(Config(resume=str(out)))  # a default config is not that run's
 
 
 @pytest.mark.parametrize(
@@ -360,11 +360,6 @@ def test_negative_settings_are_one_line_errors(demo_shards, capsys, flag, value)
     assert f"{flag} must be >= 0" in capsys.readouterr().err
 
 
-def test_head_seed_is_a_deprecated_alias_of_original(demo_shards, capsys):
-    cfg = Config(shards=str(demo_shards), head="seed")
-    assert cfg.head == "original"  # saved configs, resume checks and checkpoints see the new name
-    err = capsys.readouterr().err
-    assert err.count("warning: --head seed is now --head original") == 1 and len(err.splitlines()) == 1
-    cfg.validate()
-    assert Config.from_dict(dataclasses.asdict(cfg)).head == "original" and not capsys.readouterr().err
-    assert build_model(ARCH, "none", "seed").head[1].out_features == 1  # the original head, same weights layout
+def test_a_head_outside_the_choices_is_refused(demo_shards):
+    with pytest.raises(ConfigError, match="--head must be one of original, linear, got 'seed'"):
+        Config(shards=str(demo_shards), head="seed").validate()

@@ -50,8 +50,8 @@ def decode_only(shards: Path, split: str, batch_size: int, workers: int):
 
     import numpy as np
 
-    from crackio.reader import ByteReader
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
+    from crackio.loading.readers import ByteReader
 
     index = load_index(shards, split)
     # A fixed sample of the split is enough to measure decoding, and keeps a 1M-row split out of memory.
@@ -96,10 +96,10 @@ def run_row(args) -> dict:
     import torchvision.transforms.v2  # noqa: F401 - imports are not part of any row's setup time
     from PIL import Image  # noqa: F401
 
-    import crackio.loader
+    import crackio.loading.loader
 
-    if crackio.loader.dali_available():
-        import crackio.dali_backend  # noqa: F401 - importing DALI takes ~0.6 s, once per process
+    if crackio.loading.loader.dali_available():
+        import crackio.loading.dali_backend  # noqa: F401 - importing DALI takes ~0.6 s, once per process
 
     t0 = time.perf_counter()
     name = args.row
@@ -197,14 +197,14 @@ def consume(batches, rate: float, seconds: float) -> dict:
 def index_filenames(args) -> list[str]:
     import numpy as np
 
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
 
     index = load_index(args.shards, args.split)
     return index.filenames(np.arange(len(index)))
 
 
 def shard_paths(args) -> list[str]:
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
 
     return [str(p) for p in load_index(args.shards, args.split).shards]
 
@@ -311,8 +311,8 @@ def main(argv=None) -> int:
     import torch
 
     from crackio.errors import CrackioError
-    from crackio.loader import dali_available
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
+    from crackio.loading.loader import dali_available
 
     try:  # check the inputs once, here, rather than as one traceback per row
         samples = len(load_index(args.shards, args.split))

@@ -75,8 +75,8 @@ def pillow_rate(paths: list[str], processes: int) -> float:
 
 def shares(paths: list[str]) -> dict:
     """Where one worker's time per file goes: reading, checking/decoding (`prepare` less its read), writing."""
-    from crackio.images import prepare
-    from crackio.shards import TarShard
+    from crackio.format.tar import TarShard
+    from crackio.writing.images import prepare
 
     t_read = t_prepare = t_write = 0.0
     with tempfile.TemporaryDirectory() as tmp, TarShard(Path(tmp) / "x-000000.tar") as tar:
@@ -105,7 +105,7 @@ def shares(paths: list[str]) -> dict:
 
 
 def bench_pack(args) -> dict:
-    from crackio.pack import discover
+    from crackio.writing.discover import discover
 
     found = discover(args.src)
     paths = [str(folder / p.filename) for folder, proposals in found.splits.values() for p in proposals]
@@ -121,7 +121,7 @@ def bench_pack(args) -> dict:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             code = (
                 "import resource, sys, time; sys.path.insert(0, sys.argv[1]);"
-                "from crackio.pack import PackSettings, pack;"
+                "from crackio.writing.pack import PackSettings, pack;"
                 "t = time.perf_counter();"
                 "pack(sys.argv[2], sys.argv[3], PackSettings(workers=int(sys.argv[4]),"
                 " samples_per_shard=int(sys.argv[5])), progress=False);"
@@ -183,7 +183,7 @@ def cold_row(args) -> dict:
         )  # fmt: skip
         it = endless(loader)  # a small split: epoch after epoch
     else:
-        from crackio.shards import load_index
+        from crackio.format.index import load_index
 
         tars = [str(p) for p in load_index(args.shards, args.split).shards]
         if name == "dali-reader":
@@ -207,8 +207,8 @@ def io_row(args) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from crackio import make_loader
-    from crackio.reader import BlockReader
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
+    from crackio.loading.readers import BlockReader
 
     name = args.row
     if name == "io-sequential":
@@ -244,7 +244,7 @@ def io_row(args) -> dict:
 
 def warm_up(shards: Path, split: str) -> None:
     """Read every tar of the split once, so the warm rows find it all in the page cache."""
-    from crackio.shards import load_index
+    from crackio.format.index import load_index
 
     for path in load_index(shards, split).shards:
         with open(path, "rb", buffering=0) as f:
@@ -253,7 +253,7 @@ def warm_up(shards: Path, split: str) -> None:
 
 
 def bench_cold(args) -> dict:
-    from crackio.loader import dali_available
+    from crackio.loading.loader import dali_available
 
     rows = ["io-random", "io-block", "io-sequential", "random", "block"]
     rows += [*(["dali-reader"] if dali_available() else []), "webdataset"]

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.names import format_name  # noqa: E402
+from crackio.writing.filenames import format_name  # noqa: E402
 
 FULL = 512  # side of the synthetic full image; proposals are cut from it
 CROP = 224  # proposals are resized to the backbone's input size
@@ -227,7 +227,7 @@ def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], forma
 
 def link_large(out: Path, split: str, count: int) -> int:
     """OUT/<split> with `count` hard links to the train crops under new unique names; returns the count."""
-    from crackio.names import parse_name
+    from crackio.writing.filenames import parse_name
 
     sources = sorted((out / "train").iterdir())
     if not sources:

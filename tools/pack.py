@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
-from crackio.shards import read_manifest, verify  # noqa: E402
-from crackio.workers import run_command  # noqa: E402
+from crackio.cli import incomplete, run_command  # noqa: E402
+from crackio.format.manifest import read_manifest  # noqa: E402
+from crackio.format.verify import verify  # noqa: E402
+from crackio.writing.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.verify is not None:
-        return run_command(lambda: check(args.verify), args.verify)
+        return run_command(lambda: check(args.verify), incomplete(args.verify))
     if args.src is None:
         ap.error("give a proposal folder SRC, or --verify OUT")
     if args.samples_per_shard < 1 or args.workers < 0:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
-    return run_command(lambda: report(pack(args.src, args.out, settings, progress=not args.quiet), args), args.out)
+    return run_command(
+        lambda: report(pack(args.src, args.out, settings, progress=not args.quiet), args), incomplete(args.out)
+    )
 
 
 def check(out: Path) -> int:

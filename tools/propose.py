@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.annotations import FORMATS  # noqa: E402
-from crackio.pack import print_skipped, warnings  # noqa: E402
-from crackio.proposals import METHODS, MODES, ProposalSettings  # noqa: E402
-from crackio.propose import ProposeSettings, propose_to_shards, summary  # noqa: E402
-from crackio.workers import run_command  # noqa: E402
+from crackio.cli import run_command  # noqa: E402
+from crackio.writing.annotations import FORMATS  # noqa: E402
+from crackio.writing.pack import print_skipped, warnings  # noqa: E402
+from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards, summary  # noqa: E402
+from crackio.writing.regions import METHODS, MODES, ProposalSettings  # noqa: E402
 
 
 def _ratios(text: str) -> tuple[float, float, float]:

@@ -4,37 +4,37 @@ python -m train sweep --shards shards/ [--variants FILE] [--out DIR] [training o
 python -m train svm --checkpoint RUN/best.pt [--shards shards/] [--out DIR]
 python -m train detect --checkpoint RUN/best.pt PHOTOS... [--annotations A --format F] [--out DIR]
 
-Only routes: each subcommand's module owns its parser (`cli(argv)`) and its config.
+Only routes: each subcommand's module owns its parser (`cli(argv)`) and its config; the error policy is
+crackio.cli.run_command's, as for every command. Nothing heavy is imported before the subcommand's module.
 """
 
 from __future__ import annotations
 
 import importlib
-import signal
 import sys
 
-from train.errors import USER_ERRORS
-from train.runtime import Interrupted, stop_on_signals, world
+from crackio.cli import run_command
 
 COMMANDS = {"eval": "train.evaluate", "sweep": "train.sweep", "svm": "train.svm", "detect": "train.detect"}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
-    module = importlib.import_module(COMMANDS[command] if command else "train.loop")
-    try:
-        with stop_on_signals():  # SIGTERM, like Ctrl-C, unwinds: temporaries removed, loader threads joined
-            return module.cli(argv[1:] if command else argv) or 0  # a cli may return an exit code
-    except USER_ERRORS as e:  # known bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # one line (from rank 0 under torchrun) and the shell's 128 + signal number
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        note = e.note if isinstance(e, Interrupted) else ""
-        if world()[0] == 0:
-            print(f"interrupted by {signal.Signals(signum).name}" + (f": {note}" if note else ""), file=sys.stderr)
-        return 128 + signum
+    args = argv[1:] if command else argv
+
+    def body() -> int | None:
+        module = importlib.import_module(COMMANDS[command] if command else "train.loop")
+        return module.cli(args)  # a cli may return an exit code
+
+    # SIGTERM, like Ctrl-C, unwinds (temporaries removed, loader threads joined); one line from rank 0 only.
+    return run_command(body, lambda: "" if _rank() == 0 else None)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from crackio.errors import ConfigError
-from crackio.loader import BACKENDS, DEVICES
-from crackio.names import is_path_component
-from crackio.samplers import CLASS_WEIGHTS, DEFAULTS, ORDERS, SAMPLERS, SELECTIONS
-from train.losses import LOSSES
-from train.model import HEAD_ALIASES, HEADS, OPTIMIZERS
-from train.runtime import write_json
+from crackio.fsio import is_path_component, write_json
+from crackio.loading.options import BACKENDS, DEVICES, ORDERS
+from crackio.loading.samplers import CLASS_WEIGHTS, DEFAULTS, SAMPLERS, SELECTIONS
 
 # Validation draws every sample or a fixed cut, never weighted: the samplers without class weights.
 VAL_SAMPLERS = tuple(s for s in SAMPLERS if "class_weights" not in DEFAULTS[s])
@@ -22,11 +18,15 @@ _SAMPLER: dict = DEFAULTS  # the samplers' own defaults are the CLI's
 _WEIGHTS = ",".join(f"{c}:{w:g}" for c, w in CLASS_WEIGHTS.items())
 
 
+HEADS = ("original", "linear")  # train.model.CrackClassifier
+OPTIMIZERS = ("adam", "adamw", "sgd")  # train.model.make_optimizer
+LOSSES = ("bce", "focal")  # train.losses.make_loss
+
 # Every choice from the module that owns it: a new sampler, backend or loss is added in one place, and the CLI's
 # `choices=` and --help follow.
 CHOICES = {
-    "head": (*HEADS, *HEAD_ALIASES),
-    "optimizer": tuple(OPTIMIZERS),
+    "head": HEADS,
+    "optimizer": OPTIMIZERS,
     "sampler": SAMPLERS,
     "selection": SELECTIONS,
     "val_sampler": VAL_SAMPLERS,
@@ -50,7 +50,7 @@ class Config:
     batch_size: int = 32  # samples per batch on each rank
     epochs: int = 20  # maximum epochs
     patience: int = 3  # early stopping: epochs without a lower validation loss
-    sampler: str = "shuffle"  # train sampler (crackio.samplers)
+    sampler: str = "shuffle"  # train sampler (crackio.loading.samplers)
     negatives: int = _SAMPLER["hard-negatives"]["negatives"]  # hard-negatives: negatives kept (highest IoU first)
     per_bin: int = _SAMPLER["iou-strata"]["per_bin"]  # iou-strata: negatives per IoU bin
     bin_width: float = _SAMPLER["iou-strata"]["bin_width"]  # iou-strata: IoU bin width
@@ -78,18 +78,6 @@ class Config:
     test_split: str = "test"  # reported at the end when present
     resume: str = ""  # run folder to continue from its last.pt
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
-
-    def __post_init__(self) -> None:
-        # The old head name is mapped once, here: configs saved from now on, resume checks and checkpoints
-        # all see the new name, so runs keep loading when the alias is removed.
-        if self.head in HEAD_ALIASES:
-            new = HEAD_ALIASES[self.head]
-            print(
-                f"warning: --head {self.head} is now --head {new} (it collided with --seed); the old name "
-                f"goes in the next release",
-                file=sys.stderr,
-            )
-            self.head = new
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -145,7 +133,7 @@ class Config:
         return weights
 
     def sampler_options(self, sampler: str, negatives: int) -> dict:
-        """The options `sampler` takes (crackio.samplers.DEFAULTS), from the fields of the same names."""
+        """The options `sampler` takes (crackio.loading.samplers.DEFAULTS), from the fields of the same names."""
         given = {
             "negatives": negatives,
             "class_weights": self.parsed_class_weights(),
@@ -191,7 +179,7 @@ def check_type(key: str, value, where: str) -> None:
 
 
 # Options that only mean something with another setting: given without it, they are refused, not ignored.
-# Sampler options apply as crackio.samplers.DEFAULTS says (a cut's options only with that cut as --selection);
+# Sampler options apply as crackio.loading.samplers.DEFAULTS says (a cut's options only with that cut as --selection);
 # the rest:
 APPLIES_TO = {
     "val_negatives": ("--val-sampler hard-negatives", lambda c: c.val_sampler == "hard-negatives"),
@@ -205,7 +193,7 @@ _CUT_OPTIONS = {name for cut in SELECTIONS for name in DEFAULTS.get(cut, {})}  #
 
 
 def _sampler_option_applies(cfg: Config, name: str) -> tuple[bool, str]:
-    """(whether `name` changes this run's sampling, the settings it needs), from crackio.samplers.DEFAULTS."""
+    """(whether `name` changes this run's sampling, the settings it needs), from crackio.loading.samplers.DEFAULTS."""
     takes = DEFAULTS[cfg.sampler]
     if name in _CUT_OPTIONS and "selection" in takes:  # weighted/balanced: only with that cut as --selection
         ok = name in DEFAULTS.get(cfg.selection, {})

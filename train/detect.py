@@ -22,20 +22,22 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.ops import box_iou, nms
+from torchvision.ops import nms
 from tqdm import tqdm
 
 from crackio import read_manifest
-from crackio.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
-from crackio.augment import augment_normalize
 from crackio.errors import ConfigError, CrackioError, MissingFile
-from crackio.loader import resolve_device
-from crackio.names import display_name
-from crackio.proposals import ProposalSettings, encode_jpeg, selective_search, warp
-from crackio.propose import load_photo
+from crackio.fsio import display_name
+from crackio.loading.augment import augment_normalize
+from crackio.loading.loader import resolve_device
+from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
+from crackio.writing.proposal_stage import load_photo
+from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
+from train.checkpoint import load_checkpoint
+from train.detect_report import write_outputs
 from train.evaluate import model_from_checkpoint
 from train.model import CrackClassifier, last_linear
-from train.runtime import amp_dtype, load_checkpoint
+from train.runtime import amp_dtype
 
 KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
 
@@ -154,7 +156,7 @@ def cli(argv: list[str]) -> None:
     """`python -m train detect --checkpoint RUN/best.pt PHOTOS... [options]`."""
     import argparse
 
-    from crackio.loader import DEVICES
+    from crackio.loading.options import DEVICES
 
     ap = argparse.ArgumentParser(
         prog="python -m train detect",
@@ -270,8 +272,6 @@ def run_detect(
         CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
         WriteError: an output cannot be written (full disk, I/O error).
     """
-    from train.detect_report import write_outputs
-
     if annotations and not fmt:
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     if not 0 < nms_iou <= 1 or batch_size < 1 or (score_threshold is not None and not np.isfinite(score_threshold)):
@@ -339,9 +339,3 @@ def run_detect(
     )
     return out_dir
 
-
-def proposal_recall(proposals: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> int:
-    """How many ground-truth boxes some proposal covers at IoU >= `iou`: the ceiling of any classifier."""
-    if not len(gt) or not len(proposals):
-        return 0
-    return int((box_iou(torch.from_numpy(gt), torch.from_numpy(proposals)).max(dim=1).values >= iou).sum())

@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from crackio.proposals import ProposalSettings
-from crackio.propose import load_photo
-from train.runtime import make_dir, remove_temporaries, write_file, write_json, write_text
+from crackio import fsio
+from crackio.fsio import make_dir, remove_temporaries, write_json, write_text
+from crackio.writing.proposal_stage import load_photo
+from crackio.writing.regions import ProposalSettings, covered
 
 OUTPUTS = ("detections.json", "overview.jpg", "pr_curve.png", "report.txt", "summary.json")  # images/ apart
 DETECTION = (230, 30, 30)
@@ -33,6 +34,10 @@ def match(boxes: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
             tp[i] = taken[j] = True
     return tp
 
+
+def proposal_recall(proposals: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> int:
+    """How many ground-truth boxes some proposal covers at IoU >= `iou`: the ceiling of any classifier."""
+    return covered(gt, proposals, iou)
 
 def voc_ap(results, iou: float = 0.5) -> tuple[float, np.ndarray, np.ndarray]:
     """VOC-style AP at `iou` over all annotated photos: (AP, precision, recall) along the ranked detections.
@@ -137,7 +142,7 @@ def save_jpeg(picture: Image.Image, path: Path) -> None:
     """A JPEG through the atomic writer (raises WriteError: full disk, I/O error)."""
     data = io.BytesIO()  # in memory first: Pillow reports a full disk as "encoder error", not the OS error
     picture.save(data, format="JPEG", quality=90)
-    write_file(path, data.getvalue())
+    fsio.atomic_write(path, data.getvalue())
 
 
 def write_outputs(
@@ -158,8 +163,6 @@ def write_outputs(
     Raises:
         WriteError: a file cannot be written (full disk, I/O error); the files written before are complete.
     """
-    from train.detect import proposal_recall
-
     make_dir(out / "images")
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     remove_temporaries(out / "images", ["*.jpg"])

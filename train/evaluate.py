@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 from crackio import make_loader
 from crackio.errors import ConfigError
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import Config
 from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
-from train.runtime import CheckpointError, amp_dtype, load_checkpoint
+from train.runtime import amp_dtype
 
 
 def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
@@ -63,7 +64,7 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
-    """The classifier and run config a checkpoint (from train.runtime.load_checkpoint) holds.
+    """The classifier and run config a checkpoint (from train.checkpoint.load_checkpoint) holds.
 
     Raises:
         CheckpointError: its config is refused (unknown keys, wrong types, values no run could have).
@@ -102,7 +103,7 @@ def cli(argv: list[str]) -> None:
     """`python -m train eval --checkpoint RUN/best.pt [--shards S] [--split test]`."""
     import argparse
 
-    from crackio.loader import BACKENDS, DEVICES
+    from crackio.loading.options import BACKENDS, DEVICES
 
     ap = argparse.ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
     ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")

@@ -6,8 +6,6 @@ import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-LOSSES = ("bce", "focal")
-
 
 def make_loss(kind: str, pos_weight: float, alpha: float, gamma: float, device: torch.device):
     """A callable (logits, targets) -> mean loss, computed in float32 (safe under autocast)."""

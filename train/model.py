@@ -8,17 +8,13 @@ import torch
 from torch import nn
 from torchvision import models
 
-from crackio.augment import normalize
 from crackio.errors import ConfigError, CrackioError
-from train.runtime import is_state_dict, load_data
+from crackio.loading.augment import normalize
+from train.checkpoint import is_state_dict, load_data
 
 
 class WeightsError(CrackioError, RuntimeError):
     """Pretrained weights that cannot be had; the message says which file to provide."""
-
-
-HEADS = ("original", "linear")
-HEAD_ALIASES = {"seed": "original"}  # the head's name until it collided with --seed; accepted for one release
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -28,7 +24,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # train.config.OPTIMIZERS
 
 
 class CrackClassifier(nn.Module):
@@ -39,7 +35,7 @@ class CrackClassifier(nn.Module):
         self.backbone = backbone
         # original: the write-up's ReLU + Linear(1000, 1) on the 1000-class output (its Sigmoid moved
         # into the loss); linear: the backbone's last Linear already maps to one logit.
-        original = HEAD_ALIASES.get(head, head) == "original"
+        original = head == "original"
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if original else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_curve,
 )
 
-from train.runtime import write_file  # noqa: E402
+from crackio import fsio
 
 TARGET_NAMES = ["No crack", "Crack"]
 CLASS_KEYS = ["no_crack", "crack"]  # the same classes as data keys
@@ -97,7 +97,7 @@ def save_figure(fig, path: Path) -> None:
         fig.savefig(png, format="png", dpi=100)
     finally:
         plt.close(fig)
-    write_file(path, png.getvalue())
+    fsio.atomic_write(path, png.getvalue())
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -1,14 +1,16 @@
 """Resuming a run: which settings may change, the run's saved config read back as untrusted input, and the
-fingerprint of the pack a run trains on (a resumed run must see the same data)."""
+checkpoint it continues from (on the same pack: train.checkpoint.check_same_pack)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from crackio.errors import ConfigError, MissingFile
+from train.checkpoint import TrainState, check_same_pack, load_checkpoint
 from train.config import Config
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
@@ -77,76 +79,21 @@ def check_resumed(cfg: Config) -> None:
         )
 
 
-def pack_fingerprint(shards: str | Path) -> dict:
-    """What identifies the pack in `shards`: the SHA-256 of its manifest.json (the same input and seed give a
-    byte-identical manifest, and it moves with the folder), and for people the fields that say what changed:
-    format version, seed, source and samples per split (read defensively: other format versions may lack them).
+def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank: int) -> dict | None:
+    """The checkpoint --resume continues from (RUN/last.pt, checked to have trained on this pack and to carry a
+    run's state), or None when the run stopped before its first epoch finished: it then starts from epoch 0
+    with its saved config.
 
     Raises:
-        ConfigError: manifest.json cannot be read.
+        CheckpointError: last.pt is not a checkpoint of a run.
+        ConfigError: the shards hold another pack than the run trained on.
     """
-    path = Path(shards) / "manifest.json"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path} cannot be read ({e}): is {shards} a folder written by tools/pack.py?") from e
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        manifest = {}
-    manifest = manifest if isinstance(manifest, dict) else {}
-    splits = manifest.get("splits")
-    splits = splits if isinstance(splits, dict) else {}
-    plain = lambda v: v if isinstance(v, bool | int | float | str) or v is None else repr(v)[:100]
-    return {
-        "manifest_sha256": hashlib.sha256(data).hexdigest(),
-        "format_version": plain(manifest.get("format_version")),
-        "seed": plain(manifest.get("seed")),
-        "source": plain(manifest.get("source")),
-        "samples": {str(k): plain(v.get("samples")) for k, v in splits.items() if isinstance(v, dict)},
-    }
-
-
-def check_same_pack(recorded, current: dict, run: str, shards: str, trained_on) -> str:
-    """Refuse to resume `run` on a pack other than the one its checkpoint recorded; returns a warning (or "")
-    for a run of an older crackio that recorded none.
-
-    Old runs: resuming on the folder they trained on goes on, with the warning that the pack cannot be
-    checked (what they did before); another folder is refused, since nothing says it holds the same pack.
-
-    Raises:
-        ConfigError: what changed (samples per split, seed, source, format version, or the manifest itself).
-    """
-    if recorded is None:
-        if shards == trained_on:
-            return (
-                f"warning: {run} was saved by an older crackio that did not record its pack: resuming on "
-                f"{shards} without checking it is the same pack (checked from the next checkpoint on)"
-            )
-        raise ConfigError(
-            f"--resume {run} --shards {shards}: the run was saved by an older crackio that did not record "
-            f"its pack, so {shards} cannot be checked against {trained_on}: resume on {trained_on}, or start "
-            f"a new run with --out"
-        )
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("samples", {}), dict):
-        raise ConfigError(f"{run}/last.pt records its pack in an unknown form: start a new run with --out")
-    if recorded.get("manifest_sha256") == current["manifest_sha256"]:
-        return ""
-    changed = []
-    then, now = recorded.get("samples", {}), current["samples"]
-    if then != now:
-        per_split = [
-            f"{split} {then.get(split, 'none')} then, {now.get(split, 'none')} now"
-            for split in sorted(set(then) | set(now), key=str)
-            if then.get(split) != now.get(split)
-        ]
-        changed.append(f"samples per split: {', '.join(per_split)}")
-    for key in ("seed", "source", "format_version"):
-        if recorded.get(key) != current[key]:
-            changed.append(f"{key} {recorded.get(key)!r} then, {current[key]!r} now")
-    what = "; ".join(changed) or "its manifest.json differs (same samples per split, seed and source)"
-    raise ConfigError(
-        f"--resume {run}: {shards} holds another pack than the run trained on ({what}): its validation losses "
-        f"would not compare with the run's. Resume with --shards naming the pack it trained on, or start a "
-        f"new run with --out"
-    )
+    path = out / "last.pt"
+    if not path.exists():
+        if rank == 0:
+            print(f"note: {out} has no last.pt (stopped before its first epoch finished): starting at epoch 1")
+        return None
+    ckpt = load_checkpoint(path, device)
+    check_same_pack(ckpt.get("pack"), pack, cfg.resume, cfg.shards)
+    TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
+    return ckpt

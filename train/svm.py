@@ -24,13 +24,15 @@ from tqdm import tqdm
 
 from crackio import read_manifest
 from crackio.errors import ConfigError
-from crackio.loader import BACKENDS, DEVICES
-from crackio.samplers import label_source
+from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
+from crackio.loading.options import BACKENDS, DEVICES
+from crackio.loading.samplers import label_source
+from train.checkpoint import load_checkpoint
 from train.config import add_config_arguments
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
-from train.runtime import amp_dtype, load_checkpoint, make_dir, remove_temporaries, save_npz, write_json, write_text
+from train.runtime import amp_dtype
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 OUTPUTS = ("report.txt", "pr_curve.png", "svm_model.npz", "summary.json")  # in OUT; features/<split>.npz below

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.errors import ConfigError, MissingFile
-from crackio.samplers import label_source
+from crackio.cli import Interrupted
+from crackio.errors import ConfigError, MissingFile, WriteError
+from crackio.fsio import make_dir, remove_temporaries, write_text
+from crackio.loading.samplers import label_source
 from train.config import Config, add_config_arguments, check_applicable, check_type
 from train.errors import USER_ERRORS
-from train.loop import init_distributed
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
 from train.resume import RESUMABLE, read_config
-from train.runtime import Interrupted, WriteError, make_dir, remove_temporaries, world, write_text
+from train.runtime import init_distributed, world
 
 SHIPPED = Path(__file__).with_name("variants.toml")
 # Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).

@@ -1,7 +1,7 @@
 """Annotated photos straight to shards: R-CNN's proposal stage without a folder of small files.
 
-    photos + annotations ─ read (crackio.annotations) ─ per photo, in threads: decode upright,
-    ground truth, selective search, IoU and label, warp (crackio.proposals) ─ spool per split,
+    photos + annotations ─ read (crackio.writing.annotations) ─ per photo, in threads: decode upright,
+    ground truth, selective search, IoU and label, warp (crackio.writing.regions) ─ spool per split,
     in photo order ─ seeded global shuffle ─ shards, index, manifest (crackio.shards), as pack writes them
 
 The spool (OUT/.spool/<split>.bin, removed at the end) holds each split's crops once, so the
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,28 +27,19 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from crackio.annotations import Photo, read_annotations, resolve_boxes
-from crackio.errors import ConfigError, write_error
-from crackio.images import strict_pillow, to_rgb8
-from crackio.names import display_name, format_name
-from crackio.outdir import OutputFolder, manifest_files
-from crackio.pack import planned_files, shard_slices, split_order
-from crackio.proposals import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
-from crackio.quality import iou_histogram, label_report, leakage_report, split_sort_key
-from crackio.shards import (
-    FORMAT_VERSION,
-    INDEX,
-    MANIFEST,
-    PROPOSAL_FIELDS,
-    ShardResult,
-    assemble_index,
-    atomic_write,
-    index_dtype,
-    save_index,
-    shard_name,
-    write_shard,
-)
-from crackio.workers import check_stop, run_ordered, tick
+from crackio.errors import ConfigError
+from crackio.format.layout import MANIFEST, manifest_files, planned_files
+from crackio.format.manifest import build_manifest, write_manifest
+from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
+from crackio.fsio import display_name, write_error
+from crackio.writing.annotations import Photo, read_annotations, resolve_boxes
+from crackio.writing.filenames import format_name
+from crackio.writing.images import strict_pillow, to_rgb8
+from crackio.writing.outdir import OutputFolder
+from crackio.writing.quality import leakage_report, split_sort_key
+from crackio.writing.regions import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
+from crackio.writing.splits import Sample, shard_slices, split_order, write_split
+from crackio.writing.workers import check_stop, tick
 
 SPOOL = ".spool"
 SPLITS = ("train", "valid", "test")
@@ -80,7 +71,7 @@ class PhotoResult:
 
 def load_photo(path: Path) -> np.ndarray:
     """uint8 H x W x 3 RGB of the upright photo: EXIF orientation applied (as labelling tools show it), other
-    modes converted with their real dynamic range by the packer's rule (crackio.images.to_rgb8).
+    modes converted with their real dynamic range by the packer's rule (crackio.writing.images.to_rgb8).
 
     Raises:
         ValueError: a mode whose scale cannot be known (e.g. float pixels outside [0, 1]).
@@ -200,7 +191,9 @@ class _Spool:
         self.rows.append(rows)
 
 
-class _SpoolShard(NamedTuple):
+class SpoolSource(NamedTuple):
+    """One shard's slice of a split's seeded order, read back from the spool (in a worker process)."""
+
     folder: Path
     split: str
     number: int
@@ -208,6 +201,16 @@ class _SpoolShard(NamedTuple):
     spool: Path
     rows: np.ndarray  # the slice of the split's index rows in seeded order
     where: np.ndarray  # (offset, size) of each crop in the spool
+    digests: np.ndarray  # S16 BLAKE2b of each crop
+
+    def samples(self) -> Iterator[Sample]:
+        with open(self.spool, "rb") as f:
+            for key, (row, (offset, size), digest) in enumerate(
+                zip(self.rows, self.where, self.digests), self.first_key
+            ):
+                check_stop()
+                yield Sample(key, os.pread(f.fileno(), int(size), int(offset)), _meta(row), bytes(digest), "", "")
+                tick()
 
 
 def _meta(row: np.void) -> dict:
@@ -224,22 +227,7 @@ def _meta(row: np.void) -> dict:
     }
 
 
-def _write_spooled_shard(task: _SpoolShard) -> ShardResult:
-    """One shard from the spool (runs in a worker process, like tools/pack.py's shards)."""
-    with open(task.spool, "rb") as f:
-
-        def samples():
-            for key, (row, (offset, size)) in enumerate(zip(task.rows, task.where), task.first_key):
-                check_stop()
-                yield key, os.pread(f.fileno(), int(size), int(offset)), _meta(row)
-                tick()
-
-        return write_shard(task.folder / shard_name(task.split, task.number), task.number, samples())
-
-
-def _write_split(
-    spool: _Spool, out: Path, split: str, seed: int, per_shard: int, workers: int
-) -> tuple[np.ndarray, list, np.ndarray]:
+def _write_spooled_split(spool: _Spool, out: Path, split: str, seed: int, per: int, workers: int, **stats):
     try:
         spool.file.close()
     except OSError as e:
@@ -248,17 +236,12 @@ def _write_split(
     order = split_order(split, len(rows), seed)  # the same global shuffle and shard slices as tools/pack.py
     rows, where = rows[order], np.asarray(spool.where, np.int64).reshape(-1, 2)[order]
     digests = np.asarray(spool.digests, "S16")[order] if len(rows) else np.zeros(0, "S16")
-    tasks = [
-        _SpoolShard(out / split, split, start // per_shard, start, spool.path, rows[start:stop], where[start:stop])
-        for start, stop in shard_slices(len(rows), per_shard)
+    sources = [
+        SpoolSource(out / split, split, a // per, a, spool.path, rows[a:b], where[a:b], digests[a:b])
+        for a, b in shard_slices(len(rows), per)
     ]
     (out / split).mkdir(exist_ok=True)
-    indexed, shards = assemble_index(list(run_ordered(_write_spooled_shard, tasks, workers)), rows.dtype)
-    kept = rows[indexed["key"]]  # every crop is stored: the same rows, now with their locations
-    for column in ("shard", "offset", "size", "crc32", "key"):
-        kept[column] = indexed[column]
-    save_index(out / split / INDEX, kept)
-    return kept, shards, digests[indexed["key"]]
+    return write_split(out / split, split, rows, sources, workers, **stats)
 
 
 def propose_to_shards(
@@ -387,25 +370,23 @@ def _propose(
         for split in sorted(spools, key=split_sort_key):
             per = run.samples_per_shard
             held.claim(planned_files(split, -(-sum(len(r) for r in spools[split].rows) // per)))
-            rows, shards, digests = _write_split(spools[split], out, split, run.seed, per, workers)
-            labels = rows["label"].astype(np.int64)
             s = stats[split]
-            manifest_splits[split] = {
-                "samples": len(rows),
-                "classes": {"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
-                "photos": s["photos"],
-                "ground_truth_boxes": s["ground_truth_boxes"],
-                "proposals_considered": s["proposals"],
-                "proposal_recall": round(s["recall_hits"] / s["ground_truth_boxes"], 4)
+            written = _write_spooled_split(
+                spools[split],
+                out,
+                split,
+                run.seed,
+                per,
+                workers,
+                photos=s["photos"],
+                ground_truth_boxes=s["ground_truth_boxes"],
+                proposals_considered=s["proposals"],
+                proposal_recall=round(s["recall_hits"] / s["ground_truth_boxes"], 4)
                 if s["ground_truth_boxes"]
                 else None,
-                "iou_histogram": iou_histogram(rows["iou"], labels),
-                "labels": label_report(rows["iou"], labels, rows["filename"]),
-                "converted": {},
-                "converted_list": None,
-                "shards": shards,
-            }
-            stored[split] = (rows["filename"], rows["stem"], digests)
+            )
+            manifest_splits[split] = written.entry
+            stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
         timing["write"] += time.perf_counter() - w0
     finally:
         bar.close()
@@ -414,22 +395,23 @@ def _propose(
             with contextlib.suppress(OSError):  # a full disk fails the flush again; the spool goes anyway
                 spool.file.close()
         _remove_spool(out, split_names)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": display_name(src.resolve()),
-        "stage": "propose",
-        "annotations": {"format": fmt, "classes": annotated.classes, "positive": annotated.positive},
-        "proposals": proposal.as_dict(),
-        "settings": {k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
-        "seed": run.seed,
-        "samples": sum(s["samples"] for s in manifest_splits.values()),
-        "splits": manifest_splits,
-        "leakage": leakage_report(stored),
-        "ignored": {},
-        "skipped": sorted(skipped, key=lambda s: (s["path"], s["reason"])),
-    }
+    manifest = build_manifest(
+        source=display_name(src.resolve()),
+        stage={
+            "stage": "propose",
+            "annotations": {"format": fmt, "classes": annotated.classes, "positive": annotated.positive},
+            "proposals": proposal.as_dict(),
+        },
+        settings={k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
+        seed=run.seed,
+        splits=manifest_splits,
+        leakage=leakage_report(stored),
+        ignored={},
+        skipped=sorted(skipped, key=lambda s: (s["path"], s["reason"])),
+    )
     held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_manifest(out, manifest)
+    manifest = dict(manifest)
     manifest["seconds"] = time.perf_counter() - t0
     manifest["timing"] = timing
     return manifest

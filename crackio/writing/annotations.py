@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from crackio.errors import ConfigError, MissingFile
-from crackio.names import display_name
+from crackio.fsio import display_name
 
 FORMATS = ("coco", "yolo", "voc", "mask")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -11,11 +11,12 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from crackio.augment import AugmentParams, draw_params
 from crackio.errors import ConfigError
-from crackio.reader import BlockReader, ByteReader
-from crackio.samplers import (
-    ORDERS,
+from crackio.format.index import load_index
+from crackio.loading.augment import AugmentParams, draw_params
+from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS
+from crackio.loading.readers import BlockReader, ByteReader
+from crackio.loading.samplers import (
     block_order,
     check_drawable,
     epoch_order,
@@ -24,11 +25,6 @@ from crackio.samplers import (
     sampler_options,
     select,
 )
-from crackio.shards import load_index
-
-BACKENDS = ("auto", "dali", "torch")
-OUTPUTS = ("float32", "uint8")  # normalized float images, or augmented uint8 ones normalized by the consumer
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class Backend(Protocol):
@@ -87,7 +83,7 @@ class Loader:
         split: e.g. "train", "valid", "test".
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
-        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.samplers).
+        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.loading.samplers).
         iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
             recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
         seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
@@ -96,11 +92,11 @@ class Loader:
         rank, world_size: this process's part of every epoch.
         workers: decode threads (default: the cores this process may use).
         output: "float32" (default): ImageNet-normalized images; "uint8": augmented 0-255 images, 4x fewer
-            bytes, for a consumer that normalizes on its own device (crackio.augment.normalize; the trainer's
+            bytes, for a consumer that normalizes on its own device (crackio.loading.augment.normalize; the trainer's
             model does it on CUDA).
         order: "random" (default): every batch drawn from the whole split, one random read per sample;
             "block": training batches drawn from a shuffle window of `window` blocks of `block_size`
-            consecutive rows, read ahead a block at a time (crackio.samplers.block_order): sequential reads
+            consecutive rows, read ahead a block at a time (crackio.loading.samplers.block_order): sequential reads
             for shards on a network file system, a spinning disk or a split larger than memory. The same
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
@@ -176,11 +172,11 @@ class Loader:
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
         self.backend: Backend
         if self.backend_name == "dali":
-            from crackio.dali_backend import DaliBackend
+            from crackio.loading.dali_backend import DaliBackend
 
             self.backend = DaliBackend(self.reader, batch_size, train, self.device, max(1, workers), seed, output)
         else:
-            from crackio.torch_backend import TorchBackend
+            from crackio.loading.torch_backend import TorchBackend
 
             self.backend = TorchBackend(self.reader, self.device, workers, output)  # batches come per epoch
         self.epoch = 0

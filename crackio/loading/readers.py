@@ -8,8 +8,9 @@ import zlib
 
 import numpy as np
 
-from crackio.shards import BLOCK as HEADER  # a ustar header's size
-from crackio.shards import REPACK, ShardError, SplitIndex
+from crackio.format.index import SplitIndex
+from crackio.format.layout import REPACK, ShardError
+from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
 
 
 class ByteReader:

@@ -20,7 +20,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -121,61 +120,3 @@ def run_ordered(
         finally:
             if progress:
                 progress(done.value)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised in the main thread so that every `finally` runs (temporaries removed, loader
-    threads joined); `note` says what was kept and how to continue."""
-
-    def __init__(self, signum: int = signal.SIGINT, note: str = ""):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.note = int(signum), note
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted in the main thread while inside; a second signal acts as it
-    would by default (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends at once). Nothing is installed
-    outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, _frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-def run_command(body: Callable[[], int], out: object) -> int:
-    """A writing command's body (tools/pack.py, tools/propose.py) with its failures as one line on stderr.
-
-    SIGINT and SIGTERM raise `Interrupted` (`stop_on_signals`, the trainer's too). Returns the body's exit
-    code; 2 for bad input or a failed write (`CrackioError`: no space left, a held folder, ...); 130 (Ctrl-C)
-    or 143 (SIGTERM) when interrupted, after the workers and temporaries are gone. Anything else is a bug:
-    it propagates.
-    """
-    import sys
-
-    from crackio.errors import CrackioError
-
-    try:
-        with stop_on_signals():
-            return body()
-    except CrackioError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(
-            f"interrupted: {out} holds no complete output (workers stopped, temporaries removed); run the same "
-            f"command again to finish",
-            file=sys.stderr,
-        )
-        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)

@@ -23,8 +23,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from crackio.augment import MEAN, STD, AugmentParams
-from crackio.reader import ByteReader
+from crackio.loading.augment import MEAN, STD, AugmentParams
+from crackio.loading.readers import ByteReader
 
 
 @pipeline_def(enable_conditionals=False)
@@ -37,7 +37,7 @@ def proposal_pipeline(source, train: bool, gpu: bool, uint8: bool = False):
         images = fn.brightness(images, brightness=brightness)
         images = fn.flip(images, horizontal=flip)
         images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
-    if uint8:  # normalization left to the consumer's device (crackio.augment.normalize)
+    if uint8:  # normalization left to the consumer's device (crackio.loading.augment.normalize)
         return fn.transpose(images, perm=[2, 0, 1]), ids
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD]
@@ -93,7 +93,7 @@ class DaliBackend:
     def run_epoch(
         self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images float32 NCHW on the device, ids int64) for each batch, in order (crackio.loader.Backend)."""
+        """Yield (images NCHW on the device, ids int64) for each batch, in order (crackio.loading.loader.Backend)."""
         self.source.batches = zip(batches, params)
         if self._clean:
             self.pipe.reset()  # after StopIteration, DALI starts the next epoch on reset

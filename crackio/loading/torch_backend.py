@@ -7,9 +7,9 @@ where spawned or fork-server workers re-import the caller's script (a bootstrapp
 error, or a hang), and nothing is forked from a process that runs DALI or CUDA
 threads. It also removes the 4-10 s worker start-up before the first batch.
 
-On the CPU each worker thread decodes, augments (crackio.augment.augment_image, OpenCV) and
+On the CPU each worker thread decodes, augments (crackio.loading.augment.augment_image, OpenCV) and
 normalizes its batch; on CUDA the threads only read bytes, and decoding (nvJPEG) and the
-batched augmentation (crackio.augment.augment) run on the GPU in the caller's thread.
+batched augmentation (crackio.loading.augment.augment) run on the GPU in the caller's thread.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
-from crackio.reader import ByteReader
+from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
+from crackio.loading.readers import ByteReader
 
 
 class TorchBackend:
@@ -68,7 +68,7 @@ class TorchBackend:
         self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images on the device: normalized float32 NCHW, or uint8 NCHW when asked, ids int64) for each
-        batch, in order (crackio.loader.Backend)."""
+        batch, in order (crackio.loading.loader.Backend)."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="crackio-torch")
         pending: deque[tuple[Future, AugmentParams | None]] = deque()
         todo = zip(batches, params)

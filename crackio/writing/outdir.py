@@ -17,33 +17,17 @@ import json
 import os
 from pathlib import Path
 
-from crackio.errors import ConfigError, write_error
-from crackio.names import display_name, is_path_component
-from crackio.shards import TEMPORARY, atomic_write
+from crackio.errors import ConfigError
+from crackio.format.layout import MANIFEST, manifest_files
+from crackio.fsio import TEMPORARY, atomic_write, display_name, is_path_component, write_error
 
 LOCK = ".crackio.lock"
 WRITTEN = ".crackio-written.json"
-MANIFEST = "manifest.json"
 
 
 def plain_relative(path: str) -> bool:
     """A path crackio may name inside OUT: relative, every part a plain name (so no `..`, no backslash)."""
     return isinstance(path, str) and all(is_path_component(part) for part in path.split("/"))
-
-
-def manifest_files(manifest: dict) -> set[str]:
-    """The files a manifest says its pack consists of (relative to OUT), plain names only."""
-    files = {MANIFEST}
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    for split, info in (splits or {}).items() if isinstance(splits, dict) else ():
-        if not (is_path_component(split) and isinstance(info, dict)):
-            continue
-        files |= {f"{split}/index.npy", f"{split}/converted.tsv"}
-        for shard in info.get("shards") or []:
-            name = shard.get("name") if isinstance(shard, dict) else None
-            if is_path_component(name) and name.endswith(".tar"):
-                files |= {f"{split}/{name}", f"{split}/{name[:-4]}.idx"}
-    return files
 
 
 class OutputFolder:
@@ -124,7 +108,7 @@ class OutputFolder:
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:
-        """Remove the temporaries of every recorded file (an interrupted run's; crackio.shards.TEMPORARY)."""
+        """Remove the temporaries of every recorded file (an interrupted run's; crackio.fsio.TEMPORARY)."""
         for p in sorted(self.written):
             target = self.out / p
             if target.parent.is_dir():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, TypeGuard
+from typing import NamedTuple
 
 from crackio.errors import CrackioError
+from crackio.fsio import display_name
 
 # Formats Pillow reads; anything but a 224x224 RGB JPEG is converted when packed.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -71,17 +71,6 @@ def is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def is_path_component(name: object) -> TypeGuard[str]:
-    """One folder or file name: joined to a folder, it never climbs out of it (not "", "." or "..", no "/",
-    "\\" or NUL). Every name read from a file that becomes a path is checked with this."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
-
-
-def display_name(name: str | os.PathLike) -> str:
-    """A file name or path as text: valid UTF-8 as is, other bytes escaped (`caf\\xe9.1.0_5.1.jpg`)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _digits(text: str) -> bool:

@@ -215,7 +215,6 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     return parts[rank::world_size]
 
 
-ORDERS = ("random", "block")
 _SEED_BLOCK = 0xB10C
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from crackio.shards import NotRegular, TooLarge, read_regular
+from crackio.fsio import NotRegular, TooLarge, read_regular
 
 EXIF_ORIENTATION = 0x0112  # TIFF/EXIF tag 274
 ROTATING = range(2, 9)  # orientations that move pixels; 1 is upright, others are invalid and ignored

@@ -23,9 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
 METHODS = ("selective-search",)
 MODES = ("fast", "quality")
@@ -91,13 +89,28 @@ def jitter(boxes: np.ndarray, copies: int, width: int, height: int, rng: np.rand
     return out
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` (N x 4, x0 y0 x1 y1) with every box of `b` (M x 4): N x M, torchvision's
+    `box_iou` (imported here, not at the top: importing the writing side must not import torch)."""
+    import torch
+    from torchvision.ops import box_iou as iou
+
+    return iou(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))).numpy()
+
+
+def covered(gt: np.ndarray, proposals: np.ndarray, iou: float = 0.5) -> int:
+    """How many ground-truth boxes some proposal covers at IoU >= `iou`: the recall ceiling of any classifier."""
+    if not len(gt) or not len(proposals):
+        return 0
+    return int((box_iou(gt, proposals).max(axis=1) >= iou).sum())
+
+
 def best_match(proposals: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(IoU with the best-matching ground-truth box, its position or -1), per proposal."""
     if not len(gt) or not len(proposals):
         return np.zeros(len(proposals)), np.full(len(proposals), -1)
-    iou = box_iou(torch.from_numpy(proposals), torch.from_numpy(gt))
-    best, which = iou.max(dim=1)
-    return best.numpy(), which.numpy()
+    iou = box_iou(proposals, gt)
+    return iou.max(axis=1), iou.argmax(axis=1)
 
 
 def stratified_negatives(
@@ -166,7 +179,5 @@ def propose(rgb: np.ndarray, gt: np.ndarray, settings: ProposalSettings, seed: i
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if settings.negatives_per_image:
         negatives = stratified_negatives(ious, negatives, settings.negatives_per_image, rng)
-    hits = 0
-    if len(gt) and len(search):
-        hits = int((box_iou(torch.from_numpy(gt), torch.from_numpy(search)).max(dim=1).values >= 0.5).sum())
+    hits = covered(gt, search)
     return PhotoProposals(boxes, ious, labels, which, np.sort(np.concatenate([positives, negatives])), hits)

@@ -1,0 +1,116 @@
+"""A split's random-access index: memory-mapped, checked against its manifest and tars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crackio.format.layout import INDEX, MANIFEST, REPACK, ShardError
+from crackio.format.manifest import _bad, read_manifest
+from crackio.format.schema import INDEX_COLUMNS
+from crackio.fsio import read_regular
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """A split's random-access index: where each sample's JPEG lives, its label and IoU."""
+
+    root: Path
+    split: str
+    rows: np.ndarray  # structured array of index_dtype
+    shards: list[Path]  # tar paths, position = shard number
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"].astype(np.int64)
+
+    @property
+    def ious(self) -> np.ndarray:
+        return self.rows["iou"]
+
+    def filenames(self, ids: np.ndarray) -> list[str]:
+        # Written as UTF-8; a damaged byte shows escaped rather than failing the epoch.
+        return [b.decode(errors="backslashreplace") for b in self.rows["filename"][ids]]
+
+
+def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
+    """Load a split's index, memory-mapped read-only, and check it against its manifest and tars (sizes and
+    locations, not contents: `verify` reads every byte).
+
+    Memory-mapped: the processes of a node (ranks, workers) share one copy in the page cache,
+    and a process touches only the pages of the columns it reads.
+
+    Raises:
+        ShardError: naming the missing, malformed or inconsistent file and how to fix it.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    splits = manifest["splits"]
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        raise ShardError(
+            f"split {split!r} is not in {root / MANIFEST} (it has: {have}); "
+            f"pack a folder {split}/ or choose another split"
+        )
+    info = splits[split]
+    if info["samples"] == 0:
+        raise ShardError(
+            f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {root / MANIFEST})"
+        )
+    index_path = root / split / INDEX
+    if index_path.exists() and index_path.resolve().parent != (root / split).resolve():
+        raise _bad(index_path, f"is a link to {index_path.resolve()}, outside {(root / split).resolve()}", root)
+    try:
+        read_regular(index_path, None)  # a named pipe or a device would block or never end np.load
+        rows = np.load(index_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
+        raise _bad(index_path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})", root) from None
+    names = rows.dtype.names or ()
+    wrong = [c for c, kind in INDEX_COLUMNS.items() if c not in names or rows.dtype[c].kind != kind]
+    if rows.ndim != 1 or wrong:
+        raise _bad(index_path, f"is not a crackio index (columns {wrong or 'shape'} missing or mistyped)", root)
+    if len(rows) != info["samples"]:
+        raise _bad(index_path, f"has {len(rows)} rows but the manifest says {info['samples']}", root)
+    shards = [root / split / s["name"] for s in info["shards"]]
+    folder = (root / split).resolve()
+    for path in shards:
+        if path.exists() and path.resolve().parent != folder:  # a link out of the split's folder
+            raise _bad(path, f"is a link to {path.resolve()}, outside {folder}", root)
+    for path, s in zip(shards, info["shards"]):
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
+        actual = path.stat().st_size
+        if actual != s["bytes"]:
+            raise _bad(path, f"is {actual} bytes, the manifest says {s['bytes']} (truncated or replaced)", root)
+    _check_rows(rows, np.array([s["bytes"] for s in info["shards"]], np.int64), index_path, root)
+    return SplitIndex(root, split, rows, shards)
+
+
+def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: Path, root: Path) -> None:
+    """Every row points inside its tar: shard number in range, offset and size non-negative, end within the file;
+    keys strictly ascending; labels 0 or 1, IoUs within [0, 1]. Vectorized: ~40 ms per million rows."""
+    shard = np.asarray(rows["shard"])
+    if len(shard) and (shard.min() < 0 or shard.max() >= len(shard_bytes)):
+        raise _bad(path, f"has shard numbers outside 0..{len(shard_bytes) - 1}", root)
+    offset, size = np.asarray(rows["offset"]), np.asarray(rows["size"])
+    bad = (offset < 512) | (size <= 0) | (offset + size > shard_bytes[shard])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise _bad(path, f"row {row} points outside its tar (offset {int(offset[row])}, size {int(size[row])})", root)
+    if (np.diff(np.asarray(rows["key"])) <= 0).any():
+        raise _bad(path, "has keys that are not strictly ascending", root)
+    label, iou = np.asarray(rows["label"]), np.asarray(rows["iou"])
+    bad = ((label != 0) & (label != 1)) | ~((iou >= 0) & (iou <= 1))  # NaN fails the second test
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise _bad(
+            path,
+            f"row {row} has label {int(label[row])} and IoU {float(iou[row])}: labels are 0 or 1, IoUs within [0, 1]",
+            root,
+        )

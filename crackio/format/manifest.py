@@ -1,0 +1,166 @@
+"""The manifest: its shape (typed), the one builder every writer uses, and the one reader that validates it as
+untrusted input (every field a loader uses type-checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TypedDict
+
+from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, ShardError, shard_pattern
+from crackio.fsio import atomic_write, is_path_component, read_regular
+
+
+class ShardEntry(TypedDict):
+    name: str  # <split>-NNNNNN.tar, in the split's folder
+    samples: int
+    bytes: int  # the tar's size: a truncated or replaced tar is refused before reading
+
+
+class SplitEntry(TypedDict, total=False):
+    """A split's entry. Keys in this order in the file (the same input gives the same bytes); the proposal
+    stage adds photos, ground_truth_boxes, proposals_considered and proposal_recall after `classes`."""
+
+    samples: int  # stored samples, == the sum over shards
+    classes: dict[str, int]  # "0", "1": samples per label, from the names
+    iou_histogram: dict  # crackio.writing.quality.iou_histogram
+    labels: dict  # which IoU thresholds the names' labels follow (crackio.writing.quality.label_report)
+    converted: dict[str, int]  # inputs converted, per kind of conversion
+    converted_list: str | None  # <split>/converted.tsv when any were converted
+    shards: list[ShardEntry]
+
+
+class Manifest(TypedDict, total=False):
+    """The pack's manifest.json, written last: its presence marks a complete pack."""
+
+    format_version: int  # FORMAT_VERSION: the one versioning mechanism
+    source: str  # the input folder, absolute
+    stage: str  # "propose" for the proposal stage; absent for pack
+    annotations: dict  # the proposal stage: format, classes, positive classes
+    proposals: dict  # the proposal stage: the settings detection reuses (crackio.writing.regions)
+    settings: dict  # the producer's settings that change the bytes (not the worker count)
+    seed: int
+    samples: int
+    splits: dict[str, SplitEntry]
+    leakage: dict  # crackio.writing.quality.leakage_report
+    ignored: dict[str, int]  # names ignored, per reason (hidden files, metadata, ...)
+    skipped: list[dict]  # {"path", "reason"} per input left out, sorted
+
+
+def split_entry(
+    *,
+    samples: int,
+    classes: dict[str, int],
+    stats: dict,
+    iou_histogram: dict,
+    labels: dict,
+    converted: dict[str, int],
+    converted_list: str | None,
+    shards: list[ShardEntry],
+) -> SplitEntry:
+    """A split's manifest entry, keys in the file's order; `stats` are the producer's own fields."""
+    entry = {"samples": samples, "classes": classes, **stats, "iou_histogram": iou_histogram, "labels": labels}
+    entry |= {"converted": converted, "converted_list": converted_list, "shards": shards}
+    return entry  # type: ignore[return-value]  # a TypedDict with the producer's extra keys
+
+
+def build_manifest(
+    *,
+    source: str,
+    stage: dict,
+    settings: dict,
+    seed: int,
+    splits: dict[str, SplitEntry],
+    leakage: dict,
+    ignored: dict[str, int],
+    skipped: list[dict],
+) -> Manifest:
+    """The manifest every producer writes, keys in the file's order; `stage` holds the proposal stage's
+    fields (stage, annotations, proposals), empty for pack."""
+    return {  # type: ignore[return-value]
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        **stage,
+        "settings": settings,
+        "seed": seed,
+        "samples": sum(s["samples"] for s in splits.values()),
+        "splits": splits,
+        "leakage": leakage,
+        "ignored": ignored,
+        "skipped": skipped,
+    }
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """manifest.json through the atomic writer: written last, it marks a complete pack."""
+    atomic_write(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge messy folder, never this large
+
+
+def _bad(path: Path, what: str, root: Path) -> ShardError:
+    return ShardError(f"{path} {what}: " + REPACK.format(root=root))
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of a complete pack, every field a loader uses type-checked.
+
+    Raises:
+        ShardError: no complete pack, an unreadable or malformed manifest, another format version, a split or
+            shard name that is not a plain name of the writer's pattern (so no path can point outside `root`).
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ShardError(
+            f"shards folder {root} does not exist: pack a proposal folder first with "
+            f"`python tools/pack.py SRC --out {root}`"
+        )
+    if not path.is_file():
+        raise ShardError(
+            f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
+        )
+    try:
+        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
+    if not isinstance(manifest, dict):
+        raise _bad(path, "is not a JSON object", root)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise _bad(
+            path, f"has format_version {manifest.get('format_version')!r}, this crackio reads {FORMAT_VERSION}", root
+        )
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise _bad(path, "has no 'splits' object", root)
+    for split, info in splits.items():
+        where = f"splits[{split!r}]"
+        if not is_path_component(split):
+            raise _bad(path, f"names a split {split!r} that is not a plain folder name", root)
+        if not isinstance(info, dict) or not _count(info.get("samples")) or not isinstance(info.get("shards"), list):
+            raise _bad(path, f"{where} needs 'samples' (an integer >= 0) and a 'shards' list", root)
+        pattern = shard_pattern(split)
+        for k, shard in enumerate(info["shards"]):
+            if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)):
+                raise _bad(path, f"{where}.shards[{k}] has no file name (a string)", root)
+            if not pattern.fullmatch(shard["name"]):
+                raise _bad(
+                    path,
+                    f"{where}.shards[{k}] names {shard['name']!r}, not a file {split}-NNNNNN.tar of the split's folder",
+                    root,
+                )
+            if not (_count(shard.get("samples")) and _count(shard.get("bytes"))):
+                raise _bad(path, f"{where}.shards[{k}] needs 'samples' and 'bytes' as integers >= 0", root)
+        if sum(s["samples"] for s in info["shards"]) != info["samples"]:
+            raise _bad(
+                path,
+                f"{where}: its shards hold {sum(s['samples'] for s in info['shards'])} samples, not {info['samples']}",
+                root,
+            )
+    return manifest

@@ -1,0 +1,91 @@
+"""`verify`: read every stored sample of a pack and compare it with its index (`tools/pack.py --verify`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from crackio.format.index import load_index
+from crackio.format.layout import sample_key
+from crackio.format.manifest import read_manifest
+from crackio.format.tar import BLOCK
+from crackio.fsio import read_regular
+
+MAX_IDX_BYTES = 1 << 30  # ~100 bytes a sample
+
+
+def verify(root: str | os.PathLike) -> Iterator[str]:
+    """Read every stored sample of every split and check it against the index: yields one line per problem
+    (none: the folder is sound). Checks each JPEG's CRC32, that the tar member at its offset is `<key>.jpg`,
+    and that each tar's DALI `.idx` lists the tar's samples. Sequential reads, one tar at a time.
+
+    Raises:
+        ShardError: the manifest or an index is malformed (nothing sample-level can be checked then).
+    """
+    root = Path(root)
+    for split, info in read_manifest(root)["splits"].items():
+        if info["samples"] == 0:
+            continue
+        index = load_index(root, split)
+        rows = index.rows
+        for number, path in enumerate(index.shards):
+            ids = np.flatnonzero(np.asarray(rows["shard"]) == number)
+            ids = ids[np.argsort(np.asarray(rows["offset"])[ids], kind="stable")]
+            idx = path.with_suffix(".idx")
+            try:
+                if idx.resolve().parent != path.resolve().parent:
+                    raise ValueError(f"a link to {idx.resolve()}, outside the split's folder")
+                head = read_regular(idx, MAX_IDX_BYTES).decode().split("\n", 1)[0].split()
+                if head[:1] != ["v1.2"] or head[1:] != [str(len(ids))]:
+                    yield f"{idx}: its header says {' '.join(head)!r}, the tar holds {len(ids)} samples"
+            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                yield f"{idx}: unreadable ({e})"
+            with open(path, "rb") as f:
+                for i in ids:
+                    yield from _verify_sample(f.fileno(), rows[i], int(i), path)
+
+
+def _member(data: bytes, at: int) -> tuple[str, int, int]:
+    """(name, data offset, size) of the ustar header at `at` in `data`; ("", ...) when it is not one."""
+    head = data[at : at + BLOCK]
+    try:
+        return head[:100].rstrip(b"\0").decode("ascii"), at + BLOCK, int(head[124:136].strip(b" \0") or b"0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return "", at + BLOCK, 0
+
+
+def _verify_sample(fd: int, row: np.void, i: int, path: Path) -> Iterator[str]:
+    """The sample's three members read in one go and compared with its index row: the JPEG's member name and
+    CRC32, the JSON's file name, label and IoU (to its 3 decimals), the `.sid`'s key."""
+    offset, size, key = int(row["offset"]), int(row["size"]), sample_key(int(row["key"]))
+    name = bytes(row["filename"]).decode(errors="backslashreplace")
+    data = os.pread(fd, size + 4 * BLOCK + 4096, offset - BLOCK)  # jpg header+data, json, sid (json < 4 KB)
+    member, start, _ = _member(data, 0)
+    if member != f"{key}.jpg":
+        yield f"{path}: row {i} ({name}) points at member {member[:40]!r}, not its own ({key}.jpg)"
+        return
+    if zlib.crc32(data[start : start + size]) != int(row["crc32"]):
+        yield f"{path}: row {i} ({name}) does not match its checksum"
+        return
+    json_member, json_start, json_size = _member(data, start + size + (-size % BLOCK))
+    sid_member, sid_start, _ = _member(data, json_start + json_size + (-json_size % BLOCK))
+    try:
+        meta = json.loads(data[json_start : json_start + json_size])
+        sid = int.from_bytes(data[sid_start : sid_start + 8], "little")
+        same = (
+            json_member == f"{key}.json"
+            and sid_member == f"{key}.sid"
+            and sid == int(row["key"])
+            and meta["filename"] == name
+            and meta["label"] == int(row["label"])
+            and abs(meta["iou"] - float(row["iou"])) <= 5e-4
+        )
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        yield f"{path}: row {i} ({name}): the sample's .json/.sid in the tar disagree with the index (name, label, IoU)"

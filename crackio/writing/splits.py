@@ -1,0 +1,138 @@
+"""One split into shards, for every producer (pack, the proposal stage): the seeded global order, shard k =
+keys [k * S, (k + 1) * S) of it, worker processes writing whole shards, the index and the split's manifest
+entry. Producers differ only in where a sample's JPEG bytes come from: a `ShardSource`.
+
+Shard k's contents depend only on its slice of the order, so the bytes do not depend on the worker count,
+and a skipped input only makes its shard smaller (keys keep their gaps).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from crackio.format.layout import CONVERTED, INDEX, shard_name
+from crackio.format.manifest import SplitEntry, split_entry
+from crackio.format.tar import ShardResult, assemble_index, save_index, write_shard
+from crackio.fsio import atomic_write
+from crackio.writing.quality import iou_histogram, label_report
+from crackio.writing.workers import run_ordered
+
+
+class Sample(NamedTuple):
+    """One input of a shard's slice, as its producer read it."""
+
+    key: int  # its position in the split's seeded order
+    jpeg: bytes | None  # what is stored; None: the input is skipped (`note` says why)
+    meta: dict  # the sample's .json
+    digest: bytes  # BLAKE2b-128 of the source bytes (leakage between splits)
+    note: str  # skipped: why; stored: what was converted ("" when stored as is)
+    path: str  # the input as text, for the skipped list
+
+
+class ShardSource(Protocol):
+    """A picklable task for a worker process: one shard's slice of a split's order."""
+
+    folder: Path  # OUT/<split>
+    split: str
+    number: int  # k in <split>-k.tar
+
+    def samples(self) -> Iterator[Sample]: ...
+
+
+class WrittenShard(NamedTuple):
+    result: ShardResult
+    skipped: list[tuple[str, str]]  # (path, reason)
+    converted: list[str]  # converted.tsv lines
+    digests: np.ndarray  # S16 per stored sample, in key order
+
+
+def split_order(split: str, count: int, seed: int) -> np.ndarray:
+    # Global shuffle before writing: DALI's reader only shuffles inside a buffer.
+    return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(count)
+
+
+def shard_slices(count: int, per_shard: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard's slice of a split's order: shard k holds keys k*per_shard onwards."""
+    return [(k, min(k + per_shard, count)) for k in range(0, count, per_shard)]
+
+
+def tsv_field(text: str) -> str:
+    """A name as one TSV field: backslash, tab, newline and carriage return escaped as \\\\, \\t, \\n, \\r."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def write_source(source: ShardSource) -> WrittenShard:
+    """Write one shard from its source (runs in a worker process)."""
+    skipped: list[tuple[str, str]] = []
+    converted: list[str] = []
+    digests: list[bytes] = []
+
+    def samples():
+        for s in source.samples():
+            if s.jpeg is None:
+                skipped.append((s.path, s.note))
+                yield s.key, None, {}
+                continue
+            if s.note:
+                converted.append(f"{tsv_field(s.meta['filename'])}\t{s.note}\n")
+            digests.append(s.digest)
+            yield s.key, s.jpeg, s.meta
+
+    result = write_shard(source.folder / shard_name(source.split, source.number), source.number, samples())
+    return WrittenShard(result, skipped, converted, np.array(digests, dtype="S16"))
+
+
+class WrittenSplit(NamedTuple):
+    rows: np.ndarray  # the index as written: the stored samples' rows, locations filled, in key order
+    entry: SplitEntry  # the manifest's entry for the split
+    digests: np.ndarray  # S16 per row
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def write_split(
+    folder: Path,
+    split: str,
+    rows: np.ndarray,
+    sources: Sequence[ShardSource],
+    workers: int,
+    progress: Callable[[int], None] | None = None,
+    **stats,
+) -> WrittenSplit:
+    """Write a split's shards (from `sources`, shard by shard), then its index and converted list.
+
+    `rows`: every input's index row in the split's seeded order (row k has key k), with the producer's columns
+    filled; the location columns are filled here for the stored ones. `stats`: producer-specific fields of the
+    manifest entry (the proposal stage's photos, ground-truth boxes, recall).
+    """
+    written = list(run_ordered(write_source, sources, workers, progress))
+    located, shards = assemble_index([w.result for w in written], rows.dtype)
+    kept = rows[located["key"]]
+    for column in ("shard", "offset", "size", "crc32", "key"):
+        kept[column] = located[column]
+    save_index(folder / INDEX, kept)
+    converted_lines = sorted(line for w in written for line in w.converted)
+    # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
+    listed = folder / CONVERTED
+    if converted_lines:
+        atomic_write(listed, "".join(converted_lines).encode())
+    else:
+        listed.unlink(missing_ok=True)
+    labels = kept["label"].astype(np.int64)
+    entry = split_entry(
+        samples=len(kept),
+        classes={"0": int((labels == 0).sum()), "1": int((labels == 1).sum())},
+        stats=stats,
+        iou_histogram=iou_histogram(kept["iou"], labels),
+        labels=label_report(kept["iou"], labels, kept["filename"]),
+        converted=dict(sorted(Counter(line.rstrip("\n").rsplit("\t", 1)[1] for line in converted_lines).items())),
+        converted_list=f"{split}/{CONVERTED}" if converted_lines else None,
+        shards=shards,
+    )
+    digests = np.concatenate([w.digests for w in written]) if written else np.zeros(0, "S16")
+    return WrittenSplit(kept, entry, digests, [s for w in written for s in w.skipped])

@@ -1,0 +1,247 @@
+"""Checkpoints: what a run saves after each epoch and how it is read back (as data only, never code), the
+pack a run trained on, and the state a resumed run continues from."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from crackio import fsio
+from crackio.errors import ConfigError, MissingFile
+from crackio.format.layout import MANIFEST
+from crackio.format.manifest import read_manifest
+from crackio.fsio import write_json, write_text
+from train.config import Config
+
+
+class CheckpointError(ConfigError):
+    """A file given as a checkpoint or weights that crackio refuses: unreadable, not a checkpoint, or one that
+    needs unpickling beyond tensors and plain types (nothing in it is run)."""
+
+
+def load_data(path: Path, device: torch.device, what: str = "checkpoint"):
+    """The objects in a torch file, loaded as data only (`weights_only`: tensors and plain types, never code).
+
+    Raises:
+        MissingFile: no such file.
+        CheckpointError: the file cannot be read, is no torch file, or would need unpickling beyond tensors
+            and plain types (refused before anything in it runs). One line, naming the file.
+    """
+    use = "RUN/best.pt or RUN/last.pt" if what == "checkpoint" else "a file of torch.save(model.state_dict())"
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file: use {use}")
+    if not path.is_file():
+        raise MissingFile(f"{what} {path} does not exist (a run writes RUN/best.pt and RUN/last.pt)")
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; the legacy pickle format is never read
+        raise CheckpointError(
+            f"{path} is refused: it is not a file of torch.save (a raw pickle or another format is never "
+            f"unpickled); nothing in it was run. Use {use}"
+        )
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a foreign pickle protocol before refusing it: the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from e
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something that is not data
+        raise CheckpointError(
+            f"{path} is refused: a {what} must hold only tensors and plain types, this one needs unpickling "
+            f"other objects; nothing in it was run. Use {use}"
+        ) from e
+    except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a damaged archive
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a crackio {what} (a damaged torch file: {first})") from e
+
+
+def is_state_dict(obj) -> bool:
+    """A mapping of parameter names to tensors (what `Module.state_dict()` returns)."""
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A crackio checkpoint as data: a dict with the model's state dict and its run's config.
+
+    Raises:
+        MissingFile: no such file.
+        CheckpointError: not a crackio checkpoint, or needs unpickling beyond tensors: refused in one line.
+    """
+    ckpt = load_data(path, device)
+    if not (isinstance(ckpt, dict) and is_state_dict(ckpt.get("model")) and isinstance(ckpt.get("config"), dict)):
+        raise CheckpointError(
+            f"{path} is not a crackio checkpoint (no model weights and config in it): use RUN/best.pt or RUN/last.pt"
+        )
+    return ckpt
+
+
+class _KeepOSError:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer reports one as
+    `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos`, hiding "no space left on device"."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through write_file: a crash, a kill or a full disk leaves the previous file or the new one.
+
+    Raises:
+        WriteError: see write_file.
+    """
+
+    def save(f: BinaryIO) -> None:
+        out = _KeepOSError(f)
+        try:
+            torch.save(obj, out)  # type: ignore[arg-type]  # a file-like object: torch calls write and flush
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+    fsio.atomic_write(path, save)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint carries besides the weights: where the run is and how it went."""
+
+    epoch: int = 0  # epochs finished
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0  # epochs since the best validation loss (early stopping)
+    history: list[dict] = dataclasses.field(default_factory=list)  # one row per epoch
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path: Path) -> TrainState:
+        """The state a checkpoint carries, its types checked (the file is untrusted input).
+
+        Raises:
+            CheckpointError: a field missing or of the wrong type, naming the file.
+        """
+        kinds = {"epoch": int, "best_val_loss": float, "bad_epochs": int, "history": list}
+        for name, kind in kinds.items():
+            value = ckpt.get(name)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok or (isinstance(value, int) and value < 0):
+                raise CheckpointError(
+                    f"{path} is not a checkpoint a run can continue from ({name} = {value!r}): "
+                    f"it was not written by python -m train"
+                )
+        if not all(isinstance(row, dict) for row in ckpt["history"]) or len(ckpt["history"]) != ckpt["epoch"]:
+            raise CheckpointError(f"{path} holds a history that does not match its epoch {ckpt['epoch']}")
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
+
+
+def restore(ckpt: dict, path: Path, model, optimizer, scaler) -> None:
+    """Weights, optimizer and scaler state from a resumed checkpoint.
+
+    Raises:
+        CheckpointError: a state that does not fit this run's model or optimizer.
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} does not fit this run's model and optimizer: {first}") from e
+
+
+def save_epoch(
+    out: Path,
+    model,
+    optimizer,
+    scaler,
+    state: TrainState,
+    proposals: dict | None,
+    pack: dict,
+    cfg: Config,
+    improved: bool,
+) -> None:
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "config": dataclasses.asdict(cfg),
+        "proposals": proposals,
+        "pack": pack,  # what --resume checks the shards against (train.resume.check_same_pack)
+        **dataclasses.asdict(state),
+    }
+    # best.pt before last.pt: whatever fails or is killed in between, last.pt's best_val_loss is never
+    # lower than best.pt's, and a resume repeats the epoch (same seed) and rewrites best.pt.
+    if improved:
+        atomic_save(ckpt, out / "best.pt")
+    atomic_save(ckpt, out / "last.pt")
+    write_json(out / "history.json", state.history)
+    # Rewritten whole from the history last.pt holds (not appended): no half line after a full disk, and no
+    # line twice or missing after a resume.
+    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in state.history))
+
+
+def pack_fingerprint(shards: str | Path) -> dict:
+    """What identifies the pack in `shards`: the SHA-256 of its manifest.json (the same input and seed give a
+    byte-identical manifest, and it moves with the folder), and for people the fields that say what changed:
+    format version, seed, source and samples per split.
+
+    Raises:
+        ShardError: no complete pack in `shards` (crackio.format.read_manifest).
+    """
+    manifest = read_manifest(shards)
+    data = (Path(shards) / MANIFEST).read_bytes()
+    return {
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "format_version": manifest["format_version"],
+        "seed": manifest.get("seed"),
+        "source": manifest.get("source"),
+        "samples": {split: info["samples"] for split, info in manifest["splits"].items()},
+    }
+
+
+def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
+    """Refuse to resume `run` on a pack other than the one its checkpoint recorded.
+
+    Raises:
+        ConfigError: what changed (samples per split, seed, source, format version, or the manifest itself).
+    """
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("samples"), dict):
+        raise ConfigError(f"{run}/last.pt records its pack in an unknown form: start a new run with --out")
+    if recorded.get("manifest_sha256") == current["manifest_sha256"]:
+        return
+    changed = []
+    then, now = recorded.get("samples", {}), current["samples"]
+    if then != now:
+        per_split = [
+            f"{split} {then.get(split, 'none')} then, {now.get(split, 'none')} now"
+            for split in sorted(set(then) | set(now), key=str)
+            if then.get(split) != now.get(split)
+        ]
+        changed.append(f"samples per split: {', '.join(per_split)}")
+    for key in ("seed", "source", "format_version"):
+        if recorded.get(key) != current[key]:
+            changed.append(f"{key} {recorded.get(key)!r} then, {current[key]!r} now")
+    what = "; ".join(changed) or "its manifest.json differs (same samples per split, seed and source)"
+    raise ConfigError(
+        f"--resume {run}: {shards} holds another pack than the run trained on ({what}): its validation losses "
+        f"would not compare with the run's. Resume with --shards naming the pack it trained on, or start a "
+        f"new run with --out"
+    )

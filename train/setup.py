@@ -1,0 +1,164 @@
+"""A run built before anything is written: every setting that can be checked is checked here (settings,
+shards, resume point, batch size against the split, architecture, weights), then the run folder is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from crackio import make_loader
+from crackio.errors import ConfigError
+from crackio.format.manifest import read_manifest
+from crackio.fsio import make_dir, remove_temporaries
+from crackio.loading.loader import Loader
+from train.checkpoint import TrainState, pack_fingerprint, restore
+from train.config import Config
+from train.losses import make_loss
+from train.model import CrackClassifier, build_model, make_optimizer
+from train.resume import check_resumed, resume_point
+from train.runtime import amp_dtype, init_distributed, pick_device, world
+
+# Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
+RUN_FILES = (
+    "config.json",
+    "best.pt",
+    "last.pt",
+    "history.json",
+    "metrics.jsonl",
+    "predictions.npz",
+    "report.txt",
+    "curves.png",
+    "pr_curve.png",
+    "summary.json",
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run is made of, built and checked by `build_run`."""
+
+    cfg: Config
+    out: Path  # the run folder (made by `build_run`, after every check)
+    rank: int
+    world_size: int
+    device: torch.device
+    amp: torch.dtype | None  # mixed precision on CUDA (train.runtime.amp_dtype)
+    proposals: dict | None  # the proposal stage's settings, saved in every checkpoint for detection
+    pack: dict  # the pack's fingerprint, checked on --resume (train.checkpoint.check_same_pack)
+    train_loader: Loader
+    val_loader: Loader
+    model: CrackClassifier  # the bare model: what checkpoints save
+    net: Callable[[torch.Tensor], torch.Tensor]  # what the loop calls: DDP and torch.compile around `model`
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    state: TrainState  # where the run is: epochs done, best validation loss, history
+    saved: int = 0  # epochs last.pt holds: what a stopped run reports
+
+
+def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int, device: torch.device) -> Loader:
+    """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks."""
+    rank, world_size = world()
+    return make_loader(
+        cfg.shards,
+        split,
+        batch_size=cfg.batch_size,
+        train=train,
+        sampler=sampler,
+        iou_threshold=cfg.iou_threshold,
+        seed=cfg.seed,
+        device=device,
+        backend=cfg.backend,
+        rank=rank,
+        world_size=world_size,
+        workers=cfg.workers or None,
+        # On CUDA the loader hands over uint8 images (4x fewer bytes) and the model normalizes them on the GPU.
+        output="uint8" if device.type == "cuda" else "float32",
+        order=cfg.order,
+        block_size=cfg.block_size,
+        **cfg.sampler_options(sampler, negatives),
+    )
+
+
+def run_folder(cfg: Config) -> Path:
+    """The run's folder name (rank 0's timestamp on every rank); refused when it holds another run."""
+    name = cfg.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if dist.is_initialized():
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    out = Path(name)
+    if not cfg.resume and (out / "last.pt").exists():
+        raise ConfigError(
+            f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"
+        )
+    return out
+
+
+def build_run(cfg: Config) -> Run:
+    """Check everything, build loaders, model and optimizer (restored on --resume), then make the run folder
+    and save config.json: a start that fails leaves nothing behind.
+
+    Raises:
+        CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile), a refused checkpoint or
+            weights (CheckpointError, WeightsError), another pack than the resumed run's; one line each.
+    """
+    cfg.validate()
+    if cfg.resume:  # cfg must be the run's own config (train.resume.resume_config builds it)
+        check_resumed(cfg)
+    init_distributed(cfg.dist_timeout)
+    rank, world_size = world()
+    device = pick_device(cfg.device)
+    # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
+    # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
+    # other data.
+    proposals = read_manifest(cfg.shards).get("proposals")
+    pack = pack_fingerprint(cfg.shards)
+    out = run_folder(cfg)
+    ckpt = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
+    state = TrainState.from_checkpoint(ckpt, out / "last.pt") if ckpt else TrainState()
+    torch.manual_seed(cfg.seed)
+    train_loader = split_loader(cfg, cfg.train_split, True, cfg.sampler, cfg.negatives, device)
+    val_loader = split_loader(cfg, cfg.val_split, False, cfg.val_sampler, cfg.val_negatives, device)
+    len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
+    model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
+    cuda = device.type == "cuda"
+    amp = amp_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    if ckpt:
+        restore(ckpt, out / "last.pt", model, optimizer, scaler)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
+    net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
+    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
+    if rank == 0:  # only now: a refused start leaves no folder, a refused --resume the run as it was
+        make_dir(out)
+        remove_temporaries(out, RUN_FILES)  # left by a kill -9 or a power cut during a write
+        cfg.save(out / "config.json")
+    return Run(
+        cfg,
+        out,
+        rank,
+        world_size,
+        device,
+        amp,
+        proposals,
+        pack,
+        train_loader,
+        val_loader,
+        model,
+        net,
+        optimizer,
+        scaler,
+        loss_fn,
+        state,
+        state.epoch,
+    )
