@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.cli import run_command  # noqa: E402
+from crackio.cli import incomplete, run_command  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
 from crackio.writing.pack import print_skipped, warnings  # noqa: E402
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards, summary  # noqa: E402
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             propose_to_shards(args.src, args.format, args.out, proposal, run, args.crops, progress=not args.quiet),
             args,
         ),
-        args.out,
+        incomplete(args.out),
     )
 
 

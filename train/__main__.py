@@ -4,18 +4,16 @@ python -m train sweep --shards shards/ [--variants FILE] [--out DIR] [training o
 python -m train svm --checkpoint RUN/best.pt [--shards shards/] [--out DIR]
 python -m train detect --checkpoint RUN/best.pt PHOTOS... [--annotations A --format F] [--out DIR]
 
-Only routes: each subcommand's module owns its parser (`cli(argv)`) and its config; the error policy is
-crackio.cli.run_command's, as for every command. Nothing heavy is imported before the subcommand's module.
+Only routes: the parsers are in train/cli.py (light: `--help` imports no torch), the error policy is
+crackio.cli.run_command's, as for every command.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from crackio.cli import run_command
-
-COMMANDS = {"eval": "train.evaluate", "sweep": "train.sweep", "svm": "train.svm", "detect": "train.detect"}
+from train.cli import COMMANDS, train
 
 
 def _rank() -> int:
@@ -30,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argv[1:] if command else argv
 
     def body() -> int | None:
-        module = importlib.import_module(COMMANDS[command] if command else "train.loop")
-        return module.cli(args)  # a cli may return an exit code
+        return (COMMANDS[command] if command else train)(args)  # a command may return an exit code
 
     # SIGTERM, like Ctrl-C, unwinds (temporaries removed, loader threads joined); one line from rank 0 only.
     return run_command(body, lambda: "" if _rank() == 0 else None)

@@ -18,6 +18,7 @@ _SAMPLER: dict = DEFAULTS  # the samplers' own defaults are the CLI's
 _WEIGHTS = ",".join(f"{c}:{w:g}" for c, w in CLASS_WEIGHTS.items())
 
 
+SHIPPED = Path(__file__).with_name("variants.toml")  # the original's six runs, `python -m train sweep`'s default
 HEADS = ("original", "linear")  # train.model.CrackClassifier
 OPTIMIZERS = ("adam", "adamw", "sgd")  # train.model.make_optimizer
 LOSSES = ("bce", "focal")  # train.losses.make_loss
@@ -277,3 +278,40 @@ def _bool(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value
+
+
+@dataclass
+class SvmConfig:
+    checkpoint: str = ""  # RUN/best.pt of a finished run (required)
+    shards: str = ""  # shards folder; "" = the one the run trained on
+    out: str = ""  # output folder; "" = RUN/svm
+    pos_iou: float = 0.7  # positives: IoU >= this (R-CNN)
+    neg_iou: float = 0.3  # negatives: IoU < this (R-CNN); the band between is ignored
+    rounds: int = 3  # hard-negative mining rounds
+    negatives: int = 5000  # initial random negatives, and the most hard negatives added per round
+    C: float = 1e-3  # LinearSVC C on standardized features
+    target_recall: float = 0.0  # choose thresholds for this crack recall on validation; 0 = the highest F1
+    seed: int = 0  # seeds the initial negative cache
+    batch_size: int = 64  # batch size of the feature pass
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | dali | torch
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
+        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
+            raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
+        limits = {
+            "rounds": (self.rounds >= 0, ">= 0"),
+            "negatives": (self.negatives >= 1, ">= 1"),
+            "C": (self.C > 0, "> 0"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "seed": (self.seed >= 0, ">= 0"),
+            "target_recall": (0 <= self.target_recall <= 1, "in [0, 1]"),
+        }
+        for name, (ok, rule) in limits.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        for name, allowed in {"device": DEVICES, "backend": BACKENDS}.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

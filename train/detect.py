@@ -152,48 +152,6 @@ class Scorer:
         return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def cli(argv: list[str]) -> None:
-    """`python -m train detect --checkpoint RUN/best.pt PHOTOS... [options]`."""
-    import argparse
-
-    from crackio.loading.options import DEVICES
-
-    ap = argparse.ArgumentParser(
-        prog="python -m train detect",
-        description=("Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations."),
-    )
-    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
-    ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
-    ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
-    ap.add_argument("--format", default="", choices=FORMATS, help="format of --annotations")
-    ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
-    ap.add_argument("--svm", default="", help="score with RUN/svm/svm_model.npz instead of the network head")
-    ap.add_argument(
-        "--score-threshold",
-        type=float,
-        default=None,
-        help="keep boxes scoring at least this (default: 0.5, or the SVM's chosen threshold)",
-    )
-    ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
-    ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
-    ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
-    ap.add_argument("--device", default="auto", choices=DEVICES)
-    a = ap.parse_args(argv)
-    run_detect(
-        a.checkpoint,
-        a.photos,
-        a.out,
-        annotations=a.annotations,
-        fmt=a.format,
-        classes=[c for c in a.classes.split(",") if c] or None,
-        svm=a.svm,
-        score_threshold=a.score_threshold,
-        nms_iou=a.nms_iou,
-        batch_size=a.batch_size,
-        device=a.device,
-    )
-
-
 def photo_files(inputs: list[str]) -> list[Path]:
     """Photo files named or found (recursively) in the folders named, sorted; hidden files skipped."""
     files = []
@@ -338,4 +296,3 @@ def run_detect(
         seconds=time.perf_counter() - start,
     )
     return out_dir
-

@@ -39,6 +39,7 @@ def proposal_recall(proposals: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> 
     """How many ground-truth boxes some proposal covers at IoU >= `iou`: the ceiling of any classifier."""
     return covered(gt, proposals, iou)
 
+
 def voc_ap(results, iou: float = 0.5) -> tuple[float, np.ndarray, np.ndarray]:
     """VOC-style AP at `iou` over all annotated photos: (AP, precision, recall) along the ranked detections.
 

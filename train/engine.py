@@ -99,7 +99,7 @@ def fit(run: Run) -> None:
         run.model.train()
         epoch_start = time.perf_counter()
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
-        row = {"epoch": epoch + 1}
+        row: dict[str, float] = {"epoch": epoch + 1}
         row |= train_epoch(run.net, run.train_loader, run.loss_fn, run.optimizer, run.scaler, run.amp, desc, show)
         val_start = time.perf_counter()
         val = predict(run.model, run.val_loader, run.loss_fn, run.amp)

@@ -99,28 +99,6 @@ def eval_loader(cfg: Config, shards: str, split: str, batch_size: int, device: s
     )
 
 
-def cli(argv: list[str]) -> None:
-    """`python -m train eval --checkpoint RUN/best.pt [--shards S] [--split test]`."""
-    import argparse
-
-    from crackio.loading.options import BACKENDS, DEVICES
-
-    ap = argparse.ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
-    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
-    ap.add_argument("--shards", default="", help="shards folder (default: the one the run trained on)")
-    ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(crack)")
-    ap.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    ap.add_argument("--device", default="auto", choices=DEVICES)
-    ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    a = ap.parse_args(argv)
-    if not 0 <= a.threshold <= 1 or a.batch_size < 1:
-        raise ConfigError(
-            f"--threshold must be in [0, 1] (a probability) and --batch-size >= 1, got {a.threshold} and {a.batch_size}"
-        )
-    print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
-
-
 def run_eval(
     checkpoint: str, shards: str, split: str, batch_size: int, device: str, backend: str, threshold: float
 ) -> str:

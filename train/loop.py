@@ -14,11 +14,10 @@ from crackio.format.manifest import read_manifest
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
 from train.checkpoint import load_checkpoint
-from train.config import Config, add_config_arguments, check_applicable
+from train.config import Config
 from train.engine import fit
 from train.evaluate import predict
 from train.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
-from train.resume import resume_config
 from train.runtime import RankFailure
 from train.setup import Run, build_run, split_loader
 
@@ -71,26 +70,6 @@ def main(cfg: Config) -> Path:
 
 def stopped(run: Run | None) -> str:
     return kept(run.out, run.saved) if run is not None else kept(None, 0)
-
-
-def cli(argv: list[str]) -> None:
-    """`python -m train [options]`: the flags actually given make the config (or extend a resumed run)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Train the crack classifier.",
-        epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help",
-    )
-    add_config_arguments(ap)
-    given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
-    if given.get("resume"):
-        cfg = resume_config(given.pop("resume"), **given)
-    else:
-        cfg = Config(**given)
-        cfg.validate()  # values first, then whether each option applies
-    check_applicable(cfg, given)  # e.g. --block-size on a run in random order
-    main(cfg)
 
 
 def final_report(run: Run) -> None:

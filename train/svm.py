@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from tqdm import tqdm
 from crackio import read_manifest
 from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
-from crackio.loading.options import BACKENDS, DEVICES
 from crackio.loading.samplers import label_source
 from train.checkpoint import load_checkpoint
-from train.config import add_config_arguments
+from train.config import SvmConfig
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
 from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
@@ -36,60 +34,6 @@ from train.runtime import amp_dtype
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 OUTPUTS = ("report.txt", "pr_curve.png", "svm_model.npz", "summary.json")  # in OUT; features/<split>.npz below
-
-
-@dataclass
-class SvmConfig:
-    checkpoint: str = ""  # RUN/best.pt of a finished run (required)
-    shards: str = ""  # shards folder; "" = the one the run trained on
-    out: str = ""  # output folder; "" = RUN/svm
-    pos_iou: float = 0.7  # positives: IoU >= this (R-CNN)
-    neg_iou: float = 0.3  # negatives: IoU < this (R-CNN); the band between is ignored
-    rounds: int = 3  # hard-negative mining rounds
-    negatives: int = 5000  # initial random negatives, and the most hard negatives added per round
-    C: float = 1e-3  # LinearSVC C on standardized features
-    target_recall: float = 0.0  # choose thresholds for this crack recall on validation; 0 = the highest F1
-    seed: int = 0  # seeds the initial negative cache
-    batch_size: int = 64  # batch size of the feature pass
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | dali | torch
-
-    def validate(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
-        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
-            raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
-        limits = {
-            "rounds": (self.rounds >= 0, ">= 0"),
-            "negatives": (self.negatives >= 1, ">= 1"),
-            "C": (self.C > 0, "> 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "seed": (self.seed >= 0, ">= 0"),
-            "target_recall": (0 <= self.target_recall <= 1, "in [0, 1]"),
-        }
-        for name, (ok, rule) in limits.items():
-            if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
-        for name, allowed in {"device": DEVICES, "backend": BACKENDS}.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-
-def cli(argv: list[str]) -> None:
-    """`python -m train svm --checkpoint RUN/best.pt [options]`: flags derived from SvmConfig."""
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m train svm",
-        description=(
-            "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
-            "reported beside the network head."
-        ),
-    )
-    add_config_arguments(ap, SvmConfig, given_only=False)
-    cfg = SvmConfig(**vars(ap.parse_args(argv)))
-    cfg.validate()
-    run_svm(cfg)
 
 
 def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:

@@ -20,17 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from crackio.cli import Interrupted
-from crackio.errors import ConfigError, MissingFile, WriteError
+from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.fsio import make_dir, remove_temporaries, write_text
 from crackio.loading.samplers import label_source
-from train.config import Config, add_config_arguments, check_applicable, check_type
-from train.errors import USER_ERRORS
+from train.config import SHIPPED, Config, check_applicable, check_type
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
 from train.resume import RESUMABLE, read_config
 from train.runtime import init_distributed, world
 
-SHIPPED = Path(__file__).with_name("variants.toml")
 # Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).
 OWNED = ("shards", "out", "resume", "dist_timeout")
 OUTPUTS = ("sweep.csv", "sweep.md", "sweep_pr.png", "sweep_curves.png")
@@ -60,41 +58,6 @@ class Variant:
     title: str
     options: dict  # training options this variant sets
     reference: dict | None  # the original's published report, if any
-
-
-EPILOG = (
-    "--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
-    "here are shared by every variant; a variant's own settings win. Run the same command again to "
-    "skip finished variants, resume interrupted ones and retry failed ones."
-)
-
-
-def cli(argv: list[str]) -> int:
-    """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`.
-
-    Returns 1 when a variant failed (its row says why), 0 when every variant finished."""
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m train sweep",
-        epilog=EPILOG,
-        description="Train a list of variants, then compare them in one table and plots.",
-    )
-    add_config_arguments(ap, skip=("out", "resume"))  # a sweep has its own folder, and resumes by re-running
-    ap.add_argument("--out", default="runs/sweep", help="the sweep folder; each variant trains in OUT/<name>/")
-    ap.add_argument(
-        "--variants", default="", help="variants file (default: the original's six runs, train/variants.toml)"
-    )
-    options = vars(ap.parse_args(argv))
-    variants = Path(options.pop("variants") or SHIPPED)
-    out = Path(options.pop("out"))
-    base = Config(**options)
-    if not base.shards:
-        raise ConfigError("--shards is required (a folder written by tools/pack.py)")
-    base.validate()  # the shared options, once, before any variant trains
-    check_shared_options(base, load_variants(variants), set(options) - {"shards"}, variants)
-    rows = run_sweep(base, variants, out)
-    return 1 if any(row.get("status") == "failed" for row in rows) else 0
 
 
 def check_shared_options(base: Config, variants: list[Variant], given: set[str], path: Path) -> None:
@@ -245,7 +208,7 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     for variant in variants:
         try:
             configs.append(variant_config(base, variant, out))
-        except USER_ERRORS as e:  # reported as this variant's failure; the others go on
+        except CrackioError as e:  # reported as this variant's failure; the others go on
             errors[variant.name] = str(e)
             configs.append(dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume=""))
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
@@ -266,9 +229,9 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
         except WriteError as e:
             raise WriteError(f"variant {variant.name}: {e}") from e
         except Exception as e:  # noqa: BLE001 - one failed variant must not stop the others
-            errors[variant.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
+            errors[variant.name] = str(e) if isinstance(e, CrackioError) else f"{type(e).__name__}: {e}"
             if rank == 0:
-                if not isinstance(e, USER_ERRORS):
+                if not isinstance(e, CrackioError):
                     traceback.print_exc()  # a bug, not bad input: show where
                 print(f"variant {variant.name} failed: {errors[variant.name]}; going on with the others")
     if rank != 0:

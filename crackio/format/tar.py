@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from crackio.format.layout import sample_key
+from crackio.format.manifest import ShardEntry
 from crackio.format.schema import LOCATED
 from crackio.fsio import atomic_write, fsync_dir, write_error
 
@@ -99,7 +100,7 @@ class TarShard:
         self.count += 1
         return offset, len(jpeg), zlib.crc32(jpeg)
 
-    def close(self) -> dict:
+    def close(self) -> ShardEntry:
         """End the archive, fsync, write its DALI index, rename both; returns the manifest's shard entry."""
         end = self._pos + 2 * BLOCK
         try:
@@ -135,7 +136,7 @@ class ShardResult(NamedTuple):
     """What writing one shard gives back to the process that writes the index."""
 
     number: int  # k in <split>-k.tar: the slice [k * samples_per_shard, (k + 1) * samples_per_shard) of the order
-    entry: dict | None  # the manifest's shard entry; None when every input of the slice was skipped (no file)
+    entry: ShardEntry | None  # the manifest's shard entry; None when every input of the slice was skipped (no file)
     located: np.ndarray  # LOCATED per stored sample, in key order
 
 
@@ -164,7 +165,7 @@ def write_shard(final: Path, number: int, samples: Iterable[tuple[int, bytes | N
     return ShardResult(number, entry, np.array(located, dtype=LOCATED))
 
 
-def assemble_index(results: list[ShardResult], dtype: np.dtype) -> tuple[np.ndarray, list[dict]]:
+def assemble_index(results: list[ShardResult], dtype: np.dtype) -> tuple[np.ndarray, list[ShardEntry]]:
     """A split's index rows (location columns filled, in key order) and its manifest shard list, from
     its shards' results in shard-number order; empty shards take no place in the list."""
     written = [r for r in results if r.entry is not None]

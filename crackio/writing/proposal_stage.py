@@ -411,10 +411,10 @@ def _propose(
     )
     held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
     write_manifest(out, manifest)
-    manifest = dict(manifest)
-    manifest["seconds"] = time.perf_counter() - t0
-    manifest["timing"] = timing
-    return manifest
+    returned: dict = dict(manifest)
+    returned["seconds"] = time.perf_counter() - t0
+    returned["timing"] = timing
+    return returned
 
 
 def summary(manifest: dict, out: Path) -> str:

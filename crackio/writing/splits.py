@@ -38,9 +38,12 @@ class Sample(NamedTuple):
 class ShardSource(Protocol):
     """A picklable task for a worker process: one shard's slice of a split's order."""
 
-    folder: Path  # OUT/<split>
-    split: str
-    number: int  # k in <split>-k.tar
+    @property
+    def folder(self) -> Path: ...  # OUT/<split>
+    @property
+    def split(self) -> str: ...
+    @property
+    def number(self) -> int: ...  # k in <split>-k.tar
 
     def samples(self) -> Iterator[Sample]: ...
 

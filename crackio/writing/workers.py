@@ -9,17 +9,25 @@ module, and users call `pack` from scripts without a `__main__` guard, from `pyt
 and from notebooks; a forked worker starts from the caller's memory and re-runs nothing.
 
 Stopping: workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group);
-the parent sets a shared event on Ctrl-C, SIGTERM (see `stop_on_signals`) or any
+the parent sets a shared event on Ctrl-C, SIGTERM (see `crackio.cli.stop_on_signals`) or any
 error, each worker stops at its next sample (`check_stop`), removes its temporary and
 returns, and the parent re-raises. A worker whose parent died stops the same way.
+
+A parent killed outright (`kill -9`, the OOM killer) runs none of that: its workers would
+sleep on, an idle one forever, holding the inherited lock on OUT (crackio.writing.outdir),
+so the re-run is refused. Each worker therefore dies with its parent (`_die_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -55,6 +63,36 @@ def _init(stop, done, parent: int) -> None:
     global _stop, _done, _parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stop, _done, _parent = stop, done, parent
+    _die_with_parent(parent)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker at once when `parent` dies, busy or idle (blocked waiting for a task).
+
+    A parent killed by SIGKILL (the OOM killer) cannot stop its workers, and they hold the
+    lock on OUT through the file descriptor they inherited; dead, they release it. Linux:
+    the kernel sends SIGKILL when the thread that forked this worker ends, i.e. the thread
+    iterating `run_ordered` (pack and propose iterate it to the end in one thread). Elsewhere
+    a thread polls the parent's PID.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="crackio-parent").start()
+    if os.getppid() != parent:  # died before prctl: no signal will come
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def check_stop() -> None:

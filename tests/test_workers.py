@@ -1,0 +1,115 @@
+"""Writing-stage workers die with their parent: a `kill -9` of pack or propose (what the OOM killer does)
+leaves no worker holding OUT's lock, so the re-run starts at once and writes the same bytes."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crackio.writing.outdir import LOCK, WRITTEN
+from tests.conftest import ROOT
+from tools.make_demo_data import generate, link_large, write_photos
+
+ALIVE_SECONDS = 5  # a worker of a killed parent must be gone by then (prctl: at once; elsewhere: 0.2 s polls)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            found |= {int(c) for c in Path(path).read_text().split()}
+        except OSError:
+            pass  # the thread ended meanwhile
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (tells a reused PID apart); None once it is gone or a zombie (holds no files)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZXx" else fields[19]
+
+
+def _kill_with_workers(cmd: list[str], out: Path, pattern: str | None) -> dict[int, str]:
+    """Run `cmd`, SIGKILL it once two worker processes are running (and `out` holds a file matching `pattern`);
+    returns the workers seen before the kill, {pid: start time}. Skips if the run ended first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: dict[int, str] = {}
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for child in _children(proc.pid) - workers.keys():
+                started = _start_time(child)
+                if started is not None:
+                    workers[child] = started
+            if len(workers) >= 2 and (pattern is None or any(out.glob(pattern))):
+                break
+            time.sleep(0.001)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if (out / "manifest.json").exists() or len(workers) < 2:
+        pytest.skip(f"the run ended before it could be killed with its workers running ({len(workers)} seen)")
+    return workers
+
+
+def _assert_workers_die(workers: dict[int, str]) -> None:
+    deadline = time.monotonic() + ALIVE_SECONDS
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _start_time(pid) == workers[pid]}
+        time.sleep(0.02)
+    for pid in alive:  # without the fix: end the orphans this test made, so they release the lock
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {sorted(alive)} outlived their killed parent by {ALIVE_SECONDS} s"
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in (LOCK, WRITTEN)
+    }
+
+
+def _rerun_matches_fresh_run(cmd: list[str], out: Path, fresh: Path) -> None:
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # at once: nothing holds OUT
+    assert again.returncode == 0, again.stderr
+    into_fresh = [str(fresh) if arg == str(out) else arg for arg in cmd]
+    ref = subprocess.run(into_fresh, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    assert _digests(out) == _digests(fresh)
+
+
+@pytest.mark.slow
+def test_pack_workers_die_with_a_killed_parent(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    generate(src, images=6, per_image=20, seed=5)
+    link_large(src, "large", 3000)  # hard links: a pack of ~1.5 s for no generation time
+    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(src), "--samples-per-shard", "20", "--workers"]
+    cmd += ["2", "--out", str(out), "--quiet"]
+    workers = _kill_with_workers(cmd, out, "*/*.tar*")  # a shard or its temporary: the workers are writing
+    _assert_workers_die(workers)
+    _rerun_matches_fresh_run(cmd, out, tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_propose_workers_die_with_a_killed_parent(tmp_path):
+    write_photos(tmp_path / "photos", images=6, seed=4, size=(192, 128), formats=("coco",))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(tmp_path / "photos" / "coco"), "--format"]
+    cmd += ["coco", "--max-proposals", "40", "--samples-per-shard", "10", "--workers", "2", "--out", str(out)]
+    cmd += ["--quiet"]
+    workers = _kill_with_workers(cmd, out, None)  # the shard-writing workers live only briefly: kill at once
+    _assert_workers_die(workers)
+    _rerun_matches_fresh_run(cmd, out, tmp_path / "fresh")

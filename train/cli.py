@@ -1,0 +1,149 @@
+"""Every `python -m train` command line: parsers only, built from train.config and the light option modules, so
+`--help` answers without importing torch. Each parser hands its values to the module that runs the command,
+imported only then. The error policy is crackio.cli.run_command's (train/__main__.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crackio.errors import ConfigError
+from crackio.loading.options import BACKENDS, DEVICES
+from crackio.writing.annotations import FORMATS
+from train.config import SHIPPED, Config, SvmConfig, add_config_arguments, check_applicable
+
+SWEEP_EPILOG = (
+    "--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
+    "here are shared by every variant; a variant's own settings win. Run the same command again to "
+    "skip finished variants, resume interrupted ones and retry failed ones."
+)
+
+
+def train(argv: list[str]) -> None:
+    """`python -m train [options]`: the flags actually given make the config (or extend a resumed run)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train the crack classifier.",
+        epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help",
+    )
+    add_config_arguments(ap)
+    given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
+    if given.get("resume"):
+        from train.resume import resume_config
+
+        cfg = resume_config(given.pop("resume"), **given)
+    else:
+        cfg = Config(**given)
+        cfg.validate()  # values first, then whether each option applies
+    check_applicable(cfg, given)  # e.g. --block-size on a run in random order
+    import train.loop
+
+    train.loop.main(cfg)
+
+
+def evaluate(argv: list[str]) -> None:
+    """`python -m train eval --checkpoint RUN/best.pt [--shards S] [--split test]`."""
+    ap = argparse.ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
+    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
+    ap.add_argument("--shards", default="", help="shards folder (default: the one the run trained on)")
+    ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(crack) (default: 0.5)")
+    ap.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    ap.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto)")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="(default: auto)")
+    a = ap.parse_args(argv)
+    if not 0 <= a.threshold <= 1 or a.batch_size < 1:
+        raise ConfigError(
+            f"--threshold must be in [0, 1] (a probability) and --batch-size >= 1, got {a.threshold} and {a.batch_size}"
+        )
+    from train.evaluate import run_eval
+
+    print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
+
+
+def sweep(argv: list[str]) -> int:
+    """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`.
+
+    Returns 1 when a variant failed (its row says why), 0 when every variant finished."""
+    ap = argparse.ArgumentParser(
+        prog="python -m train sweep",
+        epilog=SWEEP_EPILOG,
+        description="Train a list of variants, then compare them in one table and plots.",
+    )
+    add_config_arguments(ap, skip=("out", "resume"))  # a sweep has its own folder, and resumes by re-running
+    ap.add_argument("--out", default="runs/sweep", help="the sweep folder; each variant trains in OUT/<name>/")
+    ap.add_argument(
+        "--variants", default="", help="variants file (default: the original's six runs, train/variants.toml)"
+    )
+    options = vars(ap.parse_args(argv))
+    variants = Path(options.pop("variants") or SHIPPED)
+    out = Path(options.pop("out"))
+    base = Config(**options)
+    if not base.shards:
+        raise ConfigError("--shards is required (a folder written by tools/pack.py)")
+    base.validate()  # the shared options, once, before any variant trains
+    from train.sweep import check_shared_options, load_variants, run_sweep
+
+    check_shared_options(base, load_variants(variants), set(options) - {"shards"}, variants)
+    rows = run_sweep(base, variants, out)
+    return 1 if any(row.get("status") == "failed" for row in rows) else 0
+
+
+def svm(argv: list[str]) -> None:
+    """`python -m train svm --checkpoint RUN/best.pt [options]`: flags derived from SvmConfig."""
+    ap = argparse.ArgumentParser(
+        prog="python -m train svm",
+        description=(
+            "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
+            "reported beside the network head."
+        ),
+    )
+    add_config_arguments(ap, SvmConfig, given_only=False)
+    cfg = SvmConfig(**vars(ap.parse_args(argv)))
+    cfg.validate()
+    from train.svm import run_svm
+
+    run_svm(cfg)
+
+
+def detect(argv: list[str]) -> None:
+    """`python -m train detect --checkpoint RUN/best.pt PHOTOS... [options]`."""
+    ap = argparse.ArgumentParser(
+        prog="python -m train detect",
+        description="Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations.",
+    )
+    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
+    ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
+    ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
+    ap.add_argument("--format", default="", choices=FORMATS, help="format of --annotations")
+    ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
+    ap.add_argument("--svm", default="", help="score with RUN/svm/svm_model.npz instead of the network head")
+    ap.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="keep boxes scoring at least this (default: 0.5, or the SVM's chosen threshold)",
+    )
+    ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
+    ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
+    ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
+    ap.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto)")
+    a = ap.parse_args(argv)
+    from train.detect import run_detect
+
+    run_detect(
+        a.checkpoint,
+        a.photos,
+        a.out,
+        annotations=a.annotations,
+        fmt=a.format,
+        classes=[c for c in a.classes.split(",") if c] or None,
+        svm=a.svm,
+        score_threshold=a.score_threshold,
+        nms_iou=a.nms_iou,
+        batch_size=a.batch_size,
+        device=a.device,
+    )
+
+
+COMMANDS = {"eval": evaluate, "sweep": sweep, "svm": svm, "detect": detect}
