@@ -341,4 +341,4 @@ def test_sampler_options_take_numpy_integers(demo_shards):
     loader = make_loader(
         demo_shards, "train", batch_size=8, train=True, device="cpu", sampler="hard-negatives", negatives=np.int64(50)
     )
-    assert loader.options["negatives"] == 50 and type(loader.options["negatives"]) is int
+    assert loader.sampler.negatives == 50 and type(loader.sampler.negatives) is int

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crackio.loading.samplers import block_order, epoch_order, rank_batches, relabel, sampler_options, select
+from crackio.loading.orders import block_order, rank_batches
+from crackio.loading.samplers import HardNegatives, Weighted, epoch_draws, make_sampler, relabel
 from crackio.writing.filenames import format_name, parse_name
 
 
@@ -33,7 +34,7 @@ def fake_index(n: int, seed: int = 0, pos_share: float = 0.25):
 
 
 def opts(sampler, **kw):
-    return sampler_options(sampler, kw)
+    return make_sampler(sampler, **kw)
 
 
 @pytest.mark.parametrize("validation, negatives", [(False, 800), (True, 200)])
@@ -44,14 +45,14 @@ def test_hard_negatives_match_the_original(validation, negatives):
         for i, (iou, lab) in enumerate(zip(ious, labels))
     ]
     ious = np.array([parse_name(n).iou for n in names], dtype=np.float32)
-    chosen = select(labels, ious, "hard-negatives", opts("hard-negatives", negatives=negatives), seed=0)
+    chosen = opts("hard-negatives", negatives=negatives).select(labels, ious, 0)
     assert {names[i] for i in chosen} == set(original_filter_and_sort_images(names, validation))
 
 
 def test_hard_negatives_after_relabel():
     labels, ious = fake_index(3000, seed=2)
     relabeled = relabel(ious, 0.35)
-    chosen = select(relabeled, ious, "hard-negatives", opts("hard-negatives", negatives=100), seed=0)
+    chosen = opts("hard-negatives", negatives=100).select(relabeled, ious, 0)
     assert (relabeled[chosen] == 1).sum() == relabeled.sum()
     negs = chosen[relabeled[chosen] == 0]
     assert len(negs) == 100 and ious[negs].min() >= ious[relabeled == 0][np.argsort(-ious[relabeled == 0])][99]
@@ -61,8 +62,8 @@ def test_hard_negatives_after_relabel():
 def test_iou_strata():
     labels, ious = fake_index(4000, seed=3)
     o = opts("iou-strata", per_bin=7)
-    chosen = select(labels, ious, "iou-strata", o, seed=0)
-    assert np.array_equal(chosen, select(labels, ious, "iou-strata", o, seed=0))
+    chosen = o.select(labels, ious, 0)
+    assert np.array_equal(chosen, o.select(labels, ious, 0))
     assert set(np.flatnonzero(labels == 1)) <= set(chosen)
     negs = chosen[labels[chosen] == 0]
     counts = np.bincount(np.floor(ious[negs] / 0.05).astype(int))
@@ -72,7 +73,7 @@ def test_iou_strata():
 def test_weighted_with_replacement_follows_the_weights():
     labels, ious = fake_index(20000, seed=4)
     sel = np.arange(len(labels))
-    order = epoch_order(sel, labels, "weighted", opts("weighted"), seed=0, epoch=0, train=True)
+    order = epoch_draws(opts("weighted"), sel, labels, 0, 0, True)
     n0, n1 = (labels == 0).sum(), (labels == 1).sum()
     expected = 2 * n1 / (n0 + 2 * n1)
     assert len(order) == len(sel)
@@ -83,24 +84,24 @@ def test_weighted_with_replacement_follows_the_weights():
 def test_weighted_without_replacement_is_the_originals_reorder():
     labels, _ = fake_index(2000, seed=5)
     sel = np.arange(len(labels))
-    order = epoch_order(sel, labels, "weighted", opts("weighted", replacement=False), seed=0, epoch=0, train=True)
+    order = epoch_draws(opts("weighted", replacement=False), sel, labels, 0, 0, True)
     assert sorted(order) == list(sel)  # each exactly once: the class mix cannot change
     # ...but positives come earlier on average, the only effect the weights have.
     rank = np.empty(len(order))
     rank[order] = np.arange(len(order))
     assert rank[labels == 1].mean() < rank[labels == 0].mean()
-    again = epoch_order(sel, labels, "weighted", opts("weighted", replacement=False), seed=0, epoch=0, train=True)
+    again = epoch_draws(opts("weighted", replacement=False), sel, labels, 0, 0, True)
     assert np.array_equal(order, again)
 
 
 def test_balanced_follows_the_weights_without_duplicates():
     labels, _ = fake_index(8000, seed=6)
     sel = np.arange(len(labels))
-    order = epoch_order(sel, labels, "balanced", opts("balanced", class_weights={0: 1, 1: 2}), 0, 0, True)
+    order = epoch_draws(opts("balanced", class_weights={0: 1, 1: 2}), sel, labels, 0, 0, True)
     assert len(np.unique(order)) == len(order)
     n0, n1 = (labels == 0).sum(), (labels == 1).sum()
     assert abs(labels[order].mean() - 2 * n1 / (n0 + 2 * n1)) < 0.002
-    even = epoch_order(sel, labels, "balanced", opts("balanced", class_weights={0: 1, 1: n0 / n1}), 0, 0, True)
+    even = epoch_draws(opts("balanced", class_weights={0: 1, 1: n0 / n1}), sel, labels, 0, 0, True)
     assert abs(labels[even].mean() - 0.5) < 0.002 and (labels[even] == 1).sum() == n1
 
 
@@ -117,20 +118,20 @@ def test_rank_batches_shapes():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="class_weights"):
-        sampler_options("weighted", {"class_weights": {0: 1}})
+        make_sampler("weighted", class_weights={0: 1})
     with pytest.raises(ValueError, match="unknown sampler"):
-        sampler_options("random", {})
+        make_sampler("random")
 
 
 @pytest.mark.parametrize("sampler", ["weighted", "balanced"])
 def test_weighting_draws_from_a_cut_when_asked(sampler):
     labels, ious = fake_index(4000, seed=5)
     o = opts(sampler, selection="hard-negatives", negatives=300)
-    cut = select(labels, ious, sampler, o, seed=0)
-    assert np.array_equal(cut, select(labels, ious, "hard-negatives", opts("hard-negatives", negatives=300), 0))
-    order = epoch_order(cut, labels, sampler, o, seed=0, epoch=0, train=True)
+    cut = o.select(labels, ious, 0)
+    assert np.array_equal(cut, opts("hard-negatives", negatives=300).select(labels, ious, 0))
+    order = epoch_draws(o, cut, labels, 0, 0, True)
     assert set(order) <= set(cut) and (labels[order] == 0).sum() <= (300 if sampler == "balanced" else len(order))
-    assert len(select(labels, ious, sampler, opts(sampler), seed=0)) == 4000  # default: every sample
+    assert len(opts(sampler).select(labels, ious, 0)) == 4000  # default: every sample
     with pytest.raises(ValueError, match="selection must be one of"):
         opts(sampler, selection="hardest")
 
@@ -150,9 +151,9 @@ def block_setup(sampler, options, n=20_000, seed=3):
     rng = np.random.default_rng(11)
     ious = rng.uniform(0, 1, n).astype(np.float32)
     labels = (rng.random(n) < 0.2).astype(np.int64)  # a globally shuffled split, as packed
-    opts = sampler_options(sampler, options)
-    selection = select(labels, ious, sampler, opts, seed)
-    return labels, lambda epoch: epoch_order(selection, labels, sampler, opts, seed, epoch, True)
+    opts = make_sampler(sampler, **options)
+    selection = opts.select(labels, ious, seed)
+    return labels, lambda epoch: epoch_draws(opts, selection, labels, seed, epoch, True)
 
 
 @pytest.mark.parametrize("sampler, options", BLOCK_CASES)
@@ -213,3 +214,17 @@ def test_block_order_mixes_classes_like_random_order():
         repeated(lambda e: rank_batches(block_order(draws_for(e), len(labels), 64, 8, 3, e, 0, 1), 32, 0, 1, True))
         < 0.012
     )
+
+
+def test_a_sampler_is_one_frozen_class_built_the_same_from_its_name():
+    by_name = make_sampler("weighted", selection="hard-negatives", negatives=300, class_weights={0: 1, 1: 3})
+    assert by_name == Weighted(class_weights={0: 1, 1: 3}, selection=HardNegatives(300))
+    assert by_name.class_weights == {0: 1 / 3, 1: 1.0}  # scaled to a maximum of 1: only the ratio matters
+    with pytest.raises(ValueError, match=r"takes .*not \['negatives'\]"):
+        make_sampler("weighted", negatives=300)  # a cut's option without that cut is no option of the sampler
+    with pytest.raises(ValueError, match=r"takes no options, not \['negatives'\]"):
+        make_sampler("shuffle", negatives=300)
+    with pytest.raises(ValueError, match="negatives must be an integer >= 0"):
+        HardNegatives(-1)
+    with pytest.raises(AttributeError):
+        by_name.replacement = False  # type: ignore[misc]  # frozen: validated once, never changed

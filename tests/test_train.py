@@ -288,7 +288,7 @@ def test_torchrun_two_cpu_ranks_train_and_write_once(demo_shards, tmp_path):
 
 def test_config_round_trip():
     cfg = Config(shards="x", sampler="weighted", class_weights="0:1,1:3")
-    assert cfg.sampler_options("weighted", 0)["class_weights"] == {0: 1.0, 1: 3.0}
+    assert cfg.make_sampler("weighted", 0).class_weights == {0: 1 / 3, 1: 1.0}
     assert Config.from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown config keys"):
         Config.from_dict({"shards": "x", "lr_max": 1})

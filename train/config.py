@@ -10,11 +10,21 @@ from pathlib import Path
 from crackio.errors import ConfigError
 from crackio.fsio import is_path_component, write_json
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS
-from crackio.loading.samplers import CLASS_WEIGHTS, DEFAULTS, SAMPLERS, SELECTIONS
+from crackio.loading.samplers import (
+    CLASS_WEIGHTS,
+    SAMPLERS,
+    SELECTIONS,
+    HardNegatives,
+    IouStrata,
+    Shuffle,
+    Weighted,
+    make_sampler,
+    options_of,
+    own_options,
+)
 
-# Validation draws every sample or a fixed cut, never weighted: the samplers without class weights.
-VAL_SAMPLERS = tuple(s for s in SAMPLERS if "class_weights" not in DEFAULTS[s])
-_SAMPLER: dict = DEFAULTS  # the samplers' own defaults are the CLI's
+# Validation draws every sample or a fixed cut, never weighted: the samplers that are selections.
+VAL_SAMPLERS = tuple(name for name, cls in SAMPLERS.items() if issubclass(cls, Shuffle))
 _WEIGHTS = ",".join(f"{c}:{w:g}" for c, w in CLASS_WEIGHTS.items())
 
 
@@ -52,11 +62,11 @@ class Config:
     epochs: int = 20  # maximum epochs
     patience: int = 3  # early stopping: epochs without a lower validation loss
     sampler: str = "shuffle"  # train sampler (crackio.loading.samplers)
-    negatives: int = _SAMPLER["hard-negatives"]["negatives"]  # hard-negatives: negatives kept (highest IoU first)
-    per_bin: int = _SAMPLER["iou-strata"]["per_bin"]  # iou-strata: negatives per IoU bin
-    bin_width: float = _SAMPLER["iou-strata"]["bin_width"]  # iou-strata: IoU bin width
+    negatives: int = HardNegatives.negatives  # hard-negatives: negatives kept (highest IoU first)
+    per_bin: int = IouStrata.per_bin  # iou-strata: negatives per IoU bin
+    bin_width: float = IouStrata.bin_width  # iou-strata: IoU bin width
     class_weights: str = _WEIGHTS  # weighted, balanced: class weights as 0:w0,1:w1
-    replacement: bool = _SAMPLER["weighted"]["replacement"]  # weighted: draw with replacement
+    replacement: bool = Weighted.replacement  # weighted: draw with replacement
     num_samples: int = 0  # weighted: draws per epoch; 0 = the selection's size
     selection: str = "all"  # weighted, balanced: draw from all samples or from a cut
     val_sampler: str = "shuffle"  # validation selection (shuffle = every sample)
@@ -133,14 +143,20 @@ class Config:
             raise ConfigError(f"--class-weights must look like 0:1,1:2, got {self.class_weights!r}")
         return weights
 
-    def sampler_options(self, sampler: str, negatives: int) -> dict:
-        """The options `sampler` takes (crackio.loading.samplers.DEFAULTS), from the fields of the same names."""
+    def make_sampler(self, sampler: str, negatives: int) -> Shuffle | Weighted:
+        """The sampler `sampler` (crackio.loading.samplers) built from this config's flat options of the same
+        names; `negatives` is the split's (--negatives for training, --val-negatives for validation).
+
+        Raises:
+            ConfigError: a value the sampler refuses.
+        """
         given = {
             "negatives": negatives,
             "class_weights": self.parsed_class_weights(),
             "num_samples": self.num_samples or None,
         }  # the three that are not a field's value as is
-        return {name: given[name] if name in given else getattr(self, name) for name in DEFAULTS[sampler]}
+        names = options_of(sampler, self.selection)
+        return make_sampler(sampler, **{name: given[name] if name in given else getattr(self, name) for name in names})
 
     def save(self, path: Path) -> None:
         """config.json, atomically (raises WriteError on a full disk or an I/O error)."""
@@ -180,7 +196,7 @@ def check_type(key: str, value, where: str) -> None:
 
 
 # Options that only mean something with another setting: given without it, they are refused, not ignored.
-# Sampler options apply as crackio.loading.samplers.DEFAULTS says (a cut's options only with that cut as --selection);
+# Sampler options apply when they are fields of the chosen sampler or of its --selection cut (samplers' classes);
 # the rest:
 APPLIES_TO = {
     "val_negatives": ("--val-sampler hard-negatives", lambda c: c.val_sampler == "hard-negatives"),
@@ -189,22 +205,17 @@ APPLIES_TO = {
     "focal_gamma": ("--loss focal", lambda c: c.loss == "focal"),
     "block_size": ("--order block", lambda c: c.order == "block"),
 }
-_OPTIONS = {name for options in DEFAULTS.values() for name in options}
-_CUT_OPTIONS = {name for cut in SELECTIONS for name in DEFAULTS.get(cut, {})}  # a selection cut's own options
+_OPTIONS = {name for sampler in SAMPLERS for selection in SELECTIONS for name in options_of(sampler, selection)}
 
 
 def _sampler_option_applies(cfg: Config, name: str) -> tuple[bool, str]:
-    """(whether `name` changes this run's sampling, the settings it needs), from crackio.loading.samplers.DEFAULTS."""
-    takes = DEFAULTS[cfg.sampler]
-    if name in _CUT_OPTIONS and "selection" in takes:  # weighted/balanced: only with that cut as --selection
-        ok = name in DEFAULTS.get(cfg.selection, {})
-    else:
-        ok = name in takes
-    direct = [
-        s for s in SAMPLERS if name in DEFAULTS[s] and (name not in _CUT_OPTIONS or "selection" not in DEFAULTS[s])
-    ]
-    cuts = [c for c in SELECTIONS if name in DEFAULTS.get(c, {})] if name in _CUT_OPTIONS else []
-    return ok, " or ".join([f"--sampler {s}" for s in direct] + [f"--selection {c}" for c in cuts])
+    """(whether `name` is an option of this run's sampler, with its selection; the settings it needs), read off
+    the sampler classes' fields."""
+    direct = [s for s in SAMPLERS if name in own_options(s)]
+    cuts = [c for c in SELECTIONS if name in own_options(c, SELECTIONS)]
+    return name in options_of(cfg.sampler, cfg.selection), " or ".join(
+        [f"--sampler {s}" for s in direct] + [f"--selection {c}" for c in cuts]
+    )
 
 
 def check_applicable(cfg: Config, given) -> None:

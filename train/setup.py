@@ -70,7 +70,6 @@ def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: 
         split,
         batch_size=cfg.batch_size,
         train=train,
-        sampler=sampler,
         iou_threshold=cfg.iou_threshold,
         seed=cfg.seed,
         device=device,
@@ -82,7 +81,7 @@ def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: 
         output="uint8" if device.type == "cuda" else "float32",
         order=cfg.order,
         block_size=cfg.block_size,
-        **cfg.sampler_options(sampler, negatives),
+        sampler=cfg.make_sampler(sampler, negatives),
     )
 
 

@@ -14,17 +14,10 @@ import torch
 from crackio.errors import ConfigError
 from crackio.format.index import load_index
 from crackio.loading.augment import AugmentParams, draw_params
-from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS
+from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
+from crackio.loading.orders import block_order, rank_batches
 from crackio.loading.readers import BlockReader, ByteReader
-from crackio.loading.samplers import (
-    block_order,
-    check_drawable,
-    epoch_order,
-    labels_for,
-    rank_batches,
-    sampler_options,
-    select,
-)
+from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
 
 
 class Backend(Protocol):
@@ -51,17 +44,6 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def integer(name: str, value, least: int, most: int = 2**40) -> int:
-    """`value` as an int if it is an integer (numpy's too, not a bool) within [least, most].
-
-    Raises:
-        ConfigError: naming the argument and what it must be.
-    """
-    if not (isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_) and least <= value <= most):
-        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +65,9 @@ class Loader:
         split: e.g. "train", "valid", "test".
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
-        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced (crackio.loading.samplers).
+        sampler: shuffle | hard-negatives | iou-strata | weighted | balanced with its options as keywords, or a
+            sampler itself (crackio.loading.samplers: Shuffle(), HardNegatives(negatives=800),
+            Weighted(class_weights={0: 1, 1: 2}, selection=HardNegatives(800)), ...) without keywords.
         iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
             recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
         seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
@@ -96,7 +80,7 @@ class Loader:
             model does it on CUDA).
         order: "random" (default): every batch drawn from the whole split, one random read per sample;
             "block": training batches drawn from a shuffle window of `window` blocks of `block_size`
-            consecutive rows, read ahead a block at a time (crackio.loading.samplers.block_order): sequential reads
+            consecutive rows, read ahead a block at a time (crackio.loading.orders.block_order): sequential reads
             for shards on a network file system, a spinning disk or a split larger than memory. The same
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
@@ -116,7 +100,7 @@ class Loader:
         *,
         batch_size: int,
         train: bool,
-        sampler: str = "shuffle",
+        sampler: str | Shuffle | Weighted = "shuffle",
         iou_threshold: float | None = None,
         seed: int = 0,
         device: str | torch.device = "auto",
@@ -161,12 +145,19 @@ class Loader:
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
-        self.sampler = sampler
-        self.options = sampler_options(sampler, options)
+        if isinstance(sampler, str):
+            self.sampler = make_sampler(sampler, **options)
+        elif isinstance(sampler, Shuffle | Weighted) and not options:
+            self.sampler = sampler
+        else:
+            raise ConfigError(
+                f"sampler must be a name (shuffle, weighted, ...) with its options as keywords, or a sampler such "
+                f"as crackio.loading.samplers.Weighted(...) without keywords, got {sampler!r} and {options}"
+            )
         self.iou_threshold = iou_threshold
         self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
-        self.selection = select(self.labels, self.index.ious, sampler, self.options, seed)
-        check_drawable(self.selection, self.labels, sampler, self.options, iou_threshold)
+        self.selection = self.sampler.select(self.labels, self.index.ious, seed)
+        self.sampler.check(self.selection, self.labels, iou_threshold)
         self.device = resolve_device(device)
         self.backend_name = ("dali" if dali_available() else "torch") if backend == "auto" else backend
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
@@ -187,7 +178,7 @@ class Loader:
         """This rank's row ids for `epoch`, batch by batch: a pure function of the arguments, computed once
         per epoch (`len(loader)` and the iteration share it)."""
         if self._planned[0] != epoch:
-            order = epoch_order(self.selection, self.labels, self.sampler, self.options, self.seed, epoch, self.train)
+            order = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
             if isinstance(self.reader, BlockReader):  # train in block order: this rank's part, batch by batch
                 mine = block_order(
                     order, len(self.index), self.block_size, self.window, self.seed, epoch, self.rank, self.world_size
