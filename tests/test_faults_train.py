@@ -575,3 +575,24 @@ def test_a_stopped_rank_ends_the_job_with_a_message(demo_shards, tmp_path):
     assert "--dist-timeout 5 s" in errors[0] and "Timed out" in errors[0]
     assert took < 30, f"rank 0 gave up after {took:.0f} s"
     assert "[rank0]: Traceback" not in text
+
+
+# ---- a start that fails leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--arch", "resnet-18"], "is not a torchvision classification model"),
+        (["--batch-size", "4096"], "cannot fill one batch of 4096"),
+        (["--weights", "{tmp}/missing.pt"], "no such file"),
+        (["--val-split", "nowhere"], "split 'nowhere' is not in"),
+    ],
+)
+def test_a_failed_start_leaves_no_run_folder(demo_shards, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    args = ["--shards", str(demo_shards), *FLAGS, "--epochs", "1", "--out", str(out)]
+    args += [f.format(tmp=tmp_path) for f in flags]  # the later flag wins
+    assert cli(args) == 2
+    one_line(capsys.readouterr().err, message)
+    assert not out.exists()

@@ -17,8 +17,9 @@ from crackio.format.index import load_index
 from crackio.writing.annotations import read_annotations, resolve_boxes
 from crackio.writing.outdir import WRITTEN
 from crackio.writing.pack import PackSettings, pack
-from crackio.writing.proposal_stage import ProposeSettings, _spool_name, propose_to_shards
+from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
 from crackio.writing.regions import ProposalSettings, stratified_negatives, warp
+from crackio.writing.spool import spool_name
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
 from tests.test_pack import read_with_webdataset, shard_files
@@ -199,9 +200,9 @@ def test_same_output_for_any_worker_count_and_after_an_interruption(photos, prop
     tar = next((one / "train").glob("*.tar"))
     tar.write_bytes(tar.read_bytes()[:700])
     (one / ".spool").mkdir()
-    (one / _spool_name("train")).write_bytes(b"stale")  # an interrupted run's spool, which it had recorded
+    (one / spool_name("train")).write_bytes(b"stale")  # an interrupted run's spool, which it had recorded
     record = json.loads((one / WRITTEN).read_text())
-    (one / WRITTEN).write_text(json.dumps({"files": record["files"] + [_spool_name("train")]}))
+    (one / WRITTEN).write_text(json.dumps({"files": record["files"] + [spool_name("train")]}))
     propose_to_shards(photos / "coco", "coco", one, FAST, ProposeSettings(workers=2), progress=False)
     assert shard_files(one) == shard_files(ref) and not (one / ".spool").exists()
 

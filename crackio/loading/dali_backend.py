@@ -60,8 +60,6 @@ class _EpochSource:
 
 
 class DaliBackend:
-    name = "dali"
-
     def __init__(
         self,
         reader: ByteReader,

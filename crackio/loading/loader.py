@@ -24,8 +24,9 @@ class Backend(Protocol):
     """What decodes the batches the loader planned; every backend has this one method.
 
     `batches`: this rank's row ids, batch by batch; `params`: each batch's augmentation
-    parameters, or None for eval. Yields (images float32 N x 3 x 224 x 224 normalized on
-    the loader's device, row ids int64) per batch, in order, one epoch, then returns.
+    parameters, or None for eval. Yields (images N x 3 x 224 x 224 on the loader's device:
+    float32 ImageNet-normalized, or augmented uint8 0-255 with output="uint8"; row ids int64)
+    per batch, in order, one epoch, then returns.
     """
 
     def run_epoch(

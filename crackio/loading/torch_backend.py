@@ -28,8 +28,6 @@ from crackio.loading.readers import ByteReader
 
 
 class TorchBackend:
-    name = "torch"
-
     def __init__(self, reader: ByteReader, device: torch.device, num_workers: int, output: str = "float32"):
         self.reader = reader
         self.device = device

@@ -17,7 +17,7 @@ from crackio.format.layout import MANIFEST, manifest_files, planned_files
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import index_dtype
 from crackio.fsio import display_name
-from crackio.writing.discover import _has_image, discover
+from crackio.writing.discover import Found, _has_image, discover
 from crackio.writing.filenames import Proposal
 from crackio.writing.images import prepare, strict_pillow
 from crackio.writing.outdir import OutputFolder
@@ -70,6 +70,30 @@ def index_rows(ordered: list[Proposal]) -> np.ndarray:
     return rows
 
 
+def _check_out(src: Path, out: Path, found: Found) -> None:
+    """Refuse an OUT that a split folder holds, that is a split's own folder, or that is a split of SRC.
+
+    Raises:
+        ConfigError: naming OUT, the folder and what to do.
+    """
+    for split, (folder, _) in found.splits.items():
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise ConfigError(
+                f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
+                f"next pack would read the shards as a stray folder; write them elsewhere"
+            )
+        if (out / split).resolve() == folder.resolve():
+            raise ConfigError(
+                f"--out {display_name(out)} would put split {split}'s shards into its own source folder "
+                f"{display_name(folder)}; write them elsewhere"
+            )
+    if out.resolve().parent == src.resolve() and out.is_dir() and _has_image(str(out)):
+        raise ConfigError(
+            f"--out {display_name(out)} is a split folder of {display_name(src)} (it holds images): the split "
+            f"would be left out of the pack; write the shards elsewhere"
+        )
+
+
 def pack(
     src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(), progress: bool = True
 ) -> dict:
@@ -88,7 +112,7 @@ def pack(
         MissingFile: `src` is not a folder.
         ConfigError: `samples_per_shard` < 1 or `workers` < 0; `out` is held by another run or holds a
             file crackio did not write where a shard goes.
-        KeyboardInterrupt: Ctrl-C (or SIGTERM under `crackio.writing.workers.stop_on_signals`); workers and
+        KeyboardInterrupt: Ctrl-C (or SIGTERM under `crackio.cli.stop_on_signals`); workers and
             temporaries are gone.
     """
     src, out = Path(src).absolute(), Path(out)  # absolute: the manifest is the same however SRC was typed
@@ -108,22 +132,7 @@ def pack(
             f"{display_name(src)} holds no image files: expected SRC/<split>/<stem>.<proposal>.<iou>."
             f"<label>.jpg (or such files in SRC itself)"
         )
-    for split, (folder, _) in found.splits.items():
-        if out.resolve().is_relative_to(folder.resolve()):
-            raise ConfigError(
-                f"--out {display_name(out)} is inside the split folder {display_name(folder)}: the "
-                f"next pack would read the shards as a stray folder; write them elsewhere"
-            )
-        if (out / split).resolve() == folder.resolve():
-            raise ConfigError(
-                f"--out {display_name(out)} would put split {split}'s shards into its own source folder "
-                f"{display_name(folder)}; write them elsewhere"
-            )
-    if out.resolve().parent == src.resolve() and out.is_dir() and _has_image(str(out)):
-        raise ConfigError(
-            f"--out {display_name(out)} is a split folder of {display_name(src)} (it holds images): the split "
-            f"would be left out of the pack; write the shards elsewhere"
-        )
+    _check_out(src, out, found)
     per = settings.samples_per_shard
     sources: dict[str, list[PackSource]] = {}
     ordered: dict[str, list[Proposal]] = {}

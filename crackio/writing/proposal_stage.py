@@ -12,16 +12,12 @@ are (photos in flight: twice the workers; index rows: ~150 bytes per crop).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-import zlib
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,10 +34,8 @@ from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder
 from crackio.writing.quality import leakage_report, split_sort_key
 from crackio.writing.regions import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
-from crackio.writing.splits import Sample, shard_slices, split_order, write_split
-from crackio.writing.workers import check_stop, tick
+from crackio.writing.spool import SPOOL, Spool, remove_spool, spool_name, write_spooled_split
 
-SPOOL = ".spool"
 SPLITS = ("train", "valid", "test")
 
 
@@ -147,103 +141,6 @@ def results_in_order(jobs: list[tuple[Photo, str]], settings: ProposalSettings, 
                 f.cancel()
 
 
-class _Spool:
-    """One split's crops in photo order: bytes in a file, rows in memory."""
-
-    def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = path, dtype
-        try:
-            self.file = open(path, "wb")
-        except OSError as e:
-            raise write_error(path, e) from None
-        self.rows: list[np.ndarray] = []
-        self.where: list[tuple[int, int]] = []  # (offset, size) in the spool
-        self.digests: list[bytes] = []
-        self.offset = 0
-
-    def add(self, result: PhotoResult) -> None:
-        rows = np.zeros(len(result.rows), self.dtype)
-        for k, ((number, iou, label, box, gt_box, gt_id), jpeg) in enumerate(zip(result.rows, result.jpegs)):
-            name = format_name(result.photo.stem, number, iou, label)
-            rows[k] = (
-                0,  # shard, offset, size, crc32, key: set when the shards are written
-                0,
-                0,
-                0,
-                0,
-                label,
-                iou,
-                number,
-                name.encode(),
-                result.photo.stem.encode(),
-                box,
-                gt_box,
-                gt_id,
-                result.size,
-            )
-            try:
-                self.file.write(jpeg)
-            except OSError as e:
-                raise write_error(self.path, e) from None
-            self.where.append((self.offset, len(jpeg)))
-            self.digests.append(hashlib.blake2b(jpeg, digest_size=16).digest())
-            self.offset += len(jpeg)
-        self.rows.append(rows)
-
-
-class SpoolSource(NamedTuple):
-    """One shard's slice of a split's seeded order, read back from the spool (in a worker process)."""
-
-    folder: Path
-    split: str
-    number: int
-    first_key: int
-    spool: Path
-    rows: np.ndarray  # the slice of the split's index rows in seeded order
-    where: np.ndarray  # (offset, size) of each crop in the spool
-    digests: np.ndarray  # S16 BLAKE2b of each crop
-
-    def samples(self) -> Iterator[Sample]:
-        with open(self.spool, "rb") as f:
-            for key, (row, (offset, size), digest) in enumerate(
-                zip(self.rows, self.where, self.digests), self.first_key
-            ):
-                check_stop()
-                yield Sample(key, os.pread(f.fileno(), int(size), int(offset)), _meta(row), bytes(digest), "", "")
-                tick()
-
-
-def _meta(row: np.void) -> dict:
-    return {
-        "filename": row["filename"].decode(),
-        "image": row["stem"].decode(),
-        "proposal": int(row["proposal"]),
-        "iou": round(float(row["iou"]), 3),
-        "label": int(row["label"]),
-        "box": [round(float(v), 2) for v in row["box"]],
-        "gt_box": [round(float(v), 2) for v in row["gt_box"]],
-        "gt_id": int(row["gt_id"]),
-        "photo_size": [int(v) for v in row["photo_size"]],
-    }
-
-
-def _write_spooled_split(spool: _Spool, out: Path, split: str, seed: int, per: int, workers: int, **stats):
-    try:
-        spool.file.close()
-    except OSError as e:
-        raise write_error(spool.path, e) from None
-    rows = np.concatenate(spool.rows) if spool.rows else np.zeros(0, spool.dtype)
-    order = split_order(split, len(rows), seed)  # the same global shuffle and shard slices as tools/pack.py
-    rows, where = rows[order], np.asarray(spool.where, np.int64).reshape(-1, 2)[order]
-    digests = np.asarray(spool.digests, "S16")[order] if len(rows) else np.zeros(0, "S16")
-    sources = [
-        SpoolSource(out / split, split, a // per, a, spool.path, rows[a:b], where[a:b], digests[a:b])
-        for a, b in shard_slices(len(rows), per)
-    ]
-    (out / split).mkdir(exist_ok=True)
-    return write_split(out / split, split, rows, sources, workers, **stats)
-
-
 def propose_to_shards(
     src: str | os.PathLike,
     fmt: str,
@@ -290,15 +187,61 @@ def propose_to_shards(
         return _propose(held, src, fmt, out, annotated, jobs, proposal, run, crops, progress, t0)
 
 
-def _spool_name(split: str) -> str:
-    return f"{SPOOL}/{zlib.crc32(split.encode()):08x}.bin"
+class _Spooler:
+    """What the photo loop gathers: each split's spool, its counts, the problems found, the time spent."""
 
+    def __init__(self, out: Path, dtype: np.dtype, crops: Path | None, problems: list[tuple[str, str]]):
+        self.out, self.dtype, self.crops = out, dtype, crops
+        self.spools: dict[str, Spool] = {}
+        self.stats: dict[str, dict] = {}
+        self.skipped = [{"path": path, "reason": reason} for path, reason in problems]
+        self.timing = {"search": 0.0, "crops": 0.0, "write": 0.0}
+        self.crops_made = 0
 
-def _remove_spool(out: Path, splits: set[str]) -> None:
-    for split in splits:
-        (out / _spool_name(split)).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: holds something crackio did not write
-        (out / SPOOL).rmdir()
+    def add(self, result: PhotoResult) -> None:
+        path = display_name(result.photo.path)
+        self.skipped += [{"path": path, "reason": why} for why in result.problems]
+        counts = ("photos", "ground_truth_boxes", "recall_hits", "proposals")
+        s = self.stats.setdefault(result.split, dict.fromkeys(counts, 0))
+        if result.failed:
+            return
+        s["photos"] += 1
+        s["ground_truth_boxes"] += len(result.gt)
+        s["recall_hits"] += result.recall_hits
+        s["proposals"] += result.proposals
+        for key in ("search", "crops"):
+            self.timing[key] += result.seconds[key]
+        w0 = time.perf_counter()
+        if result.split not in self.spools:
+            self.spools[result.split] = Spool(self.out / spool_name(result.split), self.dtype)
+        self.spools[result.split].add(result)
+        if self.crops is not None:  # the original's proposal folder too (--crops)
+            folder = self.crops / result.split
+            folder.mkdir(parents=True, exist_ok=True)
+            for (number, iou, label, *_), jpeg in zip(result.rows, result.jpegs):
+                crop = folder / format_name(result.photo.stem, number, iou, label)
+                try:
+                    crop.write_bytes(jpeg)
+                except OSError as e:
+                    raise write_error(crop, e) from None
+        self.timing["write"] += time.perf_counter() - w0
+        self.crops_made += len(result.rows)
+
+    def split_stats(self, split: str) -> dict:
+        """The proposal stage's own fields of the split's manifest entry."""
+        s = self.stats[split]
+        gt = s["ground_truth_boxes"]
+        return {
+            "photos": s["photos"],
+            "ground_truth_boxes": gt,
+            "proposals_considered": s["proposals"],
+            "proposal_recall": round(s["recall_hits"] / gt, 4) if gt else None,
+        }
+
+    def close(self) -> None:
+        for spool in self.spools.values():
+            with contextlib.suppress(OSError):  # a full disk fails the flush again; the spool goes anyway
+                spool.file.close()
 
 
 def _propose(
@@ -314,87 +257,42 @@ def _propose(
     progress: bool,
     t0: float,
 ) -> dict:
-    """`propose_to_shards` once OUT is held: spool, shards, manifest."""
+    """`propose_to_shards` once OUT is held: photos into the spool, then shards, manifest."""
     split_names = {split for _, split in jobs}
-    held.claim({MANIFEST} | {_spool_name(s) for s in split_names})
+    held.claim({MANIFEST} | {spool_name(s) for s in split_names})
     (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
-    _remove_spool(out, split_names)
+    remove_spool(out, split_names)
     (out / SPOOL).mkdir(exist_ok=True)
     slen = max(len(p.stem.encode()) for p in annotated.photos)
     dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
     workers = run.workers or len(os.sched_getaffinity(0))
-    spools: dict[str, _Spool] = {}
-    stats: dict[str, dict] = {}
-    skipped = [{"path": path, "reason": reason} for path, reason in annotated.problems]
-    timing = {"search": 0.0, "crops": 0.0, "write": 0.0}
-    crops_dir = Path(crops) if crops else None
+    spooler = _Spooler(out, dtype, Path(crops) if crops else None, annotated.problems)
     import cv2
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
     bar = tqdm(total=len(jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
-    crops_made = 0
     try:
         for result in results_in_order(jobs, proposal, run.seed, workers):
             bar.update()
-            path = display_name(result.photo.path)
-            skipped += [{"path": path, "reason": why} for why in result.problems]
-            s = stats.setdefault(result.split, {"photos": 0, "ground_truth_boxes": 0, "recall_hits": 0, "proposals": 0})
-            if result.failed:
-                continue
-            s["photos"] += 1
-            s["ground_truth_boxes"] += len(result.gt)
-            s["recall_hits"] += result.recall_hits
-            s["proposals"] += result.proposals
-            for key in ("search", "crops"):
-                timing[key] += result.seconds[key]
-            w0 = time.perf_counter()
-            if result.split not in spools:
-                spools[result.split] = _Spool(out / _spool_name(result.split), dtype)
-            spools[result.split].add(result)
-            if crops_dir is not None:
-                folder = crops_dir / result.split
-                folder.mkdir(parents=True, exist_ok=True)
-                for (number, iou, label, *_), jpeg in zip(result.rows, result.jpegs):
-                    crop = folder / format_name(result.photo.stem, number, iou, label)
-                    try:
-                        crop.write_bytes(jpeg)
-                    except OSError as e:
-                        raise write_error(crop, e) from None
-            timing["write"] += time.perf_counter() - w0
-            crops_made += len(result.rows)
-            bar.set_postfix(crops=crops_made, crops_s=f"{crops_made / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+            spooler.add(result)
+            rate = spooler.crops_made / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(crops=spooler.crops_made, crops_s=f"{rate:.0f}")
         bar.close()
         w0 = time.perf_counter()
-        manifest_splits, stored = {}, {}
-        for split in sorted(spools, key=split_sort_key):
-            per = run.samples_per_shard
-            held.claim(planned_files(split, -(-sum(len(r) for r in spools[split].rows) // per)))
-            s = stats[split]
-            written = _write_spooled_split(
-                spools[split],
-                out,
-                split,
-                run.seed,
-                per,
-                workers,
-                photos=s["photos"],
-                ground_truth_boxes=s["ground_truth_boxes"],
-                proposals_considered=s["proposals"],
-                proposal_recall=round(s["recall_hits"] / s["ground_truth_boxes"], 4)
-                if s["ground_truth_boxes"]
-                else None,
-            )
-            manifest_splits[split] = written.entry
+        splits, stored = {}, {}
+        for split in sorted(spooler.spools, key=split_sort_key):
+            spool, per = spooler.spools[split], run.samples_per_shard
+            held.claim(planned_files(split, -(-sum(len(r) for r in spool.rows) // per)))
+            written = write_spooled_split(spool, out, split, run.seed, per, workers, **spooler.split_stats(split))
+            splits[split] = written.entry
             stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
-        timing["write"] += time.perf_counter() - w0
+        spooler.timing["write"] += time.perf_counter() - w0
     finally:
         bar.close()
         cv2.setNumThreads(threads)
-        for spool in spools.values():
-            with contextlib.suppress(OSError):  # a full disk fails the flush again; the spool goes anyway
-                spool.file.close()
-        _remove_spool(out, split_names)
+        spooler.close()
+        remove_spool(out, split_names)
     manifest = build_manifest(
         source=display_name(src.resolve()),
         stage={
@@ -404,16 +302,16 @@ def _propose(
         },
         settings={k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
         seed=run.seed,
-        splits=manifest_splits,
+        splits=splits,
         leakage=leakage_report(stored),
         ignored={},
-        skipped=sorted(skipped, key=lambda s: (s["path"], s["reason"])),
+        skipped=sorted(spooler.skipped, key=lambda s: (s["path"], s["reason"])),
     )
     held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
     write_manifest(out, manifest)
     returned: dict = dict(manifest)
     returned["seconds"] = time.perf_counter() - t0
-    returned["timing"] = timing
+    returned["timing"] = spooler.timing
     return returned
 
 
