@@ -61,7 +61,8 @@ def main(cfg: Config) -> Path:
             dist.is_initialized() and (isinstance(e, dist.DistError) or any(p in text.lower() for p in PEER_FAILED))
         ):
             raise  # a bug (or a CrackioError): keeps its traceback or its own line
-        why = text.splitlines()[0].rsplit("] ", 1)[-1][:200]  # gloo prefixes its source file in brackets
+        first = text.splitlines()[0] if text else type(e).__name__
+        why = (first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first)[:200]  # gloo: [file:line]
         raise RankFailure(
             f"rank {dist.get_rank()}: waiting for the other ranks failed ({why}): one of them stopped, hung for "
             f"more than --dist-timeout {cfg.dist_timeout:g} s or died; {stopped(run)}"
