@@ -539,3 +539,21 @@ def test_lock_file_follows_the_umask(demo_src, tmp_path):
     pack_under_umask(demo_src, tmp_path / "out", 0o002)
     assert (tmp_path / "out" / LOCK).stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize("blocked", ["train", ".spool"])
+def test_a_file_where_a_folder_goes_is_one_line(demo_src, tmp_path, blocked):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / blocked).write_text("the user's file\n")
+    with pytest.raises(ConfigError, match=f"{blocked} is a file where crackio writes a folder"):
+        if blocked == "train":
+            pack(demo_src, out, PackSettings(workers=1), progress=False)
+        else:
+            from crackio.writing.proposal_stage import propose_to_shards
+            from tools.make_demo_data import write_photos
+
+            write_photos(tmp_path / "photos", images=3, seed=4, size=(160, 120), formats=("coco",))
+            propose_to_shards(tmp_path / "photos" / "coco", "coco", out, progress=False)
+    assert (out / blocked).read_text() == "the user's file\n"
+    assert not (out / WRITTEN).exists() and not (out / "manifest.json").exists()

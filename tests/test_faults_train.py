@@ -588,12 +588,14 @@ def test_a_stopped_rank_ends_the_job_with_a_message(demo_shards, tmp_path):
         (["--batch-size", "4096"], "cannot fill one batch of 4096"),
         (["--weights", "{tmp}/missing.pt"], "no such file"),
         (["--val-split", "nowhere"], "split 'nowhere' is not in"),
+        (["--out", "{shards}/run"], "is inside the shards folder"),
+        (["--negatives", "-1"], "--negatives must be >= 0"),
     ],
 )
 def test_a_failed_start_leaves_no_run_folder(demo_shards, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     args = ["--shards", str(demo_shards), *FLAGS, "--epochs", "1", "--out", str(out)]
-    args += [f.format(tmp=tmp_path) for f in flags]  # the later flag wins
+    args += [f.format(tmp=tmp_path, shards=demo_shards) for f in flags]  # the later flag wins
     assert cli(args) == 2
     one_line(capsys.readouterr().err, message)
-    assert not out.exists()
+    assert not out.exists() and not (demo_shards / "run").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crackio.loading.orders import block_order, rank_batches
-from crackio.loading.samplers import HardNegatives, Weighted, epoch_draws, make_sampler, relabel
+from crackio.loading.samplers import Balanced, HardNegatives, Weighted, epoch_draws, make_sampler, relabel
 from crackio.writing.filenames import format_name, parse_name
 
 
@@ -228,3 +228,14 @@ def test_a_sampler_is_one_frozen_class_built_the_same_from_its_name():
         HardNegatives(-1)
     with pytest.raises(AttributeError):
         by_name.replacement = False  # type: ignore[misc]  # frozen: validated once, never changed
+
+
+def test_a_cut_may_be_named_or_given_as_its_class_and_samplers_hash():
+    named = make_sampler("weighted", selection="hard-negatives", negatives=5)
+    assert make_sampler("weighted", selection=HardNegatives(5)) == named == Weighted(selection=HardNegatives(5))
+    assert named != Weighted(selection="hard-negatives")  # 800 negatives by default
+    assert len({Weighted(), Weighted(class_weights={0: 2, 1: 4}), Balanced(), Balanced()}) == 2
+    with pytest.raises(ValueError, match="selection must be one of"):
+        Weighted(selection="hardest")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler(Weighted())  # type: ignore[arg-type]

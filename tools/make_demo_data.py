@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
-from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.writing.filenames import format_name  # noqa: E402
+from crackio.writing.regions import box_iou  # noqa: E402
 
 FULL = 512  # side of the synthetic full image; proposals are cut from it
 CROP = 224  # proposals are resized to the backbone's input size
@@ -119,7 +118,7 @@ def make_image(out: Path, stem: str, rng: np.random.Generator, count: int) -> tu
     """Draw one full image, cut `count` proposals from it; returns (written, positives)."""
     img, gt, _ = full_image(rng)
     boxes = proposals(rng, gt, count)
-    ious = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt)).max(dim=1).values.numpy()
+    ious = box_iou(boxes, gt).max(axis=1)
     positives = 0
     for p, (box, iou) in enumerate(zip(boxes, ious)):
         iou = round(float(iou), 3)  # the name holds 3 decimals; the label must agree with it

@@ -101,7 +101,6 @@ class Config:
             "batch_size",
             "epochs",
             "patience",
-            "negatives",
             "per_bin",
             "bin_width",
             "dist_timeout",
@@ -110,7 +109,16 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        non_negative = ("seed", "workers", "num_samples", "val_negatives", "pos_weight", "weight_decay", "focal_gamma")
+        non_negative = (
+            "seed",
+            "workers",
+            "num_samples",
+            "negatives",
+            "val_negatives",
+            "pos_weight",
+            "weight_decay",
+            "focal_gamma",
+        )
         for name in non_negative:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0):  # NaN fails too

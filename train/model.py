@@ -91,7 +91,8 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         if not path.is_file():
-            raise WeightsError(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise WeightsError(f"--weights {weights}: {what} (use imagenet, none or a state-dict path)")
         state = load_data(path, torch.device("cpu"), "weights file")  # data only: refused if it needs code
         if isinstance(state, dict) and "model" in state:
             state = state["model"]

@@ -28,6 +28,8 @@ def read_config(run: str | Path) -> Config:
         ConfigError: config.json is unreadable, not JSON, or holds unknown keys or values of the wrong type.
     """
     path = Path(run) / "config.json"
+    if Path(run).exists() and not Path(run).is_dir():
+        raise ConfigError(f"--resume {run} is a file: give the run's folder (it holds config.json and last.pt)")
     if not path.is_file():
         raise MissingFile(
             f"--resume {run}: no config.json there (is it a run folder? A run killed before writing it "

@@ -93,6 +93,13 @@ def run_folder(cfg: Config) -> Path:
         dist.broadcast_object_list(box, src=0)
         name = box[0]
     out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: choose a folder for the run")
+    if out.resolve().is_relative_to(Path(cfg.shards).resolve()):
+        raise ConfigError(
+            f"--out {out} is inside the shards folder {cfg.shards}: the run's files would go among the shards; "
+            f"choose another --out (e.g. runs/NAME)"
+        )
     if not cfg.resume and (out / "last.pt").exists():
         raise ConfigError(
             f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"

@@ -160,8 +160,17 @@ class Weighted:
         object.__setattr__(self, "replacement", bool(self.replacement))
         if self.num_samples is not None:
             object.__setattr__(self, "num_samples", integer("sampler option num_samples", self.num_samples, 1))
-        if not isinstance(self.selection, Shuffle):
-            raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        selection = self.selection
+        if isinstance(selection, str) and selection in SELECTIONS:  # the flat options' spelling
+            object.__setattr__(self, "selection", SELECTIONS[selection]())
+        elif not isinstance(selection, Shuffle):
+            raise ConfigError(
+                f"selection must be one of {', '.join(SELECTIONS)} or a cut such as HardNegatives(800), "
+                f"got {selection!r}"
+            )
+
+    def __hash__(self) -> int:  # frozen, but class_weights is a dict: hashed by its items
+        return hash((type(self), tuple(sorted(self.class_weights.items())), self.replacement, self.num_samples))
 
     def select(self, labels: np.ndarray, ious: np.ndarray, seed: int) -> np.ndarray:
         return self.selection.select(labels, ious, seed)
@@ -206,6 +215,8 @@ class Balanced(Weighted):
         subset = np.concatenate([rng.choice(by_class[c], size=take[c], replace=False) for c in (0, 1)])
         return rng.permutation(subset)
 
+    __hash__ = Weighted.__hash__  # dataclass would generate one over the dict
+
 
 Sampler = Shuffle | Weighted
 SAMPLERS: dict[str, type[Shuffle] | type[Weighted]] = {
@@ -237,20 +248,28 @@ def make_sampler(sampler: str, **options) -> Shuffle | Weighted:
         ConfigError: an unknown sampler or selection, an option the sampler (with that selection) does not
             take, or a value out of range.
     """
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     cls = SAMPLERS[sampler]
     selection = options.get("selection", "all")
-    if "selection" in options_of(sampler) and selection not in SELECTIONS:
-        raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-    takes = options_of(sampler, selection if isinstance(selection, str) else "all")
+    if isinstance(selection, Shuffle) and "selection" in options_of(sampler):  # a cut given as its class
+        takes = options_of(sampler, "all")
+    elif "selection" in options_of(sampler) and not (isinstance(selection, str) and selection in SELECTIONS):
+        raise ConfigError(
+            f"selection must be one of {', '.join(SELECTIONS)} or a cut such as HardNegatives(800), got {selection!r}"
+        )
+    else:
+        takes = options_of(sampler, selection)
     unknown = set(options) - set(takes)
     if unknown:
         raise ConfigError(f"sampler {sampler!r} takes {sorted(takes) or 'no options'}, not {sorted(unknown)}")
     if "selection" not in takes:
         return cls(**options)
-    cut_names = {f.name for f in dataclasses.fields(SELECTIONS[selection])}
-    cut = SELECTIONS[options.pop("selection", "all")](**{k: options.pop(k) for k in cut_names if k in options})
+    if isinstance(selection, Shuffle):
+        cut = options.pop("selection")
+    else:
+        cut_names = {f.name for f in dataclasses.fields(SELECTIONS[selection])}
+        cut = SELECTIONS[options.pop("selection", "all")](**{k: options.pop(k) for k in cut_names if k in options})
     weighting: type[Weighted] = cls  # type: ignore[assignment]  # the classes with a selection
     return weighting(**options, selection=cut)
 

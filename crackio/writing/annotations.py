@@ -104,7 +104,7 @@ def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None
     if not result.photos:
         raise ConfigError(
             f"no annotated photo found in {display_name(src)} as --format {fmt}: "
-            f"{'; '.join(r for _, r in result.problems[:3]) or 'see README for the layouts'}"
+            f"{'; '.join(r for _, r in result.problems[:3]) or 'see docs/propose.md for the layouts'}"
         )
     return result
 

@@ -94,8 +94,16 @@ class OutputFolder:
         """Record `paths` (relative to OUT) as crackio's before writing any, and remove their temporaries.
 
         Raises:
-            ConfigError: one of them exists and crackio did not write it (never overwritten).
+            ConfigError: one of them exists and crackio did not write it (never overwritten), or a folder they
+                go in is a file.
         """
+        parents = {parent for p in paths for parent in Path(p).parents if parent != Path(".")}
+        blocked = sorted(str(f) for f in parents if (self.out / f).exists() and not (self.out / f).is_dir())
+        if blocked:
+            raise ConfigError(
+                f"{display_name(self.out / blocked[0])} is a file where crackio writes a folder: move it away or "
+                f"choose another --out"
+            )
         foreign = sorted(p for p in paths - self.written if (self.out / p).exists() and not (self.out / p).is_dir())
         if foreign:
             more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
