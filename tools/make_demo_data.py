@@ -26,12 +26,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crackio.format.layout import SPLITS as LAYOUT_SPLITS  # noqa: E402
 from crackio.writing.filenames import format_name  # noqa: E402
 from crackio.writing.regions import box_iou  # noqa: E402
 
 FULL = 512  # side of the synthetic full image; proposals are cut from it
 CROP = 224  # proposals are resized to the backbone's input size
-SPLITS = (("train", 0.7), ("valid", 0.15), ("test", 0.15))
+SPLITS = tuple(zip(LAYOUT_SPLITS, (0.7, 0.15, 0.15)))  # train, valid, test and their shares of the images
 POSITIVE_IOU = 0.5  # R-CNN fine-tuning label rule: crack if IoU > 0.5
 
 

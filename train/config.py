@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from crackio.errors import ConfigError
+from crackio.format.layout import SPLITS
 from crackio.fsio import is_path_component, write_json
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS
 from crackio.loading.samplers import (
@@ -84,9 +85,9 @@ class Config:
     block_size: int = 128  # block order: consecutive index rows per block (~1 MB of crops)
     compile: bool = False  # torch.compile the model (CUDA)
     seed: int = 0  # seeds sampling, augmentation, initialisation
-    train_split: str = "train"  # split names inside --shards
-    val_split: str = "valid"
-    test_split: str = "test"  # reported at the end when present
+    train_split: str = SPLITS[0]  # split names inside --shards
+    val_split: str = SPLITS[1]
+    test_split: str = SPLITS[2]  # reported at the end when present
     resume: str = ""  # run folder to continue from its last.pt
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
 

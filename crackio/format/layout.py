@@ -26,6 +26,16 @@ CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 FORMAT_VERSION = 2  # 2: crc32 and key columns in the index; keys are positions in the seeded order
 REPACK = "re-run `python tools/pack.py SRC --out {root}`"
 
+SPLITS = ("train", "valid", "test")  # the split names a pack is made of when its input names them
+SPLIT_ALIASES = {"val": "valid", "validation": "valid"}  # folder names read as `valid` (Ultralytics, VOC, ...)
+# Listing order in manifests, reports and the proposal stage's photo order: each split with its aliases.
+SPLIT_ORDER = tuple(n for s in SPLITS for n in (s, *(a for a, to in SPLIT_ALIASES.items() if to == s)))
+
+
+def split_sort_key(name: str) -> tuple[int, str]:
+    """train, valid (val, validation), test, then the other splits by name."""
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
 
 class ShardError(CrackioError, RuntimeError):
     """Shards that are missing, incomplete or inconsistent; the message names file and fix."""

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from crackio.errors import ConfigError, MissingFile
+from crackio.format.layout import SPLIT_ALIASES, SPLITS
 from crackio.fsio import display_name
 
 FORMATS = ("coco", "yolo", "voc", "mask")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+SPLIT_NAMES = {**{s: s for s in SPLITS}, **SPLIT_ALIASES}  # a split folder's name -> the split
 # Masks: crack pixels are those above half the mask's maximum (0/1 and 0/255 masks alike; a JPEG-saved mask's
 # compression noise stays below). One crack drawn or predicted as fragments is joined by a dilation
 # with a MASK_JOIN x MASK_JOIN ellipse (gaps up to ~MASK_JOIN - 1 pixels); components with fewer than

@@ -8,9 +8,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from crackio.format.layout import SPLIT_ORDER, split_sort_key
 from crackio.fsio import display_name
 from crackio.writing.filenames import IMAGE_EXTENSIONS, BadName, Proposal, is_utf8, parse_name
-from crackio.writing.quality import SPLIT_ORDER, split_sort_key
 
 # Names operating systems and archivers leave in folders; never proposals.
 OS_METADATA = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db", "$RECYCLE.BIN", "System Volume Information"}

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from crackio.errors import ConfigError
-from crackio.format.layout import MANIFEST, manifest_files, planned_files
+from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
 from crackio.fsio import display_name, write_error
@@ -32,11 +32,9 @@ from crackio.writing.annotations import Photo, read_annotations, resolve_boxes
 from crackio.writing.filenames import format_name
 from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder
-from crackio.writing.quality import leakage_report, split_sort_key
+from crackio.writing.quality import leakage_report
 from crackio.writing.regions import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
 from crackio.writing.spool import SPOOL, Spool, remove_spool, spool_name, write_spooled_split
-
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,6 @@ import numpy as np
 
 IOU_BIN = 0.05  # manifest histogram bin width, the original's IoU strata
 EXAMPLES = 100  # names listed per finding in the manifest; the count is always complete
-SPLIT_ORDER = ("train", "valid", "val", "validation", "test")
-
-
-def split_sort_key(name: str) -> tuple[int, str]:
-    """train, valid (val, validation), test, then the other splits by name."""
-    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
 
 
 def iou_histogram(ious: np.ndarray, labels: np.ndarray) -> dict:
