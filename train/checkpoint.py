@@ -18,7 +18,6 @@ import torch
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile
 from crackio.format.layout import MANIFEST
-from crackio.format.manifest import read_manifest
 from crackio.fsio import write_json, write_text
 from train.config import Config
 
@@ -198,15 +197,11 @@ def save_epoch(
     write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in state.history))
 
 
-def pack_fingerprint(shards: str | Path) -> dict:
+def pack_fingerprint(shards: str | Path, manifest: dict) -> dict:
     """What identifies the pack in `shards`: the SHA-256 of its manifest.json (the same input and seed give a
     byte-identical manifest, and it moves with the folder), and for people the fields that say what changed:
-    format version, seed, source and samples per split.
-
-    Raises:
-        ShardError: no complete pack in `shards` (crackio.format.read_manifest).
+    format version, seed, source and samples per split, from `manifest` as `read_manifest` validated it.
     """
-    manifest = read_manifest(shards)
     data = (Path(shards) / MANIFEST).read_bytes()
     return {
         "manifest_sha256": hashlib.sha256(data).hexdigest(),

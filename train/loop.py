@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from crackio.cli import Interrupted
 from crackio.errors import WriteError
-from crackio.format.manifest import read_manifest
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
 from train.checkpoint import load_checkpoint
@@ -82,7 +81,7 @@ def final_report(run: Run) -> None:
         return
     run.model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["model"])
     splits = {cfg.val_split: run.val_loader}
-    if cfg.test_split in read_manifest(cfg.shards)["splits"]:
+    if cfg.test_split in run.pack["samples"]:  # the pack's splits, as read when the run was built
         splits[cfg.test_split] = split_loader(cfg, cfg.test_split, False, "shuffle", 0, run.device)
     results = {name: predict(run.model, loader, run.loss_fn, run.amp) for name, loader in splits.items()}
     if run.rank != 0:

@@ -124,8 +124,9 @@ def build_run(cfg: Config) -> Run:
     # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
     # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
     # other data.
-    proposals = read_manifest(cfg.shards).get("proposals")
-    pack = pack_fingerprint(cfg.shards)
+    manifest = read_manifest(cfg.shards)  # read and checked once; the loaders check their splits against it
+    proposals = manifest.get("proposals")
+    pack = pack_fingerprint(cfg.shards, manifest)
     out = run_folder(cfg)
     ckpt = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
     state = TrainState.from_checkpoint(ckpt, out / "last.pt") if ckpt else TrainState()

@@ -1,5 +1,9 @@
 """The loader's choices, in one light module (no torch): command lines build their `--help` from these."""
 
+import numpy as np
+
+from crackio.errors import ConfigError
+
 BACKENDS = ("auto", "dali", "torch")
 OUTPUTS = ("float32", "uint8")  # normalized float images, or augmented uint8 ones normalized by the consumer
 DEVICES = ("auto", "cpu", "cuda")
@@ -13,10 +17,6 @@ def integer(name: str, value, least: int, most: int = 2**40) -> int:
     Raises:
         ConfigError: naming the argument and what it must be.
     """
-    import numpy as np
-
-    from crackio.errors import ConfigError
-
     if not (isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_) and least <= value <= most):
         raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)

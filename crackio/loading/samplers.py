@@ -105,9 +105,8 @@ class IouStrata(Shuffle):
     def __post_init__(self) -> None:
         object.__setattr__(self, "per_bin", integer("sampler option per_bin", self.per_bin, 1))
         w = self.bin_width
-        if not (isinstance(w, int | float | np.floating) and not isinstance(w, bool) and math.isfinite(w)):
-            raise ConfigError(f"sampler option bin_width must be a number in (0, 1], got {w!r}")
-        if not 0 < w <= 1:
+        number = isinstance(w, int | float | np.floating) and not isinstance(w, bool)
+        if not (number and math.isfinite(w) and 0 < w <= 1):
             raise ConfigError(f"sampler option bin_width must be a number in (0, 1], got {w!r}")
 
     def select(self, labels: np.ndarray, ious: np.ndarray, seed: int) -> np.ndarray:
