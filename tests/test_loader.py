@@ -205,7 +205,7 @@ def test_cpu_augmentation_equals_the_batched_reference():
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
-    params = draw_params(32, seed=1, epoch=0, rank=0)
+    params = draw_params(32, seed=1, epoch=0, step=0)
     reference = augment(images, params)
     mine = torch.from_numpy(
         np.stack(
@@ -222,7 +222,7 @@ def test_cpu_augmentation_equals_the_batched_reference():
 def test_augmentation_parameters_follow_the_originals_distribution():
     from crackio.loading.augment import draw_params
 
-    p = draw_params(200_000, seed=0, epoch=0, rank=0)
+    p = draw_params(200_000, seed=0, epoch=0, step=0)
     assert 0.5 <= p.brightness.min() and p.brightness.max() <= 1.5 and abs(p.brightness.mean() - 1) < 0.01
     assert abs(p.flip.mean() - 0.5) < 0.01 and set(np.unique(p.flip)) == {0, 1}
     assert -180 <= p.angle.min() and p.angle.max() <= 180 and abs(p.angle.mean()) < 1.5
@@ -313,10 +313,10 @@ def test_block_order_messages_and_integer_types(demo_shards):
         make_loader(
             demo_shards, "valid", batch_size=16, train=True, device="cpu", order="block", rank=0, world_size=40
         ).batches(0)
-    assert (
-        make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=np.int64(32)).block_size
-        == 32
+    loader = make_loader(
+        demo_shards, "train", batch_size=8, train=True, device="cpu", order="block", block_size=np.int64(32)
     )
+    assert loader.traversal.block_size == 32 and type(loader.traversal.block_size) is int
     with pytest.raises(ValueError, match="block_size must be an integer"):
         make_loader(demo_shards, "train", batch_size=8, train=True, device="cpu", block_size=True)
 

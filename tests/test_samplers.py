@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crackio.loading.orders import block_order, rank_batches
+from crackio.loading.orders import BlockOrder, RandomOrder, eval_batches, train_positions
 from crackio.loading.samplers import Balanced, HardNegatives, Weighted, epoch_draws, make_sampler, relabel
 from crackio.writing.filenames import format_name, parse_name
 
@@ -105,15 +105,28 @@ def test_balanced_follows_the_weights_without_duplicates():
     assert abs(labels[even].mean() - 0.5) < 0.002 and (labels[even] == 1).sum() == n1
 
 
-def test_rank_batches_shapes():
+RANDOM = RandomOrder()
+
+
+def rank_batches(sequence, batch_size, rank, world_size, order=RANDOM):
+    """This rank's training batches (row ids), as the loader plans them."""
+    return list(sequence[train_positions(sequence, batch_size * world_size, rank, world_size, order)])
+
+
+def test_train_and_eval_batch_shapes():
     order = np.arange(103)
-    train = [rank_batches(order, 8, r, 4, train=True) for r in range(4)]
+    train = [rank_batches(order, 8, r, 4) for r in range(4)]
     assert all(len(b) == 3 for b in train) and all(len(x) == 8 for b in train for x in b)
-    ev = [rank_batches(order, 8, r, 4, train=False) for r in range(4)]
+    # Global batch s is order[32 s : 32 (s + 1)] whatever the world size.
+    for s in range(3):
+        assert sorted(np.concatenate([b[s] for b in train])) == list(range(32 * s, 32 * (s + 1)))
+    ev = [eval_batches(order, 8, r, 4) for r in range(4)]
     assert {len(b) for b in ev} == {4}
     assert sorted(i for b in ev for x in b for i in x) == list(range(103))
     with pytest.raises(ValueError, match="non-empty"):
-        rank_batches(np.arange(5), 1, 0, 4, train=False)
+        eval_batches(np.arange(5), 1, 0, 4)
+    with pytest.raises(ValueError, match="cannot be shared equally"):
+        train_positions(order, 10, 0, 4, RandomOrder())
 
 
 def test_bad_options():
@@ -136,7 +149,7 @@ def test_weighting_draws_from_a_cut_when_asked(sampler):
         opts(sampler, selection="hardest")
 
 
-# --- block order (crackio.loading.samplers.block_order) ----------------------------------------------------------
+# --- block order (crackio.loading.orders.BlockOrder) ------------------------------------------------------------
 
 BLOCK_CASES = [
     ("shuffle", {}),
@@ -145,6 +158,7 @@ BLOCK_CASES = [
     ("hard-negatives", {"negatives": 3000}),
     ("iou-strata", {"per_bin": 150}),
 ]
+BLOCKS = BlockOrder(64, 8)
 
 
 def block_setup(sampler, options, n=20_000, seed=3):
@@ -156,42 +170,52 @@ def block_setup(sampler, options, n=20_000, seed=3):
     return labels, lambda epoch: epoch_draws(opts, selection, labels, seed, epoch, True)
 
 
+def block_sequence(labels, draws_for, epoch, order=BLOCKS):
+    return order.sequence(draws_for(epoch), len(labels), 3, epoch)
+
+
 @pytest.mark.parametrize("sampler, options", BLOCK_CASES)
-@pytest.mark.parametrize("world", [1, 3])
-def test_block_order_keeps_every_draw_and_splits_ranks_evenly(sampler, options, world):
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_block_order_keeps_every_draw_and_global_batches_at_every_world_size(sampler, options, world):
     labels, draws_for = block_setup(sampler, options)
     draws = draws_for(0)
-    parts = [block_order(draws, len(labels), 64, 8, 3, 0, r, world) for r in range(world)]
-    assert len({len(p) for p in parts}) == 1 and len(draws) - sum(map(len, parts)) < world
-    got = np.bincount(np.concatenate(parts), minlength=len(labels))
-    want = np.bincount(draws, minlength=len(labels))
-    assert (got <= want).all() and (want - got).sum() < world  # the sampler's rows, each as often as drawn
-    # Same steps as random order: rank_batches of the whole epoch vs of one rank's part.
-    assert len(rank_batches(parts[0], 32, 0, 1, True)) == len(rank_batches(draws, 32, 0, world, True))
+    sequence = block_sequence(labels, draws_for, 0)
+    assert np.array_equal(np.bincount(sequence, minlength=len(labels)), np.bincount(draws, minlength=len(labels)))
+    batches = [rank_batches(sequence, 32, r, world, BLOCKS) for r in range(world)]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(draws) // (32 * world)
+    single = rank_batches(sequence, 32 * world, 0, 1, BLOCKS)
+    for s, whole in enumerate(single):  # the same global batch at one rank and at `world` ranks
+        assert sorted(np.concatenate([b[s] for b in batches])) == sorted(whole)
+    # Each rank reads its own run of the global batch by position on disk.
+    if world > 1:
+        assert all(b0[s].max() <= b1[s].min() for b0, b1 in zip(batches, batches[1:]) for s in range(len(b0)))
 
 
-def test_block_order_is_a_pure_function_and_changes_per_epoch_and_rank():
+def test_block_order_is_a_pure_function_and_changes_per_epoch():
     labels, draws_for = block_setup("shuffle", {})
-    a = block_order(draws_for(0), len(labels), 64, 8, 3, 0, 0, 2)
-    assert np.array_equal(a, block_order(draws_for(0), len(labels), 64, 8, 3, 0, 0, 2))
-    assert not np.array_equal(a, block_order(draws_for(1), len(labels), 64, 8, 3, 1, 0, 2))
-    assert not set(a) & set(block_order(draws_for(0), len(labels), 64, 8, 3, 0, 1, 2))  # ranks read apart
+    a = block_sequence(labels, draws_for, 0)
+    assert np.array_equal(a, block_sequence(labels, draws_for, 0))
+    assert not np.array_equal(a, block_sequence(labels, draws_for, 1))
 
 
-def test_block_order_reads_few_blocks_per_window():
+def test_block_order_reads_few_blocks_per_window_and_rank():
     labels, draws_for = block_setup("shuffle", {})
-    seq = block_order(draws_for(0), len(labels), 64, 8, 3, 0, 0, 1)
+    seq = block_sequence(labels, draws_for, 0)
     windows = [seq[i : i + 512] for i in range(0, len(seq), 512)]
     # A window holds 8 blocks' rows; at most one more block straddles each edge of a window.
     assert max(len(np.unique(w // 64)) for w in windows) <= 10
+    # At 4 ranks each reads about a quarter of a window's blocks per global batch: 2 blocks, 3 or 4 where its
+    # run of the batch straddles a block edge or a window edge.
+    touched = [len(np.unique(b // 64)) for r in range(4) for b in rank_batches(seq, 32, r, 4, BLOCKS)]
+    assert np.mean(touched) < 3.2 and max(touched) <= 5
 
 
 def test_block_order_mixes_classes_like_random_order():
     """The spread of the crack share per batch is within 15% of random order's (~5 standard errors at 625
     batches), and its mean the same within 0.01; pairs that share a batch again next epoch stay rare."""
     labels, draws_for = block_setup("shuffle", {})
-    random_batches = rank_batches(draws_for(0), 32, 0, 1, True)
-    block_batches = rank_batches(block_order(draws_for(0), len(labels), 64, 8, 3, 0, 0, 1), 32, 0, 1, True)
+    random_batches = rank_batches(draws_for(0), 32, 0, 1)
+    block_batches = rank_batches(block_sequence(labels, draws_for, 0), 32, 0, 1, BLOCKS)
     share = {k: np.array([labels[b].mean() for b in v]) for k, v in (("r", random_batches), ("b", block_batches))}
     assert abs(share["b"].std() / share["r"].std() - 1) < 0.15
     assert abs(share["b"].mean() - share["r"].mean()) < 0.01
@@ -209,11 +233,8 @@ def test_block_order_mixes_classes_like_random_order():
         return len(first & second) / len(first)
 
     # Measured: random 0.16%, block 0.87% (rows of one block meet in the same window every epoch).
-    assert repeated(lambda e: rank_batches(draws_for(e), 32, 0, 1, True)) < 0.003
-    assert (
-        repeated(lambda e: rank_batches(block_order(draws_for(e), len(labels), 64, 8, 3, e, 0, 1), 32, 0, 1, True))
-        < 0.012
-    )
+    assert repeated(lambda e: rank_batches(draws_for(e), 32, 0, 1)) < 0.003
+    assert repeated(lambda e: rank_batches(block_sequence(labels, draws_for, e), 32, 0, 1, BLOCKS)) < 0.012
 
 
 def test_a_sampler_is_one_frozen_class_built_the_same_from_its_name():

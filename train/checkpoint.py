@@ -4,7 +4,6 @@ pack a run trained on, and the state a resumed run continues from."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import pickle
@@ -17,7 +16,7 @@ import torch
 
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile
-from crackio.format.layout import MANIFEST
+from crackio.format.manifest import manifest_sha256
 from crackio.fsio import write_json, write_text
 from train.config import Config
 
@@ -202,9 +201,8 @@ def pack_fingerprint(shards: str | Path, manifest: dict) -> dict:
     byte-identical manifest, and it moves with the folder), and for people the fields that say what changed:
     format version, seed, source and samples per split, from `manifest` as `read_manifest` validated it.
     """
-    data = (Path(shards) / MANIFEST).read_bytes()
     return {
-        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "manifest_sha256": manifest_sha256(shards),
         "format_version": manifest["format_version"],
         "seed": manifest.get("seed"),
         "source": manifest.get("source"),

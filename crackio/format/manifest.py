@@ -3,6 +3,7 @@ untrusted input (every field a loader uses type-checked)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,16 @@ def _bad(path: Path, what: str, root: Path) -> ShardError:
 
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_sha256(root: str | os.PathLike) -> str:
+    """The SHA-256 of a pack's manifest.json: what identifies the pack (the same input and seed give a
+    byte-identical manifest, and it moves with the folder). Read after `read_manifest` validated it.
+
+    Raises:
+        OSError: the manifest cannot be read.
+    """
+    return hashlib.sha256(read_regular(Path(root) / MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
 
 
 def read_manifest(root: str | os.PathLike) -> dict:

@@ -6,10 +6,10 @@ The original (seed write-up) used, for training:
     v2.RandomRotation(180)           angle ~ U[-180, 180], same size, black fill, nearest
 then ToDtype(scale=True) and Normalize(ImageNet mean/std); eval: normalize only.
 
-The random parameters are drawn here with numpy from (seed, epoch, rank), so both
-backends apply the same augmentation to the same sample and a resumed run repeats
-an uninterrupted one. DALI applies them with its operators (crackio/dali_backend.py);
-the torch backend with `augment_normalize` below.
+The random parameters are drawn here with numpy from (seed, epoch, global batch), position by
+position, so both backends apply the same augmentation to the same sample, and a run resumed
+mid-epoch, at this or another number of ranks, repeats an uninterrupted one. DALI applies them with
+its operators (crackio/loading/dali_backend.py); the torch backend with `augment_image` below.
 """
 
 from __future__ import annotations
@@ -36,15 +36,22 @@ class AugmentParams(NamedTuple):
     angle: np.ndarray  # float32 degrees, counter-clockwise, per sample
 
 
-def draw_params(count: int, seed: int, epoch: int, rank: int, batch: int | None = None) -> AugmentParams:
-    """`count` samples' parameters, a pure function of (seed, epoch, rank) and, when given, the batch number
-    (the loader draws batch by batch: nothing per sample of the split is held for the epoch)."""
-    rng = np.random.default_rng([seed, _SEED_AUG, epoch, rank, *([] if batch is None else [batch])])
+def draw_params(count: int, seed: int, epoch: int, step: int) -> AugmentParams:
+    """The parameters of global batch `step` of `epoch`, one per position 0..count-1 (count = the global
+    batch size): a pure function of the arguments, never of the rank that reads a position, so every world
+    size augments each sample of the epoch alike (a rank takes its positions' rows of the result). Drawn
+    per global batch (~20 us), so nothing per sample of the split is held for the epoch."""
+    rng = np.random.default_rng([seed, _SEED_AUG, epoch, step])
     return AugmentParams(
         brightness=rng.uniform(*BRIGHTNESS, size=count).astype(np.float32),
         flip=(rng.random(count) < FLIP_P).astype(np.int32),
         angle=rng.uniform(-DEGREES, DEGREES, size=count).astype(np.float32),
     )
+
+
+def take(params: AugmentParams, positions: np.ndarray) -> AugmentParams:
+    """The parameters at `positions` (int64 indices into a global batch's)."""
+    return AugmentParams(*(p[positions] for p in params))
 
 
 def rotate_batch(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 
 from crackio.errors import ConfigError
 from crackio.format.index import load_index
-from crackio.loading.augment import AugmentParams, draw_params
+from crackio.format.manifest import manifest_sha256
+from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
-from crackio.loading.orders import block_order, rank_batches
+from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_positions
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
 
@@ -61,6 +62,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class Loader:
     """Iterate for one epoch of `Batch`es; each new iteration is the next epoch (`epoch` may be set to resume).
 
+    Training steps are global: step s of an epoch is the same global batch of batch_size x world_size samples,
+    with the same augmentation per sample, at every world size (crackio.loading.orders); `state_dict` /
+    `load_state_dict` stop and resume anywhere, at this or another world size (the same global batch).
+
     Args:
         shards: folder written by tools/pack.py or tools/propose.py.
         split: e.g. "train", "valid", "test".
@@ -71,17 +76,17 @@ class Loader:
             Weighted(class_weights={0: 1, 1: 2}, selection=HardNegatives(800)), ...) without keywords.
         iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
             recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
-        seed: seeds selection, order and augmentation; order = f(seed, epoch, rank, world_size).
+        seed: seeds selection, order and augmentation: global batches = f(pack, seed, epoch, global batch size).
         device: "cuda", "cpu" or "auto".
         backend: "dali", "torch" or "auto" (DALI where installed).
-        rank, world_size: this process's part of every epoch.
+        rank, world_size: this process's part of every global batch (train) or of the split (eval).
         workers: decode threads (default: the cores this process may use).
         output: "float32" (default): ImageNet-normalized images; "uint8": augmented 0-255 images, 4x fewer
             bytes, for a consumer that normalizes on its own device (crackio.loading.augment.normalize; the trainer's
             model does it on CUDA).
         order: "random" (default): every batch drawn from the whole split, one random read per sample;
             "block": training batches drawn from a shuffle window of `window` blocks of `block_size`
-            consecutive rows, read ahead a block at a time (crackio.loading.orders.block_order): sequential reads
+            consecutive rows, read ahead a block at a time (crackio.loading.orders.BlockOrder): sequential reads
             for shards on a network file system, a spinning disk or a split larger than memory. The same
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
@@ -139,10 +144,12 @@ class Loader:
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
         self.order = order
-        self.block_size, self.window = integer("block_size", block_size, 1), integer("window", window, 1)
+        blocks = BlockOrder(block_size, window)  # checked whichever the order
+        self.traversal: Order = blocks if order == "block" else RandomOrder()
         self.index = load_index(shards, split)
-        blocks = order == "block" and train
-        self.reader = BlockReader(self.index, self.block_size) if blocks else ByteReader(self.index)
+        # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
+        sequential = order == "block" and train
+        self.reader = BlockReader(self.index, blocks.block_size) if sequential else ByteReader(self.index)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -156,6 +163,7 @@ class Loader:
                 f"as crackio.loading.samplers.Weighted(...) without keywords, got {sampler!r} and {options}"
             )
         self.iou_threshold = iou_threshold
+        self.pack = manifest_sha256(shards)
         self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
         self.selection = self.sampler.select(self.labels, self.index.ious, seed)
         self.sampler.check(self.selection, self.labels, iou_threshold)
@@ -171,41 +179,160 @@ class Loader:
             from crackio.loading.torch_backend import TorchBackend
 
             self.backend = TorchBackend(self.reader, self.device, workers, output)  # batches come per epoch
-        self.epoch = 0
         self._iterating = False  # an epoch's iteration is under way (DALI runs one at a time)
-        self._planned: tuple[int, list[np.ndarray]] = (-1, [])
+        self._next = (0, 0)  # (epoch, step) the next iteration starts at
+        self._live: tuple[int, int] | None = None  # (epoch, step) after the last batch handed out
+        self._planned: tuple[int, list[np.ndarray], np.ndarray | None] = (-1, [], None)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per training step over all ranks: batch_size x world_size (what a resume must keep)."""
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration runs (set it to start there, at its first batch)."""
+        return self._next[0]
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._next, self._live = (integer("epoch", epoch, 0), 0), None
+
+    @property
+    def step(self) -> int:
+        """The batch the next iteration starts at (0 unless `load_state_dict` put it mid-epoch)."""
+        return self._next[1]
+
+    def _plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """This rank's row ids for `epoch` batch by batch, and (train) each row's position in its global batch:
+        pure functions of the arguments, computed once per epoch (`len`, the state and the iteration share them)."""
+        if self._planned[0] != epoch:
+            draws = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
+            if self.train:
+                sequence = self.traversal.sequence(draws, len(self.index), self.seed, epoch)
+                positions = train_positions(
+                    sequence, self.global_batch_size, self.rank, self.world_size, self.traversal
+                )
+                within = positions - (np.arange(len(positions)) * self.global_batch_size)[:, None]
+                self._planned = (epoch, list(sequence[positions]), within)
+            else:
+                self._planned = (epoch, eval_batches(draws, self.batch_size, self.rank, self.world_size), None)
+        return self._planned[1], self._planned[2]
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's row ids for `epoch`, batch by batch: a pure function of the arguments, computed once
-        per epoch (`len(loader)` and the iteration share it)."""
-        if self._planned[0] != epoch:
-            order = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
-            if isinstance(self.reader, BlockReader):  # train in block order: this rank's part, batch by batch
-                mine = block_order(
-                    order, len(self.index), self.block_size, self.window, self.seed, epoch, self.rank, self.world_size
-                )
-                if len(mine) < self.batch_size:
-                    raise ConfigError(
-                        f"{len(order)} samples cannot fill one batch of {self.batch_size} on {self.world_size} "
-                        f"rank(s); lower the batch size"
-                    )
-                # Equal parts per rank: the same cut into batches as rank_batches on world_size 1.
-                self._planned = (epoch, rank_batches(mine, self.batch_size, 0, 1, True))
-            else:
-                self._planned = (epoch, rank_batches(order, self.batch_size, self.rank, self.world_size, self.train))
-        return self._planned[1]
+        """This rank's row ids for `epoch`, batch by batch (a pure function of the arguments)."""
+        return self._plan(epoch)[0]
 
     def __len__(self) -> int:
+        """Batches of the epoch the next iteration runs, on this rank (all of them, even when it starts mid-way)."""
         return len(self.batches(self.epoch))
 
-    def plan(self, epoch: int) -> tuple[list[np.ndarray], Iterator[AugmentParams | None]]:
-        """Row ids of every batch of `epoch` on this rank, and their augmentation parameters batch by batch
-        (drawn lazily, one seeded generator per batch: ~20 us each, and no per-sample array for the epoch)."""
-        batches = self.batches(epoch)
+    def plan(self, epoch: int, start: int = 0) -> tuple[list[np.ndarray], Iterator[AugmentParams | None]]:
+        """Row ids of the batches of `epoch` from batch `start` on, on this rank, and their augmentation parameters
+        batch by batch (drawn lazily per global batch, keyed by position: crackio.loading.augment.draw_params)."""
+        batches, within = self._plan(epoch)
+        if within is None:
+            return batches[start:], itertools.repeat(None, len(batches) - start)
+        g, seed = self.global_batch_size, self.seed
+        return batches[start:], (
+            take(draw_params(g, seed, epoch, step), within[step]) for step in range(start, len(batches))
+        )
+
+    def _consumed(self, epoch: int) -> np.ndarray:
+        """Samples all ranks have consumed after each step of `epoch` (0 first)."""
+        steps = len(self.batches(epoch))
+        if self.train:
+            return np.arange(steps + 1, dtype=np.int64) * self.global_batch_size
+        return eval_consumed(len(self.selection), self.batch_size, self.world_size)
+
+    def state_dict(self) -> dict:
+        """Where this loader is, as plain JSON-serializable data (torch's `state_dict` convention): the epoch and
+        the samples of it consumed by all ranks together, plus what `load_state_dict` checks (pack, split, sampler,
+        labels, seed, global batch, order). Any rank's state is the same; save rank 0's.
+
+        It counts every batch handed out by the last iteration, also after the consumer broke out of it (a new
+        iteration still starts the next epoch, as always: load the state to go back); before any iteration, or
+        after `load_state_dict` or setting `epoch`, it is where the next iteration starts. An epoch consumed to
+        its end reads as the next epoch at 0. No sample is read.
+        """
+        epoch, step = self._live or self._next
+        if step and step == len(self.batches(epoch)):
+            epoch, step = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "samples": int(self._consumed(epoch)[step]) if step else 0,
+            "pack": self.pack,
+            "split": self.index.split,
+            "train": self.train,
+            "sampler": repr(self.sampler),
+            "iou_threshold": self.iou_threshold,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size if self.train else self.batch_size,
+            "order": repr(self.traversal) if self.train else "index",
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (another loader's `state_dict`, at this or another world size): the next
+        iteration starts with the batch an uninterrupted run would have produced next. Nothing skipped is read or
+        decoded; the cost is planning the epoch (crackio/docs/loader.md gives the figures).
+
+        Training states load at any world size that divides the global batch, with batch_size = global / world
+        size. An evaluation pass resumes mid-way at its own world size and batch size only.
+
+        Raises:
+            ConfigError: a state that is not a loader's, or is of another pack, split, sampler, labelling, seed,
+                global batch size or (mid-epoch) order; one line saying what differs and what to do.
+        """
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("epoch", "samples")):
+            raise ConfigError(f"not a loader state (no integer epoch and samples): {str(state)[:200]}")
+        epoch, samples = state["epoch"], state["samples"]
+        if epoch < 0 or samples < 0 or isinstance(epoch, bool) or isinstance(samples, bool):
+            raise ConfigError(f"a loader state's epoch and samples are >= 0, got {epoch} and {samples}")
+        mine = self.state_dict()
+        for key, what in (
+            ("pack", "another pack (its manifest.json differs): resume on the shards it was saved on"),
+            ("split", "another split"),
+            ("train", "a loader of another kind (train or eval)"),
+            ("sampler", "another sampler or sampler options"),
+            ("iou_threshold", "other labels (--iou-threshold)"),
+            ("seed", "another seed"),
+        ):
+            if state.get(key) != mine[key]:
+                raise ConfigError(f"the loader state is for {what}: {key} {state.get(key)!r} then, {mine[key]!r} now")
+        g, now = state.get("global_batch_size"), self.global_batch_size if self.train else self.batch_size
+        if g != now:
+            raise ConfigError(self._batch_refusal(g, state.get("world_size")))
+        if samples and state.get("order") != mine["order"]:
+            raise ConfigError(
+                f"the loader state stops within epoch {epoch} in order {state.get('order')} and this loader reads "
+                f"{mine['order']}: keep the order until the epoch ends (it may change between epochs)"
+            )
+        consumed = self._consumed(epoch)
+        step = int(np.searchsorted(consumed, samples))
+        if step == len(consumed) or consumed[step] != samples:
+            raise ConfigError(
+                f"the loader state stops after {samples} samples of epoch {epoch}, which is not the end of a step "
+                f"of this loader ({len(consumed) - 1} steps of up to {now} samples): "
+                + ("it is not a state of this split" if self.train else "resume evaluation at its own world size")
+            )
+        self._next = (epoch + 1, 0) if step == len(consumed) - 1 else (epoch, step)
+        self._live = None
+
+    def _batch_refusal(self, saved, saved_world) -> str:
         if not self.train:
-            return batches, itertools.repeat(None, len(batches))
-        bs, seed, rank = self.batch_size, self.seed, self.rank
-        return batches, (draw_params(bs, seed, epoch, rank, i) for i in range(len(batches)))
+            return (
+                f"the loader state is of an evaluation pass with batch size {saved}, this loader's is "
+                f"{self.batch_size}: evaluation resumes with its own batch size and world size only"
+            )
+        w = self.world_size
+        line = (
+            f"the loader state was saved with a global batch of {saved} ({saved_world} rank(s)); this loader's is "
+            f"{self.global_batch_size} ({self.batch_size} x {w} rank(s)): "
+        )
+        if isinstance(saved, int) and saved % w == 0:
+            return line + f"make the per-rank batch {saved // w} (the global batch / the number of ranks)"
+        return line + f"resume on a number of ranks that divides {saved}, with batch_size = {saved} / ranks"
 
     def __iter__(self) -> Iterator[Batch]:
         if self._iterating and self.backend_name == "dali":
@@ -213,15 +340,17 @@ class Loader:
                 "this loader is already iterating an epoch, and its DALI pipeline runs one epoch at a time: finish "
                 "the previous iteration or close it (iterator.close()) first, or use backend='torch'"
             )
-        epoch = self.epoch
-        self.epoch += 1  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
+        epoch, start = self._next
+        self._next = (epoch + 1, 0)  # advanced up front: nobody can forget set_epoch, an abandoned epoch counts
+        self._live = (epoch, start)
         self._iterating = True
-        batches, params = self.plan(epoch)
+        batches, params = self.plan(epoch, start)
         if isinstance(self.reader, BlockReader):
             self.reader.prefetch(batches)
         try:
-            for images, ids in self.backend.run_epoch(batches, params):
+            for step, (images, ids) in enumerate(self.backend.run_epoch(batches, params), start + 1):
                 rows = ids.numpy()  # labels and IoUs looked up per batch: no per-sample copy held for the run
+                self._live = (epoch, step)  # this batch counts as consumed once handed out
                 yield Batch(
                     images,
                     torch.from_numpy(self.labels[rows].astype(np.float32)).to(self.device),

@@ -1,35 +1,122 @@
-"""Where an epoch's draws go: which rank, which batch, in which reading order (random or block). Pure
-functions of (draws, batch size, rank, world size, seed, epoch); the samplers (crackio.loading.samplers)
-decide the draws."""
+"""Where an epoch's draws go: one global sequence per epoch, cut into global batches, and each global batch
+dealt to the ranks. The sequence is a pure function of (draws, seed, epoch) and the order's settings, never of
+the number of ranks, so a run can stop at one world size and resume at another with the same global batches
+(the samplers, crackio.loading.samplers, decide the draws). One small class per training order, as ffcv's
+traversal orders; evaluation is cut by `eval_batches`.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from crackio.errors import ConfigError
+from crackio.loading.options import integer
+
+_SEED_BLOCK = 0xB10C
 
 
-def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int, train: bool) -> list[np.ndarray]:
-    """This rank's batches; every rank gets the same number of batches.
-
-    Train drops the tail that does not fill a batch on every rank. Eval keeps every
-    sample exactly once and pads nothing: the order is cut into world_size * B
-    near-equal batches (each <= batch_size) dealt round-robin to the ranks.
-    """
+def check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-    if train:
-        per_step = batch_size * world_size
-        steps = len(order) // per_step
-        if steps == 0:
-            raise ConfigError(
-                f"{len(order)} samples cannot fill one batch of {batch_size} on "
-                f"{world_size} rank(s); lower the batch size"
-            )
-        grid = order[: steps * per_step].reshape(steps, world_size, batch_size)
-        return list(grid[:, rank])
+
+
+@dataclass(frozen=True)
+class RandomOrder:
+    """The sampler's draws as drawn: every batch from the whole split, one random read per sample.
+
+    Rank r of W takes positions [r*b, (r+1)*b) of each global batch of G = b*W samples.
+    """
+
+    name: ClassVar[str] = "random"
+
+    def sequence(self, draws: np.ndarray, num_rows: int, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's global sequence of row ids (every rank computes the same)."""
+        return draws
+
+    def deal(self, grid: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+        """Positions (within each global batch, steps x b int64) that rank `rank` of `world_size` reads;
+        `grid` is the epoch's row ids as steps x G."""
+        b = grid.shape[1] // world_size
+        return np.broadcast_to(np.arange(rank * b, (rank + 1) * b), (len(grid), b))
+
+
+@dataclass(frozen=True)
+class BlockOrder:
+    """Runs of consecutive index rows (blocks: consecutive bytes of a tar whose rows the packer already
+    shuffled globally) in a seeded random order, shuffled within windows of `window` blocks (MosaicML
+    Streaming's block shuffles, FFCV's quasi-random order): sequential reads for shards on a network file
+    system, a spinning disk or a split larger than memory.
+
+    The sequence is global (the same at every world size). Each global batch is dealt by row id: rank r takes
+    the r-th run of its rows sorted by position on disk, so a rank reads about `window / W` blocks of each
+    window instead of all of them. The cost against a per-rank order: rows near the cut between two ranks'
+    runs share a block, so that block's span is read by both ranks (at most one block more per rank and
+    window), and a global batch mixes `window` blocks, not `window` blocks per rank: raise `window` with
+    the world size for the same mixing (`window = 8 * W` reads as the old per-rank windows did).
+    """
+
+    name: ClassVar[str] = "block"
+    block_size: int = 128
+    window: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_size", integer("block_size", self.block_size, 1))
+        object.__setattr__(self, "window", integer("window", self.window, 1))
+
+    def sequence(self, draws: np.ndarray, num_rows: int, seed: int, epoch: int) -> np.ndarray:
+        """Every draw with its count, grouped by block, blocks in a seeded order, each run of `window` blocks'
+        rows shuffled: a pure function of the arguments."""
+        counts = np.bincount(draws, minlength=num_rows)
+        rows = np.repeat(np.arange(num_rows), counts)  # every draw, in row order
+        blocks = -(-num_rows // self.block_size)
+        place = np.empty(blocks, np.int64)
+        place[np.random.default_rng([seed, _SEED_BLOCK, epoch]).permutation(blocks)] = np.arange(blocks)
+        sequence = rows[np.argsort(place[rows // self.block_size], kind="stable")]  # blocks in the seeded order
+        rng = np.random.default_rng([seed, _SEED_BLOCK, epoch, 1])
+        span = self.window * self.block_size
+        for start in range(0, len(sequence), span):
+            sequence[start : start + span] = rng.permutation(sequence[start : start + span])
+        return sequence
+
+    def deal(self, grid: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+        b = grid.shape[1] // world_size
+        return np.argsort(grid, axis=1, kind="stable")[:, rank * b : (rank + 1) * b]
+
+
+Order = RandomOrder | BlockOrder
+
+
+def train_positions(sequence: np.ndarray, global_batch: int, rank: int, world_size: int, order: Order) -> np.ndarray:
+    """This rank's positions in the epoch's `sequence`, steps x (global_batch / world_size) int64.
+
+    Global batch s is sequence[s*G : (s+1)*G] at every world size; the tail that does not fill one is dropped
+    (the original's DataLoader kept it; equal full batches keep every rank in step and the sequence
+    independent of W).
+
+    Raises:
+        ConfigError: a global batch the ranks cannot share equally, or a split that cannot fill one.
+    """
+    check_rank(rank, world_size)
+    if global_batch % world_size:
+        raise ConfigError(f"a global batch of {global_batch} cannot be shared equally by {world_size} ranks")
+    steps = len(sequence) // global_batch
+    if steps == 0:
+        raise ConfigError(
+            f"{len(sequence)} samples cannot fill one batch of {global_batch // world_size} on "
+            f"{world_size} rank(s); lower the batch size"
+        )
+    grid = sequence[: steps * global_batch].reshape(steps, global_batch)
+    return order.deal(grid, rank, world_size) + (np.arange(steps, dtype=np.int64) * global_batch)[:, None]
+
+
+def eval_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's evaluation batches: every sample exactly once, nothing padded, every rank the same number of
+    batches. The order is cut into world_size * B near-equal batches (each <= batch_size) dealt round-robin."""
+    check_rank(rank, world_size)
     per_rank = math.ceil(math.ceil(len(order) / world_size) / batch_size)
     if per_rank * world_size > len(order):  # some batch would be empty: impossible without padding
         raise ConfigError(
@@ -40,38 +127,10 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
     return parts[rank::world_size]
 
 
-_SEED_BLOCK = 0xB10C
-
-
-def block_order(
-    draws: np.ndarray, num_rows: int, block_size: int, window: int, seed: int, epoch: int, rank: int, world_size: int
-) -> np.ndarray:
-    """This rank's sequence of row ids for an epoch in block order (train only).
-
-    `draws` is the epoch's sampler output (`epoch_order`): which rows, how many times each.
-    Blocks are runs of `block_size` consecutive index rows, i.e. consecutive bytes of a tar whose
-    rows the packer already shuffled globally. Every drawn row is kept with its count and grouped
-    by block; the blocks are visited in a seeded random order; the sequence is cut into `world_size`
-    equal contiguous parts (the remainder, < world_size rows, dropped), so each rank reads its own
-    blocks; within each rank's part, every run of `window * block_size` rows is shuffled (the shuffle
-    buffer). Like MosaicML Streaming's block shuffles and FFCV's quasi-random order; a pure function
-    of the arguments. Each rank gets the same length, so `rank_batches`-style cutting into batches
-    gives every rank the same number of steps as `random` order would.
-    """
-    if block_size < 1 or window < 1:
-        raise ConfigError(f"block_size and window must be >= 1, got {block_size} and {window}")
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-    counts = np.bincount(draws, minlength=num_rows)
-    rows = np.repeat(np.arange(num_rows), counts)  # every draw, in row order
-    blocks = -(-num_rows // block_size)
-    place = np.empty(blocks, np.int64)
-    place[np.random.default_rng([seed, _SEED_BLOCK, epoch]).permutation(blocks)] = np.arange(blocks)
-    sequence = rows[np.argsort(place[rows // block_size], kind="stable")]  # blocks in the seeded order
-    part = len(sequence) // world_size
-    mine = sequence[rank * part : (rank + 1) * part].copy()
-    rng = np.random.default_rng([seed, _SEED_BLOCK, epoch, rank, world_size])
-    span = window * block_size
-    for start in range(0, len(mine), span):
-        mine[start : start + span] = rng.permutation(mine[start : start + span])
-    return mine
+def eval_consumed(samples: int, batch_size: int, world_size: int) -> np.ndarray:
+    """Samples all ranks have evaluated after each step of `eval_batches` (0 first, then one per step)."""
+    per_rank = math.ceil(math.ceil(samples / world_size) / batch_size)
+    parts = per_rank * world_size
+    sizes = np.full(parts, samples // parts, np.int64)
+    sizes[: samples % parts] += 1  # np.array_split's sizes
+    return np.concatenate([[0], np.cumsum(sizes.reshape(per_rank, world_size).sum(1))])
