@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,18 @@ def test_bench_scale_cold_rows_read(demo_shards, row):
     run = subprocess.run([*scale, *args, "--row", row], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1])["images_per_sec"] > 0
+
+
+def test_bench_scale_plan_times_an_epoch_plan_and_block_reads(tmp_path):
+    from tools.bench_scale import block_reads
+
+    assert block_reads(np.array([9, 0, 131, 3, 130, 5]), 128) == 10 + 2  # spans: rows 0..9 of block 0, 130..131
+    out = tmp_path / "plan.json"
+    scale = [sys.executable, str(ROOT / "tools" / "bench_scale.py")]
+    args = ["plan", "--rows", "20000", "--world", "2", "--global-batch", "32", "--json", str(out)]
+    run = subprocess.run([*scale, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["plan"]["results"]
+    assert len(rows) == 4 * 2 * 2 and all(r["plan_seconds"] > 0 for r in rows)
+    block = {(r["sampler"], r["world_size"]): r["rows_read_per_row"] for r in rows if r["order"] == "block"}
+    assert block[("shuffle", 1)] == pytest.approx(1.0, abs=0.01) and block[("shuffle", 2)] >= 1.0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from crackio.loading.orders import BlockOrder, RandomOrder, eval_batches, train_positions
+from crackio.loading.orders import BlockOrder, RandomOrder, eval_batches, global_batches
 from crackio.loading.samplers import Balanced, HardNegatives, Weighted, epoch_draws, make_sampler, relabel
 from crackio.writing.filenames import format_name, parse_name
 
@@ -94,6 +95,28 @@ def test_weighted_without_replacement_is_the_originals_reorder():
     assert np.array_equal(order, again)
 
 
+@pytest.mark.parametrize("replacement", [True, False])
+def test_weighted_draws_as_torchs_weighted_random_sampler(replacement):
+    """Per-row frequency at each position of the draw, ours against torch.multinomial's (what
+    WeightedRandomSampler calls) on 6 negatives and 3 positives weighted 1:3, 20,000 draws each."""
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 1, 0])
+    sampler = opts("weighted", class_weights={0: 1, 1: 3}, replacement=replacement)
+    reps = 20_000
+    rng = np.random.default_rng(0)
+    ours = np.stack([sampler.draw(np.arange(9), labels, rng) for _ in range(reps)])
+    weights = torch.tensor([3.0 if x else 1.0 for x in labels]).expand(reps, 9)
+    theirs = torch.multinomial(weights, 9, replacement=replacement, generator=torch.Generator().manual_seed(0))
+    for position in range(9):
+        a = np.bincount(ours[:, position], minlength=9) / reps
+        b = np.bincount(theirs[:, position].numpy(), minlength=9) / reps
+        assert np.abs(a - b).max() < 0.02, (position, a, b)  # ~6 standard errors of the difference
+    if not replacement:
+        assert all(sorted(row) == list(range(9)) for row in ours[:100])
+        # Exactly: the first draw is a positive with 9/15, the first two with 9/15 * 6/12.
+        assert abs(labels[ours[:, 0]].mean() - 0.6) < 0.015
+        assert abs((labels[ours[:, 0]] & labels[ours[:, 1]]).mean() - 0.3) < 0.015
+
+
 def test_balanced_follows_the_weights_without_duplicates():
     labels, _ = fake_index(8000, seed=6)
     sel = np.arange(len(labels))
@@ -110,7 +133,7 @@ RANDOM = RandomOrder()
 
 def rank_batches(sequence, batch_size, rank, world_size, order=RANDOM):
     """This rank's training batches (row ids), as the loader plans them."""
-    return list(sequence[train_positions(sequence, batch_size * world_size, rank, world_size, order)])
+    return list(order.deal(global_batches(sequence, batch_size * world_size, rank, world_size), rank, world_size)[0])
 
 
 def test_train_and_eval_batch_shapes():
@@ -126,7 +149,7 @@ def test_train_and_eval_batch_shapes():
     with pytest.raises(ValueError, match="non-empty"):
         eval_batches(np.arange(5), 1, 0, 4)
     with pytest.raises(ValueError, match="cannot be shared equally"):
-        train_positions(order, 10, 0, 4, RandomOrder())
+        global_batches(order, 10, 0, 4)
 
 
 def test_bad_options():

@@ -3,6 +3,7 @@
     python tools/bench_scale.py pack SRC [--workers 1 2] [--samples-per-shard N] [--json OUT]
     python tools/bench_scale.py cold SHARDS [--split large] [--seconds S] [--json OUT]
     python tools/bench_scale.py memory SHARDS [--split large] [--processes 8] [--json OUT]
+    python tools/bench_scale.py plan [--rows 10000000] [--world 8] [--global-batch 256] [--json OUT]
 
 pack    files/s of tools/pack.py with each worker count (a fresh output folder each; peak RSS of
         the main process and of the largest worker), beside Pillow's full decode
@@ -20,6 +21,11 @@ memory  N processes each holding a train loader on the split (index loaded, firs
         planned, one batch read): the sum of their proportional set sizes (PSS, shared pages
         split between the processes that share them) and of their private memory (USS), from
         /proc/PID/smaps_rollup.
+plan    what stopping and resuming cost, on a synthetic index of --rows samples (no pack needed: the loader's
+        own functions on its arrays): seconds to plan an epoch on one rank (what every epoch start and every
+        `Loader.load_state_dict` compute; nothing is read or decoded) per sampler and order, and, for block
+        order, the rows each rank reads per row it trains on (the block spans of crackio.loading.readers.
+        BlockReader), at one rank and at --world ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -346,6 +354,70 @@ def bench_memory(args) -> dict:
     return result
 
 
+def block_reads(rows: np.ndarray, block_size: int) -> int:
+    """Rows a BlockReader reads for these planned rows: per block, the span from the first to the last needed row
+    (crackio.loading.readers.BlockReader._spans, one tar per block as packed)."""
+    blocks = rows // block_size
+    order = np.lexsort((rows, blocks))
+    b, r = blocks[order], rows[order]
+    first = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    last = np.r_[first[1:], len(b)] - 1
+    return int((r[last] - r[first] + 1).sum())
+
+
+def bench_plan(args) -> dict:
+    from crackio.loading.orders import BlockOrder, RandomOrder, train_plan
+    from crackio.loading.samplers import epoch_draws, make_sampler
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(args.rows) < 0.1).astype(np.int8)  # ~10% cracks, as in the original's proposals
+    ious = rng.uniform(0, 1, args.rows).astype(np.float32)
+    samplers = {
+        "shuffle": {},
+        "hard-negatives": {"negatives": args.rows // 10},
+        "weighted": {"replacement": True},
+        "balanced": {},
+    }
+    rows = []
+    for name, options in samplers.items():
+        sampler = make_sampler(name, **options)
+        selection = sampler.select(labels, ious, 0)
+        for order in (RandomOrder(), BlockOrder(args.block_size, args.window)):
+            for world in (1, args.world):
+                times = []
+                for _ in range(3):  # the least of three: the first pays the page faults of new arrays
+                    start = time.perf_counter()
+                    draws = epoch_draws(sampler, selection, labels, 0, 3, True)
+                    planned, _ = train_plan(draws, args.rows, 0, 3, order, args.global_batch, 0, world)
+                    times.append(time.perf_counter() - start)
+                seconds = min(times)
+                row = {"sampler": name, "order": order.name, "world_size": world, "plan_seconds": seconds}
+                if isinstance(order, BlockOrder):
+                    reads = [
+                        block_reads(train_plan(draws, args.rows, 0, 3, order, args.global_batch, r, world)[0].ravel(),
+                                    args.block_size) / planned.size
+                        for r in range(world)
+                    ]  # fmt: skip
+                    row["rows_read_per_row"] = max(reads)
+                rows.append(row)
+                print(
+                    f"  {name:15s} {order.name:6s} W={world}: plan {seconds:.2f} s"
+                    + (
+                        f", block reads {row['rows_read_per_row']:.2f} rows per row"
+                        if "rows_read_per_row" in row
+                        else ""
+                    ),
+                    file=sys.stderr,
+                )
+    return {
+        "rows": args.rows,
+        "global_batch": args.global_batch,
+        "block_size": args.block_size,
+        "window": args.window,
+        "results": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -369,13 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--row", help=argparse.SUPPRESS)
     m.add_argument("--processes", type=int, default=8)
     m.add_argument("--code", type=Path, default=ROOT, help="the checkout whose crackio to measure (default: this)")
-    for q in (p, c, m):
+    n = sub.add_parser("plan", help="what stopping and resuming cost: planning an epoch, block reads per rank")
+    n.add_argument("--rows", type=int, default=10_000_000)
+    n.add_argument("--world", type=int, default=8)
+    n.add_argument("--global-batch", type=int, default=256)
+    n.add_argument("--block-size", type=int, default=128)
+    n.add_argument("--window", type=int, default=8)
+    for q in (p, c, m, n):
         q.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.what == "cold" and args.row:
         print(json.dumps(cold_row(args)))
         return 0
-    result = {"pack": bench_pack, "cold": bench_cold, "memory": bench_memory}[args.what](args)
+    result = {"pack": bench_pack, "cold": bench_cold, "memory": bench_memory, "plan": bench_plan}[args.what](args)
     result = {"machine": machine(), args.what: result}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -16,7 +16,7 @@ from crackio.format.index import load_index
 from crackio.format.manifest import manifest_sha256
 from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
-from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_positions
+from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
 
@@ -209,12 +209,11 @@ class Loader:
         if self._planned[0] != epoch:
             draws = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
             if self.train:
-                sequence = self.traversal.sequence(draws, len(self.index), self.seed, epoch)
-                positions = train_positions(
-                    sequence, self.global_batch_size, self.rank, self.world_size, self.traversal
-                )
-                within = positions - (np.arange(len(positions)) * self.global_batch_size)[:, None]
-                self._planned = (epoch, list(sequence[positions]), within)
+                rows, within = train_plan(
+                    draws, len(self.index), self.seed, epoch, self.traversal, self.global_batch_size, self.rank,
+                    self.world_size,
+                )  # fmt: skip
+                self._planned = (epoch, list(rows), within)
             else:
                 self._planned = (epoch, eval_batches(draws, self.batch_size, self.rank, self.world_size), None)
         return self._planned[1], self._planned[2]

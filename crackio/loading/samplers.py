@@ -122,6 +122,33 @@ class IouStrata(Shuffle):
 
 
 Cut = Shuffle | HardNegatives | IouStrata  # what weighting draws from
+
+
+def _successive(by_class: list[np.ndarray], weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The first `n` of a successive weighted draw without replacement (each next row with probability
+    proportional to its weight among those left: torch.multinomial's, and Efraimidis & Spirakis's: rows in
+    decreasing order of log(u) / w, u uniform).
+
+    Per class the keys are i.i.d., so their order is a uniform permutation of the class's rows, and the sorted
+    keys come without a sort from Renyi's representation of exponential order statistics: the k-th smallest of m
+    Exp(1) values is sum_{j<=k} E_j / (m - j + 1). The classes' sorted keys are then merged.
+    """
+    keys, rows = [], []
+    for members, weight in zip(by_class, weights):
+        if weight == 0 or len(members) == 0:
+            continue  # never drawn while another class has rows left (n <= rows of non-zero weight)
+        m = len(members)
+        keys.append(np.cumsum(rng.exponential(size=m) / np.arange(m, 0, -1)) / weight)  # -log(u) / w, ascending
+        rows.append(rng.permutation(members))
+    if len(keys) == 1:
+        return rows[0][:n]
+    (a, b), (ra, rb) = keys, rows
+    out = np.empty(len(a) + len(b), np.int64)
+    out[np.searchsorted(b, a, side="right") + np.arange(len(a))] = ra  # merged by key
+    out[np.searchsorted(a, b, side="left") + np.arange(len(b))] = rb
+    return out[:n]
+
+
 SELECTIONS: dict[str, type[Shuffle]] = {"all": Shuffle, "hard-negatives": HardNegatives, "iou-strata": IouStrata}
 
 
@@ -175,14 +202,28 @@ class Weighted:
         return self.selection.select(labels, ious, seed)
 
     def draw(self, selection: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        w = np.array([self.class_weights[c] for c in (0, 1)])[labels[selection]]
+        """`num_samples` draws, each row with probability proportional to its class weight: i.i.d. (with
+        replacement) or successively without replacement, as torch's WeightedRandomSampler draws.
+
+        Written per class rather than with `rng.choice(p=...)` (one CDF search per draw: 14 s for 10M rows on 2
+        cores, at every epoch start and every resume): all weights of a class are equal, so the same distributions
+        come from class counts and uniform draws within each class (0.3 s and ~1 s).
+        """
+        by_class = [selection[labels[selection] == c] for c in (0, 1)]
+        w = np.array([self.class_weights[c] for c in (0, 1)], dtype=np.float64)
         n = self.num_samples or len(selection)
-        if not self.replacement and n > np.count_nonzero(w):
+        if self.replacement:
+            # i.i.d. draws: the count per class is multinomial over the classes' masses, each draw uniform within.
+            mass = w * [len(rows) for rows in by_class]
+            counts = rng.multinomial(n, mass / mass.sum())
+            drawn = [rows[rng.integers(0, len(rows), k)] for rows, k in zip(by_class, counts) if k]
+            return rng.permutation(np.concatenate(drawn))
+        nonzero = sum(len(rows) for rows, weight in zip(by_class, w) if weight > 0)
+        if n > nonzero:
             raise ConfigError(
-                f"weighted sampler without replacement cannot draw {n} of "
-                f"{np.count_nonzero(w)} samples with non-zero weight"
+                f"weighted sampler without replacement cannot draw {n} of {nonzero} samples with non-zero weight"
             )
-        return rng.choice(selection, size=n, replace=self.replacement, p=w / w.sum())
+        return _successive(by_class, w, n, rng)
 
     def check(self, selection: np.ndarray, labels: np.ndarray, threshold: float | None) -> None:
         """Refuse class weights that leave nothing to draw, naming counts, weights and labels."""
