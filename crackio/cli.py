@@ -50,6 +50,39 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+class StopRequest:
+    """A signal recorded by `deferred_signals`: `signum` is 0 until SIGINT or SIGTERM arrives."""
+
+    signum: int = 0
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[StopRequest]:
+    """Inside, the first SIGINT or SIGTERM is recorded (`request.signum`) instead of raised, so a loop can stop
+    between two whole steps (the trainer saves a checkpoint there); a second one raises Interrupted at once, as
+    `stop_on_signals` would. The handlers in place before are put back on leaving, and a signal recorded but
+    not acted on is raised then (Interrupted). Outside the main thread nothing is installed and the request
+    never fires."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def record(signum, _frame):
+        if request.signum:
+            raise Interrupted(signum)
+        request.signum = signum
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if request.signum:  # the body ended without acting on it
+        raise Interrupted(request.signum)
+
+
 def run_command(body: Callable[[], int | None], interrupted: Callable[[], str | None] = lambda: None) -> int:
     """Run a command's body under the error policy above; returns its exit code (None counts as 0).
 

@@ -438,9 +438,10 @@ def test_sigterm_in_the_first_epoch_stops_cleanly_and_resume_starts_it_again(dem
     assert proc.returncode == 128 + signal.SIGTERM
     assert took < 10, f"took {took:.1f} s to stop"
     line = one_line(err.decode(), run)
-    assert line == f"interrupted by SIGTERM: no epoch finished: `python -m train --resume {run}` starts it again " + (
-        "with its saved settings"
-    )
+    assert line.startswith(f"interrupted by SIGTERM: {run / 'step.pt'} holds epoch 1 after ")
+    assert line.endswith(f"samples: continue with `python -m train --resume {run}`")
+    # As if a kill -9 had come before the first checkpoint:
+    (run / "step.pt").unlink()
     with pytest.raises(ProcessLookupError):  # nothing of its session is left running: no orphans
         os.killpg(proc.pid, 0)
     assert not temporaries(run) and not (run / "last.pt").exists()
@@ -453,7 +454,7 @@ def test_sigterm_in_the_first_epoch_stops_cleanly_and_resume_starts_it_again(dem
     (run / "notes.tmp").write_text("mine")
     assert len(temporaries(run)) == 3
     assert cli(["--resume", str(run)]) == 0
-    assert "has no last.pt (stopped before its first epoch finished): starting at epoch 1" in capsys.readouterr().out
+    assert "has no checkpoint (stopped before its first one): starting at epoch 1" in capsys.readouterr().out
     assert not temporaries(run) and (run / "notes.tmp").read_text() == "mine"
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
 

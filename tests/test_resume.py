@@ -5,11 +5,22 @@ ranks, and a state saved at one world size resumes at another with the same glob
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 from crackio import make_loader
 from tests.conftest import BACKENDS
+from tests.helpers import TINY_ARGS, tiny
+from train.checkpoint import STEP
+from train.resume import resume_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 SAMPLERS = [
     ("shuffle", {}),
@@ -184,3 +195,103 @@ def test_another_pack_and_damaged_states_are_refused(demo_shards, coded_shards):
     for bad in (None, {}, {"epoch": "1", "samples": 0}, {"epoch": -1, "samples": 0}, {**state, "samples": 3}):
         with pytest.raises(ValueError, match="loader state"):
             loader.load_state_dict(bad)
+
+
+# ---- the trainer: mid-epoch checkpoints, SIGTERM, --resume RUN or RUN/<checkpoint>, 2 ranks -> 1 ------------------
+
+TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
+
+
+def train_cmd(shards, out, *extra):
+    return [
+        sys.executable, "-m", "train", "--shards", str(shards), "--out", str(out), *TINY_ARGS, "--head", "linear",
+        "--epochs", "2", "--batch-size", "8", "--workers", "1", *extra,
+    ]  # fmt: skip
+
+
+def run_ok(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def stop_after_a_checkpoint(cmd, out, code=128 + signal.SIGTERM):
+    """Start `cmd`, SIGTERM it once out/step.pt exists; returns its stderr (exit code `code`)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while not (out / STEP).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before its first mid-epoch checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-3000:]
+    return err
+
+
+def final(out):
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    history = [{k: v for k, v in row.items() if k not in TIMING} for row in ckpt["history"]]
+    return ckpt["model"], history
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_resumes_bit_identical(demo_shards, tmp_path):
+    run_ok(train_cmd(demo_shards, tmp_path / "whole", "--checkpoint-every", "0"))
+    out = tmp_path / "stopped"
+    err = stop_after_a_checkpoint(train_cmd(demo_shards, out, "--checkpoint-every", "3"), out)
+    assert f"{out / STEP} holds epoch 1 after" in err and f"--resume {out}" in err
+    assert not (out / "last.pt").exists()  # stopped within the first epoch
+    state = torch.load(out / STEP, weights_only=True)["progress"]["loader"]
+    assert state["epoch"] == 0 and 0 < state["samples"] < 160 and state["samples"] % 8 == 0
+    run_ok([sys.executable, "-m", "train", "--resume", str(out / STEP)])  # a checkpoint file, as timm takes it
+    weights, history = final(out)
+    whole_weights, whole_history = final(tmp_path / "whole")
+    assert history == whole_history and [r["train_samples"] for r in history] == [160, 160]
+    assert all(torch.equal(weights[k], whole_weights[k]) for k in whole_weights)
+    assert not (out / STEP).exists()  # older than last.pt once an epoch ends
+
+
+def test_resume_takes_a_run_folder_or_a_checkpoint_in_it(demo_shards, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny(demo_shards, run).for_world(2).save(run / "config.json")  # as a 2-rank run saves it: 16 per rank
+    for name in ("last.pt", "best.pt", STEP):
+        (run / name).write_bytes(b"")
+    for given in (run, run / "last.pt", run / "best.pt", run / STEP):
+        cfg = resume_config(given, epochs=3)
+        assert (cfg.out, cfg.resume, cfg.epochs, cfg.global_batch_size) == (str(run), str(given), 3, 32)
+    with pytest.raises(ValueError, match="keeps the run's global batch of 32 .* --batch-size 16 x 1 rank"):
+        resume_config(run, batch_size=16)
+    assert resume_config(run, batch_size=32).for_world(1).batch_size == 32
+    assert resume_config(run).for_world(4).batch_size == 8
+    with pytest.raises(ValueError, match="cannot be shared equally by 3 ranks"):
+        resume_config(run).for_world(3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resume_config(run, batch_size=8).batch_size == 8
+
+
+@pytest.mark.slow
+def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(demo_shards, tmp_path):
+    out = tmp_path / "elastic"
+    two = train_cmd(demo_shards, out, "--checkpoint-every", "3", "--global-batch-size", "8", "--epochs", "1")
+    two[two.index("--batch-size") : two.index("--batch-size") + 2] = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *two[1:]]
+    err = stop_after_a_checkpoint(torchrun, out, code=1)  # torchrun's own exit code after forwarding SIGTERM
+    assert err.count(f"interrupted by SIGTERM: {out / STEP} holds epoch 1 after") == 1  # rank 0's line
+    saved = torch.load(out / STEP, weights_only=True)
+    assert saved["progress"]["loader"]["world_size"] == 2 and saved["progress"]["loader"]["global_batch_size"] == 8
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 4
+    run_ok([sys.executable, "-m", "train", "--resume", str(out)])  # one rank: 8 per rank
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 8
+    run_ok(train_cmd(demo_shards, tmp_path / "one", "--epochs", "1"))
+    weights, history = final(out)
+    reference, reference_history = final(tmp_path / "one")
+    assert history[0]["train_samples"] == reference_history[0]["train_samples"] == 160
+    assert history[0]["train_digest"] == reference_history[0]["train_digest"]  # the same samples in each step
+    # The same samples in the same global batches (tests above); BatchNorm sees 4 per rank instead of 8 for
+    # the steps taken at two ranks, and gradients are summed in another order: the weights differ a little.
+    a = torch.cat([weights[k].float().ravel() for k in reference if "running" not in k and "num_batches" not in k])
+    b = torch.cat([reference[k].float().ravel() for k in reference if "running" not in k and "num_batches" not in k])
+    relative = ((a - b).norm() / b.norm()).item()
+    print(f"2 -> 1 ranks: weights differ by {relative:.3g} (relative L2), at most {(a - b).abs().max().item():.3g}")
+    assert 0 < relative < 0.2

@@ -165,35 +165,93 @@ def restore(ckpt: dict, path: Path, model, optimizer, scaler) -> None:
         raise CheckpointError(f"{path} does not fit this run's model and optimizer: {first}") from e
 
 
-def save_epoch(
-    out: Path,
-    model,
-    optimizer,
-    scaler,
-    state: TrainState,
-    proposals: dict | None,
-    pack: dict,
-    cfg: Config,
-    improved: bool,
-) -> None:
-    ckpt = {
+def checkpoint(model, optimizer, scaler, state: TrainState, proposals: dict | None, pack: dict, cfg: Config) -> dict:
+    """What every checkpoint holds: weights, optimizer and scaler state, the run's config, the proposal settings
+    detection needs, the pack's fingerprint (what --resume checks the shards against) and the run's state."""
+    return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "config": dataclasses.asdict(cfg),
         "proposals": proposals,
-        "pack": pack,  # what --resume checks the shards against (train.resume.check_same_pack)
+        "pack": pack,
         **dataclasses.asdict(state),
     }
+
+
+def save_epoch(out: Path, ckpt: dict, history: list[dict], improved: bool) -> None:
+    """After a validated epoch: best.pt (when `improved`), last.pt, history.json, metrics.jsonl; then step.pt,
+    older now, is removed."""
     # best.pt before last.pt: whatever fails or is killed in between, last.pt's best_val_loss is never
     # lower than best.pt's, and a resume repeats the epoch (same seed) and rewrites best.pt.
     if improved:
         atomic_save(ckpt, out / "best.pt")
     atomic_save(ckpt, out / "last.pt")
-    write_json(out / "history.json", state.history)
+    write_json(out / "history.json", history)
     # Rewritten whole from the history last.pt holds (not appended): no half line after a full disk, and no
     # line twice or missing after a resume.
-    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in state.history))
+    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    # A step.pt left by a failed unlink is older than last.pt: train.resume.resume_point then takes last.pt.
+    (out / STEP).unlink(missing_ok=True)
+
+
+STEP = "step.pt"  # the latest mid-epoch checkpoint of a run
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Where a run stopped within an epoch: what step.pt holds besides a checkpoint's fields. Restored, the
+    epoch goes on as if it had never stopped (train.engine.train_epoch)."""
+
+    loader: dict  # the train loader's state_dict(): epoch, global samples consumed, global batch size, ...
+    sums: list[float]  # [loss sum, correct predictions] over all ranks so far (float64, exact)
+    seen: int  # samples trained on so far, all ranks
+    wait: float  # seconds spent waiting for data so far (rank 0)
+    seconds: float  # seconds of training so far (rank 0)
+    rng: torch.Tensor  # torch's CPU generator state (uint8)
+    cuda_rng: list[torch.Tensor] | None = None  # the CUDA generators' states, on a GPU run
+    digest: int = 0  # which samples each step so far trained on, all ranks (train.engine.step_digest)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path: Path) -> EpochProgress:
+        """The progress step.pt carries, its types checked (the file is untrusted input).
+
+        Raises:
+            CheckpointError: a field missing or of the wrong type, naming the file.
+        """
+        progress = ckpt.get("progress")
+        if not isinstance(progress, dict):
+            progress = {}
+        kinds = {
+            "loader": dict,
+            "sums": list,
+            "seen": int,
+            "wait": float,
+            "seconds": float,
+            "rng": torch.Tensor,
+            "digest": int,
+        }
+        bad = [k for k, kind in kinds.items() if not isinstance(progress.get(k), kind)]
+        sums = progress.get("sums")
+        if isinstance(sums, list) and not (len(sums) == 2 and all(isinstance(x, float) for x in sums)):
+            bad.append("sums")
+        cuda_rng = progress.get("cuda_rng")
+        if not (
+            cuda_rng is None or (isinstance(cuda_rng, list) and all(isinstance(t, torch.Tensor) for t in cuda_rng))
+        ):
+            bad.append("cuda_rng")
+        if bad:
+            raise CheckpointError(
+                f"{path} is not a mid-epoch checkpoint a run can continue from ({', '.join(bad)} missing or "
+                f"mistyped): it was not written by python -m train; resume from RUN/last.pt"
+            )
+        p = progress
+        return cls(p["loader"], p["sums"], p["seen"], p["wait"], p["seconds"], p["rng"], p.get("cuda_rng"), p["digest"])
+
+
+def save_step(out: Path, ckpt: dict, progress: EpochProgress) -> None:
+    """A mid-epoch checkpoint, atomically: step.pt, the weights and state after the last whole step."""
+    atomic_save({**ckpt, "progress": dataclasses.asdict(progress)}, out / STEP)
 
 
 def pack_fingerprint(shards: str | Path, manifest: dict) -> dict:

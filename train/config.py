@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,6 +50,11 @@ CHOICES = {
 }
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE), known before the process group is made; 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass
 class Config:
     shards: str = ""  # folder written by tools/pack.py (required)
@@ -60,6 +66,7 @@ class Config:
     lr: float = 1e-3  # learning rate (the original's Adam lr)
     weight_decay: float = 0.0  # weight decay
     batch_size: int = 32  # samples per batch on each rank
+    global_batch_size: int = 0  # samples per step over all ranks (kept on --resume); 0 = batch-size x ranks
     epochs: int = 20  # maximum epochs
     patience: int = 3  # early stopping: epochs without a lower validation loss
     sampler: str = "shuffle"  # train sampler (crackio.loading.samplers)
@@ -88,7 +95,8 @@ class Config:
     train_split: str = SPLITS[0]  # split names inside --shards
     val_split: str = SPLITS[1]
     test_split: str = SPLITS[2]  # reported at the end when present
-    resume: str = ""  # run folder to continue from its last.pt
+    resume: str = ""  # run folder to continue from its latest checkpoint, or one checkpoint (RUN/last.pt)
+    checkpoint_every: int = 1000  # steps between mid-epoch checkpoints (RUN/step.pt); 0 = only when stopped
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
 
     def validate(self) -> None:
@@ -113,6 +121,8 @@ class Config:
         non_negative = (
             "seed",
             "workers",
+            "global_batch_size",
+            "checkpoint_every",
             "num_samples",
             "negatives",
             "val_negatives",
@@ -140,6 +150,20 @@ class Config:
                 )
         if not self.shards and not self.resume:
             raise ConfigError("--shards is required (a folder written by tools/pack.py)")
+
+    def for_world(self, world_size: int) -> Config:
+        """This config at `world_size` ranks: global_batch_size set, batch_size = global / ranks.
+
+        Raises:
+            ConfigError: a global batch the ranks cannot share equally.
+        """
+        g = self.global_batch_size or self.batch_size * world_size
+        if g % world_size:
+            raise ConfigError(
+                f"the global batch of {g} cannot be shared equally by {world_size} ranks: run on a number of "
+                f"ranks that divides {g}" + (" (it is the resumed run's)" if self.resume else "")
+            )
+        return dataclasses.replace(self, batch_size=g // world_size, global_batch_size=g)
 
     def parsed_class_weights(self) -> dict[int, float]:
         try:

@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.loading.loader import Loader
-from train.checkpoint import save_epoch
+from train.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.evaluate import predict
 from train.report import crack_metrics
 from train.setup import Run
@@ -23,6 +27,71 @@ class NonFiniteLoss(CrackioError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+@dataclasses.dataclass
+class EpochTotals:
+    """An epoch's running sums, kept so that an epoch stopped and resumed reports what an uninterrupted one would.
+
+    `sums` ([loss sum, correct], float64 on the device), `seen` and `digest` are this rank's since it started the
+    epoch, on rank 0 plus what a resumed checkpoint carried for all ranks (`base_seen`); `wait` and `seconds` are
+    rank 0's clock, resumed ones included. `digest` fingerprints which samples each step trained on (`step_digest`).
+    """
+
+    sums: torch.Tensor
+    seen: int = 0
+    base_seen: int = 0
+    wait: float = 0.0
+    seconds: float = 0.0
+    digest: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device, progress: EpochProgress | None, rank: int) -> EpochTotals:
+        """A new epoch's totals, or (`progress`) a stopped epoch's, carried by rank 0 alone."""
+        if progress is None or rank != 0:
+            seen = progress.seen if progress else 0
+            return cls(torch.zeros(2, device=device, dtype=torch.float64), base_seen=seen)
+        sums = torch.tensor(progress.sums, device=device, dtype=torch.float64)
+        return cls(sums, 0, progress.seen, progress.wait, progress.seconds, progress.digest)
+
+    def gathered(self) -> EpochTotals:
+        """These totals over all ranks, on every rank (a collective under torchrun: every rank calls)."""
+        sums, world, digest = self.sums.clone(), 1, self.digest
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            world = dist.get_world_size()
+            digests = torch.tensor([digest], device=sums.device, dtype=torch.int64)
+            dist.all_reduce(digests)
+            digest = int(digests.item()) % DIGEST_MOD
+        # Train batches are full and equal in number on every rank.
+        return EpochTotals(sums, 0, self.base_seen + self.seen * world, self.wait, self.seconds, digest)
+
+    def progress(self, loader: Loader) -> EpochProgress:
+        """What step.pt saves, from gathered totals."""
+        cuda = loader.device.type == "cuda"
+        return EpochProgress(
+            loader.state_dict(),
+            self.sums.tolist(),
+            self.base_seen + self.seen,
+            self.wait,
+            self.seconds,
+            torch.get_rng_state(),
+            [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] if cuda else None,
+            self.digest,
+        )
+
+    def row(self) -> dict:
+        """The epoch's training figures, from gathered totals."""
+        loss_sum, correct = self.sums.tolist()
+        seen = self.base_seen + self.seen
+        return {
+            "train_loss": loss_sum / seen,
+            "train_accuracy": 100.0 * correct / seen,
+            "train_samples": seen,
+            "train_digest": f"{self.digest:014x}",
+            "images_per_sec": seen / self.seconds,
+            "data_wait_share": self.wait / self.seconds,
+        }
+
+
 def train_epoch(
     net: Callable[[torch.Tensor], torch.Tensor],
     loader: Loader,
@@ -30,79 +99,142 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     amp: torch.dtype | None,
+    totals: EpochTotals,
+    checkpoint: Callable[[EpochTotals], None],
+    every: int,
     desc: str,
     show: bool,
-) -> dict:
-    """One pass over `loader`'s next epoch; returns train_loss, train_accuracy (%), images_per_sec and
-    data_wait_share (the share of the epoch spent waiting for the loader), summed over ranks.
+) -> None:
+    """One pass over `loader`'s next epoch, from the step it is at (mid-epoch after a resume), adding to `totals`.
+
+    `checkpoint(totals)` is called on every rank after every `every` steps (0: never) and when SIGINT or SIGTERM
+    arrives (deferred to the end of a whole step; then Interrupted is raised). Under torchrun the ranks agree on
+    the stop at every 10th step, where the loss is also checked.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite (checked every 10 steps: no per-step host sync).
+        Interrupted: SIGINT or SIGTERM, after `checkpoint`.
     """
     device = loader.device
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: summed on the device
-    seen = 0  # samples, counted on the host: no per-step host-to-device copy
     finite = torch.ones((), device=device, dtype=torch.bool)
-    wait = 0.0
-    steps = len(loader)
+    steps, first = len(loader), loader.step
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
     start = tick = time.perf_counter()
-    bar = tqdm(loader, total=steps, desc=desc, unit="batch", disable=not show, leave=False)
-    for step, batch in enumerate(bar):
-        wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = net(batch.images)
-        loss = loss_fn(logits, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        n = len(batch.labels)
-        seen += n
-        finite &= torch.isfinite(loss.detach())
-        totals += torch.stack([loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum()])
-        if step % 10 == 0 or step == steps - 1:  # a sync every 10 steps, not every step
-            if not bool(finite):
-                raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
-            if show:
-                elapsed = time.perf_counter() - start
-                loss_avg, correct = totals.tolist()
-                bar.set_postfix(
-                    loss=f"{loss_avg / seen:.4f}",
-                    acc=f"{100 * correct / seen:.1f}%",
-                    img_s=f"{seen / elapsed:.0f}",
-                    wait=f"{100 * wait / elapsed:.0f}%",
-                )
-        tick = time.perf_counter()
-    elapsed = time.perf_counter() - start
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-        seen *= dist.get_world_size()  # train batches are full and equal in number on every rank
-    loss_sum, correct = totals.tolist()
-    return {
-        "train_loss": loss_sum / seen,
-        "train_accuracy": 100.0 * correct / seen,
-        "images_per_sec": seen / elapsed,
-        "data_wait_share": wait / elapsed,
-    }
+    base_seconds, base_wait, seen = totals.seconds, totals.wait, totals.seen
+    with deferred_signals() as stop:  # from the bar's first line on, a stop waits for the step to end
+        bar = tqdm(loader, total=steps, initial=first, desc=desc, unit="batch", disable=not show, leave=False)
+        for step, batch in enumerate(bar, first):
+            totals.wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = net(batch.images)
+            loss = loss_fn(logits, batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = len(batch.labels)
+            totals.seen += n
+            totals.digest = (totals.digest + step_digest(step, batch.names)) % DIGEST_MOD
+            finite &= torch.isfinite(loss.detach())
+            totals.sums += torch.stack(
+                [loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum()]
+            )
+            totals.seconds = base_seconds + time.perf_counter() - start
+            synced = step % 10 == 0 or step == steps - 1
+            if synced:  # a sync every 10 steps, not every step
+                if not bool(finite):
+                    raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
+                if show:
+                    loss_sum, correct = totals.sums.tolist()  # rank 0's, with what a resumed checkpoint carried
+                    shown = totals.base_seen + totals.seen
+                    done = totals.seen - seen
+                    bar.set_postfix(
+                        loss=f"{loss_sum / max(shown, 1):.4f}",
+                        acc=f"{100 * correct / max(shown, 1):.1f}%",
+                        img_s=f"{done * ranks / (time.perf_counter() - start):.0f}",
+                        wait=f"{100 * (totals.wait - base_wait) / (time.perf_counter() - start):.0f}%",
+                    )
+            signum = stop.signum
+            if ranks > 1:  # every rank must stop at the same step: agreed where the ranks sync anyway
+                signum = _agreed(signum, device) if synced else 0
+            if signum or (every and (step + 1) % every == 0 and step < steps - 1):
+                checkpoint(totals)
+            if signum:
+                stop.signum = 0  # acted on: raised here, with the checkpoint saved
+                raise Interrupted(signum)
+            tick = time.perf_counter()
+
+
+DIGEST_MOD = 1 << 56  # the sum of 128 ranks' digests still fits an int64
+
+
+def step_digest(step: int, names: list[str]) -> int:
+    """A fingerprint of the samples of step `step` (0-based) of an epoch: summed over steps and ranks, it is the
+    same for every way the ranks share a global batch, and differs when a step trains on other samples (the
+    history's `train_digest`; elastic resume keeps it). CRC-32 of each name: ~10 us a batch."""
+    return (step + 1) * sum(zlib.crc32(name.encode()) for name in names)
+
+
+def _agreed(signum: int, device: torch.device) -> int:
+    """The signal any rank received (0: none), on every rank."""
+    flag = torch.tensor([signum], device=device, dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def fit(run: Run) -> None:
     """Train `run` from its state to `cfg.epochs` or early stopping; after each epoch, validate, update
-    `run.state` and (rank 0) save the checkpoints, history and metrics."""
+    `run.state` and (rank 0) save the checkpoints, history and metrics. A run resumed mid-epoch (`run.progress`)
+    finishes that epoch first, from the step it stopped at.
+
+    Raises:
+        Interrupted: SIGINT or SIGTERM; step.pt then holds the last whole step (or the whole training pass when
+            it came during validation).
+    """
     cfg, state = run.cfg, run.state
     show = run.rank == 0
     for epoch in range(state.epoch, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
-        run.train_loader.epoch = epoch
+        progress, run.progress = run.progress, None
+        if progress is None:
+            torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
+            run.train_loader.epoch = epoch
+        else:  # the loader was put where the epoch stopped (train.setup.build_run)
+            torch.set_rng_state(progress.rng)
+            if progress.cuda_rng is not None and run.device.type == "cuda":
+                for d, rng in enumerate(progress.cuda_rng[: torch.cuda.device_count()]):
+                    torch.cuda.set_rng_state(rng, d)
         run.model.train()
-        epoch_start = time.perf_counter()
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        totals = EpochTotals.start(run.device, progress, run.rank)
         row: dict[str, float] = {"epoch": epoch + 1}
-        row |= train_epoch(run.net, run.train_loader, run.loss_fn, run.optimizer, run.scaler, run.amp, desc, show)
+
+        if run.train_loader.epoch == epoch:  # not when a stop came after the training pass, during validation
+            train_epoch(
+                run.net,
+                run.train_loader,
+                run.loss_fn,
+                run.optimizer,
+                run.scaler,
+                run.amp,
+                totals,
+                functools.partial(save_progress, run),
+                cfg.checkpoint_every,
+                desc,
+                show,
+            )
+        done = totals.gathered()
+        row |= done.row()
         val_start = time.perf_counter()
-        val = predict(run.model, run.val_loader, run.loss_fn, run.amp)
+        try:
+            val = predict(run.model, run.val_loader, run.loss_fn, run.amp)
+        except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
+            progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
+            if run.rank == 0:
+                save_step(run.out, checkpoint_of(run), progress)
+            run.stopped_at = (progress.loader["epoch"], progress.loader["samples"])
+            raise
         if not math.isfinite(val.loss):
             raise NonFiniteLoss(f"validation loss is {val.loss} after epoch {epoch + 1}")
         now = time.perf_counter()
@@ -110,8 +242,8 @@ def fit(run: Run) -> None:
             "val_loss": val.loss,
             "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
             **crack_metrics(val.labels, val.probs),
-            "epoch_seconds": now - epoch_start,
-            "train_seconds": val_start - epoch_start,
+            "epoch_seconds": done.seconds + now - val_start,
+            "train_seconds": done.seconds,
             "val_seconds": now - val_start,
         }
         improved = val.loss < state.best_val_loss
@@ -119,7 +251,7 @@ def fit(run: Run) -> None:
         state.epoch, state.best_val_loss = epoch + 1, min(val.loss, state.best_val_loss)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
         if run.rank == 0:
-            save_epoch(run.out, run.model, run.optimizer, run.scaler, state, run.proposals, run.pack, cfg, improved)
+            save_epoch(run.out, checkpoint_of(run), state.history, improved)
             print(
                 f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
                 f"val loss {val.loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
@@ -128,6 +260,19 @@ def fit(run: Run) -> None:
                 f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
                 + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
             )
-        run.saved = state.epoch
+        run.saved, run.stopped_at = state.epoch, None
     if state.bad_epochs >= cfg.patience and run.rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
+
+
+def save_progress(run: Run, totals: EpochTotals) -> None:
+    """step.pt: the run after its last whole step (a collective under torchrun: every rank calls)."""
+    progress = totals.gathered().progress(run.train_loader)
+    if run.rank == 0:
+        save_step(run.out, checkpoint_of(run), progress)
+    run.stopped_at = (progress.loader["epoch"], progress.loader["samples"])
+
+
+def checkpoint_of(run: Run) -> dict:
+    """The run's checkpoint as it stands (train.checkpoint.checkpoint)."""
+    return checkpoint(run.model, run.optimizer, run.scaler, run.state, run.proposals, run.pack, run.cfg)

@@ -12,7 +12,7 @@ from crackio.cli import Interrupted
 from crackio.errors import WriteError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
-from train.checkpoint import load_checkpoint
+from train.checkpoint import STEP, load_checkpoint
 from train.config import Config
 from train.engine import fit
 from train.evaluate import predict
@@ -25,10 +25,15 @@ from train.setup import Run, build_run, split_loader
 PEER_FAILED = ("timed out", "timeout", "connection closed", "connection reset", "connection refused", "broken pipe")
 
 
-def kept(out: Path | None, epochs_saved: int) -> str:
-    """What a stopped run leaves, and how to go on: the end of its one-line message."""
+def kept(out: Path | None, epochs_saved: int, stopped_at: tuple[int, int] | None = None) -> str:
+    """What a stopped run leaves, and how to go on: the end of its one-line message. `stopped_at`: the (epoch,
+    samples consumed) of step.pt when it is newer than last.pt."""
     if out is None or not (out / "config.json").is_file():
         return "nothing to resume: run the same command again"
+    if stopped_at and (out / STEP).is_file():
+        epoch, samples = stopped_at
+        where = f"epoch {epoch + 1} after {samples} samples" if samples else f"epoch {epoch} before its validation"
+        return f"{out / STEP} holds {where}: continue with `python -m train --resume {out}`"
     if epochs_saved:
         return f"{out / 'last.pt'} holds epoch {epochs_saved}: continue with `python -m train --resume {out}`"
     return f"no epoch finished: `python -m train --resume {out}` starts it again with its saved settings"
@@ -69,7 +74,7 @@ def main(cfg: Config) -> Path:
 
 
 def stopped(run: Run | None) -> str:
-    return kept(run.out, run.saved) if run is not None else kept(None, 0)
+    return kept(run.out, run.saved, run.stopped_at) if run is not None else kept(None, 0)
 
 
 def final_report(run: Run) -> None:

@@ -10,14 +10,33 @@ from pathlib import Path
 import torch
 
 from crackio.errors import ConfigError, MissingFile
-from train.checkpoint import TrainState, check_same_pack, load_checkpoint
-from train.config import Config
+from train.checkpoint import STEP, EpochProgress, TrainState, check_same_pack, load_checkpoint
+from train.config import Config, launched_world_size
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
 # folder: main() then checks that folder holds the same pack); every other setting comes from the run's
 # config.json, and asking for another value is refused rather than silently ignored.
 # How to read and where to run may change between epochs; what is learned from may not.
-RESUMABLE = ("epochs", "patience", "device", "backend", "workers", "order", "block_size", "dist_timeout", "shards")
+# --batch-size is per rank: on resume it follows the run's global batch at the new number of ranks.
+RESUMABLE = (
+    "epochs",
+    "patience",
+    "device",
+    "backend",
+    "workers",
+    "order",
+    "block_size",
+    "dist_timeout",
+    "shards",
+    "batch_size",
+    "checkpoint_every",
+)
+
+
+def run_folder_of(resume: str | Path) -> Path:
+    """The run folder `--resume` names: the folder itself, or the folder of a checkpoint file in it."""
+    path = Path(resume)
+    return path.parent if path.is_file() else path
 
 
 def read_config(run: str | Path) -> Config:
@@ -27,9 +46,7 @@ def read_config(run: str | Path) -> Config:
         MissingFile: `run` holds no config.json.
         ConfigError: config.json is unreadable, not JSON, or holds unknown keys or values of the wrong type.
     """
-    path = Path(run) / "config.json"
-    if Path(run).exists() and not Path(run).is_dir():
-        raise ConfigError(f"--resume {run} is a file: give the run's folder (it holds config.json and last.pt)")
+    path = run_folder_of(run) / "config.json"
     if not path.is_file():
         raise MissingFile(
             f"--resume {run}: no config.json there (is it a run folder? A run killed before writing it "
@@ -52,9 +69,19 @@ def resume_config(run: str | Path, **changes) -> Config:
         ConfigError: an unreadable config.json, or a change to a setting a resumed run cannot change (e.g. --lr).
     """
     saved = read_config(run)
+    folder = run_folder_of(run)
     changes.pop("resume", None)
-    if changes.get("out") in (str(run), saved.out):
+    if changes.get("out") in (str(run), str(folder), saved.out):
         changes.pop("out")
+    if "batch_size" in changes:  # per rank: it must give the run's global batch at this number of ranks
+        ranks = launched_world_size()
+        if changes["batch_size"] * ranks != saved.global_batch_size:
+            raise ConfigError(
+                f"--resume {run} keeps the run's global batch of {saved.global_batch_size} samples per step: "
+                f"--batch-size {changes['batch_size']} x {ranks} rank(s) would make it "
+                f"{changes['batch_size'] * ranks}; drop --batch-size (each rank then takes the global batch / "
+                f"ranks) or run on a number of ranks that gives {saved.global_batch_size}"
+            )
     refused = [k for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)]
     if refused:
         said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {getattr(saved, k)!r})" for k in refused)
@@ -63,7 +90,7 @@ def resume_config(run: str | Path, **changes) -> Config:
             f"resumable: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} (--shards: the same pack "
             f"in another folder). To train with other settings, start a new run with --out"
         )
-    return dataclasses.replace(saved, resume=str(run), out=str(run), **changes)
+    return dataclasses.replace(saved, resume=str(run), out=str(folder), **changes)
 
 
 def check_resumed(cfg: Config) -> None:
@@ -81,21 +108,34 @@ def check_resumed(cfg: Config) -> None:
         )
 
 
-def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank: int) -> dict | None:
-    """The checkpoint --resume continues from (RUN/last.pt, checked to have trained on this pack and to carry a
-    run's state), or None when the run stopped before its first epoch finished: it then starts from epoch 0
+def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank: int) -> tuple[Path, dict] | None:
+    """The checkpoint --resume continues from and its path: the file --resume names, or the run's latest (step.pt,
+    the last mid-epoch checkpoint, unless last.pt has finished more epochs), checked to have trained on this pack
+    and to carry a run's state; None when the run stopped before writing either: it then starts from epoch 0
     with its saved config.
 
     Raises:
-        CheckpointError: last.pt is not a checkpoint of a run.
+        MissingFile: the checkpoint --resume names does not exist.
+        CheckpointError: the checkpoint is not a run's.
         ConfigError: the shards hold another pack than the run trained on.
     """
-    path = out / "last.pt"
-    if not path.exists():
+    named = Path(cfg.resume)
+    if named.suffix == ".pt" or named.is_file():
+        candidates = [named]
+    else:
+        candidates = [p for p in (out / STEP, out / "last.pt") if p.exists()]
+    if not candidates:
         if rank == 0:
-            print(f"note: {out} has no last.pt (stopped before its first epoch finished): starting at epoch 1")
+            print(f"note: {out} has no checkpoint (stopped before its first one): starting at epoch 1")
         return None
-    ckpt = load_checkpoint(path, device)
-    check_same_pack(ckpt.get("pack"), pack, cfg.resume, cfg.shards)
-    TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
-    return ckpt
+    found = []
+    for path in candidates:
+        ckpt = load_checkpoint(path, device)
+        check_same_pack(ckpt.get("pack"), pack, cfg.resume, cfg.shards)
+        state = TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
+        if "progress" in ckpt or path.name == STEP:
+            EpochProgress.from_checkpoint(ckpt, path)
+        found.append((state.epoch, "progress" in ckpt, path, ckpt))
+    # The most epochs finished wins; at equal epochs, the mid-epoch checkpoint is further along.
+    epochs, _, path, ckpt = max(found, key=lambda f: f[:2])
+    return path, ckpt

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from crackio.errors import CrackioError
 from crackio.loading.loader import resolve_device
+from train.config import launched_world_size
 
 
 class RankFailure(CrackioError, RuntimeError):
@@ -24,7 +25,7 @@ def world() -> tuple[int, int]:
 def init_distributed(timeout: float) -> None:
     """torchrun sets WORLD_SIZE; nccl on GPU, gloo on CPU. No home-made cluster code. Every collective gives
     up after `timeout` seconds (--dist-timeout), so a stopped or hung rank ends the job instead of blocking it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched_world_size() > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
 

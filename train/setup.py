@@ -17,7 +17,7 @@ from crackio.errors import ConfigError
 from crackio.format.manifest import read_manifest
 from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
-from train.checkpoint import TrainState, pack_fingerprint, restore
+from train.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
 from train.config import Config
 from train.losses import make_loss
 from train.model import CrackClassifier, build_model, make_optimizer
@@ -29,6 +29,7 @@ RUN_FILES = (
     "config.json",
     "best.pt",
     "last.pt",
+    STEP,
     "history.json",
     "metrics.jsonl",
     "predictions.npz",
@@ -59,7 +60,9 @@ class Run:
     scaler: torch.amp.GradScaler
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     state: TrainState  # where the run is: epochs done, best validation loss, history
+    progress: EpochProgress | None = None  # a run resumed mid-epoch: where that epoch stopped
     saved: int = 0  # epochs last.pt holds: what a stopped run reports
+    stopped_at: tuple[int, int] | None = None  # (epoch, samples) step.pt holds, when newer than last.pt
 
 
 def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int, device: torch.device) -> Loader:
@@ -120,6 +123,7 @@ def build_run(cfg: Config) -> Run:
         check_resumed(cfg)
     init_distributed(cfg.dist_timeout)
     rank, world_size = world()
+    cfg = cfg.for_world(world_size)  # the global batch is the run's; each rank takes its share
     device = pick_device(cfg.device)
     # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
     # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
@@ -128,11 +132,17 @@ def build_run(cfg: Config) -> Run:
     proposals = manifest.get("proposals")
     pack = pack_fingerprint(cfg.shards, manifest)
     out = run_folder(cfg)
-    ckpt = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
-    state = TrainState.from_checkpoint(ckpt, out / "last.pt") if ckpt else TrainState()
+    point = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
+    path, ckpt = point if point else (out / "last.pt", None)
+    state = TrainState.from_checkpoint(ckpt, path) if ckpt else TrainState()
+    progress = EpochProgress.from_checkpoint(ckpt, path) if ckpt and "progress" in ckpt else None
     torch.manual_seed(cfg.seed)
     train_loader = split_loader(cfg, cfg.train_split, True, cfg.sampler, cfg.negatives, device)
     val_loader = split_loader(cfg, cfg.val_split, False, cfg.val_sampler, cfg.val_negatives, device)
+    if progress:  # mid-epoch: the next batch is the one the stopped run would have trained on next
+        train_loader.load_state_dict(progress.loader)
+    else:
+        train_loader.epoch = state.epoch
     len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
     model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
     cuda = device.type == "cuda"
@@ -142,7 +152,7 @@ def build_run(cfg: Config) -> Run:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     if ckpt:
-        restore(ckpt, out / "last.pt", model, optimizer, scaler)
+        restore(ckpt, path, model, optimizer, scaler)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
     net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
@@ -167,5 +177,7 @@ def build_run(cfg: Config) -> Run:
         scaler,
         loss_fn,
         state,
+        progress,
         state.epoch,
+        (progress.loader["epoch"], progress.loader["samples"]) if progress else None,
     )

@@ -1,7 +1,8 @@
 """`python -m train sweep`: train a list of variants, then compare them in one table and two plots.
 
 Each variant is a normal run in OUT/<name>/ (train.loop.main), so a sweep that is stopped and started
-again skips finished variants, resumes interrupted ones from last.pt, and retries failed ones.
+again skips finished variants, resumes interrupted ones from their latest checkpoint (mid-epoch too), and
+retries failed ones.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from crackio.cli import Interrupted
 from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.fsio import make_dir, remove_temporaries, write_text
 from crackio.loading.samplers import label_source
+from train.checkpoint import STEP
 from train.config import SHIPPED, Config, check_applicable, check_type
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
@@ -167,11 +169,12 @@ def variant_config(base: Config, variant: Variant, out: Path) -> Config:
 def state(cfg: Config) -> str:
     """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant."""
     folder = Path(cfg.out)
-    if not (folder / "last.pt").is_file():  # nothing trained yet (or it failed in its first epoch): start over
+    if not any((folder / name).is_file() for name in ("last.pt", STEP)):  # nothing saved yet: start over
         return "new"
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} holds last.pt but no config.json: delete that folder to retrain the variant")
+        raise ConfigError(f"{folder} holds a checkpoint but no config.json: delete that folder to retrain the variant")
     saved = read_config(folder)
+    cfg = cfg.for_world(world()[1])  # saved with its global batch resolved
     changed = [
         f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now"
         for k in dataclasses.asdict(cfg)
