@@ -121,6 +121,13 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert [(c.out, c.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
 
+    # ...and so is one stopped within its first epoch (only a mid-epoch checkpoint, step.pt).
+    calls.clear()
+    (out / "focal" / "last.pt").rename(out / "focal" / "step.pt")
+    assert cli(args) == 1
+    assert [(c.out, c.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
+    (out / "focal" / "step.pt").rename(out / "focal" / "last.pt")
+
     # A finished folder trained with other options is reported, not silently reused or overwritten.
     calls.clear()
     capsys.readouterr()
