@@ -295,3 +295,23 @@ def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(de
     relative = ((a - b).norm() / b.norm()).item()
     print(f"2 -> 1 ranks: weights differ by {relative:.3g} (relative L2), at most {(a - b).abs().max().item():.3g}")
     assert 0 < relative < 0.2
+
+
+def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, capsys, monkeypatch):
+    from train.__main__ import main as cli
+    from train.config import Config
+
+    args = ["--shards", str(demo_shards), *TINY_ARGS]
+    assert cli([*args, "--batch-size", "8", "--global-batch-size", "12"]) == 2
+    assert "--batch-size 8 (per rank) x 1 rank(s) is not --global-batch-size 12" in capsys.readouterr().err
+    assert cli([*args, "--global-batch-size", "-1"]) == 2
+    assert "--global-batch-size must be >= 0" in capsys.readouterr().err
+    assert cli([*args, "--checkpoint-every", "-5"]) == 2
+    assert "--checkpoint-every must be >= 0" in capsys.readouterr().err
+    assert Config(batch_size=8).for_world(4).global_batch_size == 32
+    assert Config(batch_size=8, global_batch_size=12).for_world(3).batch_size == 4  # the global batch rules
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    import train.loop
+
+    monkeypatch.setattr(train.loop, "main", lambda cfg: None)
+    assert cli([*args, "--batch-size", "6", "--global-batch-size", "12"]) == 0  # 6 x 2 ranks

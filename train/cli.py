@@ -10,7 +10,7 @@ from pathlib import Path
 from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.writing.annotations import FORMATS
-from train.config import SHIPPED, Config, SvmConfig, add_config_arguments, check_applicable, launched_world_size
+from train.config import SHIPPED, Config, SvmConfig, add_config_arguments, check_applicable
 
 SWEEP_EPILOG = (
     "--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
@@ -35,13 +35,6 @@ def train(argv: list[str]) -> None:
     else:
         cfg = Config(**given)
         cfg.validate()  # values first, then whether each option applies
-        if "batch_size" in given and cfg.global_batch_size:
-            ranks = launched_world_size()
-            if cfg.batch_size * ranks != cfg.global_batch_size:
-                raise ConfigError(
-                    f"--batch-size {cfg.batch_size} (per rank) x {ranks} rank(s) is not --global-batch-size "
-                    f"{cfg.global_batch_size}: give one of them"
-                )
     check_applicable(cfg, given)  # e.g. --block-size on a run in random order
     import train.loop
 

@@ -66,7 +66,7 @@ class Config:
     lr: float = 1e-3  # learning rate (the original's Adam lr)
     weight_decay: float = 0.0  # weight decay
     batch_size: int = 32  # samples per batch on each rank
-    global_batch_size: int = 0  # samples per step over all ranks (kept on --resume); 0 = batch-size x ranks
+    global_batch_size: int = 0  # samples per step over all ranks, kept on --resume; 0 = batch-size x ranks
     epochs: int = 20  # maximum epochs
     patience: int = 3  # early stopping: epochs without a lower validation loss
     sampler: str = "shuffle"  # train sampler (crackio.loading.samplers)
@@ -257,6 +257,12 @@ def check_applicable(cfg: Config, given) -> None:
     Raises:
         ConfigError: naming the option and the setting it needs, e.g. --class-weights with --sampler shuffle.
     """
+    ranks = launched_world_size()
+    if "batch_size" in given and cfg.global_batch_size and cfg.batch_size * ranks != cfg.global_batch_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} (per rank) x {ranks} rank(s) is not --global-batch-size "
+            f"{cfg.global_batch_size}: the run would ignore --batch-size; give one of them"
+        )
     for name in sorted(set(given) & (set(APPLIES_TO) | _OPTIONS)):
         if name in APPLIES_TO:
             needs, rule = APPLIES_TO[name]
