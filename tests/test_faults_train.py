@@ -439,7 +439,7 @@ def test_sigterm_in_the_first_epoch_stops_cleanly_and_resume_starts_it_again(dem
     assert took < 10, f"took {took:.1f} s to stop"
     line = one_line(err.decode(), run)
     assert line.startswith(f"interrupted by SIGTERM: {run / 'step.pt'} holds epoch 1 after ")
-    assert line.endswith(f"samples: continue with `python -m train --resume {run}`")
+    assert line.endswith(f"samples: continue with `python -m train --resume {run / 'step.pt'}`")
     # As if a kill -9 had come before the first checkpoint:
     (run / "step.pt").unlink()
     with pytest.raises(ProcessLookupError):  # nothing of its session is left running: no orphans

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,9 +193,26 @@ def test_another_pack_and_damaged_states_are_refused(demo_shards, coded_shards):
     other = make_loader(coded_shards, "train", batch_size=GLOBAL, train=True, seed=5, device="cpu", backend="torch")
     with pytest.raises(ValueError, match="another pack"):
         other.load_state_dict(state)
-    for bad in (None, {}, {"epoch": "1", "samples": 0}, {"epoch": -1, "samples": 0}, {**state, "samples": 3}):
-        with pytest.raises(ValueError, match="loader state"):
+    bad_states = [
+        None,
+        {},
+        {k: v for k, v in state.items() if k != "iou_threshold"},  # a missing key is not read as None
+        {**state, "epoch": "1"},
+        {**state, "epoch": -1},
+        {**state, "epoch": True},
+        {**state, "epoch": 10**30},
+        {**state, "samples": 3},
+    ]
+    for bad in bad_states:
+        with pytest.raises(ValueError, match="loader state") as e:
             loader.load_state_dict(bad)
+        assert "\n" not in str(e.value)
+    loader.load_state_dict({**state, "epoch": np.int64(1), "samples": np.int64(GLOBAL)})  # numpy integers are integers
+    assert (loader.epoch, loader.step) == (1, 1)
+    loader.epoch = 1  # the epoch it stands in: a set_epoch at the top of each epoch keeps the position
+    assert loader.step == 1
+    loader.epoch = 2
+    assert loader.step == 0
 
 
 # ---- the trainer: mid-epoch checkpoints, SIGTERM, --resume RUN or RUN/<checkpoint>, 2 ranks -> 1 ------------------
@@ -243,7 +261,16 @@ def test_a_run_stopped_mid_epoch_resumes_bit_identical(demo_shards, tmp_path):
     assert not (out / "last.pt").exists()  # stopped within the first epoch
     state = torch.load(out / STEP, weights_only=True)["progress"]["loader"]
     assert state["epoch"] == 0 and 0 < state["samples"] < 160 and state["samples"] % 8 == 0
-    run_ok([sys.executable, "-m", "train", "--resume", str(out / STEP)])  # a checkpoint file, as timm takes it
+    resume = [sys.executable, "-m", "train", "--resume"]
+    for extra, message in (
+        ([str(out / "nope.pt")], f"--resume {out / 'nope.pt'}: no such checkpoint; {out} holds step.pt"),
+        ([str(out), "--order", "block"], f"{out / STEP} cannot continue its epoch with these settings"),
+    ):
+        refused = subprocess.run([*resume, *extra], capture_output=True, text=True, env=ENV, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert "--order" in refused.stderr or "nope" in extra[0]
+    done = run_ok([*resume, str(out / STEP)])  # a checkpoint file, as timm takes it
+    assert f"resuming {out / STEP}: epoch 1 after {state['samples']} samples" in done.stdout
     weights, history = final(out)
     whole_weights, whole_history = final(tmp_path / "whole")
     assert history == whole_history and [r["train_samples"] for r in history] == [160, 160]
@@ -315,3 +342,25 @@ def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, ca
 
     monkeypatch.setattr(train.loop, "main", lambda cfg: None)
     assert cli([*args, "--batch-size", "6", "--global-batch-size", "12"]) == 0  # 6 x 2 ranks
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_mid_epoch_resumes_its_variant_there(demo_shards, tmp_path):
+    variants = tmp_path / "v.toml"
+    variants.write_text('[[variant]]\nname = "a"\ntitle = "A"\n')
+
+    def sweep(out, *extra):
+        return [
+            sys.executable, "-m", "train", "sweep", "--shards", str(demo_shards), "--variants", str(variants),
+            "--out", str(out), *TINY_ARGS, "--head", "linear", "--epochs", "1", "--batch-size", "8",
+            "--workers", "1", *extra,
+        ]  # fmt: skip
+
+    run_ok(sweep(tmp_path / "whole", "--checkpoint-every", "0"))
+    stopped = tmp_path / "stopped"
+    stop_after_a_checkpoint(sweep(stopped, "--checkpoint-every", "3"), stopped / "a")
+    done = run_ok(sweep(stopped, "--checkpoint-every", "3"))  # the same command again
+    assert f"resuming {stopped / 'a' / STEP}: epoch 1 after" in done.stdout
+    weights, history = final(stopped / "a")
+    reference, reference_history = final(tmp_path / "whole" / "a")
+    assert history == reference_history and all(torch.equal(weights[k], reference[k]) for k in reference)

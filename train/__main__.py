@@ -17,9 +17,13 @@ from train.cli import COMMANDS, train
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank under torchrun (0 otherwise), without importing torch: a signal may come while torch is
+    still being imported, and importing it again from here would fail."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
+    except AttributeError:  # torch.distributed half imported: no process group yet
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,6 +249,17 @@ class EpochProgress:
         return cls(p["loader"], p["sums"], p["seen"], p["wait"], p["seconds"], p["rng"], p.get("cuda_rng"), p["digest"])
 
 
+def trained(ckpt: dict) -> str:
+    """How far the checkpoint's weights trained, for reports: "epoch 3", or "epoch 3 after 4096 samples" for a
+    mid-epoch checkpoint (step.pt)."""
+    progress = ckpt.get("progress")
+    loader = progress.get("loader") if isinstance(progress, dict) else None
+    if isinstance(loader, dict) and isinstance(loader.get("epoch"), int) and isinstance(loader.get("samples"), int):
+        if loader["samples"]:
+            return f"epoch {loader['epoch'] + 1} after {loader['samples']} samples"
+    return f"epoch {ckpt.get('epoch', '?')}"
+
+
 def save_step(out: Path, ckpt: dict, progress: EpochProgress) -> None:
     """A mid-epoch checkpoint, atomically: step.pt, the weights and state after the last whole step."""
     atomic_save({**ckpt, "progress": dataclasses.asdict(progress)}, out / STEP)

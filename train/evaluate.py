@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from crackio import make_loader
 from crackio.errors import ConfigError
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, trained
 from train.config import Config
 from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
@@ -113,6 +113,6 @@ def run_eval(
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
     p = predict(model, loader, loss_fn, amp_dtype(loader.device))
     return (
-        f"checkpoint {path} (epoch {ckpt.get('epoch', '?')}, {cfg.arch}/{cfg.head}), split {split!r}, "
+        f"checkpoint {path} ({trained(ckpt)}, {cfg.arch}/{cfg.head}), split {split!r}, "
         f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold)
     )

@@ -33,7 +33,7 @@ def kept(out: Path | None, epochs_saved: int, stopped_at: tuple[int, int] | None
     if stopped_at and (out / STEP).is_file():
         epoch, samples = stopped_at
         where = f"epoch {epoch + 1} after {samples} samples" if samples else f"epoch {epoch} before its validation"
-        return f"{out / STEP} holds {where}: continue with `python -m train --resume {out}`"
+        return f"{out / STEP} holds {where}: continue with `python -m train --resume {out / STEP}`"
     if epochs_saved:
         return f"{out / 'last.pt'} holds epoch {epochs_saved}: continue with `python -m train --resume {out}`"
     return f"no epoch finished: `python -m train --resume {out}` starts it again with its saved settings"

@@ -47,6 +47,13 @@ def read_config(run: str | Path) -> Config:
         ConfigError: config.json is unreadable, not JSON, or holds unknown keys or values of the wrong type.
     """
     path = run_folder_of(run) / "config.json"
+    named = Path(run)
+    if named.suffix == ".pt" and not named.exists() and (named.parent / "config.json").is_file():
+        there = sorted(p.name for p in named.parent.glob("*.pt")) or ["no checkpoint"]
+        raise MissingFile(
+            f"--resume {run}: no such checkpoint; {named.parent} holds {', '.join(there)}: name one of them, or "
+            f"give --resume {named.parent} for the latest"
+        )
     if not path.is_file():
         raise MissingFile(
             f"--resume {run}: no config.json there (is it a run folder? A run killed before writing it "

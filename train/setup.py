@@ -140,9 +140,18 @@ def build_run(cfg: Config) -> Run:
     train_loader = split_loader(cfg, cfg.train_split, True, cfg.sampler, cfg.negatives, device)
     val_loader = split_loader(cfg, cfg.val_split, False, cfg.val_sampler, cfg.val_negatives, device)
     if progress:  # mid-epoch: the next batch is the one the stopped run would have trained on next
-        train_loader.load_state_dict(progress.loader)
+        try:
+            train_loader.load_state_dict(progress.loader)
+        except ConfigError as e:
+            raise ConfigError(
+                f"--resume {cfg.resume}: {path} cannot continue its epoch with these settings ({e}); resume with "
+                f"the run's own --order and --block-size until that epoch ends, or from {out / 'last.pt'}"
+            ) from None
     else:
         train_loader.epoch = state.epoch
+    if ckpt and rank == 0:
+        where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
+        print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
     len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
     model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
     cuda = device.type == "cuda"

@@ -25,7 +25,7 @@ from crackio import read_manifest
 from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, trained
 from train.config import SvmConfig
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
 from train.model import last_linear
@@ -177,7 +177,7 @@ def run_svm(args: SvmConfig) -> Path:
             out / "features", key, split, partial(features_of, model, cfg, shards, split, args)
         )
     log = [
-        f"checkpoint {path} (epoch {ckpt.get('epoch', '?')}, {cfg.arch}/{cfg.head}); "
+        f"checkpoint {path} ({trained(ckpt)}, {cfg.arch}/{cfg.head}); "
         f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"
     ]
     train = data[cfg.train_split]

@@ -225,6 +225,8 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
             if rank == 0:
                 print(f"== variant {i + 1}/{len(variants)}: {variant.name} ({variant.title}): {status}")
             if status != "finished":
+                # As saved: the global batch resolved (train.config.Config.for_world), so a resume compares equal.
+                cfg = cfg.for_world(world()[1])
                 train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
         except KeyboardInterrupt as e:
             note = f"variant {variant.name} stopped; run the same sweep command again to go on (it resumes there)"

@@ -191,12 +191,15 @@ class Loader:
 
     @property
     def epoch(self) -> int:
-        """The epoch the next iteration runs (set it to start there, at its first batch)."""
+        """The epoch the next iteration runs (set it to start there, at its first batch; setting the epoch a loaded
+        state stands in keeps its position, as a `set_epoch` at the top of every epoch would expect)."""
         return self._next[0]
 
     @epoch.setter
     def epoch(self, epoch: int) -> None:
-        self._next, self._live = (integer("epoch", epoch, 0), 0), None
+        epoch = integer("epoch", epoch, 0)
+        if epoch != self._next[0] or self._live is not None:  # the epoch it is at already: its position is kept
+            self._next, self._live = (epoch, 0), None
 
     @property
     def step(self) -> int:
@@ -283,12 +286,12 @@ class Loader:
             ConfigError: a state that is not a loader's, or is of another pack, split, sampler, labelling, seed,
                 global batch size or (mid-epoch) order; one line saying what differs and what to do.
         """
-        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("epoch", "samples")):
-            raise ConfigError(f"not a loader state (no integer epoch and samples): {str(state)[:200]}")
-        epoch, samples = state["epoch"], state["samples"]
-        if epoch < 0 or samples < 0 or isinstance(epoch, bool) or isinstance(samples, bool):
-            raise ConfigError(f"a loader state's epoch and samples are >= 0, got {epoch} and {samples}")
         mine = self.state_dict()
+        missing = sorted(set(mine) - set(state)) if isinstance(state, dict) else ["everything"]
+        if missing:
+            raise ConfigError(f"not a loader state (no {', '.join(missing)}): {str(state)[:200]}")
+        epoch = integer("a loader state's epoch", state["epoch"], 0)
+        samples = integer("a loader state's samples", state["samples"], 0, 2**62)
         for key, what in (
             ("pack", "another pack (its manifest.json differs): resume on the shards it was saved on"),
             ("split", "another split"),
@@ -326,7 +329,7 @@ class Loader:
             )
         w = self.world_size
         line = (
-            f"the loader state was saved with a global batch of {saved} ({saved_world} rank(s)); this loader's is "
+            f"the loader state was saved with a global batch of {saved!r} ({saved_world!r} rank(s)); this loader's is "
             f"{self.global_batch_size} ({self.batch_size} x {w} rank(s)): "
         )
         if isinstance(saved, int) and saved % w == 0:

@@ -7,7 +7,7 @@ from crackio.errors import ConfigError
 BACKENDS = ("auto", "dali", "torch")
 OUTPUTS = ("float32", "uint8")  # normalized float images, or augmented uint8 ones normalized by the consumer
 DEVICES = ("auto", "cpu", "cuda")
-ORDERS = ("random", "block")  # reading order of training batches (crackio.loading.samplers.block_order)
+ORDERS = ("random", "block")  # reading order of training batches (crackio.loading.orders)
 
 
 def integer(name: str, value, least: int, most: int = 2**40) -> int:
