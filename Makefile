@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: demo test test-fast lint gpu-check clean
+.PHONY: demo test test-fast lint gpu-check gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +44,14 @@ test: lint
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
-# On a machine with an NVIDIA GPU: CUDA tests, GPU benchmark rows, one ResNeXt50 epoch (~5 min); says so without one.
+# On a machine with an NVIDIA GPU: CUDA tests, GPU benchmark rows, ResNeXt50 training and detection on the GPU
+# (~8 min); says so without one. On the project's GPU machine (no network): README, "The GPU check".
 gpu-check: $(VENV)/.installed
 	$(PY) tools/gpu_check.py
+
+# Here: the wheels the GPU machine lacks (Python 3.12, CUDA 13) in parts of <= 56 MiB under gpu-bundle/part-NN/.
+gpu-bundle: $(VENV)/.installed
+	$(PY) tools/gpu_bundle.py --out gpu-bundle
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache
