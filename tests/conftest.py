@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,10 @@ from tools.make_demo_data import generate  # noqa: E402
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (Linux only)")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]  # every backend a loader test runs on
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# Every device a property test runs on: `pytest -m cuda` selects the GPU cases (DALI's mixed decoder and GPU
+# operators, nvJPEG through torchvision, the batched augmentation on the device).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:

@@ -17,6 +17,7 @@ from crackio import ConfigError
 from crackio.format.layout import FORMAT_VERSION
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings
+from tests.conftest import needs_cuda
 from tests.helpers import ARCH
 from train.__main__ import main as cli
 from train.config import Config
@@ -254,3 +255,20 @@ def test_the_model_normalizes_uint8_input_itself():
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(model(images), model(normalize(images)))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_scoring_on_the_gpu_agrees_with_the_cpu(checkpoint, photos):
+    """Crops decoded by nvJPEG and scored on the GPU (TF32/cuDNN) against libjpeg-turbo and the CPU: within 0.05."""
+    from crackio.writing.regions import encode_jpeg, warp
+
+    rgb = load_photo(photos / "easy_a.jpg")
+    boxes = np.array([[10, 10, 80, 70], [140, 70, 200, 120.0], [0, 0, 100, 100]])
+    jpegs = [encode_jpeg(warp(rgb, b, 16, 224, rgb.reshape(-1, 3).mean(0)), 95) for b in boxes]
+    scores = {}
+    for device in ("cpu", "cuda"):
+        model = build_model(ARCH, "none", "linear")
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+        scores[device] = Scorer(model.eval().to(device), torch.device(device), 8, None)(jpegs)
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], atol=0.05)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from crackio import make_loader
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, DEVICES, needs_cuda
 from tests.helpers import TINY_ARGS, tiny
 from train.checkpoint import STEP
 from train.resume import resume_config
@@ -35,7 +35,7 @@ GLOBAL = 8  # the global batch: 8 x 1, 4 x 2, 2 x 4
 STOP = 2  # global batches consumed before the state is saved
 
 
-def loaders(shards, world, sampler, options, order, backend="torch", **kw):
+def loaders(shards, world, sampler, options, order, backend="torch", device="cpu", **kw):
     return [
         make_loader(
             shards,
@@ -44,7 +44,7 @@ def loaders(shards, world, sampler, options, order, backend="torch", **kw):
             train=True,
             sampler=sampler,
             seed=5,
-            device="cpu",
+            device=device,
             backend=backend,
             rank=r,
             world_size=world,
@@ -65,7 +65,7 @@ def steps(ranks, count=None):
     each step (a list: weighting with replacement may draw a sample twice in one global batch)."""
     out = []
     for batches in zip(*ranks):
-        step = [(n, x.tobytes()) for batch in batches for n, x in zip(batch.names, batch.images.numpy())]
+        step = [(n, x.tobytes()) for batch in batches for n, x in zip(batch.names, batch.images.cpu().numpy())]
         out.append(sorted(step))
         if count is not None and len(out) == count:
             break
@@ -96,18 +96,35 @@ def test_a_state_saved_at_two_ranks_resumes_at_one_and_four(demo_shards, sampler
         assert steps(resumed) == epochs[1], f"world size {world}: epoch 1"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_resumed_epoch_on_each_backend_continues_the_uninterrupted_one(demo_shards, backend):
-    (whole,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend)
+def test_a_resumed_epoch_on_each_backend_continues_the_uninterrupted_one(demo_shards, backend, device):
+    (whole,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend, device)
     expected = steps([whole])
-    (stopped,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend)
+    (stopped,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend, device)
     it = iter(stopped)
     next(it)
     state = stopped.state_dict()  # mid-iteration: the batch handed out counts
     assert state["samples"] == GLOBAL
-    (resumed,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend)
+    (resumed,) = loaders(demo_shards, 1, "shuffle", {}, "random", backend, device)
     resumed.load_state_dict(state)
     assert steps([resumed]) == expected[1:]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["random", "block"])
+def test_global_batches_on_the_gpu_do_not_depend_on_the_world_size(demo_shards, backend, order):
+    """On CUDA the pixels may differ from the CPU's (nvJPEG), but not between world sizes on the same device."""
+    (single,) = loaders(demo_shards, 1, "weighted", {"replacement": True}, order, backend, "cuda")
+    whole = steps([single])
+    pair = loaders(demo_shards, 2, "weighted", {"replacement": True}, order, backend, "cuda")
+    assert steps(pair, STOP) == whole[:STOP]
+    resumed = loaders(demo_shards, 4, "weighted", {"replacement": True}, order, backend, "cuda")
+    for loader in resumed:
+        loader.load_state_dict(pair[0].state_dict())
+    assert steps(resumed) == whole[STOP:]
 
 
 def test_the_end_of_an_epoch_reads_as_the_next_epoch(demo_shards):
