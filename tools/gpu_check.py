@@ -238,7 +238,8 @@ def figures_of(title: str, ok: bool, secs: float, text: str, out: Path) -> dict:
     elif title.startswith("train") and ok:
         folder = out / ("train-compiled" if "compiled" in title else f"train-{title.split()[1]}")
         row = json.loads((folder / "history.json").read_text())[0]
-        result |= {k: row[k] for k in ("images_per_sec", "data_wait_share", "train_seconds", "train_samples")}
+        keys = ("images_per_sec", "data_wait_share", "gpu_busy_share", "train_seconds", "train_samples")
+        result |= {k: row[k] for k in keys if k in row}
     elif title == "detect" and ok:
         result["summary"] = json.loads((out / "detect" / "summary.json").read_text())
     if not result["passed"]:
@@ -306,7 +307,11 @@ def print_table(figures: dict) -> None:
         )
     for title, result in figures.items():
         if title.startswith("train") and "images_per_sec" in result:
-            print(f"  {title:<36}{result['images_per_sec']:>8.0f} img/s  waiting {result['data_wait_share']:.0%}")
+            busy = result.get("gpu_busy_share")
+            print(
+                f"  {title:<36}{result['images_per_sec']:>8.0f} img/s  waiting for data {result['data_wait_share']:.0%}"
+                + (f", GPU busy {busy:.0%}" if busy is not None else "")
+            )
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ class EpochProgress:
     rng: torch.Tensor  # torch's CPU generator state (uint8)
     cuda_rng: list[torch.Tensor] | None = None  # the CUDA generators' states, on a GPU run
     digest: int = 0  # which samples each step so far trained on, all ranks (train.engine.step_digest)
+    gpu: float = 0.0  # seconds the device spent in training steps so far (rank 0; CUDA only)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, path: Path) -> EpochProgress:
@@ -230,6 +231,7 @@ class EpochProgress:
             "seconds": float,
             "rng": torch.Tensor,
             "digest": int,
+            "gpu": float,
         }
         bad = [k for k, kind in kinds.items() if not isinstance(progress.get(k), kind)]
         sums = progress.get("sums")
@@ -246,7 +248,17 @@ class EpochProgress:
                 f"mistyped): it was not written by python -m train; resume from RUN/last.pt"
             )
         p = progress
-        return cls(p["loader"], p["sums"], p["seen"], p["wait"], p["seconds"], p["rng"], p.get("cuda_rng"), p["digest"])
+        return cls(
+            p["loader"],
+            p["sums"],
+            p["seen"],
+            p["wait"],
+            p["seconds"],
+            p["rng"],
+            p.get("cuda_rng"),
+            p["digest"],
+            p["gpu"],
+        )
 
 
 def trained(ckpt: dict) -> str:

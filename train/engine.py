@@ -42,6 +42,7 @@ class EpochTotals:
     wait: float = 0.0
     seconds: float = 0.0
     digest: int = 0
+    gpu: float = 0.0  # seconds the device spent in training steps (CUDA events around each step; 0 on CPU)
 
     @classmethod
     def start(cls, device: torch.device, progress: EpochProgress | None, rank: int) -> EpochTotals:
@@ -50,7 +51,7 @@ class EpochTotals:
             seen = progress.seen if progress else 0
             return cls(torch.zeros(2, device=device, dtype=torch.float64), base_seen=seen)
         sums = torch.tensor(progress.sums, device=device, dtype=torch.float64)
-        return cls(sums, 0, progress.seen, progress.wait, progress.seconds, progress.digest)
+        return cls(sums, 0, progress.seen, progress.wait, progress.seconds, progress.digest, progress.gpu)
 
     def gathered(self) -> EpochTotals:
         """These totals over all ranks, on every rank (a collective under torchrun: every rank calls)."""
@@ -62,7 +63,7 @@ class EpochTotals:
             dist.all_reduce(digests)
             digest = int(digests.item()) % DIGEST_MOD
         # Train batches are full and equal in number on every rank.
-        return EpochTotals(sums, 0, self.base_seen + self.seen * world, self.wait, self.seconds, digest)
+        return EpochTotals(sums, 0, self.base_seen + self.seen * world, self.wait, self.seconds, digest, self.gpu)
 
     def progress(self, loader: Loader) -> EpochProgress:
         """What step.pt saves, from gathered totals."""
@@ -76,6 +77,7 @@ class EpochTotals:
             torch.get_rng_state(),
             [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] if cuda else None,
             self.digest,
+            self.gpu,
         )
 
     def row(self) -> dict:
@@ -89,7 +91,7 @@ class EpochTotals:
             "train_digest": f"{self.digest:014x}",
             "images_per_sec": seen / self.seconds,
             "data_wait_share": self.wait / self.seconds,
-        }
+        } | ({"gpu_busy_share": self.gpu / self.seconds} if self.gpu else {})
 
 
 def train_epoch(
@@ -121,10 +123,16 @@ def train_epoch(
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     start = tick = time.perf_counter()
     base_seconds, base_wait, seen = totals.seconds, totals.wait, totals.seen
+    # On CUDA, events around each step measure the device's busy time without a host sync (read where the loop
+    # syncs anyway): with the host's wait for data, what README's stall figures are made of.
+    timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     with deferred_signals() as stop:  # from the bar's first line on, a stop waits for the step to end
         bar = tqdm(loader, total=steps, initial=first, desc=desc, unit="batch", disable=not show, leave=False)
         for step, batch in enumerate(bar, first):
             totals.wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
+            if device.type == "cuda":
+                timed.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                timed[-1][0].record()
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = net(batch.images)
             loss = loss_fn(logits, batch.labels)
@@ -132,6 +140,8 @@ def train_epoch(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if timed:
+                timed[-1][1].record()
             n = len(batch.labels)
             totals.seen += n
             totals.digest = (totals.digest + step_digest(step, batch.names)) % DIGEST_MOD
@@ -144,6 +154,8 @@ def train_epoch(
             if synced:  # a sync every 10 steps, not every step
                 if not bool(finite):
                     raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
+                totals.gpu += sum(a.elapsed_time(b) for a, b in timed) / 1000  # the device is idle here: all done
+                timed.clear()
                 if show:
                     loss_sum, correct = totals.sums.tolist()  # rank 0's, with what a resumed checkpoint carried
                     shown = totals.base_seen + totals.seen
