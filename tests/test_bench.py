@@ -58,7 +58,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
         "dali-cpu-uint8",
         "torch-cpu-uint8",
     }
-    assert expected | ({"dali-reader"} if dali_available() else set()) <= set(rows)
+    assert expected | ({"dali-reader"} if dali_available() else set()) <= set(rows), run.stderr[-3000:]
     peers = ("seed_baseline", "wds_dataloader", "decode_only") + (("dali_reader",) if dali_available() else ())
     for r in rows.values():
         assert r["images_per_sec"] > 0 and r["cores"] >= 1 and 0 < r["setup_s"] < r["first_batch_s"]

@@ -18,12 +18,14 @@ Steps (each one's figures go into OUT/gpu_check.json as soon as it ends, so a la
   4. ResNeXt50_32x4d training (bf16/fp16 autocast, channels_last) fed by each GPU backend, then with --compile:
      images/s and the measured share of training time spent waiting for data;
   5. `python -m train detect` on synthetic photos, on the GPU.
-Without CUDA it says so, prints what it would run (--dry-run prints it anyway) and exits 0.
+Without CUDA it says so, prints what it would run (--dry-run prints it anyway) and exits 0; --rehearse runs every
+step here on the CPU with tiny sizes, to check the commands and files before the GPU machine's one go.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -161,11 +163,30 @@ def probe_nvjpeg() -> dict:
         return {"hardware_decoder": False, "why": f"{type(e).__name__}: {e}"[:300]}
 
 
-def plan(py: str, out: Path, seconds: float) -> list[tuple[str, list[str], float]]:
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What the steps run on: the GPU machine's figures, or a rehearsal's on this machine's CPU (--rehearse)."""
+
+    device: str = "cuda"
+    arch: str = "resnext50_32x4d"
+    images: int = 80  # synthetic photos (and proposal crops per photo)
+    proposals: int = 50
+    batch_size: int = 128
+    seconds: float = 3.0  # timed seconds per benchmark row
+    compile: bool = True
+
+
+REHEARSAL = Sizes(device="cpu", arch="shufflenet_v2_x0_5", images=8, proposals=12, batch_size=16, seconds=0.3,
+                  compile=False)  # fmt: skip
+
+
+def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]:
     """Every step after the environment: (title, command, timeout in seconds), in order."""
     data, shards, photos = out / "proposals", out / "shards", out / "photos"
-    train = [py, "-m", "train", "--shards", str(shards), "--arch", "resnext50_32x4d", "--weights", "none"]
-    train += ["--epochs", "1", "--batch-size", "128", "--device", "cuda", "--checkpoint-every", "0"]
+    # Training runs on the proposal stage's shards of the photos, so that detection can use its checkpoint.
+    regions = out / "shards-photos"
+    train = [py, "-m", "train", "--shards", str(regions), "--arch", sizes.arch, "--weights", "none", "--epochs", "1"]
+    train += ["--batch-size", str(sizes.batch_size), "--device", sizes.device, "--checkpoint-every", "0"]
     steps = [
         ("CUDA tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300.0),
         ("nvJPEG hardware decoder", [py, "tools/gpu_check.py", "--probe-nvjpeg"], 60.0),
@@ -176,9 +197,9 @@ def plan(py: str, out: Path, seconds: float) -> list[tuple[str, list[str], float
                 "tools/make_demo_data.py",
                 str(data),
                 "--images",
-                "40",
+                str(sizes.images),
                 "--proposals-per-image",
-                "40",
+                str(sizes.proposals),
                 "--photos",
                 str(photos),
                 "--formats",
@@ -187,6 +208,24 @@ def plan(py: str, out: Path, seconds: float) -> list[tuple[str, list[str], float
             300.0,
         ),  # fmt: skip
         ("pack", [py, "tools/pack.py", str(data), "--out", str(shards), "--quiet"], 300.0),
+        (
+            "propose",
+            [
+                py,
+                "tools/propose.py",
+                str(photos / "coco"),
+                "--format",
+                "coco",
+                "--out",
+                str(regions),
+                "--max-proposals",
+                "300",
+                "--negatives-per-image",
+                "40",
+                "--quiet",
+            ],
+            300.0,
+        ),  # fmt: skip
         (
             "benchmark",
             [
@@ -198,31 +237,27 @@ def plan(py: str, out: Path, seconds: float) -> list[tuple[str, list[str], float
                 str(data),
                 "--quick",
                 "--seconds",
-                str(seconds),
+                str(sizes.seconds),
+                "--batch-size",
+                str(min(sizes.batch_size, 32)),
                 "--model",
+                "--arch",
+                sizes.arch,
                 "--json",
                 str(out / "bench.json"),
             ],
             420.0,
         ),  # fmt: skip
     ]
-    for backend in ("dali", "torch"):
-        steps.append(
-            (f"train {backend}", [*train, "--backend", backend, "--out", str(out / f"train-{backend}")], 300.0)
-        )
-    steps.append(("train dali compiled", [*train, "--backend", "dali", "--compile", "true", "--out",
-                                          str(out / "train-compiled")], 420.0))  # fmt: skip
-    detect = [
-        py,
-        "-m",
-        "train",
-        "detect",
-        "--checkpoint",
-        str(out / "train-dali" / "best.pt"),
-        str(photos / "coco" / "test"),
-    ]
-    detect += ["--annotations", str(photos / "coco" / "test"), "--format", "coco", "--device", "cuda"]
-    steps.append(("detect", [*detect, "--out", str(out / "detect")], 300.0))
+    backend = ["dali", "torch"] if importlib.util.find_spec("nvidia.dali") or sizes.device == "cuda" else ["torch"]
+    for name in backend:
+        steps.append((f"train {name}", [*train, "--backend", name, "--out", str(out / f"train-{name}")], 300.0))
+    if sizes.compile:
+        steps.append(("train dali compiled", [*train, "--backend", "dali", "--compile", "true", "--out",
+                                              str(out / "train-compiled")], 420.0))  # fmt: skip
+    detect = [py, "-m", "train", "detect", "--checkpoint", str(out / f"train-{backend[0]}" / "best.pt")]
+    detect += [str(photos / "coco" / "test"), "--annotations", str(photos / "coco" / "test"), "--format", "coco"]
+    steps.append(("detect", [*detect, "--device", sizes.device, "--out", str(out / "detect")], 300.0))
     return steps
 
 
@@ -252,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="working folder (default runs/gpu-check)")
     ap.add_argument("--bundle", type=Path, help="the parts of `make gpu-bundle`, to install first")
-    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per benchmark row")
+    ap.add_argument("--seconds", type=float, default=Sizes.seconds, help="timed seconds per benchmark row")
     ap.add_argument("--dry-run", action="store_true", help="print the steps and exit")
+    ap.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run every step here on the CPU with tiny sizes (the commands, files and figures, not the GPU)",
+    )
     ap.add_argument("--probe-nvjpeg", action="store_true", help=argparse.SUPPRESS)  # step 2, in its own process
     args = ap.parse_args(argv)
     if args.probe_nvjpeg:
@@ -267,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         added = install_bundle(args.bundle, site)
         print(f"installed {len(added)} wheel(s) into {site} in {time.perf_counter() - start:.0f} s", flush=True)
         env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    steps = plan(sys.executable, out, args.seconds)
-    cuda = importlib.util.find_spec("torch") is not None and _cuda_available()
+    sizes = REHEARSAL if args.rehearse else dataclasses.replace(Sizes(), seconds=args.seconds)
+    steps = plan(sys.executable, out, sizes)
+    cuda = args.rehearse or (importlib.util.find_spec("torch") is not None and _cuda_available())
     if args.dry_run or not cuda:
         if not cuda:
             print("no CUDA: torch sees no NVIDIA GPU on this machine, so there is nothing to check here; on one:")
