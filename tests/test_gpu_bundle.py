@@ -77,3 +77,30 @@ def test_the_gpu_check_without_cuda_says_what_it_would_run(capsys):
     said = capsys.readouterr().out
     for title in ("CUDA tests", "nvJPEG hardware decoder", "benchmark", "train dali", "train torch", "detect"):
         assert f"  {title} (at most" in said
+
+
+@pytest.mark.slow
+def test_the_gpu_check_rehearsed_on_the_cpu_passes_every_step(tmp_path):
+    """Every command of the GPU machine's one go, run here with tiny sizes: the flags, files and figures."""
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--rehearse", "--out", str(tmp_path / "check")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    steps = {k: v for k, v in figures.items() if k != "environment"}
+    assert {"CUDA tests", "benchmark", "train torch", "detect"} <= set(steps)
+    assert all(v["passed"] for v in steps.values()), {
+        k: v.get("output", v) for k, v in steps.items() if not v["passed"]
+    }
+    assert all(found is True for found in figures["environment"]["modules"].values())
+    assert steps["train torch"]["train_samples"] > 0 and 0 <= steps["train torch"]["data_wait_share"] < 1
+    assert (
+        "dali-reader" in {r["name"] for r in steps["benchmark"]["rows"]}
+        or "nvidia.dali" not in figures["environment"]["modules"]
+    )

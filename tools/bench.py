@@ -9,7 +9,8 @@ Rows (train augmentation everywhere except decode-only; peers in tools/bench_pee
                        shards hold (its directory listing is timed apart)
     seed-baseline-w0   the same with num_workers=0, the original's setting
     wds-dataloader     the webdataset library over the same shards in a DataLoader, same transforms
-    dali-reader        DALI's fn.readers.webdataset with the .idx files and crackio's operators
+    dali-reader        DALI's fn.readers.webdataset with the .idx files and crackio's operators (and with
+                       CUDA dali-reader-gpu: the mixed decoder and GPU operators)
     decode-only        torchvision decode_jpeg (libjpeg-turbo) of the same bytes on the
                        same cores, no augmentation: the ceiling of any CPU pipeline
     dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader (normalized float32);
@@ -120,8 +121,9 @@ def run_row(args) -> dict:
         it = endless(peers.seed_baseline(folder, files, args.batch_size, 0 if name.endswith("w0") else cores))
     elif name == "wds-dataloader":
         it = endless(peers.wds_dataloader(shard_paths(args), args.batch_size, cores))
-    elif name == "dali-reader":
-        it = peers.dali_reader(shard_paths(args), args.batch_size, cores)
+    elif name.startswith("dali-reader"):  # dali-reader (CPU), dali-reader-gpu
+        gpu = "gpu" if name.endswith("gpu") else "cpu"
+        it = peers.dali_reader(shard_paths(args), args.batch_size, cores, device=gpu, tensors=args.model)
     elif name == "decode-only":
         it = decode_only(Path(args.shards), args.split, args.batch_size, cores)
     else:
@@ -155,7 +157,13 @@ def run_row(args) -> dict:
             batch = next(it)
             wait += time.perf_counter() - tick
             if step is not None:
-                step(batch[0] if isinstance(batch, (list, tuple)) else batch.images)
+                step(
+                    batch
+                    if isinstance(batch, torch.Tensor)
+                    else batch[0]
+                    if isinstance(batch, list | tuple)
+                    else batch.images
+                )
             n += batch_len(batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -324,7 +332,8 @@ def main(argv=None) -> int:
     if not (Path(args.src) / args.split).is_dir():
         ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
     dali = dali_available()
-    rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *(["dali-reader"] if dali else []), "decode-only"]
+    readers = (["dali-reader", "dali-reader-gpu"] if torch.cuda.is_available() else ["dali-reader"]) if dali else []
+    rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *readers, "decode-only"]
     rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
         f"{b}-{d}{o}"
         for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])

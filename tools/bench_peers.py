@@ -98,13 +98,27 @@ def wds_dataloader(tars: list[str], batch_size: int, workers: int, buffer: int =
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
-def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0, shuffle: bool = True):
-    """DALI's webdataset reader with crackio's augmentation operators (random draws inside DALI), CPU mode.
+def dali_reader(
+    tars: list[str],
+    batch_size: int,
+    threads: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    device: str = "cpu",
+    tensors: bool = False,
+):
+    """DALI's webdataset reader with crackio's augmentation operators (random draws inside DALI), on the CPU or
+    (device="gpu") with the mixed decoder and GPU operators. Yields each batch's length, or with `tensors` the
+    batch as a float32 N x 3 x 224 x 224 torch tensor on that device (to feed a model).
 
     shuffle=False: the tars in order, sequential reads."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, seed=seed, prefetch_queue_depth=2)
+    gpu = device == "gpu"
+
+    @pipeline_def(
+        batch_size=batch_size, num_threads=threads, device_id=0 if gpu else None, seed=seed, prefetch_queue_depth=2
+    )
     def pipeline():
         jpegs = fn.readers.webdataset(
             paths=tars,
@@ -114,7 +128,7 @@ def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0, s
             initial_fill=1024,
             name="reader",
         )
-        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         images = fn.brightness(images, brightness=fn.random.uniform(range=(0.5, 1.5)))
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
         images = fn.rotate(
@@ -132,8 +146,17 @@ def dali_reader(tars: list[str], batch_size: int, threads: int, seed: int = 0, s
     pipe.build()
 
     def batches():
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
         while True:
             (images,) = pipe.run()
-            yield len(images)
+            if not tensors:
+                yield len(images)
+                continue
+            batch = images.as_tensor()
+            out = torch.empty(batch.shape(), dtype=torch.float32, device="cuda" if gpu else "cpu")
+            feed_ndarray(batch, out, cuda_stream=torch.cuda.current_stream() if gpu else None)
+            yield out
 
     return batches()

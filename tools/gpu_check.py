@@ -271,6 +271,9 @@ def figures_of(title: str, ok: bool, secs: float, text: str, out: Path) -> dict:
         result |= json.loads(text.strip().splitlines()[-1])
     elif title == "benchmark" and ok:
         result["rows"] = json.loads((out / "bench.json").read_text())["results"]
+        # tools/bench.py leaves out a row that fails or hangs, saying so: that fails this step.
+        failed = [line.split(":")[0] for line in text.splitlines() if line.endswith(": failed") or "left out" in line]
+        result |= {"rows_failed": failed, "passed": not failed}
     elif title.startswith("train") and ok:
         folder = out / ("train-compiled" if "compiled" in title else f"train-{title.split()[1]}")
         row = json.loads((folder / "history.json").read_text())[0]
