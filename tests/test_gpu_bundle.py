@@ -64,12 +64,32 @@ def test_the_bundle_splits_into_parts_and_installs_what_is_missing(tmp_path, cap
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert done.stdout.split() == ["crackio-fake-dep", "None"], done.stderr
 
+    (site / "crackio_fake_dep" / "__init__.py").unlink()  # a damaged install: a second run repairs it
+    install_bundle(out, site)
+    assert (site / "crackio_fake_dep" / "__init__.py").is_file()
+
     (parts[1] / "bundle.tar.01").write_bytes(b"x" * (parts[1] / "bundle.tar.01").stat().st_size)  # damaged
     with pytest.raises(SystemExit, match="do not make the bundle"):
         install_bundle(out, tmp_path / "again" / "site")
     (parts[2] / "bundle.tar.02").unlink()  # not carried yet
     with pytest.raises(SystemExit, match=f"carry {out / 'part-02'}"):
         install_bundle(out, tmp_path / "again" / "site")
+
+
+def test_bad_bundle_options_are_refused_before_anything_is_deleted(tmp_path):
+    keep = tmp_path / "work"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    for args, message in (
+        (["--out", str(keep), "--wheels", str(tmp_path)], "exists and is not a bundle"),
+        (["--out", str(tmp_path / "b"), "--part-mib", "0"], r"--part-mib must be in \(0, 62\]"),
+        (["--out", str(tmp_path / "b"), "--part-mib", "100"], r"--part-mib must be in \(0, 62\]"),
+        (["--out", str(tmp_path / "b"), "--wheels", str(tmp_path / "none")], "is not a folder of wheels"),
+        (["--out", str(tmp_path / "b"), "--wheels", str(keep)], "no wheel to bundle in"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main(args)
+    assert (keep / "notes.txt").read_text() == "mine"
 
 
 def test_the_gpu_check_without_cuda_says_what_it_would_run(capsys):

@@ -7,10 +7,10 @@ network; at most 64 MiB carried per call) has torch but none of DALI, nvImageCod
 opencv-contrib or pycocotools. This downloads their wheels for that Python and CUDA with `pip download` (binary
 wheels only, dependencies included), leaves out what a machine with torch has (`MACHINE_HAS`: numpy, Pillow,
 torch, ...; their builds must match its torch), packs the rest into one tar and cuts it into parts of
-`--part-mib` MiB: OUT/part-00/, OUT/part-01/, ..., each a folder with its piece and `bundle.json` (every piece's
-size, the tar's size and SHA-256, the wheels). OUT is ignored by git; `python tools/gpu_check.py --bundle OUT`
-on the GPU machine puts the tar together once every part has arrived, checks it, and installs the wheels it does
-not have already into a temporary folder. README, "The GPU check", gives the calls.
+`--part-mib` MiB (default 56): OUT/part-00/, OUT/part-01/, ..., each a folder with its piece and `bundle.json`
+(every piece's size, the tar's size and SHA-256, the wheels). OUT is ignored by git; `python3 tools/gpu_check.py
+--bundle OUT` on the GPU machine puts the tar together once every part has arrived, checks it, and installs the
+wheels it does not have already into a temporary folder. README, "The GPU check", gives the calls.
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ NEEDED = (
     "pycocotools",
     "pyyaml",
     "tqdm",
+    "scikit-learn",  # these three are installed only where missing (tools/gpu_check.py), never over the machine's
+    "scipy",
+    "matplotlib",
     "pytest",
 )
 # What a machine with its own torch has, and must keep: binary builds tied to its torch and numpy ABI. A package
 # of this list that the machine lacks is named by tools/gpu_check.py's first step.
-MACHINE_HAS = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "scipy", "matplotlib")
+MACHINE_HAS = ("torch", "torchvision", "numpy", "pillow")
 MANIFEST = "bundle.json"
 TAR = "bundle.tar"
 
@@ -76,7 +79,7 @@ def download(python: str, cuda: int, into: Path) -> list[Path]:
 def split(wheels: list[Path], out: Path, part_bytes: int) -> dict:
     """One tar of `wheels` cut into OUT/part-NN/bundle.tar.NN pieces of at most `part_bytes`, with the manifest in
     every part; returns the manifest."""
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tar = Path(tmp) / TAR
         with tarfile.open(tar, "w") as t:
             for wheel in wheels:
@@ -107,22 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--wheels", type=Path, help="bundle these wheels (a folder) instead of downloading")
     args = ap.parse_args(argv)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
+    if not 0 < args.part_mib <= 62:
+        raise SystemExit(
+            f"--part-mib must be in (0, 62] (a call carries 64 MiB with the checkout), got {args.part_mib}"
+        )
+    if args.wheels and not args.wheels.is_dir():
+        raise SystemExit(f"--wheels {args.wheels} is not a folder of wheels")
+    if args.out.exists() and not (args.out.is_dir() and all(p.name.startswith("part-") for p in args.out.iterdir())):
+        raise SystemExit(f"--out {args.out} exists and is not a bundle (only part-NN folders): choose another --out")
     with tempfile.TemporaryDirectory() as tmp:
         if args.wheels:
             wheels = sorted(w for w in args.wheels.glob("*.whl") if project(w.name) not in MACHINE_HAS)
         else:
             wheels = download(args.python, args.cuda, Path(tmp))
         if not wheels:
-            raise SystemExit("no wheel to bundle")
+            raise SystemExit(f"no wheel to bundle in {args.wheels}")
+        if args.out.exists():
+            shutil.rmtree(args.out)  # an earlier bundle: replaced only once the new wheels are here
+        args.out.mkdir(parents=True)
         manifest = split(wheels, args.out, int(args.part_mib * 2**20))
     for piece in manifest["pieces"]:
         print(f"{args.out / piece['part']}: {piece['bytes'] / 2**20:.1f} MiB")
     print(
         f"{len(manifest['wheels'])} wheels, {manifest['tar_bytes'] / 2**20:.0f} MiB in {len(manifest['pieces'])} "
-        f"parts; on the GPU machine: python tools/gpu_check.py --bundle {args.out.name}"
+        f"parts; carry each part-NN folder, then on the GPU machine: python3 tools/gpu_check.py --bundle "
+        f"{args.out.name} (README, The GPU check)"
     )
     return 0
 

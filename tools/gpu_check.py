@@ -31,6 +31,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -63,6 +64,14 @@ MODULES = {
 }
 # Lets `nvidia.dali` in OUT/site and the machine's own `nvidia.*` (CUDA libraries of its torch) share one package.
 NVIDIA_INIT = "from pkgutil import extend_path\n\n__path__ = extend_path(__path__, __name__)\n"
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` can be imported here (False also when a parent package is missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def installed(distribution: str) -> bool:
@@ -107,7 +116,9 @@ def install_bundle(bundle: Path, site: Path) -> list[str]:
     tar.unlink()
     missing = [w for w in manifest["wheels"] if not installed(project(w))]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", str(site)]
+        # --upgrade: a second run replaces what an earlier, damaged install left in `site`.
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--upgrade", "--quiet", "--target"]
+        cmd.append(str(site))
         done = subprocess.run([*cmd, *(str(wheels / w) for w in missing)], capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"installing the bundle failed:\n{done.stderr[-2000:]}")
@@ -249,7 +260,7 @@ def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]
             420.0,
         ),  # fmt: skip
     ]
-    backend = ["dali", "torch"] if importlib.util.find_spec("nvidia.dali") or sizes.device == "cuda" else ["torch"]
+    backend = ["dali", "torch"] if has_module("nvidia.dali") or sizes.device == "cuda" else ["torch"]
     for name in backend:
         steps.append((f"train {name}", [*train, "--backend", name, "--out", str(out / f"train-{name}")], 300.0))
     if sizes.compile:
@@ -261,12 +272,20 @@ def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]
     return steps
 
 
-def figures_of(title: str, ok: bool, secs: float, text: str, out: Path) -> dict:
-    """What a step measured, from its output files."""
+def figures_of(title: str, ok: bool, secs: float, text: str, out: Path, device: str) -> dict:
+    """What a step measured, from its output and files; an unexpected output is this step's failure only."""
+    try:
+        return _figures_of(title, ok, secs, text, out, device)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        return {"passed": False, "seconds": round(secs, 1), "output": f"{type(e).__name__}: {e}\n{text[-1500:]}"}
+
+
+def _figures_of(title: str, ok: bool, secs: float, text: str, out: Path, device: str) -> dict:
     result: dict = {"passed": ok, "seconds": round(secs, 1)}
     if title == "CUDA tests":
-        result["passed"] = ok or "no tests ran" in text  # pytest exits 5 when no test is selected
         result["tail"] = text.strip().splitlines()[-1:]
+        if device == "cuda" and "skipped" in " ".join(result["tail"]):  # on the GPU every case must run
+            result["passed"] = False
     elif title == "nvJPEG hardware decoder" and ok:
         result |= json.loads(text.strip().splitlines()[-1])
     elif title == "benchmark" and ok:
@@ -319,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     sizes = REHEARSAL if args.rehearse else dataclasses.replace(Sizes(), seconds=args.seconds)
     steps = plan(sys.executable, out, sizes)
-    cuda = args.rehearse or (importlib.util.find_spec("torch") is not None and _cuda_available())
+    cuda = args.rehearse or (has_module("torch") and _cuda_available())
     if args.dry_run or not cuda:
         if not cuda:
             print("no CUDA: torch sees no NVIDIA GPU on this machine, so there is nothing to check here; on one:")
         for title, cmd, timeout in steps:
-            print(f"  {title} (at most {timeout:.0f} s): {' '.join(cmd)}")
+            print(f"  {title} (at most {timeout:.0f} s): {shlex.join(cmd)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     reports = [out / "gpu_check.json", *([args.json] if args.json else [])]
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             save(figures)
             continue
         ok, secs, text = step(title, cmd, min(timeout, left), env)
-        figures[title] = figures_of(title, ok, secs, text, out)
+        figures[title] = figures_of(title, ok, secs, text, out, sizes.device)
         save(figures)
         print(f"   {'ok' if figures[title]['passed'] else 'FAILED'} in {secs:.0f} s", flush=True)
     print_table(figures)
@@ -362,11 +381,13 @@ def _cuda_available() -> bool:
 
 def print_table(figures: dict) -> None:
     env = figures["environment"]
-    print(f"\n{env.get('gpu')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}")
+    gpu = env.get("gpu") or "no GPU (a rehearsal)"
+    print(f"\n{gpu}, torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}")
     for title, result in figures.items():
         if title == "environment":
             continue
-        print(f"{title:<28}{'ok' if result['passed'] else 'FAILED':>8}{result['seconds']:>8.0f} s")
+        said = {True: "hardware decoder used", False: "no hardware decoder"}.get(result.get("hardware_decoder"), "")
+        print(f"{title:<28}{'ok' if result['passed'] else 'FAILED':>8}{result['seconds']:>8.0f} s  {said}")
     for row in figures.get("benchmark", {}).get("rows", []):
         stall = row.get("data_stall_share")
         print(
@@ -376,7 +397,7 @@ def print_table(figures: dict) -> None:
         if title.startswith("train") and "images_per_sec" in result:
             busy = result.get("gpu_busy_share")
             print(
-                f"  {title:<36}{result['images_per_sec']:>8.0f} img/s  waiting for data {result['data_wait_share']:.0%}"
+                f"  {title:<44}{result['images_per_sec']:>8.0f} img/s  waiting for data {result['data_wait_share']:.0%}"
                 + (f", GPU busy {busy:.0%}" if busy is not None else "")
             )
 

@@ -43,7 +43,10 @@ class Batch(NamedTuple):
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` package at all (find_spec imports the parent)
+        return False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
