@@ -167,14 +167,14 @@ def variant_config(base: Config, variant: Variant, out: Path) -> Config:
 
 
 def state(cfg: Config) -> str:
-    """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant."""
+    """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant (`cfg` with
+    its global batch resolved, as the run saved it: train.config.Config.for_world)."""
     folder = Path(cfg.out)
     if not any((folder / name).is_file() for name in ("last.pt", STEP)):  # nothing saved yet: start over
         return "new"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} holds a checkpoint but no config.json: delete that folder to retrain the variant")
     saved = read_config(folder)
-    cfg = cfg.for_world(world()[1])  # saved with its global batch resolved
     changed = [
         f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now"
         for k in dataclasses.asdict(cfg)
@@ -221,12 +221,11 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
         if overridden and rank == 0:
             print(f"note: variant {variant.name} sets {', '.join(overridden)}; the command line's value is not used")
         try:
+            cfg = cfg.for_world(world()[1])  # as a run saves it, so that a resume compares equal
             status = state(cfg)
             if rank == 0:
                 print(f"== variant {i + 1}/{len(variants)}: {variant.name} ({variant.title}): {status}")
             if status != "finished":
-                # As saved: the global batch resolved (train.config.Config.for_world), so a resume compares equal.
-                cfg = cfg.for_world(world()[1])
                 train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
         except KeyboardInterrupt as e:
             note = f"variant {variant.name} stopped; run the same sweep command again to go on (it resumes there)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import os
@@ -166,7 +167,6 @@ class Loader:
                 f"as crackio.loading.samplers.Weighted(...) without keywords, got {sampler!r} and {options}"
             )
         self.iou_threshold = iou_threshold
-        self.pack = manifest_sha256(shards)
         self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
         self.selection = self.sampler.select(self.labels, self.index.ious, seed)
         self.sampler.check(self.selection, self.labels, iou_threshold)
@@ -186,6 +186,11 @@ class Loader:
         self._next = (0, 0)  # (epoch, step) the next iteration starts at
         self._live: tuple[int, int] | None = None  # (epoch, step) after the last batch handed out
         self._planned: tuple[int, list[np.ndarray], np.ndarray | None] = (-1, [], None)
+
+    @functools.cached_property
+    def pack(self) -> str:
+        """The pack's identity in states (its manifest's SHA-256), read when a state is first made or loaded."""
+        return manifest_sha256(self.index.root)
 
     @property
     def global_batch_size(self) -> int:
@@ -305,7 +310,7 @@ class Loader:
         ):
             if state.get(key) != mine[key]:
                 raise ConfigError(f"the loader state is for {what}: {key} {state.get(key)!r} then, {mine[key]!r} now")
-        g, now = state.get("global_batch_size"), self.global_batch_size if self.train else self.batch_size
+        g, now = state.get("global_batch_size"), mine["global_batch_size"]
         if g != now:
             raise ConfigError(self._batch_refusal(g, state.get("world_size")))
         if samples and state.get("order") != mine["order"]:
