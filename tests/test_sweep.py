@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 
+import numpy as np
 import pytest
 
 from tests.helpers import tiny
+from tests.test_faults import one_line
 from train import sweep
 from train.__main__ import main as cli
 from train.sweep import SHIPPED, load_variants, variant_config
@@ -41,23 +43,67 @@ num_samples = 100000
 
 
 def test_shipped_variants_are_the_originals_six_runs(tmp_path):
-    variants = load_variants(SHIPPED)
+    file = load_variants(SHIPPED)
+    variants = file.variants
     assert len(variants) == 6
-    configs = [variant_config(tiny("s", tmp_path), v, tmp_path) for v in variants]
+    configs = [variant_config(file.base({"shards": "s"}), v, tmp_path) for v in variants]
     for cfg in configs:
         cfg.validate()
-    settings = [(c.loss, c.sampler, c.replacement, c.iou_threshold, c.focal_alpha) for c in configs]
+    settings = [(c.loss, c.sampler, c.selection, c.replacement, c.iou_threshold) for c in configs]
     # The first two take the names' labels (the original's, IoU > 0.5); two relabel at 0.35.
     assert settings[:4] == [
-        ("bce", "shuffle", True, None, 0.25),
-        ("bce", "weighted", True, None, 0.25),
-        ("bce", "weighted", True, 0.35, 0.25),
-        ("bce", "weighted", False, 0.35, 0.25),
+        ("bce", "hard-negatives", "all", True, None),
+        ("bce", "weighted", "hard-negatives", True, None),
+        ("bce", "weighted", "hard-negatives", True, 0.35),
+        ("bce", "weighted", "hard-negatives", False, 0.35),
     ]
-    assert [(c.loss, c.focal_alpha, c.focal_gamma) for c in configs[4:]] == [("focal", 0.25, 2.0), ("focal", -1.0, 2.0)]
+    assert [(c.loss, c.focal_alpha, c.focal_gamma, c.iou_threshold) for c in configs[4:]] == [
+        ("focal", 0.25, 2.0, None),
+        ("focal", -1.0, 2.0, 0.35),
+    ]
     assert all(c.parsed_class_weights() == {0: 1, 1: 2} for c in configs[1:4])
+    assert all((c.negatives, c.val_sampler, c.val_negatives) == (800, "hard-negatives", 200) for c in configs)
     # The write-up's published crack F1 for each run, in order.
     assert [v.reference["crack"]["f1"] for v in variants] == [0.66, 0.66, 0.74, 0.74, 0.42, 0.75]
+
+
+def filter_and_sort_images(image_names: list[str], validation_set: bool) -> list[str]:
+    """The write-up's own selection (../shared/seed/, get_loaders), as it wrote it: the oracle."""
+    label_0_images, label_1_images = [], []
+    for image_name in image_names:
+        parts = image_name.split(".")
+        iou_score, label = float(parts[2].replace("_", ".")), int(parts[3])
+        if label == 1:
+            label_1_images.append(image_name)
+        elif label == 0:
+            label_0_images.append((image_name, iou_score))
+    set_size = 800 if not validation_set else 200
+    label_0_images_sorted = [img for img, _ in sorted(label_0_images, key=lambda x: x[1], reverse=True)[:set_size]]
+    return label_1_images + label_0_images_sorted
+
+
+def test_shipped_variants_train_and_validate_on_the_write_ups_cut(tmp_path):
+    """Every default variant's train and validation selection is filter_and_sort_images' list, at its labels (the
+    0.35 runs on names labelled at 0.35, as the write-up's proposal stage wrote them). Ties in IoU included."""
+    rng = np.random.default_rng(3)
+    ious = np.round(rng.beta(0.6, 2.0, 4000), 2).astype(np.float32)  # many ties, ~20% above 0.35
+    file = load_variants(SHIPPED)
+    for variant in file.variants:
+        cfg = variant_config(file.base({"shards": "s"}), variant, tmp_path)
+        threshold = 0.5 if cfg.iou_threshold is None else cfg.iou_threshold
+        labels = (ious > np.float32(threshold)).astype(np.int8)
+        names = [
+            f"p{i}.{i}.{str(float(iou)).replace('.', '_')}.{label}.jpg"
+            for i, (iou, label) in enumerate(zip(ious, labels))
+        ]
+        for sampler, negatives, validation in [
+            (cfg.sampler, cfg.negatives, False),
+            (cfg.val_sampler, cfg.val_negatives, True),
+        ]:
+            rows = cfg.make_sampler(sampler, negatives).select(labels, ious, cfg.seed)
+            expected = filter_and_sort_images(names, validation)
+            assert sorted(names[i] for i in rows) == sorted(expected), (variant.name, validation)
+            assert len(rows) == int(labels.sum()) + (200 if validation else 800)
 
 
 def test_bad_variant_files_name_the_file_and_the_fix(tmp_path):
@@ -67,7 +113,8 @@ def test_bad_variant_files_name_the_file_and_the_fix(tmp_path):
         ('[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n', "unique name"),
         ('[[variant]]\nname = "a"\nout = "x"\n', "set by the sweep"),
         ("[[variant]\n", "not valid TOML"),
-        ("x = 1\n", "defines no [[variant]]"),
+        ("x = 1\n", "unknown top-level keys ['x']"),
+        ("[shared]\nlr = 0.1\n", "defines no [[variant]]"),
     ):
         path.write_text(text)
         with pytest.raises(ValueError, match="v.toml") as e:
@@ -150,7 +197,7 @@ def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
     path.write_text(
         '[[variant]]\nname = "a"\nsampler = "weighted"\nclass_weights = {0 = 1, 1 = 3}\niou_threshold = "none"\n'
     )
-    (variant,) = load_variants(path)
+    (variant,) = load_variants(path).variants
     cfg = variant_config(tiny("s", tmp_path), variant, tmp_path)
     assert cfg.parsed_class_weights() == {0: 1.0, 1: 3.0} and cfg.iou_threshold is None
     path.write_text('[[variant]]\nname = "b"\nepochs = "ten"\n')
@@ -158,13 +205,53 @@ def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
         load_variants(path)
 
 
-def test_a_shared_option_no_variant_uses_is_refused(demo_shards, tmp_path, capsys):
+def test_a_shared_option_that_misses_a_variant_is_refused_naming_it(demo_shards, tmp_path, capsys):
     path = tmp_path / "v.toml"
     path.write_text('[[variant]]\nname = "a"\n\n[[variant]]\nname = "w"\nsampler = "weighted"\n')
     base = ["sweep", "--shards", str(demo_shards), "--variants", str(path), "--out", str(tmp_path / "s")]
     assert cli([*base, "--block-size", "64"]) == 2
-    assert "--block-size applies to none of the variants" in capsys.readouterr().err
+    err = one_line(capsys.readouterr().err)
+    assert "--block-size would not reach every variant" in err and "a (it applies only with --order block)" in err
     assert cli([*base, "--focal-gamma", "3"]) == 2
+    capsys.readouterr()
     assert not (tmp_path / "s").exists()  # refused before any variant trains
-    # One variant using a shared option is enough: the weighted one reads --class-weights.
-    assert sweep.check_shared_options(sweep.Config(shards="x"), load_variants(path), {"class_weights"}, path) is None
+    # Used by one variant only: the other would silently train without it.
+    assert cli([*base, "--class-weights", "0:1,1:3"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "a (it applies only with --sampler weighted or --sampler balanced)" in err and "w (" not in err
+    # A value a variant sets to another value itself does not reach it either; its own value passes.
+    path.write_text('[[variant]]\nname = "a"\nlr = 0.01\n\n[[variant]]\nname = "b"\n')
+    file = load_variants(path)
+    with pytest.raises(ValueError, match=r"--lr would not reach every variant .*: a \(sets its own lr = 0.01\)"):
+        sweep.check_shared_options(file.base({"shards": "x", "lr": 0.1}), file, {"lr"})
+    assert sweep.check_shared_options(file.base({"shards": "x", "lr": 0.01}), file, {"lr"}) is None
+    # A default spelled out changes nothing: scripts that pass every option keep working.
+    assert sweep.check_shared_options(file.base({"shards": "x", "block_size": 128}), file, {"block_size"}) is None
+
+
+def test_the_reported_mixed_sweep_is_refused_and_the_shipped_file_needs_no_options(tmp_path):
+    """The report: --selection hard-negatives --negatives 800 --val-sampler hard-negatives reached only the weighted
+    variants. Now refused, naming the three it misses; --negatives 400 reaches all six (all cut)."""
+    file = load_variants(SHIPPED)
+    given = {"shards": "x", "selection": "hard-negatives", "negatives": 800, "val_sampler": "hard-negatives"}
+    with pytest.raises(ValueError) as e:
+        sweep.check_shared_options(file.base(given), file, set(given) - {"shards"})
+    assert "--selection would not reach every variant" in str(e.value)
+    for name in ("bce-shuffle (it applies", "focal-a025 (it applies", "focal-a-1-iou035 (it applies"):
+        assert name in str(e.value)
+    given = {"shards": "x", "negatives": 400, "val_negatives": 100}
+    assert sweep.check_shared_options(file.base(given), file, set(given) - {"shards"}) is None
+    cfgs = [variant_config(file.base(given), v, tmp_path) for v in file.variants]
+    assert {(c.negatives, c.val_negatives) for c in cfgs} == {(400, 100)}
+
+
+def test_a_shared_table_that_misses_a_variant_is_refused(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text(
+        '[shared]\nnegatives = 10\n[[variant]]\nname = "a"\nsampler = "hard-negatives"\n[[variant]]\nname = "b"\n'
+    )
+    with pytest.raises(ValueError, match=r"\[shared\] negatives does not reach variant b"):
+        load_variants(path)
+    path.write_text('[shared]\nnegatives = 10\n[bogus]\n[[variant]]\nname = "a"\n')
+    with pytest.raises(ValueError, match="unknown top-level keys"):
+        load_variants(path)

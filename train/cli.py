@@ -78,14 +78,15 @@ def sweep(argv: list[str]) -> int:
     options = vars(ap.parse_args(argv))
     variants = Path(options.pop("variants") or SHIPPED)
     out = Path(options.pop("out"))
-    base = Config(**options)
-    if not base.shards:
+    if not options.get("shards"):
         raise ConfigError("--shards is required (a folder written by tools/pack.py)")
-    base.validate()  # the shared options, once, before any variant trains
     from train.sweep import check_shared_options, load_variants, run_sweep
 
-    check_shared_options(base, load_variants(variants), set(options) - {"shards"}, variants)
-    rows = run_sweep(base, variants, out)
+    file = load_variants(variants)
+    base = file.base(options)
+    base.validate()  # the shared options, once, before any variant trains
+    check_shared_options(base, file, set(options) - {"shards"})
+    rows = run_sweep(base, file, out)
     return 1 if any(row.get("status") == "failed" for row in rows) else 0
 
 

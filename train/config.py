@@ -241,14 +241,18 @@ APPLIES_TO = {
 _OPTIONS = {name for sampler in SAMPLERS for selection in SELECTIONS for name in options_of(sampler, selection)}
 
 
-def _sampler_option_applies(cfg: Config, name: str) -> tuple[bool, str]:
-    """(whether `name` is an option of this run's sampler, with its selection; the settings it needs), read off
+def unmet(cfg: Config, name: str) -> str | None:
+    """The setting option `name` needs that `cfg` lacks (e.g. "--loss focal" for --focal-gamma), or None when it
+    applies. Sampler options apply when they are fields of the chosen sampler or of its --selection cut, read off
     the sampler classes' fields."""
+    if name in APPLIES_TO:
+        needs, rule = APPLIES_TO[name]
+        return None if rule(cfg) else needs
+    if name not in _OPTIONS or name in options_of(cfg.sampler, cfg.selection):
+        return None
     direct = [s for s in SAMPLERS if name in own_options(s)]
     cuts = [c for c in SELECTIONS if name in own_options(c, SELECTIONS)]
-    return name in options_of(cfg.sampler, cfg.selection), " or ".join(
-        [f"--sampler {s}" for s in direct] + [f"--selection {c}" for c in cuts]
-    )
+    return " or ".join([f"--sampler {s}" for s in direct] + [f"--selection {c}" for c in cuts])
 
 
 def check_applicable(cfg: Config, given) -> None:
@@ -263,13 +267,9 @@ def check_applicable(cfg: Config, given) -> None:
             f"--batch-size {cfg.batch_size} (per rank) x {ranks} rank(s) is not --global-batch-size "
             f"{cfg.global_batch_size}: the run would ignore --batch-size; give one of them"
         )
-    for name in sorted(set(given) & (set(APPLIES_TO) | _OPTIONS)):
-        if name in APPLIES_TO:
-            needs, rule = APPLIES_TO[name]
-            ok = rule(cfg)
-        else:
-            ok, needs = _sampler_option_applies(cfg, name)
-        if not ok:
+    for name in sorted(given):
+        needs = unmet(cfg, name)
+        if needs:
             raise ConfigError(
                 f"--{name.replace('_', '-')} only applies with {needs}; this run would ignore it "
                 f"(drop it, or choose the setting it belongs to)"

@@ -25,7 +25,7 @@ from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.fsio import make_dir, remove_temporaries, write_text
 from crackio.loading.samplers import label_source
 from train.checkpoint import STEP
-from train.config import SHIPPED, Config, check_applicable, check_type
+from train.config import SHIPPED, Config, check_applicable, check_type, unmet
 from train.loop import main as train_main
 from train.report import CLASS_KEYS, plot_pr, plot_val_losses
 from train.resume import RESUMABLE, read_config
@@ -43,6 +43,8 @@ COLUMNS = [
     "status",
     "split",
     "labels",
+    "train_data",
+    "val_data",
     "best_epoch",
     "epochs_run",
     *[f"{c}_{m}" for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")],
@@ -62,31 +64,53 @@ class Variant:
     reference: dict | None  # the original's published report, if any
 
 
-def check_shared_options(base: Config, variants: list[Variant], given: set[str], path: Path) -> None:
-    """Refuse a shared option set away from its default that every variant would ignore (e.g. --block-size 64
-    when no variant reads in block order): an option one variant uses is fine, the others ignore it as they
-    must; a default spelled out (scripts that pass every option) changes nothing and passes.
+@dataclasses.dataclass
+class VariantsFile:
+    """A variants file read and checked: `shared` ([shared] table) holds the options every variant gets unless
+    the command line gives them; a variant's own options win over both."""
+
+    path: Path
+    shared: dict
+    variants: list[Variant]
+
+    def base(self, given: dict) -> Config:
+        """The sweep's shared config: the defaults, then the file's [shared] table, then `given` (the command
+        line's flags)."""
+        return Config(**(self.shared | given))
+
+
+def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> None:
+    """Refuse a shared option that would not reach every variant: one a variant sets to another value itself,
+    or one a variant's other settings would ignore (as a single run refuses it: train.config.check_applicable).
+    A value that changes nothing (a default spelled out, as scripts that pass every option do) passes.
 
     Raises:
-        ConfigError: naming the option and the variants file.
+        ConfigError: naming the option, the variants it would not reach and why, and the variants file.
     """
-    default = Config()
-    for name in sorted(n for n in given if getattr(base, n) != getattr(default, n)):
-        for variant in variants:
-            try:
-                check_applicable(dataclasses.replace(base, **variant.options), {name})
-                break
-            except ConfigError:
+    without = file.base({})  # what each shared option would be had it not been given
+    for name in sorted(given):
+        value = getattr(base, name)
+        if value == getattr(without, name):
+            continue  # changes nothing
+        missed = []
+        for variant in file.variants:
+            if name in variant.options:
+                if variant.options[name] != value:
+                    missed.append(f"{variant.name} (sets its own {name} = {variant.options[name]!r})")
                 continue
-        else:
+            needs = unmet(dataclasses.replace(base, **variant.options), name)
+            if needs:
+                missed.append(f"{variant.name} (it applies only with {needs})")
+        if missed:
             raise ConfigError(
-                f"--{name.replace('_', '-')} applies to none of the variants in {path} (each would ignore it): "
-                f"drop it, or give it to the variants that use it"
+                f"--{name.replace('_', '-')} would not reach every variant of {file.path}: "
+                f"{'; '.join(missed)}. A sweep compares runs on the same terms: drop the option, or set it "
+                f"in the variants that use it (a copy of the file, given with --variants)"
             )
 
 
-def load_variants(path: Path) -> list[Variant]:
-    """Parse and check a variants file; every problem names the file and the variant.
+def load_variants(path: Path) -> VariantsFile:
+    """Parse and check a variants file; every problem names the file and the variant (or [shared]).
 
     Raises:
         MissingFile: no such file.
@@ -101,7 +125,16 @@ def load_variants(path: Path) -> list[Variant]:
         raise ConfigError(f"{path}: cannot be read ({e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
-    known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
+    unknown_tables = sorted(set(data) - {"variant", "shared"})
+    if unknown_tables:
+        raise ConfigError(
+            f"{path}: unknown top-level keys {unknown_tables}; a variants file holds a [shared] table and "
+            f"[[variant]] tables"
+        )
+    shared = data.get("shared", {})
+    if not isinstance(shared, dict):
+        raise ConfigError(f"{path}: [shared] must be a table of training options")
+    shared = _options(dict(shared), f"{path}: [shared]")
     entries = data.get("variant", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{path}: variants must be [[variant]] tables")
@@ -120,23 +153,38 @@ def load_variants(path: Path) -> list[Variant]:
         seen.add(name.lower())
         title = str(entry.pop("title", name))
         reference = entry.pop("reference", None)
-        unknown = sorted(set(entry) - known)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
-                f"with underscores ({', '.join(OWNED)} are set by the sweep)"
-            )
-        for key, value in entry.items():
-            if not (key == "iou_threshold" and value == "none"):
-                check_type(key, value, where)
-        if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
-            entry["iou_threshold"] = None
         if reference is not None:
             _check_reference(reference, where)
-        variants.append(Variant(name, title, entry, reference))
+        variants.append(Variant(name, title, _options(entry, where), reference))
     if not variants:
         raise ConfigError(f"{path} defines no [[variant]] tables")
-    return variants
+    for variant in variants:  # [shared] must reach every variant that does not set the option itself
+        cfg = Config(**(shared | variant.options))
+        for name in sorted(set(shared) - set(variant.options)):
+            needs = unmet(cfg, name)
+            if needs:
+                raise ConfigError(
+                    f"{path}: [shared] {name} does not reach variant {variant.name} (it applies only with {needs}): "
+                    f"move it into the variants that use it"
+                )
+    return VariantsFile(path, shared, variants)
+
+
+def _options(entry: dict, where: str) -> dict:
+    """Training options of a variants file, checked: known names, their fields' types; "none" for no IoU
+    threshold (TOML has no null)."""
+    known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
+            f"with underscores ({', '.join(OWNED)} are set by the sweep)"
+        )
+    if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
+        entry["iou_threshold"] = None
+    for key, value in entry.items():
+        check_type(key, value, where)
+    return entry
 
 
 def _check_reference(ref, where: str) -> None:
@@ -189,23 +237,21 @@ def state(cfg: Config) -> str:
     return "finished" if finished else "partial"
 
 
-def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
+def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
     """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png.
 
     A variant's bad settings or data fail that variant only (its row says why); a file that cannot be written
     (WriteError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since every later variant would meet them.
 
     Raises:
-        MissingFile, ConfigError: the variants file.
         WriteError: a full disk or an I/O error, naming the file.
         Interrupted: SIGINT or SIGTERM, with what to run to continue.
     """
-    variants = load_variants(variants_path)
+    variants = file.variants
     init_distributed(base.dist_timeout)
     rank = world()[0]
     if rank == 0:
         remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
-    cli = {k: v for k, v in dataclasses.asdict(base).items() if v != getattr(Config(), k)}
     errors = {}
     configs = []
     for variant in variants:
@@ -217,9 +263,6 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
         if variant.name in errors:
             continue
-        overridden = sorted(k for k in variant.options if k in cli and k not in OWNED)
-        if overridden and rank == 0:
-            print(f"note: variant {variant.name} sets {', '.join(overridden)}; the command line's value is not used")
         try:
             cfg = cfg.for_world(world()[1])  # as a run saves it, so that a resume compares equal
             status = state(cfg)
@@ -250,7 +293,7 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
             rows.append(reference_row(variant))
             crack = variant.reference["crack"]
             marks.append((f"published: {variant.title}", crack["recall"], crack["precision"], variant.title))
-    write_tables(rows, out, base, variants_path)
+    write_tables(rows, out, base, file.path)
     if curves:
         plot_pr(curves, out / "sweep_pr.png", marks, title="Crack precision-recall per variant")
         plot_val_losses(histories, out / "sweep_curves.png")
@@ -260,7 +303,7 @@ def run_sweep(base: Config, variants_path: Path, out: Path) -> list[dict]:
 
 def collect(variant: Variant, cfg: Config, error: str | None):
     """The variant's table row, and (labels, probs), history for the plots when it finished."""
-    row = {"variant": variant.name, "title": variant.title, "source": "crackio"}
+    row = {"variant": variant.name, "title": variant.title, "source": "crackio"} | data_selection(cfg)
     folder = Path(cfg.out)
     if error is not None or not (folder / "summary.json").is_file():
         return row | {"status": "failed", "note": error or "not finished"}, None
@@ -294,6 +337,16 @@ def _finished(row: dict, cfg: Config, folder: Path):
     return row, (curve, history)
 
 
+def data_selection(cfg: Config) -> dict:
+    """What a variant trains and validates on, in words (crackio.loading.samplers' describe())."""
+    try:
+        train = cfg.make_sampler(cfg.sampler, cfg.negatives).describe()
+        val = cfg.make_sampler(cfg.val_sampler, cfg.val_negatives).describe()
+    except CrackioError:
+        return {}  # settings the variant's failure already names
+    return {"train_data": f"{cfg.train_split}: {train}", "val_data": f"{cfg.val_split}: {val}"}
+
+
 def reference_row(variant: Variant) -> dict:
     ref = variant.reference or {}
     row = {
@@ -324,18 +377,19 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
         f"test split (validation where there is none) at threshold 0.5; the original's published rows "
         f"are on its own data.",
         "",
-        "| variant | source | split | labels | no crack P / R / F1 (support) | crack P / R / F1 (support) "
-        "| accuracy | crack AP | best epoch | wall s | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | source | split | labels | train data | validation data | no crack P / R / F1 (support) "
+        "| crack P / R / F1 (support) | accuracy | crack AP | best epoch | wall s | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        data = f"{row.get('train_data', '')} | {row.get('val_data', '')}"
         if row["status"] == "failed":
             note = row["note"].replace("|", "\\|")
-            lines.append(f"| {row['title']} | crackio | | | **failed**: {note} | | | | | | |")
+            lines.append(f"| {row['title']} | crackio | | | {data} | **failed**: {note} | | | | | | |")
             continue
         label = row["title"] if row["source"] == "crackio" else "↳ the original, as published"
         lines.append(
-            f"| {label} | {row['source']} | {row['split']} | {row.get('labels', '')} "
+            f"| {label} | {row['source']} | {row['split']} | {row.get('labels', '')} | {data} "
             f"| {_prf(row, 'no_crack')} | {_prf(row, 'crack')} "
             f"| {_num(row.get('accuracy'))} | {_num(row.get('crack_ap'))} | {row.get('best_epoch', '')} "
             f"| {_num(row.get('wall_s'), 0)} | {_num(row.get('images_per_sec'), 0)} |"

@@ -75,6 +75,10 @@ class Shuffle:
     def check(self, selection: np.ndarray, labels: np.ndarray, threshold: float | None) -> None:
         """Refuse a selection this sampler cannot draw from (ConfigError)."""
 
+    def describe(self) -> str:
+        """What an epoch holds, in words (reports and the sweep's tables)."""
+        return "every sample"
+
 
 @dataclass(frozen=True)
 class HardNegatives(Shuffle):
@@ -92,6 +96,9 @@ class HardNegatives(Shuffle):
         # Stable sort: ties keep index order, as the original's sorted(..., reverse=True) keeps list order.
         hardest = neg[np.argsort(-ious[neg], kind="stable")[: self.negatives]]
         return np.sort(np.concatenate([pos, hardest]))
+
+    def describe(self) -> str:
+        return f"every positive + the {self.negatives} negatives with the highest IoU"
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class IouStrata(Shuffle):
             members = neg[bins == b]
             keep.append(rng.choice(members, size=min(self.per_bin, len(members)), replace=False))
         return np.sort(np.concatenate([pos, *keep]))
+
+    def describe(self) -> str:
+        return f"every positive + up to {self.per_bin} random negatives per IoU bin of {self.bin_width:g}"
 
 
 Cut = Shuffle | HardNegatives | IouStrata  # what weighting draws from
@@ -169,6 +179,12 @@ def _weights(given: object) -> dict[int, float]:
     return {c: v / top for c, v in w.items()}
 
 
+def _ratios(weights: dict[int, float]) -> str:
+    """Class weights as the user wrote them, up to scale: the smallest non-zero one is 1 ({0: 1, 1: 2})."""
+    low = min(w for w in weights.values() if w > 0)
+    return "{" + ", ".join(f"{c}: {w / low:.4g}" for c, w in weights.items()) + "}"
+
+
 @dataclass(frozen=True)
 class Weighted:
     """`num_samples` draws (None: the selection's size), with probability proportional to the class weight."""
@@ -197,6 +213,13 @@ class Weighted:
 
     def __hash__(self) -> int:  # frozen, but class_weights is a dict: hashed by its items
         return hash((type(self), tuple(sorted(self.class_weights.items())), self.replacement, self.num_samples))
+
+    def describe(self) -> str:
+        draws = f"{self.num_samples} draws" if self.num_samples else "as many draws as the cut holds"
+        how = "with" if self.replacement else "without"
+        return (
+            f"{draws} {how} replacement, class weights {_ratios(self.class_weights)}, from {self.selection.describe()}"
+        )
 
     def select(self, labels: np.ndarray, ious: np.ndarray, seed: int) -> np.ndarray:
         return self.selection.select(labels, ious, seed)
@@ -254,6 +277,10 @@ class Balanced(Weighted):
         take = {c: min(len(by_class[c]), round(share[c] * size)) for c in (0, 1)}
         subset = np.concatenate([rng.choice(by_class[c], size=take[c], replace=False) for c in (0, 1)])
         return rng.permutation(subset)
+
+    def describe(self) -> str:
+        weights = _ratios(self.class_weights)
+        return f"the largest subset with class weights {weights}, no duplicates, from {self.selection.describe()}"
 
     __hash__ = Weighted.__hash__  # dataclass would generate one over the dict
 
