@@ -10,7 +10,9 @@ subcommands): bad input as one line, Ctrl-C and SIGTERM as a clean stop, a bug a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import signal
 import sys
 import threading
@@ -109,3 +111,85 @@ def incomplete(out: object) -> Callable[[], str]:
     return lambda: (
         f"{out} holds no complete output (workers stopped, temporaries removed); run the same command again to finish"
     )
+
+
+def closest(word: str, choices) -> str:
+    """ "; did you mean 'x'?" for the valid choice closest to a mistyped `word` (difflib's ratio >= 0.6), else ""."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def typed(value: object) -> str:
+    """A default as a user would read it on the command line: none (also for an empty string: not given),
+    true/false."""
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return " ".join(typed(v) for v in value) or "none"
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default as typed (`typed`; a flag's is off), or says it is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)".strip()
+        shown = "(default" in text or not action.option_strings
+        if shown or action.default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            return text
+        default = ("on" if action.default else "off") if action.nargs == 0 else typed(action.default)
+        return f"{text} (default: {default})".strip().replace("%", "%%")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every command's conventions: defaults in --help (HelpFormatter) and the closest valid name for
+    a mistyped choice or option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            hint = closest(value, action.choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            hints = "".join(closest(e.split("=", 1)[0], flags) for e in extras if e.startswith("-"))
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
+
+
+class _Lines:
+    """A file for tqdm that turns its redraws ("\\r" + the bar) into whole lines, each at most once: what a log file
+    or a job's output should hold instead of thousands of carriage returns."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.last = stream, ""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm, as every long command shows progress: a bar on a terminal; into a file or a pipe, a line at most every
+    30 s (`mininterval`) instead of redraws."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs = {**kwargs, "file": _Lines(sys.stderr), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
+    return tqdm(*args, **kwargs)

@@ -588,7 +588,7 @@ def test_a_stopped_rank_ends_the_job_with_a_message(demo_shards, tmp_path):
         (["--arch", "resnet-18"], "is not a torchvision classification model"),
         (["--batch-size", "4096"], "cannot fill one batch of 4096"),
         (["--weights", "{tmp}/missing.pt"], "no such file"),
-        (["--val-split", "nowhere"], "split 'nowhere' is not in"),
+        (["--val-split", "nowhere"], "--val-split 'nowhere' is not in"),
         (["--out", "{shards}/run"], "is inside the shards folder"),
         (["--negatives", "-1"], "--negatives must be >= 0"),
     ],

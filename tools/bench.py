@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crackio.cli import ArgumentParser  # noqa: E402
 from tools import bench_peers as peers  # noqa: E402
 
 WARMUP_BATCHES = 3
@@ -282,7 +283,7 @@ PEERS = ("seed-baseline", "wds-dataloader", "dali-reader", "decode-only")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", required=True, help="shards folder from tools/pack.py")
     ap.add_argument("--src", required=True, help="the proposal folder the shards were packed from")
     ap.add_argument("--split", default="train")

@@ -15,7 +15,6 @@ measure listing, packing and index costs (tools/bench.py --split large).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crackio.cli import ArgumentParser  # noqa: E402
 from crackio.format.layout import SPLITS as LAYOUT_SPLITS  # noqa: E402
 from crackio.writing.filenames import format_name  # noqa: E402
 from crackio.writing.regions import box_iou  # noqa: E402
@@ -251,7 +251,7 @@ def link_large(out: Path, split: str, count: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output folder (gets train/, valid/, test/)")
     ap.add_argument("--images", type=int, default=60, help="synthetic full images (split 70/15/15)")
     ap.add_argument("--proposals-per-image", type=int, default=40, help="proposal crops cut from each")

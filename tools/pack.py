@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.cli import incomplete, run_command  # noqa: E402
+from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
 from crackio.format.manifest import read_manifest  # noqa: E402
 from crackio.format.verify import verify  # noqa: E402
 from crackio.writing.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
@@ -24,12 +24,17 @@ from crackio.writing.pack import PackSettings, pack, print_skipped, summary, war
 
 def main(argv: list[str] | None = None) -> int:
     d = PackSettings()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "src", type=Path, nargs="?", help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg"
+    ap = ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s SRC [--out OUT] [options]\n       %(prog)s --verify OUT",
     )
-    ap.add_argument("--verify", type=Path, metavar="OUT", help="read every sample of a shards folder and check it")
-    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder (default: shards/)")
+    ap.add_argument(  # optional to argparse only: --verify OUT takes no SRC
+        "src", type=Path, nargs="?", help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg (required)"
+    )
+    ap.add_argument(
+        "--verify", type=Path, metavar="OUT", help="instead of packing: read every sample of OUT and check it"
+    )
+    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder")
     ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
     ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from crackio.cli import incomplete, run_command  # noqa: E402
+from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
 from crackio.writing.pack import print_skipped, warnings  # noqa: E402
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards, summary  # noqa: E402
@@ -36,20 +36,20 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p, r = ProposalSettings(), ProposeSettings()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="the annotated dataset (a folder, or a COCO JSON file)")
     ap.add_argument("--format", required=True, choices=FORMATS, help="annotation format")
-    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder (default: shards/)")
+    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder")
     ap.add_argument("--method", default=p.method, choices=METHODS, help="proposal method")
-    ap.add_argument("--mode", default=p.mode, choices=MODES, help="selective search mode (default: fast)")
+    ap.add_argument("--mode", default=p.mode, choices=MODES, help="selective search mode")
     ap.add_argument("--max-proposals", type=int, default=p.max_proposals, help="cap per photo (R-CNN: ~2000)")
     ap.add_argument("--context", type=int, default=p.context, help="context pixels at the warped size (R-CNN: 16)")
-    ap.add_argument("--positive-iou", type=float, default=p.positive_iou, help="label = IoU > this (default 0.5)")
+    ap.add_argument("--positive-iou", type=float, default=p.positive_iou, help="label = IoU > this")
     ap.add_argument(
         "--negatives-per-image",
         type=int,
         default=p.negatives_per_image,
-        help="keep an IoU-stratified sample of N negatives per photo (default 0: all)",
+        help="keep an IoU-stratified sample of N negatives per photo ; 0 = all",
     )
     ap.add_argument("--gt-jitter", type=int, default=p.gt_jitter, help="jittered copies of each ground-truth box")
     ap.add_argument(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from crackio.cli import closest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loading.augment import normalize
 from train.checkpoint import is_state_dict, load_data
@@ -79,9 +80,10 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
         WeightsError: weights that cannot be had or do not fit.
         CheckpointError: a weights file that is no torch file or needs unpickling beyond tensors (refused).
     """
-    if arch not in models.list_models(module=models):
+    known = models.list_models(module=models)
+    if arch not in known:
         raise ConfigError(
-            f"--arch {arch!r} is not a torchvision classification model "
+            f"--arch {arch!r} is not a torchvision classification model{closest(arch, known)} "
             f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)"
         )
     backbone = models.get_model(arch, weights=None)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from tqdm import tqdm
 
 from crackio import read_manifest
+from crackio.cli import progress_bar
 from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
@@ -46,7 +46,7 @@ def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
     )
     probs, labels, ious, names = [], [], [], []
     try:
-        batches = tqdm(
+        batches = progress_bar(
             forward_batches(model, loader, amp), total=len(loader), desc=f"features {split}", unit="batch", leave=False
         )
         for batch, logits in batches:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from crackio.format.layout import INDEX, MANIFEST, REPACK, ShardError
-from crackio.format.manifest import _bad, read_manifest
+from crackio.format.manifest import _bad, check_split, read_manifest
 from crackio.format.schema import INDEX_COLUMNS
 from crackio.fsio import read_regular
 
@@ -51,14 +51,8 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     """
     root = Path(root)
     manifest = read_manifest(root)
-    splits = manifest["splits"]
-    if split not in splits:
-        have = ", ".join(sorted(splits)) or "none"
-        raise ShardError(
-            f"split {split!r} is not in {root / MANIFEST} (it has: {have}); "
-            f"pack a folder {split}/ or choose another split"
-        )
-    info = splits[split]
+    check_split(manifest, root, split)
+    info = manifest["splits"][split]
     if info["samples"] == 0:
         raise ShardError(
             f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {root / MANIFEST})"

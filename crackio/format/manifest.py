@@ -4,6 +4,7 @@ untrusted input (every field a loader uses type-checked)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -119,6 +120,45 @@ def manifest_sha256(root: str | os.PathLike) -> str:
     return hashlib.sha256(read_regular(Path(root) / MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _a_crop_in(root: Path, limit: int = 2000) -> Path | None:
+    """An image file directly in `root` or in one of its subfolders (a proposal folder's splits), looking at no more
+    than `limit` entries per folder (a proposal folder may hold millions)."""
+    folders = [root]
+    with os.scandir(root) as entries:
+        for entry in itertools.islice(entries, limit):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                return Path(entry.path)
+            if entry.is_dir() and len(folders) < 16:
+                folders.append(Path(entry.path))
+    for folder in folders[1:]:
+        with os.scandir(folder) as entries:
+            for entry in itertools.islice(entries, limit):
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    return Path(entry.path)
+    return None
+
+
+def check_split(manifest: dict, root: str | os.PathLike, split: str, option: str = "split") -> None:
+    """Refuse a split the pack does not hold, naming `option` (the flag that chose it), the pack's splits and the
+    closest of them.
+
+    Raises:
+        ShardError: one line.
+    """
+    from crackio.cli import closest
+
+    splits = manifest["splits"]
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        raise ShardError(
+            f"{option} {split!r} is not in {Path(root) / MANIFEST} (its splits: {have})"
+            + (closest(split, splits) or f"; choose one of those, or pack a folder {split}/")
+        )
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
     """The manifest of a complete pack, every field a loader uses type-checked.
 
@@ -134,6 +174,13 @@ def read_manifest(root: str | os.PathLike) -> dict:
             f"`python tools/pack.py SRC --out {root}`"
         )
     if not path.is_file():
+        crop = _a_crop_in(root)
+        if crop is not None:  # the likeliest first mistake: the proposal folder itself
+            out = root.resolve().parent / f"{root.resolve().name}-shards"
+            raise ShardError(
+                f"{root} holds proposal crops (e.g. {crop.relative_to(root)}), not shards: pack them first with "
+                f"`python tools/pack.py {root} --out {out}`, then give --shards {out}"
+            )
         raise ShardError(
             f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
         )

@@ -117,7 +117,7 @@ def global_batches(sequence: np.ndarray, global_batch: int, rank: int, world_siz
     if steps == 0:
         raise ConfigError(
             f"{len(sequence)} samples cannot fill one batch of {global_batch // world_size} on "
-            f"{world_size} rank(s); lower the batch size"
+            f"{world_size} rank(s); lower the batch size (--batch-size)"
         )
     return sequence[: steps * global_batch].reshape(steps, global_batch)
 

@@ -244,7 +244,8 @@ class Weighted:
         nonzero = sum(len(rows) for rows, weight in zip(by_class, w) if weight > 0)
         if n > nonzero:
             raise ConfigError(
-                f"weighted sampler without replacement cannot draw {n} of {nonzero} samples with non-zero weight"
+                f"weighted sampler without replacement cannot draw {n} of {nonzero} samples with non-zero weight: "
+                f"lower num_samples (--num-samples; 0 = the selection's size) or draw with replacement"
             )
         return _successive(by_class, w, n, rng)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
+from crackio.cli import progress_bar
 from crackio.errors import ConfigError, MissingFile
 from crackio.format.layout import MANIFEST, manifest_files, planned_files
 from crackio.format.manifest import build_manifest, write_manifest
@@ -158,7 +158,10 @@ def pack(
             (out / split).mkdir(exist_ok=True)
         splits, stored = {}, {}
         skipped = [(s.path, s.reason) for s in found.skipped]
-        with strict_pillow(), tqdm(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar:
+        with (
+            strict_pillow(),
+            progress_bar(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar,
+        ):
             for split, shard_sources in sources.items():
                 shown = bar.n  # each split's workers count from 0
 

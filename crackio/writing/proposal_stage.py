@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from crackio.cli import progress_bar
 from crackio.errors import ConfigError
 from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
 from crackio.format.manifest import build_manifest, write_manifest
@@ -269,7 +269,7 @@ def _propose(
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
-    bar = tqdm(total=len(jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=len(jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
     try:
         for result in results_in_order(jobs, proposal, run.seed, workers):
             bar.update()
