@@ -150,8 +150,9 @@ class TrainState:
         return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
 
 
-def restore(ckpt: dict, path: Path, model, optimizer, scaler) -> None:
-    """Weights, optimizer and scaler state from a resumed checkpoint.
+def restore(ckpt: dict, path: Path, model, optimizer, scaler, scheduler) -> None:
+    """Weights, optimizer, scaler and learning-rate schedule state from a resumed checkpoint (the scheduler made
+    before the optimizer's state is loaded: train.schedule.make_scheduler).
 
     Raises:
         CheckpointError: a state that does not fit this run's model or optimizer.
@@ -160,18 +161,24 @@ def restore(ckpt: dict, path: Path, model, optimizer, scaler) -> None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if "scheduler" in ckpt:  # a run from before schedules trained at a constant rate: nothing to restore
+            scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit this run's model and optimizer: {first}") from e
 
 
-def checkpoint(model, optimizer, scaler, state: TrainState, proposals: dict | None, pack: dict, cfg: Config) -> dict:
-    """What every checkpoint holds: weights, optimizer and scaler state, the run's config, the proposal settings
-    detection needs, the pack's fingerprint (what --resume checks the shards against) and the run's state."""
+def checkpoint(
+    model, optimizer, scaler, scheduler, state: TrainState, proposals: dict | None, pack: dict, cfg: Config
+) -> dict:
+    """What every checkpoint holds: weights, optimizer, scaler and schedule state (the steps taken), the run's
+    config, the proposal settings detection needs, the pack's fingerprint (what --resume checks the shards against)
+    and the run's state."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "config": dataclasses.asdict(cfg),
         "proposals": proposals,
         "pack": pack,

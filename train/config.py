@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crackio.cli import closest, typed
 from crackio.errors import ConfigError
 from crackio.format.layout import SPLITS
 from crackio.fsio import is_path_component, write_json
@@ -24,6 +25,8 @@ from crackio.loading.samplers import (
     options_of,
     own_options,
 )
+from train.logs import parse_logs
+from train.schedule import SCHEDULES
 
 # Validation draws every sample or a fixed cut, never weighted: the samplers that are selections.
 VAL_SAMPLERS = tuple(name for name, cls in SAMPLERS.items() if issubclass(cls, Shuffle))
@@ -47,6 +50,7 @@ CHOICES = {
     "device": DEVICES,
     "backend": BACKENDS,
     "order": ORDERS,
+    "lr_schedule": SCHEDULES,
 }
 
 
@@ -65,6 +69,10 @@ class Config:
     optimizer: str = "adam"  # the optimizer (sgd: momentum 0.9)
     lr: float = 1e-3  # learning rate (the original's Adam lr)
     weight_decay: float = 0.0  # weight decay
+    lr_schedule: str = "constant"  # constant (the original's) | cosine (to 0 at --epochs) | step (see --lr-gamma)
+    warmup_epochs: float = 0.0  # linear warm-up of the rate over this many epochs, per step (0.5 allowed); 0 = none
+    lr_step_epochs: int = 10  # step schedule: epochs between two decays of the rate
+    lr_gamma: float = 0.1  # step schedule: the rate is multiplied by this every --lr-step-epochs epochs
     batch_size: int = 32  # samples per batch on each rank
     global_batch_size: int = 0  # samples per step over all ranks, kept on --resume; 0 = batch-size x ranks
     epochs: int = 20  # maximum epochs
@@ -98,6 +106,10 @@ class Config:
     resume: str = ""  # run folder to continue from its latest checkpoint, or one checkpoint (RUN/last.pt)
     checkpoint_every: int = 1000  # steps between mid-epoch checkpoints (RUN/step.pt); 0 = only when stopped
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
+    limit_batches: int = 0  # smoke runs: at most this many batches per epoch and per evaluated split; 0 = all
+    log: str = ""  # also log to tensorboard (RUN/tensorboard/) and/or csv (RUN/steps.csv, epochs.csv): tensorboard,csv
+    log_every: int = 50  # steps between two progress lines when the output is not a terminal (a file, a job log)
+    quiet: bool = False  # print the epoch lines only (no progress, no report text)
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -114,6 +126,9 @@ class Config:
             "bin_width",
             "dist_timeout",
             "block_size",
+            "lr_step_epochs",
+            "lr_gamma",
+            "log_every",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -129,6 +144,8 @@ class Config:
             "pos_weight",
             "weight_decay",
             "focal_gamma",
+            "warmup_epochs",
+            "limit_batches",
         )
         for name in non_negative:
             value = getattr(self, name)
@@ -141,6 +158,7 @@ class Config:
         if not 0 <= self.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         self.parsed_class_weights()
+        parse_logs(self.log)
         for name in ("train_split", "val_split", "test_split"):
             split = getattr(self, name)
             if not is_path_component(split):
@@ -204,12 +222,61 @@ class Config:
         """
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: a config must be a table of settings, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ConfigError(f"{source}: unknown config keys {sorted(unknown)}")
+            raise ConfigError(f"{source}: unknown config keys {unknown}{closest(unknown[0], names)}")
         for key, value in d.items():
             check_type(key, value, source)
         return cls(**d)
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of `--config FILE`: YAML (.yaml, .yml), TOML (.toml) or JSON (.json, e.g. a run's config.json),
+    a table of Config's field names (underscores) to values of their types; `iou_threshold` may be "none".
+
+    Raises:
+        MissingFile: no such file.
+        ConfigError: another suffix, unparsable text, not a table, unknown keys (with the closest name), a value
+            of the wrong type, or `resume` (a resumed run keeps its own config); each naming the file.
+    """
+    from crackio.errors import MissingFile
+
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFile(f"--config {file} does not exist" + (" (it is a folder)" if file.is_dir() else ""))
+    suffix = file.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"--config {file}: give a .yaml, .yml, .toml or .json file (a run's config.json works)")
+    try:
+        text = file.read_text()
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            import json
+
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)  # safe_load: plain data only, nothing constructed
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {file} cannot be read ({e})") from e
+    except Exception as e:  # noqa: BLE001 - tomllib, json and yaml each raise their own parse error
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--config {file} is not valid {suffix[1:].upper()}: {first}") from e
+    if data is None:
+        data = {}  # an empty YAML file
+    if isinstance(data, dict) and data.get("iou_threshold") == "none":
+        data["iou_threshold"] = None
+    Config.from_dict(data, f"--config {file}")  # keys and types, with the closest name for a typo
+    if data.get("resume"):
+        raise ConfigError(
+            f"--config {file} sets resume: a resumed run keeps its own settings; use --resume RUN without --config"
+        )
+    return {k: v for k, v in data.items() if k != "resume"}
 
 
 def check_type(key: str, value, where: str) -> None:
@@ -237,6 +304,8 @@ APPLIES_TO = {
     "focal_alpha": ("--loss focal", lambda c: c.loss == "focal"),
     "focal_gamma": ("--loss focal", lambda c: c.loss == "focal"),
     "block_size": ("--order block", lambda c: c.order == "block"),
+    "lr_step_epochs": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
+    "lr_gamma": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
 }
 _OPTIONS = {name for sampler in SAMPLERS for selection in SELECTIONS for name in options_of(sampler, selection)}
 
@@ -302,7 +371,7 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bo
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kind = type(default)
-        text = f"{helps.get(f.name, '')} (default: {default!r})"
+        text = f"{helps.get(f.name, '')} (default: {typed(default)})"
         value = argparse.SUPPRESS if given_only else default
         if cls is Config and f.name in CHOICES:
             ap.add_argument(flag, choices=CHOICES[f.name], default=value, help=text)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import time
 import zlib
@@ -12,13 +14,13 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.loading.loader import Loader
 from train.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.evaluate import predict
+from train.logs import Console
 from train.report import crack_metrics
 from train.setup import Run
 
@@ -100,18 +102,24 @@ def train_epoch(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     amp: torch.dtype | None,
     totals: EpochTotals,
     checkpoint: Callable[[EpochTotals], None],
     every: int,
+    limit: int,
+    console: Console,
+    log: Callable[[list[dict]], None],
     desc: str,
-    show: bool,
 ) -> None:
-    """One pass over `loader`'s next epoch, from the step it is at (mid-epoch after a resume), adding to `totals`.
+    """One pass over `loader`'s next epoch (its first `limit` steps when > 0), from the step it is at (mid-epoch
+    after a resume), adding to `totals`; `scheduler` steps after every optimizer step.
 
     `checkpoint(totals)` is called on every rank after every `every` steps (0: never) and when SIGINT or SIGTERM
     arrives (deferred to the end of a whole step; then Interrupted is raised). Under torchrun the ranks agree on
-    the stop at every 10th step, where the loss is also checked.
+    the stop at every 10th step, where the loss is also checked, `console` shows progress and `log` receives the
+    rows of the steps since the last sync (train.logs.STEP_FIELDS: the step counted over the run, its loss, rate,
+    img/s and data-wait share; rank 0's clock).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite (checked every 10 steps: no per-step host sync).
@@ -119,17 +127,41 @@ def train_epoch(
     """
     device = loader.device
     finite = torch.ones((), device=device, dtype=torch.bool)
-    steps, first = len(loader), loader.step
+    first = loader.step
+    steps = min(len(loader), limit) if limit else len(loader)
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     start = tick = time.perf_counter()
     base_seconds, base_wait, seen = totals.seconds, totals.wait, totals.seen
     # On CUDA, events around each step measure the device's busy time without a host sync (read where the loop
     # syncs anyway): with the host's wait for data, what README's stall figures are made of.
     timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-    with deferred_signals() as stop:  # from the bar's first line on, a stop waits for the step to end
-        bar = tqdm(loader, total=steps, initial=first, desc=desc, unit="batch", disable=not show, leave=False)
-        for step, batch in enumerate(bar, first):
-            totals.wait += time.perf_counter() - tick  # time blocked on the loader, kept apart from compute
+    pending: list[tuple[int, float, float, float, int, torch.Tensor]] = []  # (step, lr, s, wait, n, loss) to log
+    epoch = loader.epoch
+
+    def flush() -> None:
+        """Log the steps not logged yet (one host sync for all of them)."""
+        if pending:
+            losses = torch.stack([p[5] for p in pending]).float().tolist()
+            log(
+                [
+                    {
+                        "step": g,
+                        "epoch": epoch + 1,
+                        "train_loss": value,
+                        "lr": lr,
+                        "images_per_sec": n * ranks / secs,
+                        "data_wait_share": wait / secs,
+                    }  # fmt: skip
+                    for (g, lr, secs, wait, n, _), value in zip(pending, losses)
+                ]
+            )
+            pending.clear()
+
+    with deferred_signals() as stop, contextlib.closing(iter(loader)) as batches:  # a stop waits for a whole step
+        shown = console.wrap(itertools.islice(batches, max(steps - first, 0)), steps, first, desc)
+        for step, batch in enumerate(shown, first):
+            waited = time.perf_counter() - tick
+            totals.wait += waited  # time blocked on the loader, kept apart from compute
             if device.type == "cuda":
                 timed.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 timed[-1][0].record()
@@ -138,8 +170,10 @@ def train_epoch(
             loss = loss_fn(logits, batch.labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            rate = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             if timed:
                 timed[-1][1].record()
             n = len(batch.labels)
@@ -150,31 +184,37 @@ def train_epoch(
                 [loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum()]
             )
             totals.seconds = base_seconds + time.perf_counter() - start
-            synced = step % 10 == 0 or step == steps - 1
+            pending.append((scheduler.last_epoch - 1, rate, time.perf_counter() - tick, waited, n, loss.detach()))
+            synced = step % 10 == 0 or step == steps - 1 or console.due(step)
             if synced:  # a sync every 10 steps, not every step
                 if not bool(finite):
                     raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
                 totals.gpu += sum(a.elapsed_time(b) for a, b in timed) / 1000  # the device is idle here: all done
                 timed.clear()
-                if show:
-                    loss_sum, correct = totals.sums.tolist()  # rank 0's, with what a resumed checkpoint carried
-                    shown = totals.base_seen + totals.seen
-                    done = totals.seen - seen
-                    bar.set_postfix(
-                        loss=f"{loss_sum / max(shown, 1):.4f}",
-                        acc=f"{100 * correct / max(shown, 1):.1f}%",
-                        img_s=f"{done * ranks / (time.perf_counter() - start):.0f}",
-                        wait=f"{100 * (totals.wait - base_wait) / (time.perf_counter() - start):.0f}%",
-                    )
+                flush()
+                loss_sum, correct = totals.sums.tolist()  # rank 0's, with what a resumed checkpoint carried
+                shown_seen = max(totals.base_seen + totals.seen, 1)
+                elapsed = time.perf_counter() - start
+                console.show(
+                    step,
+                    {
+                        "loss": f"{loss_sum / shown_seen:.4f}",
+                        "acc": f"{100 * correct / shown_seen:.1f}%",
+                        "img_s": f"{(totals.seen - seen) * ranks / elapsed:.0f}",
+                        "wait": f"{100 * (totals.wait - base_wait) / elapsed:.0f}%",
+                    },
+                )
             signum = stop.signum
             if ranks > 1:  # every rank must stop at the same step: agreed where the ranks sync anyway
                 signum = _agreed(signum, device) if synced else 0
             if signum or (every and (step + 1) % every == 0 and step < steps - 1):
+                flush()  # the logs hold every step the checkpoint holds
                 checkpoint(totals)
             if signum:
                 stop.signum = 0  # acted on: raised here, with the checkpoint saved
                 raise Interrupted(signum)
             tick = time.perf_counter()
+        console.close()
 
 
 DIGEST_MOD = 1 << 56  # the sum of 128 ranks' digests still fits an int64
@@ -204,7 +244,6 @@ def fit(run: Run) -> None:
             it came during validation).
     """
     cfg, state = run.cfg, run.state
-    show = run.rank == 0
     for epoch in range(state.epoch, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
@@ -229,18 +268,23 @@ def fit(run: Run) -> None:
                 run.loss_fn,
                 run.optimizer,
                 run.scaler,
+                run.scheduler,
                 run.amp,
                 totals,
                 functools.partial(save_progress, run),
                 cfg.checkpoint_every,
+                cfg.limit_batches,
+                run.console,
+                run.logs.steps,
                 desc,
-                show,
             )
         done = totals.gathered()
         row |= done.row()
         val_start = time.perf_counter()
         try:
-            val = predict(run.model, run.val_loader, run.loss_fn, run.amp)
+            val = predict(
+                run.model, run.val_loader, run.loss_fn, run.amp, cfg.limit_batches, mistakes=run.logs.wants_mistakes
+            )
         except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
             progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
             if run.rank == 0:
@@ -257,6 +301,7 @@ def fit(run: Run) -> None:
             "epoch_seconds": done.seconds + now - val_start,
             "train_seconds": done.seconds,
             "val_seconds": now - val_start,
+            "lr": last_rate(run.scheduler),
         }
         improved = val.loss < state.best_val_loss
         state.history.append(row)
@@ -272,9 +317,15 @@ def fit(run: Run) -> None:
                 f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
                 + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
             )
+            run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
     if state.bad_epochs >= cfg.patience and run.rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
+
+
+def last_rate(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate of the last step taken (the optimizer's holds the next one's)."""
+    return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(scheduler.last_epoch - 1, 0)))
 
 
 def save_progress(run: Run, totals: EpochTotals) -> None:
@@ -287,4 +338,4 @@ def save_progress(run: Run, totals: EpochTotals) -> None:
 
 def checkpoint_of(run: Run) -> dict:
     """The run's checkpoint as it stands (train.checkpoint.checkpoint)."""
-    return checkpoint(run.model, run.optimizer, run.scaler, run.state, run.proposals, run.pack, run.cfg)
+    return checkpoint(run.model, run.optimizer, run.scaler, run.scheduler, run.state, run.proposals, run.pack, run.cfg)

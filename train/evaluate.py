@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,18 +13,21 @@ import torch.distributed as dist
 
 from crackio import make_loader
 from crackio.errors import ConfigError
+from crackio.format.manifest import check_split, read_manifest
 from train.checkpoint import CheckpointError, load_checkpoint, trained
 from train.config import Config
+from train.logs import Mistakes
 from train.model import CrackClassifier, WeightsError, build_model
 from train.report import report_text
 from train.runtime import amp_dtype
 
 
-def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None):
-    """(batch, float logits) for every batch of the loader, in eval mode without gradients."""
+def forward_batches(model: torch.nn.Module, loader, amp: torch.dtype | None, limit: int = 0):
+    """(batch, float logits) for every batch of the loader (the first `limit` when > 0), in eval mode without
+    gradients."""
     model.eval()
-    with torch.no_grad():
-        for batch in loader:
+    with torch.no_grad(), contextlib.closing(iter(loader)) as batches:  # closed: a limited pass ends the epoch's
+        for batch in itertools.islice(batches, limit or None):
             with torch.autocast(loader.device.type, dtype=amp, enabled=amp is not None):
                 out = model(batch.images)
             yield batch, out.float()
@@ -35,19 +40,31 @@ class Prediction(NamedTuple):
     labels: np.ndarray  # int 0/1, the run's labels
     probs: np.ndarray  # float32 P(crack)
     names: list[str]  # proposal file names
+    mistakes: Mistakes | None = None  # the most confident mistakes, when asked for (train.logs)
 
 
-def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) -> Prediction:
-    """The model's predictions over the whole split, gathered from every rank."""
+def predict(
+    model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None, limit: int = 0, mistakes: bool = False
+) -> Prediction:
+    """The model's predictions over the whole split (its first `limit` batches per rank when > 0: --limit-batches),
+    gathered from every rank; with `mistakes`, also the pass's most confident mistakes and their images."""
     loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     labels, logits, names = [], [], []
-    for batch, out in forward_batches(model, loader, amp):
+    worst = Mistakes() if mistakes else None
+    for batch, out in forward_batches(model, loader, amp, limit):
         loss_sum += loss_fn(out, batch.labels).double() * len(batch.labels)
         labels.append(batch.labels)
         logits.append(out)
         names += batch.names
+        if worst is not None:
+            probs = torch.sigmoid(out).cpu().numpy()
+            worst.add(batch.images, batch.labels.cpu().numpy().astype(int), probs, batch.names)
     part = Prediction(
-        float(loss_sum), torch.cat(labels).cpu().numpy(), torch.sigmoid(torch.cat(logits)).cpu().numpy(), names
+        float(loss_sum),
+        torch.cat(labels).cpu().numpy(),
+        torch.sigmoid(torch.cat(logits)).cpu().numpy(),
+        names,
+        worst,
     )
     parts: list = [part]
     if dist.is_initialized():  # every rank evaluated a disjoint part; sizes differ, so gather objects
@@ -60,6 +77,7 @@ def predict(model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None) ->
         np.concatenate([p.labels for p in parts]).astype(int),
         np.concatenate([p.probs for p in parts]),
         [x for p in parts for x in p.names],
+        parts[0].mistakes.merge([p.mistakes for p in parts[1:]]) if parts[0].mistakes else None,
     )
 
 
@@ -108,6 +126,7 @@ def run_eval(
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
+    check_split(read_manifest(shards or cfg.shards), shards or cfg.shards, split, "--split")
     loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def main(cfg: Config) -> Path:
     run: Run | None = None
     try:
         run = build_run(cfg)
-        fit(run)
-        final_report(run)
+        with contextlib.closing(run.logs):
+            fit(run)
+            final_report(run)
         return run.out
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through crackio.cli.stop_on_signals
         raise Interrupted(getattr(e, "signum", signal.SIGINT), stopped(run)) from None
@@ -88,7 +90,9 @@ def final_report(run: Run) -> None:
     splits = {cfg.val_split: run.val_loader}
     if cfg.test_split in run.pack["samples"]:  # the pack's splits, as read when the run was built
         splits[cfg.test_split] = split_loader(cfg, cfg.test_split, False, "shuffle", 0, run.device)
-    results = {name: predict(run.model, loader, run.loss_fn, run.amp) for name, loader in splits.items()}
+    results = {
+        name: predict(run.model, loader, run.loss_fn, run.amp, cfg.limit_batches) for name, loader in splits.items()
+    }
     if run.rank != 0:
         return
     best = min(history, key=lambda h: h["val_loss"])
@@ -110,6 +114,9 @@ def final_report(run: Run) -> None:
         "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
         "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
     }
+    if cfg.limit_batches:  # a smoke run: say so wherever its figures go
+        summary["limit_batches"] = cfg.limit_batches
+        text.append(f"--limit-batches {cfg.limit_batches}: a smoke run, every figure is of the first batches only\n")
     # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).
     arrays = {
         f"{name}_{field}": np.asarray(getattr(r, field))
@@ -137,5 +144,6 @@ def final_report(run: Run) -> None:
     plot_curves(history, out / "curves.png")
     plot_pr({name: (r.labels, r.probs) for name, r in results.items()}, out / "pr_curve.png", marks)
     write_json(out / "summary.json", summary)  # last, atomically: marks the run finished (the sweep relies on it)
-    print("\n".join(text))
+    if not cfg.quiet:
+        print("\n".join(text))
     print(f"run folder: {out}")

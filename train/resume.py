@@ -30,6 +30,10 @@ RESUMABLE = (
     "shards",
     "batch_size",
     "checkpoint_every",
+    "limit_batches",
+    "log",
+    "log_every",
+    "quiet",
 )
 
 

@@ -14,15 +14,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crackio import make_loader
 from crackio.errors import ConfigError
-from crackio.format.manifest import read_manifest
+from crackio.format.manifest import check_split, read_manifest
 from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
 from train.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
 from train.config import Config
+from train.logs import Console, RunLogs, parse_logs, tensorboard_writer
 from train.losses import make_loss
 from train.model import CrackClassifier, build_model, make_optimizer
 from train.resume import check_resumed, resume_point
 from train.runtime import amp_dtype, init_distributed, pick_device, world
+from train.schedule import make_scheduler
 
 # Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
 RUN_FILES = (
@@ -37,6 +39,8 @@ RUN_FILES = (
     "curves.png",
     "pr_curve.png",
     "summary.json",
+    "steps.csv",
+    "epochs.csv",
 )
 
 
@@ -60,6 +64,9 @@ class Run:
     scaler: torch.amp.GradScaler
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     state: TrainState  # where the run is: epochs done, best validation loss, history
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # the learning rate per step (train.schedule)
+    console: Console  # progress on rank 0 (train.logs)
+    logs: RunLogs  # --log's TensorBoard and CSV logs (none on other ranks)
     progress: EpochProgress | None = None  # a run resumed mid-epoch: where that epoch stopped
     saved: int = 0  # epochs last.pt holds: what a stopped run reports
     stopped_at: tuple[int, int] | None = None  # (epoch, samples) step.pt holds, when newer than last.pt
@@ -129,6 +136,8 @@ def build_run(cfg: Config) -> Run:
     # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
     # other data.
     manifest = read_manifest(cfg.shards)  # read and checked once; the loaders check their splits against it
+    for option, split in (("--train-split", cfg.train_split), ("--val-split", cfg.val_split)):
+        check_split(manifest, cfg.shards, split, option)
     proposals = manifest.get("proposals")
     pack = pack_fingerprint(cfg.shards, manifest)
     out = run_folder(cfg)
@@ -149,7 +158,7 @@ def build_run(cfg: Config) -> Run:
             ) from None
     else:
         train_loader.epoch = state.epoch
-    if ckpt and rank == 0:
+    if ckpt and rank == 0 and not cfg.quiet:
         where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
         print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
     len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
@@ -160,11 +169,18 @@ def build_run(cfg: Config) -> Run:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    steps = min(len(train_loader), cfg.limit_batches or len(train_loader))  # optimizer steps per epoch
+    scheduler = make_scheduler(
+        optimizer, cfg.lr_schedule, steps, cfg.epochs, cfg.warmup_epochs, cfg.lr_step_epochs, cfg.lr_gamma
+    )
     if ckpt:
-        restore(ckpt, path, model, optimizer, scaler)
+        restore(ckpt, path, model, optimizer, scaler, scheduler)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
     net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
+    logs = parse_logs(cfg.log)
+    if rank == 0 and "tensorboard" in logs:
+        tensorboard_writer()  # installed? Refused before the folder is made
     if rank == 0:  # only now: a refused start leaves no folder, a refused --resume the run as it was
         make_dir(out)
         remove_temporaries(out, RUN_FILES)  # left by a kill -9 or a power cut during a write
@@ -186,6 +202,9 @@ def build_run(cfg: Config) -> Run:
         scaler,
         loss_fn,
         state,
+        scheduler,
+        Console.for_run(cfg.quiet, cfg.log_every, rank),
+        RunLogs(logs, out, scheduler.last_epoch, rank),  # a resumed run's logs drop what its checkpoint does not hold
         progress,
         state.epoch,
         (progress.loader["epoch"], progress.loader["samples"]) if progress else None,

@@ -6,7 +6,7 @@ import functools
 import importlib.util
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -344,7 +344,7 @@ class Loader:
             return line + f"make the per-rank batch {saved // w} (the global batch / the number of ranks)"
         return line + f"resume on a number of ranks that divides {saved}, with batch_size = {saved} / ranks"
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         if self._iterating and self.backend_name == "dali":
             raise ConfigError(
                 "this loader is already iterating an epoch, and its DALI pipeline runs one epoch at a time: finish "

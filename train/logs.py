@@ -1,0 +1,271 @@
+"""What a run reports while it trains: the console (a progress bar on a terminal, a line every N steps when output
+goes to a file, the epoch lines only with --quiet) and the logs `--log tensorboard,csv` asks for.
+
+Every log uses metrics.jsonl's names: per step `train_loss`, `lr`, `images_per_sec`, `data_wait_share` (under
+`step/` in TensorBoard, RUN/steps.csv), per epoch the history row (under `epoch/`, RUN/epochs.csv), at the global
+step of the epoch's last training step so both share one axis. A resumed run drops what was logged after its
+checkpoint (TensorBoard's purge_step; steps.csv is cut), so its logs read as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from crackio.errors import ConfigError
+from crackio.fsio import write_text
+
+LOGS = ("tensorboard", "csv")  # --log's choices
+STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "images_per_sec", "data_wait_share")
+WORST = 8  # false positives and false negatives shown per epoch
+
+
+def parse_logs(text: str) -> tuple[str, ...]:
+    """--log's value: "" or a comma list of LOGS.
+
+    Raises:
+        ConfigError: an unknown log, with the closest valid name.
+    """
+    from crackio.cli import closest
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if name not in LOGS:
+            raise ConfigError(f"--log {name!r} is not a log{closest(name, LOGS)}; choose from {', '.join(LOGS)}")
+    return names
+
+
+class Console:
+    """The training pass's progress on rank 0: `bar` (tqdm on a terminal), `lines` (one line every `every` steps:
+    what a file or a job log wants, not redraws) or `off` (--quiet, and every other rank)."""
+
+    def __init__(self, mode: str, every: int):
+        self.mode, self.every = mode, every
+        self.desc, self.total, self.first = "", 0, 0
+
+    @classmethod
+    def for_run(cls, quiet: bool, every: int, rank: int) -> Console:
+        if quiet or rank != 0:
+            return cls("off", every)
+        return cls("bar" if sys.stderr.isatty() else "lines", every)  # tqdm draws on stderr
+
+    def wrap(self, batches: Iterable, total: int, first: int, desc: str) -> Iterable:
+        self.desc, self.total, self.first = desc, total, first
+        if self.mode != "bar":
+            return batches
+        from tqdm import tqdm
+
+        self.bar = tqdm(batches, total=total, initial=first, desc=desc, unit="batch", leave=False)
+        return self.bar
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (0-based in the epoch) shows a line: the pass's first (it started), then every
+        `every` steps."""
+        return self.mode == "lines" and (step == self.first or (step + 1) % self.every == 0)
+
+    def show(self, step: int, figures: dict[str, str]) -> None:
+        if self.mode == "bar":
+            self.bar.set_postfix(figures)
+        elif self.due(step):
+            said = " ".join(f"{k} {v}" for k, v in figures.items())
+            print(f"{self.desc} step {step + 1}/{self.total}: {said}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.bar.close()
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class.
+
+    Raises:
+        ConfigError: the tensorboard package is not installed (crackio's `tensorboard` extra).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError(
+            f"--log tensorboard needs the tensorboard package ({e}): pip install 'crackio[tensorboard]', or drop it"
+        ) from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """RUN/tensorboard/: scalars, the validation PR curve and the epoch's worst mistakes (torch's SummaryWriter;
+    the tensorboard package is imported only here, when --log asks for it)."""
+
+    def __init__(self, out: Path, resume_step: int):
+        self.writer = tensorboard_writer()(str(out / "tensorboard"), purge_step=resume_step or None)
+
+    def steps(self, rows: list[dict]) -> None:
+        for row in rows:
+            for key in STEP_FIELDS[2:]:
+                self.writer.add_scalar(f"step/{key}", row[key], row["step"])
+
+    def epoch(self, step: int, row: dict, labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"epoch/{key}", value, step)
+        self.writer.add_pr_curve("epoch/val_crack_pr", labels, probs, step)
+        if worst:
+            self.writer.add_figure("epoch/worst_mistakes", worst_figure(worst, row["epoch"]), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class CsvLog:
+    """RUN/steps.csv (one row per training step, appended) and RUN/epochs.csv (the history, rewritten atomically
+    after each epoch, as metrics.jsonl)."""
+
+    def __init__(self, out: Path, resume_step: int):
+        self.out, self.path = out, out / "steps.csv"
+        if self.path.is_file():  # a resumed run: keep the steps its checkpoint holds, drop those it repeats
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < resume_step]
+            self._write_steps(kept)
+        else:
+            self._write_steps([])
+
+    def _write_steps(self, rows: list[dict]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=STEP_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.path, text.getvalue())
+
+    def steps(self, rows: list[dict]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=STEP_FIELDS).writerows({k: row[k] for k in STEP_FIELDS} for row in rows)
+
+    def epoch(self, step: int, row: dict, labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
+        pass  # epochs.csv is written from the whole history: `history`
+
+    def history(self, history: list[dict]) -> None:
+        fields = list(dict.fromkeys(k for row in history for k in row))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+        write_text(self.out / "epochs.csv", text.getvalue())
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogs:
+    """The logs of one run (rank 0; none elsewhere): per-step rows, per-epoch rows and validation results."""
+
+    def __init__(self, names: tuple[str, ...], out: Path, resume_step: int, rank: int):
+        self.logs: list[TensorBoardLog | CsvLog] = []
+        if rank == 0:
+            kinds: dict[str, type[TensorBoardLog] | type[CsvLog]] = {"tensorboard": TensorBoardLog, "csv": CsvLog}
+            self.logs = [kinds[name](out, resume_step) for name in names]
+
+    @property
+    def wants_mistakes(self) -> bool:
+        return any(isinstance(log, TensorBoardLog) for log in self.logs)
+
+    def steps(self, rows: list[dict]) -> None:
+        for log in self.logs:
+            log.steps(rows)
+
+    def epoch(self, step: int, history: list[dict], labels, probs, mistakes: Mistakes | None) -> None:
+        worst = mistakes.found if mistakes else None
+        for log in self.logs:
+            log.epoch(step, history[-1], labels, probs, worst)
+            if isinstance(log, CsvLog):
+                log.history(history)
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+class StepClock:
+    """Per-step wall time and data wait, for the per-step rows (host clock: on CUDA a step's time is when its
+    launch returned, which averages out over the steps between syncs)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+def worst_figure(worst: dict, epoch: int):
+    """A matplotlib figure: a row of the validation's most confident false positives (no crack, highest P(crack))
+    and one of its false negatives (crack, lowest), each tile titled with P(crack) and the proposal's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(kind, worst[kind]) for kind in ("false_positives", "false_negatives") if worst[kind]]
+    cols = max(len(items) for _, items in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.6 * len(rows)), squeeze=False)
+    for r, (kind, items) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                prob, image, name = items[c]
+                ax.imshow(image)
+                ax.set_title(f"P={prob:.2f}\n{name[:28]}", fontsize=7)
+        axes[r][0].text(-0.1, 0.5, kind.replace("_", " "), rotation=90, va="center", ha="right",
+                        transform=axes[r][0].transAxes, fontsize=9)  # fmt: skip
+    fig.suptitle(f"epoch {epoch}: worst validation mistakes at threshold 0.5")
+    fig.tight_layout()
+    return fig
+
+
+class Mistakes:
+    """The `k` most confident mistakes of a pass at threshold 0.5: false positives (no crack) by highest P(crack),
+    false negatives (crack) by lowest; each (P(crack), uint8 HWC image, name). Images are copied only for the
+    batch's mistakes."""
+
+    def __init__(self, k: int = WORST):
+        self.k = k
+        self.found: dict[str, list[tuple[float, np.ndarray, str]]] = {"false_positives": [], "false_negatives": []}
+
+    def add(self, images, labels: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
+        """One batch: `images` (N, 3, H, W) uint8 or normalized float (crackio.loading.augment), labels and probs
+        (N,) numpy."""
+        import torch
+
+        from crackio.loading.augment import MEAN, STD
+
+        for kind, wrong, order in (
+            ("false_positives", (labels == 0) & (probs >= 0.5), -1),
+            ("false_negatives", (labels == 1) & (probs < 0.5), 1),
+        ):
+            rows = np.flatnonzero(wrong)
+            rows = rows[np.argsort(order * probs[rows], kind="stable")][: self.k]
+            if not len(rows):
+                continue
+            picked = images[rows.tolist()].float().cpu()
+            if images.dtype.is_floating_point:  # normalized: back to 0-255
+                mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+                std = torch.tensor(STD).view(1, 3, 1, 1)
+                picked = (picked * std + mean) * 255
+            tiles = picked.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+            merged = self.found[kind] + [(float(probs[r]), tiles[j], names[r]) for j, r in enumerate(rows)]
+            self.found[kind] = sorted(merged, key=lambda t: order * t[0])[: self.k]
+
+    def merge(self, others: list[Mistakes]) -> Mistakes:
+        """These and other ranks' mistakes, the k worst of all."""
+        for other in others:
+            for kind, order in (("false_positives", -1), ("false_negatives", 1)):
+                merged = self.found[kind] + other.found[kind]
+                self.found[kind] = sorted(merged, key=lambda t: order * t[0])[: self.k]
+        return self
