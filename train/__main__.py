@@ -3,6 +3,8 @@ python -m train eval --checkpoint RUN/best.pt --shards shards/ [--split test]
 python -m train sweep --shards shards/ [--variants FILE] [--out DIR] [training options shared by the variants]
 python -m train svm --checkpoint RUN/best.pt [--shards shards/] [--out DIR]
 python -m train detect --checkpoint RUN/best.pt PHOTOS... [--annotations A --format F] [--out DIR]
+python -m train detect --onnx RUN/model.onnx PHOTOS... [options]
+python -m train export --checkpoint RUN/best.pt [--out RUN/model.onnx] [--split test] [--tolerance 1e-4]
 
 Only routes: the parsers are in train/cli.py (light: `--help` imports no torch), the error policy is
 crackio.cli.run_command's, as for every command.

@@ -7,10 +7,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crackio.cli import ArgumentParser
 from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.writing.annotations import FORMATS
-from train.config import SHIPPED, Config, SvmConfig, add_config_arguments, check_applicable
+from train.config import (
+    SHIPPED,
+    Config,
+    SvmConfig,
+    add_config_arguments,
+    check_applicable,
+    read_config_file,
+)
 
 SWEEP_EPILOG = (
     "--out is the sweep folder (default: runs/sweep); each variant trains in OUT/<name>/. Options given "
@@ -21,21 +29,33 @@ SWEEP_EPILOG = (
 
 def train(argv: list[str]) -> None:
     """`python -m train [options]`: the flags actually given make the config (or extend a resumed run)."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m train",
         description="Train the crack classifier.",
-        epilog="Subcommands: python -m train {eval,sweep,svm,detect} --help",
+        epilog="Subcommands: python -m train {eval,sweep,svm,detect,export} --help",
     )
     add_config_arguments(ap)
+    ap.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="settings from a YAML, TOML or JSON file (keys as the flags, with underscores; a run's config.json "
+        "reproduces the run); flags given here win (default: none)",
+    )
     given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
+    file = read_config_file(given.pop("config")) if "config" in given else {}
     if given.get("resume"):
+        if file:
+            raise ConfigError("--resume continues a run with its own settings: use --resume RUN without --config")
         from train.resume import resume_config
 
         cfg = resume_config(given.pop("resume"), **given)
     else:
-        cfg = Config(**given)
+        cfg = Config(**(file | given))
         cfg.validate()  # values first, then whether each option applies
-    check_applicable(cfg, given)  # e.g. --block-size on a run in random order
+    # e.g. --block-size on a run in random order; a file's value counts as given unless it is the default
+    default = Config()
+    check_applicable(cfg, set(given) | {k for k, v in file.items() if v != getattr(default, k)})
     import train.loop
 
     train.loop.main(cfg)
@@ -43,7 +63,7 @@ def train(argv: list[str]) -> None:
 
 def evaluate(argv: list[str]) -> None:
     """`python -m train eval --checkpoint RUN/best.pt [--shards S] [--split test]`."""
-    ap = argparse.ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
+    ap = ArgumentParser(prog="python -m train eval", description="Evaluate a saved model on a split.")
     ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
     ap.add_argument("--shards", default="", help="shards folder (default: the one the run trained on)")
     ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -65,7 +85,7 @@ def sweep(argv: list[str]) -> int:
     """`python -m train sweep --shards S [--variants FILE] [--out DIR] [training options shared by the variants]`.
 
     Returns 1 when a variant failed (its row says why), 0 when every variant finished."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m train sweep",
         epilog=SWEEP_EPILOG,
         description="Train a list of variants, then compare them in one table and plots.",
@@ -92,7 +112,7 @@ def sweep(argv: list[str]) -> int:
 
 def svm(argv: list[str]) -> None:
     """`python -m train svm --checkpoint RUN/best.pt [options]`: flags derived from SvmConfig."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m train svm",
         description=(
             "R-CNN's second stage: a linear SVM on the frozen fine-tuned backbone's features, "
@@ -108,12 +128,16 @@ def svm(argv: list[str]) -> None:
 
 
 def detect(argv: list[str]) -> None:
-    """`python -m train detect --checkpoint RUN/best.pt PHOTOS... [options]`."""
-    ap = argparse.ArgumentParser(
+    """`python -m train detect --checkpoint RUN/best.pt | --onnx model.onnx PHOTOS... [options]`."""
+    ap = ArgumentParser(
         prog="python -m train detect",
         description="Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations.",
     )
-    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt of a run trained on tools/propose.py shards")
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", default="", help="RUN/best.pt of a run trained on tools/propose.py shards")
+    model.add_argument(
+        "--onnx", default="", help="score with onnxruntime (CPU) a model written by `python -m train export`"
+    )
     ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
     ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
     ap.add_argument("--format", default="", choices=FORMATS, help="format of --annotations")
@@ -144,7 +168,39 @@ def detect(argv: list[str]) -> None:
         nms_iou=a.nms_iou,
         batch_size=a.batch_size,
         device=a.device,
+        onnx=a.onnx,
     )
 
 
-COMMANDS = {"eval": evaluate, "sweep": sweep, "svm": svm, "detect": detect}
+def export(argv: list[str]) -> None:
+    """`python -m train export --checkpoint RUN/best.pt [--out RUN/model.onnx] [--split test] [--tolerance 1e-4]`."""
+    ap = ArgumentParser(
+        prog="python -m train export",
+        description=(
+            "Export a trained classifier to ONNX (uint8 images in, P(crack) out, dynamic batch), checked "
+            "against PyTorch with onnxruntime on a split; needs pip install 'crackio[export]'."
+        ),
+    )
+    ap.add_argument("--checkpoint", required=True, help="RUN/best.pt or RUN/last.pt")
+    ap.add_argument("--out", default="", help="the .onnx file to write (default: RUN/model.onnx)")
+    ap.add_argument("--shards", default="", help="shards folder of the check (default: the one the run trained on)")
+    ap.add_argument("--split", default="test", help="split the export is checked on (default: test)")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="largest |P_onnx - P_torch| accepted (default: 1e-4)")
+    ap.add_argument("--batch-size", type=int, default=64, help="batch size of the check and throughput (default: 64)")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="loader backend of the check (default: auto)")
+    a = ap.parse_args(argv)
+    from train.export import report_text, run_export
+
+    report = run_export(
+        a.checkpoint,
+        a.out,
+        shards=a.shards,
+        split=a.split,
+        batch_size=a.batch_size,
+        tolerance=a.tolerance,
+        backend=a.backend,
+    )
+    print(report_text(report))
+
+
+COMMANDS = {"eval": evaluate, "sweep": sweep, "svm": svm, "detect": detect, "export": export}

@@ -3,7 +3,8 @@
 R-CNN at test time (Girshick et al. 2014, section 2.2): selective-search proposals on the photo,
 each warped exactly as the training crops were (the settings recorded in the training shards'
 manifest by tools/propose.py, the same functions, even the JPEG round trip), scored by the
-fine-tuned network's sigmoid or by the SVM stage on the same forward's features, then greedy
+fine-tuned network's sigmoid (in PyTorch, or with onnxruntime from a model written by `python -m train
+export`) or by the SVM stage on the same forward's features, then greedy
 non-maximum suppression per photo (`torchvision.ops.nms`). With annotations, detection average
 precision is measured (train/detect_report.py).
 """
@@ -23,9 +24,9 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import nms
-from tqdm import tqdm
 
 from crackio import read_manifest
+from crackio.cli import progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
@@ -36,9 +37,11 @@ from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_sea
 from train.checkpoint import load_checkpoint
 from train.detect_report import write_outputs
 from train.evaluate import model_from_checkpoint
+from train.export import load_onnx, probabilities
 from train.model import CrackClassifier, last_linear
 from train.runtime import amp_dtype
 
+CPU = torch.device("cpu")
 KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
 
 
@@ -134,10 +137,9 @@ class Scorer:
         """Scores of the crops (float, one per crop); `boxes` (their proposals) are for stand-in scorers."""
         scores = []
         for start in range(0, len(jpegs), self.batch_size):
-            raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[start : start + self.batch_size]]
             gpu = self.device.type == "cuda"
-            images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device if gpu else "cpu"))
-            x = augment_normalize(images.to(self.device), None)  # the eval pipeline of the loaders
+            images = decode_crops(jpegs[start : start + self.batch_size], self.device)
+            x = augment_normalize(images, None)  # the eval pipeline of the loaders
             if gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             self._features = []  # the hook appends this batch's features (the SVM's input)
@@ -149,6 +151,30 @@ class Scorer:
                 f = self._features[-1].cpu().numpy().astype(np.float64)
                 s = self.svm
                 scores.append(((f - s["mean"]) / s["scale"]) @ s["coef"] + s["intercept"])
+        return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def decode_crops(jpegs: list[bytes], device: torch.device) -> torch.Tensor:
+    """uint8 N x 3 x H x W RGB on `device` (nvJPEG on CUDA)."""
+    raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    gpu = device.type == "cuda"
+    return torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device if gpu else "cpu")).to(device)
+
+
+class OnnxScorer:
+    """The network's P(crack) from a model written by `python -m train export`, with onnxruntime on the CPU:
+    the same crops, decoded the same way, as uint8 (the graph normalizes them)."""
+
+    threshold = 0.5
+
+    def __init__(self, session, batch_size: int):
+        self.session, self.batch_size = session, batch_size
+
+    def __call__(self, jpegs: list[bytes], boxes: np.ndarray | None = None) -> np.ndarray:
+        scores = [
+            probabilities(self.session, decode_crops(jpegs[start : start + self.batch_size], CPU).numpy())
+            for start in range(0, len(jpegs), self.batch_size)
+        ]
         return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -175,7 +201,12 @@ def photo_files(inputs: list[str]) -> list[Path]:
 
 
 def detect_photo(
-    path: Path, settings: ProposalSettings, scorer: Scorer, nms_iou: float, seed: int, pool: ThreadPoolExecutor
+    path: Path,
+    settings: ProposalSettings,
+    scorer: Scorer | OnnxScorer,
+    nms_iou: float,
+    seed: int,
+    pool: ThreadPoolExecutor,
 ) -> PhotoDetections:
     """Proposals, warped crops, scores and NMS for one photo (coordinates in photo pixels)."""
     result = PhotoDetections(path, path.stem)
@@ -222,11 +253,15 @@ def run_detect(
     batch_size: int = 64,
     device: str = "auto",
     overview: int = 16,
+    onnx: str = "",
 ) -> Path:
-    """Detect cracks in `photos` with the run's model; write detections, pictures and (with annotations) AP.
+    """Detect cracks in `photos` with the run's model (`checkpoint`, or `onnx`: a model written by
+    `python -m train export`, which carries the run's settings); write detections, pictures and (with
+    annotations) AP.
 
     Raises:
-        MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, photo, SVM or annotation.
+        MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, ONNX model, photo, SVM or
+            annotation.
         CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
         WriteError: an output cannot be written (full disk, I/O error).
     """
@@ -234,15 +269,33 @@ def run_detect(
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     if not 0 < nms_iou <= 1 or batch_size < 1 or (score_threshold is not None and not np.isfinite(score_threshold)):
         raise ConfigError("--nms-iou must be in (0, 1], --batch-size >= 1 and --score-threshold a finite number")
-    path = Path(checkpoint)
-    ckpt = load_checkpoint(path, torch.device("cpu"))
-    model, cfg = model_from_checkpoint(ckpt, path)
+    if bool(checkpoint) == bool(onnx):
+        raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
+    scorer: Scorer | OnnxScorer
+    if onnx:
+        if svm:
+            raise ConfigError(
+                "--svm scores the network's features, which an ONNX model does not output: "
+                "use --checkpoint RUN/best.pt with --svm"
+            )
+        if device == "cuda":
+            raise ConfigError("--onnx scores with onnxruntime on the CPU: leave out --device cuda")
+        path = Path(onnx)
+        exported = load_onnx(path)
+        ckpt, cfg = exported.record, exported.config  # the checkpoint's fields detection reads
+    else:
+        path = Path(checkpoint)
+        ckpt = load_checkpoint(path, torch.device("cpu"))
+        model, cfg = model_from_checkpoint(ckpt, path)
     settings = proposal_settings(ckpt, cfg.shards, path)
-    dev = resolve_device(device)
-    model.to(dev).eval()  # in place: nn.Module.to moves the module itself
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
+    if onnx:
+        scorer = OnnxScorer(exported.session, batch_size)
+    else:
+        dev = resolve_device(device)
+        model.to(dev).eval()  # in place: nn.Module.to moves the module itself
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
     threshold = scorer.threshold if score_threshold is None else score_threshold
     files: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
@@ -258,7 +311,7 @@ def run_detect(
     crops = 0
     start = time.perf_counter()
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        bar = tqdm(files, unit="photo", desc="detect")
+        bar = progress_bar(files, unit="photo", desc="detect")
         for file, duplicate in bar:
             r = (
                 PhotoDetections(file, file.stem, problem=duplicate)
@@ -290,7 +343,7 @@ def run_detect(
         threshold=threshold,
         nms_iou=nms_iou,
         settings=settings,
-        scored_by="svm" if svm else "network",
+        scored_by="svm" if svm else "network (onnxruntime)" if onnx else "network",
         annotated=bool(annotations),
         overview=overview,
         seconds=time.perf_counter() - start,
