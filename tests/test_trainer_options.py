@@ -266,3 +266,10 @@ def test_a_log_file_gets_progress_lines_not_redraws(demo_src, tmp_path):
     )
     assert "\r" not in done.stderr and "pack: 100%" in done.stderr
     assert len(done.stderr.splitlines()) <= 4, done.stderr
+
+
+def test_pack_help_shows_src_as_required_and_iou_threshold_as_typed():
+    pack = subprocess.run([sys.executable, "tools/pack.py", "--help"], capture_output=True, text=True, check=True)
+    assert pack.stdout.startswith("usage: pack.py SRC [--out OUT] [options]\n       pack.py --verify OUT")
+    train = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True)
+    assert "label = IoU > t (relabel) (default: none)" in " ".join(train.stdout.split())
