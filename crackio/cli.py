@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from crackio.errors import CrackioError
+from crackio.errors import ConfigError, CrackioError
 
 
 class Interrupted(KeyboardInterrupt):
@@ -146,11 +146,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with every command's conventions: defaults in --help (HelpFormatter) and the closest valid name for
-    a mistyped choice or option."""
+    """argparse with every command's conventions: defaults in --help (HelpFormatter), the closest valid name for a
+    mistyped choice or option, and no abbreviated options (a prefix is a typo, not a choice)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --checkpoint must not become --checkpoint-every, nor --lr-s a flag
         super().__init__(*args, **kwargs)
 
     def _check_value(self, action: argparse.Action, value) -> None:
@@ -193,3 +194,14 @@ def progress_bar(*args, **kwargs):
     if not sys.stderr.isatty():
         kwargs = {**kwargs, "file": _Lines(sys.stderr), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
     return tqdm(*args, **kwargs)
+
+
+def check_limits(limits: dict[str, tuple[bool, str, object]]) -> None:
+    """Refuse the first option whose value breaks its rule: {"--batch-size": (ok, ">= 1", value), ...}.
+
+    Raises:
+        ConfigError: "--batch-size must be >= 1, got 0": the one that failed, not every rule.
+    """
+    for flag, (ok, rule, value) in limits.items():
+        if not ok:
+            raise ConfigError(f"{flag} must be {rule}, got {value}")

@@ -260,3 +260,30 @@ def test_missing_onnx_packages_say_what_to_install(run, tmp_path, monkeypatch, c
     err = cli_error(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.onnx")], capsys)
     assert "onnxruntime" in err and "pip install 'crackio[export]'" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_export_out_must_be_a_new_onnx_file_not_the_checkpoint_nor_a_device(tmp_path, capsys):
+    import os
+
+    from train.__main__ import main as cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "best.pt"
+    ckpt.write_bytes(b"not read: --out is checked first")
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    for out, message in (
+        (ckpt, "name an .onnx file"),
+        (run / "model.txt", "name an .onnx file"),
+        (fifo, "is not a regular file"),
+    ):
+        assert cli(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert ckpt.read_bytes() == b"not read: --out is checked first"
+    onnx_named = run / "best.onnx"
+    onnx_named.write_bytes(b"x")
+    assert cli(["export", "--checkpoint", str(onnx_named), "--out", str(onnx_named)]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
+    assert cli(["detect", "--checkpoint", str(onnx_named), str(tmp_path)]) == 2
+    assert f"takes it as --onnx {onnx_named}" in capsys.readouterr().err

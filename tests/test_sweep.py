@@ -255,3 +255,28 @@ def test_a_shared_table_that_misses_a_variant_is_refused(tmp_path):
     path.write_text('[shared]\nnegatives = 10\n[bogus]\n[[variant]]\nname = "a"\n')
     with pytest.raises(ValueError, match="unknown top-level keys"):
         load_variants(path)
+
+
+def test_a_smoke_sweep_says_so_and_is_not_reused_by_a_full_one(demo_shards, tmp_path, capsys):
+    path = tmp_path / "v.toml"
+    path.write_text('[[variant]]\nname = "a"\n')
+    out = tmp_path / "s"
+    args = ["sweep", "--shards", str(demo_shards), "--variants", str(path), "--out", str(out)]
+    args += ["--arch", "shufflenet_v2_x0_5", "--weights", "none", "--head", "linear", "--batch-size", "8"]
+    args += ["--epochs", "1", "--quiet"]
+    assert cli([*args, "--limit-batches", "1"]) == 0
+    assert "Smoke runs (--limit-batches 1)" in (out / "sweep.md").read_text()
+    (row,) = list(csv.DictReader((out / "sweep.csv").open()))
+    assert row["note"].startswith("smoke run (--limit-batches 1)")
+    capsys.readouterr()
+    assert cli([*args, "--limit-batches", "2"]) == 1  # not reused: the folder is reported as another run's
+    assert "was trained with other options (limit_batches: 1 then, 2 now)" in capsys.readouterr().out
+
+
+def test_a_shared_table_option_the_command_line_makes_unused_is_refused(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text('[shared]\nval_sampler = "hard-negatives"\nval_negatives = 100\n[[variant]]\nname = "a"\n')
+    file = load_variants(path)
+    given = {"shards": "x", "val_sampler": "shuffle"}
+    with pytest.raises(ValueError, match=r"\[shared\] val_negatives of .* would not reach every variant"):
+        sweep.check_shared_options(file.base(given), file, {"val_sampler"})

@@ -273,3 +273,69 @@ def test_pack_help_shows_src_as_required_and_iou_threshold_as_typed():
     assert pack.stdout.startswith("usage: pack.py SRC [--out OUT] [options]\n       pack.py --verify OUT")
     train = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, check=True)
     assert "label = IoU > t (relabel) (default: none)" in " ".join(train.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--warmup-epochs", "inf"], "--warmup-epochs inf must be at most --epochs"),
+        (["--lr-schedule", "cosine", "--warmup-epochs", "5", "--epochs", "1"], "the warm-up would not end"),
+        (["--lr-schedule", "step", "--lr-gamma", "2"], "--lr-gamma must be in (0, 1]"),
+        (["--limit-batches", "99999999999999999999"], "--limit-batches and --log-every must be at most"),
+        (["--sampler", "weightd"], None),  # argparse: the closest choice (below)
+    ],
+)
+def test_new_options_out_of_range_are_one_line(demo_shards, tmp_path, capsys, flags, message):
+    args = ["--shards", str(demo_shards), "--out", str(tmp_path / "r"), "--weights", "none", *flags]
+    if message is None:
+        with pytest.raises(SystemExit):
+            cli(args)
+        assert "did you mean 'weighted'?" in capsys.readouterr().err
+        return
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
+    assert cli(["exprt", "--checkpoint", "x.pt"]) == 2
+    assert "unknown command 'exprt'; did you mean 'export'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no abbreviations: --lr-s is a typo, not --lr-schedule
+        cli(["--shards", str(demo_shards), "--lr-s", "cosine"])
+    assert "unrecognized arguments: --lr-s cosine" in capsys.readouterr().err
+    from train.logs import parse_logs
+
+    assert parse_logs("none") == () and parse_logs(" csv, csv ,tensorboard") == ("csv", "tensorboard")
+    run = tmp_path / "r"
+    args = ["--shards", str(demo_shards), "--out", str(run), "--arch", "shufflenet_v2_x0_5", "--weights", "none"]
+    args += ["--head", "linear", "--epochs", "1", "--batch-size", "8", "--limit-batches", "1", "--quiet"]  # bare flag
+    assert cli(args) == 0
+    assert json.loads((run / "config.json").read_text())["quiet"] is True
+
+
+def test_config_file_errors_name_the_file(demo_shards, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("sampler: weightd\n")
+    assert cli(["--shards", str(demo_shards), "--out", str(tmp_path / "r"), "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'weighted'?" in err and f"(the settings of --config {path} with the flags given)" in err
+    path.write_text("")  # empty: no settings, whatever the format
+    json_path = tmp_path / "c.json"
+    json_path.write_text("")
+    from train.config import read_config_file
+
+    assert read_config_file(str(path)) == {} == read_config_file(str(json_path))
+    path.write_text("log: [tensorboard, csv]\n")
+    assert read_config_file(str(path)) == {"log": "tensorboard,csv"}
+
+
+def test_extending_a_cosine_run_takes_the_new_curve_from_the_next_step(demo_shards, tmp_path):
+    """2 steps an epoch (--limit-batches 2): a 1-epoch cosine run ends at rate 0; resumed with --epochs 2, its next
+    step takes the 2-epoch curve's rate at step 2, not the old curve's 0."""
+    out = main(tiny(demo_shards, tmp_path / "r", epochs=1, batch_size=8, limit_batches=2, lr_schedule="cosine",
+                    log="csv", quiet=True))  # fmt: skip
+    main(resume_config(out, epochs=2))
+    rates = [float(r["lr"]) for r in steps_csv(out)]
+    assert rates == pytest.approx([1e-3 * lr_factor(s, "cosine", 2, e, 0, 10, 0.1) for s, e in
+                                   [(0, 1), (1, 1), (2, 2), (3, 2)]])  # fmt: skip
+    assert rates[2] > 0

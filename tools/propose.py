@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         "--split-ratios",
         type=_ratios,
         default=r.split_ratios,
-        help="train,valid,test shares by photo when the dataset has no split folders",
+        help="train,valid,test shares by photo when the dataset has no split folders (default: "
+        + ",".join(f"{x:g}" for x in r.split_ratios)
+        + ")",
     )
     ap.add_argument("--classes", default="", help="positive class names, comma-separated (default: every class)")
     ap.add_argument("--workers", type=int, default=r.workers, help="photos in parallel (threads; 0 = all cores)")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from crackio.cli import run_command
+from crackio.cli import closest, run_command
+from crackio.errors import ConfigError
 from train.cli import COMMANDS, train
 
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = argv[1:] if command else argv
 
     def body() -> int | None:
+        if command is None and argv[:1] and not argv[0].startswith("-"):  # training takes flags only
+            hint = closest(argv[0], COMMANDS) or f"; the commands are {', '.join(COMMANDS)}"
+            raise ConfigError(
+                f"unknown command {argv[0]!r}{hint} (training itself takes flags only: python -m train --help)"
+            )
         return (COMMANDS[command] if command else train)(args)  # a command may return an exit code
 
     # SIGTERM, like Ctrl-C, unwinds (temporaries removed, loader threads joined); one line from rank 0 only.

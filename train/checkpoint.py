@@ -39,6 +39,10 @@ def load_data(path: Path, device: torch.device, what: str = "checkpoint"):
         raise CheckpointError(f"{what} {path} is a folder, not a file: use {use}")
     if not path.is_file():
         raise MissingFile(f"{what} {path} does not exist (a run writes RUN/best.pt and RUN/last.pt)")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path} is an ONNX model, not a {what}: `python -m train detect` takes it as --onnx {path}"
+        )
     if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; the legacy pickle format is never read
         raise CheckpointError(
             f"{path} is refused: it is not a file of torch.save (a raw pickle or another format is never "
@@ -163,6 +167,10 @@ def restore(ckpt: dict, path: Path, model, optimizer, scaler, scheduler) -> None
         scaler.load_state_dict(ckpt["scaler"])
         if "scheduler" in ckpt:  # a run from before schedules trained at a constant rate: nothing to restore
             scheduler.load_state_dict(ckpt["scheduler"])
+        # The next step's rate under this run's settings (an extended --epochs stretches a cosine from here on;
+        # unchanged settings give the saved rate bit for bit: the same product LambdaLR computes).
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit this run's model and optimizer: {first}") from e

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crackio.cli import ArgumentParser
+from crackio.cli import ArgumentParser, check_limits
 from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.writing.annotations import FORMATS
@@ -43,19 +43,25 @@ def train(argv: list[str]) -> None:
         "reproduces the run); flags given here win (default: none)",
     )
     given = vars(ap.parse_args(argv))  # only the flags given: their defaults are argparse.SUPPRESS
-    file = read_config_file(given.pop("config")) if "config" in given else {}
+    path = given.pop("config", None)
+    file = read_config_file(path) if path is not None else {}
     if given.get("resume"):
-        if file:
+        if path is not None:
             raise ConfigError("--resume continues a run with its own settings: use --resume RUN without --config")
         from train.resume import resume_config
 
         cfg = resume_config(given.pop("resume"), **given)
+        check_applicable(cfg, given)
     else:
         cfg = Config(**(file | given))
-        cfg.validate()  # values first, then whether each option applies
-    # e.g. --block-size on a run in random order; a file's value counts as given unless it is the default
-    default = Config()
-    check_applicable(cfg, set(given) | {k for k, v in file.items() if v != getattr(default, k)})
+        default = Config()  # a file's value counts as given unless it is the default (config.json holds them all)
+        try:
+            cfg.validate()  # values first, then whether each option applies (e.g. --block-size in random order)
+            check_applicable(cfg, set(given) | {k for k, v in file.items() if v != getattr(default, k)})
+        except ConfigError as e:
+            if path is None:
+                raise
+            raise ConfigError(f"{e} (the settings of --config {path} with the flags given)") from None
     import train.loop
 
     train.loop.main(cfg)
@@ -69,13 +75,15 @@ def evaluate(argv: list[str]) -> None:
     ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
     ap.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(crack) (default: 0.5)")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    ap.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto)")
-    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="(default: auto)")
+    ap.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: CUDA if present)")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="the loader decoder (auto: DALI if installed)")
     a = ap.parse_args(argv)
-    if not 0 <= a.threshold <= 1 or a.batch_size < 1:
-        raise ConfigError(
-            f"--threshold must be in [0, 1] (a probability) and --batch-size >= 1, got {a.threshold} and {a.batch_size}"
-        )
+    check_limits(
+        {
+            "--threshold": (0 <= a.threshold <= 1, "in [0, 1] (a probability)", a.threshold),
+            "--batch-size": (a.batch_size >= 1, ">= 1", a.batch_size),
+        }
+    )
     from train.evaluate import run_eval
 
     print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
@@ -152,7 +160,7 @@ def detect(argv: list[str]) -> None:
     ap.add_argument("--nms-iou", type=float, default=0.3, help="NMS IoU (default: 0.3, R-CNN's)")
     ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
     ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
-    ap.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto)")
+    ap.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: CUDA if present)")
     a = ap.parse_args(argv)
     from train.detect import run_detect
 

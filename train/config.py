@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from crackio.cli import closest, typed
+from crackio.cli import check_limits, closest, typed
 from crackio.errors import ConfigError
 from crackio.format.layout import SPLITS
 from crackio.fsio import is_path_component, write_json
@@ -100,9 +100,9 @@ class Config:
     block_size: int = 128  # block order: consecutive index rows per block (~1 MB of crops)
     compile: bool = False  # torch.compile the model (CUDA)
     seed: int = 0  # seeds sampling, augmentation, initialisation
-    train_split: str = SPLITS[0]  # split names inside --shards
-    val_split: str = SPLITS[1]
-    test_split: str = SPLITS[2]  # reported at the end when present
+    train_split: str = SPLITS[0]  # the split trained on (a folder name inside --shards)
+    val_split: str = SPLITS[1]  # the split validated on after each epoch (early stopping, best.pt)
+    test_split: str = SPLITS[2]  # the split reported at the end, when the pack has it
     resume: str = ""  # run folder to continue from its latest checkpoint, or one checkpoint (RUN/last.pt)
     checkpoint_every: int = 1000  # steps between mid-epoch checkpoints (RUN/step.pt); 0 = only when stopped
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
@@ -113,9 +113,11 @@ class Config:
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
+            value = getattr(self, name)
+            if value not in allowed:
                 raise ConfigError(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}"
+                    + closest(str(value), allowed)
                 )
         positive = (
             "lr",
@@ -155,6 +157,15 @@ class Config:
             raise ConfigError(
                 f"--iou-threshold must be in [0, 1) or none (the names' labels), got {self.iou_threshold}"
             )
+        if self.limit_batches > 2**40 or self.log_every > 2**40:
+            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.limit_batches}")
+        if not self.warmup_epochs <= self.epochs:  # inf and NaN too
+            raise ConfigError(
+                f"--warmup-epochs {self.warmup_epochs} must be at most --epochs {self.epochs}: the warm-up would not "
+                f"end within the run"
+            )
+        if not self.lr_gamma <= 1:
+            raise ConfigError(f"--lr-gamma must be in (0, 1] (the step schedule lowers the rate), got {self.lr_gamma}")
         if not 0 <= self.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         self.parsed_class_weights()
@@ -250,7 +261,9 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"--config {file}: give a .yaml, .yml, .toml or .json file (a run's config.json works)")
     try:
         text = file.read_text()
-        if suffix == ".toml":
+        if not text.strip():
+            data = {}  # an empty file of any of the three: no settings
+        elif suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
@@ -269,6 +282,8 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"--config {file} is not valid {suffix[1:].upper()}: {first}") from e
     if data is None:
         data = {}  # an empty YAML file
+    if isinstance(data, dict) and isinstance(data.get("log"), list):  # log: [tensorboard, csv]
+        data["log"] = ",".join(map(str, data["log"]))
     if isinstance(data, dict) and data.get("iou_threshold") == "none":
         data["iou_threshold"] = None
     Config.from_dict(data, f"--config {file}")  # keys and types, with the closest name for a typo
@@ -377,8 +392,8 @@ def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bo
             ap.add_argument(flag, choices=CHOICES[f.name], default=value, help=text)
         elif default is None:  # the only optional field is a float: `--iou-threshold 0.35`, or `none`
             ap.add_argument(flag, type=_optional_float, metavar="FLOAT|none", default=value, help=text)
-        elif kind is bool:
-            ap.add_argument(flag, type=_bool, metavar="BOOL", default=value, help=text)
+        elif kind is bool:  # `--quiet` alone, or `--quiet true|false` (what config.json's values read back as)
+            ap.add_argument(flag, type=_bool, nargs="?", const=True, metavar="BOOL", default=value, help=text)
         else:
             ap.add_argument(flag, type=kind, default=value, help=text)
 
@@ -420,17 +435,16 @@ class SvmConfig:
             raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
         if not 0 <= self.neg_iou <= self.pos_iou <= 1:
             raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
-        limits = {
-            "rounds": (self.rounds >= 0, ">= 0"),
-            "negatives": (self.negatives >= 1, ">= 1"),
-            "C": (self.C > 0, "> 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "seed": (self.seed >= 0, ">= 0"),
-            "target_recall": (0 <= self.target_recall <= 1, "in [0, 1]"),
-        }
-        for name, (ok, rule) in limits.items():
-            if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        check_limits(
+            {
+                "--rounds": (self.rounds >= 0, ">= 0", self.rounds),
+                "--negatives": (self.negatives >= 1, ">= 1", self.negatives),
+                "--C": (self.C > 0, "> 0", self.C),
+                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
+                "--seed": (self.seed >= 0, ">= 0", self.seed),
+                "--target-recall": (0 <= self.target_recall <= 1, "in [0, 1]", self.target_recall),
+            }
+        )
         for name, allowed in {"device": DEVICES, "backend": BACKENDS}.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

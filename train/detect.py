@@ -26,7 +26,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import nms
 
 from crackio import read_manifest
-from crackio.cli import progress_bar
+from crackio.cli import check_limits, progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
@@ -267,8 +267,13 @@ def run_detect(
     """
     if annotations and not fmt:
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
-    if not 0 < nms_iou <= 1 or batch_size < 1 or (score_threshold is not None and not np.isfinite(score_threshold)):
-        raise ConfigError("--nms-iou must be in (0, 1], --batch-size >= 1 and --score-threshold a finite number")
+    check_limits(
+        {
+            "--nms-iou": (0 < nms_iou <= 1, "in (0, 1]", nms_iou),
+            "--batch-size": (batch_size >= 1, ">= 1", batch_size),
+            "--score-threshold": (score_threshold is None or np.isfinite(score_threshold), "a number", score_threshold),
+        }
+    )
     if bool(checkpoint) == bool(onnx):
         raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
     scorer: Scorer | OnnxScorer

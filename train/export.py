@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from crackio import make_loader
+from crackio.cli import check_limits
 from crackio.errors import ConfigError, MissingFile
 from crackio.fsio import NotRegular, atomic_write, display_name, read_regular, write_json
 from crackio.loading.augment import SIZE
@@ -40,7 +41,7 @@ INSTALL = "pip install 'crackio[export]'"
 # maintains: the TorchScript exporter warns there that it is deprecated and will be removed. Before 2.9 the
 # TorchScript exporter (the default then) is used: torch 2.5's dynamo exporter fails on every torchvision
 # classifier with a dynamic batch (aten.view of the symbolic batch size: "unhashable type: 'list'").
-DYNAMO = torch.__version__ >= "2.9"
+DYNAMO = torch.__version__ >= "2.9"  # a TorchVersion: compared as a version, not as text
 
 
 class ExportError(ConfigError):
@@ -250,8 +251,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_out(out: Path) -> None:
-    """Refuse an --out that cannot be written before anything slow runs."""
+def check_out(out: Path, checkpoint: Path) -> None:
+    """Refuse an --out that cannot or must not be written, before anything slow runs: not a .onnx name, the
+    checkpoint itself, something that is not a regular file (a device, a pipe), a folder, a missing folder."""
+    if out.suffix.lower() != ".onnx":
+        raise ConfigError(f"--out {display_name(out)}: name an .onnx file (e.g. {out.with_suffix('.onnx')})")
+    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise ConfigError(f"--out {display_name(out)} is the checkpoint itself: write the model elsewhere")
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise ConfigError(f"--out {display_name(out)} is not a regular file (a device or a pipe): name a file")
     if out.is_dir():
         raise ConfigError(f"--out {display_name(out)} is a folder: name the file to write, e.g. {out / 'model.onnx'}")
     if not out.parent.is_dir():
@@ -309,11 +317,15 @@ def run_export(
         ConfigError: onnx, onnxscript or onnxruntime is missing; bad settings.
         WriteError: an output cannot be written.
     """
-    if not (np.isfinite(tolerance) and tolerance >= 0) or batch_size < 1:
-        raise ConfigError(f"--tolerance must be >= 0 and --batch-size >= 1, got {tolerance} and {batch_size}")
+    check_limits(
+        {
+            "--tolerance": (bool(np.isfinite(tolerance) and tolerance >= 0), ">= 0", tolerance),
+            "--batch-size": (batch_size >= 1, ">= 1", batch_size),
+        }
+    )
     path = Path(checkpoint)
     target = Path(out) if out else path.parent / "model.onnx"
-    check_out(target)
+    check_out(target, path)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
     model.eval()

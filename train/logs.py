@@ -28,14 +28,14 @@ WORST = 8  # false positives and false negatives shown per epoch
 
 
 def parse_logs(text: str) -> tuple[str, ...]:
-    """--log's value: "" or a comma list of LOGS.
+    """--log's value: "" (or none) or a comma list of LOGS (a name given twice counts once).
 
     Raises:
         ConfigError: an unknown log, with the closest valid name.
     """
     from crackio.cli import closest
 
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip() not in ("", "none")))
     for name in names:
         if name not in LOGS:
             raise ConfigError(f"--log {name!r} is not a log{closest(name, LOGS)}; choose from {', '.join(LOGS)}")
@@ -225,7 +225,7 @@ def worst_figure(worst: dict, epoch: int):
         axes[r][0].text(-0.1, 0.5, kind.replace("_", " "), rotation=90, va="center", ha="right",
                         transform=axes[r][0].transAxes, fontsize=9)  # fmt: skip
     fig.suptitle(f"epoch {epoch}: worst validation mistakes at threshold 0.5")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.02, 0, 1, 0.9))  # room for the title above the tiles' captions
     return fig
 
 

@@ -73,7 +73,10 @@ def report_text(title: str, labels: np.ndarray, probs: np.ndarray, threshold: fl
 
 
 def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -> tuple[float, float, float]:
-    """The highest threshold whose crack recall is >= target: (threshold, recall, precision)."""
+    """The highest threshold whose crack recall is >= target: (threshold, recall, precision); NaNs when the split
+    holds no crack (no recall to reach)."""
+    if not np.any(labels):
+        return float("nan"), float("nan"), float("nan")
     precision, recall, thresholds = precision_recall_curve(labels, probs)
     # recall[i] and precision[i] belong to thresholds[i]; recall falls as the threshold rises.
     ok = np.flatnonzero(recall[:-1] >= target)
@@ -139,6 +142,9 @@ def plot_pr(
     fig, ax = plt.subplots(figsize=(11, 5.5) if crowded else (5.5, 5))
     colors = {}
     for name, (labels, probs) in curves.items():
+        if not np.any(labels):  # no crack in the split (a smoke run's few batches): no curve, said in the legend
+            ax.plot([], [], label=f"{name} (no crack: no curve)")
+            continue
         precision, recall, _ = precision_recall_curve(labels, probs)
         ap = average_precision_score(labels, probs)
         colors[name] = ax.plot(recall, precision, label=f"{name} (AP {ap:.3f})")[0].get_color()

@@ -30,7 +30,6 @@ RESUMABLE = (
     "shards",
     "batch_size",
     "checkpoint_every",
-    "limit_batches",
     "log",
     "log_every",
     "quiet",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.cli import Interrupted
+from crackio.cli import Interrupted, closest
 from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.fsio import make_dir, remove_temporaries, write_text
 from crackio.loading.samplers import label_source
@@ -107,6 +107,17 @@ def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> N
                 f"{'; '.join(missed)}. A sweep compares runs on the same terms: drop the option, or set it "
                 f"in the variants that use it (a copy of the file, given with --variants)"
             )
+    for name in sorted(set(file.shared) - given):  # [shared] options the command line's settings may leave unused
+        missed = [
+            f"{variant.name} (it applies only with {needs})"
+            for variant in file.variants
+            if name not in variant.options and (needs := unmet(dataclasses.replace(base, **variant.options), name))
+        ]
+        if missed:
+            raise ConfigError(
+                f"[shared] {name} of {file.path} would not reach every variant with the options given: "
+                f"{'; '.join(missed)}. Drop the option that makes it unused, or edit the file"
+            )
 
 
 def load_variants(path: Path) -> VariantsFile:
@@ -177,8 +188,8 @@ def _options(entry: dict, where: str) -> dict:
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown options {unknown}; use the names of `python -m train --help` "
-            f"with underscores ({', '.join(OWNED)} are set by the sweep)"
+            f"{where}: unknown options {unknown}{closest(unknown[0], known)}; use the names of `python -m train "
+            f"--help` with underscores ({', '.join(OWNED)} are set by the sweep)"
         )
     if entry.get("iou_threshold") == "none":  # TOML has no null: "none" asks for the names' labels
         entry["iou_threshold"] = None
@@ -330,6 +341,8 @@ def _finished(row: dict, cfg: Config, folder: Path):
         "wall_s": summary["train_seconds"] + summary.get("val_seconds", 0.0),
         "images_per_sec": summary["images_per_sec"],
     }
+    if summary.get("limit_batches"):  # a smoke run: its figures are of the first batches only
+        row["note"] = f"smoke run (--limit-batches {summary['limit_batches']}): figures of the first batches only"
     row |= {f"{c}_{m}": metrics[c][m] for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
     with np.load(folder / "predictions.npz", allow_pickle=False) as pred:
         curve = (pred[f"{split}_labels"], pred[f"{split}_probs"])
@@ -375,7 +388,12 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
         f"Shards `{base.shards}`, {base.arch} ({base.weights}), at most {base.epochs} epochs, patience "
         f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
         f"test split (validation where there is none) at threshold 0.5; the original's published rows "
-        f"are on its own data.",
+        f"are on its own data."
+        + (
+            f" **Smoke runs (--limit-batches {base.limit_batches}): every figure is of the first batches only.**"
+            if base.limit_batches
+            else ""
+        ),
         "",
         "| variant | source | split | labels | train data | validation data | no crack P / R / F1 (support) "
         "| crack P / R / F1 (support) | accuracy | crack AP | best epoch | wall s | img/s |",
