@@ -90,7 +90,23 @@ def field_files() -> dict[str, tuple[bytes, str, str]]:
             "git lfs pull",
         ),
         "at_zero.14.0_000.1.jpg": (jpeg(quadrants()), "stored", ""),  # a crack label at IoU 0: no threshold gives it
+        # A camera JPEG with an embedded preview opens as MPO: its first image is the photo.
+        "camera_mpo.16.0_700.1.jpg": (mpo(), "converted", "MPO RGB, the first of its 2 images kept"),
+        "animated.17.0_100.0.gif": (animated_gif(), "skipped", "GIF with 2 frames (animated or multi-page)"),
     }
+
+
+def mpo() -> bytes:
+    buf = io.BytesIO()
+    quadrants().save(buf, format="MPO", quality=95, save_all=True, append_images=[Image.new("RGB", (64, 48))])
+    return buf.getvalue()
+
+
+def animated_gif() -> bytes:
+    buf = io.BytesIO()
+    frames = [quadrants().convert("P"), quadrants().transpose(Image.Transpose.ROTATE_90).convert("P")]
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
 
 
 NON_UTF8 = b"caf\xe9_jpg.15.0_500.0.jpg"  # a Latin-1 byte, as old Windows zips write names

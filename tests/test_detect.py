@@ -208,6 +208,10 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
     assert "detection AP@0.5" in report and "proposal recall 1.000" in report
     for timing in ("proposals", "warping", "scoring", "nms"):
         assert timing in summary["seconds_per_photo"]
+    assert set(summary["baselines"]) == {"area", "whole_photo", "random"}
+    for figures in summary["baselines"].values():
+        assert set(figures) == {"ap50_voc", "ap_coco", "ap50_coco"} and 0 <= figures["ap50_voc"] <= 1
+    assert "baselines without the network" in report and "box area" in report
 
 
 def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp_path, capsys):
@@ -272,3 +276,31 @@ def test_scoring_on_the_gpu_agrees_with_the_cpu(checkpoint, photos):
         model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
         scores[device] = Scorer(model.eval().to(device), torch.device(device), 8, None)(jpegs)
     np.testing.assert_allclose(scores["cuda"], scores["cpu"], atol=0.05)
+
+
+def test_baselines_are_their_definitions_on_hand_made_boxes():
+    """Photo 1 (100 x 100, a crack at 10..30): proposals the whole photo, the crack, a small square. Photo 2
+    (200 x 100, a crack at x 150..190): a corner box and the crack's box."""
+    from train.baselines import baseline, baseline_aps, verdict
+    from train.detect import PhotoDetections
+
+    whole, crack, small = [0.0, 0, 100, 100], [10.0, 10, 30, 30], [50.0, 50, 60, 60]
+    one = PhotoDetections(Path("a.jpg"), "a", (100, 100), proposals=np.array([small, whole, crack]),
+                          gt=np.array([crack]))  # fmt: skip
+    two = PhotoDetections(Path("b.jpg"), "b", (200, 100), proposals=np.array([[0.0, 0, 40, 40], [150.0, 0, 190, 90]]),
+                          gt=np.array([[150.0, 0, 190, 90]]))  # fmt: skip
+    by_area = baseline([one, two], "area", 0.3, seed=0)
+    assert by_area[0].boxes.tolist() == [whole, crack, small] and by_area[0].scores.tolist() == [10000, 400, 100]
+    assert by_area[1].scores.tolist() == [3600, 1600]
+    photo = baseline([one, two], "whole_photo", 0.3, seed=0)
+    assert photo[1].boxes.tolist() == [[0, 0, 200, 100]] and photo[1].scores.tolist() == [1.0]
+    random = baseline([one, two], "random", 0.3, seed=7)
+    expected = np.random.default_rng([7, 1]).random(2)
+    assert sorted(random[1].scores.tolist()) == sorted(expected.tolist())
+    assert baseline([one, two], "random", 0.3, seed=7)[0].scores.tolist() == random[0].scores.tolist()  # seeded
+    aps = baseline_aps([one, two], 0.3, seed=0)
+    # By area over both photos: whole (FP), photo 2's crack box (TP), its corner box (FP), the crack (TP), the small
+    # square (FP): precision 1/2 at recall 1/2, 2/4 at recall 1; the envelope is 1/2 at both steps.
+    assert aps["area"]["ap50_voc"] == pytest.approx(0.5)
+    assert aps["whole_photo"]["ap50_voc"] == 0.0  # neither whole-photo box overlaps a crack at IoU 0.5
+    assert "BELOW box area (0.500)" in verdict(0.2, aps) and "above every baseline" in verdict(0.9, aps)

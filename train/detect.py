@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.ops import nms
 
 from crackio import read_manifest
 from crackio.cli import check_limits, progress_bar
@@ -34,15 +33,15 @@ from crackio.loading.loader import resolve_device
 from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
+from train.baselines import baseline_aps
 from train.checkpoint import load_checkpoint
-from train.detect_report import write_outputs
+from train.detect_report import suppress, write_outputs
 from train.evaluate import model_from_checkpoint
 from train.export import load_onnx, probabilities
 from train.model import CrackClassifier, last_linear
 from train.runtime import amp_dtype
 
 CPU = torch.device("cpu")
-KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
 
 
 @dataclass
@@ -228,7 +227,7 @@ def detect_photo(
     t2 = time.perf_counter()
     scores = scorer(jpegs, boxes)
     t3 = time.perf_counter()
-    keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores.astype(np.float64)), nms_iou)[:KEEP].numpy()
+    keep = suppress(boxes, scores, nms_iou)
     result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
     result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2, "nms": time.perf_counter() - t3}
     return result
@@ -341,6 +340,10 @@ def run_detect(
             elapsed = time.perf_counter() - start
             bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
     out_dir = Path(out) if out else path.parent / "detect"
+    seconds = time.perf_counter() - start
+    # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
+    done = [r for r in results if r.size != (0, 0)]
+    floors = baseline_aps(done, nms_iou, cfg.seed) if annotations else None
     write_outputs(
         out_dir,
         results,
@@ -351,6 +354,7 @@ def run_detect(
         scored_by="svm" if svm else "network (onnxruntime)" if onnx else "network",
         annotated=bool(annotations),
         overview=overview,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
+        baselines=floors,
     )
     return out_dir

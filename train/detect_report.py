@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 from crackio import fsio
 from crackio.fsio import make_dir, remove_temporaries, write_json, write_text
@@ -19,6 +19,22 @@ from crackio.writing.regions import ProposalSettings, covered
 OUTPUTS = ("detections.json", "overview.jpg", "pr_curve.png", "report.txt", "summary.json")  # images/ apart
 DETECTION = (230, 30, 30)
 TRUTH = (40, 200, 60)
+
+
+KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
+
+
+def suppress(boxes: np.ndarray, scores: np.ndarray, nms_iou: float) -> np.ndarray:
+    """Indices of the boxes greedy NMS keeps at `nms_iou` (torchvision.ops.nms, R-CNN's test-time step), best
+    first, at most KEEP: float (N, 4) x0 y0 x1 y1 boxes and (N,) scores."""
+    ranked = torch.from_numpy(np.asarray(scores, dtype=np.float64))
+    return nms(torch.from_numpy(np.ascontiguousarray(boxes)), ranked, nms_iou)[:KEEP].numpy()
+
+
+def ap_figures(results) -> dict[str, float]:
+    """`ap50_voc` (train.detect_report.voc_ap) and COCO's `ap_coco`, `ap50_coco` of annotated photos."""
+    coco = coco_ap(results)
+    return {"ap50_voc": voc_ap(results)[0], "ap_coco": coco["ap"], "ap50_coco": coco["ap50"]}
 
 
 def match(boxes: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
@@ -158,6 +174,7 @@ def write_outputs(
     annotated: bool,
     overview: int,
     seconds: float,
+    baselines: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """detections.json, images/<stem>.jpg, overview.jpg, pr_curve.png (annotated), report.txt, summary.json last.
 
@@ -237,6 +254,15 @@ def write_outputs(
             f"({covered} of {gt_total} ground-truth boxes covered at IoU >= 0.5: the ceiling of any "
             f"classifier)"
         )
+        if baselines is not None:
+            from train.baselines import NAMES, verdict
+
+            summary["baselines"] = baselines
+            floors = ", ".join(f"{NAMES[k]} {v['ap50_voc']:.3f}" for k, v in baselines.items())
+            text.append(
+                f"baselines without the network (the same proposals, NMS and AP@0.5 VOC): {floors}; "
+                + verdict(ap, baselines)
+            )
         if len(recall):
             plot_curve(recall, precision, ap, out / "pr_curve.png")
     keys = (
@@ -259,7 +285,7 @@ def write_outputs(
         text += [f"{p}: {why}" for p, why in problems]
     write_text(out / "report.txt", "\n".join(text) + "\n")
     write_json(out / "summary.json", summary)
-    print("\n".join(text[:2]))
+    print("\n".join(text[: 3 if baselines is not None else 2]))
     print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
 
 

@@ -90,7 +90,9 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
     with img:
         fmt, mode, (w, h) = img.format, img.mode, img.size
         frames = getattr(img, "n_frames", 1)
-        if frames > 1:
+        # A camera JPEG with an embedded second image (a preview, the other eye) opens as MPO: its first image is
+        # the photo (CIPA DC-007), stored as a converted JPEG; other multi-frame files are ambiguous.
+        if frames > 1 and fmt != "MPO":
             return None, (
                 f"{fmt} with {frames} frames (animated or multi-page): a crop is one picture; export the "
                 f"frame you mean as JPEG"
@@ -114,7 +116,7 @@ def _prepare(data: bytes, size: int, quality: int) -> tuple[bytes | None, str]:
             img.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             return None, f"{fmt} data is corrupt or truncated ({_text(e)}): re-export or re-crop the file"
-        notes = [f"{fmt} {mode}"]
+        notes = [f"{fmt} {mode}" + (f", the first of its {frames} images kept" if fmt == "MPO" else "")]
         upright: Image.Image = img
         if orientation in ROTATING:
             upright = ImageOps.exif_transpose(img)

@@ -1,0 +1,63 @@
+"""Detectors without the network, scored with the model's own AP: the floor a trained detector must clear.
+
+On real photos a short training can rank crack regions worse than box size does, and a lone whole-photo box can
+score well where one crack network spans most of a photo. Without these figures beside the model's AP, a report
+cannot say whether the network learned anything. Each baseline keeps the model's photos, proposals, NMS and cap
+(`train.detect_report.suppress`), so only the scores differ:
+
+- `area`: each proposal scored by its box area (larger first);
+- `whole_photo`: one box covering the photo, score 1;
+- `random`: seeded uniform scores (the photo's position and the run's seed), the chance level of this ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from train.detect_report import ap_figures, suppress
+
+BASELINES = ("area", "whole_photo", "random")
+NAMES = {"area": "box area", "whole_photo": "one whole-photo box", "random": "random scores"}
+
+
+def baseline(results: list, kind: str, nms_iou: float, seed: int) -> list:
+    """The annotated photos of `results` (train.detect.PhotoDetections) with the boxes and scores baseline `kind`
+    gives them: float64 (N, 4) x0 y0 x1 y1 photo pixels and (N,) scores, best first, after NMS at `nms_iou`."""
+    out = []
+    for position, r in enumerate(results):
+        if kind == "whole_photo":
+            boxes = np.array([[0.0, 0.0, r.size[0], r.size[1]]], dtype=np.float64)
+            scores = np.ones(1)
+        else:
+            boxes = np.asarray(r.proposals).reshape(-1, 4)  # the proposals' own dtype, as the model's NMS had them
+            if kind == "area":
+                scores = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float64)
+            else:
+                scores = np.random.default_rng([seed, position]).random(len(boxes))
+            keep = suppress(boxes, scores, nms_iou)
+            boxes, scores = boxes[keep], scores[keep]
+        out.append(dataclasses.replace(r, boxes=boxes, scores=scores))
+    return out
+
+
+def baseline_aps(results: list, nms_iou: float, seed: int) -> dict[str, dict[str, float]]:
+    """Each baseline's AP figures (`ap50_voc`, `ap_coco`, `ap50_coco`) on the annotated photos of `results`."""
+    annotated = [r for r in results if r.gt is not None]
+    return {kind: ap_figures(baseline(annotated, kind, nms_iou, seed)) for kind in BASELINES}
+
+
+def verdict(model: float, baselines: dict[str, dict[str, float]], key: str = "ap50_voc") -> str:
+    """One sentence: whether the model's AP (`key`) clears every baseline, in plain words."""
+    above = {kind: figures[key] for kind, figures in baselines.items() if figures[key] > model}
+    if not np.isfinite(model):
+        return "no AP: no ground truth among the photos"
+    if not above:
+        return f"the model's AP@0.5 {model:.3f} is above every baseline"
+    worse = ", ".join(f"{NAMES[kind]} ({ap:.3f})" for kind, ap in above.items())
+    return (
+        f"the model's AP@0.5 {model:.3f} is BELOW {worse}: it ranks crack regions no better than "
+        + ("chance" if "random" in above else "these trivial rules")
+        + "; train longer, on more photos, or check the labels"
+    )
