@@ -281,8 +281,9 @@ def test_scoring_on_the_gpu_agrees_with_the_cpu(checkpoint, photos):
 def test_baselines_are_their_definitions_on_hand_made_boxes():
     """Photo 1 (100 x 100, a crack at 10..30): proposals the whole photo, the crack, a small square. Photo 2
     (200 x 100, a crack at x 150..190): a corner box and the crack's box."""
-    from train.baselines import baseline, baseline_aps, verdict
+    from train.baselines import baseline, baseline_aps
     from train.detect import PhotoDetections
+    from train.detect_report import verdict
 
     whole, crack, small = [0.0, 0, 100, 100], [10.0, 10, 30, 30], [50.0, 50, 60, 60]
     one = PhotoDetections(Path("a.jpg"), "a", (100, 100), proposals=np.array([small, whole, crack]),

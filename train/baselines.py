@@ -19,7 +19,6 @@ import numpy as np
 from train.detect_report import ap_figures, suppress
 
 BASELINES = ("area", "whole_photo", "random")
-NAMES = {"area": "box area", "whole_photo": "one whole-photo box", "random": "random scores"}
 
 
 def baseline(results: list, kind: str, nms_iou: float, seed: int) -> list:
@@ -46,18 +45,3 @@ def baseline_aps(results: list, nms_iou: float, seed: int) -> dict[str, dict[str
     """Each baseline's AP figures (`ap50_voc`, `ap_coco`, `ap50_coco`) on the annotated photos of `results`."""
     annotated = [r for r in results if r.gt is not None]
     return {kind: ap_figures(baseline(annotated, kind, nms_iou, seed)) for kind in BASELINES}
-
-
-def verdict(model: float, baselines: dict[str, dict[str, float]], key: str = "ap50_voc") -> str:
-    """One sentence: whether the model's AP (`key`) clears every baseline, in plain words."""
-    above = {kind: figures[key] for kind, figures in baselines.items() if figures[key] > model}
-    if not np.isfinite(model):
-        return "no AP: no ground truth among the photos"
-    if not above:
-        return f"the model's AP@0.5 {model:.3f} is above every baseline"
-    worse = ", ".join(f"{NAMES[kind]} ({ap:.3f})" for kind, ap in above.items())
-    return (
-        f"the model's AP@0.5 {model:.3f} is BELOW {worse}: it ranks crack regions no better than "
-        + ("chance" if "random" in above else "these trivial rules")
-        + "; train longer, on more photos, or check the labels"
-    )

@@ -255,10 +255,8 @@ def write_outputs(
             f"classifier)"
         )
         if baselines is not None:
-            from train.baselines import NAMES, verdict
-
             summary["baselines"] = baselines
-            floors = ", ".join(f"{NAMES[k]} {v['ap50_voc']:.3f}" for k, v in baselines.items())
+            floors = ", ".join(f"{BASELINE_NAMES[k]} {v['ap50_voc']:.3f}" for k, v in baselines.items())
             text.append(
                 f"baselines without the network (the same proposals, NMS and AP@0.5 VOC): {floors}; "
                 + verdict(ap, baselines)
@@ -287,6 +285,24 @@ def write_outputs(
     write_json(out / "summary.json", summary)
     print("\n".join(text[: 3 if baselines is not None else 2]))
     print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
+
+
+BASELINE_NAMES = {"area": "box area", "whole_photo": "one whole-photo box", "random": "random scores"}
+
+
+def verdict(model: float, baselines: dict[str, dict[str, float]], key: str = "ap50_voc") -> str:
+    """One sentence: whether the model's AP (`key`) clears every baseline, in plain words."""
+    above = {kind: figures[key] for kind, figures in baselines.items() if figures[key] > model}
+    if not np.isfinite(model):
+        return "no AP: no ground truth among the photos"
+    if not above:
+        return f"the model's AP@0.5 {model:.3f} is above every baseline"
+    worse = ", ".join(f"{BASELINE_NAMES[kind]} ({ap:.3f})" for kind, ap in above.items())
+    return (
+        f"the model's AP@0.5 {model:.3f} is BELOW {worse}: it ranks crack regions no better than "
+        + ("chance" if "random" in above else "these trivial rules")
+        + "; train longer, on more photos, or check the labels"
+    )
 
 
 def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path) -> None:
