@@ -186,16 +186,17 @@ def write_photos(out: Path, images: int, seed: int, size: tuple[int, int], forma
                 img.save(target / name, quality=95)
                 if fmt == "coco":
                     coco["images"].append({"id": number, "file_name": name, "width": width, "height": height})
+                    first = len(coco["annotations"])  # COCO annotation ids are unique in a file
                     coco["annotations"] += [
                         {
-                            "id": len(coco["annotations"]),
+                            "id": first + k,
                             "image_id": number,
                             "category_id": 1,
                             "bbox": [b[0], b[1], round(b[2] - b[0], 1), round(b[3] - b[1], 1)],
                             "area": float((b[2] - b[0]) * (b[3] - b[1])),
                             "iscrowd": 0,
                         }
-                        for b in boxes
+                        for k, b in enumerate(boxes)
                     ]
                 elif fmt == "yolo":
                     (folder / "labels").mkdir(exist_ok=True)

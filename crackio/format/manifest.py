@@ -22,7 +22,8 @@ class ShardEntry(TypedDict):
 
 class SplitEntry(TypedDict, total=False):
     """A split's entry. Keys in this order in the file (the same input gives the same bytes); the proposal
-    stage adds photos, ground_truth_boxes, proposals_considered and proposal_recall after `classes`."""
+    stage adds photos, ground_truth_boxes, proposals_considered, proposal_recall, regions_before_cap and
+    proposal_recall_uncapped after `classes`."""
 
     samples: int  # stored samples, == the sum over shards
     classes: dict[str, int]  # "0", "1": samples per label, from the names
@@ -41,6 +42,7 @@ class Manifest(TypedDict, total=False):
     stage: str  # "propose" for the proposal stage; absent for pack
     annotations: dict  # the proposal stage: format, classes, positive classes
     proposals: dict  # the proposal stage: the settings detection reuses (crackio.writing.regions)
+    photos: dict  # the proposal stage: {"root": folder, "splits": {split: [photo paths relative to root]}}
     settings: dict  # the producer's settings that change the bytes (not the worker count)
     seed: int
     samples: int
@@ -79,7 +81,7 @@ def build_manifest(
     skipped: list[dict],
 ) -> Manifest:
     """The manifest every producer writes, keys in the file's order; `stage` holds the proposal stage's
-    fields (stage, annotations, proposals), empty for pack."""
+    fields (stage, annotations, proposals, photos), empty for pack."""
     return {  # type: ignore[return-value]
         "format_version": FORMAT_VERSION,
         "source": source,

@@ -5,7 +5,8 @@ upright photo, EXIF orientation applied, as labelling tools display it) and ever
 found, with the file and the reason. Splits come from the dataset's own folders when it has
 them (`val` and `validation` are named `valid`, the trainer's default), else None: the caller
 assigns them by photo. Boxes that need the photo's size (YOLO's normalized ones) or its mask
-are resolved when the photo is decoded (`resolve_boxes`), in the proposal workers.
+are resolved when the photo is decoded (`resolve_boxes`), in the proposal workers. A SRC in
+which nothing is found is refused with what was looked for and a summary of what is there.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +23,23 @@ import numpy as np
 from crackio.errors import ConfigError, MissingFile
 from crackio.format.layout import SPLIT_ALIASES, SPLITS
 from crackio.fsio import display_name
+from crackio.writing.masks import MASK_MIN_PIECE, mask_boxes, read_crack
 
 FORMATS = ("coco", "yolo", "voc", "mask")
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = {**{s: s for s in SPLITS}, **SPLIT_ALIASES}  # a split folder's name -> the split
-# Masks: crack pixels are those above half the mask's maximum (0/1 and 0/255 masks alike; a JPEG-saved mask's
-# compression noise stays below). One crack drawn or predicted as fragments is joined by a dilation
-# with a MASK_JOIN x MASK_JOIN ellipse (gaps up to ~MASK_JOIN - 1 pixels); components with fewer than
-# MASK_MIN_PIXELS crack pixels are specks and dropped. The box spans the component's own crack pixels.
-MASK_JOIN = 9
-MASK_MIN_PIXELS = 20
+IMAGE_DIRS = ("images", "image")  # mask format: the photos' folder (CrackForest: image/)
+MASK_DIRS = ("masks", "mask", "groundtruth")  # and the masks' (BSDS, CrackForest: groundTruth/NNN.mat)
+SURVEY_LIMIT = 5000  # the "nothing found" error counts at most this many entries of SRC
+LOOKED_FOR = {
+    "coco": "a COCO JSON file (with an 'images' list): SRC itself, <split>/*.json, SRC/*.json or "
+    "SRC/annotations/*.json",
+    "yolo": "<split>/images + <split>/labels, images/<split> + labels/<split>, images + labels (the last "
+    "'images' folder in a photo's path becomes 'labels'), or a .txt beside each photo",
+    "voc": "<split>/*.xml beside the photos, Annotations + JPEGImages, or *.xml beside the photos",
+    "mask": "<split>/ or SRC/ holding images/ (or image/) and masks/ (or groundTruth/) with a mask "
+    "<stem>.png, <stem>_mask.png or <stem>.mat per photo",
+}
 
 
 @dataclass
@@ -40,10 +49,14 @@ class Photo:
     split: str | None  # from the dataset's folders; None: assigned by ratios
     boxes: np.ndarray  # float64 (N, 4); x0, y0, x1, y1 (normalized cx, cy, w, h when `normalized`)
     normalized: bool = False  # YOLO: boxes are fractions of the photo's size
-    mask: Path | None = None  # mask format: boxes come from this image
+    mask: Path | None = None  # mask format: boxes come from this image (or BSDS .mat)
+    mask_label: int | None = None  # mask format: the crack label; None: above half the maximum
+    mask_piece: int = 0  # mask format: > 0 cuts each crack into boxes of about this many pixels along it
     difficult: list[bool] = field(default_factory=list)  # VOC's flag per box (kept as ground truth)
     errors: list[str] = field(default_factory=list)  # ground truth that could not be read: the photo is skipped
     size: tuple[int, int] | None = None  # (width, height) the annotation says, checked against the photo
+    image_id: int | str | None = None  # COCO: the annotation file's image id (detections.json's image_id)
+    category_ids: tuple = ()  # COCO: the ids of the positive categories in the photo's annotation file
 
 
 @dataclass
@@ -52,6 +65,10 @@ class Annotated:
     problems: list[tuple[str, str]]  # (path, reason): photos or annotations that could not be used
     classes: list[str]  # every class name seen
     positive: list[str]  # the class names taken as crack
+    # What the manifest records beside format, classes and positive: the mask rules (mask_crack_label,
+    # mask_piece); for YOLO the class ids seen in the labels and those taken as crack (all of them when
+    # no data.yaml / classes.txt names them) and where the names came from.
+    settings: dict = field(default_factory=dict)
 
 
 def _is_photo(p: Path) -> bool:
@@ -73,19 +90,43 @@ def _pick(classes: list[str], wanted: list[str] | None, where: str) -> list[str]
     return wanted
 
 
-def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None = None) -> Annotated:
-    """Read a dataset in `fmt` (coco | yolo | voc | mask); `classes` picks the positive class names.
+def read_annotations(
+    src: str | os.PathLike,
+    fmt: str,
+    classes: list[str] | None = None,
+    mask_piece: int = 0,
+    mask_crack_label: int | None = None,
+) -> Annotated:
+    """Read a dataset in `fmt` (coco | yolo | voc | mask).
+
+    Args:
+        classes: the positive class names (default: every class).
+        mask_piece: masks only: 0 = one box per joined crack; L = boxes of about L pixels along it.
+        mask_crack_label: masks only: the label (pixel value, `Segmentation` label) that is crack;
+            None = pixels above half the mask's maximum.
 
     Raises:
         MissingFile: `src` does not exist.
-        ConfigError: unknown format, a class not in the dataset, or no photo found.
+        ConfigError: unknown format, a class not in the dataset, a mask option off its format or
+            range, or no photo found (the message says what was looked for and what is in `src`).
     """
     src = Path(src)
     if not src.exists():
         raise MissingFile(f"annotated dataset {display_name(src)} does not exist")
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    result = {"coco": _coco, "yolo": _yolo, "voc": _voc, "mask": _mask}[fmt](src, classes)
+    if fmt != "mask" and (mask_piece or mask_crack_label is not None):
+        raise ConfigError(f"--mask-piece and --mask-crack-label apply to --format mask, not {fmt}: drop them")
+    if mask_piece < 0 or 0 < mask_piece < MASK_MIN_PIECE:
+        raise ConfigError(f"--mask-piece must be 0 (one box per crack) or >= {MASK_MIN_PIECE} pixels, got {mask_piece}")
+    if mask_crack_label is not None and not 0 <= mask_crack_label <= 65535:
+        raise ConfigError(f"--mask-crack-label must be a label value in 0..65535, got {mask_crack_label}")
+    if src.is_file() and fmt != "coco":
+        raise ConfigError(f"{display_name(src)} is a file: --format {fmt} reads a folder ({LOOKED_FOR[fmt]})")
+    if fmt == "mask":
+        result = _mask(src, classes, mask_piece, mask_crack_label)
+    else:
+        result = {"coco": _coco, "yolo": _yolo, "voc": _voc}[fmt](src, classes)
     stems: dict[str, Path] = {}
     unique = []
     result.photos.sort(key=lambda p: (p.stem, str(p.path)))  # the same order (and ratio splits) in every format
@@ -103,11 +144,70 @@ def read_annotations(src: str | os.PathLike, fmt: str, classes: list[str] | None
         unique.append(photo)
     result.photos = unique
     if not result.photos:
+        problems = "; ".join(f"{display_name(Path(path).name)}: {why}" for path, why in result.problems[:3])
         raise ConfigError(
-            f"no annotated photo found in {display_name(src)} as --format {fmt}: "
-            f"{'; '.join(r for _, r in result.problems[:3]) or 'see docs/propose.md for the layouts'}"
+            f"no annotated photo found in {display_name(src)} as --format {fmt}: looked for {LOOKED_FOR[fmt]}; "
+            f"{survey(src, fmt)}{'; ' + problems if problems else ''}; see docs/propose.md for the layouts"
         )
     return result
+
+
+def survey(src: Path, fmt: str, limit: int = SURVEY_LIMIT) -> str:
+    """What `src` holds, for the "nothing found" error: counts by kind, top-level folders, a format hint.
+
+    Breadth-first over at most `limit` entries, so a huge folder costs a bounded listing.
+    """
+    if src.is_file():
+        return f"found the file {display_name(src.name)}"
+    counts: Counter[str] = Counter()
+    beside = seen = 0
+    queue, top = [src], []
+    while queue and seen < limit:
+        folder = queue.pop(0)
+        names = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    seen += 1
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        queue.append(Path(entry.path))
+                        top += [entry.name] if folder == src else []
+                    else:
+                        names.append(entry.name)
+                    if seen >= limit:
+                        break
+        except OSError:
+            continue
+        in_mask_dir = folder.name.lower() in (*MASK_DIRS, "gt")
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            ext = ext.lower()
+            if ext in PHOTO_EXTENSIONS:
+                kind = ".png masks" if ext == ".png" and (in_mask_dir or stem.endswith("_mask")) else "photos"
+                counts[kind] += 1
+                beside += kind == "photos" and stem + ".txt" in names
+            elif ext in (".txt", ".json", ".xml", ".mat"):
+                counts[ext] += 1
+    what = [f"{counts['photos']} photos" + (f" ({beside} with a .txt beside)" if beside else "")]
+    what = what if counts["photos"] else ["no photo"]
+    what += [f"{counts[k]} {k}" for k in (".txt", ".json", ".xml", ".mat", ".png masks") if counts[k]]
+    folders = sorted(top)
+    text = f"found {', '.join(what)}; top-level folders: " + (
+        ", ".join(display_name(f) for f in folders[:8]) + (f" and {len(folders) - 8} more" if len(folders) > 8 else "")
+        if folders
+        else "none"
+    )
+    text += f" (counted the first {limit:,} entries)" if seen >= limit else ""
+    hint = {
+        "yolo": beside,
+        "coco": counts[".json"],
+        "voc": counts[".xml"],
+        "mask": counts[".mat"] + counts[".png masks"],
+    }
+    others = [f for f, n in hint.items() if n and f != fmt and counts["photos"]]  # no photo: no format fits
+    return text + (f"; this looks like --format {' or '.join(others)}" if others else "")
 
 
 # --- COCO --------------------------------------------------------------------------------------------------
@@ -203,6 +303,8 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
                     np.array(boxes, np.float64).reshape(-1, 4),
                     errors=errors,
                     size=size,
+                    image_id=im.get("id"),
+                    category_ids=tuple(k for k, v in cats.items() if v in positive),
                 )
             )
     return Annotated(photos, problems, names, positive)
@@ -237,49 +339,83 @@ def _coco_box(a: dict) -> list[float] | str:
 # --- YOLO --------------------------------------------------------------------------------------------------
 
 
-def _yolo_names(src: Path) -> list[str]:
+def _yolo_names(src: Path) -> tuple[list[str], str | None]:
+    """The class names and the file they come from (None: no file names them)."""
     import yaml  # PyYAML: Ultralytics' data.yaml (names as a list or an {id: name} mapping)
 
     for yml in (src / "data.yaml", src / "dataset.yaml"):
         if yml.is_file():
             names = (yaml.safe_load(yml.read_text()) or {}).get("names", [])
             if isinstance(names, dict):
-                return [str(names[k]) for k in sorted(names)]
-            return [str(n) for n in names]
+                return [str(names[k]) for k in sorted(names)], yml.name
+            return [str(n) for n in names], yml.name
     if (src / "classes.txt").is_file():
-        return [line.strip() for line in (src / "classes.txt").read_text().splitlines() if line.strip()]
-    return []
+        lines = (src / "classes.txt").read_text().splitlines()
+        return [line.strip() for line in lines if line.strip()], "classes.txt"
+    return [], None
+
+
+def _photos_under(root: Path) -> list[Path]:
+    """Every photo under `root`, sorted, as Ultralytics lists a folder; linked folders are followed once."""
+    found, walked = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        dirs[:] = [] if real in walked else sorted(d for d in dirs if not d.startswith("."))
+        walked.add(real)
+        found += [p for name in files if _is_photo(p := Path(folder, name))]
+    return sorted(found)
+
+
+def yolo_label(photo: Path) -> Path:
+    """Ultralytics' rule: the last `images` folder in the photo's path becomes `labels` (.../images/a/x.jpg ->
+    .../labels/a/x.txt); where there is none, or that file does not exist, the .txt beside the photo."""
+    parts = photo.absolute().parts[:-1]
+    if "images" in parts:
+        i = len(parts) - 1 - parts[::-1].index("images")
+        label = Path(*parts[:i], "labels", *parts[i + 1 :], photo.stem + ".txt")
+        if label.is_file():
+            return label
+    return photo.with_suffix(".txt")
 
 
 def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
-    layouts: list[tuple[str | None, Path, Path]] = [
-        (split, d / "images", d / "labels") for split, d in _split_dirs(src).items()
-    ]
-    if not layouts and (src / "images").is_dir():
-        layouts = [(split, d, src / "labels" / d.name) for split, d in _split_dirs(src / "images").items()]
-        layouts = layouts or [(None, src / "images", src / "labels")]
-    names = _yolo_names(src)
+    # The roots: SRC/<split>, else SRC/images/<split>, else SRC/images, else SRC; every photo under them.
+    roots: list[tuple[str | None, Path]] = list(_split_dirs(src).items())
+    if not roots and (src / "images").is_dir():
+        roots = list(_split_dirs(src / "images").items()) or [(None, src / "images")]
+    roots = roots or [(None, src)]
+    names, names_from = _yolo_names(src)
     positive = _pick(names, wanted, "data.yaml / classes.txt") if names or wanted else []
     ids = {i for i, n in enumerate(names) if n in positive} if names else None  # None: every class
     photos: list[Photo] = []
-    problems: list[tuple[str, str]] = []
-    for split, images, labels in layouts:
-        for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
-            txt = labels / (photo.stem + ".txt")
+    seen: set[int] = set()
+    labelled = 0
+    for split, root in roots:
+        for photo in _photos_under(root):
+            txt = yolo_label(photo)
             boxes, errors = [], []
             if txt.is_file():  # no label file: a background photo, as YOLO reads it
+                labelled += 1
                 for number, line in enumerate(txt.read_text(encoding="utf-8-sig").splitlines(), 1):
                     box = _yolo_line(line, len(names))
                     if isinstance(box, str):
                         errors.append(f"{txt.name} line {number}: {box}")
-                    elif box is not None and (ids is None or box[0] in ids):
-                        boxes.append(box[1])
+                    elif box is not None:
+                        seen.add(box[0])
+                        if ids is None or box[0] in ids:
+                            boxes.append(box[1])
             photos.append(
                 Photo(
                     photo, photo.stem, split, np.array(boxes, np.float64).reshape(-1, 4), normalized=True, errors=errors
                 )
             )
-    return Annotated(photos, problems, names, positive or names)
+    settings = {
+        "class_names_from": names_from,
+        "class_ids_seen": sorted(seen),
+        "crack_class_ids": sorted(seen if ids is None else ids),  # no names: every id seen is crack
+    }
+    # Not one label file: not a YOLO set (or labels where no rule finds them), not photos without cracks.
+    return Annotated(photos if labelled else [], [], names, positive or names, settings)
 
 
 def _yolo_line(line: str, classes: int) -> tuple[int, list[float]] | str | None:
@@ -386,47 +522,46 @@ def _voc(src: Path, wanted: list[str] | None) -> Annotated:
 # --- segmentation masks ------------------------------------------------------------------------------------
 
 
-def _mask(src: Path, wanted: list[str] | None) -> Annotated:
+def _child(root: Path, names: tuple[str, ...]) -> list[Path]:
+    """`root`'s folders named one of `names` (any case), in the order of `names`."""
+    if not root.is_dir():
+        return []
+    dirs = {d.name.lower(): d for d in sorted(root.iterdir(), reverse=True) if d.is_dir()}
+    return [dirs[n] for n in names if n in dirs]
+
+
+def _mask(src: Path, wanted: list[str] | None, piece: int = 0, label: int | None = None) -> Annotated:
     if wanted:
-        raise ConfigError("--classes does not apply to --format mask: every non-zero mask pixel is crack")
-    layouts: list[tuple[str | None, Path, Path]] = [
-        (split, d / "images", d / "masks") for split, d in _split_dirs(src).items()
-    ]
-    layouts = layouts or [(None, src / "images", src / "masks")]
+        raise ConfigError(
+            "--classes does not apply to --format mask: crack pixels are chosen by --mask-crack-label "
+            "(default: above half the mask's maximum)"
+        )
     photos: list[Photo] = []
     problems: list[tuple[str, str]] = []
-    for split, images, masks in layouts:
-        for photo in sorted(p for p in images.iterdir() if _is_photo(p)) if images.is_dir() else []:
-            found = (
-                [
-                    m
-                    for m in sorted(masks.glob(photo.stem + ".*")) + sorted(masks.glob(photo.stem + "_mask.*"))
-                    if _is_photo(m)
-                ]
-                if masks.is_dir()
-                else []
-            )
+    roots: list[tuple[str | None, Path]] = list(_split_dirs(src).items())
+    for split, root in roots or [(None, src)]:
+        images, masks = _child(root, IMAGE_DIRS)[:1], _child(root, MASK_DIRS)
+        by_stem: dict[str, list[Path]] = {}  # a mask's stem (less `_mask`) -> its files, exact names first
+        for folder in masks:
+            files = sorted(f for f in folder.iterdir() if _is_photo(f) or f.suffix.lower() == ".mat")
+            for f in sorted(files, key=lambda f: f.stem.endswith("_mask")):
+                by_stem.setdefault(f.stem.removesuffix("_mask") if f.stem.endswith("_mask") else f.stem, []).append(f)
+        for photo in sorted(p for p in images[0].iterdir() if _is_photo(p)) if images else []:
+            found = by_stem.get(photo.stem)
             if not found:
-                problems.append((display_name(photo), f"no mask {photo.stem}.png in {display_name(masks)}"))
+                where = " or ".join(display_name(m) for m in masks) or f"{display_name(root / 'masks')} (missing)"
+                problems.append(
+                    (
+                        display_name(photo),
+                        f"no mask {photo.stem}.png, {photo.stem}_mask.png or {photo.stem}.mat in {where}",
+                    )
+                )
                 continue
-            photos.append(Photo(photo, photo.stem, split, np.zeros((0, 4)), mask=found[0]))
-    return Annotated(photos, problems, ["crack"], ["crack"])
-
-
-def mask_boxes(mask: np.ndarray) -> np.ndarray:
-    """Ground-truth boxes of a crack mask (H x W): see MASK_JOIN and MASK_MIN_PIXELS above."""
-    import cv2
-
-    top = int(mask.max())
-    crack = (mask > top / 2).astype(np.uint8) if top else np.zeros(mask.shape, np.uint8)
-    joined = cv2.dilate(crack, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MASK_JOIN, MASK_JOIN)))
-    count, labels = cv2.connectedComponents(joined, connectivity=8)
-    boxes = []
-    for k in range(1, count):
-        ys, xs = np.nonzero((labels == k) & (crack > 0))
-        if len(xs) >= MASK_MIN_PIXELS:
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return np.array(boxes, np.float64).reshape(-1, 4)
+            photos.append(
+                Photo(photo, photo.stem, split, np.zeros((0, 4)), mask=found[0], mask_label=label, mask_piece=piece)
+            )
+    settings = {"mask_crack_label": label, "mask_piece": piece}
+    return Annotated(photos, problems, ["crack"], ["crack"], settings)
 
 
 def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, list[str], list[str]]:
@@ -443,23 +578,20 @@ def resolve_boxes(photo: Photo, width: int, height: int) -> tuple[np.ndarray, li
             f"{width}x{height} (another version of the photo?)"
         )
     if photo.mask is not None:
-        from PIL import Image, ImageOps
-
         try:
-            with Image.open(photo.mask) as m:
-                mask = np.asarray(ImageOps.exif_transpose(m).convert("L"))
-        except (OSError, ValueError, SyntaxError) as e:
+            crack = read_crack(photo.mask, photo.mask_label)
+        except ValueError as e:
             return np.zeros((0, 4)), [], [*errors, f"unreadable mask {display_name(photo.mask)} ({e})"]
-        if mask.shape != (height, width):
+        if crack.shape != (height, width):
             return (
                 np.zeros((0, 4)),
                 [],
                 [
                     *errors,
-                    f"mask {display_name(photo.mask)} is {mask.shape[1]}x{mask.shape[0]}, the photo {width}x{height}",
+                    f"mask {display_name(photo.mask)} is {crack.shape[1]}x{crack.shape[0]}, the photo {width}x{height}",
                 ],
             )
-        return mask_boxes(mask), [], errors
+        return mask_boxes(crack, photo.mask_piece), [], errors
     boxes = photo.boxes.copy()
     if photo.normalized:
         cx, cy, w, h = boxes.T * np.array([[width], [height], [width], [height]])

@@ -44,6 +44,8 @@ class ProposeSettings:
     workers: int = 0  # photos decoded and proposed in parallel (threads); 0 = all cores
     seed: int = 0  # seeds the split assignment, proposal caps, jitter, negatives, shuffle
     samples_per_shard: int = 10000
+    mask_piece: int = 0  # mask ground truth: cut long cracks into boxes of about this many pixels; 0 = one per crack
+    mask_crack_label: int | None = None  # mask ground truth: the crack label; None = above half the maximum
 
 
 @dataclass
@@ -56,6 +58,8 @@ class PhotoResult:
     jpegs: list[bytes] = field(default_factory=list)
     proposals: int = 0  # proposals considered (selective search + ground truth + jitter)
     recall_hits: int = 0
+    regions: int = 0  # selective-search regions before the cap
+    uncapped_hits: int = 0  # ground-truth boxes those regions cover: recall without the cap
     problems: list[str] = field(default_factory=list)
     failed: bool = False  # the photo could not be used at all
     seconds: dict = field(default_factory=dict)  # search, crops
@@ -104,6 +108,7 @@ def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: in
         crop = warp(rgb, found.boxes[i], settings.context, settings.size, fill)
         result.jpegs.append(encode_jpeg(crop, settings.quality))
     result.proposals, result.recall_hits = len(found.boxes), found.recall_hits
+    result.regions, result.uncapped_hits = found.regions, found.uncapped_hits
     result.seconds = {"search": t1 - t0, "crops": time.perf_counter() - t1}
     return result
 
@@ -173,7 +178,9 @@ def propose_to_shards(
             f"--out {display_name(out)} is inside the photo folder {display_name(src)}: the next run would read "
             f"the shards as photos or annotations; write them elsewhere"
         )
-    annotated = read_annotations(src, fmt, list(run.classes) or None)
+    annotated = read_annotations(
+        src, fmt, list(run.classes) or None, mask_piece=run.mask_piece, mask_crack_label=run.mask_crack_label
+    )
     if run.split_ratios != ProposeSettings().split_ratios and all(p.split for p in annotated.photos):
         raise ConfigError(
             f"--split-ratios applies to photos without a split folder, and every photo in "
@@ -199,7 +206,7 @@ class _Spooler:
     def add(self, result: PhotoResult) -> None:
         path = display_name(result.photo.path)
         self.skipped += [{"path": path, "reason": why} for why in result.problems]
-        counts = ("photos", "ground_truth_boxes", "recall_hits", "proposals")
+        counts = ("photos", "ground_truth_boxes", "recall_hits", "proposals", "regions", "uncapped_hits")
         s = self.stats.setdefault(result.split, dict.fromkeys(counts, 0))
         if result.failed:
             return
@@ -207,6 +214,8 @@ class _Spooler:
         s["ground_truth_boxes"] += len(result.gt)
         s["recall_hits"] += result.recall_hits
         s["proposals"] += result.proposals
+        s["regions"] += result.regions
+        s["uncapped_hits"] += result.uncapped_hits
         for key in ("search", "crops"):
             self.timing[key] += result.seconds[key]
         w0 = time.perf_counter()
@@ -226,7 +235,8 @@ class _Spooler:
         self.crops_made += len(result.rows)
 
     def split_stats(self, split: str) -> dict:
-        """The proposal stage's own fields of the split's manifest entry."""
+        """The proposal stage's own fields of the split's manifest entry: recall at the cap, and the regions
+        selective search returned before it with their recall, which tell whether the cap or the method bounds it."""
         s = self.stats[split]
         gt = s["ground_truth_boxes"]
         return {
@@ -234,6 +244,8 @@ class _Spooler:
             "ground_truth_boxes": gt,
             "proposals_considered": s["proposals"],
             "proposal_recall": round(s["recall_hits"] / gt, 4) if gt else None,
+            "regions_before_cap": s["regions"],
+            "proposal_recall_uncapped": round(s["uncapped_hits"] / gt, 4) if gt else None,
         }
 
     def close(self) -> None:
@@ -295,8 +307,14 @@ def _propose(
         source=display_name(src.resolve()),
         stage={
             "stage": "propose",
-            "annotations": {"format": fmt, "classes": annotated.classes, "positive": annotated.positive},
+            "annotations": {
+                "format": fmt,
+                "classes": annotated.classes,
+                "positive": annotated.positive,
+                **annotated.settings,  # e.g. mask_piece, or the YOLO class ids taken as crack
+            },
             "proposals": proposal.as_dict(),
+            "photos": split_photos(src, jobs),
         },
         settings={k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
         seed=run.seed,
@@ -313,14 +331,33 @@ def _propose(
     return returned
 
 
+def split_photos(src: Path, jobs: list[tuple[Photo, str]]) -> dict:
+    """Which photos each split holds, so that `python -m train detect --split test` can run on exactly the held-out
+    ones: `root` (the folder the paths are relative to: SRC, or a COCO file's folder) and per split the sorted
+    paths, POSIX-style."""
+    root = src.resolve() if src.is_dir() else src.resolve().parent
+    per: dict[str, list[str]] = {}
+    for photo, split in jobs:
+        path = photo.path.resolve()
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        per.setdefault(split, []).append(rel)
+    return {"root": display_name(root), "splits": {k: sorted(v) for k, v in per.items()}}
+
+
 def summary(manifest: dict, out: Path) -> str:
-    """What was written, proposal recall per split, and where the time went."""
+    """What was written, proposal recall per split (at the cap, and of every region before it), and where the
+    time went."""
     parts = []
+    cap = manifest.get("proposals", {}).get("max_proposals")
     for name, s in manifest["splits"].items():
-        recall = "n/a" if s["proposal_recall"] is None else f"{s['proposal_recall']:.2f}"
+        recall, uncapped = (
+            "n/a" if s[k] is None else f"{s[k]:.2f}" for k in ("proposal_recall", "proposal_recall_uncapped")
+        )
+        per_photo = s["regions_before_cap"] / max(s["photos"], 1)
         parts.append(
             f"{name} {s['photos']} photos -> {s['samples']} crops ({s['classes']['1']} crack / "
-            f"{s['classes']['0']} no crack), proposal recall {recall}"
+            f"{s['classes']['0']} no crack), proposal recall {recall} at --max-proposals {cap} "
+            f"({uncapped} from all {per_photo:.0f} regions per photo)"
         )
     t = manifest.get("timing", {})
     busy = sum(t.values()) or 1.0

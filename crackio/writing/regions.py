@@ -2,8 +2,10 @@
 
 Follows Girshick et al. 2014 (R-CNN), section 2.3 and appendix A:
 - proposals from selective search (`opencv-contrib`'s `cv2.ximgproc.segmentation`, fast mode by
-  default), capped at `max_proposals` (R-CNN used ~2,000 per image), plus every ground-truth box
-  and `gt_jitter` jittered copies of each (fine-tuning also trains on ground truth);
+  default), optionally on the photo downscaled to `search_max_side` (R-CNN's code searched photos
+  resized to 500 pixels wide) with the boxes scaled back to photo pixels, capped at `max_proposals`
+  (R-CNN used ~2,000 per image), plus every ground-truth box and `gt_jitter` jittered copies of each
+  (fine-tuning also trains on ground truth);
 - each proposal's IoU with its best-matching ground-truth box (`torchvision.ops.box_iou`), written
   to 3 decimals as the original's file names carry it; label = that IoU > `positive_iou` (0.5 for
   fine-tuning, the original's rule);
@@ -25,8 +27,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from crackio.errors import ConfigError
+
 METHODS = ("selective-search",)
 MODES = ("fast", "quality")
+MIN_SEARCH_SIDE = 32  # a smaller photo leaves selective search a handful of regions
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,21 @@ class ProposalSettings:
     method: str = "selective-search"
     mode: str = "fast"  # selective search: fast | quality
     max_proposals: int = 2000  # cap per photo (R-CNN: ~2,000)
-    min_size: int = 8  # proposals narrower or lower than this many pixels are dropped
+    min_size: int = 8  # proposals narrower or lower than this many pixels (of the photo) are dropped
+    search_max_side: int = 0  # search the photo downscaled to this longer side (R-CNN's code: 500); 0 = full size
     context: int = 16  # pixels of context around the box at the warped size (R-CNN: 16)
     size: int = 224  # warped crop side
     quality: int = 95  # JPEG quality of the crops
     positive_iou: float = 0.5  # label = IoU > this
     negatives_per_image: int = 0  # 0: every negative; N: an IoU-stratified sample of N negatives
     gt_jitter: int = 0  # jittered copies of each ground-truth box
+
+    def __post_init__(self) -> None:
+        if self.search_max_side != 0 and not self.search_max_side >= MIN_SEARCH_SIDE:
+            raise ConfigError(
+                f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
+                f"pixels, got {self.search_max_side}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self) | {
@@ -50,28 +63,52 @@ class ProposalSettings:
         }
 
 
+def search_regions(rgb: np.ndarray, mode: str, min_size: int, max_side: int = 0) -> np.ndarray:
+    """Every selective-search box (N, 4) float64 x0, y0, x1, y1 in photo pixels, deduplicated and sorted: the
+    regions before any cap.
+
+    `max_side` > 0 searches the photo downscaled (area interpolation) so that its longer side is `max_side`
+    (photos already that small are searched as they are) and scales the boxes back; `min_size` applies in
+    photo pixels either way.
+    """
+    import cv2
+
+    height, width = rgb.shape[:2]
+    small = rgb
+    if max_side and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(small[:, :, ::-1]))  # OpenCV wants BGR
+    search.switchToSelectiveSearchFast() if mode == "fast" else search.switchToSelectiveSearchQuality()
+    rects = np.asarray(search.process()).reshape(-1, 4)
+    # Searched at full size the factors are exactly 1.0, so the boxes are the integers OpenCV gave.
+    sx, sy = width / small.shape[1], height / small.shape[0]
+    rects = rects[(rects[:, 2] * sx >= min_size) & (rects[:, 3] * sy >= min_size)]
+    rects = np.unique(rects, axis=0)  # sorted and unique
+    x, y, w, h = rects.T.astype(np.float64)
+    return np.stack([x * sx, y * sy, np.minimum((x + w) * sx, width), np.minimum((y + h) * sy, height)], 1)
+
+
+def cap(boxes: np.ndarray, max_proposals: int, seed: int | Sequence[int]) -> np.ndarray:
+    """At most `max_proposals` of `boxes`: a seeded sample, kept in their order."""
+    if len(boxes) <= max_proposals:
+        return boxes
+    keep = np.random.default_rng(seed).choice(len(boxes), size=max_proposals, replace=False)
+    return boxes[np.sort(keep)]
+
+
 def selective_search(
-    rgb: np.ndarray, mode: str, max_proposals: int, min_size: int, seed: int | Sequence[int]
+    rgb: np.ndarray, mode: str, max_proposals: int, min_size: int, seed: int | Sequence[int], *, max_side: int = 0
 ) -> np.ndarray:
     """Selective-search boxes (K, 4) float64 x0, y0, x1, y1 in pixels, K <= max_proposals; reproducible.
 
     OpenCV ranks its regions by hierarchy level times an unseeded random number, so its order (and a
     cap taken from the top of it) changes from run to run, while the set of boxes does not. The set
-    is therefore deduplicated and sorted here, and a cap is a seeded sample of it.
+    is therefore deduplicated and sorted (`search_regions`), and a cap is a seeded sample of it (`cap`).
     """
-    import cv2
-
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV wants BGR
-    search.switchToSelectiveSearchFast() if mode == "fast" else search.switchToSelectiveSearchQuality()
-    rects = np.asarray(search.process()).reshape(-1, 4)
-    rects = rects[(rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)]
-    rects = np.unique(rects, axis=0)  # sorted and unique
-    if len(rects) > max_proposals:
-        keep = np.random.default_rng(seed).choice(len(rects), size=max_proposals, replace=False)
-        rects = rects[np.sort(keep)]
-    x, y, w, h = rects.T.astype(np.float64)
-    return np.stack([x, y, x + w, y + h], 1)
+    return cap(search_regions(rgb, mode, min_size, max_side), max_proposals, seed)
 
 
 def jitter(boxes: np.ndarray, copies: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -164,13 +201,16 @@ class PhotoProposals:
     gt_ids: np.ndarray  # (K,) best-matching ground-truth position, -1 when none
     kept: np.ndarray  # positions stored: every positive, and the negatives kept
     recall_hits: int  # ground-truth boxes some selective-search proposal covers at IoU >= 0.5
+    regions: int  # selective-search regions before the cap
+    uncapped_hits: int  # ground-truth boxes some of those regions covers at IoU >= 0.5: recall without the cap
 
 
 def propose(rgb: np.ndarray, gt: np.ndarray, settings: ProposalSettings, seed: int, stem: str) -> PhotoProposals:
     """Proposals of one photo with IoU, label and the ones kept; a pure function of its arguments."""
     height, width = rgb.shape[:2]
     photo_seed = [seed, zlib.crc32(stem.encode())]
-    search = selective_search(rgb, settings.mode, settings.max_proposals, settings.min_size, photo_seed)
+    regions = search_regions(rgb, settings.mode, settings.min_size, settings.search_max_side)
+    search = cap(regions, settings.max_proposals, photo_seed)  # selective_search's proposals, regions kept
     rng = np.random.default_rng([*photo_seed, 1])
     boxes = np.concatenate([search, gt, jitter(gt, settings.gt_jitter, width, height, rng)]).reshape(-1, 4)
     best, which = best_match(boxes, gt)
@@ -180,4 +220,6 @@ def propose(rgb: np.ndarray, gt: np.ndarray, settings: ProposalSettings, seed: i
     if settings.negatives_per_image:
         negatives = stratified_negatives(ious, negatives, settings.negatives_per_image, rng)
     hits = covered(gt, search)
-    return PhotoProposals(boxes, ious, labels, which, np.sort(np.concatenate([positives, negatives])), hits)
+    uncapped = covered(gt, regions) if len(regions) > len(search) else hits
+    kept = np.sort(np.concatenate([positives, negatives]))
+    return PhotoProposals(boxes, ious, labels, which, kept, hits, len(regions), uncapped)
