@@ -188,6 +188,7 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
     )
     for name in (
         "detections.json",
+        "images.json",
         "report.txt",
         "summary.json",
         "overview.jpg",
@@ -203,7 +204,11 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
     assert "unreadable photo" in reasons["broken.jpg"]
     assert reasons["gone.jpg"].startswith("missing image named in")
     detections = json.loads((out / "detections.json").read_text())
-    assert detections and all(set(d) == {"image_id", "file_name", "category_id", "bbox", "score"} for d in detections)
+    assert detections and all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)
+    # The annotation file's ids (easy_a is 0, easy_b 1); the unreadable photo has none and is not in images.json.
+    images = {Path(im["file_name"]).name: im["id"] for im in json.loads((out / "images.json").read_text())}
+    assert images == {"easy_a.jpg": 0, "easy_b.jpg": 1} and {d["image_id"] for d in detections} == {0, 1}
+    assert len(detections) == sum(1 for _ in detections) <= 2 * 100  # every kept box, not only those above 0
     report = (out / "report.txt").read_text()
     assert "detection AP@0.5" in report and "proposal recall 1.000" in report
     for timing in ("proposals", "warping", "scoring", "nms"):
@@ -214,17 +219,31 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
     assert "baselines without the network" in report and "box area" in report
 
 
-def test_a_checkpoint_trained_on_packed_crops_is_refused(checkpoint, photos, tmp_path, capsys):
+def test_a_run_trained_on_packed_crops_detects_with_r_cnn_s_or_given_proposals(checkpoint, photos, tmp_path, capsys):
     ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt.pop("proposals", None)
     shards = tmp_path / "packed"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": {}}))
     ckpt["config"]["shards"] = str(shards)
     torch.save(ckpt, tmp_path / "best.pt")
-    with pytest.raises(ConfigError, match="records no proposal settings"):
-        run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o"), device="cpu")
-    assert cli(["detect", "--checkpoint", str(tmp_path / "best.pt"), str(photos), "--out", str(tmp_path / "o")]) == 2
-    assert "tools/propose.py" in capsys.readouterr().err
+    out = run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o"), device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["proposals"]["mode"], summary["proposals"]["max_proposals"], summary["proposals"]["context"]) == (
+        "fast",
+        2000,
+        16,
+    )
+    assert summary["proposals_from"].startswith("R-CNN's (selective search fast, 2000 proposals, 16 px context)")
+    args = ["detect", "--checkpoint", str(tmp_path / "best.pt"), str(photos), "--out", str(tmp_path / "p")]
+    assert cli([*args, "--max-proposals", "5", "--context", "0"]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["per_photo"][0]["proposals"] <= 5 and summary["proposals"]["context"] == 0
+    assert "the command line (--max-proposals 5, --context 0)" in (tmp_path / "p" / "report.txt").read_text()
+    # A run on tools/propose.py shards makes its crops as they were made: the options are refused.
+    own = ["detect", "--checkpoint", str(checkpoint), str(photos), "--out", str(tmp_path / "q"), "--mode", "quality"]
+    assert cli(own) == 2
+    assert "detection makes its crops the same way: drop --mode" in capsys.readouterr().err
 
 
 def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(checkpoint, photos, tmp_path, capsys):
@@ -305,3 +324,90 @@ def test_baselines_are_their_definitions_on_hand_made_boxes():
     assert aps["area"]["ap50_voc"] == pytest.approx(0.5)
     assert aps["whole_photo"]["ap50_voc"] == 0.0  # neither whole-photo box overlaps a crack at IoU 0.5
     assert "BELOW box area (0.500)" in verdict(0.2, aps) and "above every baseline" in verdict(0.9, aps)
+
+
+def checkpoint_on(shards: Path, path: Path) -> Path:
+    """An untrained tiny classifier whose run trained on `shards` (a tools/propose.py pack)."""
+    torch.manual_seed(0)
+    model = build_model(ARCH, "none", "linear")
+    cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ratio_pack(tmp_path_factory):
+    """A COCO dataset without split folders, proposed with --split-ratios: its test photos live only in the
+    manifest."""
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from tools.make_demo_data import write_photos
+
+    root = tmp_path_factory.mktemp("ratio")
+    write_photos(root / "photos", images=10, seed=4, size=(192, 128), formats=("coco",))
+    flat = root / "flat"
+    flat.mkdir()
+    coco = {"images": [], "annotations": [], "categories": []}
+    for split_json in sorted((root / "photos" / "coco").glob("*/_annotations.coco.json")):
+        doc = json.loads(split_json.read_text())
+        offset = len(coco["images"]) * 100  # unique ids across the merged files
+        coco["categories"] = doc["categories"]
+        for im in doc["images"]:
+            (flat / im["file_name"]).write_bytes((split_json.parent / im["file_name"]).read_bytes())
+            coco["images"].append({**im, "id": im["id"] + offset})
+        coco["annotations"] += [
+            {**a, "id": a["id"] + offset, "image_id": a["image_id"] + offset} for a in doc["annotations"]
+        ]
+    (flat / "_annotations.coco.json").write_text(json.dumps(coco))
+    shards = root / "shards"
+    settings = ProposalSettings(max_proposals=30)
+    propose_to_shards(flat, "coco", shards, settings, ProposeSettings(split_ratios=(0.5, 0.2, 0.3)), progress=False)
+    return flat, shards, checkpoint_on(shards, root / "best.pt")
+
+
+def test_split_test_detects_exactly_the_held_out_photos_of_a_ratio_split(ratio_pack, tmp_path, capsys):
+    flat, shards, ckpt = ratio_pack
+    manifest = json.loads((shards / "manifest.json").read_text())
+    recorded = manifest["photos"]["splits"]
+    assert sorted(sum(recorded.values(), [])) == sorted(p.name for p in flat.glob("*.jpg"))  # each photo once
+    assert len(recorded["test"]) == manifest["splits"]["test"]["photos"] > 0
+    out = run_detect(str(ckpt), [], str(tmp_path / "d"), split="test", device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(row["photo"] + ".jpg" for row in summary["per_photo"]) == sorted(recorded["test"])
+    assert "ap50_voc" in summary and summary["ground_truth_boxes"] > 0  # with the recorded annotations
+    # Explicit photos: those the run trained or validated on are listed, and refused with --strict.
+    train_photo = str(flat / recorded["train"][0])
+    out = run_detect(str(ckpt), [train_photo], str(tmp_path / "e"), device="cpu")
+    problems = json.loads((out / "summary.json").read_text())["problems"]
+    assert any("in the train split of the run's pack" in p["reason"] for p in problems)
+    assert "warning: 1 of the photos were in the run's training or validation split" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--strict: 1 of the photos were in the run's training"):
+        run_detect(str(ckpt), [train_photo], str(tmp_path / "f"), device="cpu", strict=True)
+    test_photo = str(flat / recorded["test"][0])
+    out = run_detect(str(ckpt), [test_photo], str(tmp_path / "g"), device="cpu", strict=True)  # held out: fine
+    for args, message in (
+        (["--split", "test", test_photo], "give no photos, --annotations or --format with it"),
+        ([], "give photos (files or folders), or --split SPLIT"),
+        (["--split", "tst"], "--split 'tst' is not in"),
+    ):
+        assert cli(["detect", "--checkpoint", str(ckpt), "--out", str(tmp_path / "h"), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    flat, shards, ckpt = ratio_pack
+    out = run_detect(str(ckpt), [str(flat)], str(tmp_path / "d"), annotations=str(flat), fmt="coco", device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    detections = json.loads((out / "detections.json").read_text())
+    assert max(sum(1 for d in detections if d["image_id"] == i) for i in {d["image_id"] for d in detections}) <= 100
+    truth = COCO(str(flat / "_annotations.coco.json"))
+    evaluation = COCOeval(truth, truth.loadRes(str(out / "detections.json")), "bbox")
+    evaluation.params.imgIds = [im["id"] for im in json.loads((out / "images.json").read_text())]
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(summary["ap_coco"]) and evaluation.stats[1] == pytest.approx(
+        summary["ap50_coco"]
+    )

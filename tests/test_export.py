@@ -274,7 +274,7 @@ def test_export_out_must_be_a_new_onnx_file_not_the_checkpoint_nor_a_device(tmp_
     fifo = tmp_path / "pipe.onnx"
     os.mkfifo(fifo)
     for out, message in (
-        (ckpt, "name an .onnx file"),
+        (ckpt, "is the checkpoint itself"),
         (run / "model.txt", "name an .onnx file"),
         (fifo, "is not a regular file"),
     ):

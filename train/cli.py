@@ -11,6 +11,7 @@ from crackio.cli import ArgumentParser, check_limits
 from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.writing.annotations import FORMATS
+from crackio.writing.regions import MODES
 from train.config import (
     SHIPPED,
     Config,
@@ -77,6 +78,7 @@ def evaluate(argv: list[str]) -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     ap.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: CUDA if present)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="the loader decoder (auto: DALI if installed)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     a = ap.parse_args(argv)
     check_limits(
         {
@@ -85,6 +87,9 @@ def evaluate(argv: list[str]) -> None:
         }
     )
     from train.evaluate import run_eval
+    from train.runtime import use_threads
+
+    use_threads(a.threads)
 
     print(run_eval(a.checkpoint, a.shards, a.split, a.batch_size, a.device, a.backend, a.threshold))
 
@@ -142,11 +147,21 @@ def detect(argv: list[str]) -> None:
         description="Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations.",
     )
     model = ap.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", default="", help="RUN/best.pt of a run trained on tools/propose.py shards")
+    model.add_argument("--checkpoint", default="", help="RUN/best.pt (or last.pt) of a run")
     model.add_argument(
         "--onnx", default="", help="score with onnxruntime (CPU) a model written by `python -m train export`"
     )
-    ap.add_argument("photos", nargs="+", help="photo files or folders (searched recursively)")
+    ap.add_argument("photos", nargs="*", help="photo files or folders (searched recursively); or --split")
+    ap.add_argument(
+        "--split",
+        default="",
+        help="instead of photos: the photos tools/propose.py put in this split of --shards (e.g. test), with their "
+        "ground truth",
+    )
+    ap.add_argument("--shards", default="", help="the pack --split reads (default: the run's own)")
+    ap.add_argument(
+        "--strict", action="store_true", help="refuse photos the run trained or validated on (default: a warning)"
+    )
     ap.add_argument("--annotations", default="", help="ground truth (a dataset folder or COCO file) for AP")
     ap.add_argument("--format", default="", choices=FORMATS, help="format of --annotations")
     ap.add_argument("--classes", default="", help="positive class names in the annotations (default: all)")
@@ -161,9 +176,19 @@ def detect(argv: list[str]) -> None:
     ap.add_argument("--out", default="", help="output folder (default: RUN/detect)")
     ap.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
     ap.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: CUDA if present)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
+    crops = ap.add_argument_group(
+        "proposals of a run trained on packed crop folders (runs on tools/propose.py shards use theirs)"
+    )
+    crops.add_argument("--mode", choices=MODES, default=None, help="selective search mode (default: fast, R-CNN's)")
+    crops.add_argument("--max-proposals", type=int, default=None, help="proposals per photo (default: 2000, R-CNN's)")
+    crops.add_argument("--context", type=int, default=None, help="context pixels at 224 (default: 16, R-CNN's)")
     a = ap.parse_args(argv)
     from train.detect import run_detect
+    from train.runtime import use_threads
 
+    use_threads(a.threads)
+    given = {k: getattr(a, k) for k in ("mode", "max_proposals", "context") if getattr(a, k) is not None}
     run_detect(
         a.checkpoint,
         a.photos,
@@ -177,6 +202,10 @@ def detect(argv: list[str]) -> None:
         batch_size=a.batch_size,
         device=a.device,
         onnx=a.onnx,
+        shards=a.shards,
+        split=a.split,
+        strict=a.strict,
+        proposals=given,
     )
 
 

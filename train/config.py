@@ -96,6 +96,7 @@ class Config:
     device: str = "auto"  # where training runs (auto: CUDA if torch sees one)
     backend: str = "auto"  # the loader's decoder (auto: DALI where installed)
     workers: int = 0  # decode threads per rank; 0 = all cores
+    threads: int = 0  # torch CPU threads of training and evaluation; 0 = torch's default (one per core)
     order: str = "random"  # train reading order: random | block (runs of consecutive rows, for data not in memory)
     block_size: int = 128  # block order: consecutive index rows per block (~1 MB of crops)
     compile: bool = False  # torch.compile the model (CUDA)
@@ -138,6 +139,7 @@ class Config:
         non_negative = (
             "seed",
             "workers",
+            "threads",
             "global_batch_size",
             "checkpoint_every",
             "num_samples",

@@ -11,6 +11,7 @@ precision is measured (train/detect_report.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zipfile
@@ -27,6 +28,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from crackio import read_manifest
 from crackio.cli import check_limits, progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile
+from crackio.format.index import load_index
+from crackio.format.manifest import check_split
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
 from crackio.loading.loader import resolve_device
@@ -53,16 +56,23 @@ class PhotoDetections:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     proposals: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     gt: np.ndarray | None = None  # ground truth when annotated
+    image_id: int | str | None = None  # the annotation file's image id (COCO), for detections.json
+    category_id: int | str | None = None  # the crack category's id there, when the photo's file has exactly one
     seconds: dict = field(default_factory=dict)
     problem: str = ""  # why the photo was skipped, or a note on its annotation
 
 
-def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSettings:
-    """The proposal and warp settings the run's training crops were made with: saved in the checkpoint
-    (from its shards' manifest at training time), or for older checkpoints read from those shards.
+def proposal_settings(
+    ckpt: dict, shards: str, checkpoint: Path, given: dict | None = None
+) -> tuple[ProposalSettings, str]:
+    """The proposal and warp settings the run's training crops were made with: saved in the checkpoint (from its
+    shards' manifest at training time), or for older checkpoints read from those shards. A run trained on crops
+    packed by tools/pack.py has none: it detects with `given` (the command line's --mode, --max-proposals,
+    --context) over R-CNN's (Girshick et al. 2014, section 2.2: selective search fast mode, ~2,000 proposals,
+    16 pixels of context). Returns the settings and where they came from, in words for the report.
 
     Raises:
-        ConfigError: the run trained on crop folders packed by tools/pack.py (no such settings), or an
+        ConfigError: `given` for a run whose crops were made with recorded settings (they must match), or an
             older checkpoint whose shards folder is gone.
     """
     if "proposals" in ckpt:
@@ -75,14 +85,72 @@ def proposal_settings(ckpt: dict, shards: str, checkpoint: Path) -> ProposalSett
                 f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
                 f"training shards cannot be read ({e}); detection needs them"
             ) from e
-    if not isinstance(recorded, dict):
-        raise ConfigError(
-            f"{checkpoint} was trained on {shards}, whose manifest records no proposal settings "
-            f"(shards packed from a crop folder by tools/pack.py): detection must make crops the way "
-            f"the training crops were made; train on shards from tools/propose.py"
-        )
     names = ProposalSettings.__dataclass_fields__
-    return ProposalSettings(**{k: v for k, v in recorded.items() if k in names})
+    if not isinstance(recorded, dict):  # a crop folder: the proposals are the user's to choose
+        chosen = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in (given or {}).items())
+        source = (
+            f"the command line ({chosen}), R-CNN's otherwise"
+            if chosen
+            else "R-CNN's (selective search fast, 2000 proposals, 16 px context)"
+        )
+        return ProposalSettings(**{k: v for k, v in (given or {}).items() if k in names}), (
+            f"{source}: the run trained on packed crops, whose proposals crackio never saw"
+        )
+    if given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise ConfigError(
+            f"{checkpoint} was trained on crops made by tools/propose.py with recorded settings; detection makes "
+            f"its crops the same way: drop {flags}"
+        )
+    return ProposalSettings(**{k: v for k, v in recorded.items() if k in names}), "the training crops' own"
+
+
+def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[str]]:
+    """The photos of `split` as tools/propose.py recorded them in SHARDS/manifest.json, with what their ground truth
+    was read from: (photo paths, annotations source, format, positive classes).
+
+    Raises:
+        ShardError, MissingFile: no readable pack; ConfigError: no such split, or a pack that records no photos
+            (packed from a crop folder, whose photos crackio never saw).
+    """
+    manifest = read_manifest(shards)
+    check_split(manifest, shards, split, "--split")
+    photos = manifest.get("photos")
+    photos = photos if isinstance(photos, dict) else {}
+    listed = photos.get("splits", {}).get(split) if isinstance(photos.get("splits"), dict) else None
+    annotations = manifest.get("annotations")
+    if not (isinstance(listed, list) and isinstance(photos.get("root"), str) and isinstance(annotations, dict)):
+        raise ConfigError(
+            f"{shards} records no photos per split (crops packed by tools/pack.py, or an older tools/propose.py): "
+            f"give the photos and --annotations, --format instead of --split"
+        )
+    root = Path(photos["root"])
+    return [root / str(rel) for rel in listed], str(manifest["source"]), annotations["format"], annotations["positive"]
+
+
+def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
+    """(photo, why) for each photo whose stem names crops of the checkpoint pack's train or validation split: its
+    detections would be scored on what the model learned from, inflating AP.
+
+    Raises:
+        CrackioError: the run's pack cannot be read (the caller then says the check was skipped).
+    """
+    found = []
+    stems: dict[str, str] = {}
+    for split in (cfg.train_split, cfg.val_split):
+        rows = load_index(cfg.shards, split).rows["stem"]
+        for stem in np.unique(rows):
+            stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), split)
+    for file in files:
+        if file.stem in stems:
+            found.append(
+                (
+                    display_name(file),
+                    f"in the {stems[file.stem]} split of the run's pack {cfg.shards}: its AP is not "
+                    f"held out (use --split test, or photos the run never saw)",
+                )
+            )
+    return found
 
 
 class Scorer:
@@ -218,7 +286,12 @@ def detect_photo(
     t0 = time.perf_counter()
     # The stem seeds the cap exactly as tools/propose.py seeds it, so a photo gets the same proposals.
     boxes = selective_search(
-        rgb, settings.mode, settings.max_proposals, settings.min_size, [seed, zlib.crc32(path.stem.encode())]
+        rgb,
+        settings.mode,
+        settings.max_proposals,
+        settings.min_size,
+        [seed, zlib.crc32(path.stem.encode())],
+        max_side=settings.search_max_side,
     )
     t1 = time.perf_counter()
     fill = rgb.reshape(-1, 3).mean(0)
@@ -233,9 +306,58 @@ def detect_photo(
     return result
 
 
-def ground_truth(annotations: str, fmt: str, classes: list[str] | None) -> tuple[dict, list[tuple[str, str]]]:
-    data = read_annotations(annotations, fmt, classes)
+def ground_truth(
+    annotations: str, fmt: str, classes: list[str] | None, shards: str
+) -> tuple[dict, list[tuple[str, str]]]:
+    """The photos' ground truth by stem, and the annotations' problems. Mask ground truth follows the rule the
+    run's pack was labelled with (its manifest's mask_piece and mask_crack_label), so AP counts the boxes the model
+    learned to find."""
+    recorded: dict = {}
+    if fmt == "mask":
+        with contextlib.suppress(CrackioError):
+            ann = read_manifest(shards).get("annotations")
+            if isinstance(ann, dict) and ann.get("format") == "mask":
+                recorded = {k: ann[k] for k in ("mask_piece", "mask_crack_label") if k in ann}
+    data = read_annotations(annotations, fmt, classes, **recorded)
     return {p.stem: p for p in data.photos}, list(data.problems)
+
+
+def photos_to_detect(
+    cfg, photos: list[str], split: str, shards: str, annotations: str, fmt: str, classes, strict: bool
+) -> tuple[list[Path], str, str, list[str] | None, list[tuple[str, str]]]:
+    """(photo files, annotations, format, classes, problems): a pack's recorded split, or the photos given, checked
+    against the run's training photos.
+
+    Raises:
+        ConfigError: both or neither of photos and --split; with `strict`, photos the run trained or validated on.
+    """
+    if split:
+        if photos or annotations or fmt:
+            raise ConfigError(
+                "--split SPLIT detects on the photos and ground truth the pack recorded: give no photos, "
+                "--annotations or --format with it"
+            )
+        files, annotations, fmt, classes = recorded_split(shards or cfg.shards, split)
+        return files, annotations, fmt, classes, []
+    if not photos:
+        raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
+    if annotations and not fmt:
+        raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
+    files = photo_files(photos)
+    try:
+        seen = seen_in_training(files, cfg)
+    except CrackioError as e:
+        seen = []
+        print(f"note: the run's pack {cfg.shards} cannot be read ({e}): the photos are not checked against it")
+    if seen and strict:
+        raise ConfigError(
+            f"--strict: {len(seen)} of the photos were in the run's training or validation split (e.g. "
+            f"{seen[0][0]}: {seen[0][1]})"
+        )
+    if seen:
+        print(f"warning: {len(seen)} of the photos were in the run's training or validation split: AP is not "
+              f"held out (listed in report.txt; --split test detects on the held-out photos)")  # fmt: skip
+    return files, annotations, fmt, classes, seen
 
 
 def run_detect(
@@ -253,19 +375,26 @@ def run_detect(
     device: str = "auto",
     overview: int = 16,
     onnx: str = "",
+    shards: str = "",
+    split: str = "",
+    strict: bool = False,
+    proposals: dict | None = None,
 ) -> Path:
     """Detect cracks in `photos` with the run's model (`checkpoint`, or `onnx`: a model written by
     `python -m train export`, which carries the run's settings); write detections, pictures and (with
     annotations) AP.
 
+    `split` instead of photos: the photos tools/propose.py put in that split of `shards` (default: the run's own
+    pack), with the ground truth they were read from. Explicit photos that were in the run's train or validation
+    split are listed as problems, and refused with `strict`. `proposals` (mode, max_proposals, context) are for a
+    run trained on packed crop folders, which records none.
+
     Raises:
         MissingFile, ConfigError, WeightsError: a missing or unsuitable checkpoint, ONNX model, photo, SVM or
-            annotation.
+            annotation; with `strict`, photos the run trained or validated on.
         CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
         WriteError: an output cannot be written (full disk, I/O error).
     """
-    if annotations and not fmt:
-        raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     check_limits(
         {
             "--nms-iou": (0 < nms_iou <= 1, "in (0, 1]", nms_iou),
@@ -291,7 +420,9 @@ def run_detect(
         path = Path(checkpoint)
         ckpt = load_checkpoint(path, torch.device("cpu"))
         model, cfg = model_from_checkpoint(ckpt, path)
-    settings = proposal_settings(ckpt, cfg.shards, path)
+    settings, settings_from = proposal_settings(ckpt, cfg.shards, path, proposals)
+    inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, photos, split, shards, annotations, fmt,
+                                                                    classes, strict)  # fmt: skip
     if onnx:
         scorer = OnnxScorer(exported.session, batch_size)
     else:
@@ -303,14 +434,17 @@ def run_detect(
     threshold = scorer.threshold if score_threshold is None else score_threshold
     files: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
-    for file in photo_files(photos):  # outputs and annotations go by stem: it must name one photo
+    for file in inputs:  # outputs and annotations go by stem: it must name one photo
         if file.stem in seen:
             note = f"a second photo named {file.stem!r} (the first: {display_name(seen[file.stem])}): skipped"
             files.append((file, note))
         else:
             seen[file.stem] = file
             files.append((file, ""))
-    truth, problems = ground_truth(annotations, fmt, classes) if annotations else ({}, [])
+    truth, annotation_problems = (
+        ground_truth(annotations, fmt, classes, shards or cfg.shards) if annotations else ({}, [])
+    )
+    problems += annotation_problems
     results: list[PhotoDetections] = []
     crops = 0
     start = time.perf_counter()
@@ -333,6 +467,8 @@ def run_detect(
                         r.problem = f"left out of AP, its ground truth is incomplete: {'; '.join(errors)}"
                     else:
                         r.gt = gt
+                    r.image_id = photo.image_id
+                    r.category_id = photo.category_ids[0] if len(photo.category_ids) == 1 else None
             if r.problem:
                 problems.append((display_name(file), r.problem))
             results.append(r)
@@ -356,5 +492,6 @@ def run_detect(
         overview=overview,
         seconds=seconds,
         baselines=floors,
+        settings_from=settings_from,
     )
     return out_dir

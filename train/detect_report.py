@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_iou, nms
 
 from crackio import fsio
@@ -16,7 +16,14 @@ from crackio.fsio import make_dir, remove_temporaries, write_json, write_text
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, covered
 
-OUTPUTS = ("detections.json", "overview.jpg", "pr_curve.png", "report.txt", "summary.json")  # images/ apart
+OUTPUTS = (
+    "detections.json",
+    "images.json",
+    "overview.jpg",
+    "pr_curve.png",
+    "report.txt",
+    "summary.json",
+)  # images/ apart
 DETECTION = (230, 30, 30)
 TRUTH = (40, 200, 60)
 
@@ -83,12 +90,15 @@ def voc_ap(results, iou: float = 0.5) -> tuple[float, np.ndarray, np.ndarray]:
     return float((steps * envelope).sum()), precision, recall
 
 
-def coco_ap(results) -> dict[str, float]:
-    """COCO AP@[.5:.95] and AP@0.5 through pycocotools, over the annotated photos."""
+def coco_ap(results, ids: list | None = None) -> dict[str, float]:
+    """COCO AP@[.5:.95] and AP@0.5 through pycocotools, over the annotated photos, whose image ids are `ids` (the
+    order pycocotools breaks score ties in: detections.json's, so that evaluating that file gives these figures;
+    default 1, 2, ...)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    annotated = [(i, r) for i, r in enumerate(results, 1) if r.gt is not None]
+    ids = ids if ids is not None else list(range(1, len(results) + 1))
+    annotated = [(i, r) for i, r in zip(ids, results) if r.gt is not None]
     if not annotated or not sum(len(r.gt) for _, r in annotated):
         return {"ap": float("nan"), "ap50": float("nan")}
     gt = {
@@ -126,32 +136,62 @@ def coco_ap(results) -> dict[str, float]:
     return {"ap": float(evaluation.stats[0]), "ap50": float(evaluation.stats[1])}
 
 
+def image_ids(results) -> list:
+    """Each photo's id in detections.json and images.json: its annotation file's (COCO), else the next free
+    number from 1."""
+    taken = {r.image_id for r in results if r.image_id is not None}
+    numbers = (k for k in range(1, len(results) + len(taken) + 2) if k not in taken)
+    return [r.image_id if r.image_id is not None else next(numbers) for r in results]
+
+
 def xywh(box) -> list[float]:
     x0, y0, x1, y1 = (float(v) for v in box)
     return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
 
 
+def _font(size: int):
+    """Pillow's bundled scalable font at `size` pixels (no system font needed)."""
+    return ImageFont.load_default(size=max(10, size))
+
+
 def draw(r, threshold: float) -> Image.Image:
-    """The photo with its detections above the threshold (red, with scores) and ground truth (green)."""
+    """The photo with its ground truth (green) and its detections above the threshold (red), each score in a
+    filled label large enough to read at the photo's size."""
     img = Image.fromarray(load_photo(r.path))
     pen = ImageDraw.Draw(img)
     width = max(2, round(max(r.size) / 300))
+    font = _font(round(max(r.size) / 45))
     for b in r.gt if r.gt is not None else []:
         pen.rectangle([float(v) for v in b], outline=TRUTH, width=width)
     for b, s in zip(r.boxes, r.scores):
         if s >= threshold:
             pen.rectangle([float(v) for v in b], outline=DETECTION, width=width)
-            pen.text((float(b[0]) + 3, float(b[1]) + 2), f"{s:.2f}", fill=DETECTION)
+            x, y = float(b[0]), float(b[1])
+            label = pen.textbbox((x, y), f"{s:.2f}", font=font)
+            pen.rectangle(label, fill=DETECTION)
+            pen.text((x, y), f"{s:.2f}", fill=(255, 255, 255), font=font)
     return img
 
 
-def contact_sheet(pictures: list[Image.Image], columns: int = 4, width: int = 320) -> Image.Image:
-    thumbs = [p.resize((width, max(1, round(p.height * width / p.width)))) for p in pictures]
-    height = max(t.height for t in thumbs)
+def contact_sheet(pictures: list[tuple[str, Image.Image]], columns: int = 4, width: int = 320) -> Image.Image:
+    """The pictures as thumbnails, each with its photo's name, under a legend of the colours."""
+    caption, legend = 22, 30
+    font = _font(14)
+    thumbs = [(name, p.resize((width, max(1, round(p.height * width / p.width))))) for name, p in pictures]
+    height = max(t.height for _, t in thumbs) + caption
     rows = (len(thumbs) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
-    for k, t in enumerate(thumbs):
-        sheet.paste(t, ((k % columns) * width, (k // columns) * height))
+    sheet = Image.new("RGB", (columns * width, legend + rows * height), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    x = 8
+    for colour, text in ((TRUTH, "ground truth"), (DETECTION, "detection (score)")):
+        pen.rectangle([x, 8, x + 14, 22], outline=colour, width=3)
+        pen.text((x + 20, 7), text, fill=(0, 0, 0), font=font)
+        x += 30 + round(pen.textlength(text, font=font))
+    for k, (name, t) in enumerate(thumbs):
+        left, top = (k % columns) * width, legend + (k // columns) * height
+        sheet.paste(t, (left, top))
+        shown = name if len(name) <= 40 else name[:18] + "..." + name[-18:]
+        pen.text((left + 4, top + t.height + 3), shown, fill=(0, 0, 0), font=font)
     return sheet
 
 
@@ -175,6 +215,7 @@ def write_outputs(
     overview: int,
     seconds: float,
     baselines: dict[str, dict[str, float]] | None = None,
+    settings_from: str = "the training crops' own",
 ) -> None:
     """detections.json, images/<stem>.jpg, overview.jpg, pr_curve.png (annotated), report.txt, summary.json last.
 
@@ -185,19 +226,36 @@ def write_outputs(
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     remove_temporaries(out / "images", ["*.jpg"])
     done = [r for r in results if r.size != (0, 0)]
-    detections = [
-        {"image_id": i, "file_name": str(r.path), "category_id": 1, "bbox": xywh(b), "score": float(s)}
-        for i, r in enumerate(results, 1)
-        for b, s in zip(r.boxes, r.scores)
-        if s >= threshold
-    ]
-    write_json(out / "detections.json", detections)
-    pictures: list[Image.Image] = []
+    ids = image_ids(results)
+    write_json(
+        out / "images.json",  # the photos and their ids: what detections.json's image_id names
+        [
+            {"id": i, "file_name": str(r.path), "width": r.size[0], "height": r.size[1]}
+            for i, r in zip(ids, results)
+            if r.size != (0, 0)
+        ],
+    )
+    # Every detection AP is computed on (after NMS, up to KEEP per photo), as a COCO results file: pycocotools on it
+    # and the user's own annotations gives the reported COCO AP. The pictures show those above the threshold.
+    write_json(
+        out / "detections.json",
+        [
+            {
+                "image_id": i,
+                "category_id": 1 if r.category_id is None else r.category_id,
+                "bbox": xywh(b),
+                "score": float(s),
+            }  # fmt: skip
+            for i, r in zip(ids, results)
+            for b, s in zip(r.boxes, r.scores)
+        ],
+    )
+    pictures: list[tuple[str, Image.Image]] = []
     for r in done:
         picture = draw(r, threshold)
         save_jpeg(picture, out / "images" / f"{r.stem}.jpg")
         if len(pictures) < overview:
-            pictures.append(picture)
+            pictures.append((r.path.name, picture))
     if pictures:
         save_jpeg(contact_sheet(pictures), out / "overview.jpg")
     timing = {
@@ -224,6 +282,7 @@ def write_outputs(
         "score_threshold": threshold,
         "nms_iou": nms_iou,
         "proposals": settings.as_dict(),
+        "proposals_from": settings_from,
         "seconds_per_photo": timing,
         "photos_per_sec": len(done) / seconds if seconds else 0.0,
         "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
@@ -233,12 +292,15 @@ def write_outputs(
     head = (
         f"{len(done)} of {len(results)} photos, scores from the {scored_by}, threshold {threshold:.3f}, "
         f"NMS IoU {nms_iou}; {summary['photos_per_sec']:.2f} photos/s, {summary['crops_per_sec']:.0f} crops/s; "
-        f"per photo: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
+        f"per photo: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
+        + f"; proposals: {settings.method} {settings.mode}, at most {settings.max_proposals}, context "
+        f"{settings.context} px ({settings_from})"
     )
     text.append(head)
     if annotated:
         ap, precision, recall = voc_ap(done)
-        coco = coco_ap(done)
+        coco = coco_ap(results, ids)
         gt_total = sum(row.get("ground_truth", 0) for row in rows)
         covered = sum(row.get("covered_by_proposals", 0) for row in rows)
         summary |= {

@@ -254,14 +254,14 @@ def file_sha256(path: Path) -> str:
 def check_out(out: Path, checkpoint: Path) -> None:
     """Refuse an --out that cannot or must not be written, before anything slow runs: not a .onnx name, the
     checkpoint itself, something that is not a regular file (a device, a pipe), a folder, a missing folder."""
-    if out.suffix.lower() != ".onnx":
-        raise ConfigError(f"--out {display_name(out)}: name an .onnx file (e.g. {out.with_suffix('.onnx')})")
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {display_name(out)} is the checkpoint itself: write the model elsewhere")
     if out.exists() and not out.is_dir() and not out.is_file():
         raise ConfigError(f"--out {display_name(out)} is not a regular file (a device or a pipe): name a file")
     if out.is_dir():
         raise ConfigError(f"--out {display_name(out)} is a folder: name the file to write, e.g. {out / 'model.onnx'}")
+    if out.suffix.lower() != ".onnx":
+        raise ConfigError(f"--out {display_name(out)}: name an .onnx file (e.g. {out.with_suffix('.onnx')})")
     if not out.parent.is_dir():
         raise MissingFile(
             f"--out {display_name(out)}: the folder {display_name(out.parent)} does not exist: create it "

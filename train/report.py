@@ -103,6 +103,16 @@ def save_figure(fig, path: Path) -> None:
     fsio.atomic_write(path, png.getvalue())
 
 
+def epoch_axis(ax, epochs: list[int]) -> None:
+    """Whole epochs only on the x axis: every epoch when there are few (one epoch included: matplotlib would
+    otherwise draw 0.96, 0.98, ... around a single point), else integer ticks."""
+    if epochs and len(set(epochs)) <= 20:
+        ax.set_xticks(sorted(set(epochs)))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -113,7 +123,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss.set(title="Loss", xlabel="epoch")
     ax_acc.set(title="Accuracy (%)", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -126,7 +136,7 @@ def plot_val_losses(histories: dict[str, list[dict]], path: Path) -> None:
     for name, history in histories.items():
         ax.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], marker="o", label=name)
     ax.set(title="Validation loss", xlabel="epoch", ylabel="loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epoch_axis(ax, [h["epoch"] for history in histories.values() for h in history])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -24,6 +24,7 @@ RESUMABLE = (
     "device",
     "backend",
     "workers",
+    "threads",
     "order",
     "block_size",
     "dist_timeout",

@@ -45,3 +45,18 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def use_threads(threads: int) -> None:
+    """torch's intra-op CPU threads (`--threads`; 0 keeps torch's default, one per core). On a machine other jobs
+    share, fewer threads than cores can be much faster: README, "CPU threads".
+
+    Raises:
+        ConfigError: a negative count.
+    """
+    from crackio.errors import ConfigError
+
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from train.logs import Console, RunLogs, parse_logs, tensorboard_writer
 from train.losses import make_loss
 from train.model import CrackClassifier, build_model, make_optimizer
 from train.resume import check_resumed, resume_point
-from train.runtime import amp_dtype, init_distributed, pick_device, world
+from train.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
 from train.schedule import make_scheduler
 
 # Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
@@ -128,6 +128,7 @@ def build_run(cfg: Config) -> Run:
     cfg.validate()
     if cfg.resume:  # cfg must be the run's own config (train.resume.resume_config builds it)
         check_resumed(cfg)
+    use_threads(cfg.threads)
     init_distributed(cfg.dist_timeout)
     rank, world_size = world()
     cfg = cfg.for_world(world_size)  # the global batch is the run's; each rank takes its share
