@@ -411,3 +411,38 @@ def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, t
     assert evaluation.stats[0] == pytest.approx(summary["ap_coco"]) and evaluation.stats[1] == pytest.approx(
         summary["ap50_coco"]
     )
+
+
+def test_split_of_a_mask_pack_and_split_train_is_flagged(tmp_path, capsys):
+    """--split on a --format mask pack reads the masks back (no --classes for masks); --split train lists every
+    photo as not held out, and --strict refuses it."""
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from tools.make_demo_data import write_photos
+
+    write_photos(tmp_path / "photos", images=8, seed=4, size=(192, 128), formats=("mask",))
+    shards = tmp_path / "shards"
+    propose_to_shards(tmp_path / "photos" / "mask", "mask", shards, ProposalSettings(max_proposals=20),
+                      ProposeSettings(), progress=False)  # fmt: skip
+    ckpt = checkpoint_on(shards, tmp_path / "best.pt")
+    out = run_detect(str(ckpt), [], str(tmp_path / "d"), split="test", device="cpu")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ground_truth_boxes"] > 0 and "baselines" in summary
+    out = run_detect(str(ckpt), [], str(tmp_path / "e"), split="train", device="cpu")
+    problems = json.loads((out / "summary.json").read_text())["problems"]
+    assert sum("in the train split of the run's pack" in p["reason"] for p in problems) == len(
+        json.loads((shards / "manifest.json").read_text())["photos"]["splits"]["train"]
+    )
+    with pytest.raises(ConfigError, match="--strict"):
+        run_detect(str(ckpt), [], str(tmp_path / "f"), split="train", device="cpu", strict=True)
+
+
+def test_a_proposal_stage_that_finds_no_crack_warns(tmp_path):
+    from crackio.writing.pack import warnings
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from tools.make_demo_data import write_photos
+
+    write_photos(tmp_path / "photos", images=6, seed=4, size=(192, 128), formats=("mask",))
+    settings, run = ProposalSettings(max_proposals=10), ProposeSettings(mask_crack_label=7)
+    manifest = propose_to_shards(tmp_path / "photos" / "mask", "mask", tmp_path / "s", settings, run, progress=False)
+    (line,) = [w for w in warnings(manifest) if w.startswith("no photo has a crack box")]
+    assert "mask label 7" in line and "--mask-crack-label" in line

@@ -216,3 +216,13 @@ def test_thin_crack_pieces_follow_the_crack():
             assert min(x1 - x0, y1 - y0) >= 3  # the crack's width is inside
         assert inside[crack].all()  # every crack pixel is in some piece
     assert len(mask_boxes(mask, 400)) == 1  # a crack shorter than 1.5 pieces stays whole
+
+
+def test_classes_on_a_yolo_set_without_names_says_how_to_name_them(tmp_path):
+    import pytest
+
+    from crackio.errors import ConfigError
+
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match="names no classes .* write their names in .*classes.txt"):
+        read_annotations(tmp_path, "yolo", ["3"])

@@ -105,7 +105,7 @@ def proposal_settings(
     return ProposalSettings(**{k: v for k, v in recorded.items() if k in names}), "the training crops' own"
 
 
-def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[str]]:
+def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[str] | None]:
     """The photos of `split` as tools/propose.py recorded them in SHARDS/manifest.json, with what their ground truth
     was read from: (photo paths, annotations source, format, positive classes).
 
@@ -125,7 +125,9 @@ def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[
             f"give the photos and --annotations, --format instead of --split"
         )
     root = Path(photos["root"])
-    return [root / str(rel) for rel in listed], str(manifest["source"]), annotations["format"], annotations["positive"]
+    fmt = annotations["format"]
+    positive = None if fmt == "mask" else annotations["positive"]  # masks have one class, named by no option
+    return [root / str(rel) for rel in listed], str(manifest["source"]), fmt, positive
 
 
 def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
@@ -325,8 +327,8 @@ def ground_truth(
 def photos_to_detect(
     cfg, photos: list[str], split: str, shards: str, annotations: str, fmt: str, classes, strict: bool
 ) -> tuple[list[Path], str, str, list[str] | None, list[tuple[str, str]]]:
-    """(photo files, annotations, format, classes, problems): a pack's recorded split, or the photos given, checked
-    against the run's training photos.
+    """(photo files, annotations, format, classes, problems): a pack's recorded split or the photos given, checked
+    against the run's training and validation photos.
 
     Raises:
         ConfigError: both or neither of photos and --split; with `strict`, photos the run trained or validated on.
@@ -338,13 +340,13 @@ def photos_to_detect(
                 "--annotations or --format with it"
             )
         files, annotations, fmt, classes = recorded_split(shards or cfg.shards, split)
-        return files, annotations, fmt, classes, []
-    if not photos:
+    elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
-    if annotations and not fmt:
+    elif annotations and not fmt:
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
-    files = photo_files(photos)
-    try:
+    else:
+        files = photo_files(photos)
+    try:  # whichever way the photos came: another pack's split, or --split train, may hold the run's own
         seen = seen_in_training(files, cfg)
     except CrackioError as e:
         seen = []

@@ -160,7 +160,7 @@ def draw(r, threshold: float) -> Image.Image:
     img = Image.fromarray(load_photo(r.path))
     pen = ImageDraw.Draw(img)
     width = max(2, round(max(r.size) / 300))
-    font = _font(round(max(r.size) / 45))
+    font = _font(round(max(r.size) / 28))  # still ~11 px when the contact sheet shrinks the photo to 320 wide
     for b in r.gt if r.gt is not None else []:
         pen.rectangle([float(v) for v in b], outline=TRUTH, width=width)
     for b, s in zip(r.boxes, r.scores):
@@ -283,6 +283,8 @@ def write_outputs(
         "nms_iou": nms_iou,
         "proposals": settings.as_dict(),
         "proposals_from": settings_from,
+        # detections.json's category_id per photo's annotation file: pycocotools' params.catIds for the same AP
+        "category_ids": sorted({str(r.category_id) for r in results if r.category_id is not None}) or ["1"],
         "seconds_per_photo": timing,
         "photos_per_sec": len(done) / seconds if seconds else 0.0,
         "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
@@ -295,7 +297,9 @@ def write_outputs(
         f"per photo: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
         + f"; proposals: {settings.method} {settings.mode}, at most {settings.max_proposals}, context "
-        f"{settings.context} px ({settings_from})"
+        f"{settings.context} px"
+        + (f", searched at {settings.search_max_side} px" if settings.search_max_side else "")
+        + f" ({settings_from})"
     )
     text.append(head)
     if annotated:

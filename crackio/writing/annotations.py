@@ -385,7 +385,13 @@ def _yolo(src: Path, wanted: list[str] | None) -> Annotated:
         roots = list(_split_dirs(src / "images").items()) or [(None, src / "images")]
     roots = roots or [(None, src)]
     names, names_from = _yolo_names(src)
-    positive = _pick(names, wanted, "data.yaml / classes.txt") if names or wanted else []
+    if wanted and not names:
+        raise ConfigError(
+            f"--classes {','.join(wanted)}: {display_name(src)} names no classes (no data.yaml, dataset.yaml or "
+            f"classes.txt), so every class id in the labels counts as crack; to pick some, write their names in "
+            f"{display_name(src / 'classes.txt')}, one per line in id order"
+        )
+    positive = _pick(names, wanted, "data.yaml / classes.txt") if names else []
     ids = {i for i, n in enumerate(names) if n in positive} if names else None  # None: every class
     photos: list[Photo] = []
     seen: set[int] = set()

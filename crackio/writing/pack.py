@@ -220,7 +220,7 @@ def print_skipped(manifest: dict, out: Path, word: str = "skipped", limit: int =
 
 def warnings(manifest: dict) -> list[str]:
     """Problems that do not stop a pack but that --strict refuses: leakage between splits, labels that
-    contradict every IoU threshold."""
+    contradict every IoU threshold, a proposal stage that found no crack at all."""
     found = []
     leak = manifest.get("leakage", {})
     dup, shared = leak.get("duplicate_contents", {}), leak.get("shared_stems", {})
@@ -232,6 +232,14 @@ def warnings(manifest: dict) -> list[str]:
         found.append(
             f"{shared['count']} full images (stems) have proposals in more than one split (leakage); "
             f"see 'leakage' in manifest.json"
+        )
+    splits = manifest["splits"].values()
+    if manifest.get("stage") == "propose" and splits and not sum(s.get("ground_truth_boxes", 0) for s in splits):
+        settings = manifest.get("annotations", {})
+        found.append(
+            f"no photo has a crack box (format {settings.get('format')}, classes {settings.get('positive')}"
+            + (f", mask label {settings['mask_crack_label']}" if settings.get("mask_crack_label") is not None else "")
+            + "): every crop is a negative; check --format, --classes and --mask-crack-label against the dataset"
         )
     for name, s in manifest["splits"].items():
         impossible = s.get("labels", {}).get("impossible", {}).get("count", 0)
