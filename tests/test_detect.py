@@ -219,6 +219,7 @@ def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, cap
     assert "baselines without the network" in report and "box area" in report
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_packed_crops_detects_with_r_cnn_s_or_given_proposals(checkpoint, photos, tmp_path, capsys):
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt.pop("proposals", None)
@@ -364,6 +365,7 @@ def ratio_pack(tmp_path_factory):
     return flat, shards, checkpoint_on(shards, root / "best.pt")
 
 
+@pytest.mark.slow
 def test_split_test_detects_exactly_the_held_out_photos_of_a_ratio_split(ratio_pack, tmp_path, capsys):
     flat, shards, ckpt = ratio_pack
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -393,6 +395,7 @@ def test_split_test_detects_exactly_the_held_out_photos_of_a_ratio_split(ratio_p
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -413,6 +416,7 @@ def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, t
     )
 
 
+@pytest.mark.slow
 def test_split_of_a_mask_pack_and_split_train_is_flagged(tmp_path, capsys):
     """--split on a --format mask pack reads the masks back (no --classes for masks); --split train lists every
     photo as not held out, and --strict refuses it."""

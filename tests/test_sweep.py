@@ -257,6 +257,7 @@ def test_a_shared_table_that_misses_a_variant_is_refused(tmp_path):
         load_variants(path)
 
 
+@pytest.mark.slow
 def test_a_smoke_sweep_says_so_and_is_not_reused_by_a_full_one(demo_shards, tmp_path, capsys):
     path = tmp_path / "v.toml"
     path.write_text('[[variant]]\nname = "a"\n')

@@ -172,6 +172,7 @@ def test_every_option_shows_its_default_as_typed(command):
         assert "(default: None)" not in entry and "(default: False)" not in entry and "(default: '')" not in entry
 
 
+@pytest.mark.slow
 def test_a_run_s_config_json_reproduces_the_run(demo_shards, tmp_path):
     first = main(tiny(demo_shards, tmp_path / "a", epochs=1, batch_size=8, limit_batches=4, workers=1))
     again = tmp_path / "b"
@@ -184,6 +185,7 @@ def test_a_run_s_config_json_reproduces_the_run(demo_shards, tmp_path):
     assert saved == {**json.loads((first / "config.json").read_text()), "out": str(again)}
 
 
+@pytest.mark.slow
 def test_a_yaml_or_toml_config_with_flags_that_win(demo_shards, tmp_path):
     run = tmp_path / "r"
     path = tmp_path / "run.yaml"
@@ -248,6 +250,7 @@ def test_messages_point_the_right_way(demo_src, demo_shards, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_eval_names_split_when_the_pack_has_no_such_split(demo_shards, tmp_path, capsys):
     run = main(tiny(demo_shards, tmp_path / "r", epochs=1, batch_size=8, limit_batches=1, quiet=True))
     capsys.readouterr()
@@ -297,6 +300,7 @@ def test_new_options_out_of_range_are_one_line(demo_shards, tmp_path, capsys, fl
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
     assert cli(["exprt", "--checkpoint", "x.pt"]) == 2
     assert "unknown command 'exprt'; did you mean 'export'?" in capsys.readouterr().err
@@ -329,6 +333,7 @@ def test_config_file_errors_name_the_file(demo_shards, tmp_path, capsys):
     assert read_config_file(str(path)) == {"log": "tensorboard,csv"}
 
 
+@pytest.mark.slow
 def test_extending_a_cosine_run_takes_the_new_curve_from_the_next_step(demo_shards, tmp_path):
     """2 steps an epoch (--limit-batches 2): a 1-epoch cosine run ends at rate 0; resumed with --epochs 2, its next
     step takes the 2-epoch curve's rate at step 2, not the old curve's 0."""
