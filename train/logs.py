@@ -13,7 +13,6 @@ import csv
 import io
 import math
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -109,7 +108,8 @@ class TensorBoardLog:
             for key in STEP_FIELDS[2:]:
                 self.writer.add_scalar(f"step/{key}", row[key], row["step"])
 
-    def epoch(self, step: int, row: dict, labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
+    def epoch(self, step: int, history: list[dict], labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
+        row = history[-1]
         for key, value in row.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{key}", value, step)
@@ -146,10 +146,8 @@ class CsvLog:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=STEP_FIELDS).writerows({k: row[k] for k in STEP_FIELDS} for row in rows)
 
-    def epoch(self, step: int, row: dict, labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
-        pass  # epochs.csv is written from the whole history: `history`
-
-    def history(self, history: list[dict]) -> None:
+    def epoch(self, step: int, history: list[dict], labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
+        """epochs.csv from the whole history (its columns may grow, e.g. gpu_busy_share)."""
         fields = list(dict.fromkeys(k for row in history for k in row))
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=fields)
@@ -181,26 +179,11 @@ class RunLogs:
     def epoch(self, step: int, history: list[dict], labels, probs, mistakes: Mistakes | None) -> None:
         worst = mistakes.found if mistakes else None
         for log in self.logs:
-            log.epoch(step, history[-1], labels, probs, worst)
-            if isinstance(log, CsvLog):
-                log.history(history)
+            log.epoch(step, history, labels, probs, worst)
 
     def close(self) -> None:
         for log in self.logs:
             log.close()
-
-
-class StepClock:
-    """Per-step wall time and data wait, for the per-step rows (host clock: on CUDA a step's time is when its
-    launch returned, which averages out over the steps between syncs)."""
-
-    def __init__(self) -> None:
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        return seconds
 
 
 def worst_figure(worst: dict, epoch: int):
@@ -259,13 +242,16 @@ class Mistakes:
                 std = torch.tensor(STD).view(1, 3, 1, 1)
                 picked = (picked * std + mean) * 255
             tiles = picked.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
-            merged = self.found[kind] + [(float(probs[r]), tiles[j], names[r]) for j, r in enumerate(rows)]
-            self.found[kind] = sorted(merged, key=lambda t: order * t[0])[: self.k]
+            self._keep(kind, [(float(probs[r]), tiles[j], names[r]) for j, r in enumerate(rows)])
 
     def merge(self, others: list[Mistakes]) -> Mistakes:
         """These and other ranks' mistakes, the k worst of all."""
         for other in others:
-            for kind, order in (("false_positives", -1), ("false_negatives", 1)):
-                merged = self.found[kind] + other.found[kind]
-                self.found[kind] = sorted(merged, key=lambda t: order * t[0])[: self.k]
+            for kind, found in other.found.items():
+                self._keep(kind, found)
         return self
+
+    def _keep(self, kind: str, more: list[tuple[float, np.ndarray, str]]) -> None:
+        """The k worst of `kind` among those kept and `more`: most confident first."""
+        order = -1 if kind == "false_positives" else 1
+        self.found[kind] = sorted(self.found[kind] + more, key=lambda t: order * t[0])[: self.k]
