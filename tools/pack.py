@@ -1,7 +1,8 @@
 """Pack a proposal directory into WebDataset shards with DALI and random-access indexes.
 
     python tools/pack.py SRC [--out shards/] [--samples-per-shard N] [--workers N] [--seed S] [--strict]
-    python tools/pack.py --verify OUT      read every stored sample and check it against its checksum
+    python tools/pack.py SRC --out s3://BUCKET/PREFIX   pack locally, then upload (manifest last)
+    python tools/pack.py --verify OUT      read every stored sample of OUT (a folder or URL), check its checksum
 
 Each subfolder of SRC is a split (train, valid, test, ...); a SRC holding images
 directly is one split named after the folder. Bad inputs are skipped and listed
@@ -17,8 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
-from crackio.format.manifest import read_manifest  # noqa: E402
-from crackio.format.verify import verify  # noqa: E402
+from crackio.format.layout import join  # noqa: E402
+from crackio.storage.packs import open_pack, verify_pack  # noqa: E402
+from crackio.storage.remote import location  # noqa: E402
+from crackio.storage.upload import write_pack  # noqa: E402
 from crackio.writing.pack import PackSettings, pack, print_skipped, summary, warnings  # noqa: E402
 
 
@@ -32,9 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         "src", type=Path, nargs="?", help="proposal folder: SRC/<split>/<stem>.<proposal>.<iou>.<label>.jpg (required)"
     )
     ap.add_argument(
-        "--verify", type=Path, metavar="OUT", help="instead of packing: read every sample of OUT and check it"
+        "--verify",
+        type=location,
+        metavar="OUT",
+        help="instead of packing: read every sample of OUT (a folder or URL) and check it",
     )
-    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder")
+    ap.add_argument(
+        "--out",
+        type=location,
+        default=Path("shards"),
+        help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
+    )
     ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
     ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
@@ -51,16 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
     return run_command(
-        lambda: report(pack(args.src, args.out, settings, progress=not args.quiet), args), incomplete(args.out)
+        lambda: report(write_pack(args.out, lambda out: pack(args.src, out, settings, progress=not args.quiet)), args),
+        incomplete(args.out),
     )
 
 
-def check(out: Path) -> int:
+def check(out: str | Path) -> int:
     problems = 0
-    for line in verify(out):
+    for line in verify_pack(out):
         problems += 1
         print(f"damaged: {line}", file=sys.stderr)
-    samples = read_manifest(out)["samples"]
+    samples = open_pack(out).manifest["samples"]
     if problems:
         print(f"{problems} problems in {out} ({samples} samples): re-run `python tools/pack.py SRC --out {out}`")
         return 1
@@ -74,7 +86,7 @@ def report(manifest: dict, args: argparse.Namespace) -> int:
         if info["converted_list"]:
             print(
                 f"converted {sum(info['converted'].values())} {split} inputs, each listed with what was done "
-                f"in {args.out / info['converted_list']}",
+                f"in {join(args.out, info['converted_list'])}",
                 file=sys.stderr,
             )
     print(summary(manifest, args.out))

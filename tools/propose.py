@@ -1,6 +1,7 @@
 """Annotated photos to shards: R-CNN's proposal stage (selective search, IoU and label, warp), no crop folder.
 
-    python tools/propose.py SRC --format {coco,yolo,voc,mask} --out SHARDS [--method selective-search]
+    python tools/propose.py SRC --format {coco,yolo,voc,mask} --out SHARDS|s3://BUCKET/PREFIX
+        [--method selective-search]
         [--mode fast|quality] [--max-proposals N] [--search-max-side PX] [--context 16] [--positive-iou 0.5]
         [--negatives-per-image N] [--gt-jitter K] [--split-ratios 0.7,0.15,0.15] [--classes NAMES]
         [--mask-piece N] [--mask-crack-label N] [--workers N] [--seed S] [--crops DIR] [--strict]
@@ -18,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
+from crackio.storage.remote import location  # noqa: E402
+from crackio.storage.upload import write_pack  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
 from crackio.writing.pack import print_skipped, warnings  # noqa: E402
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards, summary  # noqa: E402
@@ -48,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="the annotated dataset (a folder, or a COCO JSON file)")
     ap.add_argument("--format", required=True, choices=FORMATS, help="annotation format")
-    ap.add_argument("--out", type=Path, default=Path("shards"), help="shards folder")
+    ap.add_argument(
+        "--out",
+        type=location,
+        default=Path("shards"),
+        help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
+    )
     ap.add_argument("--method", default=p.method, choices=METHODS, help="proposal method")
     ap.add_argument("--mode", default=p.mode, choices=MODES, help="selective search mode")
     ap.add_argument("--max-proposals", type=int, default=p.max_proposals, help="cap per photo (R-CNN: ~2000)")
@@ -116,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     return run_command(
         lambda: report(
-            propose_to_shards(args.src, args.format, args.out, proposal, run, args.crops, progress=not args.quiet),
+            write_pack(
+                args.out,
+                lambda out: propose_to_shards(
+                    args.src, args.format, out, proposal, run, args.crops, progress=not args.quiet
+                ),
+            ),
             args,
         ),
         incomplete(args.out),

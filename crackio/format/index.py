@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.format.layout import INDEX, MANIFEST, REPACK, ShardError
+from crackio.format.layout import INDEX, MANIFEST, REPACK, ShardError, join
 from crackio.format.manifest import _bad, check_split, read_manifest
 from crackio.format.schema import INDEX_COLUMNS
 from crackio.fsio import read_regular
@@ -50,27 +50,11 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         ShardError: naming the missing, malformed or inconsistent file and how to fix it.
     """
     root = Path(root)
-    manifest = read_manifest(root)
-    check_split(manifest, root, split)
-    info = manifest["splits"][split]
-    if info["samples"] == 0:
-        raise ShardError(
-            f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {root / MANIFEST})"
-        )
+    info = split_entry_of(read_manifest(root), root, split)
     index_path = root / split / INDEX
     if index_path.exists() and index_path.resolve().parent != (root / split).resolve():
         raise _bad(index_path, f"is a link to {index_path.resolve()}, outside {(root / split).resolve()}", root)
-    try:
-        read_regular(index_path, None)  # a named pipe or a device would block or never end np.load
-        rows = np.load(index_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
-        raise _bad(index_path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})", root) from None
-    names = rows.dtype.names or ()
-    wrong = [c for c, kind in INDEX_COLUMNS.items() if c not in names or rows.dtype[c].kind != kind]
-    if rows.ndim != 1 or wrong:
-        raise _bad(index_path, f"is not a crackio index (columns {wrong or 'shape'} missing or mistyped)", root)
-    if len(rows) != info["samples"]:
-        raise _bad(index_path, f"has {len(rows)} rows but the manifest says {info['samples']}", root)
+    rows = open_index(index_path, index_path, root)
     shards = [root / split / s["name"] for s in info["shards"]]
     folder = (root / split).resolve()
     for path in shards:
@@ -82,11 +66,57 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         actual = path.stat().st_size
         if actual != s["bytes"]:
             raise _bad(path, f"is {actual} bytes, the manifest says {s['bytes']} (truncated or replaced)", root)
-    _check_rows(rows, np.array([s["bytes"] for s in info["shards"]], np.int64), index_path, root)
+    check_index(rows, info, index_path, root)
     return SplitIndex(root, split, rows, shards)
 
 
-def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: Path, root: Path) -> None:
+def split_entry_of(manifest: dict, root: str | os.PathLike, split: str) -> dict:
+    """The manifest's entry of `split`, which must exist and hold samples.
+
+    Raises:
+        ShardError: naming the pack's splits, or saying every input of the split was skipped.
+    """
+    check_split(manifest, root, split)
+    info = manifest["splits"][split]
+    if info["samples"] == 0:
+        raise ShardError(
+            f"split {split!r} in {root} is empty: every input was skipped (see 'skipped' in {join(root, MANIFEST)})"
+        )
+    return info
+
+
+def open_index(path: Path, name: str | os.PathLike, root: str | os.PathLike) -> np.ndarray:
+    """The index file at `path` memory-mapped read-only, its columns checked; `name` and `root` (the file and the
+    pack as the user knows them: paths, or a remote pack's URLs) are named in messages.
+
+    Raises:
+        ShardError: unreadable, or not a crackio index.
+    """
+    try:
+        read_regular(path, None)  # a named pipe or a device would block or never end np.load
+        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, MemoryError, EOFError) as e:  # e.g. a header claiming more rows than the file
+        raise _bad(name, f"cannot be read ({type(e).__name__}: {str(e)[:200]})", root) from None
+    names = rows.dtype.names or ()
+    wrong = [c for c, kind in INDEX_COLUMNS.items() if c not in names or rows.dtype[c].kind != kind]
+    if rows.ndim != 1 or wrong:
+        raise _bad(name, f"is not a crackio index (columns {wrong or 'shape'} missing or mistyped)", root)
+    return rows
+
+
+def check_index(rows: np.ndarray, info: dict, name: str | os.PathLike, root: str | os.PathLike) -> None:
+    """A split's index rows against its manifest entry `info`: one row per stored sample, each inside its tar
+    (the manifest's sizes), keys ascending, labels and IoUs in range.
+
+    Raises:
+        ShardError: naming the index (`name`) and how to fix the pack at `root`.
+    """
+    if len(rows) != info["samples"]:
+        raise _bad(name, f"has {len(rows)} rows but the manifest says {info['samples']}", root)
+    _check_rows(rows, np.array([s["bytes"] for s in info["shards"]], np.int64), name, root)
+
+
+def _check_rows(rows: np.ndarray, shard_bytes: np.ndarray, path: str | os.PathLike, root: str | os.PathLike) -> None:
     """Every row points inside its tar: shard number in range, offset and size non-negative, end within the file;
     keys strictly ascending; labels 0 or 1, IoUs within [0, 1]. Vectorized: ~40 ms per million rows."""
     shard = np.asarray(rows["shard"])

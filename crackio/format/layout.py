@@ -15,7 +15,9 @@ looked up in bulk from the index instead of parsing JSON per sample.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from crackio.errors import CrackioError
 from crackio.fsio import is_path_component
@@ -39,6 +41,13 @@ def split_sort_key(name: str) -> tuple[int, str]:
 
 class ShardError(CrackioError, RuntimeError):
     """Shards that are missing, incomplete or inconsistent; the message names file and fix."""
+
+
+def join(root: str | os.PathLike, *names: str) -> str:
+    """A file of a pack as text for messages: a folder's path, or a remote pack's URL (`s3://b/p/manifest.json`)."""
+    if isinstance(root, str) and "://" in root:
+        return "/".join([root.rstrip("/"), *names])
+    return str(Path(root).joinpath(*names))
 
 
 def shard_name(split: str, number: int) -> str:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TypedDict
 
-from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, ShardError, shard_pattern
+from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, ShardError, join, shard_pattern
 from crackio.fsio import atomic_write, is_path_component, read_regular
 
 
@@ -104,7 +104,7 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge messy folder, never this large
 
 
-def _bad(path: Path, what: str, root: Path) -> ShardError:
+def _bad(path: str | os.PathLike, what: str, root: str | os.PathLike) -> ShardError:
     return ShardError(f"{path} {what}: " + REPACK.format(root=root))
 
 
@@ -156,7 +156,7 @@ def check_split(manifest: dict, root: str | os.PathLike, split: str, option: str
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
         raise ShardError(
-            f"{option} {split!r} is not in {Path(root) / MANIFEST} (its splits: {have})"
+            f"{option} {split!r} is not in {join(root, MANIFEST)} (its splits: {have})"
             + (closest(split, splits) or f"; choose one of those, or pack a folder {split}/")
         )
 
@@ -187,8 +187,22 @@ def read_manifest(root: str | os.PathLike) -> dict:
             f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
         )
     try:
-        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
-    except (OSError, ValueError, RecursionError) as e:
+        data = read_regular(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as e:
+        raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
+    return parse_manifest(data, path, root)
+
+
+def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike) -> dict:
+    """A manifest's bytes (read from `path` of the pack at `root`: a folder or a URL, named in messages) as a
+    dict, every field a loader uses type-checked (the checks of `read_manifest`).
+
+    Raises:
+        ShardError: not JSON, another format version, malformed fields.
+    """
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:
         raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
     if not isinstance(manifest, dict):
         raise _bad(path, "is not a JSON object", root)

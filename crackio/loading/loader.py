@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import itertools
 import os
@@ -13,13 +12,12 @@ import numpy as np
 import torch
 
 from crackio.errors import ConfigError
-from crackio.format.index import load_index
-from crackio.format.manifest import manifest_sha256
 from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
+from crackio.storage.packs import open_pack
 
 
 class Backend(Protocol):
@@ -71,7 +69,10 @@ class Loader:
     `load_state_dict` stop and resume anywhere, at this or another world size (the same global batch).
 
     Args:
-        shards: folder written by tools/pack.py or tools/propose.py.
+        shards: folder written by tools/pack.py or tools/propose.py, or its URL on S3-compatible storage
+            (`s3://bucket/prefix`, credentials and endpoint from the AWS_* variables) or an HTTP(S) server, read
+            through the node's cache (crackio.storage.packs: `configure` or $CRACKIO_CACHE_DIR,
+            $CRACKIO_CACHE_LIMIT, $CRACKIO_REMOTE_TIMEOUT).
         split: e.g. "train", "valid", "test".
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
@@ -150,10 +151,12 @@ class Loader:
         self.order = order
         blocks = BlockOrder(block_size, window)  # checked whichever the order
         self.traversal: Order = blocks if order == "block" else RandomOrder()
-        self.index = load_index(shards, split)
+        self.source = open_pack(shards)
+        self.index = self.source.index(split)
+        files = self.source.files(self.index)
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
         sequential = order == "block" and train
-        self.reader = BlockReader(self.index, blocks.block_size) if sequential else ByteReader(self.index)
+        self.reader = BlockReader(self.index, files, blocks.block_size) if sequential else ByteReader(self.index, files)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -187,10 +190,10 @@ class Loader:
         self._live: tuple[int, int] | None = None  # (epoch, step) after the last batch handed out
         self._planned: tuple[int, list[np.ndarray], np.ndarray | None] = (-1, [], None)
 
-    @functools.cached_property
+    @property
     def pack(self) -> str:
-        """The pack's identity in states (its manifest's SHA-256), read when a state is first made or loaded."""
-        return manifest_sha256(self.index.root)
+        """The pack's identity in states (its manifest's SHA-256: the same for a local copy of a remote pack)."""
+        return self.source.sha256
 
     @property
     def global_batch_size(self) -> int:

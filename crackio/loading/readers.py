@@ -1,8 +1,8 @@
-"""Random access to JPEG bytes inside the shards, through the split index."""
+"""Random access to JPEG bytes inside the shards, through the split index; the tars are local files or remote
+objects (`crackio.storage.packs`: `LocalShards`, `RemoteShards`)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 
@@ -11,34 +11,24 @@ import numpy as np
 from crackio.format.index import SplitIndex
 from crackio.format.layout import REPACK, ShardError
 from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
+from crackio.storage.packs import LocalShards, RemoteShards
 
 
 class ByteReader:
-    """Reads samples' JPEG bytes by (shard, offset, size); cheap to pickle into workers."""
+    """Reads samples' JPEG bytes by (shard, offset, size) from `files` (the split's tars, local or remote; default:
+    the local tars `index` names); cheap to pickle into workers."""
 
-    def __init__(self, index: SplitIndex):
-        self.paths = [str(p) for p in index.shards]
+    def __init__(self, index: SplitIndex, files: LocalShards | RemoteShards | None = None):
+        files = files if files is not None else LocalShards(index.shards, str(index.root))  # a local index's tars
+        self.files = files
+        self.paths = files.names
         self.shard = index.rows["shard"]
         self.offset = index.rows["offset"]
         self.size = index.rows["size"]
         self.crc32 = index.rows["crc32"]
         self.key = index.rows["key"]
         self.filename = index.rows["filename"]
-        self.root = index.root
-        self._fds: dict[int, int] = {}
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}
-
-    def __del__(self):
-        for fd in self._fds.values():
-            os.close(fd)
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return fd
+        self.root = files.location
 
     def read(self, ids: np.ndarray) -> list[bytes]:
         """The JPEG bytes of rows `ids`, each checked against its CRC32 before any decoder sees it.
@@ -47,24 +37,36 @@ class ByteReader:
             ShardError: a short read or a checksum mismatch, naming the tar, the row and the original file.
         """
         out = []
-        for i in ids:
+        rows = [int(i) for i in ids]
+        for i, raw in zip(rows, self._raw(rows)):
             shard, size = int(self.shard[i]), int(self.size[i])
             # The member's tar header comes along (512 bytes more in the same read): its name must be this row's
             # key, which catches rows pointing at another sample (the checksum travels with the bytes).
-            raw = self._bytes(int(i), shard, size)
-            data = raw[HEADER:]
-            # zlib.crc32: ~2 us for a 10 KB crop, against ~100 us to decode it.
-            if len(data) != size or zlib.crc32(data) != int(self.crc32[i]):
-                what = "does not match its checksum" if len(data) == size else "is cut short"
-                raise self._damaged(int(i), shard, what)
-            if raw[:15] != b"%010d.jpg\0" % int(self.key[i]):
-                raise self._damaged(int(i), shard, f"is not stored as its key {int(self.key[i]):010d} says")
-            out.append(data)
+            problem = self._problem(i, raw, size)
+            if problem:  # a remote pack's cached chunk may be damaged: read once more, downloaded anew
+                again = self.files.reread(shard, int(self.offset[i]) - HEADER, size + HEADER)
+                if again is not None and not self._problem(i, again, size):
+                    raw = again
+                else:
+                    raise self._damaged(i, shard, problem)
+            out.append(raw[HEADER:])
         return out
 
-    def _bytes(self, row: int, shard: int, size: int) -> bytes:
-        """The sample's tar header and JPEG bytes."""
-        return os.pread(self._fd(shard), size + HEADER, int(self.offset[row]) - HEADER)
+    def _problem(self, i: int, raw: bytes, size: int) -> str:
+        """What is wrong with the bytes read for row `i` ("" when they are its sample's)."""
+        data = raw[HEADER:]
+        # zlib.crc32: ~2 us for a 10 KB crop, against ~100 us to decode it.
+        if len(data) != size or zlib.crc32(data) != int(self.crc32[i]):
+            return "does not match its checksum" if len(data) == size else "is cut short"
+        if raw[:15] != b"%010d.jpg\0" % int(self.key[i]):
+            return f"is not stored as its key {int(self.key[i]):010d} says"
+        return ""
+
+    def _raw(self, ids: list[int]) -> list[bytes]:
+        """Each row's tar header and JPEG bytes (a batch's requests in flight together on a remote pack)."""
+        return self.files.read_many(
+            [(int(self.shard[i]), int(self.offset[i]) - HEADER, int(self.size[i]) + HEADER) for i in ids]
+        )
 
     def _damaged(self, row: int, shard: int, what: str) -> ShardError:
         name = bytes(self.filename[row]).decode(errors="replace")
@@ -100,8 +102,14 @@ class BlockReader(ByteReader):
     deadlock it). Thread-safe; checksums are checked as in `ByteReader`.
     """
 
-    def __init__(self, index: SplitIndex, block_size: int, budget: int = 64 << 20):
-        super().__init__(index)
+    def __init__(
+        self,
+        index: SplitIndex,
+        files: LocalShards | RemoteShards | None = None,
+        block_size: int = 128,
+        budget: int = 64 << 20,
+    ):
+        super().__init__(index, files)
         self.block_size, self.budget = block_size, budget
         self._cond = threading.Condition()
         self._buffers: dict[tuple[int, int], tuple[int, bytes]] = {}  # (block, shard) -> (first offset, bytes)
@@ -110,7 +118,7 @@ class BlockReader(ByteReader):
         self._epoch = 0  # bumped by every prefetch: an older read-ahead thread stops
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(self.__dict__)
         return {k: v for k, v in state.items() if k not in ("_cond", "_buffers", "_left")} | {
             "_buffers": {},
             "_left": {},
@@ -172,8 +180,8 @@ class BlockReader(ByteReader):
                     if self._left.get(block, 0) == 0:
                         break  # already consumed by direct reads
                 try:
-                    data = os.pread(self._fd(shard), length, start)
-                except OSError:
+                    data = self.files.read(shard, start, length)
+                except Exception:  # OSError, or a remote pack's RemoteError
                     return  # a reader thread never fails the epoch: `read` reads directly and reports the error
                 with self._cond:
                     if self._epoch != epoch:
@@ -182,7 +190,11 @@ class BlockReader(ByteReader):
                         self._buffers[(block, shard)] = (start, data)
                         self._held += len(data)
 
+    def _raw(self, ids: list[int]) -> list[bytes]:
+        return [self._bytes(i, int(self.shard[i]), int(self.size[i])) for i in ids]
+
     def _bytes(self, row: int, shard: int, size: int) -> bytes:
+        """The sample's tar header and JPEG bytes: from the read-ahead's buffer, or read directly."""
         block = row // self.block_size
         offset, size = int(self.offset[row]) - HEADER, size + HEADER
         with self._cond:
@@ -199,4 +211,4 @@ class BlockReader(ByteReader):
             start, data = buffered
             if start <= offset and offset + size <= start + len(data):
                 return data[offset - start : offset - start + size]
-        return os.pread(self._fd(shard), size, offset)
+        return self.files.read(shard, offset, size)

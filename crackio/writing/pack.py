@@ -13,7 +13,7 @@ import numpy as np
 
 from crackio.cli import progress_bar
 from crackio.errors import ConfigError, MissingFile
-from crackio.format.layout import MANIFEST, manifest_files, planned_files
+from crackio.format.layout import MANIFEST, join, manifest_files, planned_files
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import index_dtype
 from crackio.fsio import display_name
@@ -189,7 +189,7 @@ def pack(
     return result
 
 
-def summary(manifest: dict, out: Path) -> str:
+def summary(manifest: dict, out: str | Path) -> str:
     """One line of what was written, and a warning line per problem a researcher must know of."""
     parts = [
         f"{name} {s['samples']} ({s['classes']['1']} crack / {s['classes']['0']} no crack)"
@@ -208,14 +208,14 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def print_skipped(manifest: dict, out: Path, word: str = "skipped", limit: int = 20) -> None:
+def print_skipped(manifest: dict, out: str | Path, word: str = "skipped", limit: int = 20) -> None:
     """The first `limit` skipped inputs on stderr, and where the whole list is (the CLIs' shared output)."""
     import sys
 
     for s in manifest["skipped"][:limit]:
         print(f"{word} {s['path']}: {s['reason']}", file=sys.stderr)
     if len(manifest["skipped"]) > limit:
-        print(f"... and {len(manifest['skipped']) - limit} more, all listed in {out / MANIFEST}", file=sys.stderr)
+        print(f"... and {len(manifest['skipped']) - limit} more, all listed in {join(out, MANIFEST)}", file=sys.stderr)
 
 
 def warnings(manifest: dict) -> list[str]:

@@ -344,7 +344,7 @@ def split_photos(src: Path, jobs: list[tuple[Photo, str]]) -> dict:
     return {"root": display_name(root), "splits": {k: sorted(v) for k, v in per.items()}}
 
 
-def summary(manifest: dict, out: Path) -> str:
+def summary(manifest: dict, out: str | Path) -> str:
     """What was written, proposal recall per split (at the cap, and of every region before it), and where the
     time went."""
     parts = []

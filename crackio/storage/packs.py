@@ -1,0 +1,399 @@
+"""A pack wherever it is: a local folder, or a URL (`s3://bucket/prefix`, `http(s)://host/path`) read through the
+node's cache. `open_pack` is the one place a `--shards` value becomes something to read; everything downstream
+(the loader, eval, svm, detect, bench, verify) reads through the `Pack` it returns.
+
+A remote pack's manifest is fetched once per process and validated like a local one; its SHA-256 is the same as
+the local copy's, so a run resumes on either. Each split's index is fetched once per node into the cache (the
+other ranks wait for that download), validated as a local index is, and memory-mapped from there. Shard bytes:
+
+- `read` (block order's runs of consecutive samples) goes through the cache in aligned chunks of `CHUNK` bytes;
+- `read_many` (random order's samples, a batch at a time) goes through the same chunks when the cache can hold
+  the whole pack; otherwise it streams: each sample's bytes by ranged GET, a batch's requests per tar in one
+  obstore `get_ranges` call (concurrent, nearby ranges coalesced), nothing kept, since an LRU cache smaller than
+  the pack would only evict what a random order needs next.
+
+Every sample read is CRC32-checked by the reader above (`crackio.loading.readers`); a damaged cached chunk is
+dropped and fetched again once (`reread`); an object whose size is not its manifest's is a changed object and
+ends the run (`RemoteError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crackio.errors import ConfigError
+from crackio.format.index import SplitIndex, check_index, load_index, open_index, split_entry_of
+from crackio.format.layout import INDEX, MANIFEST, ShardError, join, manifest_files
+from crackio.format.manifest import manifest_sha256, parse_manifest, read_manifest
+from crackio.format.verify import verify
+from crackio.fsio import atomic_write
+from crackio.storage.cache import Cache, default_cache_dir
+from crackio.storage.remote import Remote, RemoteError, is_remote
+
+CHUNK = 1 << 20  # bytes: the cache's unit of a tar; ~100 crops of ~10 KB, one request each
+FETCHERS = 16  # chunk downloads in flight per process
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where a node keeps a remote pack, how much of it, and how long a failing server is waited for.
+
+    `cache_dir`: the cache folder (default `default_cache_dir()`); `cache_limit`: bytes (None: no limit);
+    `timeout`: seconds of transient failures before a read gives up (`crackio.storage.remote.Unreachable`).
+    Defaults from `$CRACKIO_CACHE_DIR`, `$CRACKIO_CACHE_LIMIT`, `$CRACKIO_REMOTE_TIMEOUT`.
+    """
+
+    cache_dir: Path | None = None
+    cache_limit: int | None = None
+    timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RemoteSettings:
+        limit = os.environ.get("CRACKIO_CACHE_LIMIT")
+        timeout = os.environ.get("CRACKIO_REMOTE_TIMEOUT")
+        try:
+            return cls(
+                Path(os.environ["CRACKIO_CACHE_DIR"]) if os.environ.get("CRACKIO_CACHE_DIR") else None,
+                parse_bytes(limit) if limit else None,
+                float(timeout) if timeout else 60.0,
+            )
+        except ValueError as e:
+            raise ConfigError(f"CRACKIO_CACHE_LIMIT / CRACKIO_REMOTE_TIMEOUT: {e}") from None
+
+
+_settings: RemoteSettings | None = None
+
+
+def configure(settings: RemoteSettings) -> None:
+    """Set this process's remote settings (the command lines' --cache-dir, --cache-limit, --remote-timeout)."""
+    global _settings
+    _settings = settings
+
+
+def settings() -> RemoteSettings:
+    return _settings if _settings is not None else RemoteSettings.from_env()
+
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+UNITS |= {"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """A size in bytes from `123`, `512M`, `20GB`, `1.5GiB` (binary units: a cache limit is disk, not a
+    transfer). Raises ValueError naming the text."""
+    if isinstance(text, int):
+        value = text
+    else:
+        number = text.strip().lower().rstrip("s")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz ")
+        unit = number[len(digits) :].strip()
+        try:
+            value = int(float(digits) * UNITS[unit])
+        except (ValueError, KeyError):
+            raise ValueError(f"{text!r} is not a size (write bytes, or e.g. 512M, 20G)") from None
+    if value < 0:
+        raise ValueError(f"{text!r}: a size cannot be negative")
+    return value
+
+
+class LocalShards:
+    """The tars of a local split: bytes by `os.pread`, one descriptor per tar and process."""
+
+    def __init__(self, paths: list[Path], location: str):
+        self.names = [str(p) for p in paths]
+        self.location = location
+        self._fds: dict[int, int] = {}
+
+    def __getstate__(self):
+        return {"names": self.names, "location": self.location, "_fds": {}}
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def read(self, shard: int, start: int, length: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.names[shard], os.O_RDONLY)
+        return os.pread(fd, length, start)
+
+    def read_many(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
+        """(shard, start, length) each, in order."""
+        return [self.read(*r) for r in requests]
+
+    def reread(self, shard: int, start: int, length: int) -> bytes | None:
+        """None: a local file read again gives the same bytes (nothing to retry)."""
+        return None
+
+
+class RemoteShards:
+    """The tars of a remote split, read through the node's cache (module docstring). Thread-safe; picklable."""
+
+    def __init__(
+        self, remote: Remote, split: str, entries: list[dict], cache: Cache | None, pack_key: str, stream: bool
+    ):
+        self.remote, self.split, self.cache, self.stream = remote, split, cache, stream
+        self.keys = [f"{split}/{e['name']}" for e in entries]
+        self.sizes = [int(e["bytes"]) for e in entries]
+        self.names = [remote.address(k) for k in self.keys]
+        self.location = remote.url
+        self.pack_key = pack_key
+        self._checked: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_checked=set(), _pool=None, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _chunk_name(self, shard: int, chunk: int) -> str:
+        return f"{self.pack_key}/{self.keys[shard]}.{chunk}"
+
+    def _check_size(self, shard: int, size: int) -> None:
+        if size != self.sizes[shard]:
+            raise RemoteError(
+                f"{self.names[shard]} is {size} bytes, its manifest says {self.sizes[shard]}: the object changed "
+                "since the pack was written (a re-upload under way?); upload the whole pack again, then run again"
+            )
+        self._checked.add(shard)
+
+    def _download(self, shard: int, chunk: int) -> bytes:
+        start = chunk * CHUNK
+        data, size = self.remote.get(self.keys[shard], start, min(CHUNK, self.sizes[shard] - start))
+        self._check_size(shard, size)
+        return data
+
+    def _chunk(self, shard: int, chunk: int) -> bytes:
+        if self.cache is None:
+            return self._download(shard, chunk)
+        return self.cache.fetch(self._chunk_name(shard, chunk), lambda: self._download(shard, chunk))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="crackio-fetch")
+            return self._pool
+
+    def _chunks(self, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        if len(wanted) == 1:
+            return {wanted[0]: self._chunk(*wanted[0])}
+        return dict(zip(wanted, self._executor().map(lambda sc: self._chunk(*sc), wanted)))
+
+    def _assemble(self, shard: int, start: int, length: int, chunks: dict[tuple[int, int], bytes]) -> bytes:
+        first, last = start // CHUNK, (start + length - 1) // CHUNK
+        data = b"".join(chunks[(shard, c)] for c in range(first, last + 1))
+        return data[start - first * CHUNK : start - first * CHUNK + length]
+
+    @staticmethod
+    def _covering(shard: int, start: int, length: int) -> list[tuple[int, int]]:
+        return [(shard, c) for c in range(start // CHUNK, (start + length - 1) // CHUNK + 1)]
+
+    def read(self, shard: int, start: int, length: int) -> bytes:
+        """`length` bytes from `start` of tar `shard`, through the cache's chunks."""
+        return self._assemble(shard, start, length, self._chunks(self._covering(shard, start, length)))
+
+    def read_many(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
+        """(shard, start, length) each, in order: chunks through the cache, or streamed (module docstring)."""
+        if not self.stream:
+            wanted = sorted({sc for r in requests for sc in self._covering(*r)})
+            chunks = self._chunks(wanted)
+            return [self._assemble(*r, chunks) for r in requests]
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i, (shard, _, _) in enumerate(requests):
+            by_shard[shard].append(i)
+        out: list[bytes] = [b""] * len(requests)
+
+        def fetch(shard: int) -> None:
+            mine = by_shard[shard]
+            if shard not in self._checked:  # one plain GET first: its answer carries the object's size
+                _, start, length = requests[mine[0]]
+                data, size = self.remote.get(self.keys[shard], start, length)
+                self._check_size(shard, size)
+                out[mine[0]] = data
+                mine = mine[1:]
+            if mine:
+                got = self.remote.get_ranges(
+                    self.keys[shard], [requests[i][1] for i in mine], [requests[i][2] for i in mine]
+                )
+                for i, data in zip(mine, got):
+                    out[i] = data
+
+        if len(by_shard) == 1:
+            fetch(next(iter(by_shard)))
+        else:
+            list(self._executor().map(fetch, by_shard))
+        return out
+
+    def reread(self, shard: int, start: int, length: int) -> bytes | None:
+        """The bytes again after a failed checksum, with the cached chunks dropped and downloaded anew (a damaged
+        cache file); what a fresh download gives is what the server holds."""
+        if self.cache is not None:
+            for s, c in self._covering(shard, start, length):
+                self.cache.drop(self._chunk_name(s, c))
+        if self.stream or self.cache is None:
+            return self.remote.get(self.keys[shard], start, length)[0]
+        return self.read(shard, start, length)
+
+
+@dataclass
+class Pack:
+    """A complete pack, local or remote, its manifest read and validated once.
+
+    `location`: as given (folder or URL); `manifest`: the validated dict; `sha256`: the manifest's (the pack's
+    identity in checkpoints and loader states, the same for a local copy).
+    """
+
+    location: str
+    manifest: dict
+    sha256: str
+    root: Path | None = None  # a local pack's folder
+    remote: Remote | None = None
+    cache: Cache | None = None
+
+    @property
+    def key(self) -> str:
+        """The pack's folder in the cache: its manifest's SHA-256 (a re-uploaded pack is another pack)."""
+        return self.sha256[:24]
+
+    def index(self, split: str) -> SplitIndex:
+        """The split's index, checked (`crackio.format.index`); a remote one fetched once per node into the cache.
+
+        Raises:
+            ShardError: a missing split, a malformed index, an unreachable server (naming the URL).
+        """
+        if self.remote is None:
+            assert self.root is not None
+            return load_index(self.root, split)
+        info = split_entry_of(self.manifest, self.location, split)
+        key = f"{split}/{INDEX}"
+        name = self.remote.address(key)
+        download = lambda: self.remote.get(key)[0]  # type: ignore[union-attr]  # noqa: E731
+        if self.cache is None:  # --cache-limit 0
+            rows = _in_memory(download(), name, self.location)
+        else:
+            entry = f"{self.key}/{key}"
+            for _ in range(3):  # evicted by another process between download and opening: fetch it again
+                kept = self.cache.keep(entry, download)
+                if isinstance(kept, bytes):  # larger than the whole cache
+                    rows = _in_memory(kept, name, self.location)
+                    break
+                if kept.is_file():
+                    rows = open_index(kept, name, self.location)
+                    break
+            else:
+                rows = _in_memory(download(), name, self.location)
+        check_index(rows, info, name, self.location)
+        return SplitIndex(Path(self.location), split, rows, [])
+
+    def files(self, index: SplitIndex) -> LocalShards | RemoteShards:
+        """What reads the split's tars: local files, or the remote objects through the cache."""
+        if self.remote is None:
+            return LocalShards(index.shards, str(self.location))
+        entries = self.manifest["splits"][index.split]["shards"]
+        total = sum(s["bytes"] for info in self.manifest["splits"].values() for s in info["shards"])
+        stream = self.cache is None or (self.cache.limit is not None and self.cache.limit < total)
+        return RemoteShards(self.remote, index.split, entries, self.cache, self.key, stream)
+
+
+def _in_memory(data: bytes, name: str, root: str) -> np.ndarray:
+    """An index that a cache too small to hold it cannot keep: read from memory (`allow_pickle=False`)."""
+    import io
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ShardError(
+            f"{name} cannot be read ({type(e).__name__}: {str(e)[:200]}): upload the pack again to {root}"
+        ) from None
+
+
+_opened: dict[tuple[str, RemoteSettings], Pack] = {}
+_opened_lock = threading.Lock()
+
+
+def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None) -> Pack:
+    """The pack at `location` (a folder, or an s3:// or http(s):// URL), its manifest validated.
+
+    A remote pack is opened once per process and settings (its manifest fetched once); `remote` defaults to
+    `settings()`.
+
+    Raises:
+        ShardError: no complete pack there, a malformed manifest; RemoteError naming the URL and the fix.
+    """
+    if not is_remote(location):
+        root = Path(location)
+        manifest = read_manifest(root)
+        return Pack(str(location), manifest, manifest_sha256(root), root=root)
+    url = str(location).rstrip("/")
+    remote = remote or settings()
+    with _opened_lock:
+        if (url, remote) in _opened:
+            return _opened[(url, remote)]
+    server = Remote(url, remote.timeout)
+    try:
+        data, _ = server.get(MANIFEST)
+    except RemoteError as e:
+        if "404" not in str(e):
+            raise
+        raise RemoteError(
+            f"{join(url, MANIFEST)} is missing, so {url} holds no complete pack (an upload not finished, or the wrong "
+            f"prefix): upload one with `python tools/pack.py SRC --out {url}`"
+        ) from None
+    manifest = parse_manifest(data, join(url, MANIFEST), url)
+    cache = None
+    if remote.cache_limit != 0:
+        cache = Cache(remote.cache_dir or default_cache_dir(), remote.cache_limit)
+    pack = Pack(url, manifest, hashlib.sha256(data).hexdigest(), remote=server, cache=cache)
+    with _opened_lock:
+        _opened[(url, remote)] = pack
+    return pack
+
+
+def download_pack(location: str, dest: Path) -> Pack:
+    """Copy the remote pack at `location` into the folder `dest` (every file its manifest names, manifest last):
+    a local copy with the same manifest, so a run resumes on either.
+
+    Raises:
+        RemoteError: a download failed.
+    """
+    pack = open_pack(location)
+    assert pack.remote is not None
+    for name in sorted(manifest_files(pack.manifest) - {MANIFEST}):
+        try:
+            data, _ = pack.remote.get(name)
+        except RemoteError:
+            if name.endswith((".npy", ".tar")):
+                raise
+            continue  # converted.tsv exists only where something was converted; an .idx is verify's to report
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest / name, data)
+    atomic_write(dest / MANIFEST, pack.remote.get(MANIFEST)[0])
+    return pack
+
+
+def verify_pack(location: str | os.PathLike) -> Iterator[str]:
+    """`crackio.format.verify.verify` of a folder, or of a remote pack downloaded whole into a temporary folder
+    (every byte is read either way); problems name the URL."""
+    if not is_remote(location):
+        yield from verify(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="crackio-verify-") as tmp:
+        download_pack(str(location), Path(tmp))
+        url = str(location).rstrip("/")
+        for line in verify(tmp):
+            yield line.replace(tmp, url)

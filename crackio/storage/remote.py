@@ -1,0 +1,257 @@
+"""A pack's objects on S3-compatible storage or an HTTP(S) server: ranged GETs, uploads, and the fault policy.
+
+The protocol is obstore's (the Rust `object_store` crate behind it): S3 with credentials, region and endpoint from
+the standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+`AWS_ENDPOINT_URL`, ...), so MinIO, R2 and Ceph work unchanged; HTTP(S) with Range requests. Measured against
+fsspec + s3fs on the same local S3 server (README, "Remote shards"): obstore's ranged reads were faster, and its
+`get_ranges` coalesces a batch's nearby ranges into few requests.
+
+Fault policy (one place, here): obstore's own retries are off so that every retry is counted (`Stats`). A
+transient error (connection refused or reset, a timeout, 5xx, 429 throttling) is retried with exponential backoff
+and jitter until `timeout` seconds have passed since the first try; then `Unreachable`. A permanent one (401, 403,
+404, another 4xx) raises `RemoteError` at once. Both are one line naming the URL, what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from crackio.errors import ConfigError
+from crackio.format.layout import ShardError
+
+SCHEMES = ("s3", "http", "https")
+T = TypeVar("T")
+
+
+def is_remote(location: object) -> bool:
+    """Whether `location` (a --shards or --out value) names object storage or an HTTP(S) server."""
+    return isinstance(location, str) and urlsplit(location).scheme.lower() in SCHEMES and "://" in location
+
+
+def location(text: str) -> str | Path:
+    """A --shards or --out value: a URL as given, anything else a local path (argparse's `type=`)."""
+    return text.rstrip("/") if is_remote(text) else Path(text)
+
+
+class RemoteError(ShardError):
+    """A permanent remote failure (access denied, a missing or changed object): retrying cannot help."""
+
+
+class Unreachable(RemoteError):
+    """The server did not answer within the retry deadline (down, unreachable, or failing every request)."""
+
+
+@dataclass
+class Stats:
+    """Requests, bytes and retries of this process's remote reads (thread-safe counters)."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, requests: int = 0, nbytes: int = 0, retries: int = 0) -> None:
+        with self.lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {"requests": self.requests, "bytes": self.bytes, "retries": self.retries}
+
+
+STATS = Stats()  # per process: what the bench and the trainer's epoch line report
+
+
+def _status(error: BaseException) -> int | None:
+    """The HTTP status in an obstore error's text ("... non-2xx status code: 503 Service Unavailable ...")."""
+    found = re.search(r"status(?: code)?:? (\d{3})\b", str(error))
+    return int(found.group(1)) if found else None
+
+
+FIXES = {
+    401: "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    403: "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
+    404: "no such object: check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
+    416: "the object is shorter than its manifest says: it changed since the pack was uploaded; upload it again",
+}
+
+
+def classify(error: BaseException) -> tuple[bool, str]:
+    """(transient, one-line description) of an error raised by obstore."""
+    import obstore.exceptions as oe
+
+    status = _status(error)
+    if isinstance(error, FileNotFoundError | oe.NotFoundError):
+        return False, "404 not found"
+    if isinstance(error, oe.PermissionDeniedError):
+        return False, f"{status or 403} access denied"
+    if isinstance(error, oe.UnauthenticatedError):
+        return False, f"{status or 401} not authenticated"
+    if status is not None:
+        transient = status >= 500 or status in (408, 429)
+        return transient, f"HTTP {status}" + (" (throttled)" if status in (429, 503) else "")
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = re.sub(r"^Generic \w+ error: ", "", text)
+    text = re.sub(r"Error performing \w+ \S+ in [\d.]+\w+ - ", "", text)  # the URL is named by the caller
+    return True, text[:160]  # connection refused or reset, a timeout, a broken body: the network's
+
+
+class Remote:
+    """The objects under one URL (`s3://bucket/prefix` or `http(s)://host/path`), read and written by key
+    (`train/train-000000.tar`). Picklable: each process opens its own client on first use.
+
+    `timeout`: seconds a request may keep failing transiently before `Unreachable` (the bound on how long a
+    vanished server can hold a run).
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        if not is_remote(url):
+            raise ConfigError(f"{url!r} is not an s3:// or http(s):// URL")
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise ConfigError(f"{url} names no bucket or host: write s3://BUCKET/PREFIX or http://HOST/PATH")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{url} has a query or fragment: give the pack's folder URL without ?... or #...")
+        self.url = url.rstrip("/")
+        self.scheme = parts.scheme.lower()
+        self.timeout = float(timeout)
+        self._store: Any = None
+
+    def __getstate__(self):
+        return {"url": self.url, "scheme": self.scheme, "timeout": self.timeout, "_store": None}
+
+    def __repr__(self) -> str:
+        return f"Remote({self.url!r})"
+
+    def address(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from obstore.store import HTTPStore, S3Store
+
+            request = max(5.0, min(30.0, self.timeout / 2))
+            client: Any = {"allow_http": True, "timeout": timedelta(seconds=request), "connect_timeout": "5s"}
+            retry: Any = {"max_retries": 0, "retry_timeout": timedelta(seconds=request)}  # retries are ours: counted
+            if self.scheme == "s3":
+                self._store = S3Store.from_url(self.url, client_options=client, retry_config=retry)
+            else:
+                self._store = HTTPStore.from_url(self.url, client_options=client, retry_config=retry)
+        return self._store
+
+    def call(self, key: str, what: str, request: Callable[[], T]) -> T:
+        """`request()` under the fault policy (module docstring); `what` names the operation in messages.
+
+        Raises:
+            RemoteError: a permanent failure, naming the object's URL and the fix.
+            Unreachable: transient failures for `timeout` seconds.
+        """
+        first = time.monotonic()
+        delay = 0.2
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                result = request()
+                STATS.add(requests=1)
+                return result
+            except FileExistsError:  # a conditional PUT that lost: the caller's answer, not a fault
+                STATS.add(requests=1)
+                raise
+            except Exception as e:
+                STATS.add(requests=1)
+                transient, text = classify(e)
+                url = self.address(key)
+                if not transient:
+                    fix = FIXES.get(_status(e) or (404 if "404" in text else 0), "check the URL and the server")
+                    raise RemoteError(f"{what} {url} failed: {text}: {fix}") from None
+                left = self.timeout - (time.monotonic() - first)
+                if left <= 0:
+                    raise Unreachable(
+                        f"{what} {url} failed {tries} times over {time.monotonic() - first:.0f} s (last: {text}): "
+                        "the server is down, unreachable or overloaded; check it (and AWS_ENDPOINT_URL), then "
+                        "run again"
+                    ) from None
+                STATS.add(retries=1)
+                time.sleep(min(delay * random.uniform(0.5, 1.5), left))  # full jitter, as AWS's guidance
+                delay = min(delay * 2, 10.0)
+
+    def get(self, key: str, start: int | None = None, length: int | None = None) -> tuple[bytes, int]:
+        """(bytes, the object's whole size): the object, or `length` bytes from `start` (one ranged GET)."""
+        import obstore
+
+        def request() -> tuple[bytes, int]:
+            options = {} if start is None else {"range": (start, start + (length or 0))}
+            result = obstore.get(self.store, key, options=options)  # type: ignore[arg-type]
+            return bytes(result.bytes()), int(result.meta["size"])
+
+        data, size = self.call(key, "reading", request)
+        STATS.add(nbytes=len(data))
+        if start is not None and len(data) != length:
+            raise RemoteError(
+                f"reading {self.address(key)} bytes {start}..{start + (length or 0)} returned {len(data)}: the "
+                "object changed since its manifest was written; upload the pack again, then run again"
+            )
+        return data, size
+
+    def get_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
+        """Several ranges of one object, fetched concurrently and with nearby ranges coalesced (obstore's
+        `get_ranges`: one request for ranges less than 1 MiB apart)."""
+        import obstore
+
+        out = self.call(
+            key,
+            "reading",
+            lambda: [bytes(b) for b in obstore.get_ranges(self.store, key, starts=starts, lengths=lengths)],
+        )
+        STATS.add(nbytes=sum(map(len, out)))
+        return out
+
+    def exists(self, key: str) -> bool:
+        import obstore
+
+        def request() -> bool:
+            try:
+                obstore.head(self.store, key)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return self.call(key, "looking for", request)
+
+    def put(self, key: str, data: bytes | Any, create: bool = False) -> None:
+        """Upload `data` (bytes or a local path) as `key`; `create`: only if no object has that key (a
+        conditional PUT, If-None-Match: *), else `FileExistsError`."""
+        import obstore
+
+        if self.scheme != "s3":
+            raise ConfigError(f"{self.url}: an http(s):// server is read-only here; upload to s3:// instead")
+
+        def request() -> None:
+            try:
+                obstore.put(self.store, key, data, mode="create" if create else "overwrite")
+            except FileExistsError:
+                raise
+            except Exception as e:
+                if "already exists" in str(e).lower() or _status(e) == 412:
+                    raise FileExistsError(self.address(key)) from None
+                raise
+
+        self.call(key, "uploading to", request)
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        self.call(key, "deleting", lambda: obstore.delete(self.store, key))

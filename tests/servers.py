@@ -1,0 +1,203 @@
+"""Real servers for the remote-shard tests, on 127.0.0.1 only, started and stopped by the tests: moto's S3 server
+(a subprocess: S3's REST API over HTTP, no mock inside the test process), nginx (Debian's package; Range requests
+as a production HTTP server answers them) and `FaultProxy`, a small HTTP proxy in front of either that adds
+latency, answers 503 or resets connections on demand, or disappears.
+
+`.ci/run` installs nginx when it is missing and sets CRACKIO_REQUIRE_SERVERS=1, so in CI a missing server fails
+instead of skipping."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REQUIRED = os.environ.get("CRACKIO_REQUIRE_SERVERS") == "1"
+
+
+def missing(what: str) -> None:
+    """Skip (or fail, in CI) a test whose server cannot be started here."""
+    if REQUIRED:
+        pytest.fail(f"{what} (CRACKIO_REQUIRE_SERVERS=1)")
+    pytest.skip(what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """An S3-compatible server (moto in server mode) in its own process; yields its endpoint URL."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        missing("moto[server] is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    log = open(os.devnull, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    try:
+        wait_for_port(port, process, "moto server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+@contextlib.contextmanager
+def nginx(root: Path, workdir: Path) -> Iterator[str]:
+    """nginx serving `root` read-only on a free port (Range requests answered by nginx itself); yields its URL."""
+    binary = nginx_binary()
+    if binary is None:
+        missing("nginx is not installed (apt-get install nginx)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    user = "user root;" if os.geteuid() == 0 else ""  # as root, workers would otherwise drop to nobody
+    (workdir / "nginx.conf").write_text(
+        f"""{user}
+daemon off;
+worker_processes 2;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy; fastcgi_temp_path {workdir}/fcgi;
+    uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
+    server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process, "nginx")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of `target` (http://host:port), forwarding every request as it came
+    (S3 signatures stay valid: the Host header is passed through). Faults, set on the object while it runs:
+    `delay` seconds before each request is forwarded (a round trip); `fail` next requests answered 503 SlowDown;
+    `reset` next requests answered by a TCP reset; `stop()`: every open connection reset, new ones refused.
+    `requests` counts what reached it."""
+
+    def __init__(self, target: str):
+        self.target = target.removeprefix("http://").rstrip("/")
+        self.delay = 0.0
+        self.fail = 0
+        self.reset = 0
+        self.requests = 0
+        self.down = False
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _take(self, what: str) -> bool:
+                with proxy.lock:
+                    proxy.requests += 1
+                    if getattr(proxy, what) > 0:
+                        setattr(proxy, what, getattr(proxy, what) - 1)
+                        return True
+                return False
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if self._take("reset") or proxy.down:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if self._take("fail"):
+                    text = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
+                if proxy.delay:
+                    time.sleep(proxy.delay)
+                upstream = http.client.HTTPConnection(proxy.target, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """The server disappears: open connections are reset, new ones refused."""
+        self.down = True
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(OSError):
+            self.stop()
