@@ -16,7 +16,6 @@ import torch
 
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile
-from crackio.format.manifest import manifest_sha256
 from crackio.fsio import write_json, write_text
 from train.config import Config
 
@@ -292,13 +291,14 @@ def save_step(out: Path, ckpt: dict, progress: EpochProgress) -> None:
     atomic_save({**ckpt, "progress": dataclasses.asdict(progress)}, out / STEP)
 
 
-def pack_fingerprint(shards: str | Path, manifest: dict) -> dict:
-    """What identifies the pack in `shards`: the SHA-256 of its manifest.json (the same input and seed give a
-    byte-identical manifest, and it moves with the folder), and for people the fields that say what changed:
-    format version, seed, source and samples per split, from `manifest` as `read_manifest` validated it.
+def pack_fingerprint(sha256: str, manifest: dict) -> dict:
+    """What identifies a pack: `sha256`, its manifest.json's (the same input and seed give a byte-identical
+    manifest; it moves with the folder and is the same for a remote copy: crackio.storage.packs.Pack), and for
+    people the fields that say what changed: format version, seed, source and samples per split, from `manifest`
+    as `read_manifest` validated it.
     """
     return {
-        "manifest_sha256": manifest_sha256(shards),
+        "manifest_sha256": sha256,
         "format_version": manifest["format_version"],
         "seed": manifest.get("seed"),
         "source": manifest.get("source"),

@@ -5,6 +5,7 @@ imported only then. The error policy is crackio.cli.run_command's (train/__main_
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from crackio.cli import ArgumentParser, check_limits
@@ -19,6 +20,7 @@ from train.config import (
     add_config_arguments,
     check_applicable,
     read_config_file,
+    remote_settings,
 )
 
 SWEEP_EPILOG = (
@@ -26,6 +28,21 @@ SWEEP_EPILOG = (
     "here are shared by every variant; a variant's own settings win. Run the same command again to "
     "skip finished variants, resume interrupted ones and retry failed ones."
 )
+
+
+def add_remote_arguments(ap: argparse.ArgumentParser) -> None:
+    """--cache-dir, --cache-limit, --remote-timeout: how a remote --shards is read (the trainer's own are Config
+    fields, saved with the run)."""
+    group = ap.add_argument_group("a remote pack (--shards s3://... or http(s)://...)")
+    remote = ("cache_dir", "cache_limit", "remote_timeout")
+    add_config_arguments(group, given_only=False, skip=[f.name for f in fields(Config) if f.name not in remote])
+
+
+def configure_remote(values: dict) -> None:
+    """Take the remote flags out of `values` and set them for this process (crackio.storage.packs.configure)."""
+    from crackio.storage.packs import configure
+
+    configure(remote_settings(values.pop("cache_dir"), values.pop("cache_limit"), values.pop("remote_timeout")))
 
 
 def train(argv: list[str]) -> None:
@@ -79,7 +96,9 @@ def evaluate(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: CUDA if present)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="the loader decoder (auto: DALI if installed)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
+    add_remote_arguments(ap)
     a = ap.parse_args(argv)
+    configure_remote(vars(a))
     check_limits(
         {
             "--threshold": (0 <= a.threshold <= 1, "in [0, 1] (a probability)", a.threshold),
@@ -133,7 +152,10 @@ def svm(argv: list[str]) -> None:
         ),
     )
     add_config_arguments(ap, SvmConfig, given_only=False)
-    cfg = SvmConfig(**vars(ap.parse_args(argv)))
+    add_remote_arguments(ap)
+    values = vars(ap.parse_args(argv))
+    configure_remote(values)
+    cfg = SvmConfig(**values)
     cfg.validate()
     from train.svm import run_svm
 
@@ -183,7 +205,9 @@ def detect(argv: list[str]) -> None:
     crops.add_argument("--mode", choices=MODES, default=None, help="selective search mode (default: fast, R-CNN's)")
     crops.add_argument("--max-proposals", type=int, default=None, help="proposals per photo (default: 2000, R-CNN's)")
     crops.add_argument("--context", type=int, default=None, help="context pixels at 224 (default: 16, R-CNN's)")
+    add_remote_arguments(ap)
     a = ap.parse_args(argv)
+    configure_remote(vars(a))
     from train.detect import run_detect
     from train.runtime import use_threads
 
@@ -225,7 +249,9 @@ def export(argv: list[str]) -> None:
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest |P_onnx - P_torch| accepted (default: 1e-4)")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of the check and throughput (default: 64)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="loader backend of the check (default: auto)")
+    add_remote_arguments(ap)
     a = ap.parse_args(argv)
+    configure_remote(vars(a))
     from train.export import report_text, run_export
 
     report = run_export(

@@ -25,6 +25,7 @@ from crackio.loading.samplers import (
     options_of,
     own_options,
 )
+from crackio.storage.packs import RemoteSettings, parse_bytes
 from train.logs import parse_logs
 from train.schedule import SCHEDULES
 
@@ -59,9 +60,27 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def remote_settings(cache_dir: str, cache_limit: str, timeout: float) -> RemoteSettings:
+    """Where and how a remote --shards is read (crackio.storage.packs.RemoteSettings) from the flags --cache-dir,
+    --cache-limit, --remote-timeout; the environment's defaults ($CRACKIO_CACHE_DIR, ...) for those not given
+    ("" or 0).
+
+    Raises:
+        ConfigError: a --cache-limit that is not a size, a negative --remote-timeout.
+    """
+    default = RemoteSettings.from_env()
+    try:
+        limit = parse_bytes(cache_limit) if cache_limit != "" else default.cache_limit
+    except ValueError as e:
+        raise ConfigError(f"--cache-limit: {e}") from None
+    if not timeout >= 0:
+        raise ConfigError(f"--remote-timeout must be >= 0 seconds, got {timeout}")
+    return RemoteSettings(Path(cache_dir) if cache_dir else default.cache_dir, limit, timeout or default.timeout)
+
+
 @dataclass
 class Config:
-    shards: str = ""  # folder written by tools/pack.py (required)
+    shards: str = ""  # folder written by tools/pack.py, or its s3:// or http(s):// URL (required)
     out: str = ""  # run folder; "" = runs/<timestamp>
     arch: str = "resnext50_32x4d"  # any torchvision classification model (resnet18 for quick CPU runs)
     weights: str = "imagenet"  # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
@@ -111,6 +130,9 @@ class Config:
     log: str = ""  # also log to tensorboard (RUN/tensorboard/) and/or csv (RUN/steps.csv, epochs.csv): tensorboard,csv
     log_every: int = 50  # steps between two progress lines when the output is not a terminal (a file, a job log)
     quiet: bool = False  # print the epoch lines only (no progress, no report text)
+    cache_dir: str = ""  # remote --shards: this node's cache folder; "" = $CRACKIO_CACHE_DIR or ~/.cache/crackio
+    cache_limit: str = ""  # remote --shards: bytes the cache may hold (e.g. 20G, LRU); "" = no limit; 0 = stream
+    remote_timeout: float = 0.0  # remote --shards: seconds a failing server is retried; 0 = 60 or the env's
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -137,6 +159,7 @@ class Config:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         non_negative = (
+            "remote_timeout",
             "seed",
             "workers",
             "threads",
@@ -181,6 +204,10 @@ class Config:
                 )
         if not self.shards and not self.resume:
             raise ConfigError("--shards is required (a folder written by tools/pack.py)")
+        self.remote_settings()
+
+    def remote_settings(self) -> RemoteSettings:
+        return remote_settings(self.cache_dir, self.cache_limit, self.remote_timeout)
 
     def for_world(self, world_size: int) -> Config:
         """This config at `world_size` ranks: global_batch_size set, batch_size = global / ranks.
@@ -375,7 +402,7 @@ def _help(cls) -> dict[str, str]:
     return helps
 
 
-def add_config_arguments(ap: argparse.ArgumentParser, cls=Config, given_only: bool = True, skip=()) -> None:
+def add_config_arguments(ap: argparse._ActionsContainer, cls=Config, given_only: bool = True, skip=()) -> None:
     """One flag per field of the dataclass `cls`, typed by its default, helped by its `#` comment.
 
     given_only: flags not given are left out of the namespace (argparse.SUPPRESS), so the caller

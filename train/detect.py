@@ -25,14 +25,13 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio import read_manifest
 from crackio.cli import check_limits, progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile
-from crackio.format.index import load_index
 from crackio.format.manifest import check_split
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
 from crackio.loading.loader import resolve_device
+from crackio.storage.packs import open_pack
 from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
@@ -79,7 +78,7 @@ def proposal_settings(
         recorded = ckpt["proposals"]
     else:
         try:
-            recorded = read_manifest(shards).get("proposals")
+            recorded = open_pack(shards).manifest.get("proposals")
         except CrackioError as e:
             raise ConfigError(
                 f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
@@ -113,7 +112,7 @@ def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[
         ShardError, MissingFile: no readable pack; ConfigError: no such split, or a pack that records no photos
             (packed from a crop folder, whose photos crackio never saw).
     """
-    manifest = read_manifest(shards)
+    manifest = open_pack(shards).manifest
     check_split(manifest, shards, split, "--split")
     photos = manifest.get("photos")
     photos = photos if isinstance(photos, dict) else {}
@@ -140,7 +139,7 @@ def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
     found = []
     stems: dict[str, str] = {}
     for split in (cfg.train_split, cfg.val_split):
-        rows = load_index(cfg.shards, split).rows["stem"]
+        rows = open_pack(cfg.shards).index(split).rows["stem"]
         for stem in np.unique(rows):
             stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), split)
     for file in files:
@@ -317,7 +316,7 @@ def ground_truth(
     recorded: dict = {}
     if fmt == "mask":
         with contextlib.suppress(CrackioError):
-            ann = read_manifest(shards).get("annotations")
+            ann = open_pack(shards).manifest.get("annotations")
             if isinstance(ann, dict) and ann.get("format") == "mask":
                 recorded = {k: ann[k] for k in ("mask_piece", "mask_crack_label") if k in ann}
     data = read_annotations(annotations, fmt, classes, **recorded)

@@ -10,14 +10,15 @@ import itertools
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
-from crackio.loading.loader import Loader
+from crackio.loading.loader import Batch, Loader
+from crackio.storage.remote import RemoteError
 from train.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.evaluate import predict
 from train.logs import Console
@@ -158,7 +159,8 @@ def train_epoch(
             pending.clear()
 
     with deferred_signals() as stop, contextlib.closing(iter(loader)) as batches:  # a stop waits for a whole step
-        shown = console.wrap(itertools.islice(batches, max(steps - first, 0)), steps, first, desc)
+        saving = _saving_on_remote_error(batches, flush, checkpoint, totals, ranks)
+        shown = console.wrap(itertools.islice(saving, max(steps - first, 0)), steps, first, desc)
         for step, batch in enumerate(shown, first):
             waited = time.perf_counter() - tick
             totals.wait += waited  # time blocked on the loader, kept apart from compute
@@ -215,6 +217,26 @@ def train_epoch(
                 raise Interrupted(signum)
             tick = time.perf_counter()
         console.close()
+
+
+def _saving_on_remote_error(
+    batches: Iterator[Batch],
+    flush: Callable[[], None],
+    checkpoint: Callable[[EpochTotals], None],
+    totals: EpochTotals,
+    ranks: int,
+) -> Iterator[Batch]:
+    """`batches`, but a remote pack that fails (crackio.storage.remote.RemoteError: a server gone past
+    --remote-timeout, access revoked, an object changed) first saves the whole steps done as step.pt (one rank;
+    under torchrun the ranks cannot agree on a step with one of them stuck, so the last periodic step.pt stays),
+    then raises."""
+    try:
+        yield from batches
+    except RemoteError:
+        if ranks == 1:
+            flush()
+            checkpoint(totals)
+        raise
 
 
 DIGEST_MOD = 1 << 56  # the sum of 128 ranks' digests still fits an int64

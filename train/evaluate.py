@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from crackio import make_loader
 from crackio.errors import ConfigError
-from crackio.format.manifest import check_split, read_manifest
+from crackio.format.manifest import check_split
+from crackio.storage.packs import open_pack
 from train.checkpoint import CheckpointError, load_checkpoint, trained
 from train.config import Config
 from train.logs import Mistakes
@@ -126,7 +127,7 @@ def run_eval(
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    check_split(read_manifest(shards or cfg.shards), shards or cfg.shards, split, "--split")
+    check_split(open_pack(shards or cfg.shards).manifest, shards or cfg.shards, split, "--split")
     loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)

@@ -13,6 +13,7 @@ from crackio.cli import Interrupted
 from crackio.errors import WriteError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
+from crackio.storage.remote import RemoteError
 from train.checkpoint import STEP, load_checkpoint
 from train.config import Config
 from train.engine import fit
@@ -61,6 +62,8 @@ def main(cfg: Config) -> Path:
         raise Interrupted(getattr(e, "signum", signal.SIGINT), stopped(run)) from None
     except WriteError as e:
         raise WriteError(f"{e}; {stopped(run)}") from e
+    except RemoteError as e:  # a remote pack failed mid-run: what was saved, how to go on once it is fixed
+        raise type(e)(f"{e}; {stopped(run)}") from None
     except RuntimeError as e:
         text = str(e).strip()
         if not (

@@ -34,6 +34,9 @@ RESUMABLE = (
     "log",
     "log_every",
     "quiet",
+    "cache_dir",
+    "cache_limit",
+    "remote_timeout",
 )
 
 

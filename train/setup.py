@@ -14,9 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crackio import make_loader
 from crackio.errors import ConfigError
-from crackio.format.manifest import check_split, read_manifest
+from crackio.format.manifest import check_split
 from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
+from crackio.storage.packs import configure, open_pack
+from crackio.storage.remote import is_remote
 from train.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
 from train.config import Config
 from train.logs import Console, RunLogs, parse_logs, tensorboard_writer
@@ -105,7 +107,7 @@ def run_folder(cfg: Config) -> Path:
     out = Path(name)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a folder for the run")
-    if out.resolve().is_relative_to(Path(cfg.shards).resolve()):
+    if not is_remote(cfg.shards) and out.resolve().is_relative_to(Path(cfg.shards).resolve()):
         raise ConfigError(
             f"--out {out} is inside the shards folder {cfg.shards}: the run's files would go among the shards; "
             f"choose another --out (e.g. runs/NAME)"
@@ -136,11 +138,13 @@ def build_run(cfg: Config) -> Run:
     # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
     # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
     # other data.
-    manifest = read_manifest(cfg.shards)  # read and checked once; the loaders check their splits against it
+    configure(cfg.remote_settings())  # a remote pack's cache and fault settings, for every loader of the run
+    source = open_pack(cfg.shards)  # read and checked once; the loaders check their splits against it
+    manifest = source.manifest
     for option, split in (("--train-split", cfg.train_split), ("--val-split", cfg.val_split)):
         check_split(manifest, cfg.shards, split, option)
     proposals = manifest.get("proposals")
-    pack = pack_fingerprint(cfg.shards, manifest)
+    pack = pack_fingerprint(source.sha256, manifest)
     out = run_folder(cfg)
     point = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
     path, ckpt = point if point else (out / "last.pt", None)

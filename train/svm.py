@@ -20,11 +20,11 @@ import torch
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from crackio import read_manifest
 from crackio.cli import progress_bar
 from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
+from crackio.storage.packs import open_pack
 from train.checkpoint import load_checkpoint, trained
 from train.config import SvmConfig
 from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
@@ -165,7 +165,7 @@ def run_svm(args: SvmConfig) -> Path:
     model, cfg = model_from_checkpoint(ckpt, path)
     shards = args.shards or cfg.shards
     splits = [cfg.train_split, cfg.val_split]
-    if cfg.test_split in read_manifest(shards)["splits"]:
+    if cfg.test_split in open_pack(shards).manifest["splits"]:
         splits.append(cfg.test_split)
     out = Path(args.out) if args.out else path.parent / "svm"
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left

@@ -1,10 +1,10 @@
-"""Real servers for the remote-shard tests, on 127.0.0.1 only, started and stopped by the tests: moto's S3 server
+"""Real servers for the remote-shard tests and tools/bench_remote.py, on 127.0.0.1 only, started and stopped by
+their users: moto's S3 server
 (a subprocess: S3's REST API over HTTP, no mock inside the test process), nginx (Debian's package; Range requests
 as a production HTTP server answers them) and `FaultProxy`, a small HTTP proxy in front of either that adds
 latency, answers 503 or resets connections on demand, or disappears.
 
-`.ci/run` installs nginx when it is missing and sets CRACKIO_REQUIRE_SERVERS=1, so in CI a missing server fails
-instead of skipping."""
+A server that cannot start here raises `Unavailable` (the tests skip on it, or fail in CI: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,13 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 
-REQUIRED = os.environ.get("CRACKIO_REQUIRE_SERVERS") == "1"
+class Unavailable(RuntimeError):
+    """A server that is not installed here; the message says how to install it."""
 
 
 def missing(what: str) -> None:
-    """Skip (or fail, in CI) a test whose server cannot be started here."""
-    if REQUIRED:
-        pytest.fail(f"{what} (CRACKIO_REQUIRE_SERVERS=1)")
-    pytest.skip(what)
+    raise Unavailable(what)
 
 
 def free_port() -> int:
