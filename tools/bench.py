@@ -1,6 +1,7 @@
 """Images per second: crackio's loaders against the pipelines a user would pick instead, same machine, cores.
 
     python tools/bench.py --shards S --src P [--split train] [--batch-size 32] [--seconds S]
+    python tools/bench.py --shards s3://BUCKET/PREFIX [...]     crackio's rows on a remote pack (no peers)
                           [--repeats R] [--json OUT.json] [--model] [--quick] [--workers N] [--consumer-rate R]
 
 Rows (train augmentation everywhere except decode-only; peers in tools/bench_peers.py):
@@ -46,19 +47,20 @@ WARMUP_BATCHES = 3
 DECODE_SAMPLE = 8192  # images decode-only cycles through
 
 
-def decode_only(shards: Path, split: str, batch_size: int, workers: int):
+def decode_only(shards: str | Path, split: str, batch_size: int, workers: int):
     """Yields batch-sized chunks decoded by a pool of `workers` processes (bytes read up front)."""
     import multiprocessing as mp
 
     import numpy as np
 
-    from crackio.format.index import load_index
     from crackio.loading.readers import ByteReader
+    from crackio.storage.packs import open_pack
 
-    index = load_index(shards, split)
+    pack = open_pack(shards)
+    index = pack.index(split)
     # A fixed sample of the split is enough to measure decoding, and keeps a 1M-row split out of memory.
     rows = np.random.default_rng(0).permutation(len(index))[:DECODE_SAMPLE]
-    data = ByteReader(index).read(np.sort(rows))
+    data = ByteReader(index, pack.files(index)).read(np.sort(rows))
     chunks = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
     pool = mp.get_context("forkserver").Pool(max(1, workers), initializer=_single_thread)
 
@@ -126,7 +128,7 @@ def run_row(args) -> dict:
         gpu = "gpu" if name.endswith("gpu") else "cpu"
         it = peers.dali_reader(shard_paths(args), args.batch_size, cores, device=gpu, tensors=args.model)
     elif name == "decode-only":
-        it = decode_only(Path(args.shards), args.split, args.batch_size, cores)
+        it = decode_only(args.shards, args.split, args.batch_size, cores)
     else:
         from crackio import make_loader
 
@@ -206,9 +208,9 @@ def consume(batches, rate: float, seconds: float) -> dict:
 def index_filenames(args) -> list[str]:
     import numpy as np
 
-    from crackio.format.index import load_index
+    from crackio.storage.packs import open_pack
 
-    index = load_index(args.shards, args.split)
+    index = open_pack(args.shards).index(args.split)
     return index.filenames(np.arange(len(index)))
 
 
@@ -283,9 +285,17 @@ PEERS = ("seed-baseline", "wds-dataloader", "dali-reader", "decode-only")
 
 
 def main(argv=None) -> int:
+    from crackio.storage.remote import location
+
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", required=True, help="shards folder from tools/pack.py")
-    ap.add_argument("--src", required=True, help="the proposal folder the shards were packed from")
+    ap.add_argument(
+        "--shards",
+        required=True,
+        type=location,
+        help="shards folder from tools/pack.py, or its s3:// or http(s):// URL (then crackio's rows only: the peers "
+        "read local files; the cache from $CRACKIO_CACHE_DIR and $CRACKIO_CACHE_LIMIT)",
+    )
+    ap.add_argument("--src", help="the proposal folder the shards were packed from (required for a local --shards)")
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=None, help="timed seconds per repeat (default 10; 2 with --quick)")
@@ -320,21 +330,24 @@ def main(argv=None) -> int:
     import torch
 
     from crackio.errors import CrackioError
-    from crackio.format.index import load_index
     from crackio.loading.loader import dali_available
+    from crackio.storage.packs import open_pack
 
     try:  # check the inputs once, here, rather than as one traceback per row
-        samples = len(load_index(args.shards, args.split))
+        samples = len(open_pack(args.shards).index(args.split))
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if samples < args.batch_size:
         ap.error(f"split {args.split!r} has {samples} samples, fewer than one batch of {args.batch_size}")
-    if not (Path(args.src) / args.split).is_dir():
+    remote = isinstance(args.shards, str)
+    if not remote and not (args.src and (Path(args.src) / args.split).is_dir()):
         ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
     dali = dali_available()
     readers = (["dali-reader", "dali-reader-gpu"] if torch.cuda.is_available() else ["dali-reader"]) if dali else []
-    rows = ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *readers, "decode-only"]
+    rows = (
+        ["decode-only"] if remote else ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *readers, "decode-only"]
+    )
     rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
         f"{b}-{d}{o}"
         for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])

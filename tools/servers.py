@@ -118,7 +118,8 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `target` (http://host:port), forwarding every request as it came
     (S3 signatures stay valid: the Host header is passed through). Faults, set on the object while it runs:
     `delay` seconds before each request is forwarded (a round trip); `fail` next requests answered 503 SlowDown;
-    `reset` next requests answered by a TCP reset; `stop()`: every open connection reset, new ones refused.
+    `reset` next requests answered by a TCP reset; `status` every request after the first `after` answered with
+    that HTTP status (-1: a reset); `stop()`: every open connection reset, new ones refused.
     `requests` counts what reached it."""
 
     def __init__(self, target: str):
@@ -127,6 +128,8 @@ class FaultProxy:
         self.fail = 0
         self.reset = 0
         self.requests = 0
+        self.status = 0  # answer every request with this HTTP status (-1: a reset) once `after` have passed
+        self.after = 0
         self.down = False
         self.lock = threading.Lock()
         proxy = self
@@ -139,7 +142,6 @@ class FaultProxy:
 
             def _take(self, what: str) -> bool:
                 with proxy.lock:
-                    proxy.requests += 1
                     if getattr(proxy, what) > 0:
                         setattr(proxy, what, getattr(proxy, what) - 1)
                         return True
@@ -148,14 +150,20 @@ class FaultProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if self._take("reset") or proxy.down:
+                with proxy.lock:
+                    proxy.requests += 1
+                    status = proxy.status if proxy.requests > proxy.after else 0
+                if self._take("reset") or proxy.down or status == -1:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
                     self.close_connection = True
                     return
-                if self._take("fail"):
+                if self._take("fail") or status > 0:
+                    code = status or 503
                     text = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
+                    if code != 503:
+                        text = b"<Error><Code>Refused</Code><Message>Injected by FaultProxy.</Message></Error>"
+                    self.send_response(code)
                     self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
                     self.wfile.write(text)

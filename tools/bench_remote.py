@@ -1,0 +1,171 @@
+"""Samples per second from a remote pack: the local folder vs a local S3 server vs the same server behind an
+injected round trip, random vs block order, cold and warm cache, reading only and in the train pipeline.
+
+    python tools/bench_remote.py --shards S [--split train] [--samples 4000] [--rtt 0.02] [--json OUT.json]
+
+Starts its own servers on 127.0.0.1 (tools/servers.py: moto's S3 server in its own process, and a fault proxy
+adding `--rtt` seconds to every request), uploads the pack at S to it, then per row:
+    reading     the loader's own plan of the epoch's first --samples samples, read and CRC-checked
+                (crackio.loading.readers), no decoding: what the storage path can feed
+    pipeline    the same through make_loader (torch backend, decode + augmentation on --workers threads)
+Sources: local (the folder), s3 (the server directly), s3+rtt (through the proxy). Cache: cold (an empty cache
+folder, no limit), warm (the same folder again), stream (a cache smaller than the pack: random order then
+fetches each sample by ranged GET, batched per tar with obstore's get_ranges). Each row reports samples/s,
+requests/s and bytes fetched per sample (crackio.storage.remote.STATS).
+
+The servers are Python (moto, the proxy) on the same cores as the reader: their request rate, not the network,
+bounds the s3 rows here. README, "Remote shards", says what the figures predict for a real bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from crackio.cli import ArgumentParser  # noqa: E402
+
+ROWS = [  # (mode, source, order, cache)
+    ("reading", "local", "random", "-"),
+    ("reading", "local", "block", "-"),
+    ("reading", "s3", "random", "cold"),
+    ("reading", "s3", "random", "warm"),
+    ("reading", "s3", "random", "stream"),
+    ("reading", "s3", "block", "cold"),
+    ("reading", "s3", "block", "warm"),
+    ("reading", "s3+rtt", "random", "cold"),
+    ("reading", "s3+rtt", "random", "stream"),
+    ("reading", "s3+rtt", "block", "cold"),
+    ("pipeline", "local", "random", "-"),
+    ("pipeline", "s3", "random", "cold"),
+    ("pipeline", "s3", "random", "warm"),
+    ("pipeline", "s3+rtt", "random", "stream"),
+    ("pipeline", "s3+rtt", "block", "cold"),
+]
+
+
+def run_row(mode, source, order, cache, args, urls, folders) -> dict:
+    import numpy as np
+
+    from crackio import make_loader
+    from crackio.loading.readers import BlockReader
+    from crackio.storage import remote
+    from crackio.storage.packs import RemoteSettings, configure
+
+    os.environ["AWS_ENDPOINT_URL"] = urls.get(source, "")
+    location = args.shards if source == "local" else urls["pack"]
+    folder = folders.setdefault((source, order, cache if cache != "warm" else "cold"), tempfile.mkdtemp())
+    limit = 1 << 20 if cache == "stream" else None
+    configure(RemoteSettings(Path(folder), limit, 60.0))
+    loader = make_loader(
+        location,
+        args.split,
+        batch_size=args.batch_size,
+        train=True,
+        backend="torch",
+        device="cpu",
+        workers=args.workers,
+        order=order,
+    )
+    before = remote.STATS.snapshot()
+    n, start = 0, time.perf_counter()
+    steps = max(1, args.samples // args.batch_size)
+    if mode == "reading":
+        batches, _ = loader.plan(0, 0)
+        batches = batches[:steps]
+        if isinstance(loader.reader, BlockReader):
+            loader.reader.prefetch(batches)
+        for ids in batches:
+            n += len(loader.reader.read(np.asarray(ids)))
+        if isinstance(loader.reader, BlockReader):
+            loader.reader.close()
+    else:
+        for step, batch in enumerate(loader):
+            n += len(batch.labels)
+            if step + 1 >= steps:
+                break
+    seconds = time.perf_counter() - start
+    after = remote.STATS.snapshot()
+    requests, fetched = after["requests"] - before["requests"], after["bytes"] - before["bytes"]
+    return {
+        "mode": mode,
+        "source": source,
+        "order": order,
+        "cache": cache,
+        "samples": n,
+        "samples_per_sec": n / seconds,
+        "requests_per_sec": requests / seconds,
+        "bytes_per_sample": fetched / n,
+        "requests": requests,
+        "retries": after["retries"] - before["retries"],
+    }
+
+
+def table(results: list[dict], machine: dict) -> str:
+    lines = [
+        f"remote reading, {machine['cpu']}, {machine['cores']} cores, batch {machine['batch_size']}, "
+        f"{machine['samples']} samples a row, round trip added: {machine['rtt'] * 1000:.0f} ms",
+        "| mode | source | order | cache | samples/s | requests/s | KB fetched/sample |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['source']} | {r['order']} | {r['cache']} | {r['samples_per_sec']:.0f} | "
+            f"{r['requests_per_sec']:.0f} | {r['bytes_per_sample'] / 1000:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", required=True, type=Path, help="a local pack (uploaded to the local S3 server)")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--samples", type=int, default=4000, help="samples read per row")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decode threads (pipeline)")
+    ap.add_argument("--rtt", type=float, default=0.02, help="seconds the proxy adds to each request")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.samples < args.batch_size or args.batch_size < 1 or args.rtt < 0:
+        ap.error("--samples must be >= --batch-size >= 1, --rtt >= 0")
+    import platform
+
+    import boto3
+
+    from crackio.storage.remote import Remote
+    from crackio.storage.upload import upload_pack
+    from tools.servers import FaultProxy, moto_server
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    results = []
+    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        boto3.client("s3").create_bucket(Bucket="bench")
+        url = "s3://bench/pack"
+        upload_pack(args.shards, Remote(url))
+        proxy.delay = args.rtt
+        urls = {"s3": endpoint, "s3+rtt": proxy.url, "pack": url}
+        folders: dict = {}
+        for row in ROWS:
+            results.append(run_row(*row, args, urls, folders))
+            r = results[-1]
+            print(f"  {' '.join(row)}: {r['samples_per_sec']:.0f} samples/s", file=sys.stderr)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "batch_size": args.batch_size,
+        "samples": args.samples,
+        "rtt": args.rtt,
+    }
+    print(table(results, machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
