@@ -22,13 +22,14 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NoReturn
 
 
 class Unavailable(RuntimeError):
     """A server that is not installed here; the message says how to install it."""
 
 
-def missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
     raise Unavailable(what)
 
 
