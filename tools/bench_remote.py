@@ -8,10 +8,11 @@ adding `--rtt` seconds to every request), uploads the pack at S to it, then per 
     reading     the loader's own plan of the epoch's first --samples samples, read and CRC-checked
                 (crackio.loading.readers), no decoding: what the storage path can feed
     pipeline    the same through make_loader (torch backend, decode + augmentation on --workers threads)
-Sources: local (the folder), s3 (the server directly), s3+rtt (through the proxy). Cache: cold (an empty cache
-folder, no limit), warm (the same folder again), stream (a cache smaller than the pack: random order then
-fetches each sample by ranged GET, batched per tar with obstore's get_ranges). Each row reports samples/s,
-requests/s and bytes fetched per sample (crackio.storage.remote.STATS).
+Sources: local (the folder), s3 (the server through a proxy adding nothing), s3+rtt (through a proxy adding the
+round trip). Cache: cold (an empty cache folder, no limit), warm (the folder the last cold row of the same source
+and order filled), stream (a cache smaller than the pack: random order then fetches each sample by ranged GET,
+batched per tar with obstore's get_ranges, which coalesces nearby ranges). Each row reports samples/s, and the
+HTTP requests per second and body bytes per sample the proxy passed (what a bucket would bill and carry).
 
 The servers are Python (moto, the proxy) on the same cores as the reader: their request rate, not the network,
 bounds the s3 rows here. README, "Remote shards", says what the figures predict for a real bucket.
@@ -48,7 +49,7 @@ ROWS = [  # (mode, source, order, cache)
 ]
 
 
-def run_row(mode, source, order, cache, args, urls, folders) -> dict:
+def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
     import numpy as np
 
     from crackio import make_loader
@@ -56,9 +57,13 @@ def run_row(mode, source, order, cache, args, urls, folders) -> dict:
     from crackio.storage import remote
     from crackio.storage.packs import RemoteSettings, configure
 
-    os.environ["AWS_ENDPOINT_URL"] = urls.get(source, "")
-    location = args.shards if source == "local" else urls["pack"]
-    folder = folders.setdefault((source, order, cache if cache != "warm" else "cold"), tempfile.mkdtemp())
+    proxy = proxies.get(source)
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url if proxy else ""
+    location = args.shards if source == "local" else pack
+    if cache == "warm":  # the cache the last cold row of this source and order filled
+        folder = folders[(source, order)]
+    else:
+        folder = folders[(source, order)] = tempfile.mkdtemp()
     limit = 1 << 20 if cache == "stream" else None
     configure(RemoteSettings(Path(folder), limit, 60.0))
     loader = make_loader(
@@ -72,6 +77,7 @@ def run_row(mode, source, order, cache, args, urls, folders) -> dict:
         order=order,
     )
     before = remote.STATS.snapshot()
+    seen = (proxy.requests, proxy.sent) if proxy else (0, 0)
     n, start = 0, time.perf_counter()
     steps = max(1, args.samples // args.batch_size)
     if mode == "reading":
@@ -90,7 +96,7 @@ def run_row(mode, source, order, cache, args, urls, folders) -> dict:
                 break
     seconds = time.perf_counter() - start
     after = remote.STATS.snapshot()
-    requests, fetched = after["requests"] - before["requests"], after["bytes"] - before["bytes"]
+    requests, fetched = (proxy.requests - seen[0], proxy.sent - seen[1]) if proxy else (0, 0)
     return {
         "mode": mode,
         "source": source,
@@ -142,16 +148,15 @@ def main(argv=None) -> int:
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
     results = []
-    with moto_server() as endpoint, FaultProxy(endpoint) as proxy:
+    with moto_server() as endpoint, FaultProxy(endpoint) as direct, FaultProxy(endpoint) as slow:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         boto3.client("s3").create_bucket(Bucket="bench")
         url = "s3://bench/pack"
         upload_pack(args.shards, Remote(url))
-        proxy.delay = args.rtt
-        urls = {"s3": endpoint, "s3+rtt": proxy.url, "pack": url}
+        slow.delay = args.rtt
         folders: dict = {}
         for row in ROWS:
-            results.append(run_row(*row, args, urls, folders))
+            results.append(run_row(*row, args, url, {"s3": direct, "s3+rtt": slow}, folders))
             r = results[-1]
             print(f"  {' '.join(row)}: {r['samples_per_sec']:.0f} samples/s", file=sys.stderr)
     machine = {

@@ -120,8 +120,9 @@ class FaultProxy:
     (S3 signatures stay valid: the Host header is passed through). Faults, set on the object while it runs:
     `delay` seconds before each request is forwarded (a round trip); `fail` next requests answered 503 SlowDown;
     `reset` next requests answered by a TCP reset; `status` every request after the first `after` answered with
-    that HTTP status (-1: a reset); `stop()`: every open connection reset, new ones refused.
-    `requests` counts what reached it."""
+    that HTTP status (-1: a reset); `stop()`: every open connection reset, new ones refused. `requests` and `sent`
+    (body bytes) count what went through it.
+    """
 
     def __init__(self, target: str):
         self.target = target.removeprefix("http://").rstrip("/")
@@ -129,6 +130,7 @@ class FaultProxy:
         self.fail = 0
         self.reset = 0
         self.requests = 0
+        self.sent = 0  # body bytes answered
         self.status = 0  # answer every request with this HTTP status (-1: a reset) once `after` have passed
         self.after = 0
         self.down = False
@@ -186,6 +188,8 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy.lock:
+                        proxy.sent += len(data)
 
             do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
 

@@ -178,10 +178,13 @@ class RemoteShards:
         self._check_size(shard, size)
         return data
 
-    def _chunk(self, shard: int, chunk: int) -> bytes:
+    def _piece(self, shard: int, chunk: int, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of a chunk, read from the cache's file (the chunk downloaded first when
+        this node has none)."""
         if self.cache is None:
-            return self._download(shard, chunk)
-        return self.cache.fetch(self._chunk_name(shard, chunk), lambda: self._download(shard, chunk))
+            return self._download(shard, chunk)[start : start + length]
+        download = lambda: self._download(shard, chunk)  # noqa: E731
+        return self.cache.fetch(self._chunk_name(shard, chunk), download, start, length)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -189,30 +192,25 @@ class RemoteShards:
                 self._pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="crackio-fetch")
             return self._pool
 
-    def _chunks(self, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        if len(wanted) == 1:
-            return {wanted[0]: self._chunk(*wanted[0])}
-        return dict(zip(wanted, self._executor().map(lambda sc: self._chunk(*sc), wanted)))
-
-    def _assemble(self, shard: int, start: int, length: int, chunks: dict[tuple[int, int], bytes]) -> bytes:
-        first, last = start // CHUNK, (start + length - 1) // CHUNK
-        data = b"".join(chunks[(shard, c)] for c in range(first, last + 1))
-        return data[start - first * CHUNK : start - first * CHUNK + length]
-
-    @staticmethod
-    def _covering(shard: int, start: int, length: int) -> list[tuple[int, int]]:
-        return [(shard, c) for c in range(start // CHUNK, (start + length - 1) // CHUNK + 1)]
-
-    def read(self, shard: int, start: int, length: int) -> bytes:
-        """`length` bytes from `start` of tar `shard`, through the cache's chunks."""
-        return self._assemble(shard, start, length, self._chunks(self._covering(shard, start, length)))
+    def read(self, shard: int, start: int, length: int, parallel: bool = True) -> bytes:
+        """`length` bytes from `start` of tar `shard`, through the cache's chunks (each piece read from its chunk's
+        file, never the whole chunk); the chunks of a span downloaded together unless `parallel` is False (a
+        task already on this reader's pool, which must not wait on the pool)."""
+        pieces = []
+        end = start + length
+        while start < end:
+            chunk, offset = divmod(start, CHUNK)
+            size = min(CHUNK - offset, end - start)
+            pieces.append((chunk, offset, size))
+            start += size
+        if len(pieces) == 1 or not parallel:
+            return b"".join(self._piece(shard, *p) for p in pieces)
+        return b"".join(self._executor().map(lambda p: self._piece(shard, *p), pieces))
 
     def read_many(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
         """(shard, start, length) each, in order: chunks through the cache, or streamed (module docstring)."""
         if not self.stream:
-            wanted = sorted({sc for r in requests for sc in self._covering(*r)})
-            chunks = self._chunks(wanted)
-            return [self._assemble(*r, chunks) for r in requests]
+            return list(self._executor().map(lambda r: self.read(r[0], r[1], r[2], parallel=False), requests))
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, (shard, _, _) in enumerate(requests):
             by_shard[shard].append(i)
@@ -243,8 +241,8 @@ class RemoteShards:
         """The bytes again after a failed checksum, with the cached chunks dropped and downloaded anew (a damaged
         cache file); what a fresh download gives is what the server holds."""
         if self.cache is not None:
-            for s, c in self._covering(shard, start, length):
-                self.cache.drop(self._chunk_name(s, c))
+            for chunk in range(start // CHUNK, (start + length - 1) // CHUNK + 1):
+                self.cache.drop(self._chunk_name(shard, chunk))
         if self.stream or self.cache is None:
             return self.remote.get(self.keys[shard], start, length)[0]
         return self.read(shard, start, length)
