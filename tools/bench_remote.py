@@ -10,9 +10,9 @@ adding `--rtt` seconds to every request), uploads the pack at S to it, then per 
     pipeline    the same through make_loader (torch backend, decode + augmentation on --workers threads)
 Sources: local (the folder), s3 (the server through a proxy adding nothing), s3+rtt (through a proxy adding the
 round trip). Cache: cold (an empty cache folder, no limit), warm (the folder the last cold row of the same source
-and order filled), stream (a cache smaller than the pack: random order then fetches each sample by ranged GET,
-batched per tar with obstore's get_ranges, which coalesces nearby ranges). Each row reports samples/s, and the
-HTTP requests per second and body bytes per sample the proxy passed (what a bucket would bill and carry).
+and order filled), stream (a cache smaller than the pack: random order then fetches each sample by its own
+ranged GET, crackio.storage.packs.FETCHERS in flight). Each row reports samples/s, and the HTTP requests per
+second and body bytes per sample the proxy passed (what a bucket would bill and carry).
 
 The servers are Python (moto, the proxy) on the same cores as the reader: their request rate, not the network,
 bounds the s3 rows here. README, "Remote shards", says what the figures predict for a real bucket.

@@ -38,6 +38,7 @@ NEEDED = (
     "opencv-contrib-python-headless",
     "pycocotools",
     "pyyaml",
+    "obstore",
     "tqdm",
     "scikit-learn",  # these three are installed only where missing (tools/gpu_check.py), never over the machine's
     "scipy",

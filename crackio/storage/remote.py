@@ -3,8 +3,7 @@
 The protocol is obstore's (the Rust `object_store` crate behind it): S3 with credentials, region and endpoint from
 the standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
 `AWS_ENDPOINT_URL`, ...), so MinIO, R2 and Ceph work unchanged; HTTP(S) with Range requests. Measured against
-fsspec + s3fs on the same local S3 server (README, "Remote shards"): obstore's ranged reads were faster, and its
-`get_ranges` coalesces a batch's nearby ranges into few requests.
+fsspec + s3fs on the same local S3 server (README, "Remote shards"): obstore's ranged reads were faster.
 
 Fault policy (one place, here): obstore's own retries are off so that every retry is counted (`Stats`). A
 transient error (connection refused or reset, a timeout, 5xx, 429 throttling) is retried with exponential backoff
@@ -205,19 +204,6 @@ class Remote:
                 "object changed since its manifest was written; upload the pack again, then run again"
             )
         return data, size
-
-    def get_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
-        """Several ranges of one object, fetched concurrently and with nearby ranges coalesced (obstore's
-        `get_ranges`: one request for ranges less than 1 MiB apart)."""
-        import obstore
-
-        out = self.call(
-            key,
-            "reading",
-            lambda: [bytes(b) for b in obstore.get_ranges(self.store, key, starts=starts, lengths=lengths)],
-        )
-        STATS.add(nbytes=sum(map(len, out)))
-        return out
 
     def exists(self, key: str) -> bool:
         import obstore
