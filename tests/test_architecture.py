@@ -48,7 +48,8 @@ def side(name: str) -> str:
     "importer, forbidden",
     [
         ("crackio.loading", ("crackio.writing",)),  # the loading side never imports the writing side
-        ("crackio.format", ("crackio.writing", "crackio.loading")),  # the contract depends on neither side
+        ("crackio.format", ("crackio.writing", "crackio.loading", "crackio.storage")),  # the contract: on no side
+        ("crackio.storage", ("crackio.writing", "crackio.loading")),  # where packs live: below both sides
         ("crackio.writing", ("crackio.loading",)),
         ("crackio", ("train", "tools")),  # the library never imports the trainer or the tools
     ],
