@@ -201,7 +201,7 @@ def test_transient_errors_are_retried_and_counted(demo_shards, s3, cache):
 
 @pytest.mark.parametrize(
     "status, words",
-    [(403, "access denied: check AWS_ACCESS_KEY_ID"), (404, "not found"), (400, "HTTP 400")],
+    [(403, "403 access denied: check AWS_ACCESS_KEY_ID"), (404, "404 not found: check the URL"), (400, "HTTP 400")],
 )
 def test_a_permanent_error_is_one_line_naming_the_url(demo_shards, s3, cache, status, words):
     with servers.FaultProxy(s3) as proxy:

@@ -80,8 +80,8 @@ def _status(error: BaseException) -> int | None:
 
 FIXES = {
     401: "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
-    403: "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
-    404: "no such object: check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
+    403: "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
+    404: "check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
     416: "the object is shorter than its manifest says: it changed since the pack was uploaded; upload it again",
 }
 
