@@ -80,9 +80,10 @@ def file_sha256(path: Path):
 
 
 def checkpoint_digest(checkpoint: Path, shards: str):
-    """The checkpoint file and the shards' manifest, hashed once; cache_key adds the split."""
+    """The checkpoint file and the pack (its manifest's SHA-256: a folder or a URL), hashed once; cache_key adds
+    the split."""
     digest = file_sha256(checkpoint)
-    digest.update((Path(shards) / "manifest.json").read_bytes())
+    digest.update(open_pack(shards).sha256.encode())
     return digest
 
 
