@@ -312,7 +312,8 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
     http = started(server)
     try:
         runs = {}
-        for name, shards in (("local", demo_shards), ("s3", upload(demo_shards)), ("http", http)):
+        urls = {"s3": upload(demo_shards), "http": http}
+        for name, shards in (("local", demo_shards), ("s3", urls["s3"]), ("http", http)):
             out = tmp_path / name
             main(tiny(shards, out, epochs=1, backend="torch", workers=1, cache_dir=str(tmp_path / f"cache-{name}")))
             history = json.loads((out / "history.json").read_text())
@@ -327,6 +328,18 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
         weights, history = runs[name]
         assert history == runs["local"][1], name
         assert all(torch.equal(weights[k], v) for k, v in runs["local"][0].items()), name
+    # The subcommands read a remote pack too: eval's report and the SVM stage's feature-cache key are the folder's.
+    from train.evaluate import run_eval
+    from train.svm import checkpoint_digest
+
+    best = tmp_path / "s3" / "best.pt"
+    configure(RemoteSettings(tmp_path / "cache-eval", None, 5.0))
+    try:
+        reports = [run_eval(str(best), str(s), "test", 16, "cpu", "torch", 0.5) for s in (demo_shards, urls["s3"])]
+        assert reports[0] == reports[1]
+        assert checkpoint_digest(best, urls["s3"]).hexdigest() == checkpoint_digest(best, str(demo_shards)).hexdigest()
+    finally:
+        configure(RemoteSettings.from_env())
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.loading.loader import Batch, Loader
-from crackio.storage.remote import RemoteError
+from crackio.storage.remote import STATS, RemoteError
 from train.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.evaluate import predict
 from train.logs import Console
@@ -239,6 +239,14 @@ def _saving_on_remote_error(
         raise
 
 
+def remote_line(before: dict[str, int]) -> str:
+    """This process's requests to a remote pack since `before` (crackio.storage.remote.STATS), for the epoch
+    line; "" for a local pack."""
+    now = STATS.snapshot()
+    requests, fetched, retries = (now[k] - before[k] for k in ("requests", "bytes", "retries"))
+    return f" | remote: {requests} requests, {fetched / 1e6:.1f} MB, {retries} retried" if requests else ""
+
+
 DIGEST_MOD = 1 << 56  # the sum of 128 ranks' digests still fits an int64
 
 
@@ -269,6 +277,7 @@ def fit(run: Run) -> None:
     for epoch in range(state.epoch, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
+        traffic = STATS.snapshot()
         progress, run.progress = run.progress, None
         if progress is None:
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
@@ -338,6 +347,7 @@ def fit(run: Run) -> None:
                 f"AP {row['crack_ap']:.3f} | "
                 f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
                 + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
+                + remote_line(traffic)
             )
             run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
