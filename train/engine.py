@@ -187,9 +187,11 @@ def train_epoch(
             )
             totals.seconds = base_seconds + time.perf_counter() - start
             pending.append((scheduler.last_epoch - 1, rate, time.perf_counter() - tick, waited, n, loss.detach()))
-            synced = step % 10 == 0 or step == steps - 1 or console.due(step)
-            if synced:  # a sync every 10 steps, not every step
-                if not bool(finite):
+            # The steps where every rank agrees on a stop: the same on every rank, so never rank 0's console
+            # schedule (--log-every), which only rank 0 has (the ranks would wait in different collectives).
+            synced = step % 10 == 0 or step == steps - 1
+            if synced or console.due(step):  # a host sync every 10 steps (and at a progress line), not every step
+                if synced and not bool(finite):
                     raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
                 totals.gpu += sum(a.elapsed_time(b) for a, b in timed) / 1000  # the device is idle here: all done
                 timed.clear()
