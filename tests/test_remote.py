@@ -27,7 +27,7 @@ from crackio.storage.cache import Cache
 from crackio.storage.packs import RemoteSettings, configure, open_pack
 from crackio.storage.remote import Remote, RemoteError, Unreachable
 from crackio.storage.upload import upload_pack
-from tests.conftest import ROOT
+from tests.conftest import BACKENDS, ROOT
 from tests.helpers import TINY_ARGS, tiny
 from tools import servers
 
@@ -95,6 +95,11 @@ def endpoint_of(endpoint: str | None):
         os.environ["AWS_ENDPOINT_URL"] = saved
 
 
+def epoch_of(location, **kw) -> list:
+    loader = make_loader(location, "train", train=True, device="cpu", workers=1, **kw)
+    return [(b.names, b.images) for b in loader]
+
+
 def epoch(location, order="random", **kw) -> list:
     loader = make_loader(
         location, "train", batch_size=8, train=True, backend="torch", device="cpu", order=order, block_size=10, **kw
@@ -157,6 +162,21 @@ def test_the_cache_never_exceeds_its_limit(demo_shards, s3, tmp_path):
         assert cached_bytes(folder) <= max(before, limit)
     finally:
         configure(RemoteSettings.from_env())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_keeps_many_requests_in_flight(demo_shards, s3, cache, backend):
+    """A cache smaller than the pack streams one GET per sample; the samples of the next batches are requested
+    ahead of the backend (DALI asks for one batch at a time), so far more than a batch of 4 is in flight."""
+    with servers.FaultProxy(s3) as proxy:
+        url = upload(demo_shards)
+        with endpoint_of(proxy.url):
+            configure(RemoteSettings(cache, 1, 30.0))
+            loader = make_loader(url, "train", batch_size=4, train=True, backend=backend, device="cpu", workers=1)
+            proxy.delay = 0.05
+            names = [b.names for b in loader]
+    assert names == [b[0] for b in epoch_of(demo_shards, batch_size=4, backend=backend)]
+    assert proxy.peak >= 16
 
 
 def test_the_ranks_of_a_node_download_a_chunk_once(demo_shards, s3, tmp_path):
@@ -237,7 +257,9 @@ def test_a_changed_object_is_refused(demo_shards, s3, cache, tmp_path):
     from crackio.loading.readers import ByteReader
 
     pack = open_pack(url)
-    with pytest.raises(ShardError, match=f"in {url}/train/train-000000.tar does not match its checksum"):
+    with pytest.raises(
+        ShardError, match=f"in {url}/train/train-000000.tar does not match its checksum, also when downloaded again"
+    ):
         ByteReader(index, pack.files(index)).read(np.array([0]))
 
 
@@ -264,7 +286,7 @@ def test_a_server_that_disappears_ends_within_the_timeout(demo_shards, s3, cache
         with pytest.raises(Unreachable) as e:
             pack.files(index).read_many([(0, 512, 100)])
     assert time.monotonic() - t0 < 2.0 + 12  # the timeout, the last backoff and one request's connect timeout
-    assert "the server is down, unreachable or overloaded" in str(e.value) and url in str(e.value)
+    assert "the server is down, unreachable, overloaded or failing" in str(e.value) and url in str(e.value)
 
 
 def test_no_pack_at_the_url_names_the_fix(s3, cache):

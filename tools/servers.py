@@ -121,7 +121,7 @@ class FaultProxy:
     `delay` seconds before each request is forwarded (a round trip); `fail` next requests answered 503 SlowDown;
     `reset` next requests answered by a TCP reset; `status` every request after the first `after` answered with
     that HTTP status (-1: a reset); `stop()`: every open connection reset, new ones refused. `requests` and `sent`
-    (body bytes) count what went through it.
+    (body bytes) count what went through it, `peak` the most requests it held at once.
     """
 
     def __init__(self, target: str):
@@ -131,6 +131,8 @@ class FaultProxy:
         self.reset = 0
         self.requests = 0
         self.sent = 0  # body bytes answered
+        self.inflight = 0
+        self.peak = 0  # the most requests it held at once
         self.status = 0  # answer every request with this HTTP status (-1: a reset) once `after` have passed
         self.after = 0
         self.down = False
@@ -171,15 +173,20 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(text)
                     return
-                if proxy.delay:
-                    time.sleep(proxy.delay)
+                with proxy.lock:
+                    proxy.inflight += 1
+                    proxy.peak = max(proxy.peak, proxy.inflight)
                 upstream = http.client.HTTPConnection(proxy.target, timeout=60)
                 try:
+                    if proxy.delay:
+                        time.sleep(proxy.delay)
                     upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
                     answer = upstream.getresponse()
                     data = answer.read()
                 finally:
                     upstream.close()
+                    with proxy.lock:
+                        proxy.inflight -= 1
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):

@@ -26,6 +26,7 @@ from crackio.loading.samplers import (
     own_options,
 )
 from crackio.storage.packs import RemoteSettings, parse_bytes
+from crackio.storage.remote import check_location, is_remote
 from train.logs import parse_logs
 from train.schedule import SCHEDULES
 
@@ -75,7 +76,8 @@ def remote_settings(cache_dir: str, cache_limit: str, timeout: float) -> RemoteS
         raise ConfigError(f"--cache-limit: {e}") from None
     if not timeout >= 0:
         raise ConfigError(f"--remote-timeout must be >= 0 seconds, got {timeout}")
-    return RemoteSettings(Path(cache_dir) if cache_dir else default.cache_dir, limit, timeout or default.timeout)
+    folder = Path(cache_dir).expanduser() if cache_dir else default.cache_dir
+    return RemoteSettings(folder, limit, timeout or default.timeout)
 
 
 @dataclass
@@ -204,6 +206,7 @@ class Config:
                 )
         if not self.shards and not self.resume:
             raise ConfigError("--shards is required (a folder written by tools/pack.py)")
+        check_location(self.shards, "--shards")
         self.remote_settings()
 
     def remote_settings(self) -> RemoteSettings:
@@ -350,6 +353,9 @@ APPLIES_TO = {
     "block_size": ("--order block", lambda c: c.order == "block"),
     "lr_step_epochs": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
     "lr_gamma": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
+    "cache_dir": ("a remote --shards (s3://, http(s)://)", lambda c: is_remote(c.shards)),
+    "cache_limit": ("a remote --shards (s3://, http(s)://)", lambda c: is_remote(c.shards)),
+    "remote_timeout": ("a remote --shards (s3://, http(s)://)", lambda c: is_remote(c.shards)),
 }
 _OPTIONS = {name for sampler in SAMPLERS for selection in SELECTIONS for name in options_of(sampler, selection)}
 

@@ -276,10 +276,10 @@ def fit(run: Run) -> None:
             it came during validation).
     """
     cfg, state = run.cfg, run.state
+    traffic = {"requests": 0, "bytes": 0, "retries": 0}  # the first epoch's line counts the start's requests too
     for epoch in range(state.epoch, cfg.epochs):
         if state.bad_epochs >= cfg.patience:
             break
-        traffic = STATS.snapshot()
         progress, run.progress = run.progress, None
         if progress is None:
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
@@ -351,6 +351,7 @@ def fit(run: Run) -> None:
                 + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
                 + remote_line(traffic)
             )
+            traffic = STATS.snapshot()
             run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
     if state.bad_epochs >= cfg.patience and run.rank == 0:

@@ -63,6 +63,8 @@ def main(cfg: Config) -> Path:
     except WriteError as e:
         raise WriteError(f"{e}; {stopped(run)}") from e
     except RemoteError as e:  # a remote pack failed mid-run: what was saved, how to go on once it is fixed
+        if run is None:
+            raise  # before the run existed: the error's own fix is the whole story
         raise type(e)(f"{e}; {stopped(run)}") from None
     except RuntimeError as e:
         text = str(e).strip()

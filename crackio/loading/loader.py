@@ -15,9 +15,9 @@ from crackio.errors import ConfigError
 from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
-from crackio.loading.readers import BlockReader, ByteReader
+from crackio.loading.readers import AheadReader, BlockReader, ByteReader
 from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
-from crackio.storage.packs import open_pack
+from crackio.storage.packs import RemoteShards, open_pack
 
 
 class Backend(Protocol):
@@ -156,7 +156,13 @@ class Loader:
         files = self.source.files(self.index)
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
         sequential = order == "block" and train
-        self.reader = BlockReader(self.index, files, blocks.block_size) if sequential else ByteReader(self.index, files)
+        self.reader: ByteReader
+        if sequential:
+            self.reader = BlockReader(self.index, files, blocks.block_size)
+        elif isinstance(files, RemoteShards):  # requests ahead of the backends: latency, not bandwidth, is the limit
+            self.reader = AheadReader(self.index, files)
+        else:
+            self.reader = ByteReader(self.index, files)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -358,8 +364,7 @@ class Loader:
         self._live = (epoch, start)
         self._iterating = True
         batches, params = self.plan(epoch, start)
-        if isinstance(self.reader, BlockReader):
-            self.reader.prefetch(batches)
+        self.reader.prefetch(batches)
         try:
             for step, (images, ids) in enumerate(self.backend.run_epoch(batches, params), start + 1):
                 rows = ids.numpy()  # labels and IoUs looked up per batch: no per-sample copy held for the run
@@ -372,8 +377,7 @@ class Loader:
                 )
         finally:
             self._iterating = False
-            if isinstance(self.reader, BlockReader):
-                self.reader.close()
+            self.reader.close()
 
 
 # The public entry point is the class itself: one signature, checked by mypy at every call.

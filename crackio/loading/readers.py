@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections import deque
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -45,10 +47,16 @@ class ByteReader:
             problem = self._problem(i, raw, size)
             if problem:  # a remote pack's cached chunk may be damaged: read once more, downloaded anew
                 again = self.files.reread(shard, int(self.offset[i]) - HEADER, size + HEADER)
-                if again is not None and not self._problem(i, again, size):
-                    raw = again
-                else:
+                if again is None:
                     raise self._damaged(i, shard, problem)
+                if self._problem(i, again, size):
+                    raise ShardError(
+                        f"sample {i} ({self._name(i)}) in {self.paths[shard]} {problem}, also when downloaded again: "
+                        "the object changed since this run read the pack's manifest (a pack uploaded again to the "
+                        f"same URL?); run again to read the pack that is there now, or check it with "
+                        f"`python tools/pack.py --verify {self.root}`"
+                    )
+                raw = again
             out.append(raw[HEADER:])
         return out
 
@@ -64,14 +72,23 @@ class ByteReader:
 
     def _raw(self, ids: list[int]) -> list[bytes]:
         """Each row's tar header and JPEG bytes (a batch's requests in flight together on a remote pack)."""
-        return self.files.read_many(
-            [(int(self.shard[i]), int(self.offset[i]) - HEADER, int(self.size[i]) + HEADER) for i in ids]
-        )
+        return self.files.read_many(self._requests(ids))
+
+    def _requests(self, ids: list[int]) -> list[tuple[int, int, int]]:
+        return [(int(self.shard[i]), int(self.offset[i]) - HEADER, int(self.size[i]) + HEADER) for i in ids]
+
+    def prefetch(self, batches: list[np.ndarray]) -> None:
+        """An epoch's plan, in the order its batches will be read: nothing to prepare for local random reads."""
+
+    def close(self) -> None:
+        """The epoch ended or was abandoned."""
+
+    def _name(self, row: int) -> str:
+        return bytes(self.filename[row]).decode(errors="replace")
 
     def _damaged(self, row: int, shard: int, what: str) -> ShardError:
-        name = bytes(self.filename[row]).decode(errors="replace")
         return ShardError(
-            f"sample {row} ({name}) in {self.paths[shard]} {what} (damaged on disk or in transfer, or index "
+            f"sample {row} ({self._name(row)}) in {self.paths[shard]} {what} (damaged on disk or in transfer, or index "
             f"and tars of different packs): "
             + REPACK.format(root=self.root)
             + f", or check the whole folder with `python tools/pack.py --verify {self.root}`"
@@ -88,6 +105,86 @@ class ByteReader:
         for shard in np.flatnonzero(first == stop)[:1]:
             raise ShardError(f"{self.paths[shard]} has no sample in the index: " + REPACK.format(root=self.root))
         self.read(order[np.stack([first, stop - 1], axis=1).ravel()])
+
+
+class AheadReader(ByteReader):
+    """A `ByteReader` for a remote pack in random order: the samples of the epoch's next batches are requested
+    ahead of the backends (`ahead` samples in flight at most), so a backend that reads one batch at a time (DALI's
+    external source) still keeps the pool's requests busy. As in `BlockReader`, a batch that was not requested
+    ahead is read directly, never waited for; checksums are checked as in `ByteReader`. Thread-safe.
+    """
+
+    def __init__(self, index: SplitIndex, files: RemoteShards, ahead: int = 256):
+        super().__init__(index, files)
+        self.remote_files, self.ahead = files, ahead
+        self._cond = threading.Condition()
+        self._futures: dict[bytes, deque[list[Future[bytes]]]] = {}  # a batch's ids -> its requests, in order
+        self._skip: dict[bytes, int] = {}  # batches read directly before the read-ahead reached them
+        self._held = 0  # samples requested ahead and not yet read
+        self._epoch = 0
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_cond", "_futures", "_skip")}
+        return state | {"_held": 0}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cond, self._futures, self._skip = threading.Condition(), {}, {}
+
+    def prefetch(self, batches: list[np.ndarray]) -> None:
+        with self._cond:
+            self._epoch += 1
+            self._futures.clear()
+            self._skip.clear()
+            self._held = 0
+            self._cond.notify_all()
+        thread = threading.Thread(
+            target=self._read_ahead, args=(self._epoch, batches), name="crackio-ahead-reader", daemon=True
+        )
+        thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._epoch += 1
+            for queued in self._futures.values():
+                for futures in queued:
+                    for f in futures:
+                        f.cancel()
+            self._futures.clear()
+            self._skip.clear()
+            self._held = 0
+            self._cond.notify_all()
+
+    def _read_ahead(self, epoch: int, batches: list[np.ndarray]) -> None:
+        for ids in batches:
+            key = np.asarray(ids, np.int64).tobytes()
+            with self._cond:
+                while self._epoch == epoch and self._held > 0 and self._held + len(ids) > self.ahead:
+                    self._cond.wait()
+                if self._epoch != epoch:
+                    return
+                if self._skip.get(key):
+                    self._skip[key] -= 1
+                    continue
+                futures = self.remote_files.submit(self._requests([int(i) for i in ids]))
+                self._futures.setdefault(key, deque()).append(futures)
+                self._held += len(ids)
+
+    def _raw(self, ids: list[int]) -> list[bytes]:
+        key = np.asarray(ids, np.int64).tobytes()
+        with self._cond:
+            queued = self._futures.get(key)
+            futures = queued.popleft() if queued else None
+            if queued is not None and not queued:
+                del self._futures[key]
+            if futures is None:
+                self._skip[key] = self._skip.get(key, 0) + 1
+            else:
+                self._held -= len(futures)
+                self._cond.notify_all()
+        if futures is None:
+            return self.files.read_many(self._requests(ids))
+        return [f.result() for f in futures]  # a request's error (RemoteError, ...) is raised here
 
 
 class BlockReader(ByteReader):

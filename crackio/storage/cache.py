@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
     """`$CRACKIO_CACHE_DIR`, else `$XDG_CACHE_HOME/crackio`, else `~/.cache/crackio` (the XDG base directory
     rule, as pip and torch hub use it)."""
     if os.environ.get("CRACKIO_CACHE_DIR"):
-        return Path(os.environ["CRACKIO_CACHE_DIR"])
+        return Path(os.environ["CRACKIO_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "crackio"
 

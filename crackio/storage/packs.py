@@ -25,7 +25,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from crackio.format.manifest import manifest_sha256, parse_manifest, read_manife
 from crackio.format.verify import verify
 from crackio.fsio import atomic_write
 from crackio.storage.cache import Cache, default_cache_dir
-from crackio.storage.remote import Remote, RemoteError, is_remote
+from crackio.storage.remote import Remote, RemoteError, check_location, is_remote
 
 CHUNK = 1 << 20  # bytes: the cache's unit of a tar; ~100 crops of ~10 KB, one request each
 FETCHERS = 32  # requests in flight per process and split: ~1,600 samples/s at a 20 ms round trip
@@ -61,14 +61,18 @@ class RemoteSettings:
     def from_env(cls) -> RemoteSettings:
         limit = os.environ.get("CRACKIO_CACHE_LIMIT")
         timeout = os.environ.get("CRACKIO_REMOTE_TIMEOUT")
+        folder = Path(os.environ["CRACKIO_CACHE_DIR"]).expanduser() if os.environ.get("CRACKIO_CACHE_DIR") else None
         try:
-            return cls(
-                Path(os.environ["CRACKIO_CACHE_DIR"]) if os.environ.get("CRACKIO_CACHE_DIR") else None,
-                parse_bytes(limit) if limit else None,
-                float(timeout) if timeout else 60.0,
-            )
+            size = parse_bytes(limit) if limit else None
         except ValueError as e:
-            raise ConfigError(f"CRACKIO_CACHE_LIMIT / CRACKIO_REMOTE_TIMEOUT: {e}") from None
+            raise ConfigError(f"$CRACKIO_CACHE_LIMIT: {e}") from None
+        try:
+            seconds = float(timeout) if timeout else 60.0
+            if not seconds > 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"$CRACKIO_REMOTE_TIMEOUT must be a number of seconds > 0, got {timeout!r}") from None
+        return cls(folder, size, seconds)
 
 
 _settings: RemoteSettings | None = None
@@ -207,19 +211,24 @@ class RemoteShards:
             return b"".join(self._piece(shard, *p) for p in pieces)
         return b"".join(self._executor().map(lambda p: self._piece(shard, *p), pieces))
 
+    def _one(self, request: tuple[int, int, int]) -> bytes:
+        """One sample's bytes: through the cache's chunks, or its own ranged GET when streaming."""
+        shard, start, length = request
+        if not self.stream:
+            return self.read(shard, start, length, parallel=False)
+        data, size = self.remote.get(self.keys[shard], start, length)
+        if shard not in self._checked:
+            self._check_size(shard, size)
+        return data
+
+    def submit(self, requests: list[tuple[int, int, int]]) -> list[Future[bytes]]:
+        """(shard, start, length) each, fetched on this reader's pool (`FETCHERS` in flight): a read-ahead's."""
+        pool = self._executor()
+        return [pool.submit(self._one, r) for r in requests]
+
     def read_many(self, requests: list[tuple[int, int, int]]) -> list[bytes]:
         """(shard, start, length) each, in order: chunks through the cache, or streamed (module docstring)."""
-        if not self.stream:
-            return list(self._executor().map(lambda r: self.read(r[0], r[1], r[2], parallel=False), requests))
-
-        def fetch(request: tuple[int, int, int]) -> bytes:
-            shard, start, length = request
-            data, size = self.remote.get(self.keys[shard], start, length)
-            if shard not in self._checked:
-                self._check_size(shard, size)
-            return data
-
-        return list(self._executor().map(fetch, requests))
+        return [f.result() for f in self.submit(requests)]
 
     def reread(self, shard: int, start: int, length: int) -> bytes | None:
         """The bytes again after a failed checksum, with the cached chunks dropped and downloaded anew (a damaged
@@ -318,6 +327,7 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
         ShardError: no complete pack there, a malformed manifest; RemoteError naming the URL and the fix.
     """
     if not is_remote(location):
+        check_location(location)
         root = Path(location)
         manifest = read_manifest(root)
         return Pack(str(location), manifest, manifest_sha256(root), root=root)
@@ -326,15 +336,21 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
     with _opened_lock:
         if (url, remote) in _opened:
             return _opened[(url, remote)]
+    check_location(url)
     server = Remote(url, remote.timeout)
-    try:
-        data, _ = server.get(MANIFEST)
+    try:  # the first contact waits at most 15 s: a wrong URL or a server not started is said soon
+        data, _ = Remote(url, min(remote.timeout, 15.0)).get(MANIFEST)
     except RemoteError as e:
-        if "404" not in str(e):
+        if "404 not found" not in str(e):
             raise
+        fix = (
+            f"upload one with `python tools/pack.py SRC --out {url}`"
+            if server.scheme == "s3"
+            else "serve a pack folder there (the folder tools/pack.py --out wrote, as it is)"
+        )
         raise RemoteError(
             f"{join(url, MANIFEST)} is missing, so {url} holds no complete pack (an upload not finished, or the wrong "
-            f"prefix): upload one with `python tools/pack.py SRC --out {url}`"
+            f"prefix): {fix}"
         ) from None
     manifest = parse_manifest(data, join(url, MANIFEST), url)
     cache = None

@@ -36,9 +36,35 @@ def is_remote(location: object) -> bool:
     return isinstance(location, str) and urlsplit(location).scheme.lower() in SCHEMES and "://" in location
 
 
+def check_location(text: object, option: str = "--shards") -> None:
+    """Refuse a URL of a scheme crackio does not read (gs://, s3a://, ...), which would otherwise become a local
+    folder named `gs:`.
+
+    Raises:
+        ConfigError: naming the schemes that work.
+    """
+    if isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) and not is_remote(text):
+        scheme = text.split("://", 1)[0]
+        raise ConfigError(
+            f"{option} {text}: {scheme}:// is not read by crackio; give s3://BUCKET/PREFIX (S3 and S3-compatible "
+            "stores: MinIO, R2, Ceph, GCS's S3 interoperability endpoint through AWS_ENDPOINT_URL), "
+            "http(s)://HOST/PATH, or a folder"
+        )
+
+
 def location(text: str) -> str | Path:
-    """A --shards or --out value: a URL as given, anything else a local path (argparse's `type=`)."""
-    return text.rstrip("/") if is_remote(text) else Path(text)
+    """A --shards or --out value: a URL as given, anything else a local path (argparse's `type=`).
+
+    Raises:
+        argparse.ArgumentTypeError: a URL of a scheme crackio does not read.
+    """
+    import argparse
+
+    try:
+        check_location(text, "")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+    return text if is_remote(text) else Path(text)
 
 
 class RemoteError(ShardError):
@@ -78,21 +104,35 @@ def _status(error: BaseException) -> int | None:
     return int(found.group(1)) if found else None
 
 
-FIXES = {
-    401: "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
-    403: "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
-    404: "check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
-    416: "the object is shorter than its manifest says: it changed since the pack was uploaded; upload it again",
+FIXES = {  # by scheme and status: what to do about a permanent error
+    ("s3", 401): "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+    ("s3", 403): "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
+    ("s3", 404): "check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
+    ("http", 401): "the server wants a login, which crackio does not send: serve the pack folder without one",
+    ("http", 403): "the server refuses the file: make the pack folder readable to it, or check the URL",
+    ("http", 404): "check the URL: it must name the folder that holds manifest.json",
+    ("s3", 416): "the object is shorter than its manifest says: it changed since the pack was written; upload it again",
 }
+FIXES[("http", 416)] = FIXES[("s3", 416)]
+NO_RANGES = "the server does not answer Range requests: serve the folder with one that does (nginx, Apache, S3)"
 
 
 def classify(error: BaseException) -> tuple[bool, str]:
-    """(transient, one-line description) of an error raised by obstore."""
+    """(transient, one-line description) of an error raised by obstore: transient for the network's failures
+    (refused, reset, timed out), 5xx, 408 and 429; permanent for the rest (4xx, a server without Range
+    requests, a malformed path, an unsupported operation)."""
     import obstore.exceptions as oe
 
     status = _status(error)
+    text = str(error)
+    if "NoSuchBucket" in text:
+        return False, "404 no such bucket (check its name, and AWS_ENDPOINT_URL for a store other than AWS)"
     if isinstance(error, FileNotFoundError | oe.NotFoundError):
         return False, "404 not found"
+    if "Range request not supported" in text or "range request not supported" in text.lower():
+        return False, NO_RANGES
+    if isinstance(error, oe.InvalidPathError | oe.NotSupportedError | oe.UnknownConfigurationKeyError):
+        return False, text.splitlines()[0][:200] if text else type(error).__name__
     if isinstance(error, oe.PermissionDeniedError):
         return False, f"{status or 403} access denied"
     if isinstance(error, oe.UnauthenticatedError):
@@ -118,10 +158,18 @@ class Remote:
         if not is_remote(url):
             raise ConfigError(f"{url!r} is not an s3:// or http(s):// URL")
         parts = urlsplit(url)
-        if not parts.netloc:
+        if not parts.hostname:
             raise ConfigError(f"{url} names no bucket or host: write s3://BUCKET/PREFIX or http://HOST/PATH")
         if parts.query or parts.fragment:
             raise ConfigError(f"{url} has a query or fragment: give the pack's folder URL without ?... or #...")
+        if parts.username or parts.password:
+            raise ConfigError(
+                f"{parts.scheme}://{parts.hostname}/...: credentials in the URL are neither sent nor safe (the URL is "
+                "saved in config.json and checkpoints and printed in messages); serve the pack without them, or "
+                "put it in S3 and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
+        if "//" in parts.path or parts.path.rstrip("/").endswith(("/.", "/..")) or "/../" in parts.path:
+            raise ConfigError(f"{url}: its path has an empty, '.' or '..' part; write the prefix as it is stored")
         self.url = url.rstrip("/")
         self.scheme = parts.scheme.lower()
         self.timeout = float(timeout)
@@ -174,14 +222,16 @@ class Remote:
                 transient, text = classify(e)
                 url = self.address(key)
                 if not transient:
-                    fix = FIXES.get(_status(e) or (404 if "404" in text else 0), "check the URL and the server")
-                    raise RemoteError(f"{what} {url} failed: {text}: {fix}") from None
+                    status = _status(e) or (404 if text.startswith("404") else 0)
+                    scheme = "s3" if self.scheme == "s3" else "http"
+                    fix = FIXES.get((scheme, status), "" if text == NO_RANGES else "check the URL and the server")
+                    raise RemoteError(f"{what} {url} failed: {text}" + (f": {fix}" if fix else "")) from None
                 left = self.timeout - (time.monotonic() - first)
                 if left <= 0:
                     raise Unreachable(
                         f"{what} {url} failed {tries} times over {time.monotonic() - first:.0f} s (last: {text}): "
-                        "the server is down, unreachable or overloaded; check it (and AWS_ENDPOINT_URL), then "
-                        "run again"
+                        "the server is down, unreachable, overloaded or failing; check it (and AWS_ENDPOINT_URL, "
+                        "and whether the URL's scheme is the server's: http or https), then run again"
                     ) from None
                 STATS.add(retries=1)
                 time.sleep(min(delay * random.uniform(0.5, 1.5), left))  # full jitter, as AWS's guidance
