@@ -21,7 +21,7 @@ import torch
 
 from crackio import make_loader
 from crackio.errors import ConfigError
-from crackio.format.layout import ShardError
+from crackio.format.layout import ShardError, manifest_files
 from crackio.storage import remote
 from crackio.storage.cache import Cache
 from crackio.storage.packs import RemoteSettings, configure, open_pack
@@ -271,7 +271,12 @@ def test_a_damaged_cache_file_is_downloaded_again(demo_shards, s3, cache):
     assert chunks
     for chunk in chunks:  # a power cut: the files exist, their bytes are not the downloaded ones
         chunk.write_bytes(bytes(chunk.stat().st_size))
+    (index,) = cache.rglob("train/index.npy")  # no per-sample checksum: checked whole against its download's
+    data = bytearray(index.read_bytes())
+    data[-3] ^= 1  # a bit of the last row's columns
+    index.write_bytes(bytes(data))
     assert same(epoch(url), local)
+    assert index.read_bytes() != bytes(data)
 
 
 def test_a_server_that_disappears_ends_within_the_timeout(demo_shards, s3, cache):
@@ -322,6 +327,17 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
     )
     assert verified.returncode == 0 and "all 240 samples match" in verified.stdout
     assert open_pack(url).manifest["splits"].keys() == {"train", "valid", "test"}
+    # Packed again into the same prefix with fewer shards: the old pack's extra shards are removed.
+    again = subprocess.run([*cli[:-2], "120", "--quiet", "--out", url], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    import boto3
+
+    prefix = url.split("/", 3)[3] + "/"
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    stored = {o["Key"][len(prefix) :] for o in listed}
+    manifest = json.loads(Remote(url).get("manifest.json")[0])
+    assert stored == {f for f in manifest_files(manifest) if f in stored} and "train/train-000002.tar" not in stored
+    assert {s["name"] for s in manifest["splits"]["train"]["shards"]} == {"train-000000.tar", "train-000001.tar"}
 
 
 @pytest.mark.slow

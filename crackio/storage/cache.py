@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import sqlite3
 import tempfile
@@ -68,7 +69,9 @@ class Cache:
         self._local = threading.local()
         self._touched: dict[str, float] = {}
         with self._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS entries (name TEXT PRIMARY KEY, size INTEGER, used REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS entries (name TEXT PRIMARY KEY, size INTEGER, used REAL, sha256 TEXT)"
+            )
             db.execute("CREATE INDEX IF NOT EXISTS by_use ON entries (used)")
 
     def __getstate__(self):
@@ -165,19 +168,24 @@ class Cache:
         return whole[start:] if length < 0 else whole[start : start + length]
 
     def keep(self, name: str, download: Callable[[], bytes]) -> Path | bytes:
-        """Entry `name`'s file, downloaded with `download()` when this node has none; the bytes themselves when
-        they are larger than the whole cache (nothing kept)."""
+        """Entry `name`'s file, downloaded with `download()` when this node has none, or has one whose SHA-256 is
+        not the one recorded when it was downloaded (a file with no per-sample checksum, such as an index, is
+        checked whole); the bytes themselves when they are larger than the whole cache (nothing kept)."""
         with self._locked(name):
             path = self.folder / name
             if path.is_file():
-                self.read(name, 0, 0)  # marks it used
-                return path
+                row = self._db().execute("SELECT sha256 FROM entries WHERE name = ?", (name,)).fetchone()
+                if row is not None and row[0] == hashlib.sha256(path.read_bytes()).hexdigest():
+                    self.read(name, 0, 0)  # marks it used
+                    return path
+                self.drop(name)  # damaged since its download: downloaded again
             data = download()
-            return path if self.put(name, data) else data
+            return path if self.put(name, data, digest=True) else data
 
-    def put(self, name: str, data: bytes) -> bool:
-        """Keep `data` as entry `name`, evicting the least recently used entries to stay within the limit; False
-        when it cannot fit even in an empty cache (then nothing is kept)."""
+    def put(self, name: str, data: bytes, digest: bool = False) -> bool:
+        """Keep `data` as entry `name`, evicting the least recently used entries to stay within the limit (with
+        its SHA-256 when `digest`, for `keep`); False when it cannot fit even in an empty cache (then nothing is
+        kept)."""
         if self.limit is not None and len(data) > self.limit:
             return False
         path = self.folder / name
@@ -207,7 +215,8 @@ class Cache:
                 with contextlib.suppress(NameError, OSError):
                     os.unlink(tmp)
                 raise write_error(path, e, "the cache; choose another folder with --cache-dir") from None
-            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (name, len(data), time.time()))
+            sha = hashlib.sha256(data).hexdigest() if digest else None
+            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", (name, len(data), time.time(), sha))
         return True
 
     def drop(self, name: str) -> None:

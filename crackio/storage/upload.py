@@ -5,7 +5,8 @@ The rules a reader relies on (the same as a local pack's: `manifest.json` marks 
 - one writer per prefix: `.crackio.lock` is created with a conditional PUT (If-None-Match: *, which S3 and
   S3-compatible stores honour) before anything is packed, and deleted at the end, even after an error;
 - the old manifest is deleted before the first shard is replaced, so no reader pairs new shards with it;
-- the manifest is uploaded last, after every file it names.
+- the manifest is uploaded last, after every file it names; then the files of the pack that was there before
+  (its manifest's) that the new one does not have are deleted, as a local re-pack removes them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TypeVar
 from crackio.errors import ConfigError, CrackioError
 from crackio.format.layout import MANIFEST, manifest_files
 from crackio.format.manifest import read_manifest
-from crackio.storage.remote import Remote, is_remote
+from crackio.storage.remote import Remote, RemoteError, is_remote
 
 T = TypeVar("T")
 
@@ -43,11 +44,19 @@ def upload_pack(staging: Path, remote: Remote) -> int:
     """
     manifest = read_manifest(staging)
     files = sorted(f for f in manifest_files(manifest) if f != MANIFEST and (staging / f).is_file())
-    with contextlib.suppress(FileNotFoundError):  # no reader may pair the new shards with the old manifest
-        remote.delete(MANIFEST)
+    old: set[str] = set()
+    if remote.exists(MANIFEST):  # the pack there before: its files not in the new one are removed at the end
+        try:
+            old = manifest_files(json.loads(remote.get(MANIFEST)[0]))
+        except ValueError:
+            old = set()  # not a manifest crackio can read: nothing of it is taken for crackio's
+        remote.delete(MANIFEST)  # no reader may pair the new shards with the old manifest
     with ThreadPoolExecutor(UPLOADERS, thread_name_prefix="crackio-upload") as pool:
         list(pool.map(lambda f: remote.put(f, (staging / f).read_bytes()), files))
     remote.put(MANIFEST, (staging / MANIFEST).read_bytes())
+    for stale in sorted(old - set(files) - {MANIFEST}):  # as a local re-pack removes what it no longer writes
+        with contextlib.suppress(RemoteError):
+            remote.delete(stale)
     return sum((staging / f).stat().st_size for f in [*files, MANIFEST])
 
 
