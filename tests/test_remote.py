@@ -263,6 +263,22 @@ def test_a_changed_object_is_refused(demo_shards, s3, cache, tmp_path):
         ByteReader(index, pack.files(index)).read(np.array([0]))
 
 
+def test_verify_reads_a_remote_pack_object_by_object(demo_shards, s3, cache):
+    from crackio.storage.packs import verify_pack
+
+    url = upload(demo_shards)
+    assert list(verify_pack(url)) == []
+    tar = bytearray((demo_shards / "valid" / "valid-000000.tar").read_bytes())
+    first = int(open_pack(demo_shards).index("valid").rows["offset"][0])
+    tar[first + 100] ^= 0xFF
+    Remote(url).put("valid/valid-000000.tar", bytes(tar))
+    Remote(url).put("valid/valid-000000.idx", b"v1.2 7\n")
+    problems = list(verify_pack(url))
+    assert any(p.startswith(f"{url}/valid/valid-000000.tar: row 0 ") and "checksum" in p for p in problems)
+    assert f"{url}/valid/valid-000000.idx: its header says 'v1.2 7'" in "\n".join(problems)
+    assert not list(cache.rglob("*.tar.*"))  # nothing but the indexes went to disk
+
+
 def test_a_damaged_cache_file_is_downloaded_again(demo_shards, s3, cache):
     url = upload(demo_shards)
     local = epoch(demo_shards)
@@ -294,9 +310,49 @@ def test_a_server_that_disappears_ends_within_the_timeout(demo_shards, s3, cache
     assert "the server is down, unreachable, overloaded or failing" in str(e.value) and url in str(e.value)
 
 
+def test_a_server_without_range_requests_is_said_at_once(demo_shards, tmp_path, cache):
+    server = servers.nginx(demo_shards, tmp_path / "nginx", ranges=False)
+    url = started(server)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match="does not answer Range requests: serve the folder with one that does"):
+            epoch(url)
+        assert time.monotonic() - t0 < 5  # not retried as an outage
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        ("gs://bucket/pack", "gs:// is not read by crackio; give s3://"),
+        ("s3a://bucket/pack", "s3a:// is not read by crackio"),
+        ("s3://", "names no bucket"),
+        ("s3://bucket//pack", "its path has an empty"),
+        ("http://alice:secret@127.0.0.1/pack", "credentials in the URL are neither sent nor safe"),
+    ],
+)
+def test_urls_that_cannot_work_are_refused_before_any_request(given, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        open_pack(given)
+    assert "secret" not in str(e.value)
+
+
+def test_cache_options_with_a_local_pack_are_refused(demo_shards, tmp_path):
+    from train.cli import train
+
+    with pytest.raises(ConfigError, match="--cache-limit only applies with a remote --shards"):
+        train(["--shards", str(demo_shards), "--cache-limit", "1G", *TINY_ARGS, "--out", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match="gs:// is not read by crackio"):
+        train(["--shards", "gs://bucket/pack", *TINY_ARGS, "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
 def test_no_pack_at_the_url_names_the_fix(s3, cache):
     with pytest.raises(RemoteError, match="holds no complete pack .* tools/pack.py SRC --out s3://"):
         open_pack(f"s3://{BUCKET}/nothing-here")
+    with pytest.raises(RemoteError, match="404 no such bucket"):
+        open_pack("s3://no-such-bucket/pack")
     with pytest.raises(ConfigError, match="names no bucket"):
         Remote("s3:///x")
 
@@ -307,7 +363,12 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
     # An upload that fails half-way leaves no manifest: readers see no pack, not half of one.
     with servers.FaultProxy(s3) as proxy:
         proxy.status, proxy.after = 403, 5  # the sixth request on is refused
-        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "CRACKIO_REMOTE_TIMEOUT": "2"}
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": proxy.url,
+            "CRACKIO_REMOTE_TIMEOUT": "2",
+            "CRACKIO_CACHE_DIR": str(cache),
+        }
         failed = subprocess.run([*cli, "--out", url], capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 2 and "access denied" in failed.stderr
     with pytest.raises(RemoteError, match="holds no complete pack"):
@@ -315,20 +376,21 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
     Remote(url).delete(".crackio.lock")  # the refused run could not delete its lock either
     # A second writer while one holds the prefix is refused, naming the lock.
     Remote(url).put(".crackio.lock", b'{"host": "elsewhere", "pid": 1}', create=True)
-    refused = subprocess.run([*cli, "--out", url], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "CRACKIO_CACHE_DIR": str(cache)}  # never the user's own cache
+    refused = subprocess.run([*cli, "--out", url], capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode == 2
     assert "another pack is being written" in refused.stderr and f"{url}/.crackio.lock" in refused.stderr
     Remote(url).delete(".crackio.lock")
-    done = subprocess.run([*cli, "--out", url], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*cli, "--out", url], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "uploaded" in done.stderr and not Remote(url).exists(".crackio.lock")
     verified = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "pack.py"), "--verify", url], capture_output=True, text=True
+        [sys.executable, str(ROOT / "tools" / "pack.py"), "--verify", url], capture_output=True, text=True, env=env
     )
     assert verified.returncode == 0 and "all 240 samples match" in verified.stdout
     assert open_pack(url).manifest["splits"].keys() == {"train", "valid", "test"}
     # Packed again into the same prefix with fewer shards: the old pack's extra shards are removed.
-    again = subprocess.run([*cli[:-2], "120", "--quiet", "--out", url], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([*cli[:-2], "120", "--quiet", "--out", url], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     import boto3
 
@@ -386,9 +448,10 @@ def test_a_server_lost_mid_epoch_leaves_a_resumable_run(demo_shards, s3, tmp_pat
     server is back, it ends with the weights of a run that was never stopped."""
     url = upload(demo_shards)
     args = [*TINY_ARGS, "--head", "linear", "--epochs", "1", "--batch-size", "8", "--backend", "torch"]
-    args += ["--workers", "1", "--checkpoint-every", "0", "--cache-limit", "0", "--remote-timeout", "2"]
+    args += ["--workers", "1", "--checkpoint-every", "0"]
     whole = tmp_path / "whole"
     local = [sys.executable, "-m", "train", "--shards", str(demo_shards), *args, "--out", str(whole)]
+    args += ["--cache-limit", "0", "--remote-timeout", "2"]  # streamed: every batch asks the server
     subprocess.run(local, check=True, cwd=ROOT, capture_output=True)
     with servers.FaultProxy(s3) as proxy:
         proxy.after, proxy.status = 30, -1  # from the 31st request on: connections reset (the server is gone)

@@ -53,7 +53,6 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
     import numpy as np
 
     from crackio import make_loader
-    from crackio.loading.readers import BlockReader
     from crackio.storage import remote
     from crackio.storage.packs import RemoteSettings, configure
 
@@ -83,12 +82,10 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
     if mode == "reading":
         batches, _ = loader.plan(0, 0)
         batches = batches[:steps]
-        if isinstance(loader.reader, BlockReader):
-            loader.reader.prefetch(batches)
+        loader.reader.prefetch(batches)  # as the loader does: block order's read-ahead, a remote pack's requests
         for ids in batches:
             n += len(loader.reader.read(np.asarray(ids)))
-        if isinstance(loader.reader, BlockReader):
-            loader.reader.close()
+        loader.reader.close()
     else:
         for step, batch in enumerate(loader):
             n += len(batch.labels)

@@ -76,8 +76,9 @@ def nginx_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, workdir: Path) -> Iterator[str]:
-    """nginx serving `root` read-only on a free port (Range requests answered by nginx itself); yields its URL."""
+def nginx(root: Path, workdir: Path, ranges: bool = True) -> Iterator[str]:
+    """nginx serving `root` read-only on a free port (Range requests answered by nginx itself, or refused with
+    `ranges=False`: whole files only); yields its URL."""
     binary = nginx_binary()
     if binary is None:
         missing("nginx is not installed (apt-get install nginx)")
@@ -95,7 +96,7 @@ http {{
     access_log off;
     client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy; fastcgi_temp_path {workdir}/fcgi;
     uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
-    server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
+    server {{ listen 127.0.0.1:{port}; root {root}; {"" if ranges else "max_ranges 0;"} location / {{ }} }}
 }}
 """
     )

@@ -124,6 +124,12 @@ def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[
             f"give the photos and --annotations, --format instead of --split"
         )
     root = Path(photos["root"])
+    if not root.is_dir() or not Path(str(manifest["source"])).exists():
+        raise ConfigError(
+            f"--split {split}: the photos of {shards} are where tools/propose.py read them, {root} and "
+            f"{manifest['source']}, which this machine does not have: copy them there, or give the photos and "
+            f"--annotations, --format instead of --split"
+        )
     fmt = annotations["format"]
     positive = None if fmt == "mask" else annotations["positive"]  # masks have one class, named by no option
     return [root / str(rel) for rel in listed], str(manifest["source"]), fmt, positive

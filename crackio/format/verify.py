@@ -32,22 +32,37 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
         if info["samples"] == 0:
             continue
         index = load_index(root, split)
-        rows = index.rows
         for number, path in enumerate(index.shards):
-            ids = np.flatnonzero(np.asarray(rows["shard"]) == number)
-            ids = ids[np.argsort(np.asarray(rows["offset"])[ids], kind="stable")]
             idx = path.with_suffix(".idx")
             try:
                 if idx.resolve().parent != path.resolve().parent:
                     raise ValueError(f"a link to {idx.resolve()}, outside the split's folder")
-                head = read_regular(idx, MAX_IDX_BYTES).decode().split("\n", 1)[0].split()
-                if head[:1] != ["v1.2"] or head[1:] != [str(len(ids))]:
-                    yield f"{idx}: its header says {' '.join(head)!r}, the tar holds {len(ids)} samples"
-            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                yield from verify_idx(read_regular(idx, MAX_IDX_BYTES), index.rows, number, str(idx))
+            except (OSError, ValueError) as e:
                 yield f"{idx}: unreadable ({e})"
             with open(path, "rb") as f:
-                for i in ids:
-                    yield from _verify_sample(f.fileno(), rows[i], int(i), path)
+                yield from verify_tar(f.fileno(), index.rows, number, str(path))
+
+
+def verify_idx(data: bytes, rows: np.ndarray, number: int, name: str) -> Iterator[str]:
+    """A tar's DALI `.idx` (its bytes, read from `name`) against the index: its header counts the tar's samples.
+
+    Raises:
+        ValueError: not UTF-8 text.
+    """
+    count = int((np.asarray(rows["shard"]) == number).sum())
+    head = data.decode().split("\n", 1)[0].split()
+    if head[:1] != ["v1.2"] or head[1:] != [str(count)]:
+        yield f"{name}: its header says {' '.join(head)!r}, the tar holds {count} samples"
+
+
+def verify_tar(fd: int, rows: np.ndarray, number: int, name: str) -> Iterator[str]:
+    """Every sample the index places in tar `number` (open as `fd`, named `name` in problems) against its row,
+    in the order they are stored: one problem line each."""
+    ids = np.flatnonzero(np.asarray(rows["shard"]) == number)
+    ids = ids[np.argsort(np.asarray(rows["offset"])[ids], kind="stable")]
+    for i in ids:
+        yield from _verify_sample(fd, rows[i], int(i), name)
 
 
 def _member(data: bytes, at: int) -> tuple[str, int, int]:
@@ -59,7 +74,7 @@ def _member(data: bytes, at: int) -> tuple[str, int, int]:
         return "", at + BLOCK, 0
 
 
-def _verify_sample(fd: int, row: np.void, i: int, path: Path) -> Iterator[str]:
+def _verify_sample(fd: int, row: np.void, i: int, path: str) -> Iterator[str]:
     """The sample's three members read in one go and compared with its index row: the JPEG's member name and
     CRC32, the JSON's file name, label and IoU (to its 3 decimals), the `.sid`'s key."""
     offset, size, key = int(row["offset"]), int(row["size"]), sample_key(int(row["key"]))

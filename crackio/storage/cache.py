@@ -73,6 +73,12 @@ class Cache:
                 "CREATE TABLE IF NOT EXISTS entries (name TEXT PRIMARY KEY, size INTEGER, used REAL, sha256 TEXT)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS by_use ON entries (used)")
+            columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+        if columns != ["name", "size", "used", "sha256"]:
+            raise ConfigError(
+                f"{self.folder / DATABASE} is not a crackio cache database (its entries have columns {columns}): "
+                f"delete the folder {self.folder} (it holds only downloads) or choose another with --cache-dir"
+            )
 
     def __getstate__(self):
         return {"folder": self.folder, "limit": self.limit}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,10 +32,9 @@ import numpy as np
 
 from crackio.errors import ConfigError
 from crackio.format.index import SplitIndex, check_index, load_index, open_index, split_entry_of
-from crackio.format.layout import INDEX, MANIFEST, ShardError, join, manifest_files
+from crackio.format.layout import INDEX, MANIFEST, ShardError, join
 from crackio.format.manifest import manifest_sha256, parse_manifest, read_manifest
-from crackio.format.verify import verify
-from crackio.fsio import atomic_write
+from crackio.format.verify import verify, verify_idx, verify_tar
 from crackio.storage.cache import Cache, default_cache_dir
 from crackio.storage.remote import Remote, RemoteError, check_location, is_remote
 
@@ -331,13 +329,12 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
         root = Path(location)
         manifest = read_manifest(root)
         return Pack(str(location), manifest, manifest_sha256(root), root=root)
-    url = str(location).rstrip("/")
     remote = remote or settings()
+    server = Remote(str(location), remote.timeout)  # the URL checked before any request
+    url = server.url
     with _opened_lock:
         if (url, remote) in _opened:
             return _opened[(url, remote)]
-    check_location(url)
-    server = Remote(url, remote.timeout)
     try:  # the first contact waits at most 15 s: a wrong URL or a server not started is said soon
         data, _ = Remote(url, min(remote.timeout, 15.0)).get(MANIFEST)
     except RemoteError as e:
@@ -362,36 +359,40 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
     return pack
 
 
-def download_pack(location: str, dest: Path) -> Pack:
-    """Copy the remote pack at `location` into the folder `dest` (every file its manifest names, manifest last):
-    a local copy with the same manifest, so a run resumes on either.
+def verify_pack(location: str | os.PathLike) -> Iterator[str]:
+    """`crackio.format.verify.verify` of a folder; of a remote pack, the same checks on each object downloaded
+    one at a time into memory (a tar at most: nothing written to disk but the cached indexes). Problems name the
+    URL.
 
     Raises:
-        RemoteError: a download failed.
+        ShardError: a malformed manifest or index; RemoteError: a download failed.
     """
-    pack = open_pack(location)
-    assert pack.remote is not None
-    for name in sorted(manifest_files(pack.manifest) - {MANIFEST}):
-        try:
-            data, _ = pack.remote.get(name)
-        except RemoteError:
-            if name.endswith((".npy", ".tar")):
-                raise
-            continue  # converted.tsv exists only where something was converted; an .idx is verify's to report
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(dest / name, data)
-    atomic_write(dest / MANIFEST, pack.remote.get(MANIFEST)[0])
-    return pack
-
-
-def verify_pack(location: str | os.PathLike) -> Iterator[str]:
-    """`crackio.format.verify.verify` of a folder, or of a remote pack downloaded whole into a temporary folder
-    (every byte is read either way); problems name the URL."""
     if not is_remote(location):
         yield from verify(location)
         return
-    with tempfile.TemporaryDirectory(prefix="crackio-verify-") as tmp:
-        download_pack(str(location), Path(tmp))
-        url = str(location).rstrip("/")
-        for line in verify(tmp):
-            yield line.replace(tmp, url)
+    pack = open_pack(location)
+    assert pack.remote is not None
+    for split, info in pack.manifest["splits"].items():
+        if info["samples"] == 0:
+            continue
+        rows = pack.index(split).rows
+        for number, shard in enumerate(info["shards"]):
+            key = f"{split}/{shard['name']}"
+            name = pack.remote.address(key)
+            idx = key[: -len(".tar")] + ".idx"
+            try:
+                yield from verify_idx(pack.remote.get(idx)[0], rows, number, pack.remote.address(idx))
+            except (RemoteError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                yield f"{pack.remote.address(idx)}: unreadable ({e})"
+            data, size = pack.remote.get(key)
+            if size != shard["bytes"]:
+                yield f"{name}: {size} bytes, its manifest says {shard['bytes']} (truncated or replaced)"
+                continue
+            fd = os.memfd_create("crackio-verify")  # the tar in memory, read by the same pread-based checks
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                yield from verify_tar(fd, rows, number, name)
+            finally:
+                os.close(fd)
