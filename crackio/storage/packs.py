@@ -39,7 +39,7 @@ from crackio.storage.cache import Cache, default_cache_dir
 from crackio.storage.remote import Remote, RemoteError, check_location, is_remote
 
 CHUNK = 1 << 20  # bytes: the cache's unit of a tar; ~100 crops of ~10 KB, one request each
-FETCHERS = 32  # requests in flight per process and split: ~1,600 samples/s at a 20 ms round trip
+FETCHERS = 32  # requests in flight per loader: ~1,600 samples/s at a 20 ms round trip
 
 
 @dataclass(frozen=True)
