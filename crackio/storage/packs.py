@@ -183,8 +183,12 @@ class RemoteShards:
     def _piece(self, shard: int, chunk: int, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of a chunk, read from the cache's file (the chunk downloaded first when
         this node has none)."""
-        if self.cache is None:
-            return self._download(shard, chunk)[start : start + length]
+        if self.cache is None or (self.cache.limit is not None and self.cache.limit < CHUNK):
+            # Nothing would be kept: fetch just these bytes rather than the whole chunk every time.
+            data, size = self.remote.get(self.keys[shard], chunk * CHUNK + start, length)
+            if shard not in self._checked:
+                self._check_size(shard, size)
+            return data
         download = lambda: self._download(shard, chunk)  # noqa: E731
         return self.cache.fetch(self._chunk_name(shard, chunk), download, start, length)
 
