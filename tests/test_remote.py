@@ -279,6 +279,54 @@ def test_verify_reads_a_remote_pack_object_by_object(demo_shards, s3, cache):
     assert not list(cache.rglob("*.tar.*"))  # nothing but the indexes went to disk
 
 
+def test_a_lower_limit_shrinks_the_cache_when_it_is_opened(demo_shards, s3, cache):
+    url = upload(demo_shards)
+    assert same(epoch(url), epoch(demo_shards))
+    assert Cache(cache).usage() > 300_000
+    assert Cache(cache, 300_000).usage() <= 300_000
+    assert cached_bytes(cache) <= 300_000
+
+
+def test_a_child_forked_after_a_remote_read_says_so_instead_of_hanging(demo_shards, s3, cache):
+    """obstore's runtime threads are not copied by fork, so a forked child's requests would wait forever: the
+    child gets one line naming the fix (spawn or forkserver) at once."""
+    import multiprocessing
+
+    from crackio.errors import CrackioError
+
+    url = upload(demo_shards)
+    assert same(epoch(url)[:1], epoch(demo_shards)[:1])
+    configure(RemoteSettings(cache, 0, 10.0))  # streamed in the child: every read is a request
+
+    def child():
+        try:
+            make_loader(url, "valid", batch_size=8, train=False, backend="torch", device="cpu", workers=1)
+        except CrackioError as e:
+            os._exit(3 if "multiprocessing.set_start_method('spawn')" in str(e) else 4)
+        os._exit(0)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 3
+
+
+def test_an_interrupted_upload_is_cleaned_by_the_next(demo_shards, demo_src, s3, tmp_path):
+    """An upload stopped after deleting the old manifest leaves the old pack's files; the next upload removes
+    every file of the pack layout its manifest does not name, and leaves other objects alone."""
+    from crackio.writing.pack import PackSettings, pack
+
+    url = upload(demo_shards)
+    Remote(url).put("notes/readme.txt", b"not crackio's")
+    Remote(url).delete("manifest.json")  # as an interrupted upload leaves it
+    other = tmp_path / "other"
+    pack(demo_src, other, PackSettings(samples_per_shard=120, workers=1), progress=False)
+    upload_pack(other, Remote(url))
+    manifest = json.loads(Remote(url).get("manifest.json")[0])
+    wanted = {f for f in manifest_files(manifest) if (other / f).is_file()}
+    assert set(Remote(url).keys()) == wanted | {"notes/readme.txt"}
+
+
 def test_a_damaged_cache_file_is_downloaded_again(demo_shards, s3, cache):
     url = upload(demo_shards)
     local = epoch(demo_shards)

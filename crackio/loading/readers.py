@@ -52,9 +52,9 @@ class ByteReader:
                 if self._problem(i, again, size):
                     raise ShardError(
                         f"sample {i} ({self._name(i)}) in {self.paths[shard]} {problem}, also when downloaded again: "
-                        "the object changed since this run read the pack's manifest (a pack uploaded again to the "
-                        f"same URL?); run again to read the pack that is there now, or check it with "
-                        f"`python tools/pack.py --verify {self.root}`"
+                        "the object is not the one its manifest describes (replaced in place, or a pack uploaded "
+                        f"again there mid-run): check it with `python tools/pack.py --verify {self.root}`, and "
+                        "upload the pack again if it is damaged"
                     )
                 raw = again
             out.append(raw[HEADER:])

@@ -79,6 +79,29 @@ class Cache:
                 f"{self.folder / DATABASE} is not a crackio cache database (its entries have columns {columns}): "
                 f"delete the folder {self.folder} (it holds only downloads) or choose another with --cache-dir"
             )
+        if limit is not None:  # a lower limit than the last run's holds from the start, not from the next download
+            with self._transaction() as db:
+                self._evict(db, 0, "")
+
+    def _evict(self, db: sqlite3.Connection, room: int, keep: str) -> None:
+        """Inside a write transaction: remove least recently used entries (never `keep`) until `room` more bytes
+        fit within the limit."""
+        assert self.limit is not None
+        (used,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM entries WHERE name != ?", (keep,)).fetchone()
+        excess = used + room - self.limit
+        if excess <= 0:
+            return
+        evicted, freed = [], 0
+        for old, size in db.execute("SELECT name, size FROM entries ORDER BY used"):
+            if old == keep:
+                continue
+            evicted.append(old)
+            freed += size
+            if freed >= excess:
+                break
+        for old in evicted:
+            (self.folder / old).unlink(missing_ok=True)  # a reader that opened it keeps its bytes
+        db.executemany("DELETE FROM entries WHERE name = ?", [(old,) for old in evicted])
 
     def __getstate__(self):
         return {"folder": self.folder, "limit": self.limit}
@@ -93,7 +116,7 @@ class Cache:
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
-        if db is None:
+        if db is None or self._local.pid != os.getpid():  # a connection never crosses a fork (SQLite's rule)
             path = self.folder / DATABASE
             try:
                 db = sqlite3.connect(path, timeout=600, isolation_level=None, check_same_thread=True)
@@ -104,7 +127,7 @@ class Cache:
                     f"the cache database {path} cannot be opened ({e}): delete the folder {self.folder} "
                     "(it holds only downloads) or choose another with --cache-dir"
                 ) from None
-            self._local.db = db
+            self._local.db, self._local.pid = db, os.getpid()
         return db
 
     @contextlib.contextmanager
@@ -197,20 +220,7 @@ class Cache:
         path = self.folder / name
         with self._transaction() as db:
             if self.limit is not None:
-                (used,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM entries WHERE name != ?", (name,)).fetchone()
-                excess = used + len(data) - self.limit
-                if excess > 0:
-                    evicted, freed = [], 0
-                    for old, size in db.execute("SELECT name, size FROM entries ORDER BY used"):
-                        if old == name:
-                            continue
-                        evicted.append(old)
-                        freed += size
-                        if freed >= excess:
-                            break
-                    for old in evicted:
-                        (self.folder / old).unlink(missing_ok=True)  # a reader that opened it keeps its bytes
-                    db.executemany("DELETE FROM entries WHERE name = ?", [(old,) for old in evicted])
+                self._evict(db, len(data), name)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")

@@ -152,6 +152,7 @@ class RemoteShards:
         self.pack_key = pack_key
         self._checked: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._lock = threading.Lock()
 
     def __getstate__(self):
@@ -194,8 +195,9 @@ class RemoteShards:
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
-            if self._pool is None:
+            if self._pool is None or self._pool_pid != os.getpid():  # a forked child has none of the threads
                 self._pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="crackio-fetch")
+                self._pool_pid = os.getpid()
             return self._pool
 
     def read(self, shard: int, start: int, length: int, parallel: bool = True) -> bytes:
@@ -317,6 +319,17 @@ def _in_memory(data: bytes, name: str, root: str) -> np.ndarray:
 
 _opened: dict[tuple[str, RemoteSettings], Pack] = {}
 _opened_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    """A forked child opens its packs anew: its parent's clients, thread pools and database connections do not
+    work in it (obstore's runtime and the pools' threads are not copied by fork)."""
+    global _opened_lock
+    _opened.clear()
+    _opened_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None) -> Pack:

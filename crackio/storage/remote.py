@@ -13,6 +13,7 @@ and jitter until `timeout` seconds have passed since the first try; then `Unreac
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, CrackioError
 from crackio.format.layout import ShardError
 
 SCHEMES = ("s3", "http", "https")
@@ -75,6 +76,31 @@ class Unreachable(RemoteError):
     """The server did not answer within the retry deadline (down, unreachable, or failing every request)."""
 
 
+_used_in = 0  # the process that started obstore's runtime (its threads live there only)
+_forked_after_use = False
+
+
+def _after_fork() -> None:
+    global _forked_after_use
+    STATS.lock = threading.Lock()  # a lock another thread held at fork time would never be released in the child
+    _forked_after_use = _used_in != 0
+
+
+def _check_not_forked() -> None:
+    """obstore's runtime (tokio) runs on threads that fork does not copy: in a child forked after the parent read
+    a remote pack, every request would wait forever (measured with obstore 0.12.1). Said instead.
+
+    Raises:
+        ConfigError: naming the fix.
+    """
+    if _forked_after_use:
+        raise ConfigError(
+            "this process was forked from one that had already read a remote pack, and the S3/HTTP client "
+            "(obstore) cannot run after a fork: start the workers with multiprocessing's 'spawn' or 'forkserver' "
+            "method (multiprocessing.set_start_method('spawn')), or fork before the first remote read"
+        )
+
+
 @dataclass
 class Stats:
     """Requests, bytes and retries of this process's remote reads (thread-safe counters)."""
@@ -96,6 +122,7 @@ class Stats:
 
 
 STATS = Stats()  # per process: what the bench and the trainer's epoch line report
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _status(error: BaseException) -> int | None:
@@ -163,20 +190,24 @@ class Remote:
         if parts.query or parts.fragment:
             raise ConfigError(f"{url} has a query or fragment: give the pack's folder URL without ?... or #...")
         if parts.username or parts.password:
+            host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
             raise ConfigError(
-                f"{parts.scheme}://{parts.hostname}/...: credentials in the URL are neither sent nor safe (the URL is "
+                f"{parts.scheme}://{host}/...: credentials in the URL are neither sent nor safe (the URL is "
                 "saved in config.json and checkpoints and printed in messages); serve the pack without them, or "
                 "put it in S3 and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             )
+        if parts.path.rstrip("/").endswith("/manifest.json"):
+            raise ConfigError(f"{url} names the manifest: give the pack's folder, {url.rsplit('/', 1)[0]}")
         if "//" in parts.path or parts.path.rstrip("/").endswith(("/.", "/..")) or "/../" in parts.path:
             raise ConfigError(f"{url}: its path has an empty, '.' or '..' part; write the prefix as it is stored")
         self.url = url.rstrip("/")
         self.scheme = parts.scheme.lower()
         self.timeout = float(timeout)
         self._store: Any = None
+        self._pid = os.getpid()
 
     def __getstate__(self):
-        return {"url": self.url, "scheme": self.scheme, "timeout": self.timeout, "_store": None}
+        return {"url": self.url, "scheme": self.scheme, "timeout": self.timeout, "_store": None, "_pid": 0}
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
@@ -186,7 +217,10 @@ class Remote:
 
     @property
     def store(self) -> Any:
-        if self._store is None:
+        global _used_in
+        _check_not_forked()
+        if self._store is None or self._pid != os.getpid():  # a child of a fork before any use opens its own
+            self._pid = _used_in = os.getpid()
             from obstore.store import HTTPStore, S3Store
 
             request = max(5.0, min(30.0, self.timeout / 2))
@@ -205,6 +239,7 @@ class Remote:
             RemoteError: a permanent failure, naming the object's URL and the fix.
             Unreachable: transient failures for `timeout` seconds.
         """
+        _check_not_forked()
         first = time.monotonic()
         delay = 0.2
         tries = 0
@@ -216,6 +251,8 @@ class Remote:
                 return result
             except FileExistsError:  # a conditional PUT that lost: the caller's answer, not a fault
                 STATS.add(requests=1)
+                raise
+            except CrackioError:  # crackio's own verdict from inside the request: not the network's
                 raise
             except Exception as e:
                 STATS.add(requests=1)
@@ -286,6 +323,12 @@ class Remote:
                 raise
 
         self.call(key, "uploading to", request)
+
+    def keys(self) -> list[str]:
+        """Every object key under this URL (S3's listing; relative to the prefix)."""
+        import obstore
+
+        return self.call("", "listing", lambda: [m["path"] for batch in obstore.list(self.store) for m in batch])
 
     def delete(self, key: str) -> None:
         import obstore

@@ -5,8 +5,8 @@ The rules a reader relies on (the same as a local pack's: `manifest.json` marks 
 - one writer per prefix: `.crackio.lock` is created with a conditional PUT (If-None-Match: *, which S3 and
   S3-compatible stores honour) before anything is packed, and deleted at the end, even after an error;
 - the old manifest is deleted before the first shard is replaced, so no reader pairs new shards with it;
-- the manifest is uploaded last, after every file it names; then the files of the pack that was there before
-  (its manifest's) that the new one does not have are deleted, as a local re-pack removes them.
+- the manifest is uploaded last, after every file it names; then the files of the pack layout under the prefix
+  that the new manifest does not name (an earlier pack's) are deleted, as a local re-pack removes them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -32,6 +33,8 @@ from crackio.storage.remote import Remote, RemoteError, is_remote
 T = TypeVar("T")
 
 LOCK = ".crackio.lock"
+# A file of the pack layout (crackio.format.layout): <split>/<split>-NNNNNN.tar or .idx, index.npy, converted.tsv.
+PACK_FILE = re.compile(r"([^/]+)/(?:\1-[0-9]{6}\.(?:tar|idx)|index\.npy|converted\.tsv)")
 UPLOADERS = 8  # objects in flight
 
 
@@ -44,17 +47,16 @@ def upload_pack(staging: Path, remote: Remote) -> int:
     """
     manifest = read_manifest(staging)
     files = sorted(f for f in manifest_files(manifest) if f != MANIFEST and (staging / f).is_file())
-    old: set[str] = set()
-    if remote.exists(MANIFEST):  # the pack there before: its files not in the new one are removed at the end
-        try:
-            old = manifest_files(json.loads(remote.get(MANIFEST)[0]))
-        except ValueError:
-            old = set()  # not a manifest crackio can read: nothing of it is taken for crackio's
-        remote.delete(MANIFEST)  # no reader may pair the new shards with the old manifest
+    with contextlib.suppress(FileNotFoundError, RemoteError):  # no reader may pair the new shards with it
+        remote.delete(MANIFEST)
     with ThreadPoolExecutor(UPLOADERS, thread_name_prefix="crackio-upload") as pool:
         list(pool.map(lambda f: remote.put(f, (staging / f).read_bytes()), files))
     remote.put(MANIFEST, (staging / MANIFEST).read_bytes())
-    for stale in sorted(old - set(files) - {MANIFEST}):  # as a local re-pack removes what it no longer writes
+    # What an earlier pack left under the prefix (listed, so an upload interrupted before its clean-up is
+    # cleaned by the next): files of the pack layout that the new manifest does not name. Anything else there
+    # is not crackio's and stays, as a local re-pack leaves files it did not write.
+    new = set(files) | {MANIFEST}
+    for stale in sorted(k for k in remote.keys() if PACK_FILE.fullmatch(k) and k not in new):
         with contextlib.suppress(RemoteError):
             remote.delete(stale)
     return sum((staging / f).stat().st_size for f in [*files, MANIFEST])
