@@ -107,7 +107,48 @@ class ByteReader:
         self.read(order[np.stack([first, stop - 1], axis=1).ravel()])
 
 
-class AheadReader(ByteReader):
+class _ReadAhead(ByteReader):
+    """What both read-aheads share: one thread per epoch, started by `prefetch` through `_restart` and stopped by
+    bumping `_epoch` (an older thread sees it and returns); `_drop` forgets what the read-ahead holds. Picklable:
+    a copy starts with nothing read ahead."""
+
+    DROPPED = ("_futures", "_skip", "_buffers", "_left")  # what `_drop` makes: left out of a pickled copy
+
+    def __init__(self, index: SplitIndex, files: LocalShards | RemoteShards | None):
+        super().__init__(index, files)
+        self._cond = threading.Condition()
+        self._epoch = 0  # bumped by every prefetch and close: an older read-ahead thread stops
+        self._drop()
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cond", *self.DROPPED)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cond = threading.Condition()
+        self._drop()
+
+    def _restart(self, name: str, target, *args, **state) -> None:
+        """A new epoch: the previous read-ahead stopped and dropped, `state` set, `target(epoch, *args)` started."""
+        with self._cond:
+            self._epoch += 1
+            self._drop()
+            self.__dict__.update(state)
+            self._cond.notify_all()
+        threading.Thread(target=target, args=(self._epoch, *args), name=name, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the read-ahead and drop what it holds (the epoch ended or was abandoned)."""
+        with self._cond:
+            self._epoch += 1
+            self._drop()
+            self._cond.notify_all()
+
+
+class AheadReader(_ReadAhead):
     """A `ByteReader` for a remote pack in random order: the samples of the epoch's next batches are requested
     ahead of the backends (`ahead` samples in flight at most), so a backend that reads one batch at a time (DALI's
     external source) still keeps the pool's requests busy. As in `BlockReader`, a batch that was not requested
@@ -115,45 +156,20 @@ class AheadReader(ByteReader):
     """
 
     def __init__(self, index: SplitIndex, files: RemoteShards, ahead: int = 256):
-        super().__init__(index, files)
         self.remote_files, self.ahead = files, ahead
-        self._cond = threading.Condition()
+        super().__init__(index, files)
+
+    def _drop(self) -> None:
+        for queued in self.__dict__.get("_futures", {}).values():
+            for futures in queued:
+                for f in futures:
+                    f.cancel()
         self._futures: dict[bytes, deque[list[Future[bytes]]]] = {}  # a batch's ids -> its requests, in order
         self._skip: dict[bytes, int] = {}  # batches read directly before the read-ahead reached them
         self._held = 0  # samples requested ahead and not yet read
-        self._epoch = 0
-
-    def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_cond", "_futures", "_skip")}
-        return state | {"_held": 0}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._cond, self._futures, self._skip = threading.Condition(), {}, {}
 
     def prefetch(self, batches: list[np.ndarray]) -> None:
-        with self._cond:
-            self._epoch += 1
-            self._futures.clear()
-            self._skip.clear()
-            self._held = 0
-            self._cond.notify_all()
-        thread = threading.Thread(
-            target=self._read_ahead, args=(self._epoch, batches), name="crackio-ahead-reader", daemon=True
-        )
-        thread.start()
-
-    def close(self) -> None:
-        with self._cond:
-            self._epoch += 1
-            for queued in self._futures.values():
-                for futures in queued:
-                    for f in futures:
-                        f.cancel()
-            self._futures.clear()
-            self._skip.clear()
-            self._held = 0
-            self._cond.notify_all()
+        self._restart("crackio-ahead-reader", self._read_ahead, batches)
 
     def _read_ahead(self, epoch: int, batches: list[np.ndarray]) -> None:
         for ids in batches:
@@ -187,7 +203,7 @@ class AheadReader(ByteReader):
         return [f.result() for f in futures]  # a request's error (RemoteError, ...) is raised here
 
 
-class BlockReader(ByteReader):
+class BlockReader(_ReadAhead):
     """A `ByteReader` for block order: whole blocks read ahead, one sequential `pread` per block and tar.
 
     `prefetch(batches)` at the start of an epoch hands over the epoch's plan; a thread then reads
@@ -206,25 +222,13 @@ class BlockReader(ByteReader):
         block_size: int = 128,
         budget: int = 64 << 20,
     ):
-        super().__init__(index, files)
         self.block_size, self.budget = block_size, budget
-        self._cond = threading.Condition()
+        super().__init__(index, files)
+
+    def _drop(self) -> None:
         self._buffers: dict[tuple[int, int], tuple[int, bytes]] = {}  # (block, shard) -> (first offset, bytes)
         self._left: dict[int, int] = {}  # block -> planned reads not yet served
         self._held = 0  # bytes buffered
-        self._epoch = 0  # bumped by every prefetch: an older read-ahead thread stops
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        return {k: v for k, v in state.items() if k not in ("_cond", "_buffers", "_left")} | {
-            "_buffers": {},
-            "_left": {},
-            "_held": 0,
-        }
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._cond = threading.Condition()
 
     def prefetch(self, batches: list[np.ndarray]) -> None:
         """Start reading ahead for an epoch whose batches (row ids) will be read in this order."""
@@ -235,25 +239,8 @@ class BlockReader(ByteReader):
         order = blocks[np.sort(first)]  # blocks by first use
         needed = np.zeros(len(self.shard), bool)
         needed[ids] = True
-        with self._cond:
-            self._epoch += 1
-            self._buffers.clear()
-            self._held = 0
-            self._left = {int(b): int(uses[b]) for b in order}
-            self._cond.notify_all()
-        thread = threading.Thread(
-            target=self._read_ahead, args=(self._epoch, order, needed), name="crackio-block-reader", daemon=True
-        )
-        thread.start()
-
-    def close(self) -> None:
-        """Stop the read-ahead and drop its buffers (the epoch ended or was abandoned)."""
-        with self._cond:
-            self._epoch += 1
-            self._buffers.clear()
-            self._left.clear()
-            self._held = 0
-            self._cond.notify_all()
+        left = {int(b): int(uses[b]) for b in order}
+        self._restart("crackio-block-reader", self._read_ahead, order, needed, _left=left)
 
     def _spans(self, block: int, needed: np.ndarray) -> list[tuple[int, int, int]]:
         rows = np.arange(block * self.block_size, min((block + 1) * self.block_size, len(self.shard)))

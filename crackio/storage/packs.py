@@ -144,20 +144,19 @@ class RemoteShards:
     def __init__(
         self, remote: Remote, split: str, entries: list[dict], cache: Cache | None, pack_key: str, stream: bool
     ):
-        self.remote, self.split, self.cache, self.stream = remote, split, cache, stream
+        self.remote, self.cache, self.stream = remote, cache, stream
         self.keys = [f"{split}/{e['name']}" for e in entries]
         self.sizes = [int(e["bytes"]) for e in entries]
         self.names = [remote.address(k) for k in self.keys]
         self.location = remote.url
         self.pack_key = pack_key
-        self._checked: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_checked=set(), _pool=None, _lock=None)
+        state.update(_pool=None, _lock=None)
         return state
 
     def __setstate__(self, state):
@@ -167,29 +166,25 @@ class RemoteShards:
     def _chunk_name(self, shard: int, chunk: int) -> str:
         return f"{self.pack_key}/{self.keys[shard]}.{chunk}"
 
-    def _check_size(self, shard: int, size: int) -> None:
+    def _get(self, shard: int, start: int, length: int) -> bytes:
+        """One ranged GET of tar `shard`; its answer's object size must be the manifest's (else the object changed)."""
+        data, size = self.remote.get(self.keys[shard], start, length)
         if size != self.sizes[shard]:
             raise RemoteError(
                 f"{self.names[shard]} is {size} bytes, its manifest says {self.sizes[shard]}: the object changed "
                 "since the pack was written (a re-upload under way?); upload the whole pack again, then run again"
             )
-        self._checked.add(shard)
+        return data
 
     def _download(self, shard: int, chunk: int) -> bytes:
         start = chunk * CHUNK
-        data, size = self.remote.get(self.keys[shard], start, min(CHUNK, self.sizes[shard] - start))
-        self._check_size(shard, size)
-        return data
+        return self._get(shard, start, min(CHUNK, self.sizes[shard] - start))
 
     def _piece(self, shard: int, chunk: int, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of a chunk, read from the cache's file (the chunk downloaded first when
         this node has none)."""
         if self.cache is None or (self.cache.limit is not None and self.cache.limit < CHUNK):
-            # Nothing would be kept: fetch just these bytes rather than the whole chunk every time.
-            data, size = self.remote.get(self.keys[shard], chunk * CHUNK + start, length)
-            if shard not in self._checked:
-                self._check_size(shard, size)
-            return data
+            return self._get(shard, chunk * CHUNK + start, length)  # nothing would be kept: just these bytes
         download = lambda: self._download(shard, chunk)  # noqa: E731
         return self.cache.fetch(self._chunk_name(shard, chunk), download, start, length)
 
@@ -218,12 +213,7 @@ class RemoteShards:
     def _one(self, request: tuple[int, int, int]) -> bytes:
         """One sample's bytes: through the cache's chunks, or its own ranged GET when streaming."""
         shard, start, length = request
-        if not self.stream:
-            return self.read(shard, start, length, parallel=False)
-        data, size = self.remote.get(self.keys[shard], start, length)
-        if shard not in self._checked:
-            self._check_size(shard, size)
-        return data
+        return self._get(shard, start, length) if self.stream else self.read(shard, start, length, parallel=False)
 
     def submit(self, requests: list[tuple[int, int, int]]) -> list[Future[bytes]]:
         """(shard, start, length) each, fetched on this reader's pool (`FETCHERS` in flight): a read-ahead's."""
@@ -241,7 +231,7 @@ class RemoteShards:
             for chunk in range(start // CHUNK, (start + length - 1) // CHUNK + 1):
                 self.cache.drop(self._chunk_name(shard, chunk))
         if self.stream or self.cache is None:
-            return self.remote.get(self.keys[shard], start, length)[0]
+            return self._get(shard, start, length)
         return self.read(shard, start, length)
 
 
