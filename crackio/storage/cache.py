@@ -161,9 +161,6 @@ class Cache:
         finally:
             os.close(fd)  # releases the lock
 
-    def path(self, name: str) -> Path:
-        return self.folder / name
-
     def read(self, name: str, start: int = 0, length: int = -1) -> bytes | None:
         """`length` bytes (-1: to the end) from `start` of entry `name`, or None when it is not cached."""
         try:
@@ -221,6 +218,7 @@ class Cache:
         with self._transaction() as db:
             if self.limit is not None:
                 self._evict(db, len(data), name)
+            tmp = None
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -228,8 +226,9 @@ class Cache:
                     f.write(data)
                 os.replace(tmp, path)
             except OSError as e:
-                with contextlib.suppress(NameError, OSError):
-                    os.unlink(tmp)
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
                 raise write_error(path, e, "the cache; choose another folder with --cache-dir") from None
             sha = hashlib.sha256(data).hexdigest() if digest else None
             db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", (name, len(data), time.time(), sha))
