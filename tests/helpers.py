@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from train.config import Config
+from train.settings.config import Config
 
 ARCH = "shufflenet_v2_x0_5"  # ~10x cheaper than resnet18 on CPU
 TINY_ARGS = ["--arch", ARCH, "--weights", "none", "--device", "cpu"]  # the CLI's flags for the same

@@ -91,7 +91,7 @@ def test_the_writing_side_and_the_command_lines_import_no_torch():
     code = (
         "import sys\n"
         "import crackio, crackio.writing.pack, crackio.writing.proposal_stage, crackio.format.verify\n"
-        "import train.__main__, train.config\n"
+        "import train.__main__, train.settings.config\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'cv2', 'sklearn', 'matplotlib') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

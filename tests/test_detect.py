@@ -20,10 +20,10 @@ from crackio.writing.regions import ProposalSettings
 from tests.conftest import needs_cuda
 from tests.helpers import ARCH
 from train.__main__ import main as cli
-from train.config import Config
-from train.detect import Scorer, detect_photo, run_detect
-from train.detect_report import coco_ap, voc_ap
-from train.model import build_model, last_linear
+from train.detection.detect import Scorer, detect_photo, run_detect
+from train.detection.report import coco_ap, voc_ap
+from train.run.model import build_model, last_linear
+from train.settings.config import Config
 
 SETTINGS = ProposalSettings(max_proposals=200)
 # Dark rectangles on a light, slightly noisy ground: selective search finds each one exactly. The second
@@ -301,9 +301,9 @@ def test_scoring_on_the_gpu_agrees_with_the_cpu(checkpoint, photos):
 def test_baselines_are_their_definitions_on_hand_made_boxes():
     """Photo 1 (100 x 100, a crack at 10..30): proposals the whole photo, the crack, a small square. Photo 2
     (200 x 100, a crack at x 150..190): a corner box and the crack's box."""
-    from train.baselines import baseline, baseline_aps
-    from train.detect import PhotoDetections
-    from train.detect_report import verdict
+    from train.detection.baselines import baseline, baseline_aps
+    from train.detection.detect import PhotoDetections
+    from train.detection.report import verdict
 
     whole, crack, small = [0.0, 0, 100, 100], [10.0, 10, 30, 30], [50.0, 50, 60, 60]
     one = PhotoDetections(Path("a.jpg"), "a", (100, 100), proposals=np.array([small, whole, crack]),

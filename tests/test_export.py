@@ -21,9 +21,9 @@ from crackio import make_loader
 from crackio.writing.regions import ProposalSettings
 from tests.helpers import ARCH
 from train.__main__ import main as cli
-from train.config import Config
-from train.export import DYNAMO, ExportError, run_export
-from train.model import build_model, last_linear
+from train.detection.export import DYNAMO, ExportError, run_export
+from train.run.model import build_model, last_linear
+from train.settings.config import Config
 
 try:
     import onnx
@@ -179,7 +179,7 @@ def test_an_export_that_does_not_match_pytorch_is_refused_and_nothing_is_written
     key = next(k for k in ckpt["model"] if k.endswith(f"{fc}.bias"))
     ckpt["model"][key] = ckpt["model"][key] + 0.5
     torch.save(ckpt, tmp_path / "best.pt")
-    monkeypatch.setattr("train.export.to_onnx", lambda model: onnx.load(exported[0]))
+    monkeypatch.setattr("train.detection.export.to_onnx", lambda model: onnx.load(exported[0]))
     with pytest.raises(ExportError, match=r"differs from PyTorch's by up to .* was not written"):
         run_export(str(tmp_path / "best.pt"), str(tmp_path / "model.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no model, no report, no temporary

@@ -33,11 +33,12 @@ from crackio.errors import WriteError
 from crackio.writing.pack import PackSettings, pack
 from crackio.writing.regions import ProposalSettings
 from tests.helpers import ARCH, tiny
-from train import checkpoint, sweep
 from train.__main__ import main as cli
-from train.config import Config
-from train.loop import main as train_main
-from train.model import build_model
+from train.run import checkpoint
+from train.run.main import main as train_main
+from train.run.model import build_model
+from train.settings.config import Config
+from train.sweep import sweep
 
 TRAIN = [sys.executable, "-m", "train"]
 FLAGS = ["--arch", ARCH, "--weights", "none", "--head", "linear", "--batch-size", "16", "--device", "cpu"]

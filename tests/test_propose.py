@@ -271,7 +271,7 @@ def test_cli_and_training_on_the_result(photos, tmp_path):
     )
     assert bad.returncode == 2 and "pothole" in bad.stderr and "Traceback" not in bad.stderr
     from tests.helpers import tiny
-    from train.loop import main
+    from train.run.main import main
 
     run_dir = main(tiny(tmp_path / "coco", tmp_path / "run", epochs=1))
     assert (run_dir / "summary.json").is_file()

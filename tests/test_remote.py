@@ -387,7 +387,7 @@ def test_urls_that_cannot_work_are_refused_before_any_request(given, words):
 
 
 def test_cache_options_with_a_local_pack_are_refused(demo_shards, tmp_path):
-    from train.cli import train
+    from train.cli.commands import train
 
     with pytest.raises(ConfigError, match="--cache-limit only applies with a remote --shards"):
         train(["--shards", str(demo_shards), "--cache-limit", "1G", *TINY_ARGS, "--out", str(tmp_path / "r")])
@@ -453,7 +453,7 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
 @pytest.mark.slow
 def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shards, s3, tmp_path):
     """One epoch each from the local folder, s3:// and http://: bit-identical weights and history (CPU)."""
-    from train.loop import main
+    from train.run.main import main
 
     timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     server = servers.nginx(demo_shards, tmp_path / "nginx")
@@ -477,8 +477,8 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
         assert history == runs["local"][1], name
         assert all(torch.equal(weights[k], v) for k, v in runs["local"][0].items()), name
     # The subcommands read a remote pack too: eval's report and the SVM stage's feature-cache key are the folder's.
-    from train.evaluate import run_eval
-    from train.svm import checkpoint_digest
+    from train.run.evaluate import run_eval
+    from train.svm.stage import checkpoint_digest
 
     best = tmp_path / "s3" / "best.pt"
     configure(RemoteSettings(tmp_path / "cache-eval", None, 5.0))

@@ -18,8 +18,8 @@ import torch
 from crackio import make_loader
 from tests.conftest import BACKENDS, DEVICES, needs_cuda
 from tests.helpers import TINY_ARGS, tiny
-from train.checkpoint import STEP
-from train.resume import resume_config
+from train.run.checkpoint import STEP
+from train.run.resume import resume_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -343,7 +343,7 @@ def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(de
 
 def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, capsys, monkeypatch):
     from train.__main__ import main as cli
-    from train.config import Config
+    from train.settings.config import Config
 
     args = ["--shards", str(demo_shards), *TINY_ARGS]
     assert cli([*args, "--batch-size", "8", "--global-batch-size", "12"]) == 2
@@ -355,9 +355,9 @@ def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, ca
     assert Config(batch_size=8).for_world(4).global_batch_size == 32
     assert Config(batch_size=8, global_batch_size=12).for_world(3).batch_size == 4  # the global batch rules
     monkeypatch.setenv("WORLD_SIZE", "2")
-    import train.loop
+    import train.run.main
 
-    monkeypatch.setattr(train.loop, "main", lambda cfg: None)
+    monkeypatch.setattr(train.run.main, "main", lambda cfg: None)
     assert cli([*args, "--batch-size", "6", "--global-batch-size", "12"]) == 0  # 6 x 2 ranks
 
 

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import tiny
 from train import svm
 from train.__main__ import main as cli
-from train.loop import main as train_main
+from train.run.main import main as train_main
 
 
 @pytest.fixture(scope="module")

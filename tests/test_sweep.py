@@ -12,7 +12,7 @@ from tests.helpers import tiny
 from tests.test_faults import one_line
 from train import sweep
 from train.__main__ import main as cli
-from train.sweep import SHIPPED, load_variants, variant_config
+from train.sweep.sweep import SHIPPED, load_variants, variant_config
 
 VARIANTS = """
 [[variant]]

@@ -16,10 +16,10 @@ from torchvision import models
 from crackio import ConfigError
 from tests.helpers import ARCH, TINY_ARGS, tiny
 from train.__main__ import main as cli
-from train.config import Config
-from train.loop import main
-from train.model import WeightsError, build_model
-from train.resume import resume_config
+from train.run.main import main
+from train.run.model import WeightsError, build_model
+from train.run.resume import resume_config
+from train.settings.config import Config
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +299,12 @@ def test_config_round_trip():
 
 
 def test_bugs_keep_their_traceback_bad_input_is_one_line(demo_shards, monkeypatch, capsys):
-    import train.loop
+    import train.run.main
 
     def boom(cfg):
         raise RuntimeError("a DALI or CUDA bug")
 
-    monkeypatch.setattr(train.loop, "main", boom)
+    monkeypatch.setattr(train.run.main, "main", boom)
     with pytest.raises(RuntimeError, match="a DALI or CUDA bug"):  # not turned into "error: ..." and exit 2
         cli(["--shards", str(demo_shards)])
 
@@ -333,12 +333,12 @@ def test_flags_that_would_be_ignored_are_refused(demo_shards, capsys, case):
 
 @pytest.mark.slow
 def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path, monkeypatch, capsys):
-    import train.loop
+    import train.run.main
 
     out = tmp_path / "one"
     main(tiny(demo_shards, out, epochs=1))
     got = []
-    monkeypatch.setattr(train.loop, "main", got.append)
+    monkeypatch.setattr(train.run.main, "main", got.append)
     assert cli(["--resume", str(out), "--epochs", "20"]) == 0  # 20 is also the default: given, so it counts
     assert got[0].epochs == 20 and got[0].resume == str(out) and got[0].arch == ARCH
     assert cli(["--resume", str(out), "--lr", "0.1"]) == 2
@@ -346,7 +346,7 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
     assert "cannot change --lr 0.1 (the run has 0.001)" in err and "--out" in err
     assert cli(["--resume", str(out), "--lr", "0.001", "--out", str(out)]) == 0  # the run's own values: fine
     with pytest.raises(ConfigError, match="settings other than the run's"):
-        train.resume.check_resumed(Config(resume=str(out)))  # a default config is not that run's
+        train.run.resume.check_resumed(Config(resume=str(out)))  # a default config is not that run's
 
 
 @pytest.mark.parametrize(

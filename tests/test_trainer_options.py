@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
-import train.engine
+import train.run.engine
 from tests.helpers import tiny
 from train.__main__ import main as cli
-from train.loop import main
-from train.resume import resume_config
-from train.schedule import lr_factor
+from train.run.main import main
+from train.run.resume import resume_config
+from train.run.schedule import lr_factor
 
 TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
 
@@ -91,18 +91,18 @@ def test_a_cosine_schedule_with_warm_up_logs_every_step_and_resumes_exactly(demo
         assert [float(r["val_loss"]) for r in csv.DictReader(f)] == pytest.approx([h["val_loss"] for h in history])
 
     calls = []
-    original = train.engine.save_progress
+    original = train.run.engine.save_progress
 
     def stop_after_first(run, totals):
         original(run, totals)
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.engine, "save_progress", stop_after_first)
+    monkeypatch.setattr(train.run.engine, "save_progress", stop_after_first)
     stopped = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
         main(tiny(demo_shards, stopped, checkpoint_every=6, **options))
-    monkeypatch.setattr(train.engine, "save_progress", original)
+    monkeypatch.setattr(train.run.engine, "save_progress", original)
     assert len(steps_csv(stopped)) == 6
     main(resume_config(stopped))
     assert steps_csv(stopped) == steps_csv(whole)
@@ -198,7 +198,7 @@ def test_a_yaml_or_toml_config_with_flags_that_win(demo_shards, tmp_path):
     assert (saved["lr"], saved["batch_size"], saved["iou_threshold"], saved["quiet"]) == (0.002, 8, None, True)
     toml = tmp_path / "run.toml"
     toml.write_text('iou_threshold = "none"\nsampler = "weighted"\nclass_weights = "0:1,1:3"\n')
-    from train.config import read_config_file
+    from train.settings.config import read_config_file
 
     assert read_config_file(str(toml)) == {"iou_threshold": None, "sampler": "weighted", "class_weights": "0:1,1:3"}
 
@@ -307,7 +307,7 @@ def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
     with pytest.raises(SystemExit):  # no abbreviations: --lr-s is a typo, not --lr-schedule
         cli(["--shards", str(demo_shards), "--lr-s", "cosine"])
     assert "unrecognized arguments: --lr-s cosine" in capsys.readouterr().err
-    from train.logs import parse_logs
+    from train.run.logs import parse_logs
 
     assert parse_logs("none") == () and parse_logs(" csv, csv ,tensorboard") == ("csv", "tensorboard")
     run = tmp_path / "r"
@@ -326,7 +326,7 @@ def test_config_file_errors_name_the_file(demo_shards, tmp_path, capsys):
     path.write_text("")  # empty: no settings, whatever the format
     json_path = tmp_path / "c.json"
     json_path.write_text("")
-    from train.config import read_config_file
+    from train.settings.config import read_config_file
 
     assert read_config_file(str(path)) == {} == read_config_file(str(json_path))
     path.write_text("log: [tensorboard, csv]\n")

@@ -224,9 +224,9 @@ def make_step(args):
     """A training step of the classifier (AMP + channels_last on CUDA) on whatever images it is given."""
     import torch
 
-    from train.losses import make_loss
-    from train.model import build_model
-    from train.runtime import amp_dtype
+    from train.run.losses import make_loss
+    from train.run.model import build_model
+    from train.run.runtime import amp_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.arch, "none", "original").to(device)

@@ -6,7 +6,7 @@ python -m train detect --checkpoint RUN/best.pt PHOTOS... [--annotations A --for
 python -m train detect --onnx RUN/model.onnx PHOTOS... [options]
 python -m train export --checkpoint RUN/best.pt [--out RUN/model.onnx] [--split test] [--tolerance 1e-4]
 
-Only routes: the parsers are in train/cli.py (light: `--help` imports no torch), the error policy is
+Only routes: the parsers are in train/cli/ (light: `--help` imports no torch), the error policy is
 crackio.cli.run_command's, as for every command.
 """
 
@@ -16,7 +16,7 @@ import sys
 
 from crackio.cli import closest, run_command
 from crackio.errors import ConfigError
-from train.cli import COMMANDS, train
+from train.cli.commands import COMMANDS, train
 
 
 def _rank() -> int:

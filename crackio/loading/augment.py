@@ -84,7 +84,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     """0-255 NCHW (uint8 or float) -> ImageNet-normalized float32 NCHW, on the images' device.
 
     The loaders apply it unless asked for uint8 output; then the model applies it on its device
-    (`train.model.CrackClassifier`), FFCV-style: 4x fewer bytes cross the host."""
+    (`train.run.model.CrackClassifier`), FFCV-style: 4x fewer bytes cross the host."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
     return (images.to(torch.float32) - mean) / std

@@ -39,7 +39,7 @@ def suppress(boxes: np.ndarray, scores: np.ndarray, nms_iou: float) -> np.ndarra
 
 
 def ap_figures(results) -> dict[str, float]:
-    """`ap50_voc` (train.detect_report.voc_ap) and COCO's `ap_coco`, `ap50_coco` of annotated photos."""
+    """`ap50_voc` (train.detection.report.voc_ap) and COCO's `ap_coco`, `ap50_coco` of annotated photos."""
     coco = coco_ap(results)
     return {"ap50_voc": voc_ap(results)[0], "ap_coco": coco["ap"], "ap50_coco": coco["ap50"]}
 
@@ -372,7 +372,10 @@ def verdict(model: float, baselines: dict[str, dict[str, float]], key: str = "ap
 
 
 def plot_curve(recall: np.ndarray, precision: np.ndarray, ap: float, path: Path) -> None:
-    from train.report import plt, save_figure  # pyplot with the file-only backend train.report selects
+    from train.evaluation.report import (  # pyplot with the file-only backend train.evaluation.report selects
+        plt,
+        save_figure,
+    )
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot(recall, precision, label=f"detections (AP@0.5 {ap:.3f})")

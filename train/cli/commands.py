@@ -1,4 +1,4 @@
-"""Every `python -m train` command line: parsers only, built from train.config and the light option modules, so
+"""Every `python -m train` command line: parsers only, built from train.settings.config and the light option modules, so
 `--help` answers without importing torch. Each parser hands its values to the module that runs the command,
 imported only then. The error policy is crackio.cli.run_command's (train/__main__.py)."""
 
@@ -13,7 +13,7 @@ from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.writing.annotations import FORMATS
 from crackio.writing.regions import MODES
-from train.config import (
+from train.settings.config import (
     SHIPPED,
     Config,
     SvmConfig,
@@ -66,7 +66,7 @@ def train(argv: list[str]) -> None:
     if given.get("resume"):
         if path is not None:
             raise ConfigError("--resume continues a run with its own settings: use --resume RUN without --config")
-        from train.resume import resume_config
+        from train.run.resume import resume_config
 
         cfg = resume_config(given.pop("resume"), **given)
         check_applicable(cfg, given)
@@ -80,9 +80,9 @@ def train(argv: list[str]) -> None:
             if path is None:
                 raise
             raise ConfigError(f"{e} (the settings of --config {path} with the flags given)") from None
-    import train.loop
+    import train.run.main
 
-    train.loop.main(cfg)
+    train.run.main.main(cfg)
 
 
 def evaluate(argv: list[str]) -> None:
@@ -105,8 +105,8 @@ def evaluate(argv: list[str]) -> None:
             "--batch-size": (a.batch_size >= 1, ">= 1", a.batch_size),
         }
     )
-    from train.evaluate import run_eval
-    from train.runtime import use_threads
+    from train.run.evaluate import run_eval
+    from train.run.runtime import use_threads
 
     use_threads(a.threads)
 
@@ -125,14 +125,14 @@ def sweep(argv: list[str]) -> int:
     add_config_arguments(ap, skip=("out", "resume"))  # a sweep has its own folder, and resumes by re-running
     ap.add_argument("--out", default="runs/sweep", help="the sweep folder; each variant trains in OUT/<name>/")
     ap.add_argument(
-        "--variants", default="", help="variants file (default: the original's six runs, train/variants.toml)"
+        "--variants", default="", help="variants file (default: the original's six runs, train/sweep/variants.toml)"
     )
     options = vars(ap.parse_args(argv))
     variants = Path(options.pop("variants") or SHIPPED)
     out = Path(options.pop("out"))
     if not options.get("shards"):
         raise ConfigError("--shards is required (a folder written by tools/pack.py)")
-    from train.sweep import check_shared_options, load_variants, run_sweep
+    from train.sweep.sweep import check_shared_options, load_variants, run_sweep
 
     file = load_variants(variants)
     base = file.base(options)
@@ -157,7 +157,7 @@ def svm(argv: list[str]) -> None:
     configure_remote(values)
     cfg = SvmConfig(**values)
     cfg.validate()
-    from train.svm import run_svm
+    from train.svm.stage import run_svm
 
     run_svm(cfg)
 
@@ -208,8 +208,8 @@ def detect(argv: list[str]) -> None:
     add_remote_arguments(ap)
     a = ap.parse_args(argv)
     configure_remote(vars(a))
-    from train.detect import run_detect
-    from train.runtime import use_threads
+    from train.detection.detect import run_detect
+    from train.run.runtime import use_threads
 
     use_threads(a.threads)
     given = {k: getattr(a, k) for k in ("mode", "max_proposals", "context") if getattr(a, k) is not None}
@@ -252,7 +252,7 @@ def export(argv: list[str]) -> None:
     add_remote_arguments(ap)
     a = ap.parse_args(argv)
     configure_remote(vars(a))
-    from train.export import report_text, run_export
+    from train.detection.export import report_text, run_export
 
     report = run_export(
         a.checkpoint,

@@ -27,8 +27,8 @@ from crackio.loading.samplers import (
 )
 from crackio.storage.packs import RemoteSettings, parse_bytes
 from crackio.storage.remote import check_location, is_remote
-from train.logs import parse_logs
-from train.schedule import SCHEDULES
+from train.run.logs import parse_logs
+from train.run.schedule import SCHEDULES
 
 # Validation draws every sample or a fixed cut, never weighted: the samplers that are selections.
 VAL_SAMPLERS = tuple(name for name, cls in SAMPLERS.items() if issubclass(cls, Shuffle))
@@ -36,9 +36,9 @@ _WEIGHTS = ",".join(f"{c}:{w:g}" for c, w in CLASS_WEIGHTS.items())
 
 
 SHIPPED = Path(__file__).with_name("variants.toml")  # the original's six runs, `python -m train sweep`'s default
-HEADS = ("original", "linear")  # train.model.CrackClassifier
-OPTIMIZERS = ("adam", "adamw", "sgd")  # train.model.make_optimizer
-LOSSES = ("bce", "focal")  # train.losses.make_loss
+HEADS = ("original", "linear")  # train.run.model.CrackClassifier
+OPTIMIZERS = ("adam", "adamw", "sgd")  # train.run.model.make_optimizer
+LOSSES = ("bce", "focal")  # train.run.losses.make_loss
 
 # Every choice from the module that owns it: a new sampler, backend or loss is added in one place, and the CLI's
 # `choices=` and --help follow.

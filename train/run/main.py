@@ -1,4 +1,4 @@
-"""`main(cfg)`: a training run as setup (train.setup), fit (train.engine), report; `python -m train`'s parser."""
+"""`main(cfg)`: a training run as setup (train.run.setup), fit (train.run.engine), report."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from crackio.errors import WriteError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
 from crackio.storage.remote import RemoteError
-from train.checkpoint import STEP, load_checkpoint
-from train.config import Config
-from train.engine import fit
-from train.evaluate import predict
-from train.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
-from train.runtime import RankFailure
-from train.setup import Run, build_run, split_loader
+from train.evaluation.predict import predict
+from train.evaluation.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+from train.run.checkpoint import STEP, load_checkpoint
+from train.run.engine import fit
+from train.run.runtime import RankFailure
+from train.run.setup import Run, build_run, split_loader
+from train.settings.config import Config
 
 # gloo reports a peer that went away or timed out only as a RuntimeError's text ("Connection closed by peer",
 # "Timed out waiting 600000ms for recv operation"); nccl raises torch.distributed.DistError.

@@ -3,7 +3,7 @@
 On real photos a short training can rank crack regions worse than box size does, and a lone whole-photo box can
 score well where one crack network spans most of a photo. Without these figures beside the model's AP, a report
 cannot say whether the network learned anything. Each baseline keeps the model's photos, proposals, NMS and cap
-(`train.detect_report.suppress`), so only the scores differ:
+(`train.detection.report.suppress`), so only the scores differ:
 
 - `area`: each proposal scored by its box area (larger first);
 - `whole_photo`: one box covering the photo, score 1;
@@ -16,14 +16,15 @@ import dataclasses
 
 import numpy as np
 
-from train.detect_report import ap_figures, suppress
+from train.detection.report import ap_figures, suppress
 
 BASELINES = ("area", "whole_photo", "random")
 
 
 def baseline(results: list, kind: str, nms_iou: float, seed: int) -> list:
-    """The annotated photos of `results` (train.detect.PhotoDetections) with the boxes and scores baseline `kind`
-    gives them: float64 (N, 4) x0 y0 x1 y1 photo pixels and (N,) scores, best first, after NMS at `nms_iou`."""
+    """The annotated photos of `results` (train.detection.detect.PhotoDetections) with the boxes and scores
+    baseline `kind` gives them: float64 (N, 4) x0 y0 x1 y1 photo pixels and (N,) scores, best first,
+    after NMS at `nms_iou`."""
     out = []
     for position, r in enumerate(results):
         if kind == "whole_photo":

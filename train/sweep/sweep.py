@@ -1,6 +1,6 @@
 """`python -m train sweep`: train a list of variants, then compare them in one table and two plots.
 
-Each variant is a normal run in OUT/<name>/ (train.loop.main), so a sweep that is stopped and started
+Each variant is a normal run in OUT/<name>/ (train.run.main.main), so a sweep that is stopped and started
 again skips finished variants, resumes interrupted ones from their latest checkpoint (mid-epoch too), and
 retries failed ones.
 """
@@ -24,12 +24,12 @@ from crackio.cli import Interrupted, closest
 from crackio.errors import ConfigError, CrackioError, MissingFile, WriteError
 from crackio.fsio import make_dir, remove_temporaries, write_text
 from crackio.loading.samplers import label_source
-from train.checkpoint import STEP
-from train.config import SHIPPED, Config, check_applicable, check_type, unmet
-from train.loop import main as train_main
-from train.report import CLASS_KEYS, plot_pr, plot_val_losses
-from train.resume import RESUMABLE, read_config
-from train.runtime import init_distributed, world
+from train.evaluation.report import CLASS_KEYS, plot_pr, plot_val_losses
+from train.run.checkpoint import STEP
+from train.run.main import main as train_main
+from train.run.resume import RESUMABLE, read_config
+from train.run.runtime import init_distributed, world
+from train.settings.config import SHIPPED, Config, check_applicable, check_type, unmet
 
 # Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).
 OWNED = ("shards", "out", "resume", "dist_timeout")
@@ -81,7 +81,7 @@ class VariantsFile:
 
 def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> None:
     """Refuse a shared option that would not reach every variant: one a variant sets to another value itself,
-    or one a variant's other settings would ignore (as a single run refuses it: train.config.check_applicable).
+    or one a variant's other settings would ignore (as a single run refuses it: train.settings.config.check_applicable).
     A value that changes nothing (a default spelled out, as scripts that pass every option do) passes.
 
     Raises:
@@ -227,7 +227,7 @@ def variant_config(base: Config, variant: Variant, out: Path) -> Config:
 
 def state(cfg: Config) -> str:
     """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant (`cfg` with
-    its global batch resolved, as the run saved it: train.config.Config.for_world)."""
+    its global batch resolved, as the run saved it: train.settings.config.Config.for_world)."""
     folder = Path(cfg.out)
     if not any((folder / name).is_file() for name in ("last.pt", STEP)):  # nothing saved yet: start over
         return "new"

@@ -19,14 +19,14 @@ from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
 from crackio.storage.packs import configure, open_pack
 from crackio.storage.remote import is_remote
-from train.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
-from train.config import Config
-from train.logs import Console, RunLogs, parse_logs, tensorboard_writer
-from train.losses import make_loss
-from train.model import CrackClassifier, build_model, make_optimizer
-from train.resume import check_resumed, resume_point
-from train.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
-from train.schedule import make_scheduler
+from train.run.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
+from train.run.logs import Console, RunLogs, parse_logs, tensorboard_writer
+from train.run.losses import make_loss
+from train.run.model import CrackClassifier, build_model, make_optimizer
+from train.run.resume import check_resumed, resume_point
+from train.run.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
+from train.run.schedule import make_scheduler
+from train.settings.config import Config
 
 # Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
 RUN_FILES = (
@@ -55,9 +55,9 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    amp: torch.dtype | None  # mixed precision on CUDA (train.runtime.amp_dtype)
+    amp: torch.dtype | None  # mixed precision on CUDA (train.run.runtime.amp_dtype)
     proposals: dict | None  # the proposal stage's settings, saved in every checkpoint for detection
-    pack: dict  # the pack's fingerprint, checked on --resume (train.checkpoint.check_same_pack)
+    pack: dict  # the pack's fingerprint, checked on --resume (train.run.checkpoint.check_same_pack)
     train_loader: Loader
     val_loader: Loader
     model: CrackClassifier  # the bare model: what checkpoints save
@@ -66,8 +66,8 @@ class Run:
     scaler: torch.amp.GradScaler
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     state: TrainState  # where the run is: epochs done, best validation loss, history
-    scheduler: torch.optim.lr_scheduler.LambdaLR  # the learning rate per step (train.schedule)
-    console: Console  # progress on rank 0 (train.logs)
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # the learning rate per step (train.run.schedule)
+    console: Console  # progress on rank 0 (train.run.logs)
     logs: RunLogs  # --log's TensorBoard and CSV logs (none on other ranks)
     progress: EpochProgress | None = None  # a run resumed mid-epoch: where that epoch stopped
     saved: int = 0  # epochs last.pt holds: what a stopped run reports
@@ -128,7 +128,7 @@ def build_run(cfg: Config) -> Run:
             weights (CheckpointError, WeightsError), another pack than the resumed run's; one line each.
     """
     cfg.validate()
-    if cfg.resume:  # cfg must be the run's own config (train.resume.resume_config builds it)
+    if cfg.resume:  # cfg must be the run's own config (train.run.resume.resume_config builds it)
         check_resumed(cfg)
     use_threads(cfg.threads)
     init_distributed(cfg.dist_timeout)

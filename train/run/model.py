@@ -11,7 +11,8 @@ from torchvision import models
 from crackio.cli import closest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loading.augment import normalize
-from train.checkpoint import is_state_dict, load_data
+from train.run.checkpoint import CheckpointError, is_state_dict, load_data
+from train.settings.config import Config
 
 
 class WeightsError(CrackioError, RuntimeError):
@@ -25,7 +26,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # train.config.OPTIMIZERS
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # the choices: settings
 
 
 class CrackClassifier(nn.Module):
@@ -124,3 +125,25 @@ def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
         raise WeightsError(
             f"{source} does not fit --arch {arch} and this head: {first}. Was it saved from another architecture?"
         ) from e
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
+    """The classifier and run config a checkpoint (from train.run.checkpoint.load_checkpoint) holds.
+
+    Raises:
+        CheckpointError: its config is refused (unknown keys, wrong types, values no run could have).
+        WeightsError: its weights do not fit its own config.
+    """
+    try:
+        cfg = Config.from_dict(ckpt["config"], f"{path} (its config)")
+        cfg.validate()  # its split names become paths (features/<split>.npz): checked like a command line's
+    except ConfigError as e:
+        raise CheckpointError(f"{path} holds a config no run could have: {e}") from e
+    model = build_model(cfg.arch, "none", cfg.head)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise WeightsError(
+            f"{path} does not fit its own config (arch {cfg.arch}, head {cfg.head}): {str(e).splitlines()[0]}"
+        ) from e
+    return model, cfg

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where the scheduler is made: `python -m train --help` reads SCHEDULES
     import torch
 
-SCHEDULES = ("constant", "cosine", "step")  # train.config.CHOICES
+SCHEDULES = ("constant", "cosine", "step")  # train.settings.config.CHOICES
 
 
 def lr_factor(

@@ -17,7 +17,7 @@ import torch
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile
 from crackio.fsio import write_json, write_text
-from train.config import Config
+from train.settings.config import Config
 
 
 class CheckpointError(ConfigError):
@@ -155,7 +155,7 @@ class TrainState:
 
 def restore(ckpt: dict, path: Path, model, optimizer, scaler, scheduler) -> None:
     """Weights, optimizer, scaler and learning-rate schedule state from a resumed checkpoint (the scheduler made
-    before the optimizer's state is loaded: train.schedule.make_scheduler).
+    before the optimizer's state is loaded: train.run.schedule.make_scheduler).
 
     Raises:
         CheckpointError: a state that does not fit this run's model or optimizer.
@@ -205,7 +205,7 @@ def save_epoch(out: Path, ckpt: dict, history: list[dict], improved: bool) -> No
     # Rewritten whole from the history last.pt holds (not appended): no half line after a full disk, and no
     # line twice or missing after a resume.
     write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-    # A step.pt left by a failed unlink is older than last.pt: train.resume.resume_point then takes last.pt.
+    # A step.pt left by a failed unlink is older than last.pt: train.run.resume.resume_point then takes last.pt.
     (out / STEP).unlink(missing_ok=True)
 
 
@@ -215,7 +215,7 @@ STEP = "step.pt"  # the latest mid-epoch checkpoint of a run
 @dataclasses.dataclass
 class EpochProgress:
     """Where a run stopped within an epoch: what step.pt holds besides a checkpoint's fields. Restored, the
-    epoch goes on as if it had never stopped (train.engine.train_epoch)."""
+    epoch goes on as if it had never stopped (train.run.engine.train_epoch)."""
 
     loader: dict  # the train loader's state_dict(): epoch, global samples consumed, global batch size, ...
     sums: list[float]  # [loss sum, correct predictions] over all ranks so far (float64, exact)
@@ -224,7 +224,7 @@ class EpochProgress:
     seconds: float  # seconds of training so far (rank 0)
     rng: torch.Tensor  # torch's CPU generator state (uint8)
     cuda_rng: list[torch.Tensor] | None = None  # the CUDA generators' states, on a GPU run
-    digest: int = 0  # which samples each step so far trained on, all ranks (train.engine.step_digest)
+    digest: int = 0  # which samples each step so far trained on, all ranks (train.run.engine.step_digest)
     gpu: float = 0.0  # seconds the device spent in training steps so far (rank 0; CUDA only)
 
     @classmethod

@@ -19,11 +19,11 @@ from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.loading.loader import Batch, Loader
 from crackio.storage.remote import STATS, RemoteError
-from train.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
-from train.evaluate import predict
-from train.logs import Console
-from train.report import crack_metrics
-from train.setup import Run
+from train.evaluation.predict import predict
+from train.evaluation.report import crack_metrics
+from train.run.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
+from train.run.logs import Console
+from train.run.setup import Run
 
 
 class NonFiniteLoss(CrackioError, RuntimeError):
@@ -119,7 +119,7 @@ def train_epoch(
     `checkpoint(totals)` is called on every rank after every `every` steps (0: never) and when SIGINT or SIGTERM
     arrives (deferred to the end of a whole step; then Interrupted is raised). Under torchrun the ranks agree on
     the stop at every 10th step, where the loss is also checked, `console` shows progress and `log` receives the
-    rows of the steps since the last sync (train.logs.STEP_FIELDS: the step counted over the run, its loss, rate,
+    rows of the steps since the last sync (train.run.logs.STEP_FIELDS: the step counted over the run, its loss, rate,
     img/s and data-wait share; rank 0's clock).
 
     Raises:
@@ -284,7 +284,7 @@ def fit(run: Run) -> None:
         if progress is None:
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
             run.train_loader.epoch = epoch
-        else:  # the loader was put where the epoch stopped (train.setup.build_run)
+        else:  # the loader was put where the epoch stopped (train.run.setup.build_run)
             torch.set_rng_state(progress.rng)
             if progress.cuda_rng is not None and run.device.type == "cuda":
                 for d, rng in enumerate(progress.cuda_rng[: torch.cuda.device_count()]):
@@ -372,5 +372,5 @@ def save_progress(run: Run, totals: EpochTotals) -> None:
 
 
 def checkpoint_of(run: Run) -> dict:
-    """The run's checkpoint as it stands (train.checkpoint.checkpoint)."""
+    """The run's checkpoint as it stands (train.run.checkpoint.checkpoint)."""
     return checkpoint(run.model, run.optimizer, run.scaler, run.scheduler, run.state, run.proposals, run.pack, run.cfg)

@@ -25,12 +25,13 @@ from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
 from crackio.storage.packs import open_pack
-from train.checkpoint import load_checkpoint, trained
-from train.config import SvmConfig
-from train.evaluate import eval_loader, forward_batches, model_from_checkpoint
-from train.model import last_linear
-from train.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
-from train.runtime import amp_dtype
+from train.evaluation.predict import forward_batches
+from train.evaluation.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
+from train.run.checkpoint import load_checkpoint, trained
+from train.run.evaluate import eval_loader
+from train.run.model import last_linear, model_from_checkpoint
+from train.run.runtime import amp_dtype
+from train.settings.config import SvmConfig
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 OUTPUTS = ("report.txt", "pr_curve.png", "svm_model.npz", "summary.json")  # in OUT; features/<split>.npz below

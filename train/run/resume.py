@@ -1,5 +1,5 @@
 """Resuming a run: which settings may change, the run's saved config read back as untrusted input, and the
-checkpoint it continues from (on the same pack: train.checkpoint.check_same_pack)."""
+checkpoint it continues from (on the same pack: train.run.checkpoint.check_same_pack)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from crackio.errors import ConfigError, MissingFile
-from train.checkpoint import STEP, EpochProgress, TrainState, check_same_pack, load_checkpoint
-from train.config import Config, launched_world_size
+from train.run.checkpoint import STEP, EpochProgress, TrainState, check_same_pack, load_checkpoint
+from train.settings.config import Config, launched_world_size
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
 # folder: main() then checks that folder holds the same pack); every other setting comes from the run's
@@ -118,7 +118,7 @@ def check_resumed(cfg: Config) -> None:
     if differ:
         raise ConfigError(
             f"resuming {cfg.resume} with settings other than the run's ({', '.join(differ)}): "
-            f"build the config with train.resume.resume_config({cfg.resume!r}, epochs=...)"
+            f"build the config with train.run.resume.resume_config({cfg.resume!r}, epochs=...)"
         )
 
 

@@ -6,7 +6,7 @@ manifest by tools/propose.py, the same functions, even the JPEG round trip), sco
 fine-tuned network's sigmoid (in PyTorch, or with onnxruntime from a model written by `python -m train
 export`) or by the SVM stage on the same forward's features, then greedy
 non-maximum suppression per photo (`torchvision.ops.nms`). With annotations, detection average
-precision is measured (train/detect_report.py).
+precision is measured (train/detection/report.py).
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ from crackio.storage.packs import open_pack
 from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
-from train.baselines import baseline_aps
-from train.checkpoint import load_checkpoint
-from train.detect_report import suppress, write_outputs
-from train.evaluate import model_from_checkpoint
-from train.export import load_onnx, probabilities
-from train.model import CrackClassifier, last_linear
-from train.runtime import amp_dtype
+from train.detection.baselines import baseline_aps
+from train.detection.export import load_onnx, probabilities
+from train.detection.report import suppress, write_outputs
+from train.run.checkpoint import load_checkpoint
+from train.run.model import CrackClassifier, last_linear, model_from_checkpoint
+from train.run.runtime import amp_dtype
 
 CPU = torch.device("cpu")
 
@@ -186,7 +185,7 @@ class Scorer:
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
             if made_from and checkpoint is not None:
-                from train.svm import file_sha256
+                from train.svm.stage import file_sha256
 
                 if file_sha256(checkpoint).hexdigest() != made_from:
                     raise ConfigError(

@@ -28,10 +28,9 @@ from crackio.cli import check_limits
 from crackio.errors import ConfigError, MissingFile
 from crackio.fsio import NotRegular, atomic_write, display_name, read_regular, write_json
 from crackio.loading.augment import SIZE
-from train.checkpoint import load_checkpoint, trained
-from train.config import Config
-from train.evaluate import model_from_checkpoint
-from train.model import CrackClassifier
+from train.run.checkpoint import load_checkpoint, trained
+from train.run.model import CrackClassifier, model_from_checkpoint
+from train.settings.config import Config
 
 INPUT, OUTPUT = "images", "crack_probability"
 OPSET = 18  # the lowest the torch.export-based exporter writes; onnxruntime >= 1.14 runs it
