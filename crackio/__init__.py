@@ -1,7 +1,8 @@
 """crackio: WebDataset shards, DALI and torch loaders, and samplers for R-CNN crack proposals.
 
 Three sides of one seam: `crackio.format` (the on-disk contract), `crackio.writing` (what writes it:
-pack, the proposal stage) and `crackio.loading` (what reads it: loader, samplers, backends). The
+pack, the proposal stage) and `crackio.loading` (what reads it: loader, samplers, backends), with
+`crackio.storage` below both (where a pack lives: `open_pack`, `RemoteSettings`). The
 public names below are imported on first use, so `import crackio.writing...` never imports torch.
 """
 
@@ -27,6 +28,13 @@ _PUBLIC = {
     "Batch": "crackio.loading.loader",
     "Loader": "crackio.loading.loader",
     "make_loader": "crackio.loading.loader",
+    "Shuffle": "crackio.loading.samplers",
+    "HardNegatives": "crackio.loading.samplers",
+    "IouStrata": "crackio.loading.samplers",
+    "Weighted": "crackio.loading.samplers",
+    "Balanced": "crackio.loading.samplers",
+    "open_pack": "crackio.storage.packs",
+    "RemoteSettings": "crackio.storage.settings",
 }
 __all__ = [
     "ConfigError",
@@ -45,6 +53,13 @@ __all__ = [
     "Batch",
     "Loader",
     "make_loader",
+    "Shuffle",
+    "HardNegatives",
+    "IouStrata",
+    "Weighted",
+    "Balanced",
+    "open_pack",
+    "RemoteSettings",
 ]
 
 if TYPE_CHECKING:
@@ -54,6 +69,9 @@ if TYPE_CHECKING:
     from crackio.format.manifest import read_manifest
     from crackio.format.verify import verify
     from crackio.loading.loader import Batch, Loader, make_loader
+    from crackio.loading.samplers import Balanced, HardNegatives, IouStrata, Shuffle, Weighted
+    from crackio.storage.packs import open_pack
+    from crackio.storage.settings import RemoteSettings
     from crackio.writing.filenames import BadName, Proposal, format_name, parse_name
 
 

@@ -5,6 +5,8 @@ option and the fix) and show the traceback of anything else: a DALI, CUDA or
 shape error is a bug to report, not a user mistake.
 """
 
+import numbers
+
 
 class CrackioError(Exception):
     """Bad input or settings; the message names the file or option and what to do."""
@@ -31,3 +33,27 @@ class WriteError(CrackioError):
 
     def __reduce__(self):  # crosses from a worker process to its parent intact
         return type(self), (str(self), self.errno)
+
+
+def is_integer(value: object, least: int, most: int = 2**40) -> bool:
+    """Whether `value` is an integer (Python's or numpy's, not a bool) within [least, most]: the one integer
+    rule of crackio's arguments, settings and manifests."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and least <= int(value) <= most
+
+
+def integer(name: str, value: object, least: int, most: int = 2**40) -> int:
+    """`value` as an int when `is_integer(value, least, most)`.
+
+    Raises:
+        ConfigError: naming `name` (an argument, `--flag` or field) and what it must be.
+    """
+    if not is_integer(value, least, most):
+        bound = f">= {least}" if most == 2**40 else f"in [{least}, {most}]"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)  # type: ignore[call-overload]  # an Integral
+
+
+def given(name: str, value: object) -> str:
+    """A setting as a message names it: `--device cuda` for a command line's flag, `device='cuda'` for an
+    argument."""
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value!r}"

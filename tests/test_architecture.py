@@ -52,6 +52,17 @@ def side(name: str) -> str:
         ("crackio.storage", ("crackio.writing", "crackio.loading")),  # where packs live: below both sides
         ("crackio.writing", ("crackio.loading",)),
         ("crackio", ("train", "tools")),  # the library never imports the trainer or the tools
+        # train/, floor by floor: settings (light, no torch) < evaluation < run < the commands built on a run
+        # (detection, svm, sweep) < cli; each command's package stands alone.
+        (
+            "train.settings",
+            ("train.evaluation", "train.run", "train.detection", "train.svm", "train.sweep", "train.cli"),
+        ),
+        ("train.evaluation", ("train.run", "train.detection", "train.svm", "train.sweep", "train.cli")),
+        ("train.run", ("train.detection", "train.svm", "train.sweep", "train.cli")),
+        ("train.detection", ("train.svm", "train.sweep", "train.cli")),
+        ("train.svm", ("train.detection", "train.sweep", "train.cli")),
+        ("train.sweep", ("train.detection", "train.svm", "train.cli")),
     ],
 )
 def test_imports_go_one_way(importer, forbidden):
@@ -91,7 +102,7 @@ def test_the_writing_side_and_the_command_lines_import_no_torch():
     code = (
         "import sys\n"
         "import crackio, crackio.writing.pack, crackio.writing.proposal_stage, crackio.format.verify\n"
-        "import train.__main__, train.settings.config\n"
+        "import train.__main__, train.cli.commands, train.settings.run, train.settings.commands\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'cv2', 'sklearn', 'matplotlib') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

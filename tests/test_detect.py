@@ -18,12 +18,12 @@ from crackio.format.layout import FORMAT_VERSION
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings
 from tests.conftest import needs_cuda
-from tests.helpers import ARCH
+from tests.helpers import ARCH, checkpoint_config
 from train.__main__ import main as cli
 from train.detection.detect import Scorer, detect_photo, run_detect
 from train.detection.report import coco_ap, voc_ap
 from train.run.model import build_model, last_linear
-from train.settings.config import Config
+from train.settings.commands import DetectSettings
 
 SETTINGS = ProposalSettings(max_proposals=200)
 # Dark rectangles on a light, slightly noisy ground: selective search finds each one exactly. The second
@@ -82,9 +82,9 @@ def checkpoint(tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
-    cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
+    cfg = checkpoint_config(shards)
     path = root / "best.pt"
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 1}, path)
+    torch.save({"model": model.state_dict(), "config": cfg.flat(), "epoch": 1}, path)
     return path
 
 
@@ -228,7 +228,11 @@ def test_a_run_trained_on_packed_crops_detects_with_r_cnn_s_or_given_proposals(c
     (shards / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": {}}))
     ckpt["config"]["shards"] = str(shards)
     torch.save(ckpt, tmp_path / "best.pt")
-    out = run_detect(str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o"), device="cpu")
+    out = run_detect(
+        DetectSettings(
+            checkpoint=str(tmp_path / "best.pt"), photos=(str(photos),), out=str(tmp_path / "o"), device="cpu"
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["proposals"]["mode"], summary["proposals"]["max_proposals"], summary["proposals"]["context"]) == (
         "fast",
@@ -252,7 +256,14 @@ def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(ch
     ckpt["proposals"] = dataclasses.replace(SETTINGS, max_proposals=7).as_dict()  # saved at training time
     ckpt["config"]["shards"] = str(tmp_path / "moved-away")  # the shards are gone
     torch.save(ckpt, tmp_path / "best.pt")
-    out = run_detect(str(tmp_path / "best.pt"), [str(photos / "easy_a.jpg")], str(tmp_path / "o"), device="cpu")
+    out = run_detect(
+        DetectSettings(
+            checkpoint=str(tmp_path / "best.pt"),
+            photos=(str(photos / "easy_a.jpg"),),
+            out=str(tmp_path / "o"),
+            device="cpu",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["proposals"]["max_proposals"] == 7 and summary["per_photo"][0]["proposals"] <= 7
     dim = last_linear(build_model(ARCH, "none", "linear").backbone)[2].in_features
@@ -267,7 +278,13 @@ def test_settings_come_from_the_checkpoint_and_svms_of_other_runs_are_refused(ch
     )
     with pytest.raises(ConfigError, match="another checkpoint's features"):
         run_detect(
-            str(tmp_path / "best.pt"), [str(photos)], str(tmp_path / "o2"), svm=str(tmp_path / "svm.npz"), device="cpu"
+            DetectSettings(
+                checkpoint=str(tmp_path / "best.pt"),
+                photos=(str(photos),),
+                out=str(tmp_path / "o2"),
+                svm=str(tmp_path / "svm.npz"),
+                device="cpu",
+            )
         )
 
 
@@ -331,8 +348,8 @@ def checkpoint_on(shards: Path, path: Path) -> Path:
     """An untrained tiny classifier whose run trained on `shards` (a tools/propose.py pack)."""
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
-    cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 1}, path)
+    cfg = checkpoint_config(shards)
+    torch.save({"model": model.state_dict(), "config": cfg.flat(), "epoch": 1}, path)
     return path
 
 
@@ -372,20 +389,28 @@ def test_split_test_detects_exactly_the_held_out_photos_of_a_ratio_split(ratio_p
     recorded = manifest["photos"]["splits"]
     assert sorted(sum(recorded.values(), [])) == sorted(p.name for p in flat.glob("*.jpg"))  # each photo once
     assert len(recorded["test"]) == manifest["splits"]["test"]["photos"] > 0
-    out = run_detect(str(ckpt), [], str(tmp_path / "d"), split="test", device="cpu")
+    out = run_detect(
+        DetectSettings(checkpoint=str(ckpt), photos=(), out=str(tmp_path / "d"), split="test", device="cpu")
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(row["photo"] + ".jpg" for row in summary["per_photo"]) == sorted(recorded["test"])
     assert "ap50_voc" in summary and summary["ground_truth_boxes"] > 0  # with the recorded annotations
     # Explicit photos: those the run trained or validated on are listed, and refused with --strict.
     train_photo = str(flat / recorded["train"][0])
-    out = run_detect(str(ckpt), [train_photo], str(tmp_path / "e"), device="cpu")
+    out = run_detect(DetectSettings(checkpoint=str(ckpt), photos=(train_photo,), out=str(tmp_path / "e"), device="cpu"))
     problems = json.loads((out / "summary.json").read_text())["problems"]
     assert any("in the train split of the run's pack" in p["reason"] for p in problems)
     assert "warning: 1 of the photos were in the run's training or validation split" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--strict: 1 of the photos were in the run's training"):
-        run_detect(str(ckpt), [train_photo], str(tmp_path / "f"), device="cpu", strict=True)
+        run_detect(
+            DetectSettings(
+                checkpoint=str(ckpt), photos=(train_photo,), out=str(tmp_path / "f"), device="cpu", strict=True
+            )
+        )
     test_photo = str(flat / recorded["test"][0])
-    out = run_detect(str(ckpt), [test_photo], str(tmp_path / "g"), device="cpu", strict=True)  # held out: fine
+    out = run_detect(
+        DetectSettings(checkpoint=str(ckpt), photos=(test_photo,), out=str(tmp_path / "g"), device="cpu", strict=True)
+    )  # held out: fine
     for args, message in (
         (["--split", "test", test_photo], "give no photos, --annotations or --format with it"),
         ([], "give photos (files or folders), or --split SPLIT"),
@@ -401,7 +426,16 @@ def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, t
     from pycocotools.cocoeval import COCOeval
 
     flat, shards, ckpt = ratio_pack
-    out = run_detect(str(ckpt), [str(flat)], str(tmp_path / "d"), annotations=str(flat), fmt="coco", device="cpu")
+    out = run_detect(
+        DetectSettings(
+            checkpoint=str(ckpt),
+            photos=(str(flat),),
+            out=str(tmp_path / "d"),
+            annotations=str(flat),
+            format="coco",
+            device="cpu",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     detections = json.loads((out / "detections.json").read_text())
     assert max(sum(1 for d in detections if d["image_id"] == i) for i in {d["image_id"] for d in detections}) <= 100
@@ -428,16 +462,24 @@ def test_split_of_a_mask_pack_and_split_train_is_flagged(tmp_path, capsys):
     propose_to_shards(tmp_path / "photos" / "mask", "mask", shards, ProposalSettings(max_proposals=20),
                       ProposeSettings(), progress=False)  # fmt: skip
     ckpt = checkpoint_on(shards, tmp_path / "best.pt")
-    out = run_detect(str(ckpt), [], str(tmp_path / "d"), split="test", device="cpu")
+    out = run_detect(
+        DetectSettings(checkpoint=str(ckpt), photos=(), out=str(tmp_path / "d"), split="test", device="cpu")
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ground_truth_boxes"] > 0 and "baselines" in summary
-    out = run_detect(str(ckpt), [], str(tmp_path / "e"), split="train", device="cpu")
+    out = run_detect(
+        DetectSettings(checkpoint=str(ckpt), photos=(), out=str(tmp_path / "e"), split="train", device="cpu")
+    )
     problems = json.loads((out / "summary.json").read_text())["problems"]
     assert sum("in the train split of the run's pack" in p["reason"] for p in problems) == len(
         json.loads((shards / "manifest.json").read_text())["photos"]["splits"]["train"]
     )
     with pytest.raises(ConfigError, match="--strict"):
-        run_detect(str(ckpt), [], str(tmp_path / "f"), split="train", device="cpu", strict=True)
+        run_detect(
+            DetectSettings(
+                checkpoint=str(ckpt), photos=(), out=str(tmp_path / "f"), split="train", device="cpu", strict=True
+            )
+        )
 
 
 def test_a_proposal_stage_that_finds_no_crack_warns(tmp_path):
@@ -450,3 +492,36 @@ def test_a_proposal_stage_that_finds_no_crack_warns(tmp_path):
     manifest = propose_to_shards(tmp_path / "photos" / "mask", "mask", tmp_path / "s", settings, run, progress=False)
     (line,) = [w for w in warnings(manifest) if w.startswith("no photo has a crack box")]
     assert "mask label 7" in line and "--mask-crack-label" in line
+
+
+def test_score_labels_overlap_no_other_label_and_no_box_outline(tmp_path):
+    from train.detection.detect import PhotoDetections
+    from train.detection.pictures import DETECTION, draw, pen_sizes, score_labels
+
+    Image.fromarray(np.full((600, 900, 3), 170, np.uint8)).save(tmp_path / "grey.jpg")
+    # Nested and crossing boxes, one in the photo's corner and one on its edges: the first label's default place
+    # (the box's top left) is inside or on another box each time.
+    boxes = np.array(
+        [[100, 100, 400, 300], [110, 95, 390, 310], [120, 120, 300, 280], [0, 0, 250, 200], [380, 90, 600, 400],
+         [590, 380, 899, 599], [600, 400, 880, 590], [200, 150, 500, 350]], float)  # fmt: skip
+    r = PhotoDetections(tmp_path / "grey.jpg", "grey", (900, 600), boxes, np.linspace(0.83, 0.51, len(boxes)))
+    r.gt = np.array([[105, 105, 395, 305.0]])
+    labels = score_labels(r, 0.5)
+    assert [t for t, _, _ in labels] == [f"{s:.2f}" for s in r.scores]
+    rects = [rect for _, rect, _ in labels]
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] < a[2] <= 900 and 0 <= a[1] < a[3] <= 600  # in the photo
+        for b in rects[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    # Every outline drawn, rasterised as Pillow draws it: no pixel of it under a label.
+    outlines = Image.new("L", (900, 600))
+    pen = ImageDraw.Draw(outlines)
+    width = pen_sizes(r.size)[0]
+    for b in [*boxes, *r.gt]:
+        pen.rectangle([float(v) for v in b], outline=255, width=width)
+    mask = np.asarray(outlines) > 0
+    for x0, y0, x1, y1 in rects:
+        assert not mask[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))].any(), (x0, y0, x1, y1)
+    picture = np.asarray(draw(r, 0.5))
+    for x0, y0, *_ in rects:  # the label's opaque background, over every box
+        assert tuple(picture[int(y0) + 1, int(x0) + 1]) == DETECTION

@@ -4,7 +4,6 @@ python -m train detect --onnx gives the checkpoint's boxes."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -19,11 +18,11 @@ from PIL import Image, ImageDraw
 
 from crackio import make_loader
 from crackio.writing.regions import ProposalSettings
-from tests.helpers import ARCH
+from tests.helpers import ARCH, checkpoint_config
 from train.__main__ import main as cli
 from train.detection.export import DYNAMO, ExportError, run_export
 from train.run.model import build_model, last_linear
-from train.settings.config import Config
+from train.settings.commands import ExportSettings
 
 try:
     import onnx
@@ -64,8 +63,8 @@ def run(demo_shards, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
     spread_like_a_trained_model(model, demo_shards)
-    cfg = Config(shards=str(demo_shards), arch=ARCH, weights="none", head="linear")
-    ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 3, "proposals": SETTINGS.as_dict()}
+    cfg = checkpoint_config(demo_shards)
+    ckpt = {"model": model.state_dict(), "config": cfg.flat(), "epoch": 3, "proposals": SETTINGS.as_dict()}
     torch.save(ckpt, root / "best.pt")
     return root / "best.pt"
 
@@ -181,7 +180,7 @@ def test_an_export_that_does_not_match_pytorch_is_refused_and_nothing_is_written
     torch.save(ckpt, tmp_path / "best.pt")
     monkeypatch.setattr("train.detection.export.to_onnx", lambda model: onnx.load(exported[0]))
     with pytest.raises(ExportError, match=r"differs from PyTorch's by up to .* was not written"):
-        run_export(str(tmp_path / "best.pt"), str(tmp_path / "model.onnx"))
+        run_export(ExportSettings(checkpoint=str(tmp_path / "best.pt"), out=str(tmp_path / "model.onnx")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no model, no report, no temporary
 
 

@@ -32,12 +32,11 @@ from crackio import fsio
 from crackio.errors import WriteError
 from crackio.writing.pack import PackSettings, pack
 from crackio.writing.regions import ProposalSettings
-from tests.helpers import ARCH, tiny
+from tests.helpers import ARCH, checkpoint_config, tiny
 from train.__main__ import main as cli
 from train.run import checkpoint
 from train.run.main import main as train_main
 from train.run.model import build_model
-from train.settings.config import Config
 from train.sweep import sweep
 
 TRAIN = [sys.executable, "-m", "train"]
@@ -137,7 +136,7 @@ def test_a_variant_folder_linked_outside_out_is_refused(demo_shards, tmp_path, m
     elsewhere.mkdir()
     (out / "linked").symlink_to(elsewhere)
     trained = []
-    monkeypatch.setattr(sweep, "train_main", lambda cfg: trained.append(cfg.out))
+    monkeypatch.setattr(sweep, "train_main", lambda cfg: trained.append(cfg.checkpoints.out))
     args = ["sweep", "--shards", str(demo_shards), "--variants", str(variants), "--out", str(out)]
     assert cli(args) == 1  # the linked variant failed, the other one went on
     assert trained == [str(out / "inside")]
@@ -334,9 +333,9 @@ def detect_checkpoint(tmp_path) -> Path:
     settings = ProposalSettings(max_proposals=20)
     (shards / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
     model = build_model(ARCH, "none", "linear")
-    cfg = Config(shards=str(shards), arch=ARCH, weights="none", head="linear")
+    cfg = checkpoint_config(shards)
     path = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "proposals": settings.as_dict()}, path)
+    torch.save({"model": model.state_dict(), "config": cfg.flat(), "proposals": settings.as_dict()}, path)
     (tmp_path / "photos").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "photos" / "p.jpg")

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from crackio import make_loader
+from crackio import RemoteSettings, make_loader
 from crackio.errors import ConfigError
 from crackio.format.layout import ShardError, manifest_files
-from crackio.storage import remote
+from crackio.storage import packs, remote
 from crackio.storage.cache import Cache
-from crackio.storage.packs import RemoteSettings, configure, open_pack
+from crackio.storage.packs import open_pack
 from crackio.storage.remote import Remote, RemoteError, Unreachable
 from crackio.storage.upload import upload_pack
 from tests.conftest import BACKENDS, ROOT
@@ -66,12 +66,14 @@ def s3():
 
 
 @pytest.fixture
-def cache(tmp_path):
-    """This test's cache folder, set as the process's remote settings (as --cache-dir does)."""
+def cache(tmp_path, monkeypatch):
+    """This test's cache folder, as the environment's default (`remote=None` is `RemoteSettings.from_env()`), so
+    that no test writes to the user's own cache."""
     folder = tmp_path / "cache"
-    configure(RemoteSettings(folder, None, 5.0))
-    yield folder
-    configure(RemoteSettings.from_env())
+    monkeypatch.setenv("CRACKIO_CACHE_DIR", str(folder))
+    monkeypatch.setenv("CRACKIO_REMOTE_TIMEOUT", "5")
+    monkeypatch.delenv("CRACKIO_CACHE_LIMIT", raising=False)
+    return folder
 
 
 def upload(shards: Path, endpoint: str | None = None) -> str:
@@ -145,23 +147,67 @@ def test_the_cache_never_exceeds_its_limit(demo_shards, s3, tmp_path):
     pack_bytes = sum(p.stat().st_size for p in demo_shards.rglob("*.tar"))
     limit = pack_bytes // 3
     folder = tmp_path / "small-cache"
-    configure(RemoteSettings(folder, limit, 5.0))
-    try:
-        options = dict(batch_size=8, train=True, backend="torch", device="cpu", order="block", block_size=10)
-        loader, reference = (make_loader(s, "train", **options) for s in (url, demo_shards))
-        peak = 0
-        for _ in range(2):  # two epochs: the second finds the cache full of the first's last chunks
-            for batch, local in zip(loader, reference):
-                assert batch.names == local.names and torch.equal(batch.images, local.images)
-                peak = max(peak, cached_bytes(folder))
-                assert Cache(folder, limit).usage() <= limit
-        assert 0 < peak <= limit
-        # Random order with a cache smaller than the pack streams: each sample by ranged GET, nothing kept.
-        before = cached_bytes(folder)
-        assert same(epoch(url), epoch(demo_shards))
-        assert cached_bytes(folder) <= max(before, limit)
-    finally:
-        configure(RemoteSettings.from_env())
+    remote = RemoteSettings(folder, limit, 5.0)
+    options = dict(batch_size=8, train=True, backend="torch", device="cpu", order="block", block_size=10)
+    loader = make_loader(url, "train", **options, remote=remote)
+    reference = make_loader(demo_shards, "train", **options)
+    peak = 0
+    for _ in range(2):  # two epochs: the second finds the cache full of the first's last chunks
+        for batch, local in zip(loader, reference):
+            assert batch.names == local.names and torch.equal(batch.images, local.images)
+            peak = max(peak, cached_bytes(folder))
+            assert Cache(folder, limit).usage() <= limit
+    assert 0 < peak <= limit
+    # Random order with a cache smaller than the pack streams: each sample by ranged GET, nothing kept.
+    before = cached_bytes(folder)
+    assert same(epoch(url, remote=remote), epoch(demo_shards))
+    assert cached_bytes(folder) <= max(before, limit)
+
+
+def test_two_loaders_of_one_process_keep_two_caches(demo_shards, s3, tmp_path):
+    """The settings are each loader's own: one process, one remote pack, two cache folders with two limits, each
+    filled by its own loader only (`whole` keeps the train split's chunks; `small`, below one chunk, keeps only
+    the valid split's index and streams the rest)."""
+    url = upload(demo_shards)
+    pack_bytes = sum(p.stat().st_size for p in demo_shards.rglob("*.tar"))
+    whole = RemoteSettings(tmp_path / "whole", None, 5.0)
+    small = RemoteSettings(tmp_path / "small", pack_bytes // 3, 5.0)
+    options = dict(batch_size=8, train=True, backend="torch", device="cpu", order="block", block_size=10)
+    a = make_loader(url, "train", **options, remote=whole)
+    b = make_loader(url, "valid", **options, remote=small)
+    assert a.source is not b.source and a.source.sha256 == b.source.sha256
+    assert same(epoch(url, remote=whole), epoch(demo_shards))
+    assert [x.names for x in a] and [x.names for x in b]
+
+    def kept(settings: RemoteSettings, split: str) -> list[str]:
+        return sorted(p.name for p in settings.cache_dir.glob(f"*/{split}/*"))  # <pack>/<split>/<entry>
+
+    assert "index.npy" in kept(whole, "train") and any(n.startswith("train-000000.tar.") for n in kept(whole, "train"))
+    assert kept(small, "valid") == ["index.npy"] and kept(small, "train") == [] and kept(whole, "valid") == []
+    assert Cache(tmp_path / "small", small.cache_limit).usage() <= small.cache_limit
+
+
+def test_two_settings_open_two_caches_without_any_global(demo_shards, s3, tmp_path, monkeypatch):
+    """open_pack takes its settings as an argument: two values, two Packs with two caches; the same value, the
+    same Pack; and crackio never asks a process-wide setting (configure/settings fail if called)."""
+
+    def refuse(*args):
+        raise AssertionError("crackio read a process-global remote setting")
+
+    monkeypatch.setattr(packs, "settings", refuse)
+    monkeypatch.setattr(packs, "configure", refuse)
+    monkeypatch.setenv("CRACKIO_CACHE_DIR", str(tmp_path / "env"))
+    url = upload(demo_shards)
+    one, two = (RemoteSettings(tmp_path / name, limit, 5.0) for name, limit in (("one", None), ("two", 10 << 20)))
+    first, second = open_pack(url, one), open_pack(url, two)
+    assert first is not second and first.cache is not None and second.cache is not None
+    assert (first.cache.folder, first.cache.limit) == (tmp_path / "one", None)
+    assert (second.cache.folder, second.cache.limit) == (tmp_path / "two", 10 << 20)
+    assert open_pack(url, RemoteSettings(str(tmp_path / "one"), None, 5)) is first  # equal settings: one Pack
+    assert open_pack(url).cache.folder == tmp_path / "env"  # None: the environment's, read when called
+    for pack in (first, second):
+        pack.index("train")
+    assert list((tmp_path / "one").rglob("index.npy")) and list((tmp_path / "two").rglob("index.npy"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,8 +217,10 @@ def test_streaming_keeps_many_requests_in_flight(demo_shards, s3, cache, backend
     with servers.FaultProxy(s3) as proxy:
         url = upload(demo_shards)
         with endpoint_of(proxy.url):
-            configure(RemoteSettings(cache, 1, 30.0))
-            loader = make_loader(url, "train", batch_size=4, train=True, backend=backend, device="cpu", workers=1)
+            remote = RemoteSettings(cache, 1, 30.0)
+            loader = make_loader(
+                url, "train", batch_size=4, train=True, backend=backend, device="cpu", workers=1, remote=remote
+            )
             proxy.delay = 0.05
             names = [b.names for b in loader]
     assert names == [b[0] for b in epoch_of(demo_shards, batch_size=4, backend=backend)]
@@ -206,8 +254,7 @@ def test_transient_errors_are_retried_and_counted(demo_shards, s3, cache):
     with servers.FaultProxy(s3) as proxy:
         url = upload(demo_shards)
         with endpoint_of(proxy.url):
-            configure(RemoteSettings(cache, 0, 30.0))  # no cache: every read goes to the server
-            pack = open_pack(url)
+            pack = open_pack(url, RemoteSettings(cache, 0, 30.0))  # no cache: every read goes to the server
             index = pack.index("train")
             files = pack.files(index)
             before = remote.STATS.snapshot()["retries"]
@@ -227,8 +274,7 @@ def test_a_permanent_error_is_one_line_naming_the_url(demo_shards, s3, cache, st
     with servers.FaultProxy(s3) as proxy:
         url = upload(demo_shards)
         with endpoint_of(proxy.url):
-            configure(RemoteSettings(cache, 0, 30.0))
-            pack = open_pack(url)
+            pack = open_pack(url, RemoteSettings(cache, 0, 30.0))
             index = pack.index("train")
             proxy.status = status
             t0 = time.monotonic()
@@ -253,10 +299,9 @@ def test_a_changed_object_is_refused(demo_shards, s3, cache, tmp_path):
     first = int(index.rows["offset"][0])
     damaged[first : first + 64] = bytes(64)
     Remote(url).put("train/train-000000.tar", bytes(damaged))
-    configure(RemoteSettings(tmp_path / "other-cache", None, 5.0))
     from crackio.loading.readers import ByteReader
 
-    pack = open_pack(url)
+    pack = open_pack(url, RemoteSettings(tmp_path / "other-cache", None, 5.0))
     with pytest.raises(
         ShardError, match=f"in {url}/train/train-000000.tar does not match its checksum, also when downloaded again"
     ):
@@ -296,11 +341,12 @@ def test_a_child_forked_after_a_remote_read_says_so_instead_of_hanging(demo_shar
 
     url = upload(demo_shards)
     assert same(epoch(url)[:1], epoch(demo_shards)[:1])
-    configure(RemoteSettings(cache, 0, 10.0))  # streamed in the child: every read is a request
+    remote = RemoteSettings(cache, 0, 10.0)  # streamed in the child: every read is a request
 
     def child():
         try:
-            make_loader(url, "valid", batch_size=8, train=False, backend="torch", device="cpu", workers=1)
+            options = dict(batch_size=8, train=False, backend="torch", device="cpu", workers=1)
+            make_loader(url, "valid", **options, remote=remote)
         except CrackioError as e:
             os._exit(3 if "multiprocessing.set_start_method('spawn')" in str(e) else 4)
         os._exit(0)
@@ -347,8 +393,7 @@ def test_a_server_that_disappears_ends_within_the_timeout(demo_shards, s3, cache
     proxy = servers.FaultProxy(s3)
     url = upload(demo_shards)
     with endpoint_of(proxy.url):
-        configure(RemoteSettings(cache, 0, 2.0))
-        pack = open_pack(url)
+        pack = open_pack(url, RemoteSettings(cache, 0, 2.0))
         index = pack.index("train")
         proxy.stop()
         t0 = time.monotonic()
@@ -405,6 +450,19 @@ def test_no_pack_at_the_url_names_the_fix(s3, cache):
         Remote("s3:///x")
 
 
+def test_a_split_folder_of_a_remote_pack_names_the_pack(demo_shards, s3, cache):
+    url = upload(demo_shards)
+    for split in ("train", "valid"):
+        with pytest.raises(ShardError) as e:
+            open_pack(f"{url}/{split}/")
+        assert str(e.value) == (
+            f"{url}/{split} is the folder of split {split!r} inside the pack {url}, not a pack: give the pack's "
+            f"folder {url} and choose the split {split!r} by name"
+        )
+    with pytest.raises(RemoteError, match=f"{url}/elsewhere holds no complete pack .* --out {url}/elsewhere"):
+        open_pack(f"{url}/elsewhere")  # the folder above is a pack, but names no such split
+
+
 def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tmp_path, cache):
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
     cli = [sys.executable, str(ROOT / "tools" / "pack.py"), str(demo_src), "--samples-per-shard", "50", "--quiet"]
@@ -451,9 +509,11 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
 
 
 @pytest.mark.slow
-def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shards, s3, tmp_path):
+def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shards, s3, tmp_path, monkeypatch):
     """One epoch each from the local folder, s3:// and http://: bit-identical weights and history (CPU)."""
     from train.run.main import main
+
+    monkeypatch.setenv("CRACKIO_CACHE_DIR", str(tmp_path / "cache-env"))  # never the user's own cache
 
     timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     server = servers.nginx(demo_shards, tmp_path / "nginx")
@@ -471,23 +531,23 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
             )
     finally:
         server.__exit__(None, None, None)
-        configure(RemoteSettings.from_env())
     for name in ("s3", "http"):
         weights, history = runs[name]
         assert history == runs["local"][1], name
         assert all(torch.equal(weights[k], v) for k, v in runs["local"][0].items()), name
     # The subcommands read a remote pack too: eval's report and the SVM stage's feature-cache key are the folder's.
     from train.run.evaluate import run_eval
+    from train.settings.commands import EvalSettings
     from train.svm.stage import checkpoint_digest
 
     best = tmp_path / "s3" / "best.pt"
-    configure(RemoteSettings(tmp_path / "cache-eval", None, 5.0))
-    try:
-        reports = [run_eval(str(best), str(s), "test", 16, "cpu", "torch", 0.5) for s in (demo_shards, urls["s3"])]
-        assert reports[0] == reports[1]
-        assert checkpoint_digest(best, urls["s3"]).hexdigest() == checkpoint_digest(best, str(demo_shards)).hexdigest()
-    finally:
-        configure(RemoteSettings.from_env())
+    monkeypatch.setenv("CRACKIO_CACHE_DIR", str(tmp_path / "cache-eval"))
+    reports = [
+        run_eval(EvalSettings(checkpoint=str(best), shards=str(s), batch_size=16, device="cpu", backend="torch"))
+        for s in (demo_shards, urls["s3"])
+    ]
+    assert reports[0] == reports[1]
+    assert checkpoint_digest(best, urls["s3"]).hexdigest() == checkpoint_digest(best, str(demo_shards)).hexdigest()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from crackio import make_loader
 from tests.conftest import BACKENDS, DEVICES, needs_cuda
 from tests.helpers import TINY_ARGS, tiny
 from train.run.checkpoint import STEP
-from train.run.resume import resume_config
+from train.run.resume import resume_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -175,7 +175,7 @@ def test_an_evaluation_pass_resumes_at_its_own_world_size(demo_shards):
         ({"seed": 6}, "another seed: seed 5 then, 6 now"),
         ({"split": "valid"}, "another split"),
         ({"sampler": "hard-negatives", "options": {"negatives": 10}}, "another sampler or sampler options"),
-        ({"iou_threshold": 0.3}, r"other labels \(--iou-threshold\)"),
+        ({"iou_threshold": 0.3}, r"other labels \(iou_threshold\)"),
         ({"batch_size": 3}, "global batch of 8 .* this loader's is 3 .* make the per-rank batch 8"),
         ({"world_size": 3, "batch_size": 2}, "resume on a number of ranks that divides 8"),
         ({"order": "block"}, "keep the order until the epoch ends"),
@@ -302,16 +302,21 @@ def test_resume_takes_a_run_folder_or_a_checkpoint_in_it(demo_shards, tmp_path, 
     for name in ("last.pt", "best.pt", STEP):
         (run / name).write_bytes(b"")
     for given in (run, run / "last.pt", run / "best.pt", run / STEP):
-        cfg = resume_config(given, epochs=3)
-        assert (cfg.out, cfg.resume, cfg.epochs, cfg.global_batch_size) == (str(run), str(given), 3, 32)
+        cfg = resume_settings(given, epochs=3)
+        assert (cfg.checkpoints.out, cfg.checkpoints.resume, cfg.optim.epochs, cfg.optim.global_batch_size) == (
+            str(run),
+            str(given),
+            3,
+            32,
+        )
     with pytest.raises(ValueError, match="keeps the run's global batch of 32 .* --batch-size 16 x 1 rank"):
-        resume_config(run, batch_size=16)
-    assert resume_config(run, batch_size=32).for_world(1).batch_size == 32
-    assert resume_config(run).for_world(4).batch_size == 8
+        resume_settings(run, batch_size=16)
+    assert resume_settings(run, batch_size=32).for_world(1).optim.batch_size == 32
+    assert resume_settings(run).for_world(4).optim.batch_size == 8
     with pytest.raises(ValueError, match="cannot be shared equally by 3 ranks"):
-        resume_config(run).for_world(3)
+        resume_settings(run).for_world(3)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resume_config(run, batch_size=8).batch_size == 8
+    assert resume_settings(run, batch_size=8).optim.batch_size == 8
 
 
 @pytest.mark.slow
@@ -342,8 +347,8 @@ def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(de
 
 
 def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, capsys, monkeypatch):
+    from tests.helpers import config
     from train.__main__ import main as cli
-    from train.settings.config import Config
 
     args = ["--shards", str(demo_shards), *TINY_ARGS]
     assert cli([*args, "--batch-size", "8", "--global-batch-size", "12"]) == 2
@@ -352,8 +357,8 @@ def test_the_global_batch_and_the_per_rank_batch_are_one_setting(demo_shards, ca
     assert "--global-batch-size must be >= 0" in capsys.readouterr().err
     assert cli([*args, "--checkpoint-every", "-5"]) == 2
     assert "--checkpoint-every must be >= 0" in capsys.readouterr().err
-    assert Config(batch_size=8).for_world(4).global_batch_size == 32
-    assert Config(batch_size=8, global_batch_size=12).for_world(3).batch_size == 4  # the global batch rules
+    assert config(batch_size=8).for_world(4).optim.global_batch_size == 32
+    assert config(batch_size=8, global_batch_size=12).for_world(3).optim.batch_size == 4  # the global batch rules
     monkeypatch.setenv("WORLD_SIZE", "2")
     import train.run.main
 

@@ -46,10 +46,9 @@ def test_shipped_variants_are_the_originals_six_runs(tmp_path):
     file = load_variants(SHIPPED)
     variants = file.variants
     assert len(variants) == 6
-    configs = [variant_config(file.base({"shards": "s"}), v, tmp_path) for v in variants]
-    for cfg in configs:
-        cfg.validate()
-    settings = [(c.loss, c.sampler, c.selection, c.replacement, c.iou_threshold) for c in configs]
+    runs = [variant_config(file.base({"shards": "s"}), v, tmp_path) for v in variants]  # each checked when made
+    configs = [run.flat() for run in runs]
+    settings = [(c["loss"], c["sampler"], c["selection"], c["replacement"], c["iou_threshold"]) for c in configs]
     # The first two take the names' labels (the original's, IoU > 0.5); two relabel at 0.35.
     assert settings[:4] == [
         ("bce", "hard-negatives", "all", True, None),
@@ -57,12 +56,12 @@ def test_shipped_variants_are_the_originals_six_runs(tmp_path):
         ("bce", "weighted", "hard-negatives", True, 0.35),
         ("bce", "weighted", "hard-negatives", False, 0.35),
     ]
-    assert [(c.loss, c.focal_alpha, c.focal_gamma, c.iou_threshold) for c in configs[4:]] == [
+    assert [(c["loss"], c["focal_alpha"], c["focal_gamma"], c["iou_threshold"]) for c in configs[4:]] == [
         ("focal", 0.25, 2.0, None),
         ("focal", -1.0, 2.0, 0.35),
     ]
-    assert all(c.parsed_class_weights() == {0: 1, 1: 2} for c in configs[1:4])
-    assert all((c.negatives, c.val_sampler, c.val_negatives) == (800, "hard-negatives", 200) for c in configs)
+    assert all(run.sampling.parsed_class_weights() == {0: 1, 1: 2} for run in runs[1:4])
+    assert all((c["negatives"], c["val_sampler"], c["val_negatives"]) == (800, "hard-negatives", 200) for c in configs)
     # The write-up's published crack F1 for each run, in order.
     assert [v.reference["crack"]["f1"] for v in variants] == [0.66, 0.66, 0.74, 0.74, 0.42, 0.75]
 
@@ -90,17 +89,14 @@ def test_shipped_variants_train_and_validate_on_the_write_ups_cut(tmp_path):
     file = load_variants(SHIPPED)
     for variant in file.variants:
         cfg = variant_config(file.base({"shards": "s"}), variant, tmp_path)
-        threshold = 0.5 if cfg.iou_threshold is None else cfg.iou_threshold
+        threshold = 0.5 if cfg.data.iou_threshold is None else cfg.data.iou_threshold
         labels = (ious > np.float32(threshold)).astype(np.int8)
         names = [
             f"p{i}.{i}.{str(float(iou)).replace('.', '_')}.{label}.jpg"
             for i, (iou, label) in enumerate(zip(ious, labels))
         ]
-        for sampler, negatives, validation in [
-            (cfg.sampler, cfg.negatives, False),
-            (cfg.val_sampler, cfg.val_negatives, True),
-        ]:
-            rows = cfg.make_sampler(sampler, negatives).select(labels, ious, cfg.seed)
+        for validation in (False, True):
+            rows = cfg.sampling.make(train=not validation).select(labels, ious, cfg.data.seed)
             expected = filter_and_sort_images(names, validation)
             assert sorted(names[i] for i in rows) == sorted(expected), (variant.name, validation)
             assert len(rows) == int(labels.sum()) + (200 if validation else 800)
@@ -198,8 +194,8 @@ def test_variant_option_types_are_checked_and_a_weights_table_works(tmp_path):
         '[[variant]]\nname = "a"\nsampler = "weighted"\nclass_weights = {0 = 1, 1 = 3}\niou_threshold = "none"\n'
     )
     (variant,) = load_variants(path).variants
-    cfg = variant_config(tiny("s", tmp_path), variant, tmp_path)
-    assert cfg.parsed_class_weights() == {0: 1.0, 1: 3.0} and cfg.iou_threshold is None
+    cfg = variant_config(tiny("s", tmp_path).flat(), variant, tmp_path)
+    assert cfg.sampling.parsed_class_weights() == {0: 1.0, 1: 3.0} and cfg.data.iou_threshold is None
     path.write_text('[[variant]]\nname = "b"\nepochs = "ten"\n')
     with pytest.raises(ValueError, match="epochs = 'ten' must be of type int"):
         load_variants(path)
@@ -242,7 +238,7 @@ def test_the_reported_mixed_sweep_is_refused_and_the_shipped_file_needs_no_optio
     given = {"shards": "x", "negatives": 400, "val_negatives": 100}
     assert sweep.check_shared_options(file.base(given), file, set(given) - {"shards"}) is None
     cfgs = [variant_config(file.base(given), v, tmp_path) for v in file.variants]
-    assert {(c.negatives, c.val_negatives) for c in cfgs} == {(400, 100)}
+    assert {(c.sampling.negatives, c.sampling.val_negatives) for c in cfgs} == {(400, 100)}
 
 
 def test_a_shared_table_that_misses_a_variant_is_refused(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,12 +13,12 @@ import torch
 from torchvision import models
 
 from crackio import ConfigError
-from tests.helpers import ARCH, TINY_ARGS, tiny
+from tests.helpers import ARCH, TINY_ARGS, config, tiny
 from train.__main__ import main as cli
 from train.run.main import main
 from train.run.model import WeightsError, build_model
-from train.run.resume import resume_config
-from train.settings.config import Config
+from train.run.resume import resume_settings
+from train.settings.run import RunSettings, run_settings
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_a_run_writes_every_output(two_epochs):
     assert "    No crack" in report and "       Crack" in report and "macro avg" in report
     assert "confusion matrix" in report
     assert "labels from the file names" in report.splitlines()[0]
-    assert Config.from_dict(json.loads((two_epochs / "config.json").read_text())).arch == ARCH
+    assert RunSettings.from_flat(json.loads((two_epochs / "config.json").read_text())).model.arch == ARCH
 
 
 @pytest.mark.slow
@@ -94,7 +93,7 @@ def test_target_recall_threshold_reaches_it_on_validation(two_epochs):
 def test_resume_reproduces_an_uninterrupted_run(demo_shards, two_epochs, tmp_path):
     out = tmp_path / "resumed"
     main(tiny(demo_shards, out, target_recall=0.9, patience=5, epochs=1))
-    main(resume_config(out, epochs=2))
+    main(resume_settings(out, epochs=2))
     timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]
     full = strip(json.loads((two_epochs / "history.json").read_text()))
@@ -291,11 +290,11 @@ def test_torchrun_two_cpu_ranks_train_and_write_once(demo_shards, tmp_path):
 
 
 def test_config_round_trip():
-    cfg = Config(shards="x", sampler="weighted", class_weights="0:1,1:3")
-    assert cfg.make_sampler("weighted", 0).class_weights == {0: 1 / 3, 1: 1.0}
-    assert Config.from_dict(dataclasses.asdict(cfg)) == cfg
+    cfg = run_settings(shards="x", sampler="weighted", class_weights="0:1,1:3")
+    assert cfg.sampling.make(train=True).class_weights == {0: 1 / 3, 1: 1.0}
+    assert RunSettings.from_flat(cfg.flat()) == cfg
     with pytest.raises(ValueError, match="unknown config keys"):
-        Config.from_dict({"shards": "x", "lr_max": 1})
+        RunSettings.from_flat({"shards": "x", "lr_max": 1})
 
 
 def test_bugs_keep_their_traceback_bad_input_is_one_line(demo_shards, monkeypatch, capsys):
@@ -340,13 +339,13 @@ def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path,
     got = []
     monkeypatch.setattr(train.run.main, "main", got.append)
     assert cli(["--resume", str(out), "--epochs", "20"]) == 0  # 20 is also the default: given, so it counts
-    assert got[0].epochs == 20 and got[0].resume == str(out) and got[0].arch == ARCH
+    assert got[0].optim.epochs == 20 and got[0].checkpoints.resume == str(out) and got[0].model.arch == ARCH
     assert cli(["--resume", str(out), "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "cannot change --lr 0.1 (the run has 0.001)" in err and "--out" in err
     assert cli(["--resume", str(out), "--lr", "0.001", "--out", str(out)]) == 0  # the run's own values: fine
     with pytest.raises(ConfigError, match="settings other than the run's"):
-        train.run.resume.check_resumed(Config(resume=str(out)))  # a default config is not that run's
+        train.run.resume.check_resumed(config(resume=str(out)))  # a default config is not that run's
 
 
 @pytest.mark.parametrize(
@@ -366,4 +365,66 @@ def test_negative_settings_are_one_line_errors(demo_shards, capsys, flag, value)
 
 def test_a_head_outside_the_choices_is_refused(demo_shards):
     with pytest.raises(ConfigError, match="--head must be one of original, linear, got 'seed'"):
-        Config(shards=str(demo_shards), head="seed").validate()
+        config(shards=str(demo_shards), head="seed")
+
+
+def test_a_mistakes_caption_keeps_the_proposal_iou_and_label_of_any_stem():
+    import matplotlib
+
+    from train.evaluation.mistakes import CAPTION, caption, worst_figure
+
+    tail = ".17.0_734.1.jpg"
+    roboflow = "IMG_0042_jpg.rf.9f8e7d6c5b4a39281706f5e4d3c2b1a0" + tail
+    shown = caption(roboflow)
+    assert shown.endswith(tail) and shown.startswith("IMG_00") and "\u2026" in shown and len(shown) == CAPTION
+    assert caption("crack_7.3.0_5.0.png") == "crack_7.3.0_5.0.png"  # short: whole
+    for stem in ("s" * 300, "a.b.c" * 40, "IMG_1_jpg.rf.0123456789abcdef0123456789abcdef"):
+        assert caption(stem + ".123.0_984375.0.jpeg").endswith(".123.0_984375.0.jpeg")
+    tile = np.zeros((8, 8, 3), np.uint8)
+    fig = worst_figure({"false_positives": [(0.93, tile, roboflow)], "false_negatives": []}, 3)
+    assert fig.axes[0].get_title() == f"P=0.93\n{shown}"
+    matplotlib.pyplot.close(fig)
+
+
+@pytest.mark.parametrize(
+    "typed, hint",
+    [
+        ("resnext50", "did you mean 'resnext50_32x4d'?"),
+        ("regnet_y_400", "did you mean 'regnet_y_400mf'?"),
+        ("wide_resnet50", "did you mean 'wide_resnet50_2'?"),
+        ("ResNeXt101_64", "did you mean 'resnext101_64x4d'?"),
+        ("efficientnet_b", "did you mean one of " + ", ".join(f"'efficientnet_b{k}'" for k in range(8)) + "?"),
+        ("resnet", "did you mean one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'?"),
+        ("resnet_18", "did you mean 'resnet18'?"),  # no name begins so: the closest
+        ("resnxt50_32x4d", "did you mean 'resnext50_32x4d'?"),
+    ],
+)
+def test_an_unknown_arch_suggests_the_names_it_begins_then_the_closest(typed, hint):
+    with pytest.raises(ConfigError) as e:
+        build_model(typed, "none", "linear")
+    assert f"--arch {typed!r} is not a torchvision classification model; {hint} (e.g." in str(e.value)
+
+
+def test_steps_csv_counts_steps_from_1_as_the_console_and_a_resume_cuts_it(demo_shards, tmp_path, capsys):
+    import csv
+    import re
+
+    from train.run.logs import CsvLog
+
+    def steps(folder):
+        with (folder / "steps.csv").open(newline="") as f:
+            return [int(row["step"]) for row in csv.DictReader(f)]
+
+    out = main(tiny(demo_shards, tmp_path / "r", epochs=1, batch_size=8, limit_batches=3, log_every=1, log="csv"))
+    said = [int(n) for n in re.findall(r"epoch 1/1 step (\d+)/3:", capsys.readouterr().err)]
+    assert said == [1, 2, 3] and steps(out) == said
+    # A run resumed after step 2 keeps steps 1 and 2 and logs the next as 3; an older steps.csv from 0 is renumbered.
+    CsvLog(out, 2).steps([{"step": 2, "epoch": 1, "train_loss": 0.5, "lr": 0.1, "images_per_sec": 1.0,
+                           "data_wait_share": 0.0}])  # fmt: skip
+    assert steps(out) == [1, 2, 3]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "steps.csv").write_text("step,epoch,train_loss,lr,images_per_sec,data_wait_share\n"
+                                   + "".join(f"{k},1,0.5,0.1,1.0,0.0\n" for k in range(5)))  # fmt: skip
+    CsvLog(old, 3)
+    assert steps(old) == [1, 2, 3]

@@ -16,7 +16,7 @@ import train.run.engine
 from tests.helpers import tiny
 from train.__main__ import main as cli
 from train.run.main import main
-from train.run.resume import resume_config
+from train.run.resume import resume_settings
 from train.run.schedule import lr_factor
 
 TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
@@ -104,7 +104,7 @@ def test_a_cosine_schedule_with_warm_up_logs_every_step_and_resumes_exactly(demo
         main(tiny(demo_shards, stopped, checkpoint_every=6, **options))
     monkeypatch.setattr(train.run.engine, "save_progress", original)
     assert len(steps_csv(stopped)) == 6
-    main(resume_config(stopped))
+    main(resume_settings(stopped))
     assert steps_csv(stopped) == steps_csv(whole)
     a, b = torch.load(whole / "last.pt", weights_only=True), torch.load(stopped / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -198,7 +198,7 @@ def test_a_yaml_or_toml_config_with_flags_that_win(demo_shards, tmp_path):
     assert (saved["lr"], saved["batch_size"], saved["iou_threshold"], saved["quiet"]) == (0.002, 8, None, True)
     toml = tmp_path / "run.toml"
     toml.write_text('iou_threshold = "none"\nsampler = "weighted"\nclass_weights = "0:1,1:3"\n')
-    from train.settings.config import read_config_file
+    from train.settings.files import read_config_file
 
     assert read_config_file(str(toml)) == {"iou_threshold": None, "sampler": "weighted", "class_weights": "0:1,1:3"}
 
@@ -307,7 +307,7 @@ def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
     with pytest.raises(SystemExit):  # no abbreviations: --lr-s is a typo, not --lr-schedule
         cli(["--shards", str(demo_shards), "--lr-s", "cosine"])
     assert "unrecognized arguments: --lr-s cosine" in capsys.readouterr().err
-    from train.run.logs import parse_logs
+    from train.settings.run import parse_logs
 
     assert parse_logs("none") == () and parse_logs(" csv, csv ,tensorboard") == ("csv", "tensorboard")
     run = tmp_path / "r"
@@ -326,7 +326,7 @@ def test_config_file_errors_name_the_file(demo_shards, tmp_path, capsys):
     path.write_text("")  # empty: no settings, whatever the format
     json_path = tmp_path / "c.json"
     json_path.write_text("")
-    from train.settings.config import read_config_file
+    from train.settings.files import read_config_file
 
     assert read_config_file(str(path)) == {} == read_config_file(str(json_path))
     path.write_text("log: [tensorboard, csv]\n")
@@ -339,7 +339,7 @@ def test_extending_a_cosine_run_takes_the_new_curve_from_the_next_step(demo_shar
     step takes the 2-epoch curve's rate at step 2, not the old curve's 0."""
     out = main(tiny(demo_shards, tmp_path / "r", epochs=1, batch_size=8, limit_batches=2, lr_schedule="cosine",
                     log="csv", quiet=True))  # fmt: skip
-    main(resume_config(out, epochs=2))
+    main(resume_settings(out, epochs=2))
     rates = [float(r["lr"]) for r in steps_csv(out)]
     assert rates == pytest.approx([1e-3 * lr_factor(s, "cosine", 2, e, 0, 10, 0.1) for s, e in
                                    [(0, 1), (1, 1), (2, 2), (3, 2)]])  # fmt: skip

@@ -227,13 +227,14 @@ def make_step(args):
     from train.run.losses import make_loss
     from train.run.model import build_model
     from train.run.runtime import amp_dtype
+    from train.settings.learning import Bce
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.arch, "none", "original").to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = make_loss("bce", 0, 0.25, 2, device)
+    loss_fn = make_loss(Bce(), device)
     amp = amp_dtype(device)  # the trainer's choice; fp16 there also scales the loss, a step-rate no-op here
 
     def step(images):

@@ -54,7 +54,7 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
 
     from crackio import make_loader
     from crackio.storage import remote
-    from crackio.storage.packs import RemoteSettings, configure
+    from crackio.storage.packs import RemoteSettings
 
     proxy = proxies.get(source)
     os.environ["AWS_ENDPOINT_URL"] = proxy.url if proxy else ""
@@ -64,7 +64,6 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
     else:
         folder = folders[(source, order)] = tempfile.mkdtemp()
     limit = 1 << 20 if cache == "stream" else None
-    configure(RemoteSettings(Path(folder), limit, 60.0))
     loader = make_loader(
         location,
         args.split,
@@ -74,6 +73,7 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
         device="cpu",
         workers=args.workers,
         order=order,
+        remote=RemoteSettings(Path(folder), limit, 60.0),
     )
     before = remote.STATS.snapshot()
     seen = (proxy.requests, proxy.sent) if proxy else (0, 0)

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import TypedDict
 
-from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, ShardError, join, shard_pattern
+from crackio.errors import is_integer
+from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, SPLITS, ShardError, join, shard_pattern
 from crackio.fsio import atomic_write, is_path_component, read_regular
 
 
@@ -109,7 +110,7 @@ def _bad(path: str | os.PathLike, what: str, root: str | os.PathLike) -> ShardEr
 
 
 def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value, 0, 2**63 - 1)  # a JSON integer that fits the index's int64 columns
 
 
 def manifest_sha256(root: str | os.PathLike) -> str:
@@ -141,6 +142,37 @@ def _a_crop_in(root: Path, limit: int = 2000) -> Path | None:
                 if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
                     return Path(entry.path)
     return None
+
+
+def splits_named(data: bytes) -> set[str] | None:
+    """The split names of a manifest's bytes, read leniently (for a message, never for reading the pack); None
+    when they are not a manifest's."""
+    try:
+        splits = json.loads(data).get("splits")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return {s for s in splits if isinstance(s, str)} if isinstance(splits, dict) else None
+
+
+def split_folder_error(folder: str, pack: str, split: str) -> ShardError:
+    """The refusal of a split's folder given where a pack is wanted: name the pack's folder instead."""
+    return ShardError(
+        f"{folder} is the folder of split {split!r} inside the pack {pack}, not a pack: give the pack's folder "
+        f"{pack} and choose the split {split!r} by name"
+    )
+
+
+def _pack_around(root: Path) -> Path | None:
+    """The pack `root` is a split folder of: its parent holds a manifest.json that names the split (or, when that
+    manifest cannot be read, the split is one of the standard names); None otherwise."""
+    parent = root.resolve().parent
+    try:
+        names = splits_named(read_regular(parent / MANIFEST, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError):
+        return None
+    if root.resolve().name not in (names if names is not None else SPLITS):
+        return None
+    return root.parent if str(root.parent) not in ("", ".") and root.name not in ("", ".", "..") else parent
 
 
 def check_split(manifest: dict, root: str | os.PathLike, split: str, option: str = "split") -> None:
@@ -176,6 +208,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
             f"`python tools/pack.py SRC --out {root}`"
         )
     if not path.is_file():
+        pack = _pack_around(root)
+        if pack is not None:
+            raise split_folder_error(str(root), str(pack), root.resolve().name)
         crop = _a_crop_in(root)
         if crop is not None:  # the likeliest first mistake: the proposal folder itself
             out = root.resolve().parent / f"{root.resolve().name}-shards"

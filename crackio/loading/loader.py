@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -11,13 +12,17 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from crackio.errors import ConfigError
+from crackio.cli import closest
+from crackio.errors import ConfigError, given, integer
+from crackio.format.index import SplitIndex
 from crackio.loading.augment import AugmentParams, draw_params, take
-from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, integer
+from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
 from crackio.loading.readers import AheadReader, BlockReader, ByteReader
-from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, labels_for, make_sampler
-from crackio.storage.packs import RemoteShards, open_pack
+from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, every_option, labels_for, make_sampler
+from crackio.storage.packs import LocalShards, Pack, RemoteShards, open_pack
+from crackio.storage.remote import check_location
+from crackio.storage.settings import RemoteSettings
 
 
 class Backend(Protocol):
@@ -48,17 +53,81 @@ def dali_available() -> bool:
         return False
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """The torch device of `device` ("auto": CUDA where torch sees a GPU); `name` is the argument (or a command
+    line's flag, "--device") the messages name.
+
+    Raises:
+        ConfigError: no CUDA GPU for "cuda", or a device that is not a CPU or CUDA one.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"{given(name, device)} is not a device: give one of {DEVICES}{closest(str(device), DEVICES)}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            "device 'cuda' asked for but torch sees no CUDA GPU; use device 'cpu' or 'auto' (--device cpu)"
+            f"{given(name, str(device))} asked for but torch sees no CUDA GPU: use {given(name, 'cpu')} or "
+            f"{given(name, 'auto')}"
         )
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be one of {DEVICES}, got {device}")
+        raise ConfigError(f"{name} must be one of {DEVICES}, got {device}")
     return device
+
+
+def _backend_name(backend: str) -> str:
+    """The backend that decodes: `backend`, or for "auto" DALI where installed, else torch."""
+    choice("backend", backend, BACKENDS)
+    if backend == "dali" and not dali_available():
+        raise ConfigError(
+            "backend 'dali' asked for but NVIDIA DALI is not installed "
+            "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'"
+        )
+    return ("dali" if dali_available() else "torch") if backend == "auto" else backend
+
+
+def _sampler(sampler: str | Shuffle | Weighted, options: dict) -> Shuffle | Weighted:
+    """The loader's sampler from its `sampler` argument and the keywords left over, each of which must be some
+    sampler's option (a mistyped argument or a torch DataLoader habit is named with what to write instead)."""
+    takes = every_option()
+    for key, value in options.items():
+        if key not in takes:
+            arguments = [p for p in inspect.signature(Loader).parameters if p != "options"]
+            raise unknown_keyword(key, value, arguments, takes)
+    if isinstance(sampler, str):
+        return make_sampler(sampler, **options)
+    if isinstance(sampler, Shuffle | Weighted) and not options:
+        return sampler
+    raise ConfigError(
+        f"sampler must be a name (shuffle, weighted, ...) with its options as keywords, or a sampler such "
+        f"as crackio.Weighted(...) without keywords, got {sampler!r} and {options}"
+    )
+
+
+def _source(shards: str | os.PathLike | Pack, remote: RemoteSettings | None) -> Pack:
+    """The pack to read: `shards` itself when already opened, else opened with `remote`."""
+    if isinstance(shards, Pack):
+        if remote is not None:
+            raise ConfigError(
+                "remote= applies when shards is a location; this Pack was opened with its own settings: give "
+                "open_pack(location, remote) those settings, or pass the location and remote= here"
+            )
+        return shards
+    check_location(shards, "shards")
+    return open_pack(shards, remote)
+
+
+def _reader(index: SplitIndex, files: LocalShards | RemoteShards, sequential: bool, block_size: int) -> ByteReader:
+    """What reads the samples' bytes: a block at a time (block order's training), ahead of the backends (a remote
+    pack: latency, not bandwidth, is the limit), or a batch at a time."""
+    if sequential:
+        return BlockReader(index, files, block_size)
+    if isinstance(files, RemoteShards):
+        return AheadReader(index, files)
+    return ByteReader(index, files)
 
 
 class Loader:
@@ -71,8 +140,7 @@ class Loader:
     Args:
         shards: folder written by tools/pack.py or tools/propose.py, or its URL on S3-compatible storage
             (`s3://bucket/prefix`, credentials and endpoint from the AWS_* variables) or an HTTP(S) server, read
-            through the node's cache (crackio.storage.packs: `configure` or $CRACKIO_CACHE_DIR,
-            $CRACKIO_CACHE_LIMIT, $CRACKIO_REMOTE_TIMEOUT).
+            through the node's cache (`remote`); or a `Pack` already opened (`crackio.open_pack`).
         split: e.g. "train", "valid", "test".
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
@@ -96,17 +164,21 @@ class Loader:
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
             (default 8).
+        remote: a remote pack's cache folder, cache limit and timeout (crackio.RemoteSettings; None:
+            RemoteSettings.from_env(), i.e. $CRACKIO_CACHE_DIR, $CRACKIO_CACHE_LIMIT, $CRACKIO_REMOTE_TIMEOUT).
+            Loaders with different settings keep different caches.
         **options: the sampler's, e.g. negatives=800, per_bin=10, class_weights={0: 1, 1: 2},
-            replacement=True, num_samples=None.
+            replacement=True, num_samples=None. Any other keyword is refused, naming the closest argument.
 
     Raises:
         ShardError: missing, incomplete or inconsistent shards (the message names the file and the fix).
-        ConfigError: a setting that cannot work (unknown sampler or option, nothing to draw, no CUDA, ...).
+        ConfigError: a setting that cannot work (unknown argument, sampler or option, nothing to draw, no
+            CUDA, ...), naming the argument and the closest valid one.
     """
 
     def __init__(
         self,
-        shards: str | os.PathLike,
+        shards: str | os.PathLike | Pack,
         split: str,
         *,
         batch_size: int,
@@ -123,6 +195,7 @@ class Loader:
         order: str = "random",
         block_size: int = 128,
         window: int = 8,
+        remote: RemoteSettings | None = None,
         **options,
     ):
         batch_size, rank, world_size, seed = (
@@ -136,51 +209,24 @@ class Loader:
         )
         if workers is not None:
             workers = integer("workers", workers, 0)
-        if output not in OUTPUTS:
-            raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.output = output
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "dali" and not dali_available():
-            raise ConfigError(
-                "backend 'dali' asked for but NVIDIA DALI is not installed "
-                "(pip install nvidia-dali-cuda120, Linux only); use backend='torch'"
-            )
-        if order not in ORDERS:
-            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
-        self.order = order
+        self.output = choice("output", output, OUTPUTS)
+        self.backend_name = _backend_name(backend)
+        self.order = choice("order", order, ORDERS)
         blocks = BlockOrder(block_size, window)  # checked whichever the order
         self.traversal: Order = blocks if order == "block" else RandomOrder()
-        self.source = open_pack(shards)
+        self.sampler = _sampler(sampler, options)  # before any read: a mistyped argument is said at once
+        self.source = _source(shards, remote)
         self.index = self.source.index(split)
-        files = self.source.files(self.index)
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
-        sequential = order == "block" and train
-        self.reader: ByteReader
-        if sequential:
-            self.reader = BlockReader(self.index, files, blocks.block_size)
-        elif isinstance(files, RemoteShards):  # requests ahead of the backends: latency, not bandwidth, is the limit
-            self.reader = AheadReader(self.index, files)
-        else:
-            self.reader = ByteReader(self.index, files)
+        self.reader = _reader(self.index, self.source.files(self.index), order == "block" and train, blocks.block_size)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
-        if isinstance(sampler, str):
-            self.sampler = make_sampler(sampler, **options)
-        elif isinstance(sampler, Shuffle | Weighted) and not options:
-            self.sampler = sampler
-        else:
-            raise ConfigError(
-                f"sampler must be a name (shuffle, weighted, ...) with its options as keywords, or a sampler such "
-                f"as crackio.loading.samplers.Weighted(...) without keywords, got {sampler!r} and {options}"
-            )
         self.iou_threshold = iou_threshold
         self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
         self.selection = self.sampler.select(self.labels, self.index.ious, seed)
         self.sampler.check(self.selection, self.labels, iou_threshold)
         self.device = resolve_device(device)
-        self.backend_name = ("dali" if dali_available() else "torch") if backend == "auto" else backend
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
         self.backend: Backend
         if self.backend_name == "dali":
@@ -314,7 +360,7 @@ class Loader:
             ("split", "another split"),
             ("train", "a loader of another kind (train or eval)"),
             ("sampler", "another sampler or sampler options"),
-            ("iou_threshold", "other labels (--iou-threshold)"),
+            ("iou_threshold", "other labels (iou_threshold)"),
             ("seed", "another seed"),
         ):
             if state.get(key) != mine[key]:

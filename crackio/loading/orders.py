@@ -13,8 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from crackio.errors import ConfigError
-from crackio.loading.options import integer
+from crackio.errors import ConfigError, integer
 
 _SEED_BLOCK = 0xB10C
 
@@ -117,7 +116,7 @@ def global_batches(sequence: np.ndarray, global_batch: int, rank: int, world_siz
     if steps == 0:
         raise ConfigError(
             f"{len(sequence)} samples cannot fill one batch of {global_batch // world_size} on "
-            f"{world_size} rank(s); lower the batch size (--batch-size)"
+            f"{world_size} rank(s); lower batch_size"
         )
     return sequence[: steps * global_batch].reshape(steps, global_batch)
 

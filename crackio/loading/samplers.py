@@ -32,8 +32,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from crackio.errors import ConfigError
-from crackio.loading.options import integer
+from crackio.cli import closest
+from crackio.errors import ConfigError, integer
 
 CLASS_WEIGHTS: dict[int, float] = {0: 1, 1: 2}  # the original's WeightedRandomSampler weights
 _SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection and order
@@ -245,7 +245,7 @@ class Weighted:
         if n > nonzero:
             raise ConfigError(
                 f"weighted sampler without replacement cannot draw {n} of {nonzero} samples with non-zero weight: "
-                f"lower num_samples (--num-samples; 0 = the selection's size) or draw with replacement"
+                f"lower num_samples (None: the selection's size) or draw with replacement"
             )
         return _successive(by_class, w, n, rng)
 
@@ -307,6 +307,24 @@ def options_of(sampler: str, selection: str = "all") -> tuple[str, ...]:
     return (*own, *own_options(selection if selection in SELECTIONS else "all", SELECTIONS))
 
 
+def every_option() -> tuple[str, ...]:
+    """Every keyword some sampler takes through `make_sampler` (its own fields, `selection`, the cuts' fields)."""
+    names = [o for name in SAMPLERS for o in own_options(name)] + [
+        o for c in SELECTIONS for o in own_options(c, SELECTIONS)
+    ]
+    return tuple(dict.fromkeys(names))
+
+
+def _owner(option: str) -> str:
+    """Which samplers take `option`, in words ("" for one no sampler takes)."""
+    samplers = [repr(name) for name in SAMPLERS if option in own_options(name)]
+    cuts = [repr(name) for name in SELECTIONS if option in own_options(name, SELECTIONS)]
+    if not samplers:
+        return ""
+    via = f" (and 'weighted' or 'balanced' with selection={cuts[0]})" if cuts else ""
+    return f"{option} is an option of sampler {' or '.join(samplers)}{via}"
+
+
 def make_sampler(sampler: str, **options) -> Shuffle | Weighted:
     """A sampler from its name and flat options, as the CLI and `make_loader(sampler="weighted", ...)` give
     them: the cut of weighted/balanced as `selection="hard-negatives"` (or "iou-strata", "all") plus that
@@ -317,20 +335,24 @@ def make_sampler(sampler: str, **options) -> Shuffle | Weighted:
             take, or a value out of range.
     """
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        hint = closest(str(sampler), SAMPLERS) if isinstance(sampler, str) else ""
+        raise ConfigError(f"unknown sampler {sampler!r}{hint} (choose one of {', '.join(SAMPLERS)})")
     cls = SAMPLERS[sampler]
     selection = options.get("selection", "all")
     if isinstance(selection, Shuffle) and "selection" in options_of(sampler):  # a cut given as its class
         takes = options_of(sampler, "all")
     elif "selection" in options_of(sampler) and not (isinstance(selection, str) and selection in SELECTIONS):
+        hint = closest(selection, SELECTIONS) if isinstance(selection, str) else ""
         raise ConfigError(
-            f"selection must be one of {', '.join(SELECTIONS)} or a cut such as HardNegatives(800), got {selection!r}"
+            f"selection must be one of {', '.join(SELECTIONS)} or a cut such as HardNegatives(800), got "
+            f"{selection!r}{hint}"
         )
     else:
         takes = options_of(sampler, selection)
-    unknown = set(options) - set(takes)
+    unknown = sorted(set(options) - set(takes))
     if unknown:
-        raise ConfigError(f"sampler {sampler!r} takes {sorted(takes) or 'no options'}, not {sorted(unknown)}")
+        where = "".join(f"; {_owner(option)}" for option in unknown)
+        raise ConfigError(f"sampler {sampler!r} takes {sorted(takes) or 'no options'}, not {unknown}{where}")
     if "selection" not in takes:
         return cls(**options)
     if isinstance(selection, Shuffle):

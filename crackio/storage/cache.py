@@ -65,7 +65,9 @@ class Cache:
         try:
             (self.folder / LOCKS).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise write_error(self.folder, e, "the cache folder; choose another with --cache-dir") from None
+            raise write_error(
+                self.folder, e, "the cache folder; choose another (RemoteSettings(cache_dir=...))"
+            ) from None
         self._local = threading.local()
         self._touched: dict[str, float] = {}
         with self._transaction() as db:
@@ -77,7 +79,8 @@ class Cache:
         if columns != ["name", "size", "used", "sha256"]:
             raise ConfigError(
                 f"{self.folder / DATABASE} is not a crackio cache database (its entries have columns {columns}): "
-                f"delete the folder {self.folder} (it holds only downloads) or choose another with --cache-dir"
+                f"delete the folder {self.folder} (it holds only downloads) or choose another "
+                "(RemoteSettings(cache_dir=...))"
             )
         if limit is not None:  # a lower limit than the last run's holds from the start, not from the next download
             with self._transaction() as db:
@@ -125,7 +128,7 @@ class Cache:
             except sqlite3.Error as e:
                 raise ConfigError(
                     f"the cache database {path} cannot be opened ({e}): delete the folder {self.folder} "
-                    "(it holds only downloads) or choose another with --cache-dir"
+                    "(it holds only downloads) or choose another (RemoteSettings(cache_dir=...))"
                 ) from None
             self._local.db, self._local.pid = db, os.getpid()
         return db
@@ -140,7 +143,7 @@ class Cache:
         except sqlite3.DatabaseError as e:
             raise ConfigError(
                 f"the cache database {self.folder / DATABASE} is damaged ({e}): delete the folder {self.folder} "
-                "(it holds only downloads) or choose another with --cache-dir"
+                "(it holds only downloads) or choose another (RemoteSettings(cache_dir=...))"
             ) from None
         try:
             yield db
@@ -229,7 +232,7 @@ class Cache:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
-                raise write_error(path, e, "the cache; choose another folder with --cache-dir") from None
+                raise write_error(path, e, "the cache; choose another folder (RemoteSettings(cache_dir=...))") from None
             sha = hashlib.sha256(data).hexdigest() if digest else None
             db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)", (name, len(data), time.time(), sha))
         return True

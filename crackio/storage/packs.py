@@ -1,6 +1,7 @@
 """A pack wherever it is: a local folder, or a URL (`s3://bucket/prefix`, `http(s)://host/path`) read through the
-node's cache. `open_pack` is the one place a `--shards` value becomes something to read; everything downstream
-(the loader, eval, svm, detect, bench, verify) reads through the `Pack` it returns.
+node's cache. `open_pack(location, remote)` is the one place a location becomes something to read; everything
+downstream (the loader, eval, svm, detect, bench, verify) reads through the `Pack` it returns. Its cache and
+timeout are its `RemoteSettings` argument's (crackio.storage.settings), never a process-wide setting.
 
 A remote pack's manifest is fetched once per process and validated like a local one; its SHA-256 is the same as
 the local copy's, so a run resumes on either. Each split's index is fetched once per node into the cache (the
@@ -20,6 +21,7 @@ ends the run (`RemoteError`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -27,85 +29,21 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, CrackioError
 from crackio.format.index import SplitIndex, check_index, load_index, open_index, split_entry_of
-from crackio.format.layout import INDEX, MANIFEST, ShardError, join
-from crackio.format.manifest import manifest_sha256, parse_manifest, read_manifest
+from crackio.format.layout import INDEX, MANIFEST, SPLITS, ShardError, join
+from crackio.format.manifest import manifest_sha256, parse_manifest, read_manifest, split_folder_error, splits_named
 from crackio.format.verify import verify, verify_idx, verify_tar
 from crackio.storage.cache import Cache, default_cache_dir
-from crackio.storage.remote import Remote, RemoteError, check_location, is_remote
+from crackio.storage.remote import Missing, Remote, RemoteError, check_location, is_remote
+from crackio.storage.settings import RemoteSettings, parse_bytes  # noqa: F401  (parse_bytes: train imports it here)
 
 CHUNK = 1 << 20  # bytes: the cache's unit of a tar; ~100 crops of ~10 KB, one request each
 FETCHERS = 32  # requests in flight per loader: ~1,600 samples/s at a 20 ms round trip
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """Where a node keeps a remote pack, how much of it, and how long a failing server is waited for.
-
-    `cache_dir`: the cache folder (default `default_cache_dir()`); `cache_limit`: bytes (None: no limit);
-    `timeout`: seconds of transient failures before a read gives up (`crackio.storage.remote.Unreachable`).
-    Defaults from `$CRACKIO_CACHE_DIR`, `$CRACKIO_CACHE_LIMIT`, `$CRACKIO_REMOTE_TIMEOUT`.
-    """
-
-    cache_dir: Path | None = None
-    cache_limit: int | None = None
-    timeout: float = 60.0
-
-    @classmethod
-    def from_env(cls) -> RemoteSettings:
-        limit = os.environ.get("CRACKIO_CACHE_LIMIT")
-        timeout = os.environ.get("CRACKIO_REMOTE_TIMEOUT")
-        folder = Path(os.environ["CRACKIO_CACHE_DIR"]).expanduser() if os.environ.get("CRACKIO_CACHE_DIR") else None
-        try:
-            size = parse_bytes(limit) if limit else None
-        except ValueError as e:
-            raise ConfigError(f"$CRACKIO_CACHE_LIMIT: {e}") from None
-        try:
-            seconds = float(timeout) if timeout else 60.0
-            if not seconds > 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"$CRACKIO_REMOTE_TIMEOUT must be a number of seconds > 0, got {timeout!r}") from None
-        return cls(folder, size, seconds)
-
-
-_settings: RemoteSettings | None = None
-
-
-def configure(settings: RemoteSettings) -> None:
-    """Set this process's remote settings (the command lines' --cache-dir, --cache-limit, --remote-timeout)."""
-    global _settings
-    _settings = settings
-
-
-def settings() -> RemoteSettings:
-    return _settings if _settings is not None else RemoteSettings.from_env()
-
-
-UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
-UNITS |= {"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """A size in bytes from `123`, `512M`, `20GB`, `1.5GiB` (binary units: a cache limit is disk, not a
-    transfer). Raises ValueError naming the text."""
-    if isinstance(text, int):
-        value = text
-    else:
-        number = text.strip().lower().rstrip("s")
-        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz ")
-        unit = number[len(digits) :].strip()
-        try:
-            value = int(float(digits) * UNITS[unit])
-        except (ValueError, KeyError):
-            raise ValueError(f"{text!r} is not a size (write bytes, or e.g. 512M, 20G)") from None
-    if value < 0:
-        raise ValueError(f"{text!r}: a size cannot be negative")
-    return value
 
 
 class LocalShards:
@@ -268,7 +206,7 @@ class Pack:
         key = f"{split}/{INDEX}"
         name = self.remote.address(key)
         download = lambda: self.remote.get(key)[0]  # type: ignore[union-attr]  # noqa: E731
-        if self.cache is None:  # --cache-limit 0
+        if self.cache is None:  # cache_limit 0
             rows = _in_memory(download(), name, self.location)
         else:
             entry = f"{self.key}/{key}"
@@ -323,20 +261,27 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None) -> Pack:
-    """The pack at `location` (a folder, or an s3:// or http(s):// URL), its manifest validated.
+    """The pack at `location`, its manifest validated.
 
-    A remote pack is opened once per process and settings (its manifest fetched once); `remote` defaults to
-    `settings()`.
+    Args:
+        location: a folder (str or path), or an s3:// or http(s):// URL.
+        remote: a remote pack's cache and timeout (None: `RemoteSettings.from_env()`); unused for a folder. A
+            remote pack is opened once per process and settings (its manifest fetched once): two settings, two
+            `Pack`s, each with its own cache.
 
     Raises:
-        ShardError: no complete pack there, a malformed manifest; RemoteError naming the URL and the fix.
+        ConfigError: a URL of a scheme crackio does not read, or one that cannot work.
+        ShardError: no complete pack there (a split's folder: naming the pack's), a malformed manifest.
+        RemoteError: naming the URL and the fix.
     """
     if not is_remote(location):
-        check_location(location)
+        check_location(location, "location")
         root = Path(location)
         manifest = read_manifest(root)
         return Pack(str(location), manifest, manifest_sha256(root), root=root)
-    remote = remote or settings()
+    remote = remote if remote is not None else RemoteSettings.from_env()
+    if not isinstance(remote, RemoteSettings):
+        raise ConfigError(f"remote must be a crackio.RemoteSettings or None (the environment's), got {remote!r}")
     server = Remote(str(location), remote.timeout)  # the URL checked before any request
     url = server.url
     with _opened_lock:
@@ -344,18 +289,8 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
             return _opened[(url, remote)]
     try:  # the first contact waits at most 15 s: a wrong URL or a server not started is said soon
         data, _ = Remote(url, min(remote.timeout, 15.0)).get(MANIFEST)
-    except RemoteError as e:
-        if "404 not found" not in str(e):
-            raise
-        fix = (
-            f"upload one with `python tools/pack.py SRC --out {url}`"
-            if server.scheme == "s3"
-            else "serve a pack folder there (the folder tools/pack.py --out wrote, as it is)"
-        )
-        raise RemoteError(
-            f"{join(url, MANIFEST)} is missing, so {url} holds no complete pack (an upload not finished, or the wrong "
-            f"prefix): {fix}"
-        ) from None
+    except Missing:
+        raise _no_pack_at(server, min(remote.timeout, 15.0)) from None
     manifest = parse_manifest(data, join(url, MANIFEST), url)
     cache = None
     if remote.cache_limit != 0:
@@ -366,10 +301,34 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
     return pack
 
 
-def verify_pack(location: str | os.PathLike) -> Iterator[str]:
+def _no_pack_at(server: Remote, timeout: float) -> ShardError:
+    """The refusal of a URL without a manifest: a split's folder of the pack one level up names that pack; else
+    where a pack comes from."""
+    url = server.url
+    parent, _, name = url.rpartition("/")
+    with contextlib.suppress(CrackioError):  # no pack above either: the general message
+        if urlsplit(url).path.strip("/"):  # a folder below the bucket or host: the pack may be one level up
+            names = splits_named(Remote(parent, timeout).get(MANIFEST)[0])
+            if name in (names if names is not None else SPLITS):
+                return split_folder_error(url, parent, name)
+    fix = (
+        f"upload one with `python tools/pack.py SRC --out {url}`"
+        if server.scheme == "s3"
+        else "serve a pack folder there (the folder tools/pack.py --out wrote, as it is)"
+    )
+    return RemoteError(
+        f"{join(url, MANIFEST)} is missing, so {url} holds no complete pack (an upload not finished, or the wrong "
+        f"prefix): {fix}"
+    )
+
+
+def verify_pack(location: str | os.PathLike, remote: RemoteSettings | None = None) -> Iterator[str]:
     """`crackio.format.verify.verify` of a folder; of a remote pack, the same checks on each object downloaded
     one at a time into memory (a tar at most: nothing written to disk but the cached indexes). Problems name the
     URL.
+
+    Args:
+        location: as `open_pack`'s; remote: its settings (None: `RemoteSettings.from_env()`).
 
     Raises:
         ShardError: a malformed manifest or index; RemoteError: a download failed.
@@ -377,7 +336,7 @@ def verify_pack(location: str | os.PathLike) -> Iterator[str]:
     if not is_remote(location):
         yield from verify(location)
         return
-    pack = open_pack(location)
+    pack = open_pack(location, remote)
     assert pack.remote is not None
     for split, info in pack.manifest["splits"].items():
         if info["samples"] == 0:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from crackio.errors import ConfigError, CrackioError
+from crackio.errors import ConfigError, CrackioError, given
 from crackio.format.layout import ShardError
+from crackio.storage.obstore_errors import already_exists, classify
 
 SCHEMES = ("s3", "http", "https")
 T = TypeVar("T")
@@ -37,18 +38,19 @@ def is_remote(location: object) -> bool:
     return isinstance(location, str) and urlsplit(location).scheme.lower() in SCHEMES and "://" in location
 
 
-def check_location(text: object, option: str = "--shards") -> None:
+def check_location(text: object, option: str = "shards") -> None:
     """Refuse a URL of a scheme crackio does not read (gs://, s3a://, ...), which would otherwise become a local
-    folder named `gs:`.
+    folder named `gs:`; `option` names the argument (or a command line's flag, "--shards") in the message.
 
     Raises:
         ConfigError: naming the schemes that work.
     """
     if isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) and not is_remote(text):
         scheme = text.split("://", 1)[0]
+        named = given(option, text) if option else text
         raise ConfigError(
-            f"{option} {text}: {scheme}:// is not read by crackio; give s3://BUCKET/PREFIX (S3 and S3-compatible "
-            "stores: MinIO, R2, Ceph, GCS's S3 interoperability endpoint through AWS_ENDPOINT_URL), "
+            f"{named}: {scheme}:// is not read by crackio; give s3://BUCKET/PREFIX (S3 and S3-compatible stores:"
+            " MinIO, R2, Ceph, GCS's S3 interoperability endpoint through AWS_ENDPOINT_URL), "
             "http(s)://HOST/PATH, or a folder"
         )
 
@@ -70,6 +72,10 @@ def location(text: str) -> str | Path:
 
 class RemoteError(ShardError):
     """A permanent remote failure (access denied, a missing or changed object): retrying cannot help."""
+
+
+class Missing(RemoteError):
+    """No object under that key (a 404 for the object, not for the bucket)."""
 
 
 class Unreachable(RemoteError):
@@ -125,12 +131,6 @@ STATS = Stats()  # per process: what the bench and the trainer's epoch line repo
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _status(error: BaseException) -> int | None:
-    """The HTTP status in an obstore error's text ("... non-2xx status code: 503 Service Unavailable ...")."""
-    found = re.search(r"status(?: code)?:? (\d{3})\b", str(error))
-    return int(found.group(1)) if found else None
-
-
 FIXES = {  # by scheme and status: what to do about a permanent error
     ("s3", 401): "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
     ("s3", 403): "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
@@ -141,36 +141,6 @@ FIXES = {  # by scheme and status: what to do about a permanent error
     ("s3", 416): "the object is shorter than its manifest says: it changed since the pack was written; upload it again",
 }
 FIXES[("http", 416)] = FIXES[("s3", 416)]
-NO_RANGES = "the server does not answer Range requests: serve the folder with one that does (nginx, Apache, S3)"
-
-
-def classify(error: BaseException) -> tuple[bool, str]:
-    """(transient, one-line description) of an error raised by obstore: transient for the network's failures
-    (refused, reset, timed out), 5xx, 408 and 429; permanent for the rest (4xx, a server without Range
-    requests, a malformed path, an unsupported operation)."""
-    import obstore.exceptions as oe
-
-    status = _status(error)
-    text = str(error)
-    if "NoSuchBucket" in text:
-        return False, "404 no such bucket (check its name, and AWS_ENDPOINT_URL for a store other than AWS)"
-    if isinstance(error, FileNotFoundError | oe.NotFoundError):
-        return False, "404 not found"
-    if "Range request not supported" in text or "range request not supported" in text.lower():
-        return False, NO_RANGES
-    if isinstance(error, oe.InvalidPathError | oe.NotSupportedError | oe.UnknownConfigurationKeyError):
-        return False, text.splitlines()[0][:200] if text else type(error).__name__
-    if isinstance(error, oe.PermissionDeniedError):
-        return False, f"{status or 403} access denied"
-    if isinstance(error, oe.UnauthenticatedError):
-        return False, f"{status or 401} not authenticated"
-    if status is not None:
-        transient = status >= 500 or status in (408, 429)
-        return transient, f"HTTP {status}" + (" (throttled)" if status in (429, 503) else "")
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = re.sub(r"^Generic \w+ error: ", "", text)
-    text = re.sub(r"Error performing \w+ \S+ in [\d.]+\w+ - ", "", text)  # the URL is named by the caller
-    return True, text[:160]  # connection refused or reset, a timeout, a broken body: the network's
 
 
 class Remote:
@@ -256,13 +226,14 @@ class Remote:
                 raise
             except Exception as e:
                 STATS.add(requests=1)
-                transient, text = classify(e)
-                url = self.address(key)
-                if not transient:
-                    status = _status(e) or (404 if text.startswith("404") else 0)
+                failure = classify(e)
+                text, url = failure.text, self.address(key)
+                if not failure.transient:
                     scheme = "s3" if self.scheme == "s3" else "http"
-                    fix = FIXES.get((scheme, status), "" if text == NO_RANGES else "check the URL and the server")
-                    raise RemoteError(f"{what} {url} failed: {text}" + (f": {fix}" if fix else "")) from None
+                    fix = FIXES.get((scheme, failure.status or 0), "check the URL and the server")
+                    fix = "" if failure.kind == "no-ranges" else fix  # its text says what to do
+                    error = Missing if failure.kind == "missing" else RemoteError
+                    raise error(f"{what} {url} failed: {text}" + (f": {fix}" if fix else "")) from None
                 left = self.timeout - (time.monotonic() - first)
                 if left <= 0:
                     raise Unreachable(
@@ -315,10 +286,8 @@ class Remote:
         def request() -> None:
             try:
                 obstore.put(self.store, key, data, mode="create" if create else "overwrite")
-            except FileExistsError:
-                raise
             except Exception as e:
-                if "already exists" in str(e).lower() or _status(e) == 412:
+                if already_exists(e):
                     raise FileExistsError(self.address(key)) from None
                 raise
 

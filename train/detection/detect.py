@@ -25,22 +25,23 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio.cli import check_limits, progress_bar
+from crackio.cli import progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile
 from crackio.format.manifest import check_split
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
 from crackio.loading.loader import resolve_device
-from crackio.storage.packs import open_pack
+from crackio.storage.packs import RemoteSettings, open_pack
 from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
 from train.detection.baselines import baseline_aps
 from train.detection.export import load_onnx, probabilities
-from train.detection.report import suppress, write_outputs
-from train.run.checkpoint import load_checkpoint
+from train.detection.report import Detections, suppress, write_outputs
+from train.run.checkpoint import file_sha256, load_checkpoint
 from train.run.model import CrackClassifier, last_linear, model_from_checkpoint
-from train.run.runtime import amp_dtype
+from train.run.runtime import amp_dtype, use_threads
+from train.settings.commands import DetectSettings
 
 CPU = torch.device("cpu")
 
@@ -61,7 +62,7 @@ class PhotoDetections:
 
 
 def proposal_settings(
-    ckpt: dict, shards: str, checkpoint: Path, given: dict | None = None
+    ckpt: dict, shards: str, checkpoint: Path, given: dict | None = None, remote: RemoteSettings | None = None
 ) -> tuple[ProposalSettings, str]:
     """The proposal and warp settings the run's training crops were made with: saved in the checkpoint (from its
     shards' manifest at training time), or for older checkpoints read from those shards. A run trained on crops
@@ -77,7 +78,7 @@ def proposal_settings(
         recorded = ckpt["proposals"]
     else:
         try:
-            recorded = open_pack(shards).manifest.get("proposals")
+            recorded = open_pack(shards, remote).manifest.get("proposals")
         except CrackioError as e:
             raise ConfigError(
                 f"{checkpoint} does not carry its proposal settings (an older crackio) and its "
@@ -103,7 +104,9 @@ def proposal_settings(
     return ProposalSettings(**{k: v for k, v in recorded.items() if k in names}), "the training crops' own"
 
 
-def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[str] | None]:
+def recorded_split(
+    shards: str, split: str, remote: RemoteSettings | None = None
+) -> tuple[list[Path], str, str, list[str] | None]:
     """The photos of `split` as tools/propose.py recorded them in SHARDS/manifest.json, with what their ground truth
     was read from: (photo paths, annotations source, format, positive classes).
 
@@ -111,7 +114,7 @@ def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[
         ShardError, MissingFile: no readable pack; ConfigError: no such split, or a pack that records no photos
             (packed from a crop folder, whose photos crackio never saw).
     """
-    manifest = open_pack(shards).manifest
+    manifest = open_pack(shards, remote).manifest
     check_split(manifest, shards, split, "--split")
     photos = manifest.get("photos")
     photos = photos if isinstance(photos, dict) else {}
@@ -134,7 +137,7 @@ def recorded_split(shards: str, split: str) -> tuple[list[Path], str, str, list[
     return [root / str(rel) for rel in listed], str(manifest["source"]), fmt, positive
 
 
-def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
+def seen_in_training(files: list[Path], cfg, remote: RemoteSettings | None = None) -> list[tuple[str, str]]:
     """(photo, why) for each photo whose stem names crops of the checkpoint pack's train or validation split: its
     detections would be scored on what the model learned from, inflating AP.
 
@@ -143,8 +146,8 @@ def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
     """
     found = []
     stems: dict[str, str] = {}
-    for split in (cfg.train_split, cfg.val_split):
-        rows = open_pack(cfg.shards).index(split).rows["stem"]
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        rows = open_pack(cfg.data.shards, remote).index(split).rows["stem"]
         for stem in np.unique(rows):
             stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), split)
     for file in files:
@@ -152,7 +155,7 @@ def seen_in_training(files: list[Path], cfg) -> list[tuple[str, str]]:
             found.append(
                 (
                     display_name(file),
-                    f"in the {stems[file.stem]} split of the run's pack {cfg.shards}: its AP is not "
+                    f"in the {stems[file.stem]} split of the run's pack {cfg.data.shards}: its AP is not "
                     f"held out (use --split test, or photos the run never saw)",
                 )
             )
@@ -185,8 +188,6 @@ class Scorer:
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise ConfigError(f"--svm {svm} is not an SVM saved by `python -m train svm` ({e})") from e
             if made_from and checkpoint is not None:
-                from train.svm.stage import file_sha256
-
                 if file_sha256(checkpoint).hexdigest() != made_from:
                     raise ConfigError(
                         f"--svm {svm} was trained on another checkpoint's features (SHA-256 "
@@ -313,7 +314,7 @@ def detect_photo(
 
 
 def ground_truth(
-    annotations: str, fmt: str, classes: list[str] | None, shards: str
+    annotations: str, fmt: str, classes: list[str] | None, shards: str, remote: RemoteSettings | None = None
 ) -> tuple[dict, list[tuple[str, str]]]:
     """The photos' ground truth by stem, and the annotations' problems. Mask ground truth follows the rule the
     run's pack was labelled with (its manifest's mask_piece and mask_crack_label), so AP counts the boxes the model
@@ -321,7 +322,7 @@ def ground_truth(
     recorded: dict = {}
     if fmt == "mask":
         with contextlib.suppress(CrackioError):
-            ann = open_pack(shards).manifest.get("annotations")
+            ann = open_pack(shards, remote).manifest.get("annotations")
             if isinstance(ann, dict) and ann.get("format") == "mask":
                 recorded = {k: ann[k] for k in ("mask_piece", "mask_crack_label") if k in ann}
     data = read_annotations(annotations, fmt, classes, **recorded)
@@ -329,33 +330,36 @@ def ground_truth(
 
 
 def photos_to_detect(
-    cfg, photos: list[str], split: str, shards: str, annotations: str, fmt: str, classes, strict: bool
+    cfg, settings: DetectSettings
 ) -> tuple[list[Path], str, str, list[str] | None, list[tuple[str, str]]]:
     """(photo files, annotations, format, classes, problems): a pack's recorded split or the photos given, checked
     against the run's training and validation photos.
 
     Raises:
-        ConfigError: both or neither of photos and --split; with `strict`, photos the run trained or validated on.
+        ConfigError: both or neither of photos and --split; with --strict, photos the run trained or validated on.
     """
+    photos, split, annotations, fmt = settings.photos, settings.split, settings.annotations, settings.format
+    classes = settings.class_names
     if split:
         if photos or annotations or fmt:
             raise ConfigError(
                 "--split SPLIT detects on the photos and ground truth the pack recorded: give no photos, "
                 "--annotations or --format with it"
             )
-        files, annotations, fmt, classes = recorded_split(shards or cfg.shards, split)
+        shards = settings.shards or cfg.data.shards
+        files, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
     elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
     elif annotations and not fmt:
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     else:
-        files = photo_files(photos)
+        files = photo_files(list(photos))
     try:  # whichever way the photos came: another pack's split, or --split train, may hold the run's own
-        seen = seen_in_training(files, cfg)
+        seen = seen_in_training(files, cfg, settings.remote.settings())
     except CrackioError as e:
         seen = []
-        print(f"note: the run's pack {cfg.shards} cannot be read ({e}): the photos are not checked against it")
-    if seen and strict:
+        print(f"note: the run's pack {cfg.data.shards} cannot be read ({e}): the photos are not checked against it")
+    if seen and settings.strict:
         raise ConfigError(
             f"--strict: {len(seen)} of the photos were in the run's training or validation split (e.g. "
             f"{seen[0][0]}: {seen[0][1]})"
@@ -366,26 +370,38 @@ def photos_to_detect(
     return files, annotations, fmt, classes, seen
 
 
-def run_detect(
-    checkpoint: str,
-    photos: list[str],
-    out: str,
-    *,
-    annotations: str = "",
-    fmt: str = "",
-    classes: list[str] | None = None,
-    svm: str = "",
-    score_threshold: float | None = None,
-    nms_iou: float = 0.3,
-    batch_size: int = 64,
-    device: str = "auto",
-    overview: int = 16,
-    onnx: str = "",
-    shards: str = "",
-    split: str = "",
-    strict: bool = False,
-    proposals: dict | None = None,
-) -> Path:
+def one_per_stem(inputs: list[Path]) -> list[tuple[Path, str]]:
+    """(photo, why it is skipped or "") for each input: outputs and annotations go by stem, so a stem names one
+    photo, the first."""
+    files: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+    for file in inputs:
+        if file.stem in seen:
+            note = f"a second photo named {file.stem!r} (the first: {display_name(seen[file.stem])}): skipped"
+            files.append((file, note))
+        else:
+            seen[file.stem] = file
+            files.append((file, ""))
+    return files
+
+
+def attach_truth(r: PhotoDetections, photo) -> list[tuple[str, str]]:
+    """Give `r` its annotation (`photo`, None where the annotations have none): its ground truth in photo pixels
+    and ids, or the problem that leaves it out of AP. Returns the annotation's notes, (photo, note)."""
+    if photo is None:
+        r.problem = "not in the annotations: detected, left out of AP"
+        return []
+    gt, notes, errors = resolve_boxes(photo, *r.size)
+    if errors:  # incomplete ground truth would count true detections as false positives
+        r.problem = f"left out of AP, its ground truth is incomplete: {'; '.join(errors)}"
+    else:
+        r.gt = gt
+    r.image_id = photo.image_id
+    r.category_id = photo.category_ids[0] if len(photo.category_ids) == 1 else None
+    return [(display_name(r.path), n) for n in notes]
+
+
+def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     """Detect cracks in `photos` with the run's model (`checkpoint`, or `onnx`: a model written by
     `python -m train export`, which carries the run's settings); write detections, pictures and (with
     annotations) AP.
@@ -401,15 +417,9 @@ def run_detect(
         CheckpointError: a checkpoint that is refused (not crackio's, or needs unpickling beyond tensors).
         WriteError: an output cannot be written (full disk, I/O error).
     """
-    check_limits(
-        {
-            "--nms-iou": (0 < nms_iou <= 1, "in (0, 1]", nms_iou),
-            "--batch-size": (batch_size >= 1, ">= 1", batch_size),
-            "--score-threshold": (score_threshold is None or np.isfinite(score_threshold), "a number", score_threshold),
-        }
-    )
-    if bool(checkpoint) == bool(onnx):
-        raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
+    use_threads(settings.threads)
+    onnx, svm, device, nms_iou = settings.onnx, settings.svm, settings.device, settings.nms_iou
+    batch_size = settings.batch_size
     scorer: Scorer | OnnxScorer
     if onnx:
         if svm:
@@ -423,12 +433,13 @@ def run_detect(
         exported = load_onnx(path)
         ckpt, cfg = exported.record, exported.config  # the checkpoint's fields detection reads
     else:
-        path = Path(checkpoint)
+        path = Path(settings.checkpoint)
         ckpt = load_checkpoint(path, torch.device("cpu"))
         model, cfg = model_from_checkpoint(ckpt, path)
-    settings, settings_from = proposal_settings(ckpt, cfg.shards, path, proposals)
-    inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, photos, split, shards, annotations, fmt,
-                                                                    classes, strict)  # fmt: skip
+    proposals, proposals_from = proposal_settings(
+        ckpt, cfg.data.shards, path, settings.proposals, settings.remote.settings()
+    )
+    inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, settings)
     if onnx:
         scorer = OnnxScorer(exported.session, batch_size)
     else:
@@ -437,18 +448,12 @@ def run_detect(
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
         scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
-    threshold = scorer.threshold if score_threshold is None else score_threshold
-    files: list[tuple[Path, str]] = []
-    seen: dict[str, Path] = {}
-    for file in inputs:  # outputs and annotations go by stem: it must name one photo
-        if file.stem in seen:
-            note = f"a second photo named {file.stem!r} (the first: {display_name(seen[file.stem])}): skipped"
-            files.append((file, note))
-        else:
-            seen[file.stem] = file
-            files.append((file, ""))
+    threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
+    files = one_per_stem(inputs)
     truth, annotation_problems = (
-        ground_truth(annotations, fmt, classes, shards or cfg.shards) if annotations else ({}, [])
+        ground_truth(annotations, fmt, classes, settings.shards or cfg.data.shards, settings.remote.settings())
+        if annotations
+        else ({}, [])
     )
     problems += annotation_problems
     results: list[PhotoDetections] = []
@@ -460,44 +465,32 @@ def run_detect(
             r = (
                 PhotoDetections(file, file.stem, problem=duplicate)
                 if duplicate
-                else detect_photo(file, settings, scorer, nms_iou, cfg.seed, pool)
+                else detect_photo(file, proposals, scorer, nms_iou, cfg.data.seed, pool)
             )
             if annotations and not r.problem:
-                photo = truth.get(r.stem)
-                if photo is None:
-                    r.problem = "not in the annotations: detected, left out of AP"
-                else:
-                    gt, notes, errors = resolve_boxes(photo, *r.size)
-                    problems += [(display_name(file), n) for n in notes]
-                    if errors:  # incomplete ground truth would count true detections as false positives
-                        r.problem = f"left out of AP, its ground truth is incomplete: {'; '.join(errors)}"
-                    else:
-                        r.gt = gt
-                    r.image_id = photo.image_id
-                    r.category_id = photo.category_ids[0] if len(photo.category_ids) == 1 else None
+                problems += attach_truth(r, truth.get(r.stem))
             if r.problem:
                 problems.append((display_name(file), r.problem))
             results.append(r)
             crops += len(r.proposals)
             elapsed = time.perf_counter() - start
             bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
-    out_dir = Path(out) if out else path.parent / "detect"
+    out_dir = Path(settings.out) if settings.out else path.parent / "detect"
     seconds = time.perf_counter() - start
     # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
     done = [r for r in results if r.size != (0, 0)]
-    floors = baseline_aps(done, nms_iou, cfg.seed) if annotations else None
-    write_outputs(
-        out_dir,
+    floors = baseline_aps(done, nms_iou, cfg.data.seed) if annotations else None
+    found = Detections(
         results,
         problems,
         threshold=threshold,
         nms_iou=nms_iou,
-        settings=settings,
+        settings=proposals,
         scored_by="svm" if svm else "network (onnxruntime)" if onnx else "network",
         annotated=bool(annotations),
-        overview=overview,
         seconds=seconds,
         baselines=floors,
-        settings_from=settings_from,
+        settings_from=proposals_from,
     )
+    write_outputs(out_dir, found, overview)
     return out_dir

@@ -10,7 +10,6 @@ needs no checkpoint. A file is written only after onnxruntime's probabilities on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,13 +23,13 @@ import torch
 from torch import nn
 
 from crackio import make_loader
-from crackio.cli import check_limits
 from crackio.errors import ConfigError, MissingFile
 from crackio.fsio import NotRegular, atomic_write, display_name, read_regular, write_json
 from crackio.loading.augment import SIZE
-from train.run.checkpoint import load_checkpoint, trained
+from train.run.checkpoint import file_sha256, load_checkpoint, trained
 from train.run.model import CrackClassifier, model_from_checkpoint
-from train.settings.config import Config
+from train.settings.commands import ExportSettings
+from train.settings.run import RunSettings
 
 INPUT, OUTPUT = "images", "crack_probability"
 OPSET = 18  # the lowest the torch.export-based exporter writes; onnxruntime >= 1.14 runs it
@@ -195,7 +194,7 @@ class Exported:
     detection reads (`config`, `proposals` when the checkpoint had them)."""
 
     session: object
-    config: Config
+    config: RunSettings
     record: dict
     metadata: dict[str, str]
 
@@ -233,21 +232,12 @@ def load_onnx(path: Path) -> Exported:
         record = {"config": json.loads(meta["crackio.config"])}
         if "crackio.proposals" in meta:
             record["proposals"] = json.loads(meta["crackio.proposals"])
-        config = Config.from_dict(record["config"], f"--onnx {display_name(path)} (its config)")
-        config.validate()
+        config = RunSettings.from_flat(record["config"], source=f"--onnx {display_name(path)} (its config)")
     except (KeyError, ValueError) as e:  # json.JSONDecodeError and ConfigError are ValueErrors
         raise ExportError(
             f"--onnx {display_name(path)} has crackio metadata this crackio cannot read ({e}): {again}"
         ) from e
     return Exported(session, config, record, meta)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_out(out: Path, checkpoint: Path) -> None:
@@ -297,16 +287,7 @@ def compare(model: CrackClassifier, session, loader) -> dict:
     }
 
 
-def run_export(
-    checkpoint: str,
-    out: str = "",
-    *,
-    shards: str = "",
-    split: str = "test",
-    batch_size: int = 64,
-    tolerance: float = 1e-4,
-    backend: str = "auto",
-) -> dict:
+def run_export(settings: ExportSettings) -> dict:
     """Export the checkpoint's classifier to `out` (default RUN/model.onnx), check it on `split` and write
     OUT's report beside it (`<stem>.export.json`); returns the report.
 
@@ -316,60 +297,23 @@ def run_export(
         ConfigError: onnx, onnxscript or onnxruntime is missing; bad settings.
         WriteError: an output cannot be written.
     """
-    check_limits(
-        {
-            "--tolerance": (bool(np.isfinite(tolerance) and tolerance >= 0), ">= 0", tolerance),
-            "--batch-size": (batch_size >= 1, ">= 1", batch_size),
-        }
-    )
-    path = Path(checkpoint)
+    out, shards, split, batch_size = settings.out, settings.shards, settings.split, settings.batch_size
+    tolerance = settings.tolerance
+    path = Path(settings.checkpoint)
     target = Path(out) if out else path.parent / "model.onnx"
     check_out(target, path)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
     model.eval()
-    try:
-        loader = make_loader(
-            shards or cfg.shards,
-            split,
-            batch_size=batch_size,
-            train=False,
-            iou_threshold=cfg.iou_threshold,
-            seed=cfg.seed,
-            device="cpu",
-            backend=backend,
-            output="uint8",  # what the graph takes: the check feeds both the very same pixels
-        )
-    except MissingFile as e:
-        if shards:
-            raise
-        raise MissingFile(
-            f"{e}; or, if the run's shards moved, name them with --shards (the export is checked on them)"
-        ) from e
+    loader = check_loader(settings, cfg)
     onnx, ort = onnx_modules()  # after the user's inputs are checked: what is wrong with them comes first
     started = time.perf_counter()
     proto = to_onnx(model)
     export_seconds = time.perf_counter() - started
     check = compare(model, open_session(proto.SerializeToString(), f"the exported {path}"), loader)
-    if check["samples"] == 0:
-        raise ExportError(f"split {split!r} of {shards or cfg.shards} has no sample to check the export on: --split")
-    if not check["max_abs_diff"] <= tolerance:  # NaN fails too
-        raise ExportError(
-            f"onnxruntime's P(crack) differs from PyTorch's by up to {check['max_abs_diff']:.3g} on the "
-            f"{check['samples']} {split} crops (--tolerance {tolerance:g}); {display_name(target)} was not "
-            f"written. Report it with the torch ({torch.__version__}) and onnxruntime ({ort.__version__}) versions"
-        )
+    refuse_disagreement(check, shards or cfg.data.shards, split, tolerance, target, ort)
     recorded = {"split": split, "samples": check["samples"], "max_abs_diff": check["max_abs_diff"]}
-    metadata = {
-        "crackio.format": FORMAT,
-        "crackio.config": json.dumps(ckpt["config"]),
-        "crackio.trained": trained(ckpt),
-        "crackio.checkpoint": str(path),
-        "crackio.checkpoint_sha256": file_sha256(path),
-        "crackio.check": json.dumps({**recorded, "tolerance": tolerance}),
-    }
-    if "proposals" in ckpt:  # absent in older checkpoints: detection then reads the run's shards, as it does
-        metadata["crackio.proposals"] = json.dumps(ckpt["proposals"])
+    metadata = export_metadata(ckpt, path, {**recorded, "tolerance": tolerance})
     set_metadata(proto, metadata)
     data = proto.SerializeToString()  # < 2 GB: every torchvision classifier fits one file
     atomic_write(target, data)
@@ -380,8 +324,8 @@ def run_export(
         "checkpoint": str(path),
         "checkpoint_sha256": metadata["crackio.checkpoint_sha256"],
         "trained": trained(ckpt),
-        "arch": cfg.arch,
-        "head": cfg.head,
+        "arch": cfg.model.arch,
+        "head": cfg.model.head,
         "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, SIZE, SIZE]},
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch"], "meaning": "P(crack)"},
         "exporter": "torch.onnx.export(dynamo=True)" if DYNAMO else "torch.onnx.export(dynamo=False), TorchScript",
@@ -398,6 +342,62 @@ def run_export(
     }
     write_json(report_path(target), report)
     return report
+
+
+def check_loader(settings: ExportSettings, cfg):
+    """The loader of the crops the export is checked on (--shards, else the run's own), as uint8: what the graph
+    takes, so that the check feeds PyTorch and onnxruntime the very same pixels.
+
+    Raises:
+        MissingFile: no such shards (with a hint at --shards when they were the run's own).
+    """
+    try:
+        return make_loader(
+            settings.shards or cfg.data.shards,
+            settings.split,
+            batch_size=settings.batch_size,
+            train=False,
+            iou_threshold=cfg.data.iou_threshold,
+            seed=cfg.data.seed,
+            device="cpu",
+            backend=settings.backend,
+            output="uint8",
+            remote=settings.remote.settings(),
+        )
+    except MissingFile as e:
+        if settings.shards:
+            raise
+        raise MissingFile(
+            f"{e}; or, if the run's shards moved, name them with --shards (the export is checked on them)"
+        ) from e
+
+
+def refuse_disagreement(check: dict, shards: str, split: str, tolerance: float, target: Path, ort) -> None:
+    """Raises ExportError where the check compared nothing, or onnxruntime's P(crack) is more than `tolerance`
+    from PyTorch's (NaN too): `target` is then not written."""
+    if check["samples"] == 0:
+        raise ExportError(f"split {split!r} of {shards} has no sample to check the export on: --split")
+    if not check["max_abs_diff"] <= tolerance:  # NaN fails too
+        raise ExportError(
+            f"onnxruntime's P(crack) differs from PyTorch's by up to {check['max_abs_diff']:.3g} on the "
+            f"{check['samples']} {split} crops (--tolerance {tolerance:g}); {display_name(target)} was not "
+            f"written. Report it with the torch ({torch.__version__}) and onnxruntime ({ort.__version__}) versions"
+        )
+
+
+def export_metadata(ckpt: dict, path: Path, check: dict) -> dict[str, str]:
+    """The model file's crackio metadata: the run's config and proposals, the checkpoint and the check passed."""
+    metadata = {
+        "crackio.format": FORMAT,
+        "crackio.config": json.dumps(ckpt["config"]),
+        "crackio.trained": trained(ckpt),
+        "crackio.checkpoint": str(path),
+        "crackio.checkpoint_sha256": file_sha256(path).hexdigest(),
+        "crackio.check": json.dumps(check),
+    }
+    if "proposals" in ckpt:  # absent in older checkpoints: detection then reads the run's shards, as it does
+        metadata["crackio.proposals"] = json.dumps(ckpt["proposals"])
+    return metadata
 
 
 def report_path(onnx_file: Path) -> Path:

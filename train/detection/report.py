@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torchvision.ops import box_iou, nms
 
-from crackio import fsio
 from crackio.fsio import make_dir, remove_temporaries, write_json, write_text
-from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, covered
+from train.detection.pictures import contact_sheet, draw, save_jpeg
 
 OUTPUTS = (
     "detections.json",
@@ -24,8 +24,6 @@ OUTPUTS = (
     "report.txt",
     "summary.json",
 )  # images/ apart
-DETECTION = (230, 30, 30)
-TRUTH = (40, 200, 60)
 
 
 KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
@@ -149,75 +147,30 @@ def xywh(box) -> list[float]:
     return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
 
 
-def _font(size: int):
-    """Pillow's bundled scalable font at `size` pixels (no system font needed)."""
-    return ImageFont.load_default(size=max(10, size))
+@dataclass(frozen=True)
+class Detections:
+    """A detection run's photos and how they were scored: what its outputs are written from."""
+
+    results: list  # train.detection.detect.PhotoDetections, one per photo; size (0, 0) where skipped
+    problems: list[tuple[str, str]]  # (photo, why) for the report
+    threshold: float
+    nms_iou: float
+    settings: ProposalSettings
+    scored_by: str
+    annotated: bool
+    seconds: float  # wall time of the whole pass, for the rates
+    baselines: dict[str, dict[str, float]] | None = None
+    settings_from: str = "the training crops' own"
+
+    @property
+    def done(self) -> list:
+        """The photos detected (not skipped)."""
+        return [r for r in self.results if r.size != (0, 0)]
 
 
-def draw(r, threshold: float) -> Image.Image:
-    """The photo with its ground truth (green) and its detections above the threshold (red), each score in a
-    filled label large enough to read at the photo's size."""
-    img = Image.fromarray(load_photo(r.path))
-    pen = ImageDraw.Draw(img)
-    width = max(2, round(max(r.size) / 300))
-    font = _font(round(max(r.size) / 28))  # still ~11 px when the contact sheet shrinks the photo to 320 wide
-    for b in r.gt if r.gt is not None else []:
-        pen.rectangle([float(v) for v in b], outline=TRUTH, width=width)
-    for b, s in zip(r.boxes, r.scores):
-        if s >= threshold:
-            pen.rectangle([float(v) for v in b], outline=DETECTION, width=width)
-            x, y = float(b[0]), float(b[1])
-            label = pen.textbbox((x, y), f"{s:.2f}", font=font)
-            pen.rectangle(label, fill=DETECTION)
-            pen.text((x, y), f"{s:.2f}", fill=(255, 255, 255), font=font)
-    return img
-
-
-def contact_sheet(pictures: list[tuple[str, Image.Image]], columns: int = 4, width: int = 320) -> Image.Image:
-    """The pictures as thumbnails, each with its photo's name, under a legend of the colours."""
-    caption, legend = 22, 30
-    font = _font(14)
-    thumbs = [(name, p.resize((width, max(1, round(p.height * width / p.width))))) for name, p in pictures]
-    height = max(t.height for _, t in thumbs) + caption
-    rows = (len(thumbs) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * width, legend + rows * height), (255, 255, 255))
-    pen = ImageDraw.Draw(sheet)
-    x = 8
-    for colour, text in ((TRUTH, "ground truth"), (DETECTION, "detection (score)")):
-        pen.rectangle([x, 8, x + 14, 22], outline=colour, width=3)
-        pen.text((x + 20, 7), text, fill=(0, 0, 0), font=font)
-        x += 30 + round(pen.textlength(text, font=font))
-    for k, (name, t) in enumerate(thumbs):
-        left, top = (k % columns) * width, legend + (k // columns) * height
-        sheet.paste(t, (left, top))
-        shown = name if len(name) <= 40 else name[:18] + "..." + name[-18:]
-        pen.text((left + 4, top + t.height + 3), shown, fill=(0, 0, 0), font=font)
-    return sheet
-
-
-def save_jpeg(picture: Image.Image, path: Path) -> None:
-    """A JPEG through the atomic writer (raises WriteError: full disk, I/O error)."""
-    data = io.BytesIO()  # in memory first: Pillow reports a full disk as "encoder error", not the OS error
-    picture.save(data, format="JPEG", quality=90)
-    fsio.atomic_write(path, data.getvalue())
-
-
-def write_outputs(
-    out: Path,
-    results: list,
-    problems: list[tuple[str, str]],
-    *,
-    threshold: float,
-    nms_iou: float,
-    settings: ProposalSettings,
-    scored_by: str,
-    annotated: bool,
-    overview: int,
-    seconds: float,
-    baselines: dict[str, dict[str, float]] | None = None,
-    settings_from: str = "the training crops' own",
-) -> None:
-    """detections.json, images/<stem>.jpg, overview.jpg, pr_curve.png (annotated), report.txt, summary.json last.
+def write_outputs(out: Path, run: Detections, overview: int = 16) -> None:
+    """detections.json, images/<stem>.jpg, overview.jpg (the first `overview` pictures), pr_curve.png (annotated),
+    report.txt, summary.json last.
 
     Raises:
         WriteError: a file cannot be written (full disk, I/O error); the files written before are complete.
@@ -225,10 +178,32 @@ def write_outputs(
     make_dir(out / "images")
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     remove_temporaries(out / "images", ["*.jpg"])
-    done = [r for r in results if r.size != (0, 0)]
-    ids = image_ids(results)
+    ids = image_ids(run.results)
+    write_coco(out, run.results, ids)
+    write_pictures(out, run.done, run.threshold, overview)
+    rows = per_photo(run.done, run.threshold)
+    summary = summarize(run, rows)
+    heading = [headline(run, summary["seconds_per_photo"], summary["photos_per_sec"], summary["crops_per_sec"])]
+    if run.annotated:
+        figures, precision, recall = accuracy(run, ids, rows)
+        summary |= figures
+        heading.append(accuracy_line(figures, rows))
+        if run.baselines is not None:
+            summary["baselines"] = run.baselines
+            heading.append(baseline_line(figures["ap50_voc"], run.baselines))
+        if len(recall):
+            plot_curve(recall, precision, figures["ap50_voc"], out / "pr_curve.png")
+    text = heading + table(rows, run.annotated) + problem_lines(run.problems)
+    write_text(out / "report.txt", "\n".join(text) + "\n")
+    write_json(out / "summary.json", summary)
+    print("\n".join(heading))
+    print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
+
+
+def write_coco(out: Path, results: list, ids: list) -> None:
+    """images.json (the photos and their ids: what detections.json's image_id names) and detections.json."""
     write_json(
-        out / "images.json",  # the photos and their ids: what detections.json's image_id names
+        out / "images.json",
         [
             {"id": i, "file_name": str(r.path), "width": r.size[0], "height": r.size[1]}
             for i, r in zip(ids, results)
@@ -250,6 +225,10 @@ def write_outputs(
             for b, s in zip(r.boxes, r.scores)
         ],
     )
+
+
+def write_pictures(out: Path, done: list, threshold: float, overview: int) -> None:
+    """images/<stem>.jpg for every photo detected, and overview.jpg of the first `overview` of them."""
     pictures: list[tuple[str, Image.Image]] = []
     for r in done:
         picture = draw(r, threshold)
@@ -258,16 +237,15 @@ def write_outputs(
             pictures.append((r.path.name, picture))
     if pictures:
         save_jpeg(contact_sheet(pictures), out / "overview.jpg")
-    timing = {
-        k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
-        for k in ("proposals", "warping", "scoring", "nms")
-    }
-    rows, text = [], []
+
+
+def per_photo(done: list, threshold: float) -> list[dict]:
+    """summary.json's per_photo rows: detections above the threshold, and with ground truth their matches."""
+    rows = []
     for r in done:
         row = {"photo": r.stem, "proposals": len(r.proposals), "detections": int((r.scores >= threshold).sum())}
         if r.gt is not None:
-            above = r.scores >= threshold
-            tp = match(r.boxes[above], r.gt)
+            tp = match(r.boxes[r.scores >= threshold], r.gt)
             row |= {
                 "ground_truth": len(r.gt),
                 "true_positives": int(tp.sum()),
@@ -275,82 +253,96 @@ def write_outputs(
                 "covered_by_proposals": proposal_recall(r.proposals, r.gt),
             }
         rows.append(row)
-    summary: dict = {
-        "photos": len(results),
+    return rows
+
+
+def summarize(run: Detections, rows: list[dict]) -> dict:
+    """summary.json without the AP figures: the settings, the timing and rates, the problems, the photos."""
+    done = run.done
+    timing = {
+        k: float(np.mean([r.seconds[k] for r in done])) if done else 0.0
+        for k in ("proposals", "warping", "scoring", "nms")
+    }
+    return {
+        "photos": len(run.results),
         "detected": len(done),
-        "scored_by": scored_by,
-        "score_threshold": threshold,
-        "nms_iou": nms_iou,
-        "proposals": settings.as_dict(),
-        "proposals_from": settings_from,
+        "scored_by": run.scored_by,
+        "score_threshold": run.threshold,
+        "nms_iou": run.nms_iou,
+        "proposals": run.settings.as_dict(),
+        "proposals_from": run.settings_from,
         # detections.json's category_id per photo's annotation file: pycocotools' params.catIds for the same AP
-        "category_ids": sorted({str(r.category_id) for r in results if r.category_id is not None}) or ["1"],
+        "category_ids": sorted({str(r.category_id) for r in run.results if r.category_id is not None}) or ["1"],
         "seconds_per_photo": timing,
-        "photos_per_sec": len(done) / seconds if seconds else 0.0,
-        "crops_per_sec": sum(len(r.proposals) for r in done) / seconds if seconds else 0.0,
-        "problems": [{"path": p, "reason": why} for p, why in problems],
+        "photos_per_sec": len(done) / run.seconds if run.seconds else 0.0,
+        "crops_per_sec": sum(len(r.proposals) for r in done) / run.seconds if run.seconds else 0.0,
+        "problems": [{"path": p, "reason": why} for p, why in run.problems],
         "per_photo": rows,
     }
-    head = (
-        f"{len(done)} of {len(results)} photos, scores from the {scored_by}, threshold {threshold:.3f}, "
-        f"NMS IoU {nms_iou}; {summary['photos_per_sec']:.2f} photos/s, {summary['crops_per_sec']:.0f} crops/s; "
+
+
+def headline(run: Detections, timing: dict[str, float], photos_per_sec: float, crops_per_sec: float) -> str:
+    """report.txt's first line: what was detected, how, how fast."""
+    s = run.settings
+    return (
+        f"{len(run.done)} of {len(run.results)} photos, scores from the {run.scored_by}, threshold "
+        f"{run.threshold:.3f}, NMS IoU {run.nms_iou}; {photos_per_sec:.2f} photos/s, {crops_per_sec:.0f} crops/s; "
         f"per photo: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
-        + f"; proposals: {settings.method} {settings.mode}, at most {settings.max_proposals}, context "
-        f"{settings.context} px"
-        + (f", searched at {settings.search_max_side} px" if settings.search_max_side else "")
-        + f" ({settings_from})"
+        + f"; proposals: {s.method} {s.mode}, at most {s.max_proposals}, context {s.context} px"
+        + (f", searched at {s.search_max_side} px" if s.search_max_side else "")
+        + f" ({run.settings_from})"
     )
-    text.append(head)
-    if annotated:
-        ap, precision, recall = voc_ap(done)
-        coco = coco_ap(results, ids)
-        gt_total = sum(row.get("ground_truth", 0) for row in rows)
-        covered = sum(row.get("covered_by_proposals", 0) for row in rows)
-        summary |= {
-            "ap50_voc": ap,
-            "ap_coco": coco["ap"],
-            "ap50_coco": coco["ap50"],
-            "ground_truth_boxes": gt_total,
-            "proposal_recall": covered / gt_total if gt_total else float("nan"),
-        }
-        text.append(
-            f"detection AP@0.5 (VOC, all points) {ap:.3f}; COCO AP@[.5:.95] {coco['ap']:.3f}, "
-            f"AP@0.5 {coco['ap50']:.3f}; proposal recall {summary['proposal_recall']:.3f} "
-            f"({covered} of {gt_total} ground-truth boxes covered at IoU >= 0.5: the ceiling of any "
-            f"classifier)"
-        )
-        if baselines is not None:
-            summary["baselines"] = baselines
-            floors = ", ".join(f"{BASELINE_NAMES[k]} {v['ap50_voc']:.3f}" for k, v in baselines.items())
-            text.append(
-                f"baselines without the network (the same proposals, NMS and AP@0.5 VOC): {floors}; "
-                + verdict(ap, baselines)
-            )
-        if len(recall):
-            plot_curve(recall, precision, ap, out / "pr_curve.png")
-    keys = (
-        [
-            "photo",
-            "ground_truth",
-            "detections",
-            "true_positives",
-            "false_positives",
-            "covered_by_proposals",
-            "proposals",
-        ]
-        if annotated
-        else ["photo", "detections", "proposals"]
+
+
+def accuracy(run: Detections, ids: list, rows: list[dict]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """summary.json's AP figures and proposal recall over the annotated photos, and the VOC precision-recall
+    curve."""
+    ap, precision, recall = voc_ap(run.done)
+    coco = coco_ap(run.results, ids)
+    gt_total, covered = _total(rows, "ground_truth"), _total(rows, "covered_by_proposals")
+    figures = {
+        "ap50_voc": ap,
+        "ap_coco": coco["ap"],
+        "ap50_coco": coco["ap50"],
+        "ground_truth_boxes": gt_total,
+        "proposal_recall": covered / gt_total if gt_total else float("nan"),
+    }
+    return figures, precision, recall
+
+
+def accuracy_line(figures: dict, rows: list[dict]) -> str:
+    return (
+        f"detection AP@0.5 (VOC, all points) {figures['ap50_voc']:.3f}; COCO AP@[.5:.95] {figures['ap_coco']:.3f}, "
+        f"AP@0.5 {figures['ap50_coco']:.3f}; proposal recall {figures['proposal_recall']:.3f} "
+        f"({_total(rows, 'covered_by_proposals')} of {figures['ground_truth_boxes']} ground-truth boxes covered at "
+        f"IoU >= 0.5: the ceiling of any classifier)"
     )
-    text.append("\n" + " | ".join(keys))
-    text += [" | ".join(str(row.get(k, "")) for k in keys) for row in rows]
-    if problems:
-        text.append(f"\n{len(problems)} problems:")
-        text += [f"{p}: {why}" for p, why in problems]
-    write_text(out / "report.txt", "\n".join(text) + "\n")
-    write_json(out / "summary.json", summary)
-    print("\n".join(text[: 3 if baselines is not None else 2]))
-    print(f"detections, annotated images (images/), overview.jpg and report.txt in {out}")
+
+
+def baseline_line(ap: float, baselines: dict[str, dict[str, float]]) -> str:
+    floors = ", ".join(f"{BASELINE_NAMES[k]} {v['ap50_voc']:.3f}" for k, v in baselines.items())
+    return f"baselines without the network (the same proposals, NMS and AP@0.5 VOC): {floors}; {verdict(ap, baselines)}"
+
+
+def _total(rows: list[dict], key: str) -> int:
+    return sum(row.get(key, 0) for row in rows)
+
+
+# report.txt's table columns for annotated photos
+COLUMNS = tuple("photo ground_truth detections true_positives false_positives covered_by_proposals proposals".split())
+
+
+def table(rows: list[dict], annotated: bool) -> list[str]:
+    """report.txt's table of the photos, after a blank line."""
+    keys = COLUMNS if annotated else ("photo", "detections", "proposals")
+    return ["\n" + " | ".join(keys)] + [" | ".join(str(row.get(k, "")) for k in keys) for row in rows]
+
+
+def problem_lines(problems: list[tuple[str, str]]) -> list[str]:
+    if not problems:
+        return []
+    return [f"\n{len(problems)} problems:"] + [f"{p}: {why}" for p, why in problems]
 
 
 BASELINE_NAMES = {"area": "box area", "whole_photo": "one whole-photo box", "random": "random scores"}

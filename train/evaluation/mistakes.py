@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from crackio.writing.filenames import BadName, parse_name
+
 WORST = 8  # false positives and false negatives shown per epoch
+CAPTION = 28  # characters of a proposal's name under its tile (2.2 inches wide, 7 pt)
 
 
 def worst_figure(worst: dict, epoch: int):
@@ -25,12 +28,28 @@ def worst_figure(worst: dict, epoch: int):
             if c < len(items):
                 prob, image, name = items[c]
                 ax.imshow(image)
-                ax.set_title(f"P={prob:.2f}\n{name[:28]}", fontsize=7)
+                ax.set_title(f"P={prob:.2f}\n{caption(name)}", fontsize=7)
         axes[r][0].text(-0.1, 0.5, kind.replace("_", " "), rotation=90, va="center", ha="right",
                         transform=axes[r][0].transAxes, fontsize=9)  # fmt: skip
     fig.suptitle(f"epoch {epoch}: worst validation mistakes at threshold 0.5")
     fig.tight_layout(rect=(0.02, 0, 1, 0.9))  # room for the title above the tiles' captions
     return fig
+
+
+def caption(name: str, width: int = CAPTION) -> str:
+    """`name` in at most `width` characters where it can be: a long stem (Roboflow's `IMG_0042_jpg.rf.<hash>`)
+    loses its middle to an ellipsis, never the proposal number, IoU and label after it
+    (crackio.writing.filenames); a name that is no proposal's loses its middle."""
+    if len(name) <= width:
+        return name
+    try:
+        stem = parse_name(name).stem
+    except BadName:
+        stem = name
+    tail = name[len(stem) :]
+    room = max(width - len(tail) - 1, 2)  # the stem's characters left beside the ellipsis
+    end = room // 3  # the start of a stem tells photos apart better than its end (often a hash)
+    return f"{stem[: room - end]}\u2026{stem[len(stem) - end :] if end else ''}{tail}"
 
 
 class Mistakes:

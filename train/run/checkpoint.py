@@ -4,6 +4,7 @@ pack a run trained on, and the state a resumed run continues from."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pickle
@@ -17,7 +18,7 @@ import torch
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile
 from crackio.fsio import write_json, write_text
-from train.settings.config import Config
+from train.settings.run import RunSettings
 
 
 class CheckpointError(ConfigError):
@@ -176,7 +177,7 @@ def restore(ckpt: dict, path: Path, model, optimizer, scaler, scheduler) -> None
 
 
 def checkpoint(
-    model, optimizer, scaler, scheduler, state: TrainState, proposals: dict | None, pack: dict, cfg: Config
+    model, optimizer, scaler, scheduler, state: TrainState, proposals: dict | None, pack: dict, cfg: RunSettings
 ) -> dict:
     """What every checkpoint holds: weights, optimizer, scaler and schedule state (the steps taken), the run's
     config, the proposal settings detection needs, the pack's fingerprint (what --resume checks the shards against)
@@ -186,7 +187,7 @@ def checkpoint(
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.flat(),
         "proposals": proposals,
         "pack": pack,
         **dataclasses.asdict(state),
@@ -334,3 +335,10 @@ def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
         f"would not compare with the run's. Resume with --shards naming the pack it trained on, or start a "
         f"new run with --out"
     )
+
+
+def file_sha256(path: Path):
+    """A file's SHA-256 (a hashlib object, read in blocks by hashlib.file_digest): what the SVM stage and an ONNX
+    export record of their checkpoint, and detection checks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256")

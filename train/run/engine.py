@@ -267,7 +267,7 @@ def _agreed(signum: int, device: torch.device) -> int:
 
 
 def fit(run: Run) -> None:
-    """Train `run` from its state to `cfg.epochs` or early stopping; after each epoch, validate, update
+    """Train `run` from its state to `cfg.optim.epochs` or early stopping; after each epoch, validate, update
     `run.state` and (rank 0) save the checkpoints, history and metrics. A run resumed mid-epoch (`run.progress`)
     finishes that epoch first, from the step it stopped at.
 
@@ -277,12 +277,12 @@ def fit(run: Run) -> None:
     """
     cfg, state = run.cfg, run.state
     traffic = {"requests": 0, "bytes": 0, "retries": 0}  # the first epoch's line counts the start's requests too
-    for epoch in range(state.epoch, cfg.epochs):
-        if state.bad_epochs >= cfg.patience:
+    for epoch in range(state.epoch, cfg.optim.epochs):
+        if state.bad_epochs >= cfg.optim.patience:
             break
         progress, run.progress = run.progress, None
         if progress is None:
-            torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
+            torch.manual_seed(cfg.data.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
             run.train_loader.epoch = epoch
         else:  # the loader was put where the epoch stopped (train.run.setup.build_run)
             torch.set_rng_state(progress.rng)
@@ -290,7 +290,7 @@ def fit(run: Run) -> None:
                 for d, rng in enumerate(progress.cuda_rng[: torch.cuda.device_count()]):
                     torch.cuda.set_rng_state(rng, d)
         run.model.train()
-        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        desc = f"epoch {epoch + 1}/{cfg.optim.epochs}"
         totals = EpochTotals.start(run.device, progress, run.rank)
         row: dict[str, float] = {"epoch": epoch + 1}
 
@@ -305,8 +305,8 @@ def fit(run: Run) -> None:
                 run.amp,
                 totals,
                 functools.partial(save_progress, run),
-                cfg.checkpoint_every,
-                cfg.limit_batches,
+                cfg.checkpoints.checkpoint_every,
+                cfg.data.limit_batches,
                 run.console,
                 run.logs.steps,
                 desc,
@@ -316,7 +316,12 @@ def fit(run: Run) -> None:
         val_start = time.perf_counter()
         try:
             val = predict(
-                run.model, run.val_loader, run.loss_fn, run.amp, cfg.limit_batches, mistakes=run.logs.wants_mistakes
+                run.model,
+                run.val_loader,
+                run.loss_fn,
+                run.amp,
+                cfg.data.limit_batches,
+                mistakes=run.logs.wants_mistakes,
             )
         except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
             progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
@@ -348,14 +353,14 @@ def fit(run: Run) -> None:
                 f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
                 f"AP {row['crack_ap']:.3f} | "
                 f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
-                + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.patience})")
+                + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.optim.patience})")
                 + remote_line(traffic)
             )
             traffic = STATS.snapshot()
             run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
-    if state.bad_epochs >= cfg.patience and run.rank == 0:
-        print(f"early stopping: validation loss has not improved for {cfg.patience} epochs")
+    if state.bad_epochs >= cfg.optim.patience and run.rank == 0:
+        print(f"early stopping: validation loss has not improved for {cfg.optim.patience} epochs")
 
 
 def last_rate(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:

@@ -13,39 +13,42 @@ from train.evaluation.predict import predict
 from train.evaluation.report import report_text
 from train.run.checkpoint import load_checkpoint, trained
 from train.run.model import model_from_checkpoint
-from train.run.runtime import amp_dtype
-from train.settings.config import Config
+from train.run.runtime import amp_dtype, use_threads
+from train.settings.commands import EvalSettings, SvmSettings
+from train.settings.run import RunSettings
 
 
-def eval_loader(cfg: Config, shards: str, split: str, batch_size: int, device: str, backend: str):
-    """Every sample of a split once, labelled with the run's IoU threshold (for eval and the SVM stage)."""
+def eval_loader(cfg: RunSettings, split: str, command: EvalSettings | SvmSettings):
+    """Every sample of a split once, labelled with the run's IoU threshold, read as the command says (its pack or
+    the run's, batch size, device, backend, remote settings): for eval and the SVM stage."""
     return make_loader(
-        shards,
+        command.shards or cfg.data.shards,
         split,
-        batch_size=batch_size,
+        batch_size=command.batch_size,
         train=False,
-        iou_threshold=cfg.iou_threshold,
-        seed=cfg.seed,
-        device=device,
-        backend=backend,
+        iou_threshold=cfg.data.iou_threshold,
+        seed=cfg.data.seed,
+        device=command.device,
+        backend=command.backend,
+        remote=command.remote.settings(),
     )
 
 
-def run_eval(
-    checkpoint: str, shards: str, split: str, batch_size: int, device: str, backend: str, threshold: float
-) -> str:
-    """Evaluate a saved model on a split; returns the report (also printed by the CLI)."""
+def run_eval(settings: EvalSettings) -> str:
+    """`python -m train eval`: a saved model on a split; returns the report (also printed by the CLI)."""
     from train.run.losses import make_loss
 
-    path = Path(checkpoint)
+    use_threads(settings.threads)
+    path, split = Path(settings.checkpoint), settings.split
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    check_split(open_pack(shards or cfg.shards).manifest, shards or cfg.shards, split, "--split")
-    loader = eval_loader(cfg, shards or cfg.shards, split, batch_size, device, backend)
+    shards = settings.shards or cfg.data.shards
+    check_split(open_pack(shards, settings.remote.settings()).manifest, shards, split, "--split")
+    loader = eval_loader(cfg, split, settings)
     model.to(loader.device)
-    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, loader.device)
+    loss_fn = make_loss(cfg.loss, loader.device)
     p = predict(model, loader, loss_fn, amp_dtype(loader.device))
     return (
-        f"checkpoint {path} ({trained(ckpt)}, {cfg.arch}/{cfg.head}), split {split!r}, "
-        f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, threshold)
+        f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}), split {split!r}, "
+        f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, settings.threshold)
     )

@@ -3,8 +3,9 @@ goes to a file, the epoch lines only with --quiet) and the logs `--log tensorboa
 
 Every log uses metrics.jsonl's names: per step `train_loss`, `lr`, `images_per_sec`, `data_wait_share` (under
 `step/` in TensorBoard, RUN/steps.csv), per epoch the history row (under `epoch/`, RUN/epochs.csv), at the global
-step of the epoch's last training step so both share one axis. A resumed run drops what was logged after its
-checkpoint (TensorBoard's purge_step; steps.csv is cut), so its logs read as an uninterrupted run's.
+step of the epoch's last training step so both share one axis. TensorBoard's step axis starts at 0; steps.csv's
+`step` counts from 1 as the console does (its last row is the number of steps taken). A resumed run drops what was
+logged after its checkpoint (TensorBoard's purge_step; steps.csv is cut), so its logs read as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -128,12 +129,14 @@ class CsvLog:
 
     def __init__(self, out: Path, resume_step: int):
         self.out, self.path = out, out / "steps.csv"
-        if self.path.is_file():  # a resumed run: keep the steps its checkpoint holds, drop those it repeats
+        kept: list[dict] = []
+        if self.path.is_file():  # a resumed run: keep the `resume_step` steps its checkpoint holds, drop the rest
             with self.path.open(newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < resume_step]
-            self._write_steps(kept)
-        else:
-            self._write_steps([])
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()]
+            # A steps.csv of an older crackio counts from 0: renumbered, so that the file counts one way.
+            first = 0 if rows and rows[0]["step"] == "0" else 1
+            kept = [r | {"step": int(r["step"]) - first + 1} for r in rows if int(r["step"]) - first < resume_step]
+        self._write_steps(kept)
 
     def _write_steps(self, rows: list[dict]) -> None:
         text = io.StringIO(newline="")
@@ -143,8 +146,10 @@ class CsvLog:
         write_text(self.path, text.getvalue())
 
     def steps(self, rows: list[dict]) -> None:
+        """The rows of `rows` (whose step counts from 0) with the step counted from 1, as the console counts."""
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=STEP_FIELDS).writerows({k: row[k] for k in STEP_FIELDS} for row in rows)
+            writer = csv.DictWriter(f, fieldnames=STEP_FIELDS)
+            writer.writerows({k: row[k] for k in STEP_FIELDS} | {"step": row["step"] + 1} for row in rows)
 
     def epoch(self, step: int, history: list[dict], labels: np.ndarray, probs: np.ndarray, worst: dict | None) -> None:
         """epochs.csv from the whole history (its columns may grow, e.g. gpu_busy_share)."""

@@ -12,15 +12,16 @@ import torch.distributed as dist
 from crackio.cli import Interrupted
 from crackio.errors import WriteError
 from crackio.fsio import save_npz, write_json, write_text
-from crackio.loading.samplers import label_source
+from crackio.loading.samplers import Shuffle, label_source
 from crackio.storage.remote import RemoteError
 from train.evaluation.predict import predict
 from train.evaluation.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
 from train.run.checkpoint import STEP, load_checkpoint
 from train.run.engine import fit
-from train.run.runtime import RankFailure
-from train.run.setup import Run, build_run, split_loader
-from train.settings.config import Config
+from train.run.resume import run_folder_of
+from train.run.runtime import RankFailure, world
+from train.run.setup import Run, RunFinished, build_run, split_loader
+from train.settings.run import RunSettings
 
 # gloo reports a peer that went away or timed out only as a RuntimeError's text ("Connection closed by peer",
 # "Timed out waiting 600000ms for recv operation"); nccl raises torch.distributed.DistError.
@@ -41,7 +42,7 @@ def kept(out: Path | None, epochs_saved: int, stopped_at: tuple[int, int] | None
     return f"no epoch finished: `python -m train --resume {out}` starts it again with its saved settings"
 
 
-def main(cfg: Config) -> Path:
+def main(cfg: RunSettings) -> Path:
     """Train, validate, checkpoint, report; returns the run folder.
 
     Raises:
@@ -53,7 +54,12 @@ def main(cfg: Config) -> Path:
     """
     run: Run | None = None
     try:
-        run = build_run(cfg)
+        try:
+            run = build_run(cfg)
+        except RunFinished as e:  # a request to continue what is done: said, not an error
+            if world()[0] == 0:
+                print(f"note: {e}")
+            return run_folder_of(cfg.checkpoints.resume)
         with contextlib.closing(run.logs):
             fit(run)
             final_report(run)
@@ -76,7 +82,7 @@ def main(cfg: Config) -> Path:
         why = (first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first)[:200]  # gloo: [file:line]
         raise RankFailure(
             f"rank {dist.get_rank()}: waiting for the other ranks failed ({why}): one of them stopped, hung for "
-            f"more than --dist-timeout {cfg.dist_timeout:g} s or died; {stopped(run)}"
+            f"more than --dist-timeout {cfg.runtime.dist_timeout:g} s or died; {stopped(run)}"
         ) from e
 
 
@@ -92,18 +98,19 @@ def final_report(run: Run) -> None:
     if not history:
         return
     run.model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["model"])
-    splits = {cfg.val_split: run.val_loader}
-    if cfg.test_split in run.pack["samples"]:  # the pack's splits, as read when the run was built
-        splits[cfg.test_split] = split_loader(cfg, cfg.test_split, False, "shuffle", 0, run.device)
+    splits = {cfg.data.val_split: run.val_loader}
+    if cfg.data.test_split in run.pack["samples"]:  # the pack's splits, as read when the run was built
+        splits[cfg.data.test_split] = split_loader(cfg, cfg.data.test_split, False, run.device, Shuffle())
     results = {
-        name: predict(run.model, loader, run.loss_fn, run.amp, cfg.limit_batches) for name, loader in splits.items()
+        name: predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches)
+        for name, loader in splits.items()
     }
     if run.rank != 0:
         return
     best = min(history, key=lambda h: h["val_loss"])
     text = [
-        f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.arch}/{cfg.head}, "
-        f"loss {cfg.loss}, sampler {cfg.sampler}; {label_source(cfg.iou_threshold)}\n"
+        f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.model.arch}/{cfg.model.head}, "
+        f"loss {cfg.loss.kind}, sampler {cfg.sampling.sampler}; {label_source(cfg.data.iou_threshold)}\n"
     ]
     marks = []
     for name, r in results.items():
@@ -112,16 +119,18 @@ def final_report(run: Run) -> None:
         "best_epoch": best["epoch"],
         "best_val_loss": best["val_loss"],
         "epochs_run": len(history),
-        "labels": label_source(cfg.iou_threshold),
-        "iou_threshold": cfg.iou_threshold,
+        "labels": label_source(cfg.data.iou_threshold),
+        "iou_threshold": cfg.data.iou_threshold,
         "train_seconds": sum(h["train_seconds"] for h in history),  # training and validation passes apart
         "val_seconds": sum(h["val_seconds"] for h in history),
         "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
         "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
     }
-    if cfg.limit_batches:  # a smoke run: say so wherever its figures go
-        summary["limit_batches"] = cfg.limit_batches
-        text.append(f"--limit-batches {cfg.limit_batches}: a smoke run, every figure is of the first batches only\n")
+    if cfg.data.limit_batches:  # a smoke run: say so wherever its figures go
+        summary["limit_batches"] = cfg.data.limit_batches
+        text.append(
+            f"--limit-batches {cfg.data.limit_batches}: a smoke run, every figure is of the first batches only\n"
+        )
     # Labels and probabilities per split, for re-plotting and for `python -m train sweep` (no pickles).
     arrays = {
         f"{name}_{field}": np.asarray(getattr(r, field))
@@ -129,17 +138,17 @@ def final_report(run: Run) -> None:
         for field in ("labels", "probs", "names")
     }
     save_npz(out / "predictions.npz", **arrays)
-    if cfg.target_recall:
-        val = results[cfg.val_split]
-        threshold, recall, precision = threshold_for_recall(val.labels, val.probs, cfg.target_recall)
+    if cfg.logging.target_recall:
+        val = results[cfg.data.val_split]
+        threshold, recall, precision = threshold_for_recall(val.labels, val.probs, cfg.logging.target_recall)
         summary["target_recall"] = {
-            "target": cfg.target_recall,
+            "target": cfg.logging.target_recall,
             "threshold": threshold,
             "recall": recall,
             "precision": precision,
         }
         text.append(
-            f"target crack recall {cfg.target_recall:.2f} on {cfg.val_split}: threshold {threshold:.4f} "
+            f"target crack recall {cfg.logging.target_recall:.2f} on {cfg.data.val_split}: threshold {threshold:.4f} "
             f"gives recall {recall:.3f} at precision {precision:.3f}\n"
         )
         for name, r in results.items():
@@ -149,6 +158,6 @@ def final_report(run: Run) -> None:
     plot_curves(history, out / "curves.png")
     plot_pr({name: (r.labels, r.probs) for name, r in results.items()}, out / "pr_curve.png", marks)
     write_json(out / "summary.json", summary)  # last, atomically: marks the run finished (the sweep relies on it)
-    if not cfg.quiet:
+    if not cfg.logging.quiet:
         print("\n".join(text))
     print(f"run folder: {out}")

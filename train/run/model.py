@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from crackio.cli import closest
 from crackio.errors import ConfigError, CrackioError
 from crackio.loading.augment import normalize
 from train.run.checkpoint import CheckpointError, is_state_dict, load_data
-from train.settings.config import Config
+from train.settings.run import RunSettings
 
 
 class WeightsError(CrackioError, RuntimeError):
@@ -73,6 +74,24 @@ def imagenet_state_dict(arch: str) -> dict:
         ) from e
 
 
+def arch_hint(arch: str, known: list[str], shown: int = 8) -> str:
+    """ "; did you mean ...?" for an unknown --arch: the architectures whose names it begins (resnext50 ->
+    resnext50_32x4d; efficientnet_b -> efficientnet_b0 ... b7), in numeric order, else the closest name."""
+    typed = arch.strip().lower()
+    starts = sorted((name for name in known if typed and name.startswith(typed)), key=_numeric)
+    if not starts:
+        return closest(arch, known)
+    if len(starts) == 1:
+        return f"; did you mean {starts[0]!r}?"
+    listed = ", ".join(repr(name) for name in starts[:shown]) + (", ..." if len(starts) > shown else "")
+    return f"; did you mean one of {listed}?"
+
+
+def _numeric(name: str) -> list:
+    """Sort key reading digit runs as numbers: resnet18 < resnet34 < resnet101."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier.
 
@@ -84,7 +103,7 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     known = models.list_models(module=models)
     if arch not in known:
         raise ConfigError(
-            f"--arch {arch!r} is not a torchvision classification model{closest(arch, known)} "
+            f"--arch {arch!r} is not a torchvision classification model{arch_hint(arch, known)} "
             f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)"
         )
     backbone = models.get_model(arch, weights=None)
@@ -127,7 +146,7 @@ def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
         ) from e
 
 
-def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Config]:
+def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, RunSettings]:
     """The classifier and run config a checkpoint (from train.run.checkpoint.load_checkpoint) holds.
 
     Raises:
@@ -135,15 +154,16 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, Conf
         WeightsError: its weights do not fit its own config.
     """
     try:
-        cfg = Config.from_dict(ckpt["config"], f"{path} (its config)")
-        cfg.validate()  # its split names become paths (features/<split>.npz): checked like a command line's
+        # Checked as a command line's: its split names become paths (features/<split>.npz).
+        cfg = RunSettings.from_flat(ckpt["config"], source=f"{path} (its config)")
     except ConfigError as e:
         raise CheckpointError(f"{path} holds a config no run could have: {e}") from e
-    model = build_model(cfg.arch, "none", cfg.head)
+    model = build_model(cfg.model.arch, "none", cfg.model.head)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise WeightsError(
-            f"{path} does not fit its own config (arch {cfg.arch}, head {cfg.head}): {str(e).splitlines()[0]}"
+            f"{path} does not fit its own config (arch {cfg.model.arch}, head {cfg.model.head}): "
+            f"{str(e).splitlines()[0]}"
         ) from e
     return model, cfg

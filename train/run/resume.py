@@ -3,7 +3,6 @@ checkpoint it continues from (on the same pack: train.run.checkpoint.check_same_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from crackio.errors import ConfigError, MissingFile
 from train.run.checkpoint import STEP, EpochProgress, TrainState, check_same_pack, load_checkpoint
-from train.settings.config import Config, launched_world_size
+from train.settings.run import RunSettings, launched_world_size
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
 # folder: main() then checks that folder holds the same pack); every other setting comes from the run's
@@ -46,7 +45,7 @@ def run_folder_of(resume: str | Path) -> Path:
     return path.parent if path.is_file() else path
 
 
-def read_config(run: str | Path) -> Config:
+def read_config(run: str | Path) -> RunSettings:
     """The config a run saved (RUN/config.json), checked as untrusted input.
 
     Raises:
@@ -72,11 +71,11 @@ def read_config(run: str | Path) -> Config:
         raise ConfigError(
             f"{path} is unreadable ({e}): python -m train writes it at the start of a run; start a new run with --out"
         ) from e
-    return Config.from_dict(data, str(path))
+    return RunSettings.from_flat(data, source=str(path))
 
 
-def resume_config(run: str | Path, **changes) -> Config:
-    """The config that continues the run in folder `run`, with `changes` (RESUMABLE fields only).
+def resume_settings(run: str | Path, **changes) -> RunSettings:
+    """The settings that continue the run in folder `run`, with `changes` (RESUMABLE fields only).
 
     Raises:
         MissingFile: `run` holds no config.json.
@@ -85,44 +84,41 @@ def resume_config(run: str | Path, **changes) -> Config:
     saved = read_config(run)
     folder = run_folder_of(run)
     changes.pop("resume", None)
-    if changes.get("out") in (str(run), str(folder), saved.out):
+    if changes.get("out") in (str(run), str(folder), saved.checkpoints.out):
         changes.pop("out")
+    flat = saved.flat()
     if "batch_size" in changes:  # per rank: it must give the run's global batch at this number of ranks
         ranks = launched_world_size()
-        if changes["batch_size"] * ranks != saved.global_batch_size:
+        if changes["batch_size"] * ranks != saved.optim.global_batch_size:
             raise ConfigError(
-                f"--resume {run} keeps the run's global batch of {saved.global_batch_size} samples per step: "
+                f"--resume {run} keeps the run's global batch of {saved.optim.global_batch_size} samples per step: "
                 f"--batch-size {changes['batch_size']} x {ranks} rank(s) would make it "
                 f"{changes['batch_size'] * ranks}; drop --batch-size (each rank then takes the global batch / "
-                f"ranks) or run on a number of ranks that gives {saved.global_batch_size}"
+                f"ranks) or run on a number of ranks that gives {saved.optim.global_batch_size}"
             )
-    refused = [k for k, v in changes.items() if k not in RESUMABLE and v != getattr(saved, k)]
+    refused = [k for k, v in changes.items() if k not in RESUMABLE and v != flat.get(k)]
     if refused:
-        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {getattr(saved, k)!r})" for k in refused)
+        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {flat[k]!r})" for k in refused)
         raise ConfigError(
             f"--resume {run} continues the run with its own settings and cannot change {said}; "
             f"resumable: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} (--shards: the same pack "
             f"in another folder). To train with other settings, start a new run with --out"
         )
-    return dataclasses.replace(saved, resume=str(run), out=str(folder), **changes)
+    return RunSettings.from_flat(flat | changes | {"resume": str(run), "out": str(folder)}, changes)
 
 
-def check_resumed(cfg: Config) -> None:
-    """`cfg` (with resume set) must be its run's config apart from RESUMABLE fields: build it with resume_config."""
-    saved = read_config(cfg.resume)
-    differ = [
-        k
-        for k in dataclasses.asdict(cfg)
-        if k not in (*RESUMABLE, "resume", "out") and getattr(cfg, k) != getattr(saved, k)
-    ]
+def check_resumed(cfg: RunSettings) -> None:
+    """`cfg` (with resume set) must be its run's settings apart from RESUMABLE ones: build it with resume_settings."""
+    saved, given = read_config(cfg.checkpoints.resume).flat(), cfg.flat()
+    differ = [k for k in given if k not in (*RESUMABLE, "resume", "out") and given[k] != saved.get(k)]
     if differ:
         raise ConfigError(
-            f"resuming {cfg.resume} with settings other than the run's ({', '.join(differ)}): "
-            f"build the config with train.run.resume.resume_config({cfg.resume!r}, epochs=...)"
+            f"resuming {cfg.checkpoints.resume} with settings other than the run's ({', '.join(differ)}): "
+            f"build the config with train.run.resume.resume_settings({cfg.checkpoints.resume!r}, epochs=...)"
         )
 
 
-def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank: int) -> tuple[Path, dict] | None:
+def resume_point(cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int) -> tuple[Path, dict] | None:
     """The checkpoint --resume continues from and its path: the file --resume names, or the run's latest (step.pt,
     the last mid-epoch checkpoint, unless last.pt has finished more epochs), checked to have trained on this pack
     and to carry a run's state; None when the run stopped before writing either: it then starts from epoch 0
@@ -133,7 +129,7 @@ def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank:
         CheckpointError: the checkpoint is not a run's.
         ConfigError: the shards hold another pack than the run trained on.
     """
-    named = Path(cfg.resume)
+    named = Path(cfg.checkpoints.resume)
     if named.suffix == ".pt" or named.is_file():
         candidates = [named]
     else:
@@ -145,7 +141,7 @@ def resume_point(cfg: Config, out: Path, device: torch.device, pack: dict, rank:
     found = []
     for path in candidates:
         ckpt = load_checkpoint(path, device)
-        check_same_pack(ckpt.get("pack"), pack, cfg.resume, cfg.shards)
+        check_same_pack(ckpt.get("pack"), pack, cfg.checkpoints.resume, cfg.data.shards)
         state = TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
         if "progress" in ckpt or path.name == STEP:
             EpochProgress.from_checkpoint(ckpt, path)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from crackio.errors import CrackioError
 from crackio.loading.loader import resolve_device
-from train.settings.config import launched_world_size
+from train.settings.run import launched_world_size
 
 
 class RankFailure(CrackioError, RuntimeError):

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where the scheduler is made: `python -m train --help` reads SCHEDULES
-    import torch
+from train.settings.learning import Constant, Step
 
-SCHEDULES = ("constant", "cosine", "step")  # train.settings.config.CHOICES
+if TYPE_CHECKING:  # torch is imported where the scheduler is made
+    import torch
 
 
 def lr_factor(
@@ -42,13 +42,7 @@ def lr_factor(
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    schedule: str,
-    steps_per_epoch: int,
-    epochs: int,
-    warmup_epochs: float,
-    step_epochs: int,
-    gamma: float,
+    optimizer: torch.optim.Optimizer, schedule: Constant, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepping `lr_factor` once per optimizer step. Build it before restoring the optimizer's state (the
     scheduler sets the rate of step 0 when made; the restored optimizer then carries the rate it stopped at).
@@ -57,8 +51,11 @@ def make_scheduler(
     a resumed run's old --epochs into the cosine's length.
     """
 
+    kind, warmup = schedule.kind, schedule.warmup_epochs
+    step_epochs, gamma = (schedule.lr_step_epochs, schedule.lr_gamma) if isinstance(schedule, Step) else (1, 1.0)
+
     def factor(step: int) -> float:
-        return lr_factor(step, schedule, steps_per_epoch, epochs, warmup_epochs, step_epochs, gamma)
+        return lr_factor(step, kind, steps_per_epoch, epochs, warmup, step_epochs, gamma)
 
     import torch
 

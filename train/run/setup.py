@@ -13,20 +13,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from crackio import make_loader
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, CrackioError
 from crackio.format.manifest import check_split
 from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
-from crackio.storage.packs import configure, open_pack
+from crackio.loading.samplers import Shuffle
+from crackio.storage.packs import open_pack
 from crackio.storage.remote import is_remote
 from train.run.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
-from train.run.logs import Console, RunLogs, parse_logs, tensorboard_writer
+from train.run.logs import Console, RunLogs, tensorboard_writer
 from train.run.losses import make_loss
 from train.run.model import CrackClassifier, build_model, make_optimizer
 from train.run.resume import check_resumed, resume_point
 from train.run.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
 from train.run.schedule import make_scheduler
-from train.settings.config import Config
+from train.settings.run import RunSettings
 
 # Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
 RUN_FILES = (
@@ -50,7 +51,7 @@ RUN_FILES = (
 class Run:
     """Everything a training run is made of, built and checked by `build_run`."""
 
-    cfg: Config
+    cfg: RunSettings
     out: Path  # the run folder (made by `build_run`, after every check)
     rank: int
     world_size: int
@@ -74,32 +75,37 @@ class Run:
     stopped_at: tuple[int, int] | None = None  # (epoch, samples) step.pt holds, when newer than last.pt
 
 
-def split_loader(cfg: Config, split: str, train: bool, sampler: str, negatives: int, device: torch.device) -> Loader:
-    """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks."""
+def split_loader(
+    cfg: RunSettings, split: str, train: bool, device: torch.device, sampler: Shuffle | None = None
+) -> Loader:
+    """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks. The
+    sampler is the run's training sampler or validation selection, unless `sampler` is given (the test split:
+    every sample)."""
     rank, world_size = world()
     return make_loader(
-        cfg.shards,
+        cfg.data.shards,
         split,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.optim.batch_size,
         train=train,
-        iou_threshold=cfg.iou_threshold,
-        seed=cfg.seed,
+        iou_threshold=cfg.data.iou_threshold,
+        seed=cfg.data.seed,
         device=device,
-        backend=cfg.backend,
+        backend=cfg.data.backend,
         rank=rank,
         world_size=world_size,
-        workers=cfg.workers or None,
+        workers=cfg.data.workers or None,
         # On CUDA the loader hands over uint8 images (4x fewer bytes) and the model normalizes them on the GPU.
         output="uint8" if device.type == "cuda" else "float32",
-        order=cfg.order,
-        block_size=cfg.block_size,
-        sampler=cfg.make_sampler(sampler, negatives),
+        order=cfg.order.kind,
+        **cfg.order.flat(),  # block: its block_size
+        sampler=sampler or cfg.sampling.make(train),
+        remote=cfg.remote.settings(),
     )
 
 
-def run_folder(cfg: Config) -> Path:
+def run_folder(cfg: RunSettings) -> Path:
     """The run's folder name (rank 0's timestamp on every rank); refused when it holds another run."""
-    name = cfg.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    name = cfg.checkpoints.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if dist.is_initialized():
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -107,19 +113,43 @@ def run_folder(cfg: Config) -> Path:
     out = Path(name)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a folder for the run")
-    if not is_remote(cfg.shards) and out.resolve().is_relative_to(Path(cfg.shards).resolve()):
+    if not is_remote(cfg.data.shards) and out.resolve().is_relative_to(Path(cfg.data.shards).resolve()):
         raise ConfigError(
-            f"--out {out} is inside the shards folder {cfg.shards}: the run's files would go among the shards; "
+            f"--out {out} is inside the shards folder {cfg.data.shards}: the run's files would go among the shards; "
             f"choose another --out (e.g. runs/NAME)"
         )
-    if not cfg.resume and (out / "last.pt").exists():
+    if not cfg.checkpoints.resume and (out / "last.pt").exists():
         raise ConfigError(
             f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"
         )
     return out
 
 
-def build_run(cfg: Config) -> Run:
+class RunFinished(CrackioError):
+    """--resume of a run with nothing left to train: it reached --epochs or stopped early, and reported."""
+
+
+def check_unfinished(cfg: RunSettings, state: TrainState, out: Path) -> None:
+    """Raises RunFinished, saying how to train more, when `state` (the resumed run's, summary.json written) has
+    nothing left to train under `cfg`: every epoch of --epochs done, or early stopping reached."""
+    epochs, patience = cfg.optim.epochs, cfg.optim.patience
+    if state.epoch >= epochs:
+        why = f"it trained all {state.epoch} epochs of --epochs {epochs}"
+        more = f"--resume {out} --epochs {state.epoch + max(1, epochs // 2)} (any number above {state.epoch})"
+    elif state.bad_epochs >= patience:
+        why = (
+            f"it stopped early after {state.bad_epochs} epochs without a lower validation loss (--patience {patience})"
+        )
+        more = f"--resume {out} --patience {state.bad_epochs + patience} (any number above {state.bad_epochs})"
+    else:
+        return
+    raise RunFinished(
+        f"{out} is a finished run: {why}, and its reports are written; nothing was trained or written. To train "
+        f"more: python -m train {more}"
+    )
+
+
+def build_run(cfg: RunSettings) -> Run:
     """Check everything, build loaders, model and optimizer (restored on --resume), then make the run folder
     and save config.json: a start that fails leaves nothing behind.
 
@@ -127,63 +157,63 @@ def build_run(cfg: Config) -> Run:
         CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile), a refused checkpoint or
             weights (CheckpointError, WeightsError), another pack than the resumed run's; one line each.
     """
-    cfg.validate()
-    if cfg.resume:  # cfg must be the run's own config (train.run.resume.resume_config builds it)
+    if cfg.checkpoints.resume:  # cfg must be the run's own config (train.run.resume.resume_settings builds it)
         check_resumed(cfg)
-    use_threads(cfg.threads)
-    init_distributed(cfg.dist_timeout)
+    use_threads(cfg.runtime.threads)
+    init_distributed(cfg.runtime.dist_timeout)
     rank, world_size = world()
     cfg = cfg.for_world(world_size)  # the global batch is the run's; each rank takes its share
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.runtime.device)
     # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
     # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
     # other data.
-    configure(cfg.remote_settings())  # a remote pack's cache and fault settings, for every loader of the run
-    source = open_pack(cfg.shards)  # read and checked once; the loaders check their splits against it
+    source = open_pack(
+        cfg.data.shards, cfg.remote.settings()
+    )  # read and checked once; the loaders check their splits against it
     manifest = source.manifest
-    for option, split in (("--train-split", cfg.train_split), ("--val-split", cfg.val_split)):
-        check_split(manifest, cfg.shards, split, option)
+    for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
+        check_split(manifest, cfg.data.shards, split, option)
     proposals = manifest.get("proposals")
     pack = pack_fingerprint(source.sha256, manifest)
     out = run_folder(cfg)
-    point = resume_point(cfg, out, device, pack, rank) if cfg.resume else None
+    point = resume_point(cfg, out, device, pack, rank) if cfg.checkpoints.resume else None
     path, ckpt = point if point else (out / "last.pt", None)
     state = TrainState.from_checkpoint(ckpt, path) if ckpt else TrainState()
     progress = EpochProgress.from_checkpoint(ckpt, path) if ckpt and "progress" in ckpt else None
-    torch.manual_seed(cfg.seed)
-    train_loader = split_loader(cfg, cfg.train_split, True, cfg.sampler, cfg.negatives, device)
-    val_loader = split_loader(cfg, cfg.val_split, False, cfg.val_sampler, cfg.val_negatives, device)
+    if ckpt and progress is None and (out / "summary.json").is_file():
+        check_unfinished(cfg, state, out)  # reported too: nothing is left to train or to write
+    torch.manual_seed(cfg.data.seed)
+    train_loader = split_loader(cfg, cfg.data.train_split, True, device)
+    val_loader = split_loader(cfg, cfg.data.val_split, False, device)
     if progress:  # mid-epoch: the next batch is the one the stopped run would have trained on next
         try:
             train_loader.load_state_dict(progress.loader)
         except ConfigError as e:
             raise ConfigError(
-                f"--resume {cfg.resume}: {path} cannot continue its epoch with these settings ({e}); resume with "
-                f"the run's own --order and --block-size until that epoch ends, or from {out / 'last.pt'}"
+                f"--resume {cfg.checkpoints.resume}: {path} cannot continue its epoch with these settings ({e}); "
+                f"resume with the run's own --order and --block-size until that epoch ends, or from {out / 'last.pt'}"
             ) from None
     else:
         train_loader.epoch = state.epoch
-    if ckpt and rank == 0 and not cfg.quiet:
+    if ckpt and rank == 0 and not cfg.logging.quiet:
         where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
         print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
     len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
-    model = build_model(cfg.arch, cfg.weights, cfg.head).to(device)
+    model = build_model(cfg.model.arch, cfg.model.weights, cfg.model.head).to(device)
     cuda = device.type == "cuda"
     amp = amp_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    steps = min(len(train_loader), cfg.limit_batches or len(train_loader))  # optimizer steps per epoch
-    scheduler = make_scheduler(
-        optimizer, cfg.lr_schedule, steps, cfg.epochs, cfg.warmup_epochs, cfg.lr_step_epochs, cfg.lr_gamma
-    )
+    optimizer = make_optimizer(cfg.optim.optimizer, model.parameters(), cfg.optim.lr, cfg.optim.weight_decay)
+    steps = min(len(train_loader), cfg.data.limit_batches or len(train_loader))  # optimizer steps per epoch
+    scheduler = make_scheduler(optimizer, cfg.schedule, steps, cfg.optim.epochs)
     if ckpt:
         restore(ckpt, path, model, optimizer, scaler, scheduler)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
-    net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.compile else ddp
-    loss_fn = make_loss(cfg.loss, cfg.pos_weight, cfg.focal_alpha, cfg.focal_gamma, device)
-    logs = parse_logs(cfg.log)
+    net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.model.compile else ddp
+    loss_fn = make_loss(cfg.loss, device)
+    logs = cfg.logging.logs
     if rank == 0 and "tensorboard" in logs:
         tensorboard_writer()  # installed? Refused before the folder is made
     if rank == 0:  # only now: a refused start leaves no folder, a refused --resume the run as it was
@@ -208,7 +238,7 @@ def build_run(cfg: Config) -> Run:
         loss_fn,
         state,
         scheduler,
-        Console.for_run(cfg.quiet, cfg.log_every, rank),
+        Console.for_run(cfg.logging.quiet, cfg.logging.log_every, rank),
         RunLogs(logs, out, scheduler.last_epoch, rank),  # a resumed run's logs drop what its checkpoint does not hold
         progress,
         state.epoch,

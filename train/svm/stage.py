@@ -10,7 +10,6 @@ weight 2, hard-negative mining rounds. Evaluation uses the run's own labels (the
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -24,14 +23,14 @@ from crackio.cli import progress_bar
 from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.loading.samplers import label_source
-from crackio.storage.packs import open_pack
+from crackio.storage.packs import RemoteSettings, open_pack
 from train.evaluation.predict import forward_batches
 from train.evaluation.report import class_metrics, plot_pr, report_text, threshold_for_f1, threshold_for_recall
-from train.run.checkpoint import load_checkpoint, trained
+from train.run.checkpoint import file_sha256, load_checkpoint, trained
 from train.run.evaluate import eval_loader
 from train.run.model import last_linear, model_from_checkpoint
 from train.run.runtime import amp_dtype
-from train.settings.config import SvmConfig
+from train.settings.commands import SvmSettings
 
 FIELDS = ("features", "probs", "labels", "ious", "names")
 OUTPUTS = ("report.txt", "pr_curve.png", "svm_model.npz", "summary.json")  # in OUT; features/<split>.npz below
@@ -66,25 +65,16 @@ def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
     }
 
 
-def features_of(model, cfg, shards: str, split: str, args) -> dict[str, np.ndarray]:
-    loader = eval_loader(cfg, shards, split, args.batch_size, args.device, args.backend)
+def features_of(model, cfg, split: str, args: SvmSettings) -> dict[str, np.ndarray]:
+    loader = eval_loader(cfg, split, args)
     return extract(model.to(loader.device), loader, amp_dtype(loader.device), split)
 
 
-def file_sha256(path: Path):
-    """SHA-256 of a file, read in 1 MB blocks (the SVM records its checkpoint's, detection checks it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest
-
-
-def checkpoint_digest(checkpoint: Path, shards: str):
+def checkpoint_digest(checkpoint: Path, shards: str, remote: RemoteSettings | None = None):
     """The checkpoint file and the pack (its manifest's SHA-256: a folder or a URL), hashed once; cache_key adds
     the split."""
     digest = file_sha256(checkpoint)
-    digest.update(open_pack(shards).sha256.encode())
+    digest.update(open_pack(shards, remote).sha256.encode())
     return digest
 
 
@@ -154,7 +144,7 @@ def train_svm(x: np.ndarray, ious: np.ndarray, args, log: list[str]) -> tuple[St
     return scaler, svm
 
 
-def run_svm(args: SvmConfig) -> Path:
+def run_svm(args: SvmSettings) -> Path:
     """Extract (or reuse) features, train the SVM, choose its threshold on validation, report.
 
     Raises:
@@ -165,36 +155,36 @@ def run_svm(args: SvmConfig) -> Path:
     path = Path(args.checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    shards = args.shards or cfg.shards
-    splits = [cfg.train_split, cfg.val_split]
-    if cfg.test_split in open_pack(shards).manifest["splits"]:
-        splits.append(cfg.test_split)
+    shards = args.shards or cfg.data.shards
+    splits = [cfg.data.train_split, cfg.data.val_split]
+    if cfg.data.test_split in open_pack(shards, args.remote.settings()).manifest["splits"]:
+        splits.append(cfg.data.test_split)
     out = Path(args.out) if args.out else path.parent / "svm"
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     remove_temporaries(out / "features", ["*.npz"])
-    data, digest = {}, checkpoint_digest(path, shards)
+    data, digest = {}, checkpoint_digest(path, shards, args.remote.settings())
     for split in splits:
-        key = cache_key(digest, split, cfg.iou_threshold)
-        data[split] = cached_features(
-            out / "features", key, split, partial(features_of, model, cfg, shards, split, args)
-        )
+        key = cache_key(digest, split, cfg.data.iou_threshold)
+        data[split] = cached_features(out / "features", key, split, partial(features_of, model, cfg, split, args))
     log = [
-        f"checkpoint {path} ({trained(ckpt)}, {cfg.arch}/{cfg.head}); "
-        f"{data[cfg.train_split]['features'].shape[1]}-d features from the frozen backbone"
+        f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}); "
+        f"{data[cfg.data.train_split]['features'].shape[1]}-d features from the frozen backbone"
     ]
-    train = data[cfg.train_split]
+    train = data[cfg.data.train_split]
     scaler, svm = train_svm(train["features"], train["ious"], args, log)
     scores = {s: svm.decision_function(scaler.transform(data[s]["features"])) for s in splits[1:]}
-    val = data[cfg.val_split]
+    val = data[cfg.data.val_split]
     chosen = {}
-    for name, values in (("svm", scores[cfg.val_split]), ("head", val["probs"])):
+    for name, values in (("svm", scores[cfg.data.val_split]), ("head", val["probs"])):
         if args.target_recall:
             chosen[name] = threshold_for_recall(val["labels"], values, args.target_recall)[0]
         else:
             chosen[name] = threshold_for_f1(val["labels"], values)
     rule = f"crack recall >= {args.target_recall}" if args.target_recall else "the highest crack F1"
-    log.append(f"thresholds chosen on {cfg.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}")
-    log.append(f"evaluated with the run's {label_source(cfg.iou_threshold)}")
+    log.append(
+        f"thresholds chosen on {cfg.data.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}"
+    )
+    log.append(f"evaluated with the run's {label_source(cfg.data.iou_threshold)}")
     text = ["\n".join(log) + "\n"]
     per_split: dict[str, dict] = {}
     summary = {"log": log, "thresholds": chosen, "splits": per_split}

@@ -29,7 +29,8 @@ from train.run.checkpoint import STEP
 from train.run.main import main as train_main
 from train.run.resume import RESUMABLE, read_config
 from train.run.runtime import init_distributed, world
-from train.settings.config import SHIPPED, Config, check_applicable, check_type, unmet
+from train.settings.run import DEFAULTS, RunSettings, check_type, unmet
+from train.sweep import SHIPPED
 
 # Set by the sweep, not by a variant (the sweep's one process group has the command line's --dist-timeout).
 OWNED = ("shards", "out", "resume", "dist_timeout")
@@ -73,15 +74,15 @@ class VariantsFile:
     shared: dict
     variants: list[Variant]
 
-    def base(self, given: dict) -> Config:
-        """The sweep's shared config: the defaults, then the file's [shared] table, then `given` (the command
-        line's flags)."""
-        return Config(**(self.shared | given))
+    def base(self, given: dict) -> dict:
+        """The sweep's shared options (flat): the defaults, then the file's [shared] table, then `given` (the
+        command line's flags)."""
+        return DEFAULTS | self.shared | given
 
 
-def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> None:
+def check_shared_options(base: dict, file: VariantsFile, given: set[str]) -> None:
     """Refuse a shared option that would not reach every variant: one a variant sets to another value itself,
-    or one a variant's other settings would ignore (as a single run refuses it: train.settings.config.check_applicable).
+    or one a variant's other settings would ignore (as a single run refuses it: train.settings.run.check_applicable).
     A value that changes nothing (a default spelled out, as scripts that pass every option do) passes.
 
     Raises:
@@ -89,8 +90,8 @@ def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> N
     """
     without = file.base({})  # what each shared option would be had it not been given
     for name in sorted(given):
-        value = getattr(base, name)
-        if value == getattr(without, name):
+        value = base[name]
+        if value == without[name]:
             continue  # changes nothing
         missed = []
         for variant in file.variants:
@@ -98,7 +99,7 @@ def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> N
                 if variant.options[name] != value:
                     missed.append(f"{variant.name} (sets its own {name} = {variant.options[name]!r})")
                 continue
-            needs = unmet(dataclasses.replace(base, **variant.options), name)
+            needs = unmet(base | variant.options, name)
             if needs:
                 missed.append(f"{variant.name} (it applies only with {needs})")
         if missed:
@@ -111,7 +112,7 @@ def check_shared_options(base: Config, file: VariantsFile, given: set[str]) -> N
         missed = [
             f"{variant.name} (it applies only with {needs})"
             for variant in file.variants
-            if name not in variant.options and (needs := unmet(dataclasses.replace(base, **variant.options), name))
+            if name not in variant.options and (needs := unmet(base | variant.options, name))
         ]
         if missed:
             raise ConfigError(
@@ -170,9 +171,8 @@ def load_variants(path: Path) -> VariantsFile:
     if not variants:
         raise ConfigError(f"{path} defines no [[variant]] tables")
     for variant in variants:  # [shared] must reach every variant that does not set the option itself
-        cfg = Config(**(shared | variant.options))
         for name in sorted(set(shared) - set(variant.options)):
-            needs = unmet(cfg, name)
+            needs = unmet(shared | variant.options, name)
             if needs:
                 raise ConfigError(
                     f"{path}: [shared] {name} does not reach variant {variant.name} (it applies only with {needs}): "
@@ -184,7 +184,7 @@ def load_variants(path: Path) -> VariantsFile:
 def _options(entry: dict, where: str) -> dict:
     """Training options of a variants file, checked: known names, their fields' types; "none" for no IoU
     threshold (TOML has no null)."""
-    known = {f.name for f in dataclasses.fields(Config)} - set(OWNED)
+    known = set(DEFAULTS) - set(OWNED)
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ConfigError(
@@ -207,7 +207,7 @@ def _check_reference(ref, where: str) -> None:
             raise ConfigError(f"{where}: reference.{key} must be a table of precision, recall, f1, support")
 
 
-def variant_config(base: Config, variant: Variant, out: Path) -> Config:
+def variant_config(base: dict, variant: Variant, out: Path) -> RunSettings:
     """The variant's run: the shared options, then its own (refused where its other settings ignore them).
 
     Raises:
@@ -220,35 +220,37 @@ def variant_config(base: Config, variant: Variant, out: Path) -> Config:
             f"{folder} leads to {folder.resolve()}, outside --out {out}: the sweep writes only inside --out "
             f"(remove that link, or choose another --out)"
         )
-    cfg = dataclasses.replace(base, **variant.options, out=str(folder), resume="")
-    check_applicable(cfg, variant.options)
-    return cfg
+    return RunSettings.from_flat(base | variant.options | {"out": str(folder), "resume": ""}, variant.options)
 
 
-def state(cfg: Config) -> str:
+def state(cfg: RunSettings) -> str:
     """new | finished | partial, after checking a folder left by an earlier sweep still fits the variant (`cfg` with
-    its global batch resolved, as the run saved it: train.settings.config.Config.for_world)."""
-    folder = Path(cfg.out)
+    its global batch resolved, as the run saved it: train.settings.run.RunSettings.for_world)."""
+    folder = Path(cfg.checkpoints.out)
     if not any((folder / name).is_file() for name in ("last.pt", STEP)):  # nothing saved yet: start over
         return "new"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} holds a checkpoint but no config.json: delete that folder to retrain the variant")
-    saved = read_config(folder)
+    saved, now = read_config(folder), cfg.flat()
+    then = saved.flat()
     changed = [
-        f"{k}: {getattr(saved, k)!r} then, {getattr(cfg, k)!r} now"
-        for k in dataclasses.asdict(cfg)
-        if k not in (*OWNED, *RESUMABLE) and getattr(saved, k) != getattr(cfg, k)
+        f"{k}: {then.get(k)!r} then, {now[k]!r} now"
+        for k in now
+        if k not in (*OWNED, *RESUMABLE) and then.get(k) != now[k]
     ]
     if changed:
         raise ConfigError(
             f"{folder} was trained with other options ({'; '.join(changed)}); delete that folder "
             f"to retrain it, or give the sweep another --out"
         )
-    finished = (folder / "summary.json").is_file() and (saved.epochs, saved.patience) == (cfg.epochs, cfg.patience)
+    finished = (folder / "summary.json").is_file() and (then["epochs"], then["patience"]) == (
+        now["epochs"],
+        now["patience"],
+    )
     return "finished" if finished else "partial"
 
 
-def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
+def run_sweep(base: dict, file: VariantsFile, out: Path) -> list[dict]:
     """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png.
 
     A variant's bad settings or data fail that variant only (its row says why); a file that cannot be written
@@ -259,20 +261,20 @@ def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
         Interrupted: SIGINT or SIGTERM, with what to run to continue.
     """
     variants = file.variants
-    init_distributed(base.dist_timeout)
+    init_distributed(base["dist_timeout"])
     rank = world()[0]
     if rank == 0:
         remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
     errors = {}
-    configs = []
+    configs: list[RunSettings | None] = []
     for variant in variants:
         try:
             configs.append(variant_config(base, variant, out))
         except CrackioError as e:  # reported as this variant's failure; the others go on
             errors[variant.name] = str(e)
-            configs.append(dataclasses.replace(base, **variant.options, out=str(out / variant.name), resume=""))
+            configs.append(None)
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
-        if variant.name in errors:
+        if cfg is None:
             continue
         try:
             cfg = cfg.for_world(world()[1])  # as a run saves it, so that a resume compares equal
@@ -280,7 +282,7 @@ def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
             if rank == 0:
                 print(f"== variant {i + 1}/{len(variants)}: {variant.name} ({variant.title}): {status}")
             if status != "finished":
-                train_main(dataclasses.replace(cfg, resume=cfg.out) if status == "partial" else cfg)
+                train_main(cfg.replace(resume=cfg.checkpoints.out) if status == "partial" else cfg)
         except KeyboardInterrupt as e:
             note = f"variant {variant.name} stopped; run the same sweep command again to go on (it resumes there)"
             raise Interrupted(getattr(e, "signum", signal.SIGINT), note) from None
@@ -296,7 +298,7 @@ def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
         return []
     rows, curves, histories, marks = [], {}, {}, []
     for variant, cfg in zip(variants, configs):
-        row, run = collect(variant, cfg, errors.get(variant.name))
+        row, run = collect(variant, cfg, out / variant.name, errors.get(variant.name))
         rows.append(row)
         if run is not None:
             curves[variant.title], histories[variant.title] = run
@@ -312,11 +314,12 @@ def run_sweep(base: Config, file: VariantsFile, out: Path) -> list[dict]:
     return rows
 
 
-def collect(variant: Variant, cfg: Config, error: str | None):
-    """The variant's table row, and (labels, probs), history for the plots when it finished."""
-    row = {"variant": variant.name, "title": variant.title, "source": "crackio"} | data_selection(cfg)
-    folder = Path(cfg.out)
-    if error is not None or not (folder / "summary.json").is_file():
+def collect(variant: Variant, cfg: RunSettings | None, folder: Path, error: str | None):
+    """The variant's table row, and (labels, probs), history for the plots when it finished (`cfg` None: its
+    settings were refused, `error` says why)."""
+    row = {"variant": variant.name, "title": variant.title, "source": "crackio"}
+    row |= data_selection(cfg) if cfg is not None else {}
+    if cfg is None or error is not None or not (folder / "summary.json").is_file():
         return row | {"status": "failed", "note": error or "not finished"}, None
     try:
         return _finished(row, cfg, folder)
@@ -326,14 +329,14 @@ def collect(variant: Variant, cfg: Config, error: str | None):
         return row | {"status": "failed", "note": note}, None
 
 
-def _finished(row: dict, cfg: Config, folder: Path):
+def _finished(row: dict, cfg: RunSettings, folder: Path):
     summary = json.loads((folder / "summary.json").read_text())
-    split = cfg.test_split if cfg.test_split in summary["splits"] else cfg.val_split
+    split = cfg.data.test_split if cfg.data.test_split in summary["splits"] else cfg.data.val_split
     metrics = summary["splits"][split]
     row |= {
         "status": "finished",
         "split": split,
-        "labels": label_source(cfg.iou_threshold),
+        "labels": label_source(cfg.data.iou_threshold),
         "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs_run"],
         "accuracy": metrics["accuracy"],
@@ -350,14 +353,14 @@ def _finished(row: dict, cfg: Config, folder: Path):
     return row, (curve, history)
 
 
-def data_selection(cfg: Config) -> dict:
+def data_selection(cfg: RunSettings) -> dict:
     """What a variant trains and validates on, in words (crackio.loading.samplers' describe())."""
     try:
-        train = cfg.make_sampler(cfg.sampler, cfg.negatives).describe()
-        val = cfg.make_sampler(cfg.val_sampler, cfg.val_negatives).describe()
+        train = cfg.sampling.make(True).describe()
+        val = cfg.sampling.make(False).describe()
     except CrackioError:
         return {}  # settings the variant's failure already names
-    return {"train_data": f"{cfg.train_split}: {train}", "val_data": f"{cfg.val_split}: {val}"}
+    return {"train_data": f"{cfg.data.train_split}: {train}", "val_data": f"{cfg.data.val_split}: {val}"}
 
 
 def reference_row(variant: Variant) -> dict:
@@ -374,7 +377,7 @@ def reference_row(variant: Variant) -> dict:
     return row | {f"{c}_{m}": ref[c].get(m, "") for c in CLASS_KEYS for m in ("precision", "recall", "f1", "support")}
 
 
-def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path) -> None:
+def write_tables(rows: list[dict], out: Path, base: dict, variants_path: Path) -> None:
     """sweep.csv and sweep.md (raises WriteError on a full disk or an I/O error)."""
     make_dir(out)
     table = io.StringIO(newline="")
@@ -385,13 +388,13 @@ def write_tables(rows: list[dict], out: Path, base: Config, variants_path: Path)
     lines = [
         f"# Sweep: {variants_path}",
         "",
-        f"Shards `{base.shards}`, {base.arch} ({base.weights}), at most {base.epochs} epochs, patience "
-        f"{base.patience}, batch {base.batch_size}, lr {base.lr} unless a variant sets them. Figures on the "
+        f"Shards `{base['shards']}`, {base['arch']} ({base['weights']}), at most {base['epochs']} epochs, patience "
+        f"{base['patience']}, batch {base['batch_size']}, lr {base['lr']} unless a variant sets them. Figures on the "
         f"test split (validation where there is none) at threshold 0.5; the original's published rows "
         f"are on its own data."
         + (
-            f" **Smoke runs (--limit-batches {base.limit_batches}): every figure is of the first batches only.**"
-            if base.limit_batches
+            f" **Smoke runs (--limit-batches {base['limit_batches']}): every figure is of the first batches only.**"
+            if base["limit_batches"]
             else ""
         ),
         "",

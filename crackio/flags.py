@@ -1,0 +1,121 @@
+"""Settings as command-line flags: the one mechanism every command and tool uses to turn a frozen settings
+dataclass into argparse options (`python -m train` and its subcommands, tools/pack.py, tools/propose.py).
+
+A field becomes `--field-name`, typed by its annotation (`int`, `float`, `str`, `bool`, or one of them `| None`,
+where `none` on the command line gives None), helped by the `#` comment after it in the class's source, its
+default shown as typed (crackio.cli.HelpFormatter). The flags of one settings class go into one `--help` group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Iterable, Mapping
+
+from crackio.cli import typed
+
+BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def flag(name: str) -> str:
+    """The flag of a field: `block_size` -> `--block-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's `#` comment in the source of `cls` and of its dataclass bases (a subclass's comment wins)."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith(("#", "def", '"', "@")):
+                helps[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    return helps
+
+
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """(base type, accepts None) per field of `cls`, from its resolved annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            else ()
+        )
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        out[name] = (typing.get_origin(base) or base, optional)
+    return out
+
+
+def parse_bool(text: str) -> bool:
+    value = BOOLS.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def optional(kind: type):
+    """An argparse type for `kind | None`: `none` (or an empty value) gives None."""
+
+    def parse(text: str):
+        if text.lower() in ("none", ""):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or none, got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__}_or_none"
+    return parse
+
+
+def add_flags(
+    container: argparse._ActionsContainer,
+    classes: Iterable[type],
+    *,
+    given_only: bool = False,
+    choices: Mapping[str, Iterable[str]] | None = None,
+    skip: Iterable[str] = (),
+    defaults: Mapping[str, object] | None = None,
+) -> list[str]:
+    """One flag per init field of the dataclasses `classes` (a field several classes share is added once, with
+    the first class's default); returns the field names added.
+
+    given_only: flags not given stay out of the parsed namespace (argparse.SUPPRESS), so the caller knows which
+        were given (a resumed run's changes, options that would be ignored); else they hold their defaults.
+    choices: allowed values per field name (argparse `choices=`, "did you mean" on a typo).
+    defaults: a default per field name shown instead of the class's (e.g. a choice's first kind).
+    """
+    choices, defaults, skipped = dict(choices or {}), dict(defaults or {}), set(skip)
+    added: list[str] = []
+    for cls in classes:
+        helps, kinds = field_help(cls), field_types(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in skipped or f.name in added:
+                continue
+            default = defaults.get(f.name, f.default)
+            if default is dataclasses.MISSING:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kind, accepts_none = kinds[f.name]
+            text = f"{helps.get(f.name, '')} (default: {typed(default)})".strip()
+            value = argparse.SUPPRESS if given_only else default
+            name = flag(f.name)
+            if f.name in choices:
+                container.add_argument(name, choices=list(choices[f.name]), default=value, help=text)
+            elif kind is bool:  # `--quiet` alone, or `--quiet true|false` (what config.json's values read back as)
+                container.add_argument(
+                    name, type=parse_bool, nargs="?", const=True, metavar="BOOL", default=value, help=text
+                )
+            elif accepts_none:
+                metavar = f"{kind.__name__.upper()}|none"
+                container.add_argument(name, type=optional(kind), metavar=metavar, default=value, help=text)
+            else:
+                container.add_argument(name, type=kind, default=value, help=text)
+            added.append(f.name)
+    return added

@@ -1,0 +1,159 @@
+"""The settings of the commands that use a trained run: `eval`, `svm`, `detect`, `export`. Each is a frozen owner
+that checks its own values when made, with the remote pack's settings (`Remote`) composed in, as a run's are."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from crackio.cli import check_limits
+from crackio.errors import ConfigError
+from crackio.loading.options import BACKENDS, DEVICES
+from crackio.writing.annotations import FORMATS
+from crackio.writing.regions import MODES
+from train.settings.base import Owner
+from train.settings.data import Remote
+
+
+@dataclass(frozen=True)
+class EvalSettings(Owner):
+    group: ClassVar[str] = "evaluation"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
+
+    checkpoint: str = ""  # RUN/best.pt or RUN/last.pt (required)
+    shards: str = ""  # shards folder; "" = the one the run trained on
+    split: str = "test"  # split to evaluate
+    threshold: float = 0.5  # decision threshold on P(crack)
+    batch_size: int = 64  # batch size
+    device: str = "auto"  # where the model runs (auto: CUDA if present)
+    backend: str = "auto"  # the loader's decoder (auto: DALI if installed)
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    remote: Remote = field(default_factory=Remote)
+
+    def check(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt or RUN/last.pt)")
+        check_limits(
+            {
+                "--threshold": (0 <= self.threshold <= 1, "in [0, 1] (a probability)", self.threshold),
+                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
+                "--threads": (self.threads >= 0, ">= 0", self.threads),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class SvmSettings(Owner):
+    group: ClassVar[str] = "SVM stage"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
+
+    checkpoint: str = ""  # RUN/best.pt of a finished run (required)
+    shards: str = ""  # shards folder; "" = the one the run trained on
+    out: str = ""  # output folder; "" = RUN/svm
+    pos_iou: float = 0.7  # positives: IoU >= this (R-CNN)
+    neg_iou: float = 0.3  # negatives: IoU < this (R-CNN); the band between is ignored
+    rounds: int = 3  # hard-negative mining rounds
+    negatives: int = 5000  # initial random negatives, and the most hard negatives added per round
+    C: float = 1e-3  # LinearSVC C on standardized features
+    target_recall: float = 0.0  # choose thresholds for this crack recall on validation; 0 = the highest F1
+    seed: int = 0  # seeds the initial negative cache
+    batch_size: int = 64  # batch size of the feature pass
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | dali | torch
+    remote: Remote = field(default_factory=Remote)
+
+    def check(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
+        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
+            raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
+        check_limits(
+            {
+                "--rounds": (self.rounds >= 0, ">= 0", self.rounds),
+                "--negatives": (self.negatives >= 1, ">= 1", self.negatives),
+                "--C": (self.C > 0, "> 0", self.C),
+                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
+                "--seed": (self.seed >= 0, ">= 0", self.seed),
+                "--target-recall": (0 <= self.target_recall <= 1, "in [0, 1]", self.target_recall),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class DetectSettings(Owner):
+    """`photos` is the positional list; the proposal options (mode, max_proposals, context) are None unless given:
+    a run trained on tools/propose.py shards uses the settings its pack recorded."""
+
+    group: ClassVar[str] = "detection"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "format": ("", *FORMATS)}
+
+    checkpoint: str = ""  # RUN/best.pt (or last.pt) of a run
+    onnx: str = ""  # score with onnxruntime (CPU) a model written by `python -m train export`
+    photos: tuple[str, ...] = ()  # photo files or folders (searched recursively); or --split
+    split: str = ""  # instead of photos: the photos tools/propose.py put in this split of --shards (e.g. test)
+    shards: str = ""  # the pack --split reads; "" = the run's own
+    strict: bool = False  # refuse photos the run trained or validated on (default: a warning)
+    annotations: str = ""  # ground truth (a dataset folder or COCO file) for AP
+    format: str = ""  # format of --annotations
+    classes: str = ""  # positive class names in the annotations, comma-separated; "" = all
+    svm: str = ""  # score with RUN/svm/svm_model.npz instead of the network head
+    score_threshold: float | None = None  # keep boxes scoring at least this; none = 0.5, or the SVM's threshold
+    nms_iou: float = 0.3  # NMS IoU (R-CNN's)
+    out: str = ""  # output folder; "" = RUN/detect
+    batch_size: int = 64  # crops per forward pass
+    device: str = "auto"  # where the model runs (auto: CUDA if present)
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    mode: str | None = None  # runs on packed crop folders: selective search mode; none = fast, R-CNN's
+    max_proposals: int | None = None  # runs on packed crop folders: proposals per photo; none = 2000, R-CNN's
+    context: int | None = None  # runs on packed crop folders: context pixels at 224; none = 16, R-CNN's
+    remote: Remote = field(default_factory=Remote)
+
+    def check(self) -> None:
+        if bool(self.checkpoint) == bool(self.onnx):
+            raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        threshold = self.score_threshold
+        check_limits(
+            {
+                "--nms-iou": (0 < self.nms_iou <= 1, "in (0, 1]", self.nms_iou),
+                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
+                "--score-threshold": (threshold is None or math.isfinite(threshold), "a number", threshold),
+                "--threads": (self.threads >= 0, ">= 0", self.threads),
+            }
+        )
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return [c for c in self.classes.split(",") if c] or None
+
+    @property
+    def proposals(self) -> dict:
+        """The proposal options given (mode, max_proposals, context)."""
+        return {k: getattr(self, k) for k in ("mode", "max_proposals", "context") if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class ExportSettings(Owner):
+    group: ClassVar[str] = "export"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
+
+    checkpoint: str = ""  # RUN/best.pt or RUN/last.pt (required)
+    out: str = ""  # the .onnx file to write; "" = RUN/model.onnx
+    shards: str = ""  # shards folder of the check; "" = the one the run trained on
+    split: str = "test"  # split the export is checked on
+    tolerance: float = 1e-4  # largest |P_onnx - P_torch| accepted
+    batch_size: int = 64  # batch size of the check and throughput
+    backend: str = "auto"  # loader backend of the check
+    remote: Remote = field(default_factory=Remote)
+
+    def check(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt or RUN/last.pt)")
+        check_limits(
+            {
+                "--tolerance": (math.isfinite(self.tolerance) and self.tolerance >= 0, ">= 0", self.tolerance),
+                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
+            }
+        )
