@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -428,3 +429,26 @@ def test_steps_csv_counts_steps_from_1_as_the_console_and_a_resume_cuts_it(demo_
                                    + "".join(f"{k},1,0.5,0.1,1.0,0.0\n" for k in range(5)))  # fmt: skip
     CsvLog(old, 3)
     assert steps(old) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_writes_nothing(two_epochs, tmp_path, capsys):
+    run = tmp_path / "finished"
+    shutil.copytree(two_epochs, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert cli(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is a finished run: it trained all 2 epochs of --epochs 2" in out
+    assert f"To train more: python -m train --resume {run} --epochs 3" in out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
+
+
+def test_a_run_stopped_early_is_finished_until_its_patience_grows(tmp_path):
+    from train.run.checkpoint import TrainState
+    from train.run.setup import RunFinished, check_unfinished
+
+    cfg = config(epochs=20, patience=3)
+    with pytest.raises(RunFinished, match="stopped early, 3 epochs without a lower validation loss .--patience 3."):
+        check_unfinished(cfg, TrainState(epoch=7, bad_epochs=3), tmp_path)
+    assert check_unfinished(cfg.replace(patience=4), TrainState(epoch=7, bad_epochs=3), tmp_path) is None
+    assert check_unfinished(cfg, TrainState(epoch=7, bad_epochs=2), tmp_path) is None  # more epochs to train

@@ -19,7 +19,7 @@ from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.loading.loader import Batch, Loader
 from crackio.storage.remote import STATS, RemoteError
-from train.evaluation.predict import predict
+from train.evaluation.predict import Prediction, predict
 from train.evaluation.report import crack_metrics
 from train.run.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.run.logs import Console
@@ -97,34 +97,120 @@ class EpochTotals:
         } | ({"gpu_busy_share": self.gpu / self.seconds} if self.gpu else {})
 
 
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """What one optimizer step uses: the network as the loop calls it (DDP, torch.compile), the loss, the
+    optimizer, its loss scaler (fp16) and learning-rate schedule, and the autocast dtype (None: full precision)."""
+
+    net: Callable[[torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: torch.dtype | None
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step on `batch`; returns its logits, loss and the learning rate it was taken at (the
+        scheduler then steps)."""
+        with torch.autocast(batch.images.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.net(batch.images)
+        loss = self.loss_fn(logits, batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        rate = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return logits, loss, rate
+
+
+class DeviceTimer:
+    """On CUDA, events around each step measure the device's busy time without a host sync (read where the loop
+    syncs anyway): with the host's wait for data, what the stall figures are made of. On the CPU: nothing."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+
+    def stop(self) -> None:
+        if self.events:
+            self.events[-1][1].record()
+
+    def collect(self) -> float:
+        """Seconds of the steps timed since the last collect (the device must be idle: call where the loop syncs)."""
+        seconds = sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        self.events.clear()
+        return seconds
+
+
+class StepRows:
+    """The steps not logged yet, handed to `log` as rows (train.run.logs.STEP_FIELDS) with one host sync for all
+    of them: the step counted over the run, its loss, rate, img/s over all ranks and data-wait share."""
+
+    def __init__(self, log: Callable[[list[dict]], None], epoch: int, ranks: int):
+        self.log, self.epoch, self.ranks = log, epoch, ranks
+        self.pending: list[tuple[int, float, float, float, int, torch.Tensor]] = []  # (step, lr, s, wait, n, loss)
+
+    def add(self, step: int, lr: float, seconds: float, wait: float, n: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, lr, seconds, wait, n, loss))
+
+    def flush(self) -> None:
+        if self.pending:
+            losses = torch.stack([p[5] for p in self.pending]).float().tolist()
+            self.log(
+                [
+                    {
+                        "step": g,
+                        "epoch": self.epoch + 1,
+                        "train_loss": value,
+                        "lr": lr,
+                        "images_per_sec": n * self.ranks / secs,
+                        "data_wait_share": wait / secs,
+                    }  # fmt: skip
+                    for (g, lr, secs, wait, n, _), value in zip(self.pending, losses)
+                ]
+            )
+            self.pending.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class Saver:
+    """Mid-epoch checkpoints: `checkpoint(totals)` (on every rank) after every `every` steps (0: never), and when a
+    stop is asked for."""
+
+    checkpoint: Callable[[EpochTotals], None]
+    every: int
+
+    def due(self, step: int, steps: int) -> bool:
+        """After step `step` (0-based) of `steps`: not after the last, which the epoch's own checkpoint saves."""
+        return bool(self.every) and (step + 1) % self.every == 0 and step < steps - 1
+
+
 def train_epoch(
-    net: Callable[[torch.Tensor], torch.Tensor],
+    learner: Learner,
     loader: Loader,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    amp: torch.dtype | None,
     totals: EpochTotals,
-    checkpoint: Callable[[EpochTotals], None],
-    every: int,
+    saver: Saver,
     limit: int,
     console: Console,
     log: Callable[[list[dict]], None],
     desc: str,
 ) -> None:
     """One pass over `loader`'s next epoch (its first `limit` steps when > 0), from the step it is at (mid-epoch
-    after a resume), adding to `totals`; `scheduler` steps after every optimizer step.
+    after a resume), adding to `totals`.
 
-    `checkpoint(totals)` is called on every rank after every `every` steps (0: never) and when SIGINT or SIGTERM
-    arrives (deferred to the end of a whole step; then Interrupted is raised). Under torchrun the ranks agree on
-    the stop at every 10th step, where the loss is also checked, `console` shows progress and `log` receives the
-    rows of the steps since the last sync (train.run.logs.STEP_FIELDS: the step counted over the run, its loss, rate,
-    img/s and data-wait share; rank 0's clock).
+    `saver` checkpoints on its cadence and when SIGINT or SIGTERM arrives (deferred to the end of a whole step; then
+    Interrupted is raised). Under torchrun the ranks agree on the stop at every 10th step, where the loss is also
+    checked, `console` shows progress and `log` receives the rows of the steps since the last sync (StepRows).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite (checked every 10 steps: no per-step host sync).
-        Interrupted: SIGINT or SIGTERM, after `checkpoint`.
+        Interrupted: SIGINT or SIGTERM, after the checkpoint.
     """
     device = loader.device
     finite = torch.ones((), device=device, dtype=torch.bool)
@@ -132,52 +218,17 @@ def train_epoch(
     steps = min(len(loader), limit) if limit else len(loader)
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     start = tick = time.perf_counter()
-    base_seconds, base_wait, seen = totals.seconds, totals.wait, totals.seen
-    # On CUDA, events around each step measure the device's busy time without a host sync (read where the loop
-    # syncs anyway): with the host's wait for data, what README's stall figures are made of.
-    timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-    pending: list[tuple[int, float, float, float, int, torch.Tensor]] = []  # (step, lr, s, wait, n, loss) to log
-    epoch = loader.epoch
-
-    def flush() -> None:
-        """Log the steps not logged yet (one host sync for all of them)."""
-        if pending:
-            losses = torch.stack([p[5] for p in pending]).float().tolist()
-            log(
-                [
-                    {
-                        "step": g,
-                        "epoch": epoch + 1,
-                        "train_loss": value,
-                        "lr": lr,
-                        "images_per_sec": n * ranks / secs,
-                        "data_wait_share": wait / secs,
-                    }  # fmt: skip
-                    for (g, lr, secs, wait, n, _), value in zip(pending, losses)
-                ]
-            )
-            pending.clear()
-
+    base = Shown(start, totals.seconds, totals.wait, totals.seen, ranks)
+    timer, rows = DeviceTimer(device), StepRows(log, loader.epoch, ranks)
     with deferred_signals() as stop, contextlib.closing(iter(loader)) as batches:  # a stop waits for a whole step
-        saving = _saving_on_remote_error(batches, flush, checkpoint, totals, ranks)
+        saving = _saving_on_remote_error(batches, rows.flush, saver.checkpoint, totals, ranks)
         shown = console.wrap(itertools.islice(saving, max(steps - first, 0)), steps, first, desc)
         for step, batch in enumerate(shown, first):
             waited = time.perf_counter() - tick
             totals.wait += waited  # time blocked on the loader, kept apart from compute
-            if device.type == "cuda":
-                timed.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-                timed[-1][0].record()
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = net(batch.images)
-            loss = loss_fn(logits, batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            rate = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if timed:
-                timed[-1][1].record()
+            timer.start()
+            logits, loss, rate = learner.step(batch)
+            timer.stop()
             n = len(batch.labels)
             totals.seen += n
             totals.digest = (totals.digest + step_digest(step, batch.names)) % DIGEST_MOD
@@ -185,40 +236,51 @@ def train_epoch(
             totals.sums += torch.stack(
                 [loss.detach().double() * n, ((logits.detach() >= 0) == (batch.labels > 0.5)).sum()]
             )
-            totals.seconds = base_seconds + time.perf_counter() - start
-            pending.append((scheduler.last_epoch - 1, rate, time.perf_counter() - tick, waited, n, loss.detach()))
+            totals.seconds = base.seconds + time.perf_counter() - start
+            rows.add(learner.scheduler.last_epoch - 1, rate, time.perf_counter() - tick, waited, n, loss.detach())
             # The steps where every rank agrees on a stop: the same on every rank, so never rank 0's console
             # schedule (--log-every), which only rank 0 has (the ranks would wait in different collectives).
             synced = step % 10 == 0 or step == steps - 1
             if synced or console.due(step):  # a host sync every 10 steps (and at a progress line), not every step
                 if synced and not bool(finite):
                     raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
-                totals.gpu += sum(a.elapsed_time(b) for a, b in timed) / 1000  # the device is idle here: all done
-                timed.clear()
-                flush()
-                loss_sum, correct = totals.sums.tolist()  # rank 0's, with what a resumed checkpoint carried
-                shown_seen = max(totals.base_seen + totals.seen, 1)
-                elapsed = time.perf_counter() - start
-                console.show(
-                    step,
-                    {
-                        "loss": f"{loss_sum / shown_seen:.4f}",
-                        "acc": f"{100 * correct / shown_seen:.1f}%",
-                        "img_s": f"{(totals.seen - seen) * ranks / elapsed:.0f}",
-                        "wait": f"{100 * (totals.wait - base_wait) / elapsed:.0f}%",
-                    },
-                )
+                totals.gpu += timer.collect()  # the device is idle here: all done
+                rows.flush()
+                console.show(step, base.figures(totals))
             signum = stop.signum
             if ranks > 1:  # every rank must stop at the same step: agreed where the ranks sync anyway
                 signum = _agreed(signum, device) if synced else 0
-            if signum or (every and (step + 1) % every == 0 and step < steps - 1):
-                flush()  # the logs hold every step the checkpoint holds
-                checkpoint(totals)
+            if signum or saver.due(step, steps):
+                rows.flush()  # the logs hold every step the checkpoint holds
+                saver.checkpoint(totals)
             if signum:
                 stop.signum = 0  # acted on: raised here, with the checkpoint saved
                 raise Interrupted(signum)
             tick = time.perf_counter()
         console.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """Where the pass started (its clock, and the totals a resumed epoch carried): the progress line's figures are
+    of this pass, its loss and accuracy of the whole epoch (rank 0's, with what a resumed checkpoint carried)."""
+
+    start: float
+    seconds: float
+    wait: float
+    seen: int
+    ranks: int
+
+    def figures(self, totals: EpochTotals) -> dict[str, str]:
+        loss_sum, correct = totals.sums.tolist()
+        seen = max(totals.base_seen + totals.seen, 1)
+        elapsed = time.perf_counter() - self.start
+        return {
+            "loss": f"{loss_sum / seen:.4f}",
+            "acc": f"{100 * correct / seen:.1f}%",
+            "img_s": f"{(totals.seen - self.seen) * self.ranks / elapsed:.0f}",
+            "wait": f"{100 * (totals.wait - self.wait) / elapsed:.0f}%",
+        }
 
 
 def _saving_on_remote_error(
@@ -280,87 +342,101 @@ def fit(run: Run) -> None:
     for epoch in range(state.epoch, cfg.optim.epochs):
         if state.bad_epochs >= cfg.optim.patience:
             break
-        progress, run.progress = run.progress, None
-        if progress is None:
-            torch.manual_seed(cfg.data.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
-            run.train_loader.epoch = epoch
-        else:  # the loader was put where the epoch stopped (train.run.setup.build_run)
-            torch.set_rng_state(progress.rng)
-            if progress.cuda_rng is not None and run.device.type == "cuda":
-                for d, rng in enumerate(progress.cuda_rng[: torch.cuda.device_count()]):
-                    torch.cuda.set_rng_state(rng, d)
-        run.model.train()
-        desc = f"epoch {epoch + 1}/{cfg.optim.epochs}"
+        progress = begin_epoch(run, epoch)
         totals = EpochTotals.start(run.device, progress, run.rank)
-        row: dict[str, float] = {"epoch": epoch + 1}
-
         if run.train_loader.epoch == epoch:  # not when a stop came after the training pass, during validation
             train_epoch(
-                run.net,
+                Learner(run.net, run.loss_fn, run.optimizer, run.scaler, run.scheduler, run.amp),
                 run.train_loader,
-                run.loss_fn,
-                run.optimizer,
-                run.scaler,
-                run.scheduler,
-                run.amp,
                 totals,
-                functools.partial(save_progress, run),
-                cfg.checkpoints.checkpoint_every,
+                Saver(functools.partial(save_progress, run), cfg.checkpoints.checkpoint_every),
                 cfg.data.limit_batches,
                 run.console,
                 run.logs.steps,
-                desc,
+                f"epoch {epoch + 1}/{cfg.optim.epochs}",
             )
         done = totals.gathered()
-        row |= done.row()
-        val_start = time.perf_counter()
-        try:
-            val = predict(
-                run.model,
-                run.val_loader,
-                run.loss_fn,
-                run.amp,
-                cfg.data.limit_batches,
-                mistakes=run.logs.wants_mistakes,
-            )
-        except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
-            progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
-            if run.rank == 0:
-                save_step(run.out, checkpoint_of(run), progress)
-            run.stopped_at = (progress.loader["epoch"], progress.loader["samples"])
-            raise
-        if not math.isfinite(val.loss):
-            raise NonFiniteLoss(f"validation loss is {val.loss} after epoch {epoch + 1}")
-        now = time.perf_counter()
-        row |= {
-            "val_loss": val.loss,
-            "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
-            **crack_metrics(val.labels, val.probs),
-            "epoch_seconds": done.seconds + now - val_start,
-            "train_seconds": done.seconds,
-            "val_seconds": now - val_start,
-            "lr": last_rate(run.scheduler),
-        }
+        row, val = validate(run, epoch, done)
         improved = val.loss < state.best_val_loss
         state.history.append(row)
         state.epoch, state.best_val_loss = epoch + 1, min(val.loss, state.best_val_loss)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
         if run.rank == 0:
             save_epoch(run.out, checkpoint_of(run), state.history, improved)
-            print(
-                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
-                f"val loss {val.loss:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
-                f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
-                f"AP {row['crack_ap']:.3f} | "
-                f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
-                + ("" if improved else f" (no improvement {state.bad_epochs}/{cfg.optim.patience})")
-                + remote_line(traffic)
-            )
+            print(epoch_line(row, state.bad_epochs, cfg.optim.patience, improved) + remote_line(traffic))
             traffic = STATS.snapshot()
             run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
     if state.bad_epochs >= cfg.optim.patience and run.rank == 0:
         print(f"early stopping: validation loss has not improved for {cfg.optim.patience} epochs")
+
+
+def begin_epoch(run: Run, epoch: int) -> EpochProgress | None:
+    """Seed epoch `epoch` (or restore a stopped one's random state) and put the model in training mode; returns
+    the stopped epoch's progress, taken from the run (None for a new epoch)."""
+    progress, run.progress = run.progress, None
+    if progress is None:
+        torch.manual_seed(run.cfg.data.seed * 1000 + epoch)  # dropout etc.: a resumed epoch repeats exactly
+        run.train_loader.epoch = epoch
+    else:  # the loader was put where the epoch stopped (train.run.setup.build_run)
+        torch.set_rng_state(progress.rng)
+        if progress.cuda_rng is not None and run.device.type == "cuda":
+            for d, rng in enumerate(progress.cuda_rng[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, d)
+    run.model.train()
+    return progress
+
+
+def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]:
+    """The validation pass after the training pass `done` (gathered totals): the epoch's history row and the
+    predictions.
+
+    Raises:
+        KeyboardInterrupt: a stop during validation, after step.pt saved the whole training pass.
+        NonFiniteLoss: a NaN or infinite validation loss.
+    """
+    start = time.perf_counter()
+    try:
+        val = predict(
+            run.model,
+            run.val_loader,
+            run.loss_fn,
+            run.amp,
+            run.cfg.data.limit_batches,
+            mistakes=run.logs.wants_mistakes,
+        )
+    except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
+        progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
+        if run.rank == 0:
+            save_step(run.out, checkpoint_of(run), progress)
+        run.stopped_at = (progress.loader["epoch"], progress.loader["samples"])
+        raise
+    if not math.isfinite(val.loss):
+        raise NonFiniteLoss(f"validation loss is {val.loss} after epoch {epoch + 1}")
+    now = time.perf_counter()
+    row = {"epoch": epoch + 1} | done.row()
+    row |= {
+        "val_loss": val.loss,
+        "val_accuracy": 100.0 * float(((val.probs >= 0.5) == val.labels).mean()),
+        **crack_metrics(val.labels, val.probs),
+        "epoch_seconds": done.seconds + now - start,
+        "train_seconds": done.seconds,
+        "val_seconds": now - start,
+        "lr": last_rate(run.scheduler),
+    }
+    return row, val
+
+
+def epoch_line(row: dict, bad_epochs: int, patience: int, improved: bool) -> str:
+    """The console's line for an epoch's history row."""
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.1f}% | "
+        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.1f}% crack P/R/F1 "
+        f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
+        f"AP {row['crack_ap']:.3f} | "
+        f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
+        + ("" if improved else f" (no improvement {bad_epochs}/{patience})")
+    )
 
 
 def last_rate(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:

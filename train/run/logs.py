@@ -23,23 +23,7 @@ from crackio.errors import ConfigError
 from crackio.fsio import write_text
 from train.evaluation.mistakes import Mistakes, worst_figure
 
-LOGS = ("tensorboard", "csv")  # --log's choices
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "images_per_sec", "data_wait_share")
-
-
-def parse_logs(text: str) -> tuple[str, ...]:
-    """--log's value: "" (or none) or a comma list of LOGS (a name given twice counts once).
-
-    Raises:
-        ConfigError: an unknown log, with the closest valid name.
-    """
-    from crackio.cli import closest
-
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip() not in ("", "none")))
-    for name in names:
-        if name not in LOGS:
-            raise ConfigError(f"--log {name!r} is not a log{closest(name, LOGS)}; choose from {', '.join(LOGS)}")
-    return names
 
 
 class Console:

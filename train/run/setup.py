@@ -137,9 +137,7 @@ def check_unfinished(cfg: RunSettings, state: TrainState, out: Path) -> None:
         why = f"it trained all {state.epoch} epochs of --epochs {epochs}"
         more = f"--resume {out} --epochs {state.epoch + max(1, epochs // 2)} (any number above {state.epoch})"
     elif state.bad_epochs >= patience:
-        why = (
-            f"it stopped early after {state.bad_epochs} epochs without a lower validation loss (--patience {patience})"
-        )
+        why = f"it stopped early, {state.bad_epochs} epochs without a lower validation loss (--patience {patience})"
         more = f"--resume {out} --patience {state.bad_epochs + patience} (any number above {state.bad_epochs})"
     else:
         return
@@ -149,40 +147,40 @@ def check_unfinished(cfg: RunSettings, state: TrainState, out: Path) -> None:
     )
 
 
-def build_run(cfg: RunSettings) -> Run:
-    """Check everything, build loaders, model and optimizer (restored on --resume), then make the run folder
-    and save config.json: a start that fails leaves nothing behind.
-
-    Raises:
-        CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile), a refused checkpoint or
-            weights (CheckpointError, WeightsError), another pack than the resumed run's; one line each.
-    """
-    if cfg.checkpoints.resume:  # cfg must be the run's own config (train.run.resume.resume_settings builds it)
-        check_resumed(cfg)
-    use_threads(cfg.runtime.threads)
-    init_distributed(cfg.runtime.dist_timeout)
-    rank, world_size = world()
-    cfg = cfg.for_world(world_size)  # the global batch is the run's; each rank takes its share
-    device = pick_device(cfg.runtime.device)
-    # The proposal stage's settings go into every checkpoint, so detection makes crops the way these were made
-    # even when the shards have moved or been re-made; so does the pack's fingerprint, so --resume refuses
-    # other data.
-    source = open_pack(
-        cfg.data.shards, cfg.remote.settings()
-    )  # read and checked once; the loaders check their splits against it
+def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
+    """The run's pack read once (the loaders check their splits against it), its train and validation splits
+    checked; returns the proposal stage's settings it records and its fingerprint. The proposal settings go into
+    every checkpoint, so detection makes crops the way these were made even when the shards have moved or been
+    re-made; so does the fingerprint, so --resume refuses other data."""
+    source = open_pack(cfg.data.shards, cfg.remote.settings())
     manifest = source.manifest
     for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
         check_split(manifest, cfg.data.shards, split, option)
-    proposals = manifest.get("proposals")
-    pack = pack_fingerprint(source.sha256, manifest)
-    out = run_folder(cfg)
+    return manifest.get("proposals"), pack_fingerprint(source.sha256, manifest)
+
+
+def start_point(
+    cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int
+) -> tuple[Path, dict | None, TrainState, EpochProgress | None]:
+    """Where the run starts: (checkpoint path, its contents or None, the state, a stopped epoch's progress).
+
+    Raises:
+        RunFinished: a resumed run with nothing left to train.
+    """
     point = resume_point(cfg, out, device, pack, rank) if cfg.checkpoints.resume else None
     path, ckpt = point if point else (out / "last.pt", None)
     state = TrainState.from_checkpoint(ckpt, path) if ckpt else TrainState()
     progress = EpochProgress.from_checkpoint(ckpt, path) if ckpt and "progress" in ckpt else None
     if ckpt and progress is None and (out / "summary.json").is_file():
         check_unfinished(cfg, state, out)  # reported too: nothing is left to train or to write
-    torch.manual_seed(cfg.data.seed)
+    return path, ckpt, state, progress
+
+
+def placed_loaders(
+    cfg: RunSettings, device: torch.device, state: TrainState, progress: EpochProgress | None, path: Path
+) -> tuple[Loader, Loader]:
+    """The training and validation loaders, training's where the run continues: a stopped epoch's next batch
+    (`progress`), else the start of the next epoch."""
     train_loader = split_loader(cfg, cfg.data.train_split, True, device)
     val_loader = split_loader(cfg, cfg.data.val_split, False, device)
     if progress:  # mid-epoch: the next batch is the one the stopped run would have trained on next
@@ -191,14 +189,17 @@ def build_run(cfg: RunSettings) -> Run:
         except ConfigError as e:
             raise ConfigError(
                 f"--resume {cfg.checkpoints.resume}: {path} cannot continue its epoch with these settings ({e}); "
-                f"resume with the run's own --order and --block-size until that epoch ends, or from {out / 'last.pt'}"
+                f"resume with the run's own --order and --block-size until that epoch ends, or from "
+                f"{path.parent / 'last.pt'}"
             ) from None
     else:
         train_loader.epoch = state.epoch
-    if ckpt and rank == 0 and not cfg.logging.quiet:
-        where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
-        print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
-    len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
+    return train_loader, val_loader
+
+
+def build_learner(cfg: RunSettings, device: torch.device, steps: int, world_size: int, ckpt: dict | None, path: Path):
+    """(model, network as the loop calls it, optimizer, loss scaler, scheduler, autocast dtype) on `device`, restored
+    from `ckpt` (read from `path`) when resuming, before DDP and torch.compile wrap the model."""
     model = build_model(cfg.model.arch, cfg.model.weights, cfg.model.head).to(device)
     cuda = device.type == "cuda"
     amp = amp_dtype(device)
@@ -206,12 +207,41 @@ def build_run(cfg: RunSettings) -> Run:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optim.optimizer, model.parameters(), cfg.optim.lr, cfg.optim.weight_decay)
-    steps = min(len(train_loader), cfg.data.limit_batches or len(train_loader))  # optimizer steps per epoch
     scheduler = make_scheduler(optimizer, cfg.schedule, steps, cfg.optim.epochs)
     if ckpt:
         restore(ckpt, path, model, optimizer, scaler, scheduler)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
     net: Callable[[torch.Tensor], torch.Tensor] = torch.compile(ddp) if cfg.model.compile else ddp
+    return model, net, optimizer, scaler, scheduler, amp
+
+
+def build_run(cfg: RunSettings) -> Run:
+    """Check everything, build loaders, model and optimizer (restored on --resume), then make the run folder
+    and save config.json: a start that fails leaves nothing behind.
+
+    Raises:
+        CrackioError: bad settings or shards (ConfigError, ShardError, MissingFile), a refused checkpoint or
+            weights (CheckpointError, WeightsError), another pack than the resumed run's; one line each.
+        RunFinished: --resume of a run with nothing left to train.
+    """
+    if cfg.checkpoints.resume:  # cfg must be the run's own config (train.run.resume.resume_settings builds it)
+        check_resumed(cfg)
+    use_threads(cfg.runtime.threads)
+    init_distributed(cfg.runtime.dist_timeout)
+    rank, world_size = world()
+    cfg = cfg.for_world(world_size)  # the global batch is the run's; each rank takes its share
+    device = pick_device(cfg.runtime.device)
+    proposals, pack = checked_pack(cfg)
+    out = run_folder(cfg)
+    path, ckpt, state, progress = start_point(cfg, out, device, pack, rank)
+    torch.manual_seed(cfg.data.seed)
+    train_loader, val_loader = placed_loaders(cfg, device, state, progress, path)
+    if ckpt and rank == 0 and not cfg.logging.quiet:
+        where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
+        print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
+    len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
+    steps = min(len(train_loader), cfg.data.limit_batches or len(train_loader))  # optimizer steps per epoch
+    model, net, optimizer, scaler, scheduler, amp = build_learner(cfg, device, steps, world_size, ckpt, path)
     loss_fn = make_loss(cfg.loss, device)
     logs = cfg.logging.logs
     if rank == 0 and "tensorboard" in logs:
