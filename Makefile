@@ -50,7 +50,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 # On a machine with an NVIDIA GPU: CUDA tests, GPU benchmark rows, ResNeXt50 training and detection on the GPU
-# (~8 min); says so without one. On the project's GPU machine (no network): README, "The GPU check".
+# (~8 min); says so without one. On a lent GPU machine without network: docs/gpu.md.
 gpu-check: $(VENV)/.installed
 	$(PY) tools/gpu_check.py
 

@@ -145,7 +145,7 @@ def test_malformed_index_files_are_shard_errors(shards):
 
 
 def test_validation_reads_no_tar(shards, monkeypatch):
-    """load_index checks sizes and locations only (its cost is measured in README's Performance, not here):
+    """load_index checks sizes and locations only (its cost is measured in docs/performance.md, not here):
     opening a split must not read a byte of its tars, whatever their size."""
     opened = []
     real_open, real_os_open = open, os.open

@@ -15,7 +15,7 @@ ranged GET, crackio.storage.packs.FETCHERS in flight). Each row reports samples/
 second and body bytes per sample the proxy passed (what a bucket would bill and carry).
 
 The servers are Python (moto, the proxy) on the same cores as the reader: their request rate, not the network,
-bounds the s3 rows here. README, "Remote shards", says what the figures predict for a real bucket.
+bounds the s3 rows here. docs/performance.md, "Remote shards", says what the figures predict for a real bucket.
 """
 
 from __future__ import annotations

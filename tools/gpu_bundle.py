@@ -10,7 +10,7 @@ torch, ...; their builds must match its torch), packs the rest into one tar and 
 `--part-mib` MiB (default 56): OUT/part-00/, OUT/part-01/, ..., each a folder with its piece and `bundle.json`
 (every piece's size, the tar's size and SHA-256, the wheels). OUT is ignored by git; `python3 tools/gpu_check.py
 --bundle OUT` on the GPU machine puts the tar together once every part has arrived, checks it, and installs the
-wheels it does not have already into a temporary folder. README, "The GPU check", gives the calls.
+wheels it does not have already into a temporary folder. docs/gpu.md gives the calls.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(manifest['wheels'])} wheels, {manifest['tar_bytes'] / 2**20:.0f} MiB in {len(manifest['pieces'])} "
         f"parts; carry each part-NN folder, then on the GPU machine: python3 tools/gpu_check.py --bundle "
-        f"{args.out.name} (README, The GPU check)"
+        f"{args.out.name} (docs/gpu.md)"
     )
     return 0
 

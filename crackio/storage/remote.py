@@ -3,7 +3,7 @@
 The protocol is obstore's (the Rust `object_store` crate behind it): S3 with credentials, region and endpoint from
 the standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
 `AWS_ENDPOINT_URL`, ...), so MinIO, R2 and Ceph work unchanged; HTTP(S) with Range requests. Measured against
-fsspec + s3fs on the same local S3 server (README, "Remote shards"): obstore's ranged reads were faster.
+fsspec + s3fs on the same local S3 server (docs/performance.md, "Remote shards"): obstore's ranged reads were faster.
 
 Fault policy (one place, here): obstore's own retries are off so that every retry is counted (`Stats`). A
 transient error (connection refused or reset, a timeout, 5xx, 429 throttling) is retried with exponential backoff

@@ -49,7 +49,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def use_threads(threads: int) -> None:
     """torch's intra-op CPU threads (`--threads`; 0 keeps torch's default, one per core). On a machine other jobs
-    share, fewer threads than cores can be much faster: README, "CPU threads".
+    share, fewer threads than cores can be much faster: docs/performance.md, "CPU threads".
 
     Raises:
         ConfigError: a negative count.
