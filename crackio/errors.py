@@ -41,6 +41,14 @@ def is_integer(value: object, least: int, most: int = 2**40) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and least <= int(value) <= most
 
 
+def has_type(value: object, kind: type) -> bool:
+    """Whether `value`, read from JSON, TOML or a checkpoint, is of `kind` as a setting is: a bool is no number,
+    an int is also a float (JSON writes 1.0 as 1 in some writers, a user writes --lr 1 as 1)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
 def integer(name: str, value: object, least: int, most: int = 2**40) -> int:
     """`value` as an int when `is_integer(value, least, most)`.
 

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import torch
 
 from crackio import fsio
-from crackio.errors import ConfigError, MissingFile
+from crackio.errors import ConfigError, MissingFile, has_type
 from crackio.fsio import write_json, write_text
 from train.settings.run import RunSettings
 
@@ -142,9 +142,7 @@ class TrainState:
         kinds = {"epoch": int, "best_val_loss": float, "bad_epochs": int, "history": list}
         for name, kind in kinds.items():
             value = ckpt.get(name)
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok or (isinstance(value, int) and value < 0):
+            if not has_type(value, kind) or (isinstance(value, int) and value < 0):
                 raise CheckpointError(
                     f"{path} is not a checkpoint a run can continue from ({name} = {value!r}): "
                     f"it was not written by python -m train"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from crackio.cli import closest
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, has_type
 from crackio.flags import flag
 from crackio.fsio import write_json
 from crackio.loading.options import DEVICES
@@ -213,9 +213,11 @@ def check_type(key: str, value: Any, where: str) -> None:
     """
     default = DEFAULTS[key]
     kind = float if default is None else type(default)
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-    ok = ok or (key == "class_weights" and isinstance(value, dict)) or (key == "iou_threshold" and value is None)
+    ok = (
+        has_type(value, kind)
+        or (key == "class_weights" and isinstance(value, dict))
+        or (key == "iou_threshold" and value is None)
+    )
     if not ok:
         raise ConfigError(f"{where}: {key} = {value!r} must be of type {kind.__name__} (like {default!r})")
 
