@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
+from crackio.errors import ConfigError  # noqa: E402
+from crackio.flags import add_flags  # noqa: E402
 from crackio.format.layout import join  # noqa: E402
 from crackio.storage.packs import open_pack, verify_pack  # noqa: E402
 from crackio.storage.remote import location  # noqa: E402
@@ -26,7 +28,6 @@ from crackio.writing.pack import PackSettings, pack, print_skipped, summary, war
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = PackSettings()
     ap = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s SRC [--out OUT] [options]\n       %(prog)s --verify OUT",
@@ -46,21 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("shards"),
         help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
     )
-    ap.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar")
-    ap.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0 = all cores)")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped or any warning printed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Every other flag is a PackSettings field (crackio.flags); the stored image's size and quality are fixed.
+    fields = add_flags(ap.add_argument_group("packing"), [PackSettings], skip=("size", "quality"))
     args = ap.parse_args(argv)
     if args.verify is not None:
         return run_command(lambda: check(args.verify), incomplete(args.verify))
     if args.src is None:
         ap.error("give a proposal folder SRC, or --verify OUT")
-    if args.samples_per_shard < 1 or args.workers < 0:
-        ap.error("--samples-per-shard must be >= 1 and --workers >= 0")
+    try:
+        settings = PackSettings(**{name: getattr(args, name) for name in fields})
+    except ConfigError as e:  # its own checks, e.g. --samples-per-shard 0
+        ap.error(str(e))
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
-    settings = PackSettings(samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed)
     return run_command(
         lambda: report(write_pack(args.out, lambda out: pack(args.src, out, settings, progress=not args.quiet)), args),
         incomplete(args.out),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
+from crackio.flags import add_flags  # noqa: E402
 from crackio.storage.remote import location  # noqa: E402
 from crackio.storage.upload import write_pack  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
@@ -47,7 +48,6 @@ def _search_max_side(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p, r = ProposalSettings(), ProposeSettings()
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="the annotated dataset (a folder, or a COCO JSON file)")
     ap.add_argument("--format", required=True, choices=FORMATS, help="annotation format")
@@ -57,70 +57,40 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("shards"),
         help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
     )
-    ap.add_argument("--method", default=p.method, choices=METHODS, help="proposal method")
-    ap.add_argument("--mode", default=p.mode, choices=MODES, help="selective search mode")
-    ap.add_argument("--max-proposals", type=int, default=p.max_proposals, help="cap per photo (R-CNN: ~2000)")
-    ap.add_argument(
-        "--search-max-side",
-        type=_search_max_side,
-        default=p.search_max_side,
-        help="selective search on the photo downscaled to this longer side, boxes scaled back "
-        "(R-CNN's code: 500; faster, recall measured in the README); 0 = full size",
-    )
-    ap.add_argument("--context", type=int, default=p.context, help="context pixels at the warped size (R-CNN: 16)")
-    ap.add_argument("--positive-iou", type=float, default=p.positive_iou, help="label = IoU > this")
-    ap.add_argument(
-        "--negatives-per-image",
-        type=int,
-        default=p.negatives_per_image,
-        help="keep an IoU-stratified sample of N negatives per photo ; 0 = all",
-    )
-    ap.add_argument("--gt-jitter", type=int, default=p.gt_jitter, help="jittered copies of each ground-truth box")
-    ap.add_argument(
-        "--split-ratios",
-        type=_ratios,
-        default=r.split_ratios,
-        help="train,valid,test shares by photo when the dataset has no split folders (default: "
-        + ",".join(f"{x:g}" for x in r.split_ratios)
-        + ")",
-    )
-    ap.add_argument("--classes", default="", help="positive class names, comma-separated (default: every class)")
-    ap.add_argument(
-        "--mask-piece",
-        type=int,
-        default=0,
-        help="masks: cut each crack into boxes of about N pixels along its skeleton (0 = one box per crack)",
-    )
-    ap.add_argument(
-        "--mask-crack-label",
-        type=int,
-        help="masks: the label (pixel value, .mat Segmentation label) that is crack (default: above half the maximum)",
-    )
-    ap.add_argument("--workers", type=int, default=r.workers, help="photos in parallel (threads; 0 = all cores)")
-    ap.add_argument("--seed", type=int, default=r.seed, help="seed of splits, caps, jitter, negatives, shuffle")
-    ap.add_argument("--samples-per-shard", type=int, default=r.samples_per_shard, help="samples per tar")
     ap.add_argument("--crops", type=Path, help="also write the original's proposal folder here")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any photo or annotation had a problem")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    proposal = ProposalSettings(
-        method=args.method,
-        mode=args.mode,
-        max_proposals=args.max_proposals,
-        search_max_side=args.search_max_side,
-        context=args.context,
-        positive_iou=args.positive_iou,
-        negatives_per_image=args.negatives_per_image,
-        gt_jitter=args.gt_jitter,
+    # Every other flag is a settings field (crackio.flags). The smallest proposal, the crop's size and its JPEG
+    # quality are fixed (no flag); --search-max-side, --split-ratios and --classes parse their text themselves.
+    group = ap.add_argument_group("proposals")
+    skip = ("min_size", "size", "quality", "search_max_side")
+    proposal_fields = add_flags(group, [ProposalSettings], choices={"method": METHODS, "mode": MODES}, skip=skip)
+    group.add_argument(
+        "--search-max-side",
+        type=_search_max_side,
+        default=ProposalSettings().search_max_side,
+        help="selective search on the photo downscaled to this longer side, boxes scaled back "
+        "(R-CNN's code: 500; faster, recall measured in the README); 0 = full size",
     )
+    group = ap.add_argument_group("splits, classes and shards")
+    run_fields = add_flags(group, [ProposeSettings], skip=("split_ratios", "classes"))
+    ratios = ProposeSettings().split_ratios
+    group.add_argument(
+        "--split-ratios",
+        type=_ratios,
+        default=ratios,
+        help="train,valid,test shares by photo when the dataset has no split folders (default: "
+        + ",".join(f"{x:g}" for x in ratios)
+        + ")",
+    )
+    group.add_argument("--classes", default="", help="positive class names, comma-separated (default: every class)")
+    args = ap.parse_args(argv)
+    given = vars(args)
+    proposal = ProposalSettings(**{name: given[name] for name in proposal_fields}, search_max_side=args.search_max_side)
     run = ProposeSettings(
+        **{name: given[name] for name in run_fields},
         split_ratios=args.split_ratios,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-        workers=args.workers,
-        seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-        mask_piece=args.mask_piece,
-        mask_crack_label=args.mask_crack_label,
     )
     return run_command(
         lambda: report(

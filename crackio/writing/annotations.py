@@ -213,16 +213,20 @@ def survey(src: Path, fmt: str, limit: int = SURVEY_LIMIT) -> str:
 # --- COCO --------------------------------------------------------------------------------------------------
 
 
-def _coco(src: Path, wanted: list[str] | None) -> Annotated:
-    files: list[tuple[str | None, Path]]
+def _coco_files(src: Path) -> list[tuple[str | None, Path]]:
+    """The annotation files with their split: SRC itself, <split>/*.json, else SRC/*.json and SRC/annotations/*.json."""
     if src.is_file():
-        files = [(None, src)]
-    else:
-        splits = _split_dirs(src)
-        files = [(split, j) for split, d in splits.items() for j in sorted(d.glob("*.json"))]
-        if not files:
-            files = [(None, j) for j in (*sorted(src.glob("*.json")), *sorted((src / "annotations").glob("*.json")))]
-    problems: list[tuple[str, str]] = []
+        return [(None, src)]
+    files: list[tuple[str | None, Path]] = [
+        (split, j) for split, d in _split_dirs(src).items() for j in sorted(d.glob("*.json"))
+    ]
+    return files or [(None, j) for j in (*sorted(src.glob("*.json")), *sorted((src / "annotations").glob("*.json")))]
+
+
+def _coco_docs(
+    files: list[tuple[str | None, Path]], problems: list[tuple[str, str]]
+) -> list[tuple[str | None, Path, dict]]:
+    """Each file that reads as a COCO document (split, path, document); the others are listed in `problems`."""
     docs = []
     for split, path in files:
         try:
@@ -234,62 +238,73 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
             problems.append((display_name(path), "not a COCO annotation file (no 'images' list): ignored"))
             continue
         docs.append((split, path, doc))
+    return docs
+
+
+def _coco_by_image(path: Path, doc: dict, cats: dict, problems: list[tuple[str, str]]) -> dict:
+    """The annotations of `doc` per image id; those naming an unknown image (ignored) or category are listed."""
+    image_ids = {im.get("id") for im in doc["images"]}
+    by_image: dict = {}
+    for a in doc.get("annotations", []):
+        number, image, category = a.get("id"), a.get("image_id"), a.get("category_id")
+        if image not in image_ids:
+            why = f"annotation {number} names image_id {image!r}, which is not in 'images': ignored"
+            problems.append((display_name(path), why))
+            continue
+        if category not in cats:  # its photo is skipped (_coco_boxes): a box of what?
+            problems.append(
+                (
+                    display_name(path),
+                    f"annotation {number} names category_id {category!r}, which is not in 'categories'",
+                )
+            )
+        by_image.setdefault(image, []).append(a)
+    return by_image
+
+
+def _coco_image(path: Path, file_name: str) -> Path | None:
+    """The photo an image entry names: beside the annotation file, in its images/, or in ../images/."""
+    candidates = (
+        path.parent / file_name,
+        path.parent / "images" / file_name,
+        path.parent.parent / "images" / file_name,
+    )
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _coco_boxes(annotations: list[dict], cats: dict, positive: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The positive boxes of one image's annotations, and what is wrong with those that cannot be read."""
+    boxes, errors = [], []
+    for a in annotations:
+        if a.get("category_id") not in cats:
+            errors.append(f"annotation {a.get('id')} has an unknown category_id {a.get('category_id')!r}")
+            continue
+        if cats[a.get("category_id")] not in positive:
+            continue
+        box = _coco_box(a)
+        if isinstance(box, str):
+            errors.append(f"annotation {a.get('id')}: {box}")
+        else:
+            boxes.append(box)
+    return np.array(boxes, np.float64).reshape(-1, 4), errors
+
+
+def _coco(src: Path, wanted: list[str] | None) -> Annotated:
+    problems: list[tuple[str, str]] = []
+    docs = _coco_docs(_coco_files(src), problems)
     names = sorted({str(c.get("name")) for _, _, doc in docs for c in doc.get("categories", [])})
     positive = _pick(names, wanted, "the COCO categories")
     photos = []
     for split, path, doc in docs:
         cats = {c.get("id"): str(c.get("name")) for c in doc.get("categories", [])}
-        image_ids = {im.get("id") for im in doc["images"]}
-        by_image: dict = {}
-        for a in doc.get("annotations", []):
-            if a.get("image_id") not in image_ids:
-                problems.append(
-                    (
-                        display_name(path),
-                        f"annotation {a.get('id')} names image_id {a.get('image_id')!r}, "
-                        f"which is not in 'images': ignored",
-                    )
-                )
-            elif a.get("category_id") not in cats:
-                problems.append(
-                    (
-                        display_name(path),
-                        f"annotation {a.get('id')} names category_id "
-                        f"{a.get('category_id')!r}, which is not in 'categories'",
-                    )
-                )
-                by_image.setdefault(a.get("image_id"), []).append(a)  # its photo is skipped: a box of what?
-            else:
-                by_image.setdefault(a.get("image_id"), []).append(a)
+        by_image = _coco_by_image(path, doc, cats, problems)
         for im in doc["images"]:
             file_name = str(im.get("file_name", ""))
-            photo = next(
-                (
-                    p
-                    for p in (
-                        path.parent / file_name,
-                        path.parent / "images" / file_name,
-                        path.parent.parent / "images" / file_name,
-                    )
-                    if p.is_file()
-                ),
-                None,
-            )
+            photo = _coco_image(path, file_name)
             if photo is None:
                 problems.append((display_name(path.parent / file_name), f"missing image named in {path.name}"))
                 continue
-            boxes, errors = [], []
-            for a in by_image.get(im.get("id"), []):
-                if a.get("category_id") not in cats:
-                    errors.append(f"annotation {a.get('id')} has an unknown category_id {a.get('category_id')!r}")
-                    continue
-                if cats[a.get("category_id")] not in positive:
-                    continue
-                box = _coco_box(a)
-                if isinstance(box, str):
-                    errors.append(f"annotation {a.get('id')}: {box}")
-                else:
-                    boxes.append(box)
+            boxes, errors = _coco_boxes(by_image.get(im.get("id"), []), cats, positive)
             size = (
                 (im["width"], im["height"])
                 if isinstance(im.get("width"), int) and isinstance(im.get("height"), int)
@@ -300,7 +315,7 @@ def _coco(src: Path, wanted: list[str] | None) -> Annotated:
                     photo,
                     Path(file_name).stem,
                     split,
-                    np.array(boxes, np.float64).reshape(-1, 4),
+                    boxes,
                     errors=errors,
                     size=size,
                     image_id=im.get("id"),

@@ -28,11 +28,17 @@ from crackio.writing.workers import check_stop, tick
 
 @dataclass(frozen=True)
 class PackSettings:
-    samples_per_shard: int = 10000  # ~150-250 MB tars for 224x224 crops
+    samples_per_shard: int = 10000  # samples per tar (~150-250 MB for 224x224 crops)
     workers: int = 0  # processes writing shards; 0 = all cores (parallel across shards)
     seed: int = 0  # seeds the global shuffle
     size: int = 224  # every stored image is size x size RGB JPEG
     quality: int = 95  # JPEG quality of converted inputs
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or self.workers < 0:
+            raise ConfigError(
+                f"--samples-per-shard must be >= 1 and --workers >= 0, got {self.samples_per_shard} and {self.workers}"
+            )
 
 
 class PackSource(NamedTuple):
@@ -94,6 +100,64 @@ def _check_out(src: Path, out: Path, found: Found) -> None:
         )
 
 
+def _check_src(src: Path, out: Path) -> None:
+    """Refuse a SRC that is not a folder, and an OUT that is SRC itself.
+
+    Raises:
+        MissingFile, ConfigError: naming the folder and what to give instead.
+    """
+    if not src.is_dir():
+        if src.exists():
+            raise ConfigError(f"{display_name(src)} is a file, not a proposal folder: give the folder that holds it")
+        raise MissingFile(f"proposal folder {display_name(src)} does not exist")
+    if out.resolve() == src.resolve():
+        raise ConfigError(
+            f"--out {display_name(out)} is the proposal folder itself: the shards would go beside the crops; "
+            f"write them elsewhere (e.g. --out {display_name(src)}/shards or a sibling folder)"
+        )
+
+
+class _Plan(NamedTuple):
+    """Each split's inputs in its seeded order, and the shard slices of that order the workers write."""
+
+    ordered: dict[str, list[Proposal]]
+    sources: dict[str, list[PackSource]]
+
+
+def _plan(found: Found, out: Path, settings: PackSettings) -> _Plan:
+    per = settings.samples_per_shard
+    sources: dict[str, list[PackSource]] = {}
+    ordered: dict[str, list[Proposal]] = {}
+    for split, (src_dir, proposals) in found.splits.items():
+        ordered[split] = [proposals[i] for i in split_order(split, len(proposals), settings.seed)]
+        sources[split] = [
+            PackSource(out / split, split, a // per, a, src_dir, ordered[split][a:b], settings.size, settings.quality)
+            for a, b in shard_slices(len(proposals), per)
+        ]
+    return _Plan(ordered, sources)
+
+
+def _write_splits(out: Path, plan: _Plan, workers: int, progress: bool) -> tuple[dict, dict, list[tuple[str, str]]]:
+    """Every split's shards and index: (manifest entry, what the leakage report reads, skipped inputs) per split."""
+    splits, stored, skipped = {}, {}, []
+    total = sum(len(o) for o in plan.ordered.values())
+    with (
+        strict_pillow(),
+        progress_bar(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar,
+    ):
+        for split, shard_sources in plan.sources.items():
+            shown = bar.n  # each split's workers count from 0
+
+            def advance(done: int, shown: int = shown) -> None:
+                bar.update(shown + done - bar.n)
+
+            written = write_split(out / split, split, index_rows(plan.ordered[split]), shard_sources, workers, advance)
+            splits[split] = written.entry
+            stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
+            skipped += written.skipped
+    return splits, stored, skipped
+
+
 def pack(
     src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(), progress: bool = True
 ) -> dict:
@@ -110,27 +174,14 @@ def pack(
 
     Raises:
         MissingFile: `src` is not a folder.
-        ConfigError: `samples_per_shard` < 1 or `workers` < 0; `out` is held by another run or holds a
-            file crackio did not write where a shard goes.
+        ConfigError: `out` is held by another run or holds a file crackio did not write where a shard goes
+            (PackSettings itself refuses `samples_per_shard` < 1 or `workers` < 0).
         KeyboardInterrupt: Ctrl-C (or SIGTERM under `crackio.cli.stop_on_signals`); workers and
             temporaries are gone.
     """
     src, out = Path(src).absolute(), Path(out)  # absolute: the manifest is the same however SRC was typed
-    if not src.is_dir():
-        if src.exists():
-            raise ConfigError(f"{display_name(src)} is a file, not a proposal folder: give the folder that holds it")
-        raise MissingFile(f"proposal folder {display_name(src)} does not exist")
-    if settings.samples_per_shard < 1 or settings.workers < 0:
-        raise ConfigError(
-            f"--samples-per-shard must be >= 1 and --workers >= 0, got {settings.samples_per_shard} and "
-            f"{settings.workers}"
-        )
+    _check_src(src, out)
     t0 = time.perf_counter()
-    if out.resolve() == src.resolve():
-        raise ConfigError(
-            f"--out {display_name(out)} is the proposal folder itself: the shards would go beside the crops; "
-            f"write them elsewhere (e.g. --out {display_name(src)}/shards or a sibling folder)"
-        )
     found = discover(src, exclude=out)
     if not found.splits:
         raise ConfigError(
@@ -138,40 +189,18 @@ def pack(
             f"<label>.jpg (or such files in SRC itself)"
         )
     _check_out(src, out, found)
+    plan = _plan(found, out, settings)
     per = settings.samples_per_shard
-    sources: dict[str, list[PackSource]] = {}
-    ordered: dict[str, list[Proposal]] = {}
-    for split, (src_dir, proposals) in found.splits.items():
-        ordered[split] = [proposals[i] for i in split_order(split, len(proposals), settings.seed)]
-        sources[split] = [
-            PackSource(out / split, split, a // per, a, src_dir, ordered[split][a:b], settings.size, settings.quality)
-            for a, b in shard_slices(len(proposals), per)
-        ]
-    workers = settings.workers or len(os.sched_getaffinity(0))
-    total = sum(len(o) for o in ordered.values())
     with OutputFolder(out) as held:
-        planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in ordered.items()))
+        planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in plan.ordered.items()))
         held.claim(planned)
         # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
         (out / MANIFEST).unlink(missing_ok=True)
-        for split in ordered:
+        for split in plan.ordered:
             (out / split).mkdir(exist_ok=True)
-        splits, stored = {}, {}
-        skipped = [(s.path, s.reason) for s in found.skipped]
-        with (
-            strict_pillow(),
-            progress_bar(total=total, unit="file", desc="pack", disable=not progress, smoothing=0.1) as bar,
-        ):
-            for split, shard_sources in sources.items():
-                shown = bar.n  # each split's workers count from 0
-
-                def advance(done: int, shown: int = shown) -> None:
-                    bar.update(shown + done - bar.n)
-
-                written = write_split(out / split, split, index_rows(ordered[split]), shard_sources, workers, advance)
-                splits[split] = written.entry
-                stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
-                skipped += written.skipped
+        workers = settings.workers or len(os.sched_getaffinity(0))
+        splits, stored, skipped = _write_splits(out, plan, workers, progress)
+        skipped = sorted([(s.path, s.reason) for s in found.skipped] + skipped)
         manifest = build_manifest(
             source=display_name(src),
             stage={},
@@ -180,7 +209,7 @@ def pack(
             splits=splits,
             leakage=leakage_report(stored),
             ignored=dict(sorted(found.ignored.items())),
-            skipped=[{"path": p, "reason": r} for p, r in sorted(skipped)],
+            skipped=[{"path": p, "reason": r} for p, r in skipped],
         )
         held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete pack
         write_manifest(out, manifest)

@@ -18,6 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,10 +26,10 @@ from PIL import Image, ImageOps
 from crackio.cli import progress_bar
 from crackio.errors import ConfigError
 from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
-from crackio.format.manifest import build_manifest, write_manifest
+from crackio.format.manifest import Manifest, build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
 from crackio.fsio import display_name, write_error
-from crackio.writing.annotations import Photo, read_annotations, resolve_boxes
+from crackio.writing.annotations import Annotated, Photo, read_annotations, resolve_boxes
 from crackio.writing.filenames import format_name
 from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder
@@ -43,9 +44,9 @@ class ProposeSettings:
     classes: tuple[str, ...] = ()  # positive class names; () = every class
     workers: int = 0  # photos decoded and proposed in parallel (threads); 0 = all cores
     seed: int = 0  # seeds the split assignment, proposal caps, jitter, negatives, shuffle
-    samples_per_shard: int = 10000
-    mask_piece: int = 0  # mask ground truth: cut long cracks into boxes of about this many pixels; 0 = one per crack
-    mask_crack_label: int | None = None  # mask ground truth: the crack label; None = above half the maximum
+    samples_per_shard: int = 10000  # samples per tar
+    mask_piece: int = 0  # masks: cut each crack into boxes of about N pixels along its skeleton; 0 = one per crack
+    mask_crack_label: int | None = None  # masks: the crack's label (pixel value); none = above half the maximum
 
 
 @dataclass
@@ -188,8 +189,23 @@ def propose_to_shards(
         )
     splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
+    stage = _Stage(src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None)
     with OutputFolder(out) as held:
-        return _propose(held, src, fmt, out, annotated, jobs, proposal, run, crops, progress, t0)
+        return _propose(held, stage, progress, t0)
+
+
+class _Stage(NamedTuple):
+    """One run as `propose_to_shards` resolved it before holding OUT: its inputs, the photos in the order they are
+    spooled (split, then stem) with their splits, and its settings."""
+
+    src: Path
+    fmt: str
+    out: Path
+    annotated: Annotated
+    jobs: list[tuple[Photo, str]]
+    proposal: ProposalSettings
+    run: ProposeSettings
+    crops: Path | None  # also write the original's proposal folder here
 
 
 class _Spooler:
@@ -254,81 +270,89 @@ class _Spooler:
                 spool.file.close()
 
 
-def _propose(
-    held: OutputFolder,
-    src: Path,
-    fmt: str,
-    out: Path,
-    annotated,
-    jobs: list[tuple[Photo, str]],
-    proposal: ProposalSettings,
-    run: ProposeSettings,
-    crops: str | os.PathLike | None,
-    progress: bool,
-    t0: float,
-) -> dict:
+def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float) -> dict:
     """`propose_to_shards` once OUT is held: photos into the spool, then shards, manifest."""
-    split_names = {split for _, split in jobs}
+    out = stage.out
+    split_names = {split for _, split in stage.jobs}
     held.claim({MANIFEST} | {spool_name(s) for s in split_names})
     (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
     remove_spool(out, split_names)
     (out / SPOOL).mkdir(exist_ok=True)
-    slen = max(len(p.stem.encode()) for p in annotated.photos)
+    slen = max(len(p.stem.encode()) for p in stage.annotated.photos)
     dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
-    workers = run.workers or len(os.sched_getaffinity(0))
-    spooler = _Spooler(out, dtype, Path(crops) if crops else None, annotated.problems)
+    workers = stage.run.workers or len(os.sched_getaffinity(0))
+    spooler = _Spooler(out, dtype, stage.crops, stage.annotated.problems)
     import cv2
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
-    bar = progress_bar(total=len(jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
     try:
-        for result in results_in_order(jobs, proposal, run.seed, workers):
-            bar.update()
-            spooler.add(result)
-            rate = spooler.crops_made / max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix(crops=spooler.crops_made, crops_s=f"{rate:.0f}")
-        bar.close()
-        w0 = time.perf_counter()
-        splits, stored = {}, {}
-        for split in sorted(spooler.spools, key=split_sort_key):
-            spool, per = spooler.spools[split], run.samples_per_shard
-            held.claim(planned_files(split, -(-sum(len(r) for r in spool.rows) // per)))
-            written = write_spooled_split(spool, out, split, run.seed, per, workers, **spooler.split_stats(split))
-            splits[split] = written.entry
-            stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
-        spooler.timing["write"] += time.perf_counter() - w0
+        _spool_photos(stage, spooler, workers, progress)
+        splits, stored = _write_shards(held, stage, spooler, workers)
     finally:
-        bar.close()
         cv2.setNumThreads(threads)
         spooler.close()
         remove_spool(out, split_names)
-    manifest = build_manifest(
-        source=display_name(src.resolve()),
-        stage={
-            "stage": "propose",
-            "annotations": {
-                "format": fmt,
-                "classes": annotated.classes,
-                "positive": annotated.positive,
-                **annotated.settings,  # e.g. mask_piece, or the YOLO class ids taken as crack
-            },
-            "proposals": proposal.as_dict(),
-            "photos": split_photos(src, jobs),
-        },
-        settings={k: v for k, v in asdict(run).items() if k != "workers"},  # any worker count, same bytes
-        seed=run.seed,
-        splits=splits,
-        leakage=leakage_report(stored),
-        ignored={},
-        skipped=sorted(spooler.skipped, key=lambda s: (s["path"], s["reason"])),
-    )
+    manifest = _manifest(stage, spooler, splits, stored)
     held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
     write_manifest(out, manifest)
     returned: dict = dict(manifest)
     returned["seconds"] = time.perf_counter() - t0
     returned["timing"] = spooler.timing
     return returned
+
+
+def _spool_photos(stage: _Stage, spooler: _Spooler, workers: int, progress: bool) -> None:
+    """Every photo proposed and warped (in `workers` threads), its crops spooled in photo order."""
+    bar = progress_bar(total=len(stage.jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
+    try:
+        for result in results_in_order(stage.jobs, stage.proposal, stage.run.seed, workers):
+            bar.update()
+            spooler.add(result)
+            rate = spooler.crops_made / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(crops=spooler.crops_made, crops_s=f"{rate:.0f}")
+    finally:
+        bar.close()
+
+
+def _write_shards(held: OutputFolder, stage: _Stage, spooler: _Spooler, workers: int) -> tuple[dict, dict]:
+    """Each split's spool shuffled into shards: (manifest entry, what the leakage report reads) per split."""
+    w0 = time.perf_counter()
+    splits, stored = {}, {}
+    for split in sorted(spooler.spools, key=split_sort_key):
+        spool, per = spooler.spools[split], stage.run.samples_per_shard
+        held.claim(planned_files(split, -(-sum(len(r) for r in spool.rows) // per)))
+        written = write_spooled_split(
+            spool, stage.out, split, stage.run.seed, per, workers, **spooler.split_stats(split)
+        )
+        splits[split] = written.entry
+        stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
+    spooler.timing["write"] += time.perf_counter() - w0
+    return splits, stored
+
+
+def _manifest(stage: _Stage, spooler: _Spooler, splits: dict, stored: dict) -> Manifest:
+    annotated = stage.annotated
+    return build_manifest(
+        source=display_name(stage.src.resolve()),
+        stage={
+            "stage": "propose",
+            "annotations": {
+                "format": stage.fmt,
+                "classes": annotated.classes,
+                "positive": annotated.positive,
+                **annotated.settings,  # e.g. mask_piece, or the YOLO class ids taken as crack
+            },
+            "proposals": stage.proposal.as_dict(),
+            "photos": split_photos(stage.src, stage.jobs),
+        },
+        settings={k: v for k, v in asdict(stage.run).items() if k != "workers"},  # any worker count, same bytes
+        seed=stage.run.seed,
+        splits=splits,
+        leakage=leakage_report(stored),
+        ignored={},
+        skipped=sorted(spooler.skipped, key=lambda s: (s["path"], s["reason"])),
+    )
 
 
 def split_photos(src: Path, jobs: list[tuple[Photo, str]]) -> dict:

@@ -36,8 +36,8 @@ MIN_SEARCH_SIDE = 32  # a smaller photo leaves selective search a handful of reg
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    method: str = "selective-search"
-    mode: str = "fast"  # selective search: fast | quality
+    method: str = "selective-search"  # proposal method
+    mode: str = "fast"  # selective search mode
     max_proposals: int = 2000  # cap per photo (R-CNN: ~2,000)
     min_size: int = 8  # proposals narrower or lower than this many pixels (of the photo) are dropped
     search_max_side: int = 0  # search the photo downscaled to this longer side (R-CNN's code: 500); 0 = full size
@@ -45,7 +45,7 @@ class ProposalSettings:
     size: int = 224  # warped crop side
     quality: int = 95  # JPEG quality of the crops
     positive_iou: float = 0.5  # label = IoU > this
-    negatives_per_image: int = 0  # 0: every negative; N: an IoU-stratified sample of N negatives
+    negatives_per_image: int = 0  # keep an IoU-stratified sample of N negatives per photo; 0 = every negative
     gt_jitter: int = 0  # jittered copies of each ground-truth box
 
     def __post_init__(self) -> None:
