@@ -107,7 +107,8 @@ def add_flags(
             value = argparse.SUPPRESS if given_only else default
             name = flag(f.name)
             if f.name in choices:
-                container.add_argument(name, choices=list(choices[f.name]), default=value, help=text)
+                shown = [c for c in choices[f.name] if c not in ("", None)]  # "" or None: not given, not a choice
+                container.add_argument(name, choices=shown, default=value, help=text)
             elif kind is bool:  # `--quiet` alone, or `--quiet true|false` (what config.json's values read back as)
                 container.add_argument(
                     name, type=parse_bool, nargs="?", const=True, metavar="BOOL", default=value, help=text

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from crackio.cli import ArgumentParser
 from crackio.errors import ConfigError
+from crackio.flags import add_flags
 from train.cli.flags import add_command_flags, add_run_flags, command_settings
 from train.settings.commands import DetectSettings, EvalSettings, ExportSettings, SvmSettings
 from train.settings.files import read_config_file
@@ -123,7 +124,9 @@ def detect(argv: list[str]) -> None:
         description="Find cracks in whole photos: proposals as in training, scores, NMS, boxes; AP with annotations.",
     )
     ap.add_argument("photos", nargs="*", help="photo files or folders (searched recursively); or --split")
-    add_command_flags(ap, DetectSettings, skip=("photos",))
+    model = ap.add_mutually_exclusive_group(required=True)  # the usage line shows: one of the two
+    add_flags(model, [DetectSettings], skip=[n for n in DetectSettings.names() if n not in ("checkpoint", "onnx")])
+    add_command_flags(ap, DetectSettings, skip=("photos", "checkpoint", "onnx"))
     values = vars(ap.parse_args(argv))
     values["photos"] = tuple(values["photos"])
     settings = command_settings(DetectSettings, values)

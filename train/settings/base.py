@@ -58,7 +58,8 @@ class Owner:
 
     def __post_init__(self) -> None:
         for name, allowed in self.choices.items():
-            check_choice(name, getattr(self, name), allowed)
+            if getattr(self, name) is not None:  # None: not given (a command's optional choice)
+                check_choice(name, getattr(self, name), allowed)
         self.check()
 
     def check(self) -> None:

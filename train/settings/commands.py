@@ -86,7 +86,7 @@ class DetectSettings(Owner):
     a run trained on tools/propose.py shards uses the settings its pack recorded."""
 
     group: ClassVar[str] = "detection"
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "format": ("", *FORMATS)}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "format": ("", *FORMATS), "mode": MODES}
 
     checkpoint: str = ""  # RUN/best.pt (or last.pt) of a run
     onnx: str = ""  # score with onnxruntime (CPU) a model written by `python -m train export`
@@ -112,8 +112,6 @@ class DetectSettings(Owner):
     def check(self) -> None:
         if bool(self.checkpoint) == bool(self.onnx):
             raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
-        if self.mode is not None and self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         threshold = self.score_threshold
         check_limits(
             {
