@@ -36,12 +36,13 @@ from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotati
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
 from train.detection.baselines import baseline_aps
-from train.detection.export import load_onnx, probabilities
+from train.detection.export import Exported, load_onnx, probabilities
 from train.detection.report import Detections, suppress, write_outputs
 from train.run.checkpoint import file_sha256, load_checkpoint
 from train.run.model import CrackClassifier, last_linear, model_from_checkpoint
 from train.run.runtime import amp_dtype, use_threads
 from train.settings.commands import DetectSettings
+from train.settings.run import RunSettings
 
 CPU = torch.device("cpu")
 
@@ -418,44 +419,92 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
         WriteError: an output cannot be written (full disk, I/O error).
     """
     use_threads(settings.threads)
-    onnx, svm, device, nms_iou = settings.onnx, settings.svm, settings.device, settings.nms_iou
-    batch_size = settings.batch_size
-    scorer: Scorer | OnnxScorer
-    if onnx:
-        if svm:
-            raise ConfigError(
-                "--svm scores the network's features, which an ONNX model does not output: "
-                "use --checkpoint RUN/best.pt with --svm"
-            )
-        if device == "cuda":
-            raise ConfigError("--onnx scores with onnxruntime on the CPU: leave out --device cuda")
-        path = Path(onnx)
-        exported = load_onnx(path)
-        ckpt, cfg = exported.record, exported.config  # the checkpoint's fields detection reads
-    else:
-        path = Path(settings.checkpoint)
-        ckpt = load_checkpoint(path, torch.device("cpu"))
-        model, cfg = model_from_checkpoint(ckpt, path)
+    path, ckpt, cfg, model = load_model(settings)
     proposals, proposals_from = proposal_settings(
         ckpt, cfg.data.shards, path, settings.proposals, settings.remote.settings()
     )
     inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, settings)
-    if onnx:
-        scorer = OnnxScorer(exported.session, batch_size)
-    else:
-        dev = resolve_device(device)
-        model.to(dev).eval()  # in place: nn.Module.to moves the module itself
-        if dev.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        scorer = Scorer(model, dev, batch_size, Path(svm) if svm else None, path)
+    scorer = make_scorer(settings, model, path)
     threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
-    files = one_per_stem(inputs)
     truth, annotation_problems = (
         ground_truth(annotations, fmt, classes, settings.shards or cfg.data.shards, settings.remote.settings())
         if annotations
         else ({}, [])
     )
     problems += annotation_problems
+    start = time.perf_counter()
+    annotated = truth if annotations else None
+    results = detect_photos(
+        one_per_stem(inputs), proposals, scorer, settings.nms_iou, cfg.data.seed, annotated, problems
+    )
+    seconds = time.perf_counter() - start
+    # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
+    done = [r for r in results if r.size != (0, 0)]
+    floors = baseline_aps(done, settings.nms_iou, cfg.data.seed) if annotations else None
+    found = Detections(
+        results,
+        problems,
+        threshold=threshold,
+        nms_iou=settings.nms_iou,
+        settings=proposals,
+        scored_by="svm" if settings.svm else "network (onnxruntime)" if settings.onnx else "network",
+        annotated=bool(annotations),
+        seconds=seconds,
+        baselines=floors,
+        settings_from=proposals_from,
+    )
+    out_dir = Path(settings.out) if settings.out else path.parent / "detect"
+    write_outputs(out_dir, found, overview)
+    return out_dir
+
+
+def load_model(settings: DetectSettings) -> tuple[Path, dict, RunSettings, CrackClassifier | Exported]:
+    """What detection scores with: (its file, the checkpoint's fields detection reads, the run's settings, the
+    model: a classifier from --checkpoint or an onnxruntime session from --onnx).
+
+    Raises:
+        ConfigError: --onnx with --svm or --device cuda.
+    """
+    if not settings.onnx:
+        path = Path(settings.checkpoint)
+        ckpt = load_checkpoint(path, torch.device("cpu"))
+        model, cfg = model_from_checkpoint(ckpt, path)
+        return path, ckpt, cfg, model
+    if settings.svm:
+        raise ConfigError(
+            "--svm scores the network's features, which an ONNX model does not output: "
+            "use --checkpoint RUN/best.pt with --svm"
+        )
+    if settings.device == "cuda":
+        raise ConfigError("--onnx scores with onnxruntime on the CPU: leave out --device cuda")
+    path = Path(settings.onnx)
+    exported = load_onnx(path)
+    return path, exported.record, exported.config, exported
+
+
+def make_scorer(settings: DetectSettings, model: CrackClassifier | Exported, path: Path) -> Scorer | OnnxScorer:
+    """The scorer of crops: onnxruntime's for an export, else the network (or --svm on its features) on the
+    device."""
+    if isinstance(model, Exported):
+        return OnnxScorer(model.session, settings.batch_size)
+    dev = resolve_device(settings.device)
+    model.to(dev).eval()  # in place: nn.Module.to moves the module itself
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return Scorer(model, dev, settings.batch_size, Path(settings.svm) if settings.svm else None, path)
+
+
+def detect_photos(
+    files: list[tuple[Path, str]],
+    proposals: ProposalSettings,
+    scorer: Scorer | OnnxScorer,
+    nms_iou: float,
+    seed: int,
+    truth: dict | None,
+    problems: list[tuple[str, str]],
+) -> list[PhotoDetections]:
+    """Each photo's detections (a duplicate stem's only its problem), with its ground truth from `truth` (None:
+    no annotations); problems are added to `problems`."""
     results: list[PhotoDetections] = []
     crops = 0
     start = time.perf_counter()
@@ -465,9 +514,9 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
             r = (
                 PhotoDetections(file, file.stem, problem=duplicate)
                 if duplicate
-                else detect_photo(file, proposals, scorer, nms_iou, cfg.data.seed, pool)
+                else detect_photo(file, proposals, scorer, nms_iou, seed, pool)
             )
-            if annotations and not r.problem:
+            if truth is not None and not r.problem:
                 problems += attach_truth(r, truth.get(r.stem))
             if r.problem:
                 problems.append((display_name(file), r.problem))
@@ -475,22 +524,4 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
             crops += len(r.proposals)
             elapsed = time.perf_counter() - start
             bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
-    out_dir = Path(settings.out) if settings.out else path.parent / "detect"
-    seconds = time.perf_counter() - start
-    # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
-    done = [r for r in results if r.size != (0, 0)]
-    floors = baseline_aps(done, nms_iou, cfg.data.seed) if annotations else None
-    found = Detections(
-        results,
-        problems,
-        threshold=threshold,
-        nms_iou=nms_iou,
-        settings=proposals,
-        scored_by="svm" if svm else "network (onnxruntime)" if onnx else "network",
-        annotated=bool(annotations),
-        seconds=seconds,
-        baselines=floors,
-        settings_from=proposals_from,
-    )
-    write_outputs(out_dir, found, overview)
-    return out_dir
+    return results
