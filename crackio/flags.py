@@ -103,7 +103,9 @@ def add_flags(
             if default is dataclasses.MISSING:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             kind, accepts_none = kinds[f.name]
-            text = f"{helps.get(f.name, '')} (default: {typed(default)})".strip()
+            text = helps.get(f.name, "")
+            if default != "" and "(default" not in text:  # "" (not given): the comment says what it means
+                text = f"{text} (default: {typed(default)})".strip()
             value = argparse.SUPPRESS if given_only else default
             name = flag(f.name)
             if f.name in choices:

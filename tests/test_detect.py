@@ -18,7 +18,7 @@ from crackio.format.layout import FORMAT_VERSION
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings
 from tests.conftest import needs_cuda
-from tests.helpers import ARCH, checkpoint_config
+from tests.helpers import ARCH, save_untrained
 from train.__main__ import main as cli
 from train.detection.detect import Scorer, detect_photo, run_detect
 from train.detection.report import coco_ap, voc_ap
@@ -80,12 +80,7 @@ def checkpoint(tmp_path_factory) -> Path:
     (shards / "manifest.json").write_text(
         json.dumps({"format_version": FORMAT_VERSION, "splits": {}, "proposals": SETTINGS.as_dict()})
     )
-    torch.manual_seed(0)
-    model = build_model(ARCH, "none", "linear")
-    cfg = checkpoint_config(shards)
-    path = root / "best.pt"
-    torch.save({"model": model.state_dict(), "config": cfg.flat(), "epoch": 1}, path)
-    return path
+    return save_untrained(root / "best.pt", shards, epoch=1)
 
 
 def detect_all(photos: Path, nms_iou: float = 0.3):
@@ -346,26 +341,20 @@ def test_baselines_are_their_definitions_on_hand_made_boxes():
 
 def checkpoint_on(shards: Path, path: Path) -> Path:
     """An untrained tiny classifier whose run trained on `shards` (a tools/propose.py pack)."""
-    torch.manual_seed(0)
-    model = build_model(ARCH, "none", "linear")
-    cfg = checkpoint_config(shards)
-    torch.save({"model": model.state_dict(), "config": cfg.flat(), "epoch": 1}, path)
-    return path
+    return save_untrained(path, shards, epoch=1)
 
 
 @pytest.fixture(scope="module")
-def ratio_pack(tmp_path_factory):
+def ratio_pack(demo_photos, tmp_path_factory):
     """A COCO dataset without split folders, proposed with --split-ratios: its test photos live only in the
     manifest."""
     from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
-    from tools.make_demo_data import write_photos
 
     root = tmp_path_factory.mktemp("ratio")
-    write_photos(root / "photos", images=10, seed=4, size=(192, 128), formats=("coco",))
     flat = root / "flat"
     flat.mkdir()
     coco = {"images": [], "annotations": [], "categories": []}
-    for split_json in sorted((root / "photos" / "coco").glob("*/_annotations.coco.json")):
+    for split_json in sorted((demo_photos / "coco").glob("*/_annotations.coco.json")):
         doc = json.loads(split_json.read_text())
         offset = len(coco["images"]) * 100  # unique ids across the merged files
         coco["categories"] = doc["categories"]
@@ -451,15 +440,13 @@ def test_pycocotools_on_detections_json_gives_the_reported_coco_ap(ratio_pack, t
 
 
 @pytest.mark.slow
-def test_split_of_a_mask_pack_and_split_train_is_flagged(tmp_path, capsys):
+def test_split_of_a_mask_pack_and_split_train_is_flagged(demo_photos, tmp_path, capsys):
     """--split on a --format mask pack reads the masks back (no --classes for masks); --split train lists every
     photo as not held out, and --strict refuses it."""
     from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
-    from tools.make_demo_data import write_photos
 
-    write_photos(tmp_path / "photos", images=8, seed=4, size=(192, 128), formats=("mask",))
     shards = tmp_path / "shards"
-    propose_to_shards(tmp_path / "photos" / "mask", "mask", shards, ProposalSettings(max_proposals=20),
+    propose_to_shards(demo_photos / "mask", "mask", shards, ProposalSettings(max_proposals=20),
                       ProposeSettings(), progress=False)  # fmt: skip
     ckpt = checkpoint_on(shards, tmp_path / "best.pt")
     out = run_detect(
@@ -482,14 +469,12 @@ def test_split_of_a_mask_pack_and_split_train_is_flagged(tmp_path, capsys):
         )
 
 
-def test_a_proposal_stage_that_finds_no_crack_warns(tmp_path):
+def test_a_proposal_stage_that_finds_no_crack_warns(demo_photos, tmp_path):
     from crackio.writing.pack import warnings
     from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
-    from tools.make_demo_data import write_photos
 
-    write_photos(tmp_path / "photos", images=6, seed=4, size=(192, 128), formats=("mask",))
     settings, run = ProposalSettings(max_proposals=10), ProposeSettings(mask_crack_label=7)
-    manifest = propose_to_shards(tmp_path / "photos" / "mask", "mask", tmp_path / "s", settings, run, progress=False)
+    manifest = propose_to_shards(demo_photos / "mask", "mask", tmp_path / "s", settings, run, progress=False)
     (line,) = [w for w in warnings(manifest) if w.startswith("no photo has a crack box")]
     assert "mask label 7" in line and "--mask-crack-label" in line
 
@@ -525,3 +510,22 @@ def test_score_labels_overlap_no_other_label_and_no_box_outline(tmp_path):
     picture = np.asarray(draw(r, 0.5))
     for x0, y0, *_ in rects:  # the label's opaque background, over every box
         assert tuple(picture[int(y0) + 1, int(x0) + 1]) == DETECTION
+
+
+def test_a_crowded_photo_leaves_out_labels_rather_than_stack_them(tmp_path):
+    """100 overlapping boxes (detect --nms-iou 0.7 on a busy photo): no label covers another; every box stays."""
+    from train.detection.detect import PhotoDetections
+    from train.detection.pictures import score_labels
+
+    rng = np.random.default_rng(0)
+    x0, y0 = rng.uniform(0, 500, 100), rng.uniform(0, 300, 100)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(40, 300, 100), y0 + rng.uniform(40, 200, 100)], 1).clip(0, 599)
+    Image.fromarray(np.full((600, 600, 3), 170, np.uint8)).save(tmp_path / "busy.jpg")
+    r = PhotoDetections(tmp_path / "busy.jpg", "busy", (600, 600), boxes, np.linspace(0.99, 0.5, 100))
+    labels = score_labels(r, 0.5)
+    assert 0 < len(labels) < 100  # some had no free place
+    rects = [rect for _, rect, _ in labels]
+    for i, a in enumerate(rects):
+        for b in rects[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert labels[0][0] == "0.99"  # the best box keeps its label

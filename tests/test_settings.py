@@ -101,3 +101,49 @@ def test_every_command_takes_its_settings_the_same_way(command, capsys):
         cli([command, "--help"])
     text = capsys.readouterr().out
     assert "remote pack (--shards s3://... or http(s)://...):" in text and "--cache-limit" in text
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number > 0"),
+        ({"weight_decay": float("inf")}, "--weight-decay must be a finite number >= 0"),
+        ({"loss": "focal", "focal_alpha": -0.5}, r"--focal-alpha must be in \[0, 1\] .* or -1"),
+        ({"loss": "focal", "focal_alpha": float("nan")}, "--focal-alpha must be in"),
+        ({"batch_size": 10**20}, "--batch-size must be > 0 and at most 2\\*\\*40"),
+        ({"quiet": True, "log_every": 5}, r"--log-every only applies with progress lines \(without --quiet\)"),
+    ],
+)
+def test_values_no_run_could_use_are_refused_before_it_starts(given, message):
+    with pytest.raises(ConfigError, match=message):
+        run_settings(shards="x", **given)
+    assert run_settings(shards="x", loss="focal", focal_alpha=-1.0).loss == Focal(focal_alpha=-1.0)  # the original's
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", "epochs: 1\nepochs: 2\n"), (".json", '{"epochs": 1, "epochs": 2}')])
+def test_a_config_file_giving_a_key_twice_is_refused(tmp_path, suffix, text):
+    from train.settings.files import read_config_file
+
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"--config {path} is not valid .*'epochs' is given twice"):
+        read_config_file(str(path))
+
+
+def test_commands_refuse_what_they_would_ignore(tmp_path):
+    from train.settings.commands import DetectSettings, EvalSettings
+    from train.settings.data import Remote
+
+    with pytest.raises(ConfigError, match="only apply with a remote --shards"):
+        EvalSettings(checkpoint="best.pt", shards=str(tmp_path), remote=Remote(cache_limit="1G"))
+    assert EvalSettings(checkpoint="best.pt", shards="s3://b/p", remote=Remote(cache_limit="1G")).remote.cache_limit
+    with pytest.raises(ConfigError, match="--format only applies with --annotations"):
+        DetectSettings(checkpoint="best.pt", photos=("a.jpg",), format="coco")
+    with pytest.raises(ConfigError, match="is not read by crackio"):
+        EvalSettings(checkpoint="best.pt", shards="gs://bucket/pack")
+
+
+def test_a_named_test_split_the_pack_lacks_is_a_typo(demo_shards, tmp_path, capsys):
+    args = ["--shards", str(demo_shards), "--out", str(tmp_path / "r"), "--arch", "shufflenet_v2_x0_5"]
+    assert cli([*args, "--weights", "none", "--test-split", "tets"]) == 2
+    assert "--test-split 'tets' is not in" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -487,7 +487,7 @@ def make_scorer(settings: DetectSettings, model: CrackClassifier | Exported, pat
     device."""
     if isinstance(model, Exported):
         return OnnxScorer(model.session, settings.batch_size)
-    dev = resolve_device(settings.device)
+    dev = resolve_device(settings.device, "--device")
     model.to(dev).eval()  # in place: nn.Module.to moves the module itself
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -354,6 +354,9 @@ def verdict(model: float, baselines: dict[str, dict[str, float]], key: str = "ap
     if not np.isfinite(model):
         return "no AP: no ground truth among the photos"
     if not above:
+        tied = [BASELINE_NAMES[kind] for kind, figures in baselines.items() if figures[key] == model]
+        if tied:
+            return f"the model's AP@0.5 {model:.3f} is above every baseline but equals {', '.join(tied)}"
         return f"the model's AP@0.5 {model:.3f} is above every baseline"
     worse = ", ".join(f"{BASELINE_NAMES[kind]} ({ap:.3f})" for kind, ap in above.items())
     return (

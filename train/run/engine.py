@@ -243,7 +243,7 @@ def train_epoch(
             synced = step % 10 == 0 or step == steps - 1
             if synced or console.due(step):  # a host sync every 10 steps (and at a progress line), not every step
                 if synced and not bool(finite):
-                    raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step})")
+                    raise NonFiniteLoss(f"loss became NaN/inf ({desc}, step {step + 1})")  # counted as shown
                 totals.gpu += timer.collect()  # the device is idle here: all done
                 rows.flush()
                 console.show(step, base.figures(totals))

@@ -32,7 +32,7 @@ def init_distributed(timeout: float) -> None:
 
 def pick_device(device: str) -> torch.device:
     """The loaders' device rule (crackio.loading.loader.resolve_device), on this rank's GPU under torchrun."""
-    resolved = resolve_device(device)
+    resolved = resolve_device(device, "--device")
     if resolved.type != "cuda":
         return resolved
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -27,6 +27,7 @@ from train.run.model import CrackClassifier, build_model, make_optimizer
 from train.run.resume import check_resumed, resume_point
 from train.run.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
 from train.run.schedule import make_scheduler
+from train.settings.data import Data
 from train.settings.run import RunSettings
 
 # Every file a run writes (atomically): what a kill -9 mid-write may leave as <name>.XXXXXXXX.tmp.
@@ -156,6 +157,8 @@ def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
     manifest = source.manifest
     for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
         check_split(manifest, cfg.data.shards, split, option)
+    if cfg.data.test_split != Data.test_split:  # named: a typo must not pass as "the pack has no test split"
+        check_split(manifest, cfg.data.shards, cfg.data.test_split, "--test-split")
     return manifest.get("proposals"), pack_fingerprint(source.sha256, manifest)
 
 

@@ -10,11 +10,12 @@ its names from that table (`build`) and gives them back (`flat`). Light: no torc
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from crackio.cli import closest
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, is_integer
 from crackio.flags import flag
 
 
@@ -35,19 +36,27 @@ def check_choice(name: str, value: object, allowed) -> None:
 
 
 def check_positive(owner: object, *names: str) -> None:
-    """Each named field must be > 0 (NaN fails too). Raises ConfigError naming the flag."""
-    for name in names:
-        value = getattr(owner, name)
-        if not value > 0:
-            raise ConfigError(f"{flag(name)} must be > 0, got {value}")
+    """Each named field must be > 0: a finite number, an int at most 2**40 (crackio.errors.is_integer). Raises
+    ConfigError naming the flag."""
+    _check_numbers(owner, names, 1)
 
 
 def check_non_negative(owner: object, *names: str) -> None:
-    """Each named field must be a number >= 0 (NaN fails too). Raises ConfigError naming the flag."""
+    """Each named field must be >= 0: a finite number, an int at most 2**40 (crackio.errors.is_integer). Raises
+    ConfigError naming the flag."""
+    _check_numbers(owner, names, 0)
+
+
+def _check_numbers(owner: object, names: tuple[str, ...], least: int) -> None:
+    rule = "> 0" if least else ">= 0"
     for name in names:
         value = getattr(owner, name)
-        if not (isinstance(value, int | float) and value >= 0):
-            raise ConfigError(f"{flag(name)} must be >= 0, got {value}")
+        if not (isinstance(value, int | float) and (value > 0 if least else value >= 0)):  # NaN fails too
+            raise ConfigError(f"{flag(name)} must be {rule}, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} must be a finite number {rule}, got {value}")
+        if isinstance(value, int) and not is_integer(value, least):
+            raise ConfigError(f"{flag(name)} must be {rule} and at most 2**40, got {value}")
 
 
 class Owner:

@@ -10,14 +10,32 @@ from typing import ClassVar
 from crackio.cli import check_limits
 from crackio.errors import ConfigError
 from crackio.loading.options import BACKENDS, DEVICES
+from crackio.storage.remote import check_location, is_remote
 from crackio.writing.annotations import FORMATS
 from crackio.writing.regions import MODES
 from train.settings.base import Owner
 from train.settings.data import Remote
 
 
+class Command(Owner):
+    """A command on a trained run: its `shards` ("" = the run's own pack) and `remote` settings, which apply only
+    when that pack is remote."""
+
+    shards: str
+    remote: Remote
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_location(self.shards, "--shards")
+        if self.shards and not is_remote(self.shards) and self.remote != Remote():
+            raise ConfigError(
+                f"--cache-dir, --cache-limit and --remote-timeout only apply with a remote --shards (s3://, "
+                f"http(s)://); {self.shards} is a folder, so this command would ignore them: drop them"
+            )
+
+
 @dataclass(frozen=True)
-class EvalSettings(Owner):
+class EvalSettings(Command):
     group: ClassVar[str] = "evaluation"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
 
@@ -44,7 +62,7 @@ class EvalSettings(Owner):
 
 
 @dataclass(frozen=True)
-class SvmSettings(Owner):
+class SvmSettings(Command):
     group: ClassVar[str] = "SVM stage"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
 
@@ -72,7 +90,7 @@ class SvmSettings(Owner):
             {
                 "--rounds": (self.rounds >= 0, ">= 0", self.rounds),
                 "--negatives": (self.negatives >= 1, ">= 1", self.negatives),
-                "--C": (self.C > 0, "> 0", self.C),
+                "--C": (self.C > 0 and math.isfinite(self.C), "a finite number > 0", self.C),
                 "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
                 "--seed": (self.seed >= 0, ">= 0", self.seed),
                 "--target-recall": (0 <= self.target_recall <= 1, "in [0, 1]", self.target_recall),
@@ -81,7 +99,7 @@ class SvmSettings(Owner):
 
 
 @dataclass(frozen=True)
-class DetectSettings(Owner):
+class DetectSettings(Command):
     """`photos` is the positional list; the proposal options (mode, max_proposals, context) are None unless given:
     a run trained on tools/propose.py shards uses the settings its pack recorded."""
 
@@ -93,7 +111,7 @@ class DetectSettings(Owner):
     photos: tuple[str, ...] = ()  # photo files or folders (searched recursively); or --split
     split: str = ""  # instead of photos: the photos tools/propose.py put in this split of --shards (e.g. test)
     shards: str = ""  # the pack --split reads; "" = the run's own
-    strict: bool = False  # refuse photos the run trained or validated on (default: a warning)
+    strict: bool = False  # refuse photos the run trained or validated on (else: a warning)
     annotations: str = ""  # ground truth (a dataset folder or COCO file) for AP
     format: str = ""  # format of --annotations
     classes: str = ""  # positive class names in the annotations, comma-separated; "" = all
@@ -104,14 +122,16 @@ class DetectSettings(Owner):
     batch_size: int = 64  # crops per forward pass
     device: str = "auto"  # where the model runs (auto: CUDA if present)
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
-    mode: str | None = None  # runs on packed crop folders: selective search mode; none = fast, R-CNN's
-    max_proposals: int | None = None  # runs on packed crop folders: proposals per photo; none = 2000, R-CNN's
-    context: int | None = None  # runs on packed crop folders: context pixels at 224; none = 16, R-CNN's
+    mode: str | None = None  # runs on packed crop folders: selective search mode (default: fast, R-CNN's)
+    max_proposals: int | None = None  # runs on packed crop folders: proposals per photo (default: 2000, R-CNN's)
+    context: int | None = None  # runs on packed crop folders: context pixels at 224 (default: 16, R-CNN's)
     remote: Remote = field(default_factory=Remote)
 
     def check(self) -> None:
         if bool(self.checkpoint) == bool(self.onnx):
             raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
+        if self.format and not (self.annotations or self.split):
+            raise ConfigError("--format only applies with --annotations (the format of the ground truth): give both")
         threshold = self.score_threshold
         check_limits(
             {
@@ -133,7 +153,7 @@ class DetectSettings(Owner):
 
 
 @dataclass(frozen=True)
-class ExportSettings(Owner):
+class ExportSettings(Command):
     group: ClassVar[str] = "export"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
 

@@ -34,11 +34,9 @@ def read_config_file(path: str) -> dict:
         elif suffix == ".json":
             import json
 
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)  # safe_load: plain data only, nothing constructed
+            data = _yaml(text)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {file} cannot be read ({e})") from e
     except Exception as e:  # noqa: BLE001 - tomllib, json and yaml each raise their own parse error
@@ -56,3 +54,29 @@ def read_config_file(path: str) -> dict:
             f"--config {file} sets resume: a resumed run keeps its own settings; use --resume RUN without --config"
         )
     return {k: v for k, v in data.items() if k != "resume"}
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    """A table from JSON's key-value pairs, refusing a key given twice (json keeps the last one silently; TOML
+    refuses it itself)."""
+    table: dict = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"{key!r} is given twice")
+        table[key] = value
+    return table
+
+
+def _yaml(text: str):
+    """YAML as plain data (yaml.SafeLoader: nothing constructed), a key given twice in a table refused."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"{twice[0]!r} is given twice", node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass

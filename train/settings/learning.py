@@ -106,11 +106,16 @@ class Focal(Kind):
     kind: ClassVar[str] = "focal"
     group: ClassVar[str] = "loss"
 
-    focal_alpha: float = 0.25  # focal: alpha; negative = no class weighting (the original's best run)
+    focal_alpha: float = 0.25  # focal: alpha, the crack class's weight in [0, 1]; -1 = none (the original's best run)
     focal_gamma: float = 2.0  # focal: gamma
 
     def check(self) -> None:
         check_non_negative(self, "focal_gamma")
+        if not (0 <= self.focal_alpha <= 1 or self.focal_alpha == -1):  # torchvision's rule; NaN fails
+            raise ConfigError(
+                f"--focal-alpha must be in [0, 1] (the crack class's weight) or -1 (no class weighting, the "
+                f"original's best run), got {self.focal_alpha}"
+            )
 
 
 LOSS = Choice(

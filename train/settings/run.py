@@ -69,6 +69,7 @@ class Logging(Owner):
 
     def check(self) -> None:
         check_positive(self, "log_every")
+        check_non_negative(self, "target_recall")
         if self.log_every > MOST_STEPS:
             raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.log_every}")
         if not 0 <= self.target_recall <= 1:
@@ -78,6 +79,11 @@ class Logging(Owner):
     @property
     def logs(self) -> tuple[str, ...]:
         return parse_logs(self.log)
+
+    @classmethod
+    def unmet(cls, values, name: str) -> str | None:
+        """--log-every paces the progress lines, which --quiet turns off."""
+        return "progress lines (without --quiet)" if name == "log_every" and values.get("quiet") else None
 
 
 @dataclass(frozen=True)
