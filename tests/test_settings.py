@@ -112,6 +112,8 @@ def test_every_command_takes_its_settings_the_same_way(command, capsys):
         ({"loss": "focal", "focal_alpha": float("nan")}, "--focal-alpha must be in"),
         ({"batch_size": 10**20}, "--batch-size must be > 0 and at most 2\\*\\*40"),
         ({"quiet": True, "log_every": 5}, r"--log-every only applies with progress lines \(without --quiet\)"),
+        ({"sampler": "weighted", "class_weights": "0:-1,1:2"}, "^--class-weights must give finite, non-negative"),
+        ({"sampler": "iou-strata", "bin_width": 2.0}, r"^--bin-width must be a number in \(0, 1\]"),
     ],
 )
 def test_values_no_run_could_use_are_refused_before_it_starts(given, message):

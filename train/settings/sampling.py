@@ -3,10 +3,12 @@ options; the samplers themselves (crackio.loading.samplers, one class each) own 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from crackio.errors import ConfigError
+from crackio.flags import flag
 from crackio.loading.samplers import (
     CLASS_WEIGHTS,
     SAMPLERS,
@@ -52,6 +54,13 @@ class Sampling(Owner):
         check_positive(self, "per_bin", "bin_width")
         check_non_negative(self, "num_samples", "negatives", "val_negatives")
         self.parsed_class_weights()
+        try:  # the samplers check their own values; said here in the command line's words
+            self.make(train=True), self.make(train=False)
+        except ConfigError as e:
+            text = re.sub(r"\bsampler option (\w+)", r"\1", str(e))
+            for name in self.names():
+                text = re.sub(rf"(?<![\w-]){name}(?![\w(])", flag(name), text) if "_" in name else text
+            raise ConfigError(text) from None
 
     def parsed_class_weights(self) -> dict[int, float]:
         try:
