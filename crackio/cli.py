@@ -120,9 +120,11 @@ def closest(word: str, choices) -> str:
 
 
 def typed(value: object) -> str:
-    """A default as a user would read it on the command line: none (also for an empty string: not given),
-    true/false."""
-    if value is None or value == "":
+    """A default as a user would read it on the command line: none (None), not given (an empty string: the help
+    says what that means), true/false."""
+    if value == "":
+        return "not given"
+    if value is None:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()

@@ -6,6 +6,7 @@ shape error is a bug to report, not a user mistake.
 """
 
 import numbers
+from collections.abc import Callable, Iterable
 
 
 class CrackioError(Exception):
@@ -65,3 +66,44 @@ def given(name: str, value: object) -> str:
     """A setting as a message names it: `--device cuda` for a command line's flag, `device='cuda'` for an
     argument."""
     return f"{name} {value}" if name.startswith("-") else f"{name}={value!r}"
+
+
+Broken = tuple[str, object, str]  # a settings field, its value, the rule it breaks (">= 1": "must be" goes before)
+
+
+def below(field: str, value: object, least: int) -> Broken | None:
+    """The rule an integer field `>= least` breaks (the one integer rule, `is_integer`), or None."""
+    if is_integer(value, least):
+        return None
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return field, value, f">= {least}" if whole else f"an integer >= {least}"
+
+
+class OutOfRange(ConfigError):
+    """Settings fields outside their ranges, only the failing ones: named as the settings object's arguments
+    (`PackSettings(workers=-1): workers must be >= 0`), or as a command line's flags by `named(flag)`
+    (`--workers must be >= 0, got -1`), so a tool that built the settings from its flags speaks in them."""
+
+    def __init__(self, owner: str, failing: list[Broken]):
+        self.owner, self.failing = owner, failing
+        super().__init__(self.named())
+
+    def __reduce__(self):  # crosses from a worker process to its parent intact
+        return type(self), (self.owner, self.failing)
+
+    @classmethod
+    def check(cls, owner: str, rules: Iterable[Broken | None]) -> None:
+        """Raise for the broken ones of `rules` (None: kept), if any."""
+        failing = [r for r in rules if r is not None]
+        if failing:
+            raise cls(owner, failing)
+
+    def named(self, name: Callable[[str], str] | None = None) -> str:
+        """The message with each field as `name` writes it (None: the settings object's argument)."""
+        rules = " and ".join(
+            f"{name(field) if name else field} {'' if k else 'must be '}{rule}"
+            for k, (field, _, rule) in enumerate(self.failing)
+        )
+        if name is None:
+            return f"{self.owner}({', '.join(f'{f}={v!r}' for f, v, _ in self.failing)}): {rules}"
+        return f"{rules}, got {' and '.join(str(v) for _, v, _ in self.failing)}"

@@ -104,7 +104,7 @@ def add_flags(
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             kind, accepts_none = kinds[f.name]
             text = helps.get(f.name, "")
-            if default != "" and "(default" not in text:  # "" (not given): the comment says what it means
+            if "(default" not in text:
                 text = f"{text} (default: {typed(default)})".strip()
             value = argparse.SUPPRESS if given_only else default
             name = flag(f.name)

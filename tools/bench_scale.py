@@ -187,7 +187,7 @@ def cold_row(args) -> dict:
 
         loader = make_loader(
             args.shards, args.split, batch_size=args.batch_size, train=True, backend="torch", device="cpu",
-            output="uint8", order=name, block_size=args.block_size,
+            output="uint8", order=name, **({"block_size": args.block_size} if name == "block" else {}),
         )  # fmt: skip
         it = endless(loader)  # a small split: epoch after epoch
     else:
@@ -232,7 +232,7 @@ def io_row(args) -> dict:
         return {"name": name, "images_per_sec": done * per_byte / (time.perf_counter() - start)}
     loader = make_loader(
         args.shards, args.split, batch_size=args.batch_size, train=True, backend="torch", device="cpu",
-        order=name[3:], block_size=args.block_size,
+        order=name[3:], **({"block_size": args.block_size} if name[3:] == "block" else {}),
     )  # fmt: skip
     batches = loader.batches(0)
     if isinstance(loader.reader, BlockReader):

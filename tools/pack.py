@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
-from crackio.errors import ConfigError  # noqa: E402
-from crackio.flags import add_flags  # noqa: E402
+from crackio.errors import OutOfRange  # noqa: E402
+from crackio.flags import add_flags, flag  # noqa: E402
 from crackio.format.layout import join  # noqa: E402
 from crackio.storage.packs import open_pack, verify_pack  # noqa: E402
 from crackio.storage.remote import location  # noqa: E402
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give a proposal folder SRC, or --verify OUT")
     try:
         settings = PackSettings(**{name: getattr(args, name) for name in fields})
-    except ConfigError as e:  # its own checks, e.g. --samples-per-shard 0
-        ap.error(str(e))
+    except OutOfRange as e:  # its own checks, said in this command's flags: --samples-per-shard must be >= 1, got 0
+        ap.error(e.named(flag))
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     return run_command(

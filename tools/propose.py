@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
-from crackio.flags import add_flags  # noqa: E402
+from crackio.errors import OutOfRange  # noqa: E402
+from crackio.flags import add_flags, flag  # noqa: E402
 from crackio.storage.remote import location  # noqa: E402
 from crackio.storage.upload import write_pack  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
@@ -86,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--classes", default="", help="positive class names, comma-separated (default: every class)")
     args = ap.parse_args(argv)
     given = vars(args)
-    proposal = ProposalSettings(**{name: given[name] for name in proposal_fields}, search_max_side=args.search_max_side)
-    run = ProposeSettings(
-        **{name: given[name] for name in run_fields},
-        split_ratios=args.split_ratios,
-        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-    )
+    try:
+        proposal = ProposalSettings(
+            **{name: given[name] for name in proposal_fields}, search_max_side=args.search_max_side
+        )
+        run = ProposeSettings(
+            **{name: given[name] for name in run_fields},
+            split_ratios=args.split_ratios,
+            classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        )
+    except OutOfRange as e:  # the settings' own checks, said in this command's flags: --max-proposals must be >= 1
+        ap.error(e.named(flag))
     return run_command(
         lambda: report(
             write_pack(

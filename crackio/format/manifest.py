@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TypedDict
 
-from crackio.errors import is_integer
+from crackio.errors import given, is_integer
 from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, SPLITS, ShardError, join, shard_pattern
 from crackio.fsio import atomic_write, is_path_component, read_regular
 
@@ -126,22 +126,59 @@ def manifest_sha256(root: str | os.PathLike) -> str:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def _a_crop_in(root: Path, limit: int = 2000) -> Path | None:
-    """An image file directly in `root` or in one of its subfolders (a proposal folder's splits), looking at no more
-    than `limit` entries per folder (a proposal folder may hold millions)."""
-    folders = [root]
-    with os.scandir(root) as entries:
-        for entry in itertools.islice(entries, limit):
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-                return Path(entry.path)
-            if entry.is_dir() and len(folders) < 16:
-                folders.append(Path(entry.path))
-    for folder in folders[1:]:
-        with os.scandir(folder) as entries:
-            for entry in itertools.islice(entries, limit):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-                    return Path(entry.path)
-    return None
+RUN_FILES = ("best.pt", "last.pt", "step.pt", "curves.png")  # with config.json: a training run's folder
+# Names that show a folder of annotated photos (tools/propose.py's input): (format, rank), a file's outranking a
+# folder's; an "annotations" folder is VOC's unless COCO's instances_*.json in it says otherwise.
+FORMAT_FOLDERS = {"labels": "yolo", "annotations": "voc", "masks": "mask", "mask": "mask", "groundtruth": "mask"}
+
+
+def _entries(root: Path, limit: int = 2000) -> list[tuple[Path, bool]]:
+    """(path, is a folder) of what `root` holds and then its first 15 subfolders (a split's) hold, by name, at
+    most `limit` entries per folder (a proposal folder may hold millions)."""
+
+    def listing(folder: Path) -> list[tuple[Path, bool]]:
+        try:
+            with os.scandir(folder) as entries:
+                return sorted((Path(e.path), e.is_dir()) for e in itertools.islice(entries, limit))
+        except OSError:
+            return []
+
+    top = listing(root)
+    return top + [e for folder in [p for p, is_dir in top if is_dir][:15] for e in listing(folder)]
+
+
+def _annotation_format(entries: list[tuple[Path, bool]]) -> tuple[str, Path] | None:
+    """The annotation format a folder's names show, and the file or folder that shows it; None: none does."""
+    signs = []
+    for path, is_dir in entries:
+        name = path.name.lower()
+        if is_dir and name in FORMAT_FOLDERS:
+            signs.append((2, FORMAT_FOLDERS[name], path))
+        elif not is_dir and (name.endswith(".coco.json") or (name.startswith("instances") and name.endswith(".json"))):
+            signs.append((0, "coco", path))
+        elif not is_dir and name in ("data.yaml", "dataset.yaml"):
+            signs.append((0, "yolo", path))
+        elif not is_dir and name.endswith((".xml", "_mask.png")):
+            signs.append((1, "voc" if name.endswith(".xml") else "mask", path))
+    return min(signs, key=lambda s: (s[0], len(s[2].parts)))[1:] if signs else None
+
+
+def _run_folder(root: Path, entries: list[tuple[Path, bool]]) -> str | None:
+    """Why `root` is a training run's folder (config.json and a checkpoint or curves.png), with the pack it
+    trained on from its config.json when readable; None when it is not one."""
+    names = {p.name for p, is_dir in entries if not is_dir and p.parent == root}
+    if "config.json" not in names or not names & set(RUN_FILES):
+        return None
+    try:
+        shards = json.loads(read_regular(root / "config.json", 1 << 20)).get("shards")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        shards = None
+    held = ", ".join(["config.json", *(n for n in RUN_FILES if n in names)])
+    where = f': "shards": {shards!r}' if isinstance(shards, str) and shards else ' as "shards"'
+    return (
+        f"{root} is a training run's folder (it holds {held}), not a pack: the pack it trained on is named in its "
+        f"config.json{where}"
+    )
 
 
 def splits_named(data: bytes) -> set[str] | None:
@@ -154,11 +191,91 @@ def splits_named(data: bytes) -> set[str] | None:
     return {s for s in splits if isinstance(s, str)} if isinstance(splits, dict) else None
 
 
-def split_folder_error(folder: str, pack: str, split: str) -> ShardError:
-    """The refusal of a split's folder given where a pack is wanted: name the pack's folder instead."""
+def split_folder_error(folder: str, pack: str, split: str, verifying: bool = False) -> ShardError:
+    """The refusal of a split's folder given where a pack is wanted: name the pack's folder instead (`verifying`:
+    the caller checks whole packs, so no split is chosen)."""
+    fix = "verify the pack's folder {} (every split is checked)" if verifying else "give the pack's folder {}"
     return ShardError(
-        f"{folder} is the folder of split {split!r} inside the pack {pack}, not a pack: give the pack's folder "
-        f"{pack} and choose the split {split!r} by name"
+        f"{folder} is the folder of split {split!r} inside the pack {pack}, not a pack: {fix.format(pack)}"
+        + ("" if verifying else f" and choose the split {split!r} by name")
+    )
+
+
+def pack_file_text(path: str, pack: str) -> str:
+    """The refusal of a file of a pack (its manifest, a split's index or tar) where the pack is wanted: the same
+    words for a folder and a URL."""
+    what = "the manifest" if path.rstrip("/").rpartition("/")[2] == MANIFEST else "a file"
+    return f"{path} names {what} of the pack {pack}, not the pack: give the pack's folder, {pack}"
+
+
+def _up(path: Path, levels: int) -> Path:
+    """`path`'s folder `levels` up, as written where it can be (`pack/train/index.npy` -> `pack`), else resolved."""
+    return path.parents[levels - 1] if len(path.parts) > levels else path.resolve().parents[levels - 1]
+
+
+def _pack_holding(path: Path) -> Path | None:
+    """The pack `path` is a file of: the folder of a `manifest.json`, or the nearest of the parent and grandparent
+    of another file holding a manifest.json (a split's index, tars, ...); None otherwise."""
+    if path.name == MANIFEST and _up(path, 1).is_dir():
+        return _up(path, 1)
+    if not path.exists() or path.is_dir():
+        return None
+    return next((_up(path, k) for k in (1, 2) if (_up(path, k) / MANIFEST).is_file()), None)
+
+
+def _then(out: Path, option: str, verifying: bool) -> str:
+    """What to do with the pack a message tells to make: verify it, or give it as `option` (a command's flag,
+    "--shards", or an argument, "shards"; "": no name)."""
+    if verifying:
+        return f"then verify {out}"
+    return f"then give {given(option, str(out))}" if option else f"then give {out} in its place"
+
+
+def not_a_pack(root: Path, option: str = "", verifying: bool = False) -> ShardError:
+    """Why `root`, which holds no manifest.json, is no pack, and what to give instead: a file of a pack, a split's
+    folder, a training run's folder, annotated photos, proposal crops, or a pack not finished. Looked up by names
+    only (reading no file but a run's config.json), on at most a few thousand entries.
+
+    `option` and `verifying` as `read_manifest`'s.
+    """
+    if not root.is_dir():
+        pack = _pack_holding(root)
+        if pack is not None:
+            return ShardError(pack_file_text(str(root), str(pack)))
+        if root.exists():
+            return ShardError(
+                f"{root} is a file, not a pack: give the pack's folder (the one holding {MANIFEST}, which "
+                "tools/pack.py and tools/propose.py write)"
+            )
+        return ShardError(
+            f"shards folder {root} does not exist: pack a proposal folder first with "
+            f"`python tools/pack.py SRC --out {root}`"
+        )
+    pack = _pack_around(root)
+    if pack is not None:
+        return split_folder_error(str(root), str(pack), root.resolve().name, verifying)
+    entries = _entries(root)
+    run = _run_folder(root, entries)
+    if run is not None:
+        return ShardError(run)
+    out = root.resolve().parent / f"{root.resolve().name}-shards"
+    annotated = _annotation_format(entries)
+    if annotated is not None:
+        fmt, sign = annotated
+        return ShardError(
+            f"{root} looks like annotated photos ({sign.relative_to(root)}: --format {fmt}), not a pack: make a "
+            f"pack of their proposals with `python tools/propose.py {root} --format {fmt} --out {out}`, "
+            + _then(out, option, verifying)
+        )
+    crop = next((p for p, is_dir in entries if not is_dir and p.name.lower().endswith(IMAGE_SUFFIXES)), None)
+    if crop is not None:  # the likeliest first mistake: the proposal folder itself
+        return ShardError(
+            f"{root} holds proposal crops (e.g. {crop.relative_to(root)}), not shards: pack them first with "
+            f"`python tools/pack.py {root} --out {out}`, " + _then(out, option, verifying)
+        )
+    return ShardError(
+        f"{root / MANIFEST} is missing, so {root} holds no complete pack (an interrupted run?): "
+        + REPACK.format(root=root)
     )
 
 
@@ -193,34 +310,24 @@ def check_split(manifest: dict, root: str | os.PathLike, split: str, option: str
         )
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
+def read_manifest(root: str | os.PathLike, option: str = "", verifying: bool = False) -> dict:
     """The manifest of a complete pack, every field a loader uses type-checked.
 
+    Args:
+        root: the pack's folder.
+        option: how the caller names `root` (an argument, "shards", or a command's flag, "--shards"), for a
+            message that tells what to give instead ("": no name).
+        verifying: the caller checks the whole pack (crackio.verify): messages say to verify, not to read.
+
     Raises:
-        ShardError: no complete pack, an unreadable or malformed manifest, another format version, a split or
-            shard name that is not a plain name of the writer's pattern (so no path can point outside `root`).
+        ShardError: no complete pack (saying what `root` is instead: `not_a_pack`), an unreadable or malformed
+            manifest, another format version, a split or shard name that is not a plain name of the writer's
+            pattern (so no path can point outside `root`).
     """
     root = Path(root)
     path = root / MANIFEST
-    if not root.is_dir():
-        raise ShardError(
-            f"shards folder {root} does not exist: pack a proposal folder first with "
-            f"`python tools/pack.py SRC --out {root}`"
-        )
     if not path.is_file():
-        pack = _pack_around(root)
-        if pack is not None:
-            raise split_folder_error(str(root), str(pack), root.resolve().name)
-        crop = _a_crop_in(root)
-        if crop is not None:  # the likeliest first mistake: the proposal folder itself
-            out = root.resolve().parent / f"{root.resolve().name}-shards"
-            raise ShardError(
-                f"{root} holds proposal crops (e.g. {crop.relative_to(root)}), not shards: pack them first with "
-                f"`python tools/pack.py {root} --out {out}`, then give --shards {out}"
-            )
-        raise ShardError(
-            f"{path} is missing, so {root} holds no complete pack (an interrupted run?): " + REPACK.format(root=root)
-        )
+        raise not_a_pack(root, option, verifying)
     try:
         data = read_regular(path, MAX_MANIFEST_BYTES)
     except (OSError, ValueError) as e:

@@ -28,7 +28,7 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
         ShardError: the manifest or an index is malformed (nothing sample-level can be checked then).
     """
     root = Path(root)
-    for split, info in read_manifest(root)["splits"].items():
+    for split, info in read_manifest(root, verifying=True)["splits"].items():
         if info["samples"] == 0:
             continue
         index = load_index(root, split)

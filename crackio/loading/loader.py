@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
+import numbers
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
@@ -19,8 +20,16 @@ from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
 from crackio.loading.readers import AheadReader, BlockReader, ByteReader
-from crackio.loading.samplers import Shuffle, Weighted, epoch_draws, every_option, labels_for, make_sampler
-from crackio.storage.packs import LocalShards, Pack, RemoteShards, open_pack
+from crackio.loading.samplers import (
+    Shuffle,
+    Weighted,
+    epoch_draws,
+    every_option,
+    labels_for,
+    make_sampler,
+    own_options,
+)
+from crackio.storage.packs import LocalShards, Pack, RemoteShards, check_remote, open_pack
 from crackio.storage.remote import check_location
 from crackio.storage.settings import RemoteSettings
 
@@ -95,7 +104,7 @@ def _sampler(sampler: str | Shuffle | Weighted, options: dict) -> Shuffle | Weig
     takes = every_option()
     for key, value in options.items():
         if key not in takes:
-            arguments = [p for p in inspect.signature(Loader).parameters if p != "options"]
+            arguments = [p for p in inspect.signature(Loader.__init__).parameters if p not in ("self", "options")]
             raise unknown_keyword(key, value, arguments, takes)
     if isinstance(sampler, str):
         return make_sampler(sampler, **options)
@@ -109,6 +118,7 @@ def _sampler(sampler: str | Shuffle | Weighted, options: dict) -> Shuffle | Weig
 
 def _source(shards: str | os.PathLike | Pack, remote: RemoteSettings | None) -> Pack:
     """The pack to read: `shards` itself when already opened, else opened with `remote`."""
+    check_remote(remote)  # the same refusal for a folder, a URL and a Pack
     if isinstance(shards, Pack):
         if remote is not None:
             raise ConfigError(
@@ -117,7 +127,52 @@ def _source(shards: str | os.PathLike | Pack, remote: RemoteSettings | None) -> 
             )
         return shards
     check_location(shards, "shards")
-    return open_pack(shards, remote)
+    return open_pack(shards, remote, "shards")
+
+
+def _argument_types(shards: object, train: object, iou_threshold: object, remote: object) -> None:
+    """Refuse arguments of the wrong type before anything is read, each naming the argument and what to give."""
+    if not isinstance(shards, str | os.PathLike | Pack):
+        raise ConfigError(
+            f"shards must be a pack's folder (a str or path), its URL (s3://..., http(s)://...) or a Pack opened by "
+            f"crackio.open_pack, got {shards!r}"
+        )
+    if not isinstance(train, bool | np.bool_):
+        raise ConfigError(
+            f"train must be True (training: augmented, in the sampler's order) or False (evaluation: each selected "
+            f"sample once, in index order), got {train!r}"
+        )
+    number = isinstance(iou_threshold, numbers.Real) and not isinstance(iou_threshold, bool | np.bool_)
+    if iou_threshold is not None and not (number and 0 <= iou_threshold < 1):  # type: ignore[operator]
+        raise ConfigError(
+            f"iou_threshold must be None (the labels in the file names) or a number in [0, 1) (label = IoU > it), "
+            f"got {iou_threshold!r}"
+        )
+    check_remote(remote)
+
+
+def _unused_options(order: str, blocks: BlockOrder, sampler: Shuffle | Weighted, train: bool) -> None:
+    """Refuse options this loader would ignore, saying when they apply. Block options are refused only when they
+    differ from the defaults, which callers may pass whatever the order (one set of keywords for every order)."""
+    default = BlockOrder()
+    given_blocks = [
+        f"{n}={getattr(blocks, n)}" for n in ("block_size", "window") if getattr(blocks, n) != getattr(default, n)
+    ]
+    if order != "block" and given_blocks:
+        verb = "applies" if len(given_blocks) == 1 else "apply"
+        raise ConfigError(
+            f"{' and '.join(given_blocks)} {verb} with order='block' only (runs of consecutive rows, read a block at "
+            f"a time); order={order!r} reads each sample on its own: give order='block', or leave "
+            f"{'it' if len(given_blocks) == 1 else 'them'} out"
+        )
+    if isinstance(sampler, Weighted) and not train:
+        weighting = ", ".join(o for o in own_options(sampler.name) if o != "selection")
+        raise ConfigError(
+            f"sampler {sampler.name!r} ({weighting}) weights training draws: evaluation (train=False) reads the "
+            f"selection once in index order, so the weighting would be ignored; what applies there is the selection: "
+            f"give sampler={sampler.selection!r} (or 'hard-negatives' / 'iou-strata' with its options), or train=True "
+            f"for weighted draws"
+        )
 
 
 def _reader(index: SplitIndex, files: LocalShards | RemoteShards, sequential: bool, block_size: int) -> ByteReader:
@@ -146,7 +201,9 @@ class Loader:
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
         sampler: shuffle | hard-negatives | iou-strata | weighted | balanced with its options as keywords, or a
             sampler itself (crackio.loading.samplers: Shuffle(), HardNegatives(negatives=800),
-            Weighted(class_weights={0: 1, 1: 2}, selection=HardNegatives(800)), ...) without keywords.
+            Weighted(class_weights={0: 1, 1: 2}, selection=HardNegatives(800)), ...) without keywords. A weighting
+            (weighted, balanced) draws training epochs: evaluation takes a selection (shuffle, hard-negatives,
+            iou-strata) and reads it once in index order.
         iou_threshold: None (default): the label in each file name; a number t: label = IoU > t,
             recomputed from the stored IoU (the original's 0.35 experiment needs no repack).
         seed: seeds selection, order and augmentation: global batches = f(pack, seed, epoch, global batch size).
@@ -163,7 +220,7 @@ class Loader:
             for shards on a network file system, a spinning disk or a split larger than memory. The same
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
-            (default 8).
+            (default 8); with order="block" only (other values are refused with another order).
         remote: a remote pack's cache folder, cache limit and timeout (crackio.RemoteSettings; None:
             RemoteSettings.from_env(), i.e. $CRACKIO_CACHE_DIR, $CRACKIO_CACHE_LIMIT, $CRACKIO_REMOTE_TIMEOUT).
             Loaders with different settings keep different caches.
@@ -172,9 +229,27 @@ class Loader:
 
     Raises:
         ShardError: missing, incomplete or inconsistent shards (the message names the file and the fix).
-        ConfigError: a setting that cannot work (unknown argument, sampler or option, nothing to draw, no
-            CUDA, ...), naming the argument and the closest valid one.
+        ConfigError: a setting that cannot work or would be ignored (an argument of the wrong type, an unknown
+            argument, sampler or option, nothing to draw, no CUDA, ...), naming the argument and the closest
+            valid one or when it applies.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # Python refuses a missing argument before __init__ runs; a torch habit or mistyped keyword given with it
+        # (make_loader(shards, "train", shuffle=True)) is said first, with what to write instead, then what is missing.
+        signature = inspect.signature(cls.__init__)
+        try:
+            bound = signature.bind_partial(None, *args, **kwargs).arguments
+        except TypeError:  # too many positional arguments: Python's own message
+            return super().__new__(cls)
+        parameters = [p for p in signature.parameters if p not in ("self", "options")]
+        missing = [p for p in parameters if signature.parameters[p].default is inspect.Parameter.empty]
+        missing = [p for p in missing if p not in bound]
+        unknown = [k for k in kwargs if k not in parameters and k not in every_option()]
+        if missing and unknown:
+            hint = unknown_keyword(unknown[0], kwargs[unknown[0]], parameters, every_option())
+            raise ConfigError(f"{hint}; and give the required {' and '.join(f'{p}=' for p in missing)}")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -209,12 +284,15 @@ class Loader:
         )
         if workers is not None:
             workers = integer("workers", workers, 0)
+        _argument_types(shards, train, iou_threshold, remote)
+        train = bool(train)
         self.output = choice("output", output, OUTPUTS)
         self.backend_name = _backend_name(backend)
         self.order = choice("order", order, ORDERS)
         blocks = BlockOrder(block_size, window)  # checked whichever the order
         self.traversal: Order = blocks if order == "block" else RandomOrder()
         self.sampler = _sampler(sampler, options)  # before any read: a mistyped argument is said at once
+        _unused_options(order, blocks, self.sampler, train)
         self.source = _source(shards, remote)
         self.index = self.source.index(split)
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
@@ -426,5 +504,7 @@ class Loader:
             self.reader.close()
 
 
-# The public entry point is the class itself: one signature, checked by mypy at every call.
+# The public entry point is the class itself: one signature, checked by mypy at every call (and shown by help()
+# and inspect, which would otherwise show __new__'s *args, **kwargs).
+Loader.__signature__ = inspect.Signature(list(inspect.signature(Loader.__init__).parameters.values())[1:])  # type: ignore[attr-defined]
 make_loader = Loader

@@ -35,8 +35,15 @@ import numpy as np
 
 from crackio.errors import ConfigError, CrackioError
 from crackio.format.index import SplitIndex, check_index, load_index, open_index, split_entry_of
-from crackio.format.layout import INDEX, MANIFEST, SPLITS, ShardError, join
-from crackio.format.manifest import manifest_sha256, parse_manifest, read_manifest, split_folder_error, splits_named
+from crackio.format.layout import CONVERTED, INDEX, MANIFEST, SPLITS, ShardError, join
+from crackio.format.manifest import (
+    manifest_sha256,
+    pack_file_text,
+    parse_manifest,
+    read_manifest,
+    split_folder_error,
+    splits_named,
+)
 from crackio.format.verify import verify, verify_idx, verify_tar
 from crackio.storage.cache import Cache, default_cache_dir
 from crackio.storage.remote import Missing, Remote, RemoteError, check_location, is_remote
@@ -260,28 +267,50 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None) -> Pack:
+def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None, option: str = "") -> Pack:
     """The pack at `location`, its manifest validated.
 
     Args:
         location: a folder (str or path), or an s3:// or http(s):// URL.
-        remote: a remote pack's cache and timeout (None: `RemoteSettings.from_env()`); unused for a folder. A
-            remote pack is opened once per process and settings (its manifest fetched once): two settings, two
-            `Pack`s, each with its own cache.
+        remote: a remote pack's cache and timeout (None: `RemoteSettings.from_env()`); unused for a folder, but
+            checked for either. A remote pack is opened once per process and settings (its manifest fetched
+            once): two settings, two `Pack`s, each with its own cache.
+        option: how the caller names `location` in messages (an argument, "shards", or a command's flag,
+            "--shards"; "": "location", and no name where a message says what to give instead).
 
     Raises:
-        ConfigError: a URL of a scheme crackio does not read, or one that cannot work.
-        ShardError: no complete pack there (a split's folder: naming the pack's), a malformed manifest.
+        ConfigError: a location that is no folder or URL, a URL of a scheme crackio does not read or one that
+            cannot work, `remote` not a RemoteSettings.
+        ShardError: no complete pack there (saying what is there instead: a split's folder names its pack, a
+            file of a pack its folder, ...), a malformed manifest.
         RemoteError: naming the URL and the fix.
     """
+    return _open(location, remote, option, verifying=False)
+
+
+def check_remote(remote: object) -> None:
+    """Refuse a `remote` argument that is not a RemoteSettings or None, whether the pack is local or remote."""
+    if remote is not None and not isinstance(remote, RemoteSettings):
+        raise ConfigError(
+            f"remote must be crackio.RemoteSettings(...) or None (the environment's: $CRACKIO_CACHE_DIR, ...), "
+            f"got {remote!r}"
+        )
+
+
+def _open(location: str | os.PathLike, remote: RemoteSettings | None, option: str, verifying: bool) -> Pack:
+    """`open_pack`'s; `verifying`: the caller checks the whole pack (messages say to verify, not to read)."""
+    check_remote(remote)
+    if not isinstance(location, str | os.PathLike):
+        raise ConfigError(
+            f"{option or 'location'} must be a pack's folder (a str or path) or its URL (s3://..., http(s)://...), "
+            f"got {location!r}"
+        )
     if not is_remote(location):
-        check_location(location, "location")
+        check_location(location, option or "location")
         root = Path(location)
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, option, verifying)
         return Pack(str(location), manifest, manifest_sha256(root), root=root)
     remote = remote if remote is not None else RemoteSettings.from_env()
-    if not isinstance(remote, RemoteSettings):
-        raise ConfigError(f"remote must be a crackio.RemoteSettings or None (the environment's), got {remote!r}")
     server = Remote(str(location), remote.timeout)  # the URL checked before any request
     url = server.url
     with _opened_lock:
@@ -290,7 +319,7 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
     try:  # the first contact waits at most 15 s: a wrong URL or a server not started is said soon
         data, _ = Remote(url, min(remote.timeout, 15.0)).get(MANIFEST)
     except Missing:
-        raise _no_pack_at(server, min(remote.timeout, 15.0)) from None
+        raise _no_pack_at(server, min(remote.timeout, 15.0), verifying) from None
     manifest = parse_manifest(data, join(url, MANIFEST), url)
     cache = None
     if remote.cache_limit != 0:
@@ -301,16 +330,21 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None)
     return pack
 
 
-def _no_pack_at(server: Remote, timeout: float) -> ShardError:
-    """The refusal of a URL without a manifest: a split's folder of the pack one level up names that pack; else
-    where a pack comes from."""
+def _no_pack_at(server: Remote, timeout: float, verifying: bool) -> ShardError:
+    """The refusal of a URL without a manifest: a split's folder of the pack one level up, or a split's file of
+    the pack two levels up, names that pack; else where a pack comes from."""
     url = server.url
     parent, _, name = url.rpartition("/")
     with contextlib.suppress(CrackioError):  # no pack above either: the general message
         if urlsplit(url).path.strip("/"):  # a folder below the bucket or host: the pack may be one level up
             names = splits_named(Remote(parent, timeout).get(MANIFEST)[0])
             if name in (names if names is not None else SPLITS):
-                return split_folder_error(url, parent, name)
+                return split_folder_error(url, parent, name, verifying)
+    with contextlib.suppress(CrackioError):
+        if urlsplit(parent).path.strip("/") and (name in (INDEX, CONVERTED) or name.endswith((".tar", ".idx"))):
+            pack = parent.rpartition("/")[0]
+            Remote(pack, timeout).get(MANIFEST)  # there: `url` is one of its split's files
+            return ShardError(pack_file_text(url, pack))
     fix = (
         f"upload one with `python tools/pack.py SRC --out {url}`"
         if server.scheme == "s3"
@@ -334,9 +368,10 @@ def verify_pack(location: str | os.PathLike, remote: RemoteSettings | None = Non
         ShardError: a malformed manifest or index; RemoteError: a download failed.
     """
     if not is_remote(location):
+        check_remote(remote)
         yield from verify(location)
         return
-    pack = open_pack(location, remote)
+    pack = _open(location, remote, "", verifying=True)
     assert pack.remote is not None
     for split, info in pack.manifest["splits"].items():
         if info["samples"] == 0:

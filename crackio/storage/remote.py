@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from crackio.errors import ConfigError, CrackioError, given
 from crackio.format.layout import ShardError
+from crackio.format.manifest import pack_file_text
 from crackio.storage.obstore_errors import already_exists, classify
 
 SCHEMES = ("s3", "http", "https")
@@ -167,7 +168,7 @@ class Remote:
                 "put it in S3 and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             )
         if parts.path.rstrip("/").endswith("/manifest.json"):
-            raise ConfigError(f"{url} names the manifest: give the pack's folder, {url.rsplit('/', 1)[0]}")
+            raise ConfigError(pack_file_text(url, url.rstrip("/").rsplit("/", 1)[0]))
         if "//" in parts.path or parts.path.rstrip("/").endswith(("/.", "/..")) or "/../" in parts.path:
             raise ConfigError(f"{url}: its path has an empty, '.' or '..' part; write the prefix as it is stored")
         self.url = url.rstrip("/")

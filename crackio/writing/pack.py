@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from crackio.cli import progress_bar
-from crackio.errors import ConfigError, MissingFile
+from crackio.errors import ConfigError, MissingFile, OutOfRange, below
 from crackio.format.layout import MANIFEST, join, manifest_files, planned_files
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import index_dtype
@@ -35,10 +35,9 @@ class PackSettings:
     quality: int = 95  # JPEG quality of converted inputs
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard < 1 or self.workers < 0:
-            raise ConfigError(
-                f"--samples-per-shard must be >= 1 and --workers >= 0, got {self.samples_per_shard} and {self.workers}"
-            )
+        # Named as this object's arguments; tools/pack.py names them as its flags (OutOfRange.named).
+        rules = [below("samples_per_shard", self.samples_per_shard, 1), below("workers", self.workers, 0)]
+        OutOfRange.check("PackSettings", [*rules, below("seed", self.seed, 0)])
 
 
 class PackSource(NamedTuple):

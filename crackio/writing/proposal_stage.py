@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from crackio.cli import progress_bar
-from crackio.errors import ConfigError
+from crackio.errors import ConfigError, OutOfRange, below
 from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
 from crackio.format.manifest import Manifest, build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
@@ -34,7 +34,7 @@ from crackio.writing.filenames import format_name
 from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder
 from crackio.writing.quality import leakage_report
-from crackio.writing.regions import METHODS, MODES, ProposalSettings, encode_jpeg, propose, warp
+from crackio.writing.regions import ProposalSettings, encode_jpeg, propose, warp
 from crackio.writing.spool import SPOOL, Spool, remove_spool, spool_name, write_spooled_split
 
 
@@ -47,6 +47,11 @@ class ProposeSettings:
     samples_per_shard: int = 10000  # samples per tar
     mask_piece: int = 0  # masks: cut each crack into boxes of about N pixels along its skeleton; 0 = one per crack
     mask_crack_label: int | None = None  # masks: the crack's label (pixel value); none = above half the maximum
+
+    def __post_init__(self) -> None:
+        # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named).
+        rules = [below("workers", self.workers, 0), below("seed", self.seed, 0)]
+        OutOfRange.check("ProposeSettings", [*rules, below("samples_per_shard", self.samples_per_shard, 1)])
 
 
 @dataclass
@@ -165,13 +170,7 @@ def propose_to_shards(
     Raises:
         MissingFile, ConfigError: a missing dataset, a bad setting or format, a class not in the data.
     """
-    proposal = proposal or ProposalSettings()
-    if proposal.method not in METHODS or proposal.mode not in MODES:
-        raise ConfigError(f"--method must be one of {METHODS} and --mode one of {MODES}")
-    if not (proposal.max_proposals > 0 and 0 <= proposal.context < proposal.size // 2 and run.workers >= 0):
-        raise ConfigError("--max-proposals must be > 0, 0 <= --context < size / 2, --workers >= 0")
-    if not 0 <= proposal.positive_iou < 1 or proposal.negatives_per_image < 0 or proposal.gt_jitter < 0:
-        raise ConfigError("--positive-iou must be in [0, 1); --negatives-per-image and --gt-jitter >= 0")
+    proposal = proposal or ProposalSettings()  # both settings objects checked their own values when made
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):

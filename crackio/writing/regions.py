@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from crackio.errors import ConfigError
+from crackio.errors import Broken, ConfigError, OutOfRange, below
 
 METHODS = ("selective-search",)
 MODES = ("fast", "quality")
@@ -54,6 +54,19 @@ class ProposalSettings:
                 f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
                 f"pixels, got {self.search_max_side}"
             )
+        # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named).
+        OutOfRange.check(
+            "ProposalSettings",
+            [
+                None if self.method in METHODS else ("method", self.method, f"one of {METHODS}"),
+                None if self.mode in MODES else ("mode", self.mode, f"one of {MODES}"),
+                below("max_proposals", self.max_proposals, 1),
+                below("context", self.context, 0) or _under("context", self.context, self.size // 2),
+                _fraction("positive_iou", self.positive_iou),
+                below("negatives_per_image", self.negatives_per_image, 0),
+                below("gt_jitter", self.gt_jitter, 0),
+            ],
+        )
 
     def as_dict(self) -> dict:
         return asdict(self) | {
@@ -61,6 +74,16 @@ class ProposalSettings:
             "fill": "photo mean colour",
             "label_rule": "IoU (3 decimals) > positive_iou",
         }
+
+
+def _under(field: str, value: int, most: int) -> Broken | None:
+    """An integer field that must stay below `most` (context: at most half the crop's side is context)."""
+    return None if int(value) < most else (field, value, f"in [0, {most})")
+
+
+def _fraction(field: str, value: object) -> Broken | None:
+    number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    return None if number and 0 <= value < 1 else (field, value, "in [0, 1)")  # type: ignore[operator]
 
 
 def search_regions(rgb: np.ndarray, mode: str, min_size: int, max_side: int = 0) -> np.ndarray:

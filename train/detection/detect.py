@@ -26,7 +26,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from crackio.cli import progress_bar
-from crackio.errors import ConfigError, CrackioError, MissingFile
+from crackio.errors import ConfigError, CrackioError, MissingFile, OutOfRange
+from crackio.flags import flag
 from crackio.format.manifest import check_split
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
@@ -93,9 +94,11 @@ def proposal_settings(
             if chosen
             else "R-CNN's (selective search fast, 2000 proposals, 16 px context)"
         )
-        return ProposalSettings(**{k: v for k, v in (given or {}).items() if k in names}), (
-            f"{source}: the run trained on packed crops, whose proposals crackio never saw"
-        )
+        try:
+            chosen_settings = ProposalSettings(**{k: v for k, v in (given or {}).items() if k in names})
+        except OutOfRange as e:  # in the command line's words
+            raise ConfigError(e.named(flag)) from None
+        return chosen_settings, f"{source}: the run trained on packed crops, whose proposals crackio never saw"
     if given:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
         raise ConfigError(

@@ -153,7 +153,7 @@ def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
     checked; returns the proposal stage's settings it records and its fingerprint. The proposal settings go into
     every checkpoint, so detection makes crops the way these were made even when the shards have moved or been
     re-made; so does the fingerprint, so --resume refuses other data."""
-    source = open_pack(cfg.data.shards, cfg.remote.settings())
+    source = open_pack(cfg.data.shards, cfg.remote.settings(), "--shards")
     manifest = source.manifest
     for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
         check_split(manifest, cfg.data.shards, split, option)

@@ -35,13 +35,13 @@ class Data(Owner):
     seed: int = 0  # seeds sampling, augmentation, initialisation
 
     def check(self) -> None:
+        if isinstance(self.limit_batches, int) and self.limit_batches > MOST_STEPS:
+            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.limit_batches}")
         check_non_negative(self, "seed", "workers", "limit_batches")
         if self.iou_threshold is not None and not 0 <= self.iou_threshold < 1:
             raise ConfigError(
                 f"--iou-threshold must be in [0, 1) or none (the names' labels), got {self.iou_threshold}"
             )
-        if self.limit_batches > MOST_STEPS:
-            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.limit_batches}")
         for name in ("train_split", "val_split", "test_split"):
             split = getattr(self, name)
             if not is_path_component(split):

@@ -52,7 +52,8 @@ class Constant(Kind):
     warmup_epochs: float = 0.0  # linear warm-up of the rate over this many epochs, per step (0.5 allowed); 0 = none
 
     def check(self) -> None:
-        check_non_negative(self, "warmup_epochs")
+        if not self.warmup_epochs >= 0:  # NaN fails too; inf is refused against --epochs (RunSettings)
+            raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)

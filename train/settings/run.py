@@ -68,10 +68,10 @@ class Logging(Owner):
     target_recall: float = 0.0  # also report the threshold reaching this crack recall on validation; 0 = off
 
     def check(self) -> None:
+        if isinstance(self.log_every, int) and self.log_every > MOST_STEPS:
+            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.log_every}")
         check_positive(self, "log_every")
         check_non_negative(self, "target_recall")
-        if self.log_every > MOST_STEPS:
-            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.log_every}")
         if not 0 <= self.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
         parse_logs(self.log)
