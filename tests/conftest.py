@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny generated proposal sets and their shards."""
+"""Shared fixtures: tiny generated proposal sets and their shards, the synthetic photos, one tiny trained run.
+
+Session fixtures are read-only: a test that changes one copies it into its tmp_path first (copy_run)."""
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from crackio.loading.loader import dali_available  # noqa: E402
 from crackio.writing.filenames import format_name  # noqa: E402
 from crackio.writing.pack import PackSettings, pack  # noqa: E402
-from tools.make_demo_data import generate  # noqa: E402
+from tools.make_demo_data import generate, write_photos  # noqa: E402
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (Linux only)")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]  # every backend a loader test runs on
@@ -110,3 +114,44 @@ def coded_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("coded_shards")
     pack(src, out, PackSettings(samples_per_shard=30, workers=1), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_photos(tmp_path_factory) -> Path:
+    """12 synthetic photos (192 x 128, seed 4) with their ground truth in every format: ROOT/<format>/<split>/
+    (tools/make_demo_data.py write_photos). Selective search takes ~0.1 s on each."""
+    root = tmp_path_factory.mktemp("photos")
+    write_photos(root, images=12, seed=4, size=(192, 128))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_shards, tmp_path_factory) -> Path:
+    """A finished one-epoch run of the tiny architecture on demo_shards (RUN/best.pt, last.pt, report, ...), with
+    --target-recall 0.9 and --patience 5. Read-only: copy it (copy_run) before changing or resuming it."""
+    from tests.helpers import tiny
+    from train.run.main import main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    main(tiny(demo_shards, out, epochs=1, target_recall=0.9, patience=5))
+    return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A private copy of a session run, to change or resume."""
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.fixture(scope="session")
+def two_ranks(demo_shards, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A one-epoch run of two CPU ranks under torchrun on demo_shards (batch 8 per rank, one loader worker each,
+    a progress line every 3 steps): (the finished torchrun, with its output; the run folder)."""
+    from tests.helpers import TINY_ARGS
+
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train"]
+    cmd += ["--shards", str(demo_shards), *TINY_ARGS, "--head", "linear", "--epochs", "1", "--batch-size", "8"]
+    cmd += ["--workers", "1", "--log-every", "3", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600), out

@@ -67,14 +67,34 @@ def save_untrained(path: Path, shards, model=None, seed: int | None = 0, **extra
 
 # Run in every Python process of the child (sitecustomize, through PYTHONPATH): once the point in stop.json is
 # reached (a file matching a pattern written or renamed into place, or the nth call of a function), it records its
-# PID in `stopped` (one process only, across forks and ranks) and stops itself (SIGSTOP), or its whole process
-# group. The library is not changed: the hook wraps builtins and module attributes from outside.
+# PID in `stopped` (one process only, across forks and ranks) and stops itself (SIGSTOP), or every process of the
+# child's tree (its workers, torchrun and its ranks). The library is not changed: the hook wraps builtins and
+# module attributes from outside.
 _HOOK = r"""
 import builtins, fnmatch, io, json, os, signal, sys
 from pathlib import Path
 
 _here = Path(__file__).resolve().parent
 _spec = json.loads((_here / "stop.json").read_text())
+
+
+def _parent_of(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _tree(root):
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 def _stop():
@@ -86,10 +106,18 @@ def _stop():
         return  # another process (or an earlier call) stopped already
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
-    if _spec["group"] and os.getpgrp() != _spec["not_group"]:
-        os.killpg(0, signal.SIGSTOP)
-    else:
-        os.kill(os.getpid(), signal.SIGSTOP)
+    me = os.getpid()
+    if _spec["tree"]:
+        root = me  # the test's child: the ancestor the test started
+        while _parent_of(root) not in (_spec["test"], 0, 1):
+            root = _parent_of(root)
+        for pid in _tree(root):
+            if pid != me:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+    os.kill(me, signal.SIGSTOP)
 
 
 if _spec.get("file"):
@@ -162,20 +190,21 @@ if _spec.get("call"):
 class StopPoint:
     """A child command (a Python program, and every Python process it starts) that stops itself at a known point:
     after it writes or renames into place a file matching `file` (a pattern relative to `root`), or at the `nth`
-    call of `call` ("module:function"); only in the process of torchrun rank `rank` when given. It stops its whole
-    process group (`group`: the child is started in a session of its own) or itself alone.
+    call of `call` ("module:function"); only in the process of torchrun rank `rank` when given. It stops every
+    process of the child's tree (`tree`: the child, its workers; torchrun and its ranks) or itself alone. The child
+    runs in a session of its own (a terminal's Ctrl-C reaches its process group, not pytest).
 
-    `start()` returns once it is stopped there (every process of its group, with `group`); the test then sends
+    `start()` returns once it is stopped there (every process of its tree, with `tree`); the test then sends
     what it tests (SIGKILL, SIGINT, ...) and `resume()`s it. It fails the test, never skips, when the command ends
     or hangs before that point: `timeout` only guards against a hang."""
 
     def __init__(self, folder: Path, *, file: str | None = None, root=None, call: str | None = None, nth: int = 1,
-                 rank: int | None = None, group: bool = True, timeout: float = 300):  # fmt: skip
+                 rank: int | None = None, tree: bool = True, timeout: float = 300):  # fmt: skip
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.group, self.timeout = group, timeout
+        self.tree, self.timeout = tree, timeout
         spec = {"file": file, "root": str(Path(root).absolute()) if root else None, "call": call, "nth": nth}
-        spec |= {"rank": rank, "group": group, "not_group": os.getpgrp()}
+        spec |= {"rank": rank, "tree": tree, "test": os.getpid()}
         (self.folder / "stop.json").write_text(json.dumps(spec))
         (self.folder / "sitecustomize.py").write_text(_HOOK)
         self.proc: subprocess.Popen | None = None
@@ -191,7 +220,7 @@ class StopPoint:
         return self.proc
 
     def wait_stopped(self) -> int:
-        """The PID that stopped, once it (and, for a group stop, every process of the group) is stopped."""
+        """The PID that stopped, once it (and, for a tree stop, every process of the tree) is stopped."""
         assert self.proc is not None
         mark = self.folder / "stopped"
         deadline = time.monotonic() + self.timeout
@@ -207,25 +236,30 @@ class StopPoint:
             time.sleep(0.01)
 
     def _states(self, pid: int) -> list[str]:
-        """The states (R, S, T, Z, ...) of `pid`, or of every process of the child's group for a group stop."""
-        members = process_group(self.proc.pid) if self.group else [pid]
+        """The states (R, S, T, Z, ...) of `pid`, or of every process of the child's tree for a tree stop."""
+        members = process_tree(self.proc.pid) if self.tree else [pid]
         return [s for s in (process_state(p) for p in members) if s is not None and s not in "ZX"] or ["?"]
 
     def members(self) -> list[int]:
-        """The child's process group's members other than the child itself (its workers) while it is stopped."""
-        return [p for p in process_group(self.proc.pid) if p != self.proc.pid]
+        """The processes of the child's tree other than the child itself (its workers) while it is stopped."""
+        return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
 
     def signal(self, signum: int, group: bool = False) -> None:
+        """`signum` to the child, or to its process group (as a terminal's Ctrl-C)."""
         os.killpg(self.proc.pid, signum) if group else os.kill(self.proc.pid, signum)
 
     def resume(self) -> None:
         """Let the stopped processes go on (signals sent meanwhile are delivered now)."""
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        for pid in process_tree(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def kill(self) -> None:
+        """End whatever is left of the child's tree (after a failure)."""
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in process_tree(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -237,26 +271,65 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def process_group(pgid: int) -> list[int]:
-    """The PIDs of the processes in process group `pgid` (from /proc)."""
-    found = []
+def process_tree(root: int) -> list[int]:
+    """`root` and the PIDs of every process descending from it (from /proc)."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[2]) == pgid:
-            found.append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
     return found
 
 
 def kill_when(cmd: list[str], out: Path, pattern: str, folder: Path) -> StopPoint:
     """Run `cmd`, SIGKILL it (the main process, as the OOM killer does) once it has written a file matching
-    `pattern` under `out`: stopped there, it cannot finish first. Returns the stop point (its workers: `members`)."""
+    `pattern` under `out`: stopped there, it cannot finish first. Returns the stop point."""
     stop = StopPoint(folder, file=pattern, root=out)
     stop.start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert not (out / "manifest.json").exists()
-    stop.workers = stop.members()
     stop.signal(signal.SIGKILL)
     stop.proc.wait()
     return stop
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the file `log` holds `text` (what the command prints at the event); fails if the command ends
+    first, or if nothing comes in `timeout` seconds (a hang guard only)."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None and text not in log.read_text(errors="replace"):
+            pytest.fail(
+                f"the command ended (exit {proc.returncode}) before printing {text!r}: {log.read_text()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing printed {text!r} in {timeout} s (hung): {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+class FakeClock:
+    """A stand-in for the `time` module of each of `modules`: monotonic() and perf_counter() read a virtual clock
+    that only sleep() moves, at once; what it slept is kept in `slept`. Anything else is the real module's."""
+
+    def __init__(self, monkeypatch, *modules):
+        self.now = 0.0
+        self.slept: list[float] = []
+        for module in modules:
+            monkeypatch.setattr(module, "time", self)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)

@@ -6,14 +6,15 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
+import tools.bench
 from crackio.loading.loader import dali_available
 from tests.conftest import ROOT
+from tests.helpers import FakeClock
 from tools.bench import consume
 
 pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
@@ -35,7 +36,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
             str(src),
             "--quick",
             "--seconds",
-            "1",
+            "0.3",
             "--batch-size",
             "8",
             "--json",
@@ -88,17 +89,19 @@ def test_large_split_is_hard_links_with_unique_names(tmp_path):
         assert (copy.proposal, copy.iou, copy.label) == (source.proposal, source.iou, source.label)
 
 
-def fake_loader(rate: float, batch: int = 10):
-    """A loader that makes `rate` img/s in this thread (no read-ahead): each batch takes batch / rate seconds."""
+def fake_loader(clock: FakeClock, rate: float, batch: int = 10):
+    """A loader that makes `rate` img/s in this thread (no read-ahead): each batch takes batch / rate seconds of
+    `clock`'s time."""
     while True:
-        time.sleep(batch / rate)
+        clock.sleep(batch / rate)
         yield list(range(batch)), None  # (images, labels), as the loaders yield
 
 
-def test_a_slow_consumer_never_waits_and_a_fast_one_waits_for_the_rest():
-    slow = consume(fake_loader(5000), rate=100, seconds=0.5)  # the accelerator is 50x slower than the loader
+def test_a_slow_consumer_never_waits_and_a_fast_one_waits_for_the_rest(monkeypatch):
+    clock = FakeClock(monkeypatch, tools.bench)  # the consumer's clock and sleeps: the loader's time, not the CPU's
+    slow = consume(fake_loader(clock, 5000), rate=100, seconds=0.5)  # the accelerator is 50x slower than the loader
     assert slow["stall_share"] < 0.05 and slow["images_per_sec"] == pytest.approx(100, rel=0.1)
-    fast = consume(fake_loader(200), rate=20000, seconds=0.5)  # 100x faster: it waits ~1 - 200/20000 of the time
+    fast = consume(fake_loader(clock, 200), rate=20000, seconds=0.5)  # 100x faster: it waits ~1 - 200/20000 of the time
     assert fast["stall_share"] == pytest.approx(1 - 200 / 20000, abs=0.03)
     assert fast["images_per_sec"] == pytest.approx(200, rel=0.1)
 

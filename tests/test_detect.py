@@ -154,6 +154,7 @@ def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, ph
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # multi-process or end-to-end: `make test-fast` leaves it out
 def test_detect_end_to_end_writes_every_output(checkpoint, photos, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     for p in photos.glob("*.jpg"):

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from crackio import make_loader
 from crackio.writing.regions import ProposalSettings
-from tests.helpers import ARCH, checkpoint_config
+from tests.helpers import ARCH, save_untrained
 from train.__main__ import main as cli
 from train.detection.export import DYNAMO, ExportError, run_export
 from train.run.model import build_model, last_linear
@@ -63,10 +63,7 @@ def run(demo_shards, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(ARCH, "none", "linear")
     spread_like_a_trained_model(model, demo_shards)
-    cfg = checkpoint_config(demo_shards)
-    ckpt = {"model": model.state_dict(), "config": cfg.flat(), "epoch": 3, "proposals": SETTINGS.as_dict()}
-    torch.save(ckpt, root / "best.pt")
-    return root / "best.pt"
+    return save_untrained(root / "best.pt", demo_shards, model, epoch=3, proposals=SETTINGS.as_dict())
 
 
 @pytest.fixture(scope="module")

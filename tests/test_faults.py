@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from crackio.loading.loader import make_loader
 from crackio.writing.outdir import LOCK, WRITTEN, OutputFolder
 from crackio.writing.pack import PackSettings, pack
 from tests.conftest import BACKENDS, ROOT
+from tests.helpers import StopPoint
 from tests.test_pack import shard_files
 
 PACK = [sys.executable, str(ROOT / "tools" / "pack.py")]
@@ -281,47 +281,36 @@ def test_a_real_full_disk_during_pack_keeps_the_previous_state_out_of_the_loader
 # --- 4. signals -------------------------------------------------------------------------------------------------
 
 
-def interrupt(cmd: list[str], out: Path, pattern: str, sig: int, group: bool) -> tuple[int, str]:
-    """Run `cmd`, send `sig` once `out` holds a file matching `pattern` (to its process group, as a terminal's
-    Ctrl-C does, or to the process alone); (exit code, stderr). Asserts an exit within 5 s and that no process
-    of the group is left; skips if the command finished first."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.skip("the command finished before the signal")
-    sent = time.monotonic()
-    os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
-    stderr = proc.communicate(timeout=30)[1]
-    assert time.monotonic() - sent < 5
+def interrupt(cmd: list[str], out: Path, pattern: str, sig: int, group: bool, folder: Path) -> tuple[int, str, int]:
+    """Run `cmd` until it writes a file matching `pattern` under `out` (stopped there, with its workers: it cannot
+    finish first), send `sig` (to its process group, as a terminal's Ctrl-C does, or to the process alone) and let
+    it go on; (exit code, stderr, the shards complete when the signal came). Asserts that no process of the group
+    is left."""
+    stop = StopPoint(folder, file=pattern, root=out)
+    proc = stop.start(cmd, stderr=subprocess.PIPE, text=True)
+    shards = len(list(out.glob("*/*.tar")))
+    stop.signal(sig, group)
+    stop.resume()
+    try:
+        stderr = proc.communicate(timeout=300)[1]  # a hang guard only
+    finally:
+        stop.kill()
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no worker left behind
-    return proc.returncode, stderr
-
-
-@pytest.fixture(scope="module")
-def big_src(demo_src, tmp_path_factory) -> Path:
-    """6,000 names (hard links to the demo crops): a pack that takes a few seconds."""
-    src = tmp_path_factory.mktemp("big") / "train"
-    src.mkdir()
-    crops = sorted((demo_src / "train").iterdir())
-    for i in range(6000):
-        c = crops[i % len(crops)]
-        stem = c.name.split(".", 1)[0]
-        (src / f"{stem}_c{i // len(crops)}{c.name[len(stem) :]}").hardlink_to(c)
-    return src.parent
+    return proc.returncode, stderr, shards
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(big_src, tmp_path, sig, code):
+def test_ctrl_c_or_sigterm_with_workers_exits_cleanly_and_the_rerun_finishes(demo_src, tmp_path, sig, code):
     out = tmp_path / "out"
-    cmd = [*PACK, str(big_src), "--out", str(out), "--workers", "2", "--samples-per-shard", "300", "--quiet"]
+    cmd = [*PACK, str(demo_src), "--out", str(out), "--workers", "2", "--samples-per-shard", "20", "--quiet"]
     # Ctrl-C in a terminal reaches the whole process group; `kill PID` only the main process.
-    returncode, stderr = interrupt(cmd, out, "train/*.tar*", sig, group=sig == signal.SIGINT)
+    returncode, stderr, before = interrupt(cmd, out, "train/*.tar*", sig, sig == signal.SIGINT, tmp_path / "stop")
     assert returncode == code and one_line(stderr).startswith("interrupted by SIG")
     assert not temporaries(out) and not (out / "manifest.json").exists()
+    # Stopped promptly: a worker finishes at most the shard it was writing, none starts another (12 in all).
+    assert len(list(out.glob("*/*.tar"))) <= before + 2
     subprocess.run(cmd, check=True, capture_output=True)
     clean = tmp_path / "clean"
     subprocess.run(cmd[:4] + [str(clean)] + cmd[5:], check=True, capture_output=True)
@@ -345,13 +334,20 @@ def test_a_second_run_into_a_held_folder_exits_at_once_naming_the_holder(demo_sr
 
 
 @pytest.mark.slow
-def test_two_concurrent_packs_into_one_folder_never_leave_wrong_samples(big_src, tmp_path):
+def test_two_concurrent_packs_into_one_folder_never_leave_wrong_samples(demo_src, tmp_path):
     out = tmp_path / "out"
     cmds = [
-        [*PACK, str(big_src), "--out", str(out), "--workers", "1", "--seed", str(seed), "--quiet"] for seed in (1, 2)
+        [*PACK, str(demo_src), "--out", str(out), "--workers", "1", "--seed", str(seed), "--quiet"] for seed in (1, 2)
     ]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    # The first pack is stopped mid-way (its train shard written) while the second one runs.
+    first = StopPoint(tmp_path / "stop", file="train/*.tar", root=out)
+    proc = first.start(cmds[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.run(cmds[1], capture_output=True, text=True, timeout=300)
+    first.resume()
+    try:
+        results = [(proc.wait(timeout=300), proc.stderr.read()), (second.returncode, second.stderr)]
+    finally:
+        first.kill()
     assert sorted(code for code, _ in results) == [0, 2]
     refused = next(err for code, err in results if code == 2)
     assert "being written by another crackio run" in one_line(refused)
@@ -454,12 +450,8 @@ def test_a_name_the_packer_writes_crc_for_is_the_bytes_it_stored(demo_shards):
 
 
 @pytest.fixture(scope="module")
-def coco_photos(tmp_path_factory) -> Path:
-    from tools.make_demo_data import write_photos
-
-    root = tmp_path_factory.mktemp("photos")
-    write_photos(root, images=24, seed=4, size=(320, 240), formats=("coco",))
-    return root / "coco"
+def coco_photos(demo_photos) -> Path:
+    return demo_photos / "coco"
 
 
 @pytest.mark.slow
@@ -479,10 +471,11 @@ def test_a_full_disk_during_propose_is_one_line_and_leaves_nothing(coco_photos, 
 def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(coco_photos), "--format", "coco", "--out", str(out)]
-    cmd += ["--max-proposals", "300", "--workers", "2", "--quiet"]
-    returncode, stderr = interrupt(cmd, out, ".spool/*.bin", signal.SIGINT, group=True)
+    cmd += ["--max-proposals", "40", "--workers", "2", "--quiet"]
+    returncode, stderr, _ = interrupt(cmd, out, ".spool/*.bin", signal.SIGINT, True, tmp_path / "stop")
     assert returncode == 130 and one_line(stderr).startswith("interrupted by SIG")
     assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
+    assert not list(out.glob("*/*.tar"))  # stopped while proposing, before any shard: it did not run on
     subprocess.run(cmd, check=True, capture_output=True)
     assert list(verify(out)) == []
 
@@ -542,7 +535,7 @@ def test_lock_file_follows_the_umask(demo_src, tmp_path):
 
 
 @pytest.mark.parametrize("blocked", ["train", ".spool"])
-def test_a_file_where_a_folder_goes_is_one_line(demo_src, tmp_path, blocked):
+def test_a_file_where_a_folder_goes_is_one_line(demo_src, demo_photos, tmp_path, blocked):
     out = tmp_path / "out"
     out.mkdir()
     (out / blocked).write_text("the user's file\n")
@@ -551,9 +544,7 @@ def test_a_file_where_a_folder_goes_is_one_line(demo_src, tmp_path, blocked):
             pack(demo_src, out, PackSettings(workers=1), progress=False)
         else:
             from crackio.writing.proposal_stage import propose_to_shards
-            from tools.make_demo_data import write_photos
 
-            write_photos(tmp_path / "photos", images=3, seed=4, size=(160, 120), formats=("coco",))
-            propose_to_shards(tmp_path / "photos" / "coco", "coco", out, progress=False)
+            propose_to_shards(demo_photos / "coco", "coco", out, progress=False)
     assert (out / blocked).read_text() == "the user's file\n"
     assert not (out / WRITTEN).exists() and not (out / "manifest.json").exists()

@@ -161,8 +161,7 @@ def test_rerun_after_kill_gives_identical_shards(demo_src, demo_shards, tmp_path
         "1",
         "--quiet",
     ]
-    if not kill_when(cmd, out, "**/*.tar"):
-        pytest.skip("the packer finished before it could be killed")
+    kill_when(cmd, out, "**/*.tar", tmp_path / "stop")  # killed with its first shard written
     with pytest.raises(ShardError, match="re-run"):
         load_index(out, "train")
     subprocess.run(cmd, check=True)
@@ -234,3 +233,48 @@ def test_any_worker_count_writes_the_same_bytes(demo_src, tmp_path):
     assert len(list(outs[0].glob("*/*.tar"))) == 12
     assert shard_files(outs[0]) == shard_files(outs[1]) == shard_files(outs[2])
     assert len({(o / "manifest.json").read_bytes() for o in outs}) == 1
+
+
+def test_pack_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
+    """tools/pack.py's settings flags come from PackSettings (crackio.flags): each field's `#` comment is its help,
+    the parsed flags make the settings pack() receives, and PackSettings alone checks them."""
+    import dataclasses
+
+    import tools.pack as tool
+    from crackio.errors import ConfigError
+    from crackio.flags import field_help, flag
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapped help lines
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(PackSettings):
+        if f.name in ("size", "quality"):  # fixed: every stored image is 224 x 224, JPEG quality 95
+            assert flag(f.name) not in text
+        else:
+            assert f"{field_help(PackSettings)[f.name]} (default: {f.default})" in text
+
+    got = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(src, out, settings, progress):
+        got["settings"] = settings
+        raise Stop
+
+    monkeypatch.setattr(tool, "pack", fake)
+    with pytest.raises(Stop):
+        tool.main([str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
+    assert got["settings"] == PackSettings()
+    flags = ["--samples-per-shard", "7", "--workers", "3", "--seed", "9"]
+    with pytest.raises(Stop):
+        tool.main([str(tmp_path), "--out", str(tmp_path / "o"), *flags, "--quiet"])
+    assert got["settings"] == PackSettings(samples_per_shard=7, workers=3, seed=9)
+
+    message = r"PackSettings\(samples_per_shard=0, workers=-1\): samples_per_shard must be >= 1 and workers >= 0"
+    with pytest.raises(ConfigError, match=message):
+        PackSettings(samples_per_shard=0, workers=-1)
+    with pytest.raises(SystemExit) as stop:
+        tool.main([str(tmp_path), "--samples-per-shard", "0", "--workers", "-1"])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

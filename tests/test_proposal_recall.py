@@ -14,7 +14,6 @@ from crackio.writing.annotations import read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import ProposeSettings, load_photo, propose_to_shards, summary
 from crackio.writing.regions import ProposalSettings, box_iou, propose, search_regions, selective_search
 from tests.test_pack import shard_files
-from tools.make_demo_data import write_photos
 from tools.propose import main as propose_main
 
 SIZE = (192, 128)
@@ -22,10 +21,8 @@ CAPPED = ProposalSettings(max_proposals=20)  # under the ~100-200 regions of the
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    write_photos(root, images=8, seed=5, size=SIZE, formats=("coco",))
-    return root / "coco"
+def photos(demo_photos) -> Path:
+    return demo_photos / "coco"  # SIZE
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,16 @@ from crackio.writing.spool import spool_name
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
 from tests.test_pack import read_with_webdataset, shard_files
-from tools.make_demo_data import FORMATS, FULL, full_image, image_plan, write_photos
+from tools.make_demo_data import FORMATS, FULL, full_image, image_plan
 
 SIZE = (192, 128)  # small photos: selective search in ~0.1 s each
 FAST = ProposalSettings(max_proposals=40)
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    write_photos(root, images=12, seed=4, size=SIZE)
-    return root
+def photos(demo_photos) -> Path:
+    """The session's photos: 12, seed 4, SIZE, every format (what truth() recomputes)."""
+    return demo_photos
 
 
 def truth(seed: int = 4, images: int = 12) -> dict[str, np.ndarray]:
@@ -189,6 +188,7 @@ def test_stratified_negatives_spread_over_iou_bins():
     assert (ious[chosen] == 0.42).sum() == 4 and (ious[chosen] == 0.27).sum() == 4  # equal shares per bin
 
 
+@pytest.mark.slow  # multi-process or end-to-end: `make test-fast` leaves it out
 def test_same_output_for_any_worker_count_and_after_an_interruption(photos, proposed, tmp_path):
     ref, _ = proposed["coco"]
     one = tmp_path / "one"
@@ -207,6 +207,7 @@ def test_same_output_for_any_worker_count_and_after_an_interruption(photos, prop
     assert shard_files(one) == shard_files(ref) and not (one / ".spool").exists()
 
 
+@pytest.mark.slow  # multi-process or end-to-end: `make test-fast` leaves it out
 def test_crops_folder_equals_the_shards_and_packs_to_the_same_samples(photos, proposed, tmp_path):
     ref, _ = proposed["yolo"]
     crops = tmp_path / "crops"
@@ -273,7 +274,7 @@ def test_cli_and_training_on_the_result(photos, tmp_path):
     from tests.helpers import tiny
     from train.run.main import main
 
-    run_dir = main(tiny(tmp_path / "coco", tmp_path / "run", epochs=1))
+    run_dir = main(tiny(tmp_path / "coco", tmp_path / "run", epochs=1, limit_batches=2))  # a few steps suffice
     assert (run_dir / "summary.json").is_file()
 
 
@@ -326,14 +327,14 @@ def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
         "2",
         "--quiet",
     ]
-    if not kill_when(cmd, out, ".spool/*.bin"):
-        pytest.skip("the run finished before it could be killed")
+    kill_when(cmd, out, ".spool/*.bin", tmp_path / "stop")  # killed while it spools its crops
     subprocess.run(cmd, check=True, timeout=300)
     assert shard_files(out) == shard_files(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert not list(out.rglob("*.tmp")) and not (out / ".spool").exists()
 
 
+@pytest.mark.slow  # multi-process or end-to-end: `make test-fast` leaves it out
 def test_a_photo_with_incomplete_ground_truth_is_left_out_not_made_negatives(photos, tmp_path):
     """One broken annotation per format: that photo is listed and stores no crop; the others are kept."""
     broken = {}
@@ -428,3 +429,48 @@ def test_split_ratio_mistakes_are_refused(photos, tmp_path):
             ProposeSettings(split_ratios=(0.5, 0.25, 0.25)),
             progress=False,
         )
+
+
+def test_propose_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
+    """tools/propose.py's settings flags come from ProposalSettings and ProposeSettings (crackio.flags): each
+    field's `#` comment is its help, and the parsed flags make the settings propose_to_shards receives."""
+    import dataclasses
+
+    import tools.propose as tool
+    from crackio.flags import field_help, flag
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapped help lines
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    text = capsys.readouterr().out
+    own_parsing = ("search_max_side", "split_ratios", "classes")
+    for cls in (ProposalSettings, ProposeSettings):
+        for f in dataclasses.fields(cls):
+            if f.name in ("min_size", "size", "quality"):  # fixed: R-CNN's crops
+                assert flag(f.name) not in text
+            else:
+                assert flag(f.name) in text
+                assert f.name in own_parsing or field_help(cls)[f.name] in text
+
+    got = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(src, fmt, out, proposal, run, crops, progress):
+        got.update(proposal=proposal, run=run)
+        raise Stop
+
+    monkeypatch.setattr(tool, "propose_to_shards", fake)
+    with pytest.raises(Stop):
+        tool.main([str(tmp_path), "--format", "coco", "--out", str(tmp_path / "o"), "--quiet"])
+    assert got == {"proposal": ProposalSettings(), "run": ProposeSettings()}
+    flags = "--mode quality --max-proposals 7 --search-max-side 64 --context 4 --positive-iou 0.6 "
+    flags += "--negatives-per-image 3 --gt-jitter 2 --split-ratios 1,0,0 --classes a,b --mask-piece 12 "
+    flags += "--mask-crack-label 3 --workers 2 --seed 5 --samples-per-shard 11"
+    with pytest.raises(Stop):
+        tool.main([str(tmp_path), "--format", "mask", "--out", str(tmp_path / "o"), *flags.split(), "--quiet"])
+    proposal = {"mode": "quality", "max_proposals": 7, "search_max_side": 64, "context": 4, "positive_iou": 0.6}
+    assert got["proposal"] == ProposalSettings(**proposal, negatives_per_image=3, gt_jitter=2)
+    run = {"split_ratios": (1, 0, 0), "classes": ("a", "b"), "workers": 2, "seed": 5, "samples_per_shard": 11}
+    assert got["run"] == ProposeSettings(**run, mask_piece=12, mask_crack_label=3)

@@ -8,17 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import tiny
-from train import svm
+from tests.conftest import copy_run
 from train.__main__ import main as cli
-from train.run.main import main as train_main
-
-
-@pytest.fixture(scope="module")
-def run(demo_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("svm_run")
-    train_main(tiny(demo_shards, out, epochs=1))
-    return out
+from train.svm import stage as svm
 
 
 def settings(**kw) -> argparse.Namespace:
@@ -56,7 +48,8 @@ def test_feature_cache_is_keyed(tmp_path):
 
 
 @pytest.mark.slow
-def test_svm_stage_reports_beside_the_head_and_reuses_features(run, demo_shards, monkeypatch, capsys):
+def test_svm_stage_reports_beside_the_head_and_reuses_features(tiny_run, tmp_path, monkeypatch, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")  # the stage writes RUN/svm/
     args = ["svm", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--negatives", "30", "--C", "0.01"]
     assert cli(args) == 0
     out = run / "svm"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 
 import numpy as np
 import pytest
 
 from tests.helpers import tiny
 from tests.test_faults import one_line
-from train import sweep
 from train.__main__ import main as cli
+from train.sweep import sweep
 from train.sweep.sweep import SHIPPED, load_variants, variant_config
 
 VARIANTS = """
@@ -125,7 +124,7 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     out = tmp_path / "sweep"
     base = tiny(demo_shards, "", epochs=1)
     args = ["sweep", "--variants", str(variants), "--out", str(out)]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(base).items() if k not in ("out", "resume")]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in base.flat().items() if k not in ("out", "resume")]
     assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert "variant impossible failed: weighted sampler without replacement cannot draw" in capsys.readouterr().out
     for name in ("sweep.md", "sweep.csv", "sweep_pr.png", "sweep_curves.png"):
@@ -156,26 +155,26 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     calls = []
     monkeypatch.setattr(sweep, "train_main", lambda cfg: calls.append(cfg))
     assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
-    assert [c.out for c in calls] == [str(out / "impossible")]
+    assert [c.checkpoints.out for c in calls] == [str(out / "impossible")]
 
     # An interrupted variant (no summary.json yet) is resumed from its folder.
     calls.clear()
     (out / "focal" / "summary.json").unlink()
     assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
-    assert [(c.out, c.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
+    assert [(c.checkpoints.out, c.checkpoints.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
 
     # ...and so is one stopped within its first epoch (only a mid-epoch checkpoint, step.pt).
     calls.clear()
     (out / "focal" / "last.pt").rename(out / "focal" / "step.pt")
     assert cli(args) == 1
-    assert [(c.out, c.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
+    assert [(c.checkpoints.out, c.checkpoints.resume) for c in calls[:1]] == [(str(out / "focal"), str(out / "focal"))]
     (out / "focal" / "step.pt").rename(out / "focal" / "last.pt")
 
     # A finished folder trained with other options is reported, not silently reused or overwritten.
     calls.clear()
     capsys.readouterr()
     assert cli([*args, "--lr", "0.5"]) == 1
-    assert [c.out for c in calls] == [str(out / "impossible")]
+    assert [c.checkpoints.out for c in calls] == [str(out / "impossible")]
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert rows[0]["status"] == "failed" and "lr: 0.001 then, 0.5 now" in rows[0]["note"]
     assert (out / "bce" / "summary.json").is_file()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from torchvision import models
 
 from crackio import ConfigError
+from tests.conftest import copy_run
 from tests.helpers import ARCH, TINY_ARGS, config, tiny
 from train.__main__ import main as cli
 from train.run.main import main
@@ -91,9 +90,8 @@ def test_target_recall_threshold_reaches_it_on_validation(two_epochs):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_an_uninterrupted_run(demo_shards, two_epochs, tmp_path):
-    out = tmp_path / "resumed"
-    main(tiny(demo_shards, out, target_recall=0.9, patience=5, epochs=1))
+def test_resume_reproduces_an_uninterrupted_run(tiny_run, two_epochs, tmp_path):
+    out = copy_run(tiny_run, tmp_path / "resumed")  # two_epochs' settings, stopped after its first epoch
     main(resume_settings(out, epochs=2))
     timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]
@@ -123,7 +121,7 @@ def test_focal_loss_without_alpha_trains(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_block_order_trains_and_block_size_needs_it(demo_shards, tmp_path, capsys):
+def test_block_order_trains_and_block_size_needs_it(demo_shards, tiny_run, tmp_path, capsys):
     out = tmp_path / "block"
     main(tiny(demo_shards, out, epochs=1, order="block", block_size=16, backend="torch"))
     history = json.loads((out / "history.json").read_text())
@@ -131,8 +129,8 @@ def test_block_order_trains_and_block_size_needs_it(demo_shards, tmp_path, capsy
     assert json.loads((out / "config.json").read_text())["order"] == "block"
     code = cli(["--shards", str(demo_shards), "--out", str(tmp_path / "x"), "--block-size", "64", "--weights", "none"])
     assert code == 2 and "--block-size only applies with --order block" in capsys.readouterr().err
-    main(tiny(demo_shards, tmp_path / "random", epochs=1, backend="torch"))
-    assert cli(["--resume", str(tmp_path / "random"), "--epochs", "2", "--block-size", "64"]) == 2
+    random = copy_run(tiny_run, tmp_path / "random")  # a run in the random order
+    assert cli(["--resume", str(random), "--epochs", "2", "--block-size", "64"]) == 2
     assert "--block-size only applies with --order block" in capsys.readouterr().err
 
 
@@ -225,6 +223,8 @@ def test_a_nan_loss_stops_without_a_checkpoint(demo_shards, tmp_path, capsys):
                 str(tmp_path / "nan"),
                 "--batch-size",
                 "16",
+                "--limit-batches",
+                "2",  # the loss is checked at the pass's last step: the one after the first update
             ]
         )
         == 2
@@ -249,39 +249,8 @@ def test_imagenet_weights_load_from_the_torch_cache(arch, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_train_and_write_once(demo_shards, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "train",
-        "--shards",
-        str(demo_shards),
-        "--arch",
-        ARCH,
-        "--weights",
-        "none",
-        "--head",
-        "linear",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        "--workers",
-        "1",
-        "--log-every",
-        "3",  # rank 0 alone prints a line at steps 2, 5, 8: the ranks must still sync at the same steps
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def test_torchrun_two_cpu_ranks_train_and_write_once(two_ranks):
+    run, out = two_ranks  # --log-every 3: rank 0 alone prints a line at steps 2, 5, 8; the ranks still sync
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step 3/" in run.stderr  # rank 0's progress lines (its output is not a terminal)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
@@ -332,11 +301,10 @@ def test_flags_that_would_be_ignored_are_refused(demo_shards, capsys, case):
 
 
 @pytest.mark.slow
-def test_resume_uses_the_flags_given_and_refuses_the_rest(demo_shards, tmp_path, monkeypatch, capsys):
+def test_resume_uses_the_flags_given_and_refuses_the_rest(tiny_run, tmp_path, monkeypatch, capsys):
     import train.run.main
 
-    out = tmp_path / "one"
-    main(tiny(demo_shards, out, epochs=1))
+    out = copy_run(tiny_run, tmp_path / "one")
     got = []
     monkeypatch.setattr(train.run.main, "main", got.append)
     assert cli(["--resume", str(out), "--epochs", "20"]) == 0  # 20 is also the default: given, so it counts

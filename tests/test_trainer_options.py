@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,7 @@ def test_limit_batches_bounds_every_pass_and_a_file_gets_lines(demo_shards, tmp_
     assert "a smoke run" in captured.out
 
 
+@pytest.mark.slow  # trains (test_limit_batches_bounds_every_pass... is the fast one): `make test-fast` leaves it out
 def test_quiet_prints_the_epoch_lines_only(demo_shards, tmp_path, capsys):
     main(tiny(demo_shards, tmp_path / "r", epochs=2, batch_size=8, limit_batches=2, log_every=1, quiet=True))
     lines = capsys.readouterr().out.splitlines()
@@ -154,7 +156,12 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[1:]))
+# Each a subprocess: the trainer's own at once, the other commands' with the slow tests.
+@pytest.mark.parametrize(
+    "command",
+    [COMMANDS[0], *(pytest.param(c, marks=pytest.mark.slow) for c in COMMANDS[1:])],
+    ids=lambda c: " ".join(c[1:]),
+)
 def test_every_option_shows_its_default_as_typed(command):
     text = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
     options = text.split("options:", 1)[1]
@@ -250,10 +257,18 @@ def test_messages_point_the_right_way(demo_src, demo_shards, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture(scope="module")
+def smoke_run(demo_shards, tmp_path_factory) -> tuple[int, Path]:
+    """A one-batch run made through the command line with a bare --quiet: (its exit code, its folder)."""
+    run = tmp_path_factory.mktemp("smoke") / "r"
+    args = ["--shards", str(demo_shards), "--out", str(run), "--arch", "shufflenet_v2_x0_5", "--weights", "none"]
+    args += ["--head", "linear", "--epochs", "1", "--batch-size", "8", "--limit-batches", "1", "--quiet"]  # bare flag
+    return cli(args), run
+
+
 @pytest.mark.slow
-def test_eval_names_split_when_the_pack_has_no_such_split(demo_shards, tmp_path, capsys):
-    run = main(tiny(demo_shards, tmp_path / "r", epochs=1, batch_size=8, limit_batches=1, quiet=True))
-    capsys.readouterr()
+def test_eval_names_split_when_the_pack_has_no_such_split(smoke_run, capsys):
+    _, run = smoke_run
     assert cli(["eval", "--checkpoint", str(run / "best.pt"), "--split", "tst"]) == 2
     err = capsys.readouterr().err
     assert "--split 'tst' is not in" in err and "did you mean 'test'?" in err
@@ -301,7 +316,7 @@ def test_new_options_out_of_range_are_one_line(demo_shards, tmp_path, capsys, fl
 
 
 @pytest.mark.slow
-def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
+def test_commands_flags_and_logs_as_typed(demo_shards, smoke_run, capsys):
     assert cli(["exprt", "--checkpoint", "x.pt"]) == 2
     assert "unknown command 'exprt'; did you mean 'export'?" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no abbreviations: --lr-s is a typo, not --lr-schedule
@@ -310,10 +325,8 @@ def test_commands_flags_and_logs_as_typed(demo_shards, tmp_path, capsys):
     from train.settings.run import parse_logs
 
     assert parse_logs("none") == () and parse_logs(" csv, csv ,tensorboard") == ("csv", "tensorboard")
-    run = tmp_path / "r"
-    args = ["--shards", str(demo_shards), "--out", str(run), "--arch", "shufflenet_v2_x0_5", "--weights", "none"]
-    args += ["--head", "linear", "--epochs", "1", "--batch-size", "8", "--limit-batches", "1", "--quiet"]  # bare flag
-    assert cli(args) == 0
+    code, run = smoke_run  # --quiet given bare
+    assert code == 0
     assert json.loads((run / "config.json").read_text())["quiet"] is True
 
 

@@ -3,6 +3,7 @@ leaves no worker holding OUT's lock, so the re-run starts at once and writes the
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -16,9 +17,10 @@ import pytest
 
 from crackio.writing.outdir import LOCK, WRITTEN
 from tests.conftest import ROOT
-from tools.make_demo_data import generate, link_large, write_photos
+from tests.helpers import StopPoint
 
-ALIVE_SECONDS = 5  # a worker of a killed parent must be gone by then (prctl: at once; elsewhere: 0.2 s polls)
+# A worker of a killed parent dies (prctl: at once; elsewhere: 0.2 s polls); this only guards against a hang.
+ALIVE_SECONDS = 60
 
 
 def _children(pid: int) -> set[int]:
@@ -40,26 +42,20 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] in "ZXx" else fields[19]
 
 
-def _kill_with_workers(cmd: list[str], out: Path, pattern: str | None) -> dict[int, str]:
-    """Run `cmd`, SIGKILL it once two worker processes are running (and `out` holds a file matching `pattern`);
-    returns the workers seen before the kill, {pid: start time}. Skips if the run ended first."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers: dict[int, str] = {}
-    deadline = time.monotonic() + 120
+def _kill_with_workers(cmd: list[str], out: Path, pattern: str, folder: Path) -> dict[int, str]:
+    """Run `cmd` until its workers write a file matching `pattern` under `out` (stopped there, workers and all),
+    then SIGKILL the parent alone; returns the workers seen before the kill, {pid: start time}."""
+    stop = StopPoint(folder, file=pattern, root=out)
+    stop.start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            for child in _children(proc.pid) - workers.keys():
-                started = _start_time(child)
-                if started is not None:
-                    workers[child] = started
-            if len(workers) >= 2 and (pattern is None or any(out.glob(pattern))):
-                break
-            time.sleep(0.001)
+        children = _children(stop.proc.pid)
+        workers = {pid: started for pid in children if (started := _start_time(pid)) is not None}
+        assert len(workers) == 2 and not (out / "manifest.json").exists(), workers
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    if (out / "manifest.json").exists() or len(workers) < 2:
-        pytest.skip(f"the run ended before it could be killed with its workers running ({len(workers)} seen)")
+        os.kill(stop.proc.pid, signal.SIGKILL)
+        stop.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stop.proc.pid, signal.SIGCONT)  # a surviving worker would sleep on stopped: fail, not hang
     return workers
 
 
@@ -92,24 +88,21 @@ def _rerun_matches_fresh_run(cmd: list[str], out: Path, fresh: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pack_workers_die_with_a_killed_parent(tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
-    generate(src, images=6, per_image=20, seed=5)
-    link_large(src, "large", 3000)  # hard links: a pack of ~1.5 s for no generation time
-    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(src), "--samples-per-shard", "20", "--workers"]
+def test_pack_workers_die_with_a_killed_parent(demo_src, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "pack.py"), str(demo_src), "--samples-per-shard", "20", "--workers"]
     cmd += ["2", "--out", str(out), "--quiet"]
-    workers = _kill_with_workers(cmd, out, "*/*.tar*")  # a shard or its temporary: the workers are writing
+    workers = _kill_with_workers(cmd, out, "*/*.tar*", tmp_path / "stop")  # a shard's temporary: workers writing
     _assert_workers_die(workers)
     _rerun_matches_fresh_run(cmd, out, tmp_path / "fresh")
 
 
 @pytest.mark.slow
-def test_propose_workers_die_with_a_killed_parent(tmp_path):
-    write_photos(tmp_path / "photos", images=6, seed=4, size=(192, 128), formats=("coco",))
+def test_propose_workers_die_with_a_killed_parent(demo_photos, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(tmp_path / "photos" / "coco"), "--format"]
+    cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(demo_photos / "coco"), "--format"]
     cmd += ["coco", "--max-proposals", "40", "--samples-per-shard", "10", "--workers", "2", "--out", str(out)]
     cmd += ["--quiet"]
-    workers = _kill_with_workers(cmd, out, None)  # the shard-writing workers live only briefly: kill at once
+    workers = _kill_with_workers(cmd, out, "*/*.tar*", tmp_path / "stop")  # the shard-writing workers are running
     _assert_workers_die(workers)
     _rerun_matches_fresh_run(cmd, out, tmp_path / "fresh")
