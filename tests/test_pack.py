@@ -277,4 +277,5 @@ def test_pack_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
         PackSettings(samples_per_shard=0, workers=-1)
     with pytest.raises(SystemExit) as stop:
         tool.main([str(tmp_path), "--samples-per-shard", "0", "--workers", "-1"])
-    assert stop.value.code == 2 and message in capsys.readouterr().err
+    tool_message = "--samples-per-shard must be >= 1 and --workers >= 0, got 0 and -1"  # the tool speaks its flags
+    assert stop.value.code == 2 and tool_message in capsys.readouterr().err
