@@ -272,7 +272,8 @@ def process_state(pid: int) -> str | None:
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and the PIDs of every process descending from it (from /proc)."""
+    """`root` and the PIDs of every process descending from it (from /proc). The hook above has its own copy
+    (`_tree`): it runs in the child as sitecustomize, which must not import the tests."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
