@@ -18,6 +18,17 @@ ARCH = "shufflenet_v2_x0_5"  # ~10x cheaper than resnet18 on CPU
 TINY_ARGS = ["--arch", ARCH, "--weights", "none", "--device", "cpu"]  # the CLI's flags for the same
 
 
+def record_index(pack: Path, split: str = "train") -> None:
+    """Record a split's index.npy, changed by a test, in the pack's manifest (its SHA-256), as a writer with a bug
+    would: a pack consistent in its digests, for tests of the checks that come after them (rows, CRC32s)."""
+    import hashlib
+
+    manifest = json.loads((pack / "manifest.json").read_text())
+    data = (pack / split / "index.npy").read_bytes()
+    manifest["splits"][split]["index_sha256"] = hashlib.sha256(data).hexdigest()
+    (pack / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def tiny(shards, out, **kw) -> RunSettings:
     """A CPU run of the tiny architecture from scratch; keywords override."""
     base = dict(

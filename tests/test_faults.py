@@ -26,7 +26,7 @@ from crackio.loading.loader import make_loader
 from crackio.writing.outdir import LOCK, WRITTEN, OutputFolder
 from crackio.writing.pack import PackSettings, pack
 from tests.conftest import BACKENDS, ROOT
-from tests.helpers import StopPoint
+from tests.helpers import StopPoint, record_index
 from tests.test_pack import shard_files
 
 PACK = [sys.executable, str(ROOT / "tools" / "pack.py")]
@@ -102,6 +102,7 @@ def rewrite_index(out: Path, change) -> None:
     rows = np.load(out / "train" / "index.npy")
     change(rows)
     np.save(out / "train" / "index.npy", rows)
+    record_index(out)  # a pack whose manifest agrees: the row checks behind the digest
 
 
 @pytest.mark.parametrize(
@@ -183,6 +184,7 @@ def test_swapped_samples_are_found_by_the_loader_and_by_verify(shards):
     rows = np.load(shards / "train" / "index.npy")
     rows[["offset", "size", "crc32"]][[1, 2]] = rows[["offset", "size", "crc32"]][[2, 1]]  # labels now mismatched
     np.save(shards / "train" / "index.npy", rows)
+    record_index(shards)  # even with the manifest agreeing (a writer's bug), each row's own checks find it
     problems = list(verify(shards))
     assert len(problems) == 2 and all("points at member" in p for p in problems)
     loader = make_loader(shards, "train", batch_size=160, train=False, backend="torch", device="cpu")
@@ -190,12 +192,17 @@ def test_swapped_samples_are_found_by_the_loader_and_by_verify(shards):
         next(iter(loader))
 
 
-def test_an_index_that_disagrees_with_the_tars_metadata_is_found_by_verify(shards):
+def test_an_index_with_one_label_flipped_is_refused_at_open_and_found_by_verify(shards):
     rows = np.load(shards / "train" / "index.npy")
-    rows["label"] = 1 - rows["label"]  # every label flipped: the loader cannot tell, the tar's .json can
+    rows["label"][5] = 1 - rows["label"][5]  # sizes, locations and checksums all still match
     np.save(shards / "train" / "index.npy", rows)
+    with pytest.raises(ShardError, match=r"train/index.npy is not the index .*manifest.json records \(SHA-256 "):
+        make_loader(shards, "train", batch_size=4, train=True, device="cpu")
     problems = list(verify(shards))
-    assert len(problems) == 160 and all("disagree with the index" in p for p in problems)
+    assert len(problems) == 2 and "train/index.npy is not the index" in problems[0]
+    assert "row 5" in problems[1] and "disagree with the index" in problems[1]
+    record_index(shards)  # a manifest that agrees (a writer's bug): the tar's .json still tells
+    assert [p for p in verify(shards) if "disagree with the index" in p] == problems[1:]
 
 
 def pack_under_umask(src: Path, out: Path, mask: int) -> None:

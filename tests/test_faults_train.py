@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import stat
@@ -496,6 +497,110 @@ def test_resume_refuses_an_edited_manifest_and_another_pack_given_with_shards(ru
     assert cli(["--resume", str(run), "--epochs", "2", "--shards", str(old)]) == 2  # the same, given
     assert "its manifest.json differs" in one_line(capsys.readouterr().err, old)
     assert snapshot(run) == before
+
+
+def damage_in_place(pack: Path, split: str, row: int) -> bytes:
+    """Flip a byte of one stored crop of `pack` (the same size, every manifest and index unchanged); returns the tar's
+    bytes before, to put back."""
+    rows = np.load(pack / split / "index.npy")
+    tar = pack / split / f"{split}-{int(rows['shard'][row]):06d}.tar"
+    before = tar.read_bytes()
+    data = bytearray(before)
+    data[int(rows["offset"][row]) + 100] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return before
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_pack_rewritten_with_one_crop_changed(run1, demo_src, tmp_path, capsys):
+    """The same source with one crop's pixels changed (same size) packed in place: every count and size is the
+    same, the pack's identity is not."""
+    from crackio import make_loader
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    old = tmp_path / "old"
+    saved = json.loads((run1 / "config.json").read_text())
+    settings = PackSettings(samples_per_shard=50, workers=1, seed=0)
+    pack(src, old, settings, progress=False)
+    loader = make_loader(old, "train", batch_size=8, train=True, device="cpu")
+    state = loader.state_dict()
+    run = copy_run(run1, tmp_path / "run")
+    (run / "config.json").write_text(json.dumps(saved | {"shards": str(old)}))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["pack"] = checkpoint.pack_fingerprint(*pack_identity(old))  # the run trained on `old` as first packed
+    torch.save(ckpt, run / "last.pt")
+    crop = next(p for p in sorted((src / "train").iterdir()) if p.suffix == ".jpg")
+    jpeg = bytearray(crop.read_bytes())
+    first = jpeg.index(b"\xff\xdb") + 5  # the first value of its quantization table: other pixels, the same size
+    jpeg[first] = jpeg[first] % 254 + 1
+    crop.write_bytes(bytes(jpeg))
+    pack(src, old, settings, progress=False)
+    before = snapshot(run)
+    assert cli(["--resume", str(run), "--epochs", "2"]) == 2
+    line = one_line(capsys.readouterr().err, old, f"--resume {run}")
+    assert "the samples of split(s) train differ (same counts" in line
+    assert snapshot(run) == before
+    with pytest.raises(ValueError, match="the loader state is for .*pack"):
+        make_loader(old, "train", batch_size=8, train=True, device="cpu").load_state_dict(state)
+
+
+def pack_identity(pack_folder: Path) -> tuple[str, dict]:
+    from crackio import open_pack
+
+    opened = open_pack(pack_folder)
+    return opened.sha256, opened.manifest
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_runs_checkpoint(run1, demo_shards, tmp_path, capsys):
+    """Another run's last.pt (trained with another --lr) copied into a run: refused, naming what differs and how to
+    start from its weights instead."""
+    run = copy_run(run1, tmp_path / "run")
+    other = torch.load(run / "last.pt", weights_only=True)
+    other["run_id"] = checkpoint.new_run_id()
+    other["config"] = other["config"] | {"lr": 0.05}
+    torch.save(other, run / "last.pt")
+    before = snapshot(run)
+    assert cli(["--resume", str(run), "--epochs", "2"]) == 2
+    line = one_line(capsys.readouterr().err, run / "last.pt", "was written by another run")
+    assert "lr 0.05 there" in line and f"--weights {run / 'last.pt'}" in line
+    assert snapshot(run) == before
+    del other["run_id"]  # a checkpoint that names no run at all
+    torch.save(other, run / "last.pt")
+    assert cli(["--resume", str(run), "--epochs", "2"]) == 2
+    one_line(capsys.readouterr().err, run / "last.pt", "a run that recorded no identity")
+    assert json.loads((run / "config.json").read_text())["run_id"] == torch.load(run1 / "last.pt")["run_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_sample_changed_mid_epoch_saves_the_steps_done(demo_shards, tmp_path, capsys, backend):
+    """A crop whose bytes change under a running epoch (same size: only its CRC32 tells) ends the run in one line,
+    like a network fault: step.pt holds the whole steps before it, and once the pack is sound again the resumed run
+    ends with the weights of a run never stopped."""
+    from train.run.resume import read_config
+    from train.run.setup import split_loader
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    args = ["--shards", str(shards), *FLAGS[:-2], "--batch-size", "8", "--epochs", "1", "--workers", "1"]
+    args += ["--backend", backend, "--checkpoint-every", "0"]
+    assert cli([*args, "--out", str(tmp_path / "whole")]) == 0
+    cfg = read_config(tmp_path / "whole").for_world(1)
+    sixth = int(split_loader(cfg, "train", True, torch.device("cpu")).batches(0)[5][0])
+    tar_before = damage_in_place(shards, "train", sixth)
+    out = tmp_path / "cut"
+    assert cli([*args, "--out", str(out)]) == 2
+    line = one_line(capsys.readouterr().err, "does not match its checksum")
+    done = re.search(f"{out / 'step.pt'} holds epoch 1 after (\\d+) samples", line)
+    assert done and 0 < int(done[1]) <= 40  # the steps before the damaged batch (DALI reads a batch or two ahead)
+    tar = shards / "train" / f"train-{int(np.load(shards / 'train' / 'index.npy')['shard'][sixth]):06d}.tar"
+    tar.write_bytes(tar_before)
+    assert cli(["--resume", str(out / "step.pt")]) == 0
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], v) for k, v in b.items())
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from crackio.loading.augment import MEAN, STD
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.writing.filenames import parse_name
 from tests.conftest import BACKENDS, DEVICES, code_color, decode_id, needs_cuda, needs_dali
+from tests.helpers import record_index
 
 
 def center_rgb(images: torch.Tensor) -> np.ndarray:
@@ -176,6 +177,9 @@ def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
     index = np.load(broken / "train" / "index.npy")
     index["offset"] += 512  # points at the wrong bytes, tar sizes still match the manifest
     np.save(broken / "train" / "index.npy", index)
+    with pytest.raises(ShardError, match=r"index.npy is not the index .*manifest.json records .*re-run"):
+        make_loader(broken, "train", batch_size=4, train=True, device="cpu")
+    record_index(broken)  # recorded too (a writer's bug): every sample's CRC32 still catches it
     with pytest.raises(ShardError, match=r"does not match its checksum.*re-run"):
         make_loader(broken, "train", batch_size=4, train=True, device="cpu")
 

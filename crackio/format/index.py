@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +41,11 @@ class SplitIndex:
         return [b.decode(errors="backslashreplace") for b in self.rows["filename"][ids]]
 
 
-def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
-    """Load a split's index, memory-mapped read-only, and check it against its manifest and tars (sizes and
-    locations, not contents: `verify` reads every byte).
+def load_index(root: str | os.PathLike, split: str, digest: bool = True) -> SplitIndex:
+    """Load a split's index, memory-mapped read-only, and check it against its manifest: its SHA-256 (so every
+    label, IoU, location and checksum is the one the pack was written with), and the tars' sizes (their contents
+    are checked sample by sample through the index's CRC32s; `verify` reads every byte). `digest` False: leave
+    the SHA-256 to the caller (`verify`, which reports it as a problem line).
 
     Memory-mapped: the processes of a node (ranks, workers) share one copy in the page cache,
     and a process touches only the pages of the columns it reads.
@@ -55,6 +59,10 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     if index_path.exists() and index_path.resolve().parent != (root / split).resolve():
         raise _bad(index_path, f"is a link to {index_path.resolve()}, outside {(root / split).resolve()}", root)
     rows = open_index(index_path, index_path, root)
+    if digest:
+        problem = index_digest_problem(index_path, info, index_path, root)
+        if problem:
+            raise ShardError(problem + ": " + REPACK.format(root=root))
     shards = [root / split / s["name"] for s in info["shards"]]
     folder = (root / split).resolve()
     for path in shards:
@@ -68,6 +76,42 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
             raise _bad(path, f"is {actual} bytes, the manifest says {s['bytes']} (truncated or replaced)", root)
     check_index(rows, info, index_path, root)
     return SplitIndex(root, split, rows, shards)
+
+
+_digests: dict[tuple, str] = {}  # (path, device, inode, size, mtime) -> SHA-256: an index is hashed once a process
+_digests_lock = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256 (hex), hashed once per process while the file's device, inode, size and mtime stay."""
+    info = os.stat(path)
+    key = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    with _digests_lock:
+        known = _digests.get(key)
+    if known is None:
+        with open(path, "rb") as f:
+            known = hashlib.file_digest(f, "sha256").hexdigest()
+        with _digests_lock:
+            _digests[key] = known
+    return known
+
+
+def index_digest_problem(
+    data: bytes | str | os.PathLike, info: dict, name: str | os.PathLike, root: str | os.PathLike
+) -> str | None:
+    """Why a split's index (its bytes, or the path of its file) is not the one its manifest entry `info` records,
+    or None when its SHA-256 matches. `name` and `root`: the index and the pack as the user knows them.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    got = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else file_sha256(data)
+    if got == info["index_sha256"]:
+        return None
+    return (
+        f"{name} is not the index {join(root, MANIFEST)} records (SHA-256 {got[:16]}..., recorded "
+        f"{info['index_sha256'][:16]}...): it was changed or replaced after the pack was written"
+    )
 
 
 def split_entry_of(manifest: dict, root: str | os.PathLike, split: str) -> dict:

@@ -25,7 +25,7 @@ from crackio.fsio import is_path_component
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
-FORMAT_VERSION = 2  # 2: crc32 and key columns in the index; keys are positions in the seeded order
+FORMAT_VERSION = 3  # 2: crc32 and key columns in the index, keys are positions in the seeded order; 3: SHA-256s
 REPACK = "re-run `python tools/pack.py SRC --out {root}`"
 
 SPLITS = ("train", "valid", "test")  # the split names a pack is made of when its input names them

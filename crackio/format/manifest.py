@@ -19,6 +19,8 @@ class ShardEntry(TypedDict):
     name: str  # <split>-NNNNNN.tar, in the split's folder
     samples: int
     bytes: int  # the tar's size: a truncated or replaced tar is refused before reading
+    sha256: str  # the tar's SHA-256 (hex), computed as it was written: `verify` checks every byte against it
+    idx_sha256: str  # its DALI .idx's SHA-256
 
 
 class SplitEntry(TypedDict, total=False):
@@ -32,11 +34,14 @@ class SplitEntry(TypedDict, total=False):
     labels: dict  # which IoU thresholds the names' labels follow (crackio.writing.quality.label_report)
     converted: dict[str, int]  # inputs converted, per kind of conversion
     converted_list: str | None  # <split>/converted.tsv when any were converted
+    converted_sha256: str | None  # its SHA-256
+    index_sha256: str  # index.npy's SHA-256: checked whenever a loader opens the index
     shards: list[ShardEntry]
 
 
 class Manifest(TypedDict, total=False):
-    """The pack's manifest.json, written last: its presence marks a complete pack."""
+    """The pack's manifest.json, written last: its presence marks a complete pack. It records the SHA-256 of every
+    other file of the pack, so its own SHA-256 (`manifest_sha256`) identifies every byte of the pack."""
 
     format_version: int  # FORMAT_VERSION: the one versioning mechanism
     source: str  # the input folder, absolute
@@ -62,11 +67,14 @@ def split_entry(
     labels: dict,
     converted: dict[str, int],
     converted_list: str | None,
+    converted_sha256: str | None,
+    index_sha256: str,
     shards: list[ShardEntry],
 ) -> SplitEntry:
     """A split's manifest entry, keys in the file's order; `stats` are the producer's own fields."""
     entry = {"samples": samples, "classes": classes, **stats, "iou_histogram": iou_histogram, "labels": labels}
-    entry |= {"converted": converted, "converted_list": converted_list, "shards": shards}
+    entry |= {"converted": converted, "converted_list": converted_list, "converted_sha256": converted_sha256}
+    entry |= {"index_sha256": index_sha256, "shards": shards}
     return entry  # type: ignore[return-value]  # a TypedDict with the producer's extra keys
 
 
@@ -113,9 +121,28 @@ def _count(value) -> bool:
     return is_integer(value, 0, 2**63 - 1)  # a JSON integer that fits the index's int64 columns
 
 
+def is_sha256(value) -> bool:
+    """A SHA-256 as the manifest records it: 64 lowercase hexadecimal digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def rewrite_command(manifest: dict, root: str | os.PathLike) -> str:
+    """The command that writes the pack at `root` again from its source, as its (older) manifest records it:
+    tools/propose.py for the proposal stage's packs, tools/pack.py for proposal folders; SRC where the source is
+    not recorded. Read leniently: the manifest may be of another format version."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), str) else "SRC"
+    annotations = manifest.get("annotations")
+    if manifest.get("stage") == "propose":
+        fmt = annotations.get("format") if isinstance(annotations, dict) else None
+        option = f" --format {fmt}" if isinstance(fmt, str) else ""
+        return f"python tools/propose.py {source}{option} --out {root} (with the settings it was made with)"
+    return f"python tools/pack.py {source} --out {root}"
+
+
 def manifest_sha256(root: str | os.PathLike) -> str:
-    """The SHA-256 of a pack's manifest.json: what identifies the pack (the same input and seed give a
-    byte-identical manifest, and it moves with the folder). Read after `read_manifest` validated it.
+    """The SHA-256 of a pack's manifest.json: what identifies the pack, every byte of it (the manifest records
+    every other file's SHA-256; the same input and seed give a byte-identical manifest, and it moves with the
+    folder). Read after `read_manifest` validated it.
 
     Raises:
         OSError: the manifest cannot be read.
@@ -348,9 +375,13 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
         raise _bad(path, f"is unreadable ({type(e).__name__}: {str(e)[:200]})", root) from None
     if not isinstance(manifest, dict):
         raise _bad(path, "is not a JSON object", root)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise _bad(
-            path, f"has format_version {manifest.get('format_version')!r}, this crackio reads {FORMAT_VERSION}", root
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        older = is_integer(version, 1, FORMAT_VERSION - 1)
+        raise ShardError(
+            f"{path} has format_version {version!r}, this crackio reads {FORMAT_VERSION}"
+            + (" (which records every file's SHA-256)" if older else "")
+            + f": write the pack again with `{rewrite_command(manifest, root)}`"
         )
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
@@ -361,6 +392,10 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
             raise _bad(path, f"names a split {split!r} that is not a plain folder name", root)
         if not isinstance(info, dict) or not _count(info.get("samples")) or not isinstance(info.get("shards"), list):
             raise _bad(path, f"{where} needs 'samples' (an integer >= 0) and a 'shards' list", root)
+        if not is_sha256(info.get("index_sha256")):
+            raise _bad(path, f"{where} needs 'index_sha256' (its index.npy's SHA-256, 64 hex digits)", root)
+        if info.get("converted_sha256") is not None and not is_sha256(info["converted_sha256"]):
+            raise _bad(path, f"{where}.converted_sha256 is not a SHA-256 (64 hex digits)", root)
         pattern = shard_pattern(split)
         for k, shard in enumerate(info["shards"]):
             if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)):
@@ -373,6 +408,8 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
                 )
             if not (_count(shard.get("samples")) and _count(shard.get("bytes"))):
                 raise _bad(path, f"{where}.shards[{k}] needs 'samples' and 'bytes' as integers >= 0", root)
+            if not (is_sha256(shard.get("sha256")) and is_sha256(shard.get("idx_sha256"))):
+                raise _bad(path, f"{where}.shards[{k}] needs 'sha256' and 'idx_sha256' (64 hex digits each)", root)
         if sum(s["samples"] for s in info["shards"]) != info["samples"]:
             raise _bad(
                 path,

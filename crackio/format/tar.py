@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -75,15 +76,20 @@ class TarShard:
             raise write_error(self.tmp, e) from None
         self._pos = 0
         self._members: list[tuple[str, int, int]] = []
+        self._sha256 = hashlib.sha256()  # of every byte as written: the tar's identity in the manifest
         self.count = 0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
 
     def _member(self, name: str, data: bytes) -> int:
         pad = -len(data) % BLOCK
         try:
-            self._file.write(ustar_header(name, len(data)))
-            self._file.write(data)
+            self._write(ustar_header(name, len(data)))
+            self._write(data)
             if pad:
-                self._file.write(bytes(pad))
+                self._write(bytes(pad))
         except OSError as e:
             raise write_error(self.tmp, e) from None
         offset = self._pos + BLOCK
@@ -101,19 +107,27 @@ class TarShard:
         return offset, len(jpeg), zlib.crc32(jpeg)
 
     def close(self) -> ShardEntry:
-        """End the archive, fsync, write its DALI index, rename both; returns the manifest's shard entry."""
+        """End the archive, fsync, write its DALI index, rename both; returns the manifest's shard entry (sizes
+        and SHA-256 digests of both files, computed as they were written)."""
         end = self._pos + 2 * BLOCK
         try:
-            self._file.write(bytes(2 * BLOCK + (-end % RECORD)))
+            self._write(bytes(2 * BLOCK + (-end % RECORD)))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
         except OSError as e:
             raise write_error(self.tmp, e) from None
-        atomic_write(self.final.with_suffix(".idx"), wds2idx_text(self._members).encode())
+        idx = wds2idx_text(self._members).encode()
+        atomic_write(self.final.with_suffix(".idx"), idx)
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
-        return {"name": self.final.name, "samples": self.count, "bytes": self.final.stat().st_size}
+        return {
+            "name": self.final.name,
+            "samples": self.count,
+            "bytes": self.final.stat().st_size,
+            "sha256": self._sha256.hexdigest(),
+            "idx_sha256": hashlib.sha256(idx).hexdigest(),
+        }
 
     def abort(self) -> None:
         try:
@@ -194,7 +208,9 @@ def wds2idx_text(members: list[tuple[str, int, int]]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples)
 
 
-def save_index(path: Path, rows: np.ndarray) -> None:
+def save_index(path: Path, rows: np.ndarray) -> str:
+    """A split's index.npy through the atomic writer; returns its SHA-256 (hex), which the manifest records."""
     buf = io.BytesIO()
     np.save(buf, rows, allow_pickle=False)
     atomic_write(path, buf.getvalue())
+    return hashlib.sha256(buf.getvalue()).hexdigest()

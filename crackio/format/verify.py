@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.format.index import load_index
-from crackio.format.layout import sample_key
+from crackio.format.index import index_digest_problem, load_index
+from crackio.format.layout import INDEX, sample_key
 from crackio.format.manifest import read_manifest
 from crackio.format.tar import BLOCK
 from crackio.fsio import read_regular
@@ -20,9 +21,10 @@ MAX_IDX_BYTES = 1 << 30  # ~100 bytes a sample
 
 
 def verify(root: str | os.PathLike) -> Iterator[str]:
-    """Read every stored sample of every split and check it against the index: yields one line per problem
-    (none: the folder is sound). Checks each JPEG's CRC32, that the tar member at its offset is `<key>.jpg`,
-    and that each tar's DALI `.idx` lists the tar's samples. Sequential reads, one tar at a time.
+    """Read every byte of a pack and check it: yields one line per problem (none: the folder is sound). Checks
+    each index's, tar's and `.idx`'s SHA-256 against the manifest, and, to say which sample differs, each JPEG's
+    CRC32, that the tar member at its offset is `<key>.jpg`, and that each tar's DALI `.idx` lists the tar's
+    samples. Sequential reads, one tar at a time.
 
     Raises:
         ShardError: the manifest or an index is malformed (nothing sample-level can be checked then).
@@ -31,17 +33,37 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
     for split, info in read_manifest(root, verifying=True)["splits"].items():
         if info["samples"] == 0:
             continue
-        index = load_index(root, split)
-        for number, path in enumerate(index.shards):
+        index = load_index(root, split, digest=False)
+        problem = index_digest_problem(root / split / INDEX, info, root / split / INDEX, root)
+        if problem:
+            yield problem
+        for number, (path, shard) in enumerate(zip(index.shards, info["shards"])):
             idx = path.with_suffix(".idx")
             try:
                 if idx.resolve().parent != path.resolve().parent:
                     raise ValueError(f"a link to {idx.resolve()}, outside the split's folder")
-                yield from verify_idx(read_regular(idx, MAX_IDX_BYTES), index.rows, number, str(idx))
+                data = read_regular(idx, MAX_IDX_BYTES)
+                yield from digest_problem(hashlib.sha256(data).hexdigest(), shard["idx_sha256"], str(idx))
+                yield from verify_idx(data, index.rows, number, str(idx))
             except (OSError, ValueError) as e:
                 yield f"{idx}: unreadable ({e})"
             with open(path, "rb") as f:
-                yield from verify_tar(f.fileno(), index.rows, number, str(path))
+                got = hashlib.file_digest(f, "sha256").hexdigest()
+                yield from tar_problems(f.fileno(), index.rows, number, str(path), got, shard["sha256"])
+
+
+def tar_problems(fd: int, rows: np.ndarray, number: int, name: str, got: str, recorded: str) -> list[str]:
+    """The problems of tar `number` (open as `fd`, its SHA-256 `got`, the manifest's `recorded`): its samples' (which
+    say which sample differs), or, when every sample is sound but some other byte changed (a header, the padding),
+    the digest's."""
+    problems = list(verify_tar(fd, rows, number, name))
+    return problems or list(digest_problem(got, recorded, name))
+
+
+def digest_problem(got: str, recorded: str, name: str) -> Iterator[str]:
+    """One problem line when a file's SHA-256 `got` is not the one its manifest `recorded`."""
+    if got != recorded:
+        yield f"{name}: its SHA-256 is {got[:16]}..., the manifest records {recorded[:16]}... (changed after packing)"
 
 
 def verify_idx(data: bytes, rows: np.ndarray, number: int, name: str) -> Iterator[str]:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from crackio.errors import ConfigError, CrackioError
-from crackio.format.index import SplitIndex, check_index, load_index, open_index, split_entry_of
+from crackio.format.index import SplitIndex, check_index, index_digest_problem, load_index, open_index, split_entry_of
 from crackio.format.layout import CONVERTED, INDEX, MANIFEST, SPLITS, ShardError, join
 from crackio.format.manifest import (
     manifest_sha256,
@@ -44,7 +44,7 @@ from crackio.format.manifest import (
     split_folder_error,
     splits_named,
 )
-from crackio.format.verify import verify, verify_idx, verify_tar
+from crackio.format.verify import digest_problem, tar_problems, verify, verify_idx
 from crackio.storage.cache import Cache, default_cache_dir
 from crackio.storage.remote import Missing, Remote, RemoteError, check_location, is_remote
 from crackio.storage.settings import RemoteSettings, parse_bytes  # noqa: F401  (parse_bytes: train imports it here)
@@ -184,8 +184,9 @@ class RemoteShards:
 class Pack:
     """A complete pack, local or remote, its manifest read and validated once.
 
-    `location`: as given (folder or URL); `manifest`: the validated dict; `sha256`: the manifest's (the pack's
-    identity in checkpoints and loader states, the same for a local copy).
+    `location`: as given (folder or URL); `manifest`: the validated dict; `sha256`: the manifest's, which records
+    every other file's SHA-256 (the pack's identity over every byte, in checkpoints, loader states, the SVM
+    feature cache and the node cache; the same for a local copy).
     """
 
     location: str
@@ -212,7 +213,15 @@ class Pack:
         info = split_entry_of(self.manifest, self.location, split)
         key = f"{split}/{INDEX}"
         name = self.remote.address(key)
-        download = lambda: self.remote.get(key)[0]  # type: ignore[union-attr]  # noqa: E731
+        fix = f": write the pack at {self.location} again"
+
+        def download() -> bytes:  # checked before the cache keeps it: a bad download is never kept
+            data = self.remote.get(key)[0]  # type: ignore[union-attr]
+            problem = index_digest_problem(data, info, name, self.location)
+            if problem:
+                raise ShardError(problem + fix)
+            return data
+
         if self.cache is None:  # cache_limit 0
             rows = _in_memory(download(), name, self.location)
         else:
@@ -222,6 +231,13 @@ class Pack:
                 if isinstance(kept, bytes):  # larger than the whole cache
                     rows = _in_memory(kept, name, self.location)
                     break
+                try:
+                    damaged = kept.is_file() and index_digest_problem(kept, info, name, self.location)
+                except OSError:  # evicted while hashed
+                    continue
+                if damaged:  # the cached file changed on disk since it was checked: drop it, download again
+                    self.cache.drop(entry)
+                    continue
                 if kept.is_file():
                     rows = open_index(kept, name, self.location)
                     break
@@ -376,13 +392,21 @@ def verify_pack(location: str | os.PathLike, remote: RemoteSettings | None = Non
     for split, info in pack.manifest["splits"].items():
         if info["samples"] == 0:
             continue
-        rows = pack.index(split).rows
+        key = f"{split}/{INDEX}"
+        data = pack.remote.get(key)[0]  # as the server holds it, not as a cache kept it
+        problem = index_digest_problem(data, info, pack.remote.address(key), pack.location)
+        if problem:
+            yield problem
+        rows = _in_memory(data, pack.remote.address(key), pack.location)
+        check_index(rows, info, pack.remote.address(key), pack.location)
         for number, shard in enumerate(info["shards"]):
             key = f"{split}/{shard['name']}"
             name = pack.remote.address(key)
             idx = key[: -len(".tar")] + ".idx"
             try:
-                yield from verify_idx(pack.remote.get(idx)[0], rows, number, pack.remote.address(idx))
+                text, where = pack.remote.get(idx)[0], pack.remote.address(idx)
+                yield from digest_problem(hashlib.sha256(text).hexdigest(), shard["idx_sha256"], where)
+                yield from verify_idx(text, rows, number, where)
             except (RemoteError, ValueError) as e:  # UnicodeDecodeError is a ValueError
                 yield f"{pack.remote.address(idx)}: unreadable ({e})"
             data, size = pack.remote.get(key)
@@ -394,6 +418,6 @@ def verify_pack(location: str | os.PathLike, remote: RemoteSettings | None = Non
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                yield from verify_tar(fd, rows, number, name)
+                yield from tar_problems(fd, rows, number, name, hashlib.sha256(data).hexdigest(), shard["sha256"])
             finally:
                 os.close(fd)

@@ -8,6 +8,7 @@ and a skipped input only makes its shard smaller (keys keep their gaps).
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -118,12 +119,15 @@ def write_split(
     kept = rows[located["key"]]
     for column in ("shard", "offset", "size", "crc32", "key"):
         kept[column] = located[column]
-    save_index(folder / INDEX, kept)
+    index_sha256 = save_index(folder / INDEX, kept)
     converted_lines = sorted(line for w in written for line in w.converted)
     # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
     listed = folder / CONVERTED
+    converted_sha256 = None
     if converted_lines:
-        atomic_write(listed, "".join(converted_lines).encode())
+        text = "".join(converted_lines).encode()
+        atomic_write(listed, text)
+        converted_sha256 = hashlib.sha256(text).hexdigest()
     else:
         listed.unlink(missing_ok=True)
     labels = kept["label"].astype(np.int64)
@@ -135,6 +139,8 @@ def write_split(
         labels=label_report(kept["iou"], labels, kept["filename"]),
         converted=dict(sorted(Counter(line.rstrip("\n").rsplit("\t", 1)[1] for line in converted_lines).items())),
         converted_list=f"{split}/{CONVERTED}" if converted_lines else None,
+        converted_sha256=converted_sha256,
+        index_sha256=index_sha256,
         shards=shards,
     )
     digests = np.concatenate([w.digests for w in written]) if written else np.zeros(0, "S16")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import pickle
+import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -175,12 +176,22 @@ def restore(ckpt: dict, path: Path, model, optimizer, scaler, scheduler) -> None
 
 
 def checkpoint(
-    model, optimizer, scaler, scheduler, state: TrainState, proposals: dict | None, pack: dict, cfg: RunSettings
+    model,
+    optimizer,
+    scaler,
+    scheduler,
+    state: TrainState,
+    proposals: dict | None,
+    pack: dict,
+    cfg: RunSettings,
+    run_id: str,
 ) -> dict:
     """What every checkpoint holds: weights, optimizer, scaler and schedule state (the steps taken), the run's
-    config, the proposal settings detection needs, the pack's fingerprint (what --resume checks the shards against)
-    and the run's state."""
+    config and identity (`run_id`, its config.json's: what --resume checks the checkpoint against), the proposal
+    settings detection needs, the pack's fingerprint (what --resume checks the shards against) and the run's
+    state."""
     return {
+        "run_id": run_id,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -292,9 +303,10 @@ def save_step(out: Path, ckpt: dict, progress: EpochProgress) -> None:
 
 def pack_fingerprint(sha256: str, manifest: dict) -> dict:
     """What identifies a pack: `sha256`, its manifest.json's (the same input and seed give a byte-identical
-    manifest; it moves with the folder and is the same for a remote copy: crackio.storage.packs.Pack), and for
-    people the fields that say what changed: format version, seed, source and samples per split, from `manifest`
-    as `read_manifest` validated it.
+    manifest, which records every file's SHA-256; it moves with the folder and is the same for a remote copy:
+    crackio.storage.packs.Pack), and for people the fields that say what changed: format version, seed, source,
+    samples and each split's index SHA-256 (its samples' checksums, labels and IoUs), from `manifest` as
+    `read_manifest` validated it.
     """
     return {
         "manifest_sha256": sha256,
@@ -302,7 +314,41 @@ def pack_fingerprint(sha256: str, manifest: dict) -> dict:
         "seed": manifest.get("seed"),
         "source": manifest.get("source"),
         "samples": {split: info["samples"] for split, info in manifest["splits"].items()},
+        "contents": {split: info["index_sha256"] for split, info in manifest["splits"].items()},
     }
+
+
+RUN_ID = "run_id"  # the key of a run's identity in its config.json and checkpoints
+
+
+def new_run_id() -> str:
+    """A new run's identity: 32 random hex digits (uuid4), in its config.json and every checkpoint it writes."""
+    return uuid.uuid4().hex
+
+
+def check_same_run(ckpt: dict, run_id: str | None, path: Path, run: str, settings: dict) -> None:
+    """Refuse to continue, in the run `run` (identity `run_id`, from its config.json; `settings`: its flat
+    settings), a checkpoint `ckpt` read from `path` that another run wrote: it would go on under this run's
+    settings as if it had trained under them.
+
+    Raises:
+        ConfigError: naming the checkpoint, the settings it was trained with that differ, and how to start from
+            its weights instead.
+    """
+    recorded = ckpt.get("run_id")
+    if isinstance(recorded, str) and recorded == run_id:
+        return
+    theirs = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    differ = [f"{k} {theirs[k]!r} there, {v!r} here" for k, v in settings.items() if k in theirs and theirs[k] != v]
+    what = f"run {recorded[:8]}" if isinstance(recorded, str) else "a run that recorded no identity"
+    mine = f"run {run_id[:8]}" if run_id else "a run that recorded no identity"
+    raise ConfigError(
+        f"--resume {run}: {path} was written by another run ({what}"
+        + (f", trained with {'; '.join(differ[:4])}" if differ else "")
+        + f") than {Path(run) if Path(run).is_dir() else Path(run).parent}'s ({mine}), so it is not continued "
+        f"under this run's settings. To start from its weights instead: python -m train --weights {path} --out "
+        f"NEW_RUN (with the settings you want)"
+    )
 
 
 def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
@@ -327,7 +373,15 @@ def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
     for key in ("seed", "source", "format_version"):
         if recorded.get(key) != current[key]:
             changed.append(f"{key} {recorded.get(key)!r} then, {current[key]!r} now")
-    what = "; ".join(changed) or "its manifest.json differs (same samples per split, seed and source)"
+    contents = recorded.get("contents") if isinstance(recorded.get("contents"), dict) else {}
+    differ = [
+        s
+        for s in sorted(current["contents"])
+        if s in then and then[s] == now[s] and contents.get(s) != current["contents"][s]
+    ]
+    if differ:
+        changed.append(f"the samples of split(s) {', '.join(differ)} differ (same counts; other bytes, labels or IoUs)")
+    what = "; ".join(changed) or "its manifest.json differs (the same samples in every split)"
     raise ConfigError(
         f"--resume {run}: {shards} holds another pack than the run trained on ({what}): its validation losses "
         f"would not compare with the run's. Resume with --shards naming the pack it trained on, or start a "

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
+from crackio.format.layout import ShardError
 from crackio.loading.loader import Batch, Loader
-from crackio.storage.remote import STATS, RemoteError
+from crackio.storage.remote import STATS
 from train.evaluation.predict import Prediction, predict
 from train.evaluation.report import crack_metrics
 from train.run.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
@@ -221,7 +222,7 @@ def train_epoch(
     base = Shown(start, totals.seconds, totals.wait, totals.seen, ranks)
     timer, rows = DeviceTimer(device), StepRows(log, loader.epoch, ranks)
     with deferred_signals() as stop, contextlib.closing(iter(loader)) as batches:  # a stop waits for a whole step
-        saving = _saving_on_remote_error(batches, rows.flush, saver.checkpoint, totals, ranks)
+        saving = _saving_on_data_error(batches, rows.flush, saver.checkpoint, totals, ranks)
         shown = console.wrap(itertools.islice(saving, max(steps - first, 0)), steps, first, desc)
         for step, batch in enumerate(shown, first):
             waited = time.perf_counter() - tick
@@ -283,20 +284,20 @@ class Shown:
         }
 
 
-def _saving_on_remote_error(
+def _saving_on_data_error(
     batches: Iterator[Batch],
     flush: Callable[[], None],
     checkpoint: Callable[[EpochTotals], None],
     totals: EpochTotals,
     ranks: int,
 ) -> Iterator[Batch]:
-    """`batches`, but a remote pack that fails (crackio.storage.remote.RemoteError: a server gone past
-    --remote-timeout, access revoked, an object changed) first saves the whole steps done as step.pt (one rank;
-    under torchrun the ranks cannot agree on a step with one of them stuck, so the last periodic step.pt stays),
-    then raises."""
+    """`batches`, but a data fault (a ShardError: a remote pack's server gone past --remote-timeout, access
+    revoked, an object changed, or a sample whose bytes fail their checksum, local or remote, whichever backend
+    reads it) first saves the whole steps done as step.pt (one rank; under torchrun the ranks cannot agree on a
+    step with one of them stuck, so the last periodic step.pt stays), then raises."""
     try:
         yield from batches
-    except RemoteError:
+    except ShardError:
         if ranks == 1:
             flush()
             checkpoint(totals)
@@ -392,7 +393,8 @@ def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]
     predictions.
 
     Raises:
-        KeyboardInterrupt: a stop during validation, after step.pt saved the whole training pass.
+        KeyboardInterrupt, ShardError: a stop or a data fault during validation, after step.pt saved the whole
+            training pass.
         NonFiniteLoss: a NaN or infinite validation loss.
     """
     start = time.perf_counter()
@@ -405,7 +407,7 @@ def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]
             run.cfg.data.limit_batches,
             mistakes=run.logs.wants_mistakes,
         )
-    except KeyboardInterrupt:  # keep the training pass: step.pt with the loader at the epoch's end
+    except (KeyboardInterrupt, ShardError):  # keep the training pass: step.pt with the loader at the epoch's end
         progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
         if run.rank == 0:
             save_step(run.out, checkpoint_of(run), progress)
@@ -454,4 +456,6 @@ def save_progress(run: Run, totals: EpochTotals) -> None:
 
 def checkpoint_of(run: Run) -> dict:
     """The run's checkpoint as it stands (train.run.checkpoint.checkpoint)."""
-    return checkpoint(run.model, run.optimizer, run.scaler, run.scheduler, run.state, run.proposals, run.pack, run.cfg)
+    return checkpoint(
+        run.model, run.optimizer, run.scaler, run.scheduler, run.state, run.proposals, run.pack, run.cfg, run.run_id
+    )

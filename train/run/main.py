@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from crackio.cli import Interrupted
 from crackio.errors import WriteError
+from crackio.format.layout import ShardError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import Shuffle, label_source
-from crackio.storage.remote import RemoteError
 from train.evaluation.predict import predict
 from train.evaluation.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
 from train.run.checkpoint import STEP, load_checkpoint
@@ -68,7 +68,7 @@ def main(cfg: RunSettings) -> Path:
         raise Interrupted(getattr(e, "signum", signal.SIGINT), stopped(run)) from None
     except WriteError as e:
         raise WriteError(f"{e}; {stopped(run)}") from e
-    except RemoteError as e:  # a remote pack failed mid-run: what was saved, how to go on once it is fixed
+    except ShardError as e:  # a data fault mid-run (a remote pack failed, a sample's bytes changed): what was saved
         if run is None:
             raise  # before the run existed: the error's own fix is the whole story
         raise type(e)(f"{e}; {stopped(run)}") from None

@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from crackio.errors import ConfigError, MissingFile
-from train.run.checkpoint import STEP, EpochProgress, TrainState, check_same_pack, load_checkpoint
+from train.run.checkpoint import (
+    RUN_ID,
+    STEP,
+    EpochProgress,
+    TrainState,
+    check_same_pack,
+    check_same_run,
+    load_checkpoint,
+)
 from train.settings.run import RunSettings, launched_world_size
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
@@ -52,6 +60,23 @@ def read_config(run: str | Path) -> RunSettings:
         MissingFile: `run` holds no config.json.
         ConfigError: config.json is unreadable, not JSON, or holds unknown keys or values of the wrong type.
     """
+    path, data = _saved(run)
+    return RunSettings.from_flat({k: v for k, v in data.items() if k != RUN_ID}, source=str(path))
+
+
+def saved_run_id(run: str | Path) -> str | None:
+    """The identity the run in folder `run` recorded in its config.json (train.run.checkpoint.new_run_id); None
+    when it recorded none (or not as 32 hex digits).
+
+    Raises:
+        MissingFile, ConfigError: as `read_config`.
+    """
+    value = _saved(run)[1].get(RUN_ID)
+    return value if isinstance(value, str) and len(value) == 32 and value.isalnum() else None
+
+
+def _saved(run: str | Path) -> tuple[Path, dict]:
+    """RUN/config.json's path and its table, as JSON gave it."""
     path = run_folder_of(run) / "config.json"
     named = Path(run)
     if named.suffix == ".pt" and not named.exists() and (named.parent / "config.json").is_file():
@@ -71,7 +96,9 @@ def read_config(run: str | Path) -> RunSettings:
         raise ConfigError(
             f"{path} is unreadable ({e}): python -m train writes it at the start of a run; start a new run with --out"
         ) from e
-    return RunSettings.from_flat(data, source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a table of settings: python -m train writes it; start a new run with --out")
+    return path, data
 
 
 def resume_settings(run: str | Path, **changes) -> RunSettings:
@@ -118,16 +145,18 @@ def check_resumed(cfg: RunSettings) -> None:
         )
 
 
-def resume_point(cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int) -> tuple[Path, dict] | None:
+def resume_point(
+    cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int, run_id: str | None
+) -> tuple[Path, dict] | None:
     """The checkpoint --resume continues from and its path: the file --resume names, or the run's latest (step.pt,
-    the last mid-epoch checkpoint, unless last.pt has finished more epochs), checked to have trained on this pack
-    and to carry a run's state; None when the run stopped before writing either: it then starts from epoch 0
-    with its saved config.
+    the last mid-epoch checkpoint, unless last.pt has finished more epochs), checked to be this run's (`run_id`,
+    its config.json's), to have trained on this pack and to carry a run's state; None when the run stopped before
+    writing either: it then starts from epoch 0 with its saved config.
 
     Raises:
         MissingFile: the checkpoint --resume names does not exist.
         CheckpointError: the checkpoint is not a run's.
-        ConfigError: the shards hold another pack than the run trained on.
+        ConfigError: the checkpoint is another run's; the shards hold another pack than the run trained on.
     """
     named = Path(cfg.checkpoints.resume)
     if named.suffix == ".pt" or named.is_file():
@@ -141,6 +170,7 @@ def resume_point(cfg: RunSettings, out: Path, device: torch.device, pack: dict, 
     found = []
     for path in candidates:
         ckpt = load_checkpoint(path, device)
+        check_same_run(ckpt, run_id, path, cfg.checkpoints.resume, cfg.flat())
         check_same_pack(ckpt.get("pack"), pack, cfg.checkpoints.resume, cfg.data.shards)
         state = TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
         if "progress" in ckpt or path.name == STEP:

@@ -30,6 +30,16 @@ def init_distributed(timeout: float) -> None:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
 
 
+def rank0s(text: str) -> str:
+    """Rank 0's `text` on every rank (a value drawn at random, such as a new run's identity); `text` itself outside
+    torchrun."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)  # a str between this job's own ranks
+    return box[0]
+
+
 def pick_device(device: str) -> torch.device:
     """The loaders' device rule (crackio.loading.loader.resolve_device), on this rank's GPU under torchrun."""
     resolved = resolve_device(device, "--device")

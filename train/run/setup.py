@@ -15,17 +15,17 @@ from torch.nn.parallel import DistributedDataParallel
 from crackio import make_loader
 from crackio.errors import ConfigError, CrackioError
 from crackio.format.manifest import check_split
-from crackio.fsio import make_dir, remove_temporaries
+from crackio.fsio import make_dir, remove_temporaries, write_json
 from crackio.loading.loader import Loader
 from crackio.loading.samplers import Shuffle
 from crackio.storage.packs import open_pack
 from crackio.storage.remote import is_remote
-from train.run.checkpoint import STEP, EpochProgress, TrainState, pack_fingerprint, restore
+from train.run.checkpoint import RUN_ID, STEP, EpochProgress, TrainState, new_run_id, pack_fingerprint, restore
 from train.run.logs import Console, RunLogs, tensorboard_writer
 from train.run.losses import make_loss
 from train.run.model import CrackClassifier, build_model, make_optimizer
-from train.run.resume import check_resumed, resume_point
-from train.run.runtime import amp_dtype, init_distributed, pick_device, use_threads, world
+from train.run.resume import check_resumed, resume_point, saved_run_id
+from train.run.runtime import amp_dtype, init_distributed, pick_device, rank0s, use_threads, world
 from train.run.schedule import make_scheduler
 from train.settings.data import Data
 from train.settings.run import RunSettings
@@ -60,6 +60,7 @@ class Run:
     amp: torch.dtype | None  # mixed precision on CUDA (train.run.runtime.amp_dtype)
     proposals: dict | None  # the proposal stage's settings, saved in every checkpoint for detection
     pack: dict  # the pack's fingerprint, checked on --resume (train.run.checkpoint.check_same_pack)
+    run_id: str  # the run's identity, in config.json and every checkpoint (checked on --resume)
     train_loader: Loader
     val_loader: Loader
     model: CrackClassifier  # the bare model: what checkpoints save
@@ -163,14 +164,15 @@ def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
 
 
 def start_point(
-    cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int
+    cfg: RunSettings, out: Path, device: torch.device, pack: dict, rank: int, run_id: str | None
 ) -> tuple[Path, dict | None, TrainState, EpochProgress | None]:
-    """Where the run starts: (checkpoint path, its contents or None, the state, a stopped epoch's progress).
+    """Where the run starts: (checkpoint path, its contents or None, the state, a stopped epoch's progress);
+    `run_id`: the resumed run's identity (its config.json's).
 
     Raises:
         RunFinished: a resumed run with nothing left to train.
     """
-    point = resume_point(cfg, out, device, pack, rank) if cfg.checkpoints.resume else None
+    point = resume_point(cfg, out, device, pack, rank, run_id) if cfg.checkpoints.resume else None
     path, ckpt = point if point else (out / "last.pt", None)
     state = TrainState.from_checkpoint(ckpt, path) if ckpt else TrainState()
     progress = EpochProgress.from_checkpoint(ckpt, path) if ckpt and "progress" in ckpt else None
@@ -236,7 +238,9 @@ def build_run(cfg: RunSettings) -> Run:
     device = pick_device(cfg.runtime.device)
     proposals, pack = checked_pack(cfg)
     out = run_folder(cfg)
-    path, ckpt, state, progress = start_point(cfg, out, device, pack, rank)
+    run_id = saved_run_id(cfg.checkpoints.resume) if cfg.checkpoints.resume else None
+    path, ckpt, state, progress = start_point(cfg, out, device, pack, rank, run_id)
+    run_id = run_id or rank0s(new_run_id())  # a new run, or one stopped before recording an identity
     torch.manual_seed(cfg.data.seed)
     train_loader, val_loader = placed_loaders(cfg, device, state, progress, path)
     if ckpt and rank == 0 and not cfg.logging.quiet:
@@ -252,7 +256,7 @@ def build_run(cfg: RunSettings) -> Run:
     if rank == 0:  # only now: a refused start leaves no folder, a refused --resume the run as it was
         make_dir(out)
         remove_temporaries(out, RUN_FILES)  # left by a kill -9 or a power cut during a write
-        cfg.save(out / "config.json")
+        write_json(out / "config.json", {RUN_ID: run_id, **cfg.flat()})
     return Run(
         cfg,
         out,
@@ -262,6 +266,7 @@ def build_run(cfg: RunSettings) -> Run:
         amp,
         proposals,
         pack,
+        run_id,
         train_loader,
         val_loader,
         model,
