@@ -307,6 +307,50 @@ def test_a_changed_object_is_refused(demo_shards, s3, cache, tmp_path):
         ByteReader(index, pack.files(index)).read(np.array([0]))
 
 
+def test_an_index_changed_on_the_server_is_refused_and_never_cached(demo_shards, s3, cache):
+    import io
+
+    from crackio.storage.packs import verify_pack
+
+    url = upload(demo_shards)
+    rows = np.load(demo_shards / "train" / "index.npy")
+    rows["label"][5] = 1 - rows["label"][5]  # every size, location and checksum still matches
+    data = io.BytesIO()
+    np.save(data, rows)
+    Remote(url).put("train/index.npy", data.getvalue())
+    with pytest.raises(ShardError, match=f"{url}/train/index.npy is not the index {url}/manifest.json records"):
+        make_loader(url, "train", batch_size=8, train=True, device="cpu")
+    assert not list(cache.rglob("index.npy"))  # a bad download is never kept for later runs
+    problems = list(verify_pack(url))
+    assert "is not the index" in problems[0] and "row 5" in problems[1] and len(problems) == 2
+
+
+def test_a_pack_uploaded_again_with_one_crop_changed_is_another_pack_to_the_cache(demo_src, s3, cache, tmp_path):
+    """The same URL, the same sizes, one crop's pixels changed: the node cache, keyed by the pack's identity, never
+    serves the earlier pack's bytes."""
+    import shutil
+
+    from crackio.writing.pack import PackSettings, pack
+
+    settings = PackSettings(samples_per_shard=50, workers=1, seed=0)
+    src = tmp_path / "src"
+    shutil.copytree(demo_src, src)
+    pack(src, tmp_path / "a", settings, progress=False)
+    url = upload(tmp_path / "a")
+    first = epoch(url)
+    assert same(first, epoch(tmp_path / "a"))
+    crop = next(p for p in sorted((src / "train").iterdir()) if p.suffix == ".jpg")
+    jpeg = bytearray(crop.read_bytes())
+    at = jpeg.index(b"\xff\xdb") + 5  # a quantization value: other pixels, the same size
+    jpeg[at] = jpeg[at] % 254 + 1
+    crop.write_bytes(bytes(jpeg))
+    pack(src, tmp_path / "b", settings, progress=False)
+    upload_pack(tmp_path / "b", Remote(url))
+    packs._opened.clear()  # as a new process finds it
+    again = epoch(url)
+    assert same(again, epoch(tmp_path / "b")) and not same(again, first)
+
+
 def test_verify_reads_a_remote_pack_object_by_object(demo_shards, s3, cache):
     from crackio.storage.packs import verify_pack
 
