@@ -259,7 +259,7 @@ def test_pack_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass
 
-    def fake(src, out, settings, progress):
+    def fake(src, out, settings, progress, overwrite):
         got["settings"] = settings
         raise Stop
 
@@ -279,3 +279,39 @@ def test_pack_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
         tool.main([str(tmp_path), "--samples-per-shard", "0", "--workers", "-1"])
     tool_message = "--samples-per-shard must be >= 1 and --workers >= 0, got 0 and -1"  # the tool speaks its flags
     assert stop.value.code == 2 and tool_message in capsys.readouterr().err
+
+
+def test_another_pack_in_out_is_replaced_only_with_overwrite(demo_src, tmp_path, capsys):
+    """Packing another source (or the same with other settings) into an --out holding a pack would silently replace
+    a pack runs trained on: refused in one line naming what differs; --overwrite replaces it; the same command
+    again goes ahead."""
+    out = tmp_path / "out"
+    settings = PackSettings(samples_per_shard=50, workers=1)
+    pack(demo_src, out, settings, progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(demo_src / "train", other / "train")
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match=f"--out {out} holds another pack \\(source '.*' then, '{other}' now\\)"):
+        pack(other, out, settings, progress=False)
+    with pytest.raises(ValueError, match="holds another pack \\(seed 0 then, 1 now\\): .* give --overwrite"):
+        pack(demo_src, out, PackSettings(samples_per_shard=50, workers=1, seed=1), progress=False)
+    assert (out / "manifest.json").read_bytes() == before  # refused before anything was written
+    pack(demo_src, out, settings, progress=False)  # the same command again
+    assert (out / "manifest.json").read_bytes() == before
+    tool = [sys.executable, str(ROOT / "tools" / "pack.py"), str(other), "--out", str(out), "--quiet"]
+    refused = subprocess.run(tool, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--overwrite" in refused.stderr
+    replaced = subprocess.run([*tool, "--overwrite"], capture_output=True, text=True)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "manifest.json").read_text())["source"] == str(other)
+    assert not (out / "valid").exists()  # the earlier pack's splits are gone with it
+
+
+def test_a_missing_split_names_one_the_pack_has():
+    from crackio.format.manifest import check_split
+
+    manifest = {"splits": {"train": {}, "valid": {}}}
+    with pytest.raises(ShardError, match="its splits: train, valid\\); give --split valid, or pack a folder test/"):
+        check_split(manifest, "p", "test", "--split")
+    with pytest.raises(ShardError, match="give split='valid'"):
+        check_split(manifest, "p", "test")

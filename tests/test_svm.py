@@ -91,3 +91,36 @@ def test_svm_stage_reports_beside_the_head_and_reuses_features(tiny_run, tmp_pat
     assert "adjust --pos-iou" in capsys.readouterr().err
     assert cli([*args, "--pos-iou", "0.2"]) == 2
     assert "--neg-iou <= --pos-iou" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_without_a_test_split_every_report_says_what_it_was_judged_on(demo_src, tmp_path, capsys):
+    """The original write-up's layout (train/ and valid/ only): the run's report, the SVM stage and eval say that
+    their figures are on the split the best epoch and the thresholds were chosen on; eval's default names the
+    split to give."""
+    import shutil
+
+    from crackio.writing.pack import PackSettings, pack
+    from tests.helpers import tiny
+    from train.run.main import main
+
+    src = tmp_path / "src"
+    for split in ("train", "valid"):
+        shutil.copytree(demo_src / split, src / split)
+    shards = tmp_path / "shards"
+    pack(src, shards, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    run = tmp_path / "run"
+    main(tiny(shards, run, epochs=1, target_recall=0.9, quiet=True))
+    said = "no 'test' split in {}: every figure {} is on valid, the split "
+    assert said.format(shards, "above") + "the best epoch and the threshold were chosen on" in (
+        run / "report.txt"
+    ).read_text()
+    assert json.loads((run / "summary.json").read_text())["held_out_split"] is None
+    args = ["svm", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--negatives", "30", "--C", "0.01"]
+    assert cli(args) == 0
+    assert said.format(shards, "below") + "both thresholds were tuned on" in (run / "svm" / "report.txt").read_text()
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(run / "best.pt"), "--device", "cpu"]) == 2
+    assert "give --split valid" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--split", "valid"]) == 0
+    assert "note: valid is the split the run chose its best epoch on" in capsys.readouterr().out

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped or any warning printed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace a pack of another source or settings already in --out"
+    )
     # Every other flag is a PackSettings field (crackio.flags); the stored image's size and quality are fixed.
     fields = add_flags(ap.add_argument_group("packing"), [PackSettings], skip=("size", "quality"))
     args = ap.parse_args(argv)
@@ -63,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
     return run_command(
-        lambda: report(write_pack(args.out, lambda out: pack(args.src, out, settings, progress=not args.quiet)), args),
+        lambda: report(
+            write_pack(
+                args.out, lambda out: pack(args.src, out, settings, progress=not args.quiet, overwrite=args.overwrite)
+            ),
+            args,
+        ),
         incomplete(args.out),
     )
 

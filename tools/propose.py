@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", type=Path, help="also write the original's proposal folder here")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any photo or annotation had a problem")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace a pack of another source or settings already in --out"
+    )
     # Every other flag is a settings field (crackio.flags). The smallest proposal, the crop's size and its JPEG
     # quality are fixed (no flag); --search-max-side, --split-ratios and --classes parse their text themselves.
     group = ap.add_argument_group("proposals")
@@ -103,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             write_pack(
                 args.out,
                 lambda out: propose_to_shards(
-                    args.src, args.format, out, proposal, run, args.crops, progress=not args.quiet
+                    args.src,
+                    args.format,
+                    out,
+                    proposal,
+                    run,
+                    args.crops,
+                    progress=not args.quiet,
+                    overwrite=args.overwrite,
                 ),
             ),
             args,

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import TypedDict
 
 from crackio.errors import given, is_integer
-from crackio.format.layout import FORMAT_VERSION, MANIFEST, REPACK, SPLITS, ShardError, join, shard_pattern
+from crackio.format.layout import (
+    FORMAT_VERSION,
+    MANIFEST,
+    REPACK,
+    SPLITS,
+    ShardError,
+    join,
+    shard_pattern,
+    split_sort_key,
+)
 from crackio.fsio import atomic_write, is_path_component, read_regular
 
 
@@ -330,10 +339,12 @@ def check_split(manifest: dict, root: str | os.PathLike, split: str, option: str
 
     splits = manifest["splits"]
     if split not in splits:
-        have = ", ".join(sorted(splits)) or "none"
+        have = ", ".join(sorted(splits, key=split_sort_key)) or "none"
+        held = [s for s in sorted(splits, key=split_sort_key) if s != "train"] or sorted(splits, key=split_sort_key)
+        instead = f"; give {given(option, held[0])}, or" if held else ";"
         raise ShardError(
             f"{option} {split!r} is not in {join(root, MANIFEST)} (its splits: {have})"
-            + (closest(split, splits) or f"; choose one of those, or pack a folder {split}/")
+            + (closest(split, splits) or f"{instead} pack a folder {split}/")
         )
 
 

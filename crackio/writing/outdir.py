@@ -138,5 +138,48 @@ class OutputFolder:
         self._record()
 
 
+def read_existing(out: Path) -> dict | None:
+    """The manifest of the complete pack in `out` read leniently (for `check_replacing`, never for reading the pack);
+    None when there is none or it cannot be read as a JSON object."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def check_replacing(out: str, old: dict | None, new: dict, overwrite: bool) -> None:
+    """Refuse to write over the complete pack at `out` (its manifest `old`; None: no pack there) a pack that is not
+    the same run's: another source, stage, settings (the seed is one) or proposal settings (`new`: those of the pack to be
+    written, keyed as a manifest keys them), unless `overwrite`. Runs trained on the old pack could no longer
+    resume, and nothing would say it had been replaced. The same command again (after an interruption, or to
+    write the current format) goes ahead.
+
+    Raises:
+        ConfigError: naming the pack there, what differs, and the two ways on.
+    """
+    if old is None or overwrite:
+        return
+    new = json.loads(json.dumps(new))  # as the manifest holds it (tuples as lists)
+    changed = []
+    for key, value in new.items():
+        then = old.get(key)
+        if then == value:
+            continue
+        if isinstance(then, dict) and isinstance(value, dict):
+            changed += [
+                f"{k} {then.get(k)!r} then, {value.get(k)!r} now"
+                for k in sorted(set(then) | set(value))
+                if then.get(k) != value.get(k)
+            ]
+        else:
+            changed.append(f"{key} {then!r} then, {value!r} now")
+    if changed:
+        raise ConfigError(
+            f"--out {out} holds another pack ({'; '.join(changed[:4])}): writing this one there would replace it, "
+            f"and runs trained on it could no longer resume; choose another --out, or give --overwrite to replace it"
+        )
+
+
 def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)

@@ -20,7 +20,7 @@ from crackio.fsio import display_name
 from crackio.writing.discover import Found, _has_image, discover
 from crackio.writing.filenames import Proposal
 from crackio.writing.images import prepare, strict_pillow
-from crackio.writing.outdir import OutputFolder
+from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
 from crackio.writing.splits import Sample, shard_slices, split_order, write_split
 from crackio.writing.workers import check_stop, tick
@@ -158,7 +158,11 @@ def _write_splits(out: Path, plan: _Plan, workers: int, progress: bool) -> tuple
 
 
 def pack(
-    src: str | os.PathLike, out: str | os.PathLike, settings: PackSettings = PackSettings(), progress: bool = True
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings = PackSettings(),
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Pack `src` into `out`; returns the manifest (also written to out/manifest.json).
 
@@ -169,11 +173,13 @@ def pack(
     This process only writes the index and the manifest. Memory: the parsed names and index rows
     here (~0.9 KB per input measured, beside ~50 MB of imports: no torch), one sample per worker, at most
     2 x workers shards' results in flight.
-    The returned dict adds `seconds`, which the file omits.
+    The returned dict adds `seconds`, which the file omits. A pack of another source or settings already in `out`
+    is replaced only with `overwrite` (`crackio.writing.outdir.check_replacing`).
 
     Raises:
         MissingFile: `src` is not a folder.
-        ConfigError: `out` is held by another run or holds a file crackio did not write where a shard goes
+        ConfigError: `out` is held by another run, holds another pack (without `overwrite`), or holds a file
+            crackio did not write where a shard goes
             (PackSettings itself refuses `samples_per_shard` < 1 or `workers` < 0).
         KeyboardInterrupt: Ctrl-C (or SIGTERM under `crackio.cli.stop_on_signals`); workers and
             temporaries are gone.
@@ -190,7 +196,10 @@ def pack(
     _check_out(src, out, found)
     plan = _plan(found, out, settings)
     per = settings.samples_per_shard
+    kept = {k: v for k, v in asdict(settings).items() if k != "workers"}  # any worker count, same bytes
     with OutputFolder(out) as held:
+        identity = {"source": display_name(src), "stage": None, "settings": kept}  # the seed is a setting
+        check_replacing(display_name(out), read_existing(out), identity, overwrite)
         planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in plan.ordered.items()))
         held.claim(planned)
         # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
@@ -203,7 +212,7 @@ def pack(
         manifest = build_manifest(
             source=display_name(src),
             stage={},
-            settings={k: v for k, v in asdict(settings).items() if k != "workers"},  # any worker count, same bytes
+            settings=kept,
             seed=settings.seed,
             splits=splits,
             leakage=leakage_report(stored),

@@ -32,7 +32,7 @@ from crackio.fsio import display_name, write_error
 from crackio.writing.annotations import Annotated, Photo, read_annotations, resolve_boxes
 from crackio.writing.filenames import format_name
 from crackio.writing.images import strict_pillow, to_rgb8
-from crackio.writing.outdir import OutputFolder
+from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
 from crackio.writing.regions import ProposalSettings, encode_jpeg, propose, warp
 from crackio.writing.spool import SPOOL, Spool, remove_spool, spool_name, write_spooled_split
@@ -158,6 +158,7 @@ def propose_to_shards(
     run: ProposeSettings = ProposeSettings(),
     crops: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Read annotated photos in `fmt`, propose, warp, and write shards to `out`; returns the manifest.
 
@@ -165,10 +166,13 @@ def propose_to_shards(
     ground-truth boxes some selective-search proposal covers at IoU >= 0.5), and `proposals`, the
     settings detection reuses. `crops` also writes the original's proposal folder
     (`crops/<split>/<stem>.<proposal>.<iou>.<label>.jpg`). The returned dict adds `seconds` and
-    `timing` (selective search, crops, writing), which the file omits: same input and seed, same bytes.
+    `timing` (selective search, crops, writing), which the file omits: same input and seed, same bytes. A pack of
+    another source or settings already in `out` is replaced only with `overwrite`
+    (`crackio.writing.outdir.check_replacing`).
 
     Raises:
-        MissingFile, ConfigError: a missing dataset, a bad setting or format, a class not in the data.
+        MissingFile, ConfigError: a missing dataset, a bad setting or format, a class not in the data, another
+            pack in `out` (without `overwrite`).
     """
     proposal = proposal or ProposalSettings()  # both settings objects checked their own values when made
     t0 = time.perf_counter()
@@ -190,7 +194,19 @@ def propose_to_shards(
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
     stage = _Stage(src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None)
     with OutputFolder(out) as held:
+        identity = {
+            "source": display_name(src.resolve()),
+            "stage": "propose",
+            "proposals": proposal.as_dict(),
+            "settings": _settings_of(run),  # the seed is one
+        }
+        check_replacing(display_name(out), read_existing(out), identity, overwrite)
         return _propose(held, stage, progress, t0)
+
+
+def _settings_of(run: ProposeSettings) -> dict:
+    """The settings the manifest records: those that change the bytes (any worker count gives the same)."""
+    return {k: v for k, v in asdict(run).items() if k != "workers"}
 
 
 class _Stage(NamedTuple):
@@ -345,7 +361,7 @@ def _manifest(stage: _Stage, spooler: _Spooler, splits: dict, stored: dict) -> M
             "proposals": stage.proposal.as_dict(),
             "photos": split_photos(stage.src, stage.jobs),
         },
-        settings={k: v for k, v in asdict(stage.run).items() if k != "workers"},  # any worker count, same bytes
+        settings=_settings_of(stage.run),
         seed=stage.run.seed,
         splits=splits,
         leakage=leakage_report(stored),

@@ -48,7 +48,13 @@ def run_eval(settings: EvalSettings) -> str:
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, loader.device)
     p = predict(model, loader, loss_fn, amp_dtype(loader.device))
+    tuned = (
+        f"note: {split} is the split the run chose its best epoch on: its figures are optimistic (a held-out split "
+        f"gives the unbiased figure)\n"
+        if split == cfg.data.val_split and (not settings.shards or settings.shards == cfg.data.shards)
+        else ""
+    )
     return (
         f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}), split {split!r}, "
-        f"loss {p.loss:.4f}\n" + report_text(split, p.labels, p.probs, settings.threshold)
+        f"loss {p.loss:.4f}\n" + tuned + report_text(split, p.labels, p.probs, settings.threshold)
     )

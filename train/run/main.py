@@ -126,6 +126,14 @@ def final_report(run: Run) -> None:
         "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
         "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
     }
+    held_out = cfg.data.test_split if cfg.data.test_split in results else None
+    summary["held_out_split"] = held_out
+    if held_out is None:
+        text.append(
+            f"no {cfg.data.test_split!r} split in {cfg.data.shards}: every figure above is on {cfg.data.val_split}, "
+            f"the split the best epoch{' and the threshold were' if cfg.logging.target_recall else ' was'} chosen on "
+            f"(optimistic; pack a test split for held-out figures)\n"
+        )
     if cfg.data.limit_batches:  # a smoke run: say so wherever its figures go
         summary["limit_batches"] = cfg.data.limit_batches
         text.append(

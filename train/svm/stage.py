@@ -185,9 +185,15 @@ def run_svm(args: SvmSettings) -> Path:
         f"thresholds chosen on {cfg.data.val_split} for {rule}: SVM {chosen['svm']:.4f}, head {chosen['head']:.4f}"
     )
     log.append(f"evaluated with the run's {label_source(cfg.data.iou_threshold)}")
+    held_out = cfg.data.test_split if cfg.data.test_split in splits else None
+    if held_out is None:
+        log.append(
+            f"no {cfg.data.test_split!r} split in {shards}: every figure below is on {cfg.data.val_split}, the split "
+            f"both thresholds were tuned on (optimistic; pack a test split for held-out figures)"
+        )
     text = ["\n".join(log) + "\n"]
     per_split: dict[str, dict] = {}
-    summary = {"log": log, "thresholds": chosen, "splits": per_split}
+    summary = {"log": log, "thresholds": chosen, "held_out_split": held_out, "splits": per_split}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits[1:]:
         labels, probs = data[split]["labels"], data[split]["probs"]
