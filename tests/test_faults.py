@@ -83,12 +83,33 @@ def test_a_manifest_naming_a_file_outside_the_split_is_refused(shards, tmp_path,
         (lambda m: m["splits"]["train"]["shards"][0].update(bytes=None), "'bytes' as integers"),
         (lambda m: m["splits"]["train"]["shards"].append("x"), "has no file name"),
         (lambda m: m["splits"]["train"].update(samples=159), "hold 160 samples, not 159"),
+        (lambda m: m["splits"]["train"].pop("index_sha256"), "needs 'index_sha256'"),
+        (lambda m: m["splits"]["train"].update(index_sha256="ABC"), "needs 'index_sha256'"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(sha256=7), "needs 'sha256' and 'idx_sha256'"),
+        (lambda m: m["splits"]["train"].update(converted_sha256="x"), "converted_sha256 is not a SHA-256"),
     ],
 )
 def test_malformed_manifest_fields_are_one_shard_error(shards, change, message):
     edit_manifest(shards, change)
     with pytest.raises(ShardError, match=message):
         load_index(shards, "train")
+
+
+def test_a_pack_of_an_earlier_format_is_refused_with_the_command_that_writes_it_again(shards):
+    from crackio.format.manifest import parse_manifest
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ShardError,
+        match=f"format_version 2, this crackio reads 3 \\(which records every file's SHA-256\\): "
+        f"write the pack again with `python tools/pack.py {manifest['source']} --out {shards}`",
+    ):
+        load_index(shards, "train")
+    proposed = {"format_version": 2, "source": "/data/photos", "stage": "propose", "annotations": {"format": "coco"}}
+    with pytest.raises(ShardError, match="`python tools/propose.py /data/photos --format coco --out P` and the settings"):
+        parse_manifest(json.dumps(proposed).encode(), "P/manifest.json", "P")
 
 
 def test_unreadable_or_hostile_json_is_a_shard_error(shards):

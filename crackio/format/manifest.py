@@ -144,7 +144,7 @@ def rewrite_command(manifest: dict, root: str | os.PathLike) -> str:
     if manifest.get("stage") == "propose":
         fmt = annotations.get("format") if isinstance(annotations, dict) else None
         option = f" --format {fmt}" if isinstance(fmt, str) else ""
-        return f"python tools/propose.py {source}{option} --out {root} (with the settings it was made with)"
+        return f"python tools/propose.py {source}{option} --out {root}"
     return f"python tools/pack.py {source} --out {root}"
 
 
@@ -393,6 +393,7 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
             f"{path} has format_version {version!r}, this crackio reads {FORMAT_VERSION}"
             + (" (which records every file's SHA-256)" if older else "")
             + f": write the pack again with `{rewrite_command(manifest, root)}`"
+            + (" and the settings its manifest records" if manifest.get("stage") == "propose" else "")
         )
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
