@@ -102,8 +102,13 @@ def test_a_lost_conditional_put_is_recognised(error, exists):
 @pytest.mark.parametrize(
     "error, kind, words, ending",
     [
-        (FileNotFoundError(S3_404), Missing, "reading s3://bucket/pack/k failed: 404 not found: ", "--out URL`"),
-        (FileNotFoundError(NO_SUCH_BUCKET), RemoteError, f"failed: {NO_BUCKET}: check the URL", "--out URL`"),
+        (
+            FileNotFoundError(S3_404),
+            Missing,
+            "reading s3://bucket/pack/k failed: 404 not found: ",
+            "--out s3://bucket/pack`",
+        ),
+        (FileNotFoundError(NO_SUCH_BUCKET), RemoteError, f"failed: {NO_BUCKET}", NO_BUCKET),
         (oe.NotSupportedError(NO_RANGE_TEXT), RemoteError, "reading s3://bucket/pack/k failed: ", NO_RANGES),
     ],
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.format.layout import INDEX, MANIFEST, REPACK, ShardError, join
+from crackio.format.layout import INDEX, MANIFEST, ShardError, join, repack
 from crackio.format.manifest import _bad, check_split, read_manifest
 from crackio.format.schema import INDEX_COLUMNS
 from crackio.fsio import read_regular
@@ -62,7 +62,7 @@ def load_index(root: str | os.PathLike, split: str, digest: bool = True) -> Spli
     if digest:
         problem = index_digest_problem(index_path, info, index_path, root)
         if problem:
-            raise ShardError(problem + ": " + REPACK.format(root=root))
+            raise ShardError(problem + ": " + repack(root))
     shards = [root / split / s["name"] for s in info["shards"]]
     folder = (root / split).resolve()
     for path in shards:
@@ -70,7 +70,7 @@ def load_index(root: str | os.PathLike, split: str, digest: bool = True) -> Spli
             raise _bad(path, f"is a link to {path.resolve()}, outside {folder}", root)
     for path, s in zip(shards, info["shards"]):
         if not path.is_file():
-            raise ShardError(f"shard {path} is missing: " + REPACK.format(root=root))
+            raise ShardError(f"shard {path} is missing: " + repack(root))
         actual = path.stat().st_size
         if actual != s["bytes"]:
             raise _bad(path, f"is {actual} bytes, the manifest says {s['bytes']} (truncated or replaced)", root)

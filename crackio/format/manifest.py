@@ -14,10 +14,10 @@ from crackio.errors import given, is_integer
 from crackio.format.layout import (
     FORMAT_VERSION,
     MANIFEST,
-    REPACK,
     SPLITS,
     ShardError,
     join,
+    repack,
     shard_pattern,
     split_sort_key,
 )
@@ -123,7 +123,7 @@ MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists skipped files: large for a huge
 
 
 def _bad(path: str | os.PathLike, what: str, root: str | os.PathLike) -> ShardError:
-    return ShardError(f"{path} {what}: " + REPACK.format(root=root))
+    return ShardError(f"{path} {what}: " + repack(root))
 
 
 def _count(value) -> bool:
@@ -135,17 +135,22 @@ def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def rewrite_command(manifest: dict, root: str | os.PathLike) -> str:
-    """The command that writes the pack at `root` again from its source, as its (older) manifest records it:
-    tools/propose.py for the proposal stage's packs, tools/pack.py for proposal folders; SRC where the source is
-    not recorded. Read leniently: the manifest may be of another format version."""
+def rewrite_text(manifest: dict, root: str | os.PathLike) -> str:
+    """How to write the pack at `root` again from its source, as its (older) manifest records it: tools/propose.py
+    for the proposal stage's packs, tools/pack.py for proposal folders (SRC where the source is not recorded);
+    for an http(s) server, into a folder then served there. Read leniently: the manifest may be of another format
+    version."""
     source = manifest.get("source") if isinstance(manifest.get("source"), str) else "SRC"
+    served = str(root).startswith(("http://", "https://"))
+    out = "FOLDER" if served else str(root)
     annotations = manifest.get("annotations")
     if manifest.get("stage") == "propose":
         fmt = annotations.get("format") if isinstance(annotations, dict) else None
         option = f" --format {fmt}" if isinstance(fmt, str) else ""
-        return f"python tools/propose.py {source}{option} --out {root}"
-    return f"python tools/pack.py {source} --out {root}"
+        text = f"`python tools/propose.py {source}{option} --out {out}` and the settings its manifest records"
+    else:
+        text = f"`python tools/pack.py {source} --out {out}`"
+    return f"write the pack again with {text}" + (f", then serve FOLDER at {root}" if served else "")
 
 
 def manifest_sha256(root: str | os.PathLike) -> str:
@@ -310,8 +315,7 @@ def not_a_pack(root: Path, option: str = "", verifying: bool = False) -> ShardEr
             f"`python tools/pack.py {root} --out {out}`, " + _then(out, option, verifying)
         )
     return ShardError(
-        f"{root / MANIFEST} is missing, so {root} holds no complete pack (an interrupted run?): "
-        + REPACK.format(root=root)
+        f"{root / MANIFEST} is missing, so {root} holds no complete pack (an interrupted run?): " + repack(root)
     )
 
 
@@ -392,8 +396,7 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
         raise ShardError(
             f"{path} has format_version {version!r}, this crackio reads {FORMAT_VERSION}"
             + (" (which records every file's SHA-256)" if older else "")
-            + f": write the pack again with `{rewrite_command(manifest, root)}`"
-            + (" and the settings its manifest records" if manifest.get("stage") == "propose" else "")
+            + f": {rewrite_text(manifest, root)}"
         )
     splits = manifest.get("splits")
     if not isinstance(splits, dict):

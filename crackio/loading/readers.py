@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from crackio.format.index import SplitIndex
-from crackio.format.layout import REPACK, ShardError
+from crackio.format.layout import ShardError, repack
 from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
 from crackio.storage.packs import LocalShards, RemoteShards
 
@@ -90,7 +90,7 @@ class ByteReader:
         return ShardError(
             f"sample {row} ({self._name(row)}) in {self.paths[shard]} {what} (damaged on disk or in transfer, or index "
             f"and tars of different packs): "
-            + REPACK.format(root=self.root)
+            + repack(self.root)
             + f", or check the whole folder with `python tools/pack.py --verify {self.root}`"
         )
 
@@ -103,7 +103,7 @@ class ByteReader:
         shards = np.arange(len(self.paths))
         first, stop = np.searchsorted(grouped, shards, "left"), np.searchsorted(grouped, shards, "right")
         for shard in np.flatnonzero(first == stop)[:1]:
-            raise ShardError(f"{self.paths[shard]} has no sample in the index: " + REPACK.format(root=self.root))
+            raise ShardError(f"{self.paths[shard]} has no sample in the index: " + repack(self.root))
         self.read(order[np.stack([first, stop - 1], axis=1).ravel()])
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 NO_RANGES = "the server does not answer Range requests: serve the folder with one that does (nginx, Apache, S3)"
 NO_BUCKET = "404 no such bucket (check its name, and AWS_ENDPOINT_URL for a store other than AWS)"
+# obstore deletes through S3's DeleteObjects, which answers 200 OK with an <Error> for each key it refused (a key
+# the policy denies is "AccessDenied" there, not a 403): "DeleteObjects request failed for key p/x: Access Denied
+# (code: AccessDenied)".
+DELETE_FAILED = re.compile(r"DeleteObjects request failed for key \S+: (?P<message>.*?) \(code: (?P<code>\w+)\)")
+DENIED_CODES = ("AccessDenied", "AllAccessDisabled")
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,22 @@ def status(error: BaseException) -> int | None:
 
 def classify(error: BaseException) -> Failure:
     """An error raised by obstore, classified: transient for the network's failures, 5xx, 408 and 429; permanent
-    for the rest (4xx, a server without Range requests, a malformed path, an unsupported operation)."""
+    for the rest (4xx, a server without Range requests, a malformed path, an unsupported operation). A key that
+    S3's DeleteObjects refused is read from its error code: AccessDenied is a 403, InternalError and SlowDown are
+    transient, any other code is permanent."""
     import obstore.exceptions as oe
 
     code = status(error)
     text = str(error)
     if "NoSuchBucket" in text:  # S3's error code in the 404's body
         return Failure(False, 404, NO_BUCKET, "no-bucket")
+    refused = DELETE_FAILED.search(text)
+    if refused:  # S3 answers a delete (DeleteObjects) 200 OK with an error per key: a denied DELETE comes this way
+        key_code, message = refused.group("code"), refused.group("message")
+        if key_code in DENIED_CODES:
+            return Failure(False, 403, "403 access denied", "denied")
+        transient = key_code in ("InternalError", "ServiceUnavailable", "SlowDown")
+        return Failure(transient, None, f"{message[:120]} ({key_code})", "network" if transient else "status")
     if isinstance(error, FileNotFoundError | oe.NotFoundError):
         return Failure(False, 404, "404 not found", "missing")
     if "range request not supported" in text.lower():  # HTTPStore's RangeNotSupported

@@ -132,16 +132,32 @@ STATS = Stats()  # per process: what the bench and the trainer's epoch line repo
 os.register_at_fork(after_in_child=_after_fork)
 
 
-FIXES = {  # by scheme and status: what to do about a permanent error
+FIXES = {  # by scheme and status: what to do about a permanent error ({url}: the pack's URL). Only s3:// is
+    # written by crackio (tools/pack.py --out): an http(s):// pack is a folder copied to a web server.
     ("s3", 401): "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
     ("s3", 403): "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
-    ("s3", 404): "check the URL, or upload the pack there with `python tools/pack.py SRC --out URL`",
+    ("s3", 404): "check the URL, or upload the whole pack again with `python tools/pack.py SRC --out {url}`",
     ("http", 401): "the server wants a login, which crackio does not send: serve the pack folder without one",
     ("http", 403): "the server refuses the file: make the pack folder readable to it, or check the URL",
-    ("http", 404): "check the URL: it must name the folder that holds manifest.json",
-    ("s3", 416): "the object is shorter than its manifest says: it changed since the pack was written; upload it again",
+    ("http", 404): (
+        "check the URL (it must name the folder that holds manifest.json), or copy the whole pack folder that "
+        "tools/pack.py wrote to the server again"
+    ),
+    ("s3", 416): (
+        "the object is shorter than its manifest says: it changed since the pack was written; upload the whole pack "
+        "again with `python tools/pack.py SRC --out {url}`"
+    ),
+    ("http", 416): (
+        "the file is shorter than its manifest says: it changed since the pack was written; copy the whole pack "
+        "folder to the server again"
+    ),
 }
-FIXES[("http", 416)] = FIXES[("s3", 416)]
+# A DELETE refused where PUT is allowed: an upload cannot replace a pack without deleting (its old manifest first).
+DELETE_DENIED = (
+    "these credentials may not delete objects under {url}, which replacing a pack there needs (its old manifest, "
+    "the writer's lock, an earlier pack's files): allow s3:DeleteObject on that prefix (the bucket's policy or the "
+    "user's), or upload to a prefix where it is allowed"
+)
 
 
 class Remote:
@@ -203,8 +219,9 @@ class Remote:
                 self._store = HTTPStore.from_url(self.url, client_options=client, retry_config=retry)
         return self._store
 
-    def call(self, key: str, what: str, request: Callable[[], T]) -> T:
-        """`request()` under the fault policy (module docstring); `what` names the operation in messages.
+    def call(self, key: str, what: str, request: Callable[[], T], fixes: dict[int, str] | None = None) -> T:
+        """`request()` under the fault policy (module docstring); `what` names the operation in messages, `fixes`
+        (by HTTP status) replace the scheme's (FIXES) for it.
 
         Raises:
             RemoteError: a permanent failure, naming the object's URL and the fix.
@@ -231,8 +248,12 @@ class Remote:
                 text, url = failure.text, self.address(key)
                 if not failure.transient:
                     scheme = "s3" if self.scheme == "s3" else "http"
-                    fix = FIXES.get((scheme, failure.status or 0), "check the URL and the server")
-                    fix = "" if failure.kind == "no-ranges" else fix  # its text says what to do
+                    fix = (fixes or {}).get(failure.status or 0) or FIXES.get(
+                        (scheme, failure.status or 0), "check the URL and the server"
+                    )
+                    # Their text says what to do: a server without ranges, a bucket that does not exist (which no
+                    # upload creates)
+                    fix = "" if failure.kind in ("no-ranges", "no-bucket") else fix.format(url=self.url)
                     error = Missing if failure.kind == "missing" else RemoteError
                     raise error(f"{what} {url} failed: {text}" + (f": {fix}" if fix else "")) from None
                 left = self.timeout - (time.monotonic() - first)
@@ -300,7 +321,15 @@ class Remote:
 
         return self.call("", "listing", lambda: [m["path"] for batch in obstore.list(self.store) for m in batch])
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, what: str = "deleting") -> None:
+        """Delete object `key` (S3 answers a key that does not exist as deleted; a store that says 404 raises
+        `Missing`); `what` names the operation in messages.
+
+        Raises:
+            RemoteError: as `call`; a refused DELETE names the permission it needs (DELETE_DENIED).
+        """
         import obstore
 
-        self.call(key, "deleting", lambda: obstore.delete(self.store, key))
+        if self.scheme != "s3":
+            raise ConfigError(f"{self.url}: an http(s):// server is read-only here; upload to s3:// instead")
+        self.call(key, what, lambda: obstore.delete(self.store, key), {403: DELETE_DENIED})
