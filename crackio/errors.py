@@ -5,6 +5,7 @@ option and the fix) and show the traceback of anything else: a DALI, CUDA or
 shape error is a bug to report, not a user mistake.
 """
 
+import math
 import numbers
 from collections.abc import Callable, Iterable
 
@@ -36,10 +37,72 @@ class WriteError(CrackioError):
         return type(self), (str(self), self.errno)
 
 
-def is_integer(value: object, least: int, most: int = 2**40) -> bool:
+MOST = 2**40  # an integer setting's default bound: a count, step or seed beyond any run, within an int64
+MOST_THREADS = 4096  # threads or worker processes: more than any machine's cores, within torch's C int
+MOST_SECONDS = 2**31  # a timeout (68 years): within what datetime.timedelta and torch's timeouts take
+MOST_BYTES = 2**63 - 1  # a byte size: an int64 (the cache's SQLite columns)
+# The bounds as messages write them.
+WRITTEN: dict[float, str] = {MOST: "2**40", MOST_SECONDS: "2**31", MOST_BYTES: "2**63 - 1"}
+
+
+def written(bound: float) -> str:
+    """A bound as messages write it: 2**40, not 1099511627776."""
+    return WRITTEN.get(bound) or (str(bound) if isinstance(bound, int) else f"{bound:g}")
+
+
+def is_integer(value: object, least: int, most: int = MOST) -> bool:
     """Whether `value` is an integer (Python's or numpy's, not a bool) within [least, most]: the one integer
     rule of crackio's arguments, settings and manifests."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and least <= int(value) <= most
+
+
+def _real(value: object) -> float | None:
+    """`value` as a float when it is a real number (an int or float, Python's or numpy's; not a bool, whose
+    numpy kind is no numbers.Real); inf for an int too large for a float; None otherwise."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond a float's range: 10**400
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]  # a Real compares with 0
+
+
+def is_number(
+    value: object, least: float = -math.inf, most: float = math.inf, *, above: bool = False, under: bool = False
+) -> bool:
+    """Whether `value` is a finite real number (an int or float, Python's or numpy's, not a bool) within
+    [least, most] ((least, ... with `above`, ..., most) with `under`): the one rule of crackio's float arguments
+    and settings. NaN, inf and an int too large for a float are not."""
+    x = _real(value)
+    if x is None or not math.isfinite(x):
+        return False
+    return (x > least if above else x >= least) and (x < most if under else x <= most)
+
+
+def number_rule(
+    value: object, least: float, most: float | None = None, *, above: bool = False, whole: bool = False
+) -> str | None:
+    """The rule `value` breaks, in words for "must be ...", or None when it keeps it: the one number rule of
+    settings that have a lower bound (the integer rule, `is_integer`, with `whole`; else `is_number`). It names
+    what the value lacks: the kind ("an integer >= 0": a float, a bool or text), the bound it is under (">= 0":
+    NaN too), finiteness ("a finite number > 0": inf), or the upper bound (">= 0 and at most 2**40"). An integer's
+    upper bound is MOST unless `most` is given; a float has none unless given."""
+    low = f"> {written(least)}" if above else f">= {written(least)}"
+    top = MOST if whole and most is None else most
+    high = f" and at most {written(top)}" if top is not None else ""
+    if whole:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            return f"an integer {low}"
+        whole_value = int(value)
+        if not (whole_value > least if above else whole_value >= least):
+            return low
+        return f"{low}{high}" if top is not None and whole_value > top else None
+    x = _real(value)
+    if x is None:
+        return f"a number {low}"
+    if not (x > least if above else x >= least):  # NaN too
+        return low
+    return f"a finite number {low}{high}" if not is_number(x, least, math.inf if top is None else top) else None
 
 
 def has_type(value: object, kind: type) -> bool:
@@ -50,14 +113,17 @@ def has_type(value: object, kind: type) -> bool:
     return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
-def integer(name: str, value: object, least: int, most: int = 2**40) -> int:
+def integer(name: str, value: object, least: int, most: int = MOST) -> int:
     """`value` as an int when `is_integer(value, least, most)`.
 
     Raises:
-        ConfigError: naming `name` (an argument, `--flag` or field) and what it must be.
+        ConfigError: naming `name` (an argument, `--flag` or field), what it must be, and the value as given.
     """
     if not is_integer(value, least, most):
-        bound = f">= {least}" if most == 2**40 else f"in [{least}, {most}]"
+        if most != MOST:
+            bound = f"in [{least}, {written(most)}]"
+        else:  # the rule's words: the upper bound said when it is what the value breaks
+            bound = (number_rule(value, least, whole=True) or "").removeprefix("an integer ")
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)  # type: ignore[call-overload]  # an Integral
 
@@ -72,11 +138,10 @@ Broken = tuple[str, object, str]  # a settings field, its value, the rule it bre
 
 
 def below(field: str, value: object, least: int) -> Broken | None:
-    """The rule an integer field `>= least` breaks (the one integer rule, `is_integer`), or None."""
-    if is_integer(value, least):
-        return None
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    return field, value, f">= {least}" if whole else f"an integer >= {least}"
+    """The rule an integer field `>= least` (and at most MOST) breaks (the one integer rule, `number_rule`), or
+    None."""
+    rule = number_rule(value, least, whole=True)
+    return None if rule is None else (field, value, rule)
 
 
 class OutOfRange(ConfigError):

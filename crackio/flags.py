@@ -38,8 +38,14 @@ def field_help(cls: type) -> dict[str, str]:
     return helps
 
 
+_FIELD_TYPES: dict[type, dict[str, tuple[type, bool]]] = {}
+
+
 def field_types(cls: type) -> dict[str, tuple[type, bool]]:
-    """(base type, accepts None) per field of `cls`, from its resolved annotations."""
+    """(base type, accepts None) per field of `cls`, from its resolved annotations (once per class: settings
+    owners read it whenever one is made, to check a number by its field's type). Read it, never change it."""
+    if cls in _FIELD_TYPES:
+        return _FIELD_TYPES[cls]
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = (
@@ -50,6 +56,7 @@ def field_types(cls: type) -> dict[str, tuple[type, bool]]:
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         out[name] = (typing.get_origin(base) or base, optional)
+    _FIELD_TYPES[cls] = out
     return out
 
 

@@ -108,7 +108,8 @@ def test_a_pack_of_an_earlier_format_is_refused_with_the_command_that_writes_it_
     ):
         load_index(shards, "train")
     proposed = {"format_version": 2, "source": "/data/photos", "stage": "propose", "annotations": {"format": "coco"}}
-    with pytest.raises(ShardError, match="`python tools/propose.py /data/photos --format coco --out P` and the settings"):
+    command = "`python tools/propose.py /data/photos --format coco --out P` and the settings"
+    with pytest.raises(ShardError, match=command):
         parse_manifest(json.dumps(proposed).encode(), "P/manifest.json", "P")
 
 

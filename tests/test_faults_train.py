@@ -206,7 +206,7 @@ def test_refused_checkpoints_are_one_line_and_never_run(demo_shards, tmp_path, c
     marker = tmp_path / "created-by-unpickling"
     if command == "resume":
         (tmp_path / "run").mkdir()
-        tiny(demo_shards, tmp_path / "run", epochs=1).save(tmp_path / "run" / "config.json")
+        tiny(demo_shards, tmp_path / "run", epochs=1).save(tmp_path / "run" / "config.json", checkpoint.new_run_id())
         ckpt = bad_file(kind, tmp_path / "run" / "last.pt", marker)
     else:
         ckpt = bad_file(kind, tmp_path / "given.pt", marker)
@@ -479,7 +479,7 @@ def test_resume_refuses_a_repacked_folder_saying_what_changed(run1, demo_shards,
     shutil.copytree(demo_src, src)
     for p in sorted((src / "train").iterdir())[:10]:
         p.unlink()
-    pack(src, old, PackSettings(samples_per_shard=50, workers=1, seed=1), progress=False)  # in place
+    pack(src, old, PackSettings(samples_per_shard=50, workers=1, seed=1), progress=False, overwrite=True)  # in place
     assert cli(["--resume", str(run), "--epochs", "2"]) == 2
     line = one_line(capsys.readouterr().err, old, f"--resume {run}")
     assert "train 160 then, 150 now" in line and "seed 0 then, 1 now" in line

@@ -301,7 +301,7 @@ def test_a_run_stopped_mid_epoch_resumes_bit_identical(demo_shards, tmp_path, ca
 def test_resume_takes_a_run_folder_or_a_checkpoint_in_it(demo_shards, tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    tiny(demo_shards, run).for_world(2).save(run / "config.json")  # as a 2-rank run saves it: 16 per rank
+    tiny(demo_shards, run).for_world(2).save(run / "config.json", "0" * 32)  # as a 2-rank run saves it: 16 per rank
     for name in ("last.pt", "best.pt", STEP):
         (run / name).write_bytes(b"")
     for given in (run, run / "last.pt", run / "best.pt", run / STEP):

@@ -112,9 +112,10 @@ def test_without_a_test_split_every_report_says_what_it_was_judged_on(demo_src, 
     run = tmp_path / "run"
     main(tiny(shards, run, epochs=1, target_recall=0.9, quiet=True))
     said = "no 'test' split in {}: every figure {} is on valid, the split "
-    assert said.format(shards, "above") + "the best epoch and the threshold were chosen on" in (
-        run / "report.txt"
-    ).read_text()
+    assert (
+        said.format(shards, "above") + "the best epoch and the threshold were chosen on"
+        in (run / "report.txt").read_text()
+    )
     assert json.loads((run / "summary.json").read_text())["held_out_split"] is None
     args = ["svm", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--negatives", "30", "--C", "0.01"]
     assert cli(args) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
-import numbers
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from crackio.cli import closest
-from crackio.errors import ConfigError, given, integer
+from crackio.errors import MOST_THREADS, ConfigError, given, integer, is_number
 from crackio.format.index import SplitIndex
 from crackio.loading.augment import AugmentParams, draw_params, take
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
@@ -142,8 +141,7 @@ def _argument_types(shards: object, train: object, iou_threshold: object, remote
             f"train must be True (training: augmented, in the sampler's order) or False (evaluation: each selected "
             f"sample once, in index order), got {train!r}"
         )
-    number = isinstance(iou_threshold, numbers.Real) and not isinstance(iou_threshold, bool | np.bool_)
-    if iou_threshold is not None and not (number and 0 <= iou_threshold < 1):  # type: ignore[operator]
+    if iou_threshold is not None and not is_number(iou_threshold, 0, 1, under=True):
         raise ConfigError(
             f"iou_threshold must be None (the labels in the file names) or a number in [0, 1) (label = IoU > it), "
             f"got {iou_threshold!r}"
@@ -209,8 +207,9 @@ class Loader:
         seed: seeds selection, order and augmentation: global batches = f(pack, seed, epoch, global batch size).
         device: "cuda", "cpu" or "auto".
         backend: "dali", "torch" or "auto" (DALI where installed).
-        rank, world_size: this process's part of every global batch (train) or of the split (eval).
-        workers: decode threads (default: the cores this process may use).
+        rank, world_size: this process's part of every global batch (train) or of the split (eval); rank <
+            world_size.
+        workers: decode threads, at most 4096 (default: the cores this process may use).
         output: "float32" (default): ImageNet-normalized images; "uint8": augmented 0-255 images, 4x fewer
             bytes, for a consumer that normalizes on its own device (crackio.loading.augment.normalize; the trainer's
             model does it on CUDA).
@@ -282,8 +281,10 @@ class Loader:
                 ("seed", seed, 0),
             )
         )
+        if rank >= world_size:
+            raise ConfigError(f"rank={rank} must be below world_size={world_size} (ranks count from 0)")
         if workers is not None:
-            workers = integer("workers", workers, 0)
+            workers = integer("workers", workers, 0, MOST_THREADS)  # threads: more than any machine's cores
         _argument_types(shards, train, iou_threshold, remote)
         train = bool(train)
         self.output = choice("output", output, OUTPUTS)

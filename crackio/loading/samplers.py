@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from crackio.cli import closest
-from crackio.errors import ConfigError, integer
+from crackio.errors import ConfigError, integer, is_number
 
 CLASS_WEIGHTS: dict[int, float] = {0: 1, 1: 2}  # the original's WeightedRandomSampler weights
 _SEED_SELECT, _SEED_ORDER = 0x5E1EC7, 0x0D0E5  # separate streams for selection and order
@@ -111,10 +111,8 @@ class IouStrata(Shuffle):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "per_bin", integer("sampler option per_bin", self.per_bin, 1))
-        w = self.bin_width
-        number = isinstance(w, int | float | np.floating) and not isinstance(w, bool)
-        if not (number and math.isfinite(w) and 0 < w <= 1):
-            raise ConfigError(f"sampler option bin_width must be a number in (0, 1], got {w!r}")
+        if not is_number(self.bin_width, 0, 1, above=True):
+            raise ConfigError(f"sampler option bin_width must be a number in (0, 1], got {self.bin_width!r}")
 
     def select(self, labels: np.ndarray, ious: np.ndarray, seed: int) -> np.ndarray:
         rows = np.arange(len(labels))
@@ -166,12 +164,13 @@ def _weights(given: object) -> dict[int, float]:
     """Class weights for 0 and 1, finite, non-negative, not both 0, scaled to a maximum of 1 (only ratios
     matter, and 1e308 * n would overflow)."""
     try:
-        w = {int(k): float(v) for k, v in dict(given).items()}  # type: ignore[call-overload]
+        pairs = dict(given).items()  # type: ignore[call-overload]
+        w = {int(k): float(v) + 0.0 if is_number(v) else math.nan for k, v in pairs}  # 10**400, a bool: no weight
     except (TypeError, ValueError):
         raise ConfigError(
             f"class_weights must map classes 0 and 1 to weights, e.g. {{0: 1, 1: 2}}, got {given!r}"
         ) from None
-    if set(w) != {0, 1} or not all(math.isfinite(v) and v >= 0 for v in w.values()) or max(w.values()) == 0:
+    if set(w) != {0, 1} or not all(v >= 0 for v in w.values()) or max(w.values()) == 0:  # NaN fails
         raise ConfigError(
             f"class_weights must give finite, non-negative weights (not both 0) for classes 0 and 1, got {given!r}"
         )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crackio.errors import ConfigError, is_integer
+from crackio.errors import MOST_BYTES, MOST_SECONDS, ConfigError, is_integer, is_number
 
 DEFAULT_TIMEOUT = 60.0  # seconds: long enough for a server restart, short enough to end a run that cannot go on
 
@@ -22,24 +22,37 @@ UNITS |= {"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 
 
 def parse_bytes(text: str | int) -> int:
     """A size in bytes from `123`, `512M`, `20GB`, `1.5GiB` (binary units: a cache limit is disk, not a
-    transfer). Raises ValueError naming the text."""
-    if isinstance(text, int):
-        value = text
-    else:
+    transfer): whole bytes (a fraction rounded down), from 0 to 2**63 - 1 (an int64, what the cache counts in).
+
+    Raises:
+        ValueError: naming the text: not a size, negative (-0 too), under one byte but not 0, or too large.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        amount: float = text
+    elif isinstance(text, str):
         number = text.strip().lower().rstrip("s")
         digits = number.rstrip("abcdefghijklmnopqrstuvwxyz ")
         unit = number[len(digits) :].strip()
         try:
-            value = int(float(digits) * UNITS[unit])
+            amount = (int(digits) if digits.strip().lstrip("+-").isdigit() else float(digits)) * UNITS[unit]
         except (ValueError, KeyError):
-            raise ValueError(f"{text!r} is not a size (write bytes, or e.g. 512M, 20G)") from None
-    if value < 0:
+            amount = math.nan
+        if math.isnan(amount):  # no number, or no unit of ours
+            raise ValueError(f"{text!r} is not a size (write bytes, or e.g. 512M, 20G)")
+    else:
+        raise ValueError(f"{text!r} is not a size (write bytes, or e.g. 512M, 20G)")
+    if amount < 0 or (isinstance(text, str) and text.strip().startswith("-")):  # -0 too: not "no cache"
         raise ValueError(f"{text!r}: a size cannot be negative")
-    return value
+    if amount > MOST_BYTES:  # inf (1e400) too
+        raise ValueError(f"{text!r} is too large a size (at most 2**63 - 1 bytes)")
+    if 0 < amount < 1:
+        raise ValueError(f"{text!r} is less than one byte (0 is no cache: samples streamed)")
+    return int(amount)
 
 
 def _seconds(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    """A timeout: a finite number of seconds > 0 and at most 2**31 (crackio.errors.is_number)."""
+    return is_number(value, 0, MOST_SECONDS, above=True)
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ class RemoteSettings:
                     "for $CRACKIO_CACHE_DIR or ~/.cache/crackio"
                 )
             object.__setattr__(self, "cache_dir", Path(folder).expanduser())
-        if limit is not None and not is_integer(limit, 0, 2**63 - 1):
+        if limit is not None and not is_integer(limit, 0, MOST_BYTES):
             text = " (for a size written as text, RemoteSettings.from_options(cache_limit=...) reads it)"
             raise ConfigError(
                 f"RemoteSettings(cache_limit={limit!r}): give a number of bytes >= 0 (0: no cache, samples "
@@ -79,8 +92,8 @@ class RemoteSettings:
             object.__setattr__(self, "cache_limit", int(limit))
         if not _seconds(timeout):
             raise ConfigError(
-                f"RemoteSettings(timeout={timeout!r}): give a finite number of seconds > 0 "
-                f"(default {DEFAULT_TIMEOUT:g})"
+                f"RemoteSettings(timeout={timeout!r}): give a finite number of seconds > 0 (default "
+                f"{DEFAULT_TIMEOUT:g}), at most 2**31"
             )
         object.__setattr__(self, "timeout", float(timeout))
 
@@ -104,7 +117,9 @@ class RemoteSettings:
         except ValueError:
             seconds = math.nan
         if not _seconds(seconds):
-            raise ConfigError(f"$CRACKIO_REMOTE_TIMEOUT must be a finite number of seconds > 0, got {timeout!r}")
+            raise ConfigError(
+                f"$CRACKIO_REMOTE_TIMEOUT must be a finite number of seconds > 0, at most 2**31, got {timeout!r}"
+            )
         return cls(Path(folder) if folder else None, size, seconds)
 
     @classmethod
@@ -140,11 +155,10 @@ class RemoteSettings:
             limit = parse_bytes(cache_limit) if cache_limit != "" else default.cache_limit
         except ValueError as e:
             raise ConfigError(f"{name('cache_limit')}: {e}") from None
-        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-        if not (number and math.isfinite(timeout) and timeout >= 0):
+        if not is_number(timeout, 0, MOST_SECONDS):
             raise ConfigError(
                 f"{name('timeout')} must be a finite number of seconds >= 0 (0: the environment's default, "
-                f"$CRACKIO_REMOTE_TIMEOUT or {DEFAULT_TIMEOUT:g}), got {timeout}"
+                f"$CRACKIO_REMOTE_TIMEOUT or {DEFAULT_TIMEOUT:g}), at most 2**31, got {timeout}"
             )
         folder = Path(cache_dir) if cache_dir else default.cache_dir
         return cls(folder, limit, timeout or default.timeout)

@@ -150,8 +150,8 @@ def read_existing(out: Path) -> dict | None:
 
 def check_replacing(out: str, old: dict | None, new: dict, overwrite: bool) -> None:
     """Refuse to write over the complete pack at `out` (its manifest `old`; None: no pack there) a pack that is not
-    the same run's: another source, stage, settings (the seed is one) or proposal settings (`new`: those of the pack to be
-    written, keyed as a manifest keys them), unless `overwrite`. Runs trained on the old pack could no longer
+    the same run's: another source, stage, settings (the seed is one) or proposal settings (`new`: those of the pack
+    to be written, keyed as a manifest keys them), unless `overwrite`. Runs trained on the old pack could no longer
     resume, and nothing would say it had been replaced. The same command again (after an interruption, or to
     write the current format) goes ahead.
 

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from crackio import make_loader
-from crackio.errors import ConfigError, MissingFile
+from crackio.errors import ConfigError, MissingFile, is_number, number_rule
+from crackio.flags import field_types
 from crackio.fsio import NotRegular, atomic_write, display_name, read_regular, write_json
 from crackio.loading.augment import SIZE
+from crackio.writing.regions import ProposalSettings
 from train.run.checkpoint import file_sha256, load_checkpoint, trained
 from train.run.model import CrackClassifier, model_from_checkpoint
 from train.settings.commands import ExportSettings
@@ -231,13 +233,44 @@ def load_onnx(path: Path) -> Exported:
     try:
         record = {"config": json.loads(meta["crackio.config"])}
         if "crackio.proposals" in meta:
-            record["proposals"] = json.loads(meta["crackio.proposals"])
+            record["proposals"] = recorded_proposals(json.loads(meta["crackio.proposals"]))
         config = RunSettings.from_flat(record["config"], source=f"--onnx {display_name(path)} (its config)")
     except (KeyError, ValueError) as e:  # json.JSONDecodeError and ConfigError are ValueErrors
         raise ExportError(
             f"--onnx {display_name(path)} has crackio metadata this crackio cannot read ({e}): {again}"
         ) from e
     return Exported(session, config, record, meta)
+
+
+def recorded_proposals(value: object) -> dict | None:
+    """An export's recorded proposal settings as detection reads them: None (a run on packed crops, which records
+    none) or a table whose values have the types of `ProposalSettings`' fields (an int field an integer >= 0, at
+    most 2**40, a JPEG quality at most 100; a float field a finite number; a str field text: crackio.errors'
+    rules), then within its ranges.
+
+    Raises:
+        ConfigError: naming the first setting of the wrong type or out of range, and its value as recorded.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"its proposal settings must be a table, got {value!r}")
+    kinds = field_types(ProposalSettings)
+    for name, given in value.items():
+        kind = kinds[name][0] if name in kinds else None
+        if kind is int:
+            rule = number_rule(given, 0, 100 if name == "quality" else None, whole=True)
+        elif kind is float:
+            rule = None if is_number(given) else "a finite number"
+        else:
+            rule = None if kind is not str or isinstance(given, str) else "text"
+        if rule is not None:
+            raise ConfigError(f"its proposal setting {name} must be {rule}, got {given!r}")
+    try:
+        ProposalSettings(**{k: v for k, v in value.items() if k in kinds})  # its own ranges
+    except ConfigError as e:
+        raise ConfigError(f"its proposal settings are out of range: {e}") from None
+    return value
 
 
 def check_out(out: Path, checkpoint: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from crackio import fsio
 from crackio.errors import ConfigError, MissingFile, has_type
 from crackio.fsio import write_json, write_text
-from train.settings.run import RunSettings
+from train.settings.run import RUN_ID, RunSettings
 
 
 class CheckpointError(ConfigError):
@@ -191,7 +191,7 @@ def checkpoint(
     settings detection needs, the pack's fingerprint (what --resume checks the shards against) and the run's
     state."""
     return {
-        "run_id": run_id,
+        RUN_ID: run_id,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -318,9 +318,6 @@ def pack_fingerprint(sha256: str, manifest: dict) -> dict:
     }
 
 
-RUN_ID = "run_id"  # the key of a run's identity in its config.json and checkpoints
-
-
 def new_run_id() -> str:
     """A new run's identity: 32 random hex digits (uuid4), in its config.json and every checkpoint it writes."""
     return uuid.uuid4().hex
@@ -335,10 +332,11 @@ def check_same_run(ckpt: dict, run_id: str | None, path: Path, run: str, setting
         ConfigError: naming the checkpoint, the settings it was trained with that differ, and how to start from
             its weights instead.
     """
-    recorded = ckpt.get("run_id")
+    recorded = ckpt.get(RUN_ID)
     if isinstance(recorded, str) and recorded == run_id:
         return
-    theirs = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    config = ckpt.get("config")
+    theirs: dict = config if isinstance(config, dict) else {}
     differ = [f"{k} {theirs[k]!r} there, {v!r} here" for k, v in settings.items() if k in theirs and theirs[k] != v]
     what = f"run {recorded[:8]}" if isinstance(recorded, str) else "a run that recorded no identity"
     mine = f"run {run_id[:8]}" if run_id else "a run that recorded no identity"
@@ -373,7 +371,8 @@ def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
     for key in ("seed", "source", "format_version"):
         if recorded.get(key) != current[key]:
             changed.append(f"{key} {recorded.get(key)!r} then, {current[key]!r} now")
-    contents = recorded.get("contents") if isinstance(recorded.get("contents"), dict) else {}
+    recorded_contents = recorded.get("contents")
+    contents: dict = recorded_contents if isinstance(recorded_contents, dict) else {}
     differ = [
         s
         for s in sorted(current["contents"])

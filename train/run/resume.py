@@ -10,7 +10,6 @@ import torch
 
 from crackio.errors import ConfigError, MissingFile
 from train.run.checkpoint import (
-    RUN_ID,
     STEP,
     EpochProgress,
     TrainState,
@@ -18,7 +17,7 @@ from train.run.checkpoint import (
     check_same_run,
     load_checkpoint,
 )
-from train.settings.run import RunSettings, launched_world_size
+from train.settings.run import RUN_ID, RunSettings, launched_world_size
 
 # On resume only these may change (to extend a run, move it to other hardware, or follow its shards to another
 # folder: main() then checks that folder holds the same pack); every other setting comes from the run's
@@ -61,7 +60,7 @@ def read_config(run: str | Path) -> RunSettings:
         ConfigError: config.json is unreadable, not JSON, or holds unknown keys or values of the wrong type.
     """
     path, data = _saved(run)
-    return RunSettings.from_flat({k: v for k, v in data.items() if k != RUN_ID}, source=str(path))
+    return RunSettings.from_flat(data, source=str(path))  # type: ignore[arg-type]  # checked there: JSON of any shape
 
 
 def saved_run_id(run: str | Path) -> str | None:
@@ -71,11 +70,12 @@ def saved_run_id(run: str | Path) -> str | None:
     Raises:
         MissingFile, ConfigError: as `read_config`.
     """
-    value = _saved(run)[1].get(RUN_ID)
+    data = _saved(run)[1]
+    value = data.get(RUN_ID) if isinstance(data, dict) else None
     return value if isinstance(value, str) and len(value) == 32 and value.isalnum() else None
 
 
-def _saved(run: str | Path) -> tuple[Path, dict]:
+def _saved(run: str | Path) -> tuple[Path, object]:
     """RUN/config.json's path and its table, as JSON gave it."""
     path = run_folder_of(run) / "config.json"
     named = Path(run)
@@ -96,8 +96,6 @@ def _saved(run: str | Path) -> tuple[Path, dict]:
         raise ConfigError(
             f"{path} is unreadable ({e}): python -m train writes it at the start of a run; start a new run with --out"
         ) from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a table of settings: python -m train writes it; start a new run with --out")
     return path, data
 
 

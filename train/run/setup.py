@@ -15,12 +15,12 @@ from torch.nn.parallel import DistributedDataParallel
 from crackio import make_loader
 from crackio.errors import ConfigError, CrackioError
 from crackio.format.manifest import check_split
-from crackio.fsio import make_dir, remove_temporaries, write_json
+from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
 from crackio.loading.samplers import Shuffle
 from crackio.storage.packs import open_pack
 from crackio.storage.remote import is_remote
-from train.run.checkpoint import RUN_ID, STEP, EpochProgress, TrainState, new_run_id, pack_fingerprint, restore
+from train.run.checkpoint import STEP, EpochProgress, TrainState, new_run_id, pack_fingerprint, restore
 from train.run.logs import Console, RunLogs, tensorboard_writer
 from train.run.losses import make_loss
 from train.run.model import CrackClassifier, build_model, make_optimizer
@@ -256,7 +256,7 @@ def build_run(cfg: RunSettings) -> Run:
     if rank == 0:  # only now: a refused start leaves no folder, a refused --resume the run as it was
         make_dir(out)
         remove_temporaries(out, RUN_FILES)  # left by a kill -9 or a power cut during a write
-        write_json(out / "config.json", {RUN_ID: run_id, **cfg.flat()})
+        cfg.save(out / "config.json", run_id)
     return Run(
         cfg,
         out,

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from crackio.cli import closest
-from crackio.errors import ConfigError, is_integer
-from crackio.flags import flag
+from crackio.errors import ConfigError, is_number, number_rule, written
+from crackio.flags import field_types, flag
 
 
 def init_names(cls: type) -> tuple[str, ...]:
@@ -35,28 +35,58 @@ def check_choice(name: str, value: object, allowed) -> None:
         )
 
 
-def check_positive(owner: object, *names: str) -> None:
-    """Each named field must be > 0: a finite number, an int at most 2**40 (crackio.errors.is_integer). Raises
-    ConfigError naming the flag."""
-    _check_numbers(owner, names, 1)
+def check_positive(owner: object, *names: str, most: float | None = None) -> None:
+    """Each named field must be > 0 (crackio.errors.number_rule: an int field an integer at most `most`, default
+    2**40; a float field a finite number, at most `most` if given).
+
+    Raises:
+        ConfigError: naming the flag, the rule it breaks and the value as given.
+    """
+    _check_numbers(owner, names, above=True, most=most)
 
 
-def check_non_negative(owner: object, *names: str) -> None:
-    """Each named field must be >= 0: a finite number, an int at most 2**40 (crackio.errors.is_integer). Raises
-    ConfigError naming the flag."""
-    _check_numbers(owner, names, 0)
+def check_non_negative(owner: object, *names: str, most: float | None = None) -> None:
+    """Each named field must be >= 0 (crackio.errors.number_rule: an int field an integer at most `most`, default
+    2**40; a float field a finite number, at most `most` if given); a float's -0.0 is kept as 0.0.
+
+    Raises:
+        ConfigError: naming the flag, the rule it breaks and the value as given.
+    """
+    _check_numbers(owner, names, above=False, most=most)
 
 
-def _check_numbers(owner: object, names: tuple[str, ...], least: int) -> None:
-    rule = "> 0" if least else ">= 0"
+def check_within(
+    owner: object, name: str, least: float, most: float, *, above: bool = False, under: bool = False, note: str = ""
+) -> None:
+    """The field `name` must be a finite number in [least, most] (`above`: (least, ...; `under`: ..., most)),
+    e.g. a probability (crackio.errors.is_number); a float's -0.0 is kept as 0.0. `note` follows the range in
+    the message (" (a probability)").
+
+    Raises:
+        ConfigError: "--threshold must be in [0, 1] (a probability), got 2.0".
+    """
+    value = getattr(owner, name)
+    if not is_number(value, least, most, above=above, under=under):
+        span = f"{'(' if above else '['}{written(least)}, {written(most)}{')' if under else ']'}"
+        raise ConfigError(f"{flag(name)} must be in {span}{note}, got {value}")
+    _positive_zero(owner, name)
+
+
+def _check_numbers(owner: object, names: tuple[str, ...], above: bool, most: float | None) -> None:
+    kinds = field_types(type(owner))
     for name in names:
         value = getattr(owner, name)
-        if not (isinstance(value, int | float) and (value > 0 if least else value >= 0)):  # NaN fails too
+        rule = number_rule(value, 0, most, above=above, whole=kinds[name][0] is int)
+        if rule is not None:
             raise ConfigError(f"{flag(name)} must be {rule}, got {value}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag(name)} must be a finite number {rule}, got {value}")
-        if isinstance(value, int) and not is_integer(value, least):
-            raise ConfigError(f"{flag(name)} must be {rule} and at most 2**40, got {value}")
+        _positive_zero(owner, name)
+
+
+def _positive_zero(owner: object, name: str) -> None:
+    """A float field's -0.0 (`--weight-decay -0`) kept as 0.0, so reports and config.json say 0.0."""
+    value = getattr(owner, name)
+    if isinstance(value, float) and value == 0 and math.copysign(1, value) < 0:
+        object.__setattr__(owner, name, 0.0)  # a frozen owner, still being made
 
 
 class Owner:

@@ -3,17 +3,15 @@ that checks its own values when made, with the remote pack's settings (`Remote`)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from crackio.cli import check_limits
-from crackio.errors import ConfigError
+from crackio.errors import MOST_THREADS, ConfigError, is_number
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.storage.remote import check_location, is_remote
 from crackio.writing.annotations import FORMATS
 from crackio.writing.regions import MODES
-from train.settings.base import Owner
+from train.settings.base import Owner, check_non_negative, check_positive, check_within
 from train.settings.data import Remote
 
 
@@ -52,13 +50,9 @@ class EvalSettings(Command):
     def check(self) -> None:
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required (RUN/best.pt or RUN/last.pt)")
-        check_limits(
-            {
-                "--threshold": (0 <= self.threshold <= 1, "in [0, 1] (a probability)", self.threshold),
-                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
-                "--threads": (self.threads >= 0, ">= 0", self.threads),
-            }
-        )
+        check_within(self, "threshold", 0, 1, note=" (a probability)")
+        check_positive(self, "batch_size")
+        check_non_negative(self, "threads", most=MOST_THREADS)
 
 
 @dataclass(frozen=True)
@@ -84,18 +78,13 @@ class SvmSettings(Command):
     def check(self) -> None:
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
-        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
+        check_within(self, "neg_iou", 0, 1)
+        check_within(self, "pos_iou", 0, 1)
+        if not self.neg_iou <= self.pos_iou:
             raise ConfigError(f"need 0 <= --neg-iou <= --pos-iou <= 1, got {self.neg_iou} and {self.pos_iou}")
-        check_limits(
-            {
-                "--rounds": (self.rounds >= 0, ">= 0", self.rounds),
-                "--negatives": (self.negatives >= 1, ">= 1", self.negatives),
-                "--C": (self.C > 0 and math.isfinite(self.C), "a finite number > 0", self.C),
-                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
-                "--seed": (self.seed >= 0, ">= 0", self.seed),
-                "--target-recall": (0 <= self.target_recall <= 1, "in [0, 1]", self.target_recall),
-            }
-        )
+        check_non_negative(self, "rounds", "seed")  # at most 2**40: a seed torch and numpy take
+        check_positive(self, "negatives", "C", "batch_size")
+        check_within(self, "target_recall", 0, 1)
 
 
 @dataclass(frozen=True)
@@ -132,15 +121,15 @@ class DetectSettings(Command):
             raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
         if self.format and not (self.annotations or self.split):
             raise ConfigError("--format only applies with --annotations (the format of the ground truth): give both")
-        threshold = self.score_threshold
-        check_limits(
-            {
-                "--nms-iou": (0 < self.nms_iou <= 1, "in (0, 1]", self.nms_iou),
-                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
-                "--score-threshold": (threshold is None or math.isfinite(threshold), "a number", threshold),
-                "--threads": (self.threads >= 0, ">= 0", self.threads),
-            }
-        )
+        check_within(self, "nms_iou", 0, 1, above=True)
+        check_positive(self, "batch_size")
+        if not (self.score_threshold is None or is_number(self.score_threshold)):
+            raise ConfigError(f"--score-threshold must be a finite number or none, got {self.score_threshold}")
+        check_non_negative(self, "threads", most=MOST_THREADS)
+        if self.max_proposals is not None:
+            check_positive(self, "max_proposals")
+        if self.context is not None:
+            check_non_negative(self, "context")
 
     @property
     def class_names(self) -> list[str] | None:
@@ -169,9 +158,5 @@ class ExportSettings(Command):
     def check(self) -> None:
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required (RUN/best.pt or RUN/last.pt)")
-        check_limits(
-            {
-                "--tolerance": (math.isfinite(self.tolerance) and self.tolerance >= 0, ">= 0", self.tolerance),
-                "--batch-size": (self.batch_size >= 1, ">= 1", self.batch_size),
-            }
-        )
+        check_non_negative(self, "tolerance")
+        check_positive(self, "batch_size")

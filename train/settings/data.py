@@ -6,17 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crackio.errors import ConfigError
+from crackio.errors import MOST_THREADS, ConfigError
 from crackio.flags import flag
 from crackio.format.layout import SPLITS
 from crackio.fsio import is_path_component
 from crackio.loading.options import BACKENDS
 from crackio.storage.packs import RemoteSettings
 from crackio.storage.remote import check_location, is_remote
-from train.settings.base import Choice, Kind, Owner, check_non_negative
-
-# --limit-batches and --log-every: at most this many (a step count beyond any run, and within an int64)
-MOST_STEPS = 2**40
+from train.settings.base import Choice, Kind, Owner, check_non_negative, check_positive, check_within
 
 
 @dataclass(frozen=True)
@@ -35,13 +32,10 @@ class Data(Owner):
     seed: int = 0  # seeds sampling, augmentation, initialisation
 
     def check(self) -> None:
-        if isinstance(self.limit_batches, int) and self.limit_batches > MOST_STEPS:
-            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.limit_batches}")
-        check_non_negative(self, "seed", "workers", "limit_batches")
-        if self.iou_threshold is not None and not 0 <= self.iou_threshold < 1:
-            raise ConfigError(
-                f"--iou-threshold must be in [0, 1) or none (the names' labels), got {self.iou_threshold}"
-            )
+        check_non_negative(self, "seed", "limit_batches")  # at most 2**40: a seed torch and numpy take
+        check_non_negative(self, "workers", most=MOST_THREADS)
+        if self.iou_threshold is not None:
+            check_within(self, "iou_threshold", 0, 1, under=True, note=" or none (the names' labels)")
         for name in ("train_split", "val_split", "test_split"):
             split = getattr(self, name)
             if not is_path_component(split):
@@ -72,8 +66,7 @@ class Block(Kind):
     block_size: int = 128  # block order: consecutive index rows per block (~1 MB of crops)
 
     def check(self) -> None:
-        if not self.block_size > 0:
-            raise ConfigError(f"--block-size must be > 0, got {self.block_size}")
+        check_positive(self, "block_size")
 
 
 ORDER = Choice(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from crackio.errors import ConfigError, MissingFile
-from train.settings.run import check_names
+from train.settings.run import RUN_ID, check_names
 
 
 def read_config_file(path: str) -> dict:
     """The settings of `--config FILE`: YAML (.yaml, .yml), TOML (.toml) or JSON (.json, e.g. a run's config.json),
-    a table of option names (underscores) to values of their types; `iou_threshold` may be "none".
+    a table of option names (underscores) to values of their types; `iou_threshold` may be "none", `cache_limit` a
+    number of bytes. YAML's floats are YAML 1.2's: `lr: 1e-3` is a number, as in TOML and JSON.
 
     Raises:
         MissingFile: no such file.
@@ -48,12 +50,15 @@ def read_config_file(path: str) -> dict:
         data["log"] = ",".join(map(str, data["log"]))
     if isinstance(data, dict) and data.get("iou_threshold") == "none":
         data["iou_threshold"] = None
+    limit = data.get("cache_limit") if isinstance(data, dict) else None
+    if isinstance(limit, int | float) and not isinstance(limit, bool):  # cache_limit: 1073741824 (bytes)
+        data["cache_limit"] = str(limit)  # read as --cache-limit's text is, and refused in its words
     check_names(data, f"--config {file}")  # keys and types, with the closest name for a typo
     if data.get("resume"):
         raise ConfigError(
             f"--config {file} sets resume: a resumed run keeps its own settings; use --resume RUN without --config"
         )
-    return {k: v for k, v in data.items() if k != "resume"}
+    return {k: v for k, v in data.items() if k not in ("resume", RUN_ID)}  # a run's identity is not a setting
 
 
 def _unique(pairs: list[tuple[str, object]]) -> dict:
@@ -67,8 +72,21 @@ def _unique(pairs: list[tuple[str, object]]) -> dict:
     return table
 
 
+# YAML 1.2's floats (its core schema), not 1.1's, which need a dot: PyYAML's SafeLoader reads `lr: 1e-3` as the
+# text "1e-3". Plain integers stay the int resolver's (this one is consulted after it).
+FLOAT_1_2 = re.compile(
+    r"""^(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
 def _yaml(text: str):
-    """YAML as plain data (yaml.SafeLoader: nothing constructed), a key given twice in a table refused."""
+    """YAML as plain data (yaml.SafeLoader: nothing constructed), floats as YAML 1.2 reads them (`1e-3` is a
+    number), a key given twice in a table refused."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -79,4 +97,10 @@ def _yaml(text: str):
                 raise yaml.constructor.ConstructorError(None, None, f"{twice[0]!r} is given twice", node.start_mark)
             return super().construct_mapping(node, deep=deep)
 
+    float_tag = "tag:yaml.org,2002:float"
+    Loader.yaml_implicit_resolvers = {  # the class's own copy, without YAML 1.1's float resolver
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != float_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(float_tag, FLOAT_1_2, list("-+0123456789."))
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass

@@ -3,11 +3,12 @@ learning-rate schedule (`Constant`, `Cosine`, `Step`) and the loss (`Bce`, `Foca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crackio.errors import ConfigError
-from train.settings.base import Choice, Kind, Owner, check_non_negative, check_positive
+from crackio.errors import ConfigError, is_number
+from train.settings.base import Choice, Kind, Owner, check_non_negative, check_positive, check_within
 
 HEADS = ("original", "linear")  # train.run.model.CrackClassifier
 OPTIMIZERS = ("adam", "adamw", "sgd")  # train.run.model.make_optimizer
@@ -52,7 +53,8 @@ class Constant(Kind):
     warmup_epochs: float = 0.0  # linear warm-up of the rate over this many epochs, per step (0.5 allowed); 0 = none
 
     def check(self) -> None:
-        if not self.warmup_epochs >= 0:  # NaN fails too; inf is refused against --epochs (RunSettings)
+        warmup = self.warmup_epochs
+        if not (is_number(warmup, 0) or warmup == math.inf):  # NaN fails too; inf is refused against --epochs
             raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
 
 
@@ -74,9 +76,8 @@ class Step(Constant):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, "lr_step_epochs", "lr_gamma")
-        if not self.lr_gamma <= 1:
-            raise ConfigError(f"--lr-gamma must be in (0, 1] (the step schedule lowers the rate), got {self.lr_gamma}")
+        check_positive(self, "lr_step_epochs")
+        check_within(self, "lr_gamma", 0, 1, above=True, note=" (the step schedule lowers the rate)")
 
 
 SCHEDULE = Choice(
@@ -112,8 +113,8 @@ class Focal(Kind):
 
     def check(self) -> None:
         check_non_negative(self, "focal_gamma")
-        if not (0 <= self.focal_alpha <= 1 or self.focal_alpha == -1):  # torchvision's rule; NaN fails
-            raise ConfigError(
+        if not (is_number(self.focal_alpha, 0, 1) or (is_number(self.focal_alpha) and self.focal_alpha == -1)):
+            raise ConfigError(  # torchvision's rule
                 f"--focal-alpha must be in [0, 1] (the crack class's weight) or -1 (no class weighting, the "
                 f"original's best run), got {self.focal_alpha}"
             )

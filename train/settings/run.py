@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from crackio.cli import closest
-from crackio.errors import ConfigError, has_type
+from crackio.errors import MOST_SECONDS, MOST_THREADS, ConfigError, has_type
 from crackio.flags import flag
 from crackio.fsio import write_json
 from crackio.loading.options import DEVICES
-from train.settings.base import Choice, Owner, check_non_negative, check_positive
-from train.settings.data import MOST_STEPS, ORDER, Block, Data, Random, Remote
+from train.settings.base import Choice, Owner, check_non_negative, check_positive, check_within
+from train.settings.data import ORDER, Block, Data, Random, Remote
 from train.settings.learning import LOSS, SCHEDULE, Bce, Constant, Focal, Model, Optimisation
 from train.settings.sampling import Sampling
 
@@ -68,12 +68,8 @@ class Logging(Owner):
     target_recall: float = 0.0  # also report the threshold reaching this crack recall on validation; 0 = off
 
     def check(self) -> None:
-        if isinstance(self.log_every, int) and self.log_every > MOST_STEPS:
-            raise ConfigError(f"--limit-batches and --log-every must be at most 2**40, got {self.log_every}")
         check_positive(self, "log_every")
-        check_non_negative(self, "target_recall")
-        if not 0 <= self.target_recall <= 1:
-            raise ConfigError(f"--target-recall must be in [0, 1], got {self.target_recall}")
+        check_within(self, "target_recall", 0, 1)
         parse_logs(self.log)
 
     @property
@@ -96,8 +92,8 @@ class Runtime(Owner):
     dist_timeout: float = 600.0  # torchrun: seconds a rank waits for the others before the job stops with an error
 
     def check(self) -> None:
-        check_positive(self, "dist_timeout")
-        check_non_negative(self, "threads")
+        check_positive(self, "dist_timeout", most=MOST_SECONDS)  # what datetime.timedelta takes
+        check_non_negative(self, "threads", most=MOST_THREADS)  # torch.set_num_threads takes a C int
 
 
 # The concerns of a run, in --help's order: RunSettings' field name -> its owner (a class or a Choice of kinds).
@@ -144,15 +140,16 @@ class RunSettings:
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], given: Iterable[str] = (), source: str = "") -> RunSettings:
-        """The run of the flat table `values` (missing names take their defaults); `given` names the options the
-        user gave, refused when the other settings would ignore them.
+        """The run of the flat table `values` (missing names take their defaults; a run's config.json's `run_id`,
+        its identity and not a setting, is ignored); `given` names the options the user gave, refused when the
+        other settings would ignore them.
 
         Raises:
             ConfigError: an unknown name (with the closest), a value of the wrong type (naming `source`), a value
                 no run could use, or a given option that would be ignored (naming the setting it needs).
         """
         check_names(values, source)
-        flat = DEFAULTS | dict(values)
+        flat = DEFAULTS | {k: v for k, v in values.items() if k != RUN_ID}
         settings = cls(**{name: part.build(flat) for name, part in PARTS.items()})  # values first, each by its owner
         check_applicable(flat, set(given))  # then whether each given option applies
         return settings
@@ -184,14 +181,18 @@ class RunSettings:
         optim = dataclasses.replace(self.optim, batch_size=g // world_size, global_batch_size=g)
         return dataclasses.replace(self, optim=optim)
 
-    def save(self, path: Path) -> None:
-        """config.json, atomically (raises WriteError on a full disk or an I/O error)."""
-        write_json(path, self.flat())
+    def save(self, path: Path, run_id: str) -> None:
+        """A run's config.json, atomically: `run_id` (its identity, in every checkpoint it writes) and the flat
+        table (raises WriteError on a full disk or an I/O error)."""
+        write_json(path, {RUN_ID: run_id, **self.flat()})
 
 
 def run_settings(**values: Any) -> RunSettings:
     """A run from flat options as keywords, each counted as given (what the command line makes)."""
     return RunSettings.from_flat(values, values)
+
+
+RUN_ID = "run_id"  # a run's identity in its config.json (and checkpoints): not a setting, ignored where read
 
 
 def check_names(values: Mapping[str, Any], source: str) -> None:
@@ -203,11 +204,12 @@ def check_names(values: Mapping[str, Any], source: str) -> None:
     where = source or "settings"
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: a config must be a table of settings, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(DEFAULTS))
+    unknown = sorted(set(values) - set(DEFAULTS) - {RUN_ID})
     if unknown:
         raise ConfigError(f"{where}: unknown config keys {unknown}{closest(unknown[0], list(DEFAULTS))}")
     for key, value in values.items():
-        check_type(key, value, where)
+        if key != RUN_ID:
+            check_type(key, value, where)
 
 
 def check_type(key: str, value: Any, where: str) -> None:
