@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from crackio.errors import ConfigError, CrackioError
+from crackio.errors import CrackioError
 
 
 class Interrupted(KeyboardInterrupt):
@@ -196,14 +196,3 @@ def progress_bar(*args, **kwargs):
     if not sys.stderr.isatty():
         kwargs = {**kwargs, "file": _Lines(sys.stderr), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
     return tqdm(*args, **kwargs)
-
-
-def check_limits(limits: dict[str, tuple[bool, str, object]]) -> None:
-    """Refuse the first option whose value breaks its rule: {"--batch-size": (ok, ">= 1", value), ...}.
-
-    Raises:
-        ConfigError: "--batch-size must be >= 1, got 0": the one that failed, not every rule.
-    """
-    for flag, (ok, rule, value) in limits.items():
-        if not ok:
-            raise ConfigError(f"{flag} must be {rule}, got {value}")

@@ -137,10 +137,10 @@ def given(name: str, value: object) -> str:
 Broken = tuple[str, object, str]  # a settings field, its value, the rule it breaks (">= 1": "must be" goes before)
 
 
-def below(field: str, value: object, least: int) -> Broken | None:
-    """The rule an integer field `>= least` (and at most MOST) breaks (the one integer rule, `number_rule`), or
-    None."""
-    rule = number_rule(value, least, whole=True)
+def below(field: str, value: object, least: int, most: int | None = None) -> Broken | None:
+    """The rule an integer field `>= least` (and at most `most`, else MOST) breaks (the one integer rule,
+    `number_rule`), or None."""
+    rule = number_rule(value, least, most, whole=True)
     return None if rule is None else (field, value, rule)
 
 

@@ -211,7 +211,7 @@ def test_export_refuses_bad_options_in_one_line_before_exporting(run, tmp_path, 
         ),
         (["--checkpoint", str(run), "--out", str(tmp_path)], "is a folder: name the file to write"),
         (["--checkpoint", str(run), *out, "--tolerance", "-1"], "--tolerance must be >= 0"),
-        (["--checkpoint", str(run), *out, "--split", "tset"], "'tset' is not "),  # a split of the shards
+        (["--checkpoint", str(run), *out, "--split", "tset"], "--split 'tset' is not in "),  # a split of the shards
         (["--checkpoint", str(run), *out, "--shards", str(tmp_path / "moved")], "moved does not exist"),
     ]
     for argv, message in cases:

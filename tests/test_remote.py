@@ -544,8 +544,13 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
     )
     assert verified.returncode == 0 and "all 240 samples match" in verified.stdout
     assert open_pack(url).manifest["splits"].keys() == {"train", "valid", "test"}
-    # Packed again into the same prefix with fewer shards: the old pack's extra shards are removed.
-    again = subprocess.run([*cli[:-2], "120", "--quiet", "--out", url], capture_output=True, text=True, env=env)
+    # Packed again into the same prefix with other settings: refused as a folder refuses it, with nothing written.
+    other = [*cli[:-2], "120", "--quiet", "--out", url]
+    refused = subprocess.run(other, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "holds another pack (samples_per_shard 50 then, 120 now)" in refused.stderr
+    assert not Remote(url).exists(".crackio.lock") and open_pack(url).manifest["settings"]["samples_per_shard"] == 50
+    # With --overwrite, and fewer shards: the old pack's extra shards are removed.
+    again = subprocess.run([*other, "--overwrite"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     import boto3
 

@@ -271,7 +271,9 @@ def remote_output(url: str, timeout: float = 60.0) -> Iterator[tuple[Path, Remot
 
 def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: float = 60.0) -> T:
     """`write(folder)` packs into `out` when it is a folder; for an s3:// URL, into a staging folder under the
-    prefix's writer lock, then uploaded (manifest last). Returns what `write` returned.
+    prefix's writer lock, then uploaded (manifest last). The staging folder starts with the manifest of the pack
+    already under the prefix, so the writer refuses to replace another pack there as it would in a folder
+    (`crackio.writing.outdir.check_replacing`). Returns what `write` returned.
 
     Raises:
         WriteError: as `write`; for a full staging folder, naming $TMPDIR.
@@ -280,6 +282,8 @@ def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: floa
     if not is_remote(out):
         return write(Path(out))
     with remote_output(str(out), timeout) as (staging, remote):
+        with contextlib.suppress(Missing):  # the pack there, for the writer's check against replacing another
+            (staging / MANIFEST).write_bytes(remote.get(MANIFEST)[0])
         try:
             result = write(staging)
         except WriteError as e:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from crackio.cli import progress_bar
-from crackio.errors import ConfigError, MissingFile, OutOfRange, below
+from crackio.errors import MOST_THREADS, ConfigError, MissingFile, OutOfRange, below
 from crackio.format.layout import MANIFEST, join, manifest_files, planned_files
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import index_dtype
@@ -36,7 +36,7 @@ class PackSettings:
 
     def __post_init__(self) -> None:
         # Named as this object's arguments; tools/pack.py names them as its flags (OutOfRange.named).
-        rules = [below("samples_per_shard", self.samples_per_shard, 1), below("workers", self.workers, 0)]
+        rules = [below("samples_per_shard", self.samples_per_shard, 1), below("workers", self.workers, 0, MOST_THREADS)]
         OutOfRange.check("PackSettings", [*rules, below("seed", self.seed, 0)])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from crackio.cli import progress_bar
-from crackio.errors import ConfigError, OutOfRange, below
+from crackio.errors import MOST_THREADS, ConfigError, OutOfRange, below
 from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
 from crackio.format.manifest import Manifest, build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
@@ -50,7 +50,10 @@ class ProposeSettings:
 
     def __post_init__(self) -> None:
         # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named).
-        rules = [below("workers", self.workers, 0), below("seed", self.seed, 0)]
+        rules = [below("workers", self.workers, 0, MOST_THREADS), below("seed", self.seed, 0)]
+        rules += [below("mask_piece", self.mask_piece, 0)]
+        if self.mask_crack_label is not None:
+            rules += [below("mask_crack_label", self.mask_crack_label, 0, 2**32 - 1)]  # a mask's pixel value
         OutOfRange.check("ProposeSettings", [*rules, below("samples_per_shard", self.samples_per_shard, 1)])
 
 
@@ -121,7 +124,7 @@ def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: in
 
 def assign_splits(photos: list[Photo], ratios: tuple[float, ...], seed: int) -> list[str]:
     """Each photo's split: its folder's, else by `ratios` over a seeded permutation of the photos."""
-    if len(ratios) != 3 or not all(np.isfinite(r) and r >= 0 for r in ratios) or not sum(ratios) > 0:
+    if len(ratios) != 3 or not all(np.isfinite(r) and r >= 0 for r in ratios) or not 0 < sum(ratios) < np.inf:
         raise ConfigError(f"--split-ratios must be three non-negative numbers (train, valid, test), got {ratios}")
     unassigned = [i for i, p in enumerate(photos) if p.split is None]
     splits = [p.split or "" for p in photos]

@@ -49,24 +49,31 @@ class ProposalSettings:
     gt_jitter: int = 0  # jittered copies of each ground-truth box
 
     def __post_init__(self) -> None:
-        if self.search_max_side != 0 and not self.search_max_side >= MIN_SEARCH_SIDE:
-            raise ConfigError(
-                f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
-                f"pixels, got {self.search_max_side}"
-            )
-        # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named).
+        # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named). Every
+        # field's kind first (these settings are also read back from manifests, checkpoints and ONNX files), then
+        # how they bound each other.
         OutOfRange.check(
             "ProposalSettings",
             [
                 None if self.method in METHODS else ("method", self.method, f"one of {METHODS}"),
                 None if self.mode in MODES else ("mode", self.mode, f"one of {MODES}"),
                 below("max_proposals", self.max_proposals, 1),
-                below("context", self.context, 0) or _under("context", self.context, self.size // 2),
+                below("min_size", self.min_size, 0),
+                below("search_max_side", self.search_max_side, 0),
+                below("context", self.context, 0),
+                below("size", self.size, 1),
+                below("quality", self.quality, 1, 100),
                 _fraction("positive_iou", self.positive_iou),
                 below("negatives_per_image", self.negatives_per_image, 0),
                 below("gt_jitter", self.gt_jitter, 0),
             ],
         )
+        if self.search_max_side != 0 and not self.search_max_side >= MIN_SEARCH_SIDE:
+            raise ConfigError(
+                f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
+                f"pixels, got {self.search_max_side}"
+            )
+        OutOfRange.check("ProposalSettings", [_under("context", self.context, self.size // 2)])
 
     def as_dict(self) -> dict:
         return asdict(self) | {

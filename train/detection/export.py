@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from crackio import make_loader
-from crackio.errors import ConfigError, MissingFile, is_number, number_rule
-from crackio.flags import field_types
+from crackio.errors import ConfigError, MissingFile
+from crackio.format.manifest import check_split
 from crackio.fsio import NotRegular, atomic_write, display_name, read_regular, write_json
 from crackio.loading.augment import SIZE
+from crackio.storage.packs import open_pack
 from crackio.writing.regions import ProposalSettings
 from train.run.checkpoint import file_sha256, load_checkpoint, trained
 from train.run.model import CrackClassifier, model_from_checkpoint
@@ -244,9 +245,7 @@ def load_onnx(path: Path) -> Exported:
 
 def recorded_proposals(value: object) -> dict | None:
     """An export's recorded proposal settings as detection reads them: None (a run on packed crops, which records
-    none) or a table whose values have the types of `ProposalSettings`' fields (an int field an integer >= 0, at
-    most 2**40, a JPEG quality at most 100; a float field a finite number; a str field text: crackio.errors'
-    rules), then within its ranges.
+    none) or a table `ProposalSettings` takes (its own checks: every field's kind and range).
 
     Raises:
         ConfigError: naming the first setting of the wrong type or out of range, and its value as recorded.
@@ -255,21 +254,11 @@ def recorded_proposals(value: object) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise ConfigError(f"its proposal settings must be a table, got {value!r}")
-    kinds = field_types(ProposalSettings)
-    for name, given in value.items():
-        kind = kinds[name][0] if name in kinds else None
-        if kind is int:
-            rule = number_rule(given, 0, 100 if name == "quality" else None, whole=True)
-        elif kind is float:
-            rule = None if is_number(given) else "a finite number"
-        else:
-            rule = None if kind is not str or isinstance(given, str) else "text"
-        if rule is not None:
-            raise ConfigError(f"its proposal setting {name} must be {rule}, got {given!r}")
+    kinds = ProposalSettings.__dataclass_fields__
     try:
-        ProposalSettings(**{k: v for k, v in value.items() if k in kinds})  # its own ranges
+        ProposalSettings(**{k: v for k, v in value.items() if k in kinds})
     except ConfigError as e:
-        raise ConfigError(f"its proposal settings are out of range: {e}") from None
+        raise ConfigError(f"its proposal settings are wrong: {e}") from None
     return value
 
 
@@ -383,10 +372,13 @@ def check_loader(settings: ExportSettings, cfg):
 
     Raises:
         MissingFile: no such shards (with a hint at --shards when they were the run's own).
+        ShardError: a split the pack does not hold (naming one it has).
     """
     try:
+        pack = open_pack(settings.shards or cfg.data.shards, settings.remote.settings(), "--shards")
+        check_split(pack.manifest, pack.location, settings.split, "--split")  # named as this command's flag
         return make_loader(
-            settings.shards or cfg.data.shards,
+            pack,
             settings.split,
             batch_size=settings.batch_size,
             train=False,
@@ -395,7 +387,6 @@ def check_loader(settings: ExportSettings, cfg):
             device="cpu",
             backend=settings.backend,
             output="uint8",
-            remote=settings.remote.settings(),
         )
     except MissingFile as e:
         if settings.shards:
