@@ -257,3 +257,12 @@ def test_an_onnx_exports_recorded_proposal_settings_are_checked_when_read(tmp_pa
     assert "has crackio metadata this crackio cannot read (its proposal settings are wrong: " in str(e.value)
     assert words in str(e.value)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-2", "1e3", ""])
+def test_a_world_size_torchrun_never_sets_is_one_line(monkeypatch, text):
+    from train.settings.run import launched_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", text)
+    with pytest.raises(ConfigError, match=f"WORLD_SIZE={text!r} must be a number of ranks >= 1"):
+        launched_world_size()

@@ -42,8 +42,16 @@ def parse_logs(text: str) -> tuple[str, ...]:
 
 
 def launched_world_size() -> int:
-    """The number of ranks torchrun started (WORLD_SIZE), known before the process group is made; 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of ranks torchrun started (WORLD_SIZE), known before the process group is made; 1 without it.
+
+    Raises:
+        ConfigError: WORLD_SIZE set to something torchrun never sets.
+    """
+    text = os.environ.get("WORLD_SIZE", "1")
+    size = int(text) if text.strip().isdecimal() else None
+    if size is None or not 1 <= size <= MOST_THREADS * 1024:
+        raise ConfigError(f"WORLD_SIZE={text!r} must be a number of ranks >= 1 (torchrun sets it): unset it")
+    return size
 
 
 @dataclass(frozen=True)
