@@ -52,6 +52,12 @@ class ProposalSettings:
         # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named). Every
         # field's kind first (these settings are also read back from manifests, checkpoints and ONNX files), then
         # how they bound each other.
+        side = self.search_max_side
+        if isinstance(side, int) and not isinstance(side, bool) and side != 0 and not side >= MIN_SEARCH_SIDE:
+            raise ConfigError(
+                f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
+                f"pixels, got {side}"
+            )
         OutOfRange.check(
             "ProposalSettings",
             [
@@ -68,11 +74,6 @@ class ProposalSettings:
                 below("gt_jitter", self.gt_jitter, 0),
             ],
         )
-        if self.search_max_side != 0 and not self.search_max_side >= MIN_SEARCH_SIDE:
-            raise ConfigError(
-                f"--search-max-side must be 0 (search the photo at full size) or at least {MIN_SEARCH_SIDE} "
-                f"pixels, got {self.search_max_side}"
-            )
         OutOfRange.check("ProposalSettings", [_under("context", self.context, self.size // 2)])
 
     def as_dict(self) -> dict:
