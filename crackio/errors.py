@@ -41,8 +41,16 @@ MOST = 2**40  # an integer setting's default bound: a count, step or seed beyond
 MOST_THREADS = 4096  # threads or worker processes: more than any machine's cores, within torch's C int
 MOST_SECONDS = 2**31  # a timeout (68 years): within what datetime.timedelta and torch's timeouts take
 MOST_BYTES = 2**63 - 1  # a byte size: an int64 (the cache's SQLite columns)
+MOST_FLOAT32 = 3.4028234663852886e38  # a float setting that reaches a float32 tensor (lr, weight decay, ...)
+MOST_LR = MOST_FLOAT32 / 10  # a learning rate: Adam's first step is lr / (1 - 0.9), a float32
 # The bounds as messages write them.
-WRITTEN: dict[float, str] = {MOST: "2**40", MOST_SECONDS: "2**31", MOST_BYTES: "2**63 - 1"}
+WRITTEN: dict[float, str] = {
+    MOST: "2**40",
+    MOST_SECONDS: "2**31",
+    MOST_BYTES: "2**63 - 1",
+    MOST_FLOAT32: "3.4e38 (float32's largest)",
+    MOST_LR: "3.4e37 (float32's largest / 10: Adam's first step is 10 x lr)",
+}
 
 
 def written(bound: float) -> str:

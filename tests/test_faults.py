@@ -95,21 +95,31 @@ def test_malformed_manifest_fields_are_one_shard_error(shards, change, message):
         load_index(shards, "train")
 
 
-def test_a_pack_of_an_earlier_format_is_refused_with_the_command_that_writes_it_again(shards):
-    from crackio.format.manifest import parse_manifest
+def test_a_pack_of_an_earlier_format_is_refused_with_the_command_that_writes_it_again(demo_src, tmp_path):
+    """The command in the message works as given: the pack's source and its recorded settings."""
+    import shlex
 
+    from crackio.format.manifest import parse_manifest
+    from crackio.writing.pack import PackSettings, pack
+
+    shards = tmp_path / "old"
+    pack(demo_src, shards, PackSettings(samples_per_shard=30, workers=1, seed=5), progress=False)
     manifest = json.loads((shards / "manifest.json").read_text())
     manifest["format_version"] = 2
     (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="format_version 2, this crackio reads 3 \\(which records every") as e:
+        load_index(shards, "train")
+    command = str(e.value).split("`")[1]
+    assert command.startswith(f"python tools/pack.py {demo_src} --out {shards} --samples-per-shard 30 --seed 5")
+    done = subprocess.run([sys.executable, *shlex.split(command)[1:], "--quiet"], cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert len(load_index(shards, "train")) == 160
+    proposed = {"format_version": 2, "source": "/data/photos", "stage": "propose", "annotations": {"format": "coco"}}
+    proposed |= {"proposals": {"mode": "quality", "max_proposals": 300, "size": 224}, "settings": {"classes": []}}
     with pytest.raises(
         ShardError,
-        match=f"format_version 2, this crackio reads 3 \\(which records every file's SHA-256\\): "
-        f"write the pack again with `python tools/pack.py {manifest['source']} --out {shards}`",
+        match="`python tools/propose.py /data/photos --format coco --out P --mode quality --max-proposals 300`",
     ):
-        load_index(shards, "train")
-    proposed = {"format_version": 2, "source": "/data/photos", "stage": "propose", "annotations": {"format": "coco"}}
-    command = "`python tools/propose.py /data/photos --format coco --out P` and the settings"
-    with pytest.raises(ShardError, match=command):
         parse_manifest(json.dumps(proposed).encode(), "P/manifest.json", "P")
 
 

@@ -315,3 +315,18 @@ def test_a_missing_split_names_one_the_pack_has():
         check_split(manifest, "p", "test", "--split")
     with pytest.raises(ShardError, match="give split='valid'"):
         check_split(manifest, "p", "test")
+
+
+def test_verify_checks_the_converted_list_against_the_manifest(messy_src, tmp_path):
+    from crackio.format.verify import verify
+
+    src, _ = messy_src
+    out = tmp_path / "out"
+    pack(src, out, PackSettings(samples_per_shard=50, workers=1), progress=False)
+    listed = out / "train" / "converted.tsv"
+    assert listed.is_file() and list(verify(out)) == []
+    listed.write_text(listed.read_text() + "x.png\tinvented\n")
+    problems = list(verify(out))
+    assert len(problems) == 1 and problems[0].startswith(f"{listed}: its SHA-256 is ")
+    listed.unlink()
+    assert list(verify(out)) == [f"{listed}: missing, the manifest records one (the split's converted inputs)"]

@@ -21,6 +21,7 @@ from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
 from crackio.errors import OutOfRange  # noqa: E402
 from crackio.flags import add_flags, flag  # noqa: E402
 from crackio.format.layout import join  # noqa: E402
+from crackio.format.manifest import repack  # noqa: E402
 from crackio.storage.packs import open_pack, verify_pack  # noqa: E402
 from crackio.storage.remote import location  # noqa: E402
 from crackio.storage.upload import write_pack  # noqa: E402
@@ -83,7 +84,7 @@ def check(out: str | Path) -> int:
         print(f"damaged: {line}", file=sys.stderr)
     samples = open_pack(out).manifest["samples"]
     if problems:
-        print(f"{problems} problems in {out} ({samples} samples): re-run `python tools/pack.py SRC --out {out}`")
+        print(f"{problems} problems in {out} ({samples} samples): {repack(out)}")
         return 1
     print(f"{out}: all {samples} samples match their checksums and their index rows")
     return 0

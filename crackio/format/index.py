@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crackio.format.layout import INDEX, MANIFEST, ShardError, join, repack
-from crackio.format.manifest import _bad, check_split, read_manifest
+from crackio.format.layout import INDEX, MANIFEST, ShardError, join
+from crackio.format.manifest import _bad, check_split, read_manifest, repack
 from crackio.format.schema import INDEX_COLUMNS
 from crackio.fsio import read_regular
 

@@ -28,15 +28,6 @@ CONVERTED = "converted.tsv"  # per split: file name, tab, what was converted
 FORMAT_VERSION = 3  # 2: crc32 and key columns in the index, keys are positions in the seeded order; 3: SHA-256s
 
 
-def repack(root: str | os.PathLike) -> str:
-    """The fix for a damaged or incomplete pack at `root` (a folder, an s3:// URL crackio uploads to, or an
-    http(s):// server crackio only reads from)."""
-    text = str(root)
-    if text.startswith(("http://", "https://")):
-        return f"copy the whole pack folder, as tools/pack.py wrote it, to the server at {text} again"
-    return f"re-run `python tools/pack.py SRC --out {text}`"
-
-
 SPLITS = ("train", "valid", "test")  # the split names a pack is made of when its input names them
 SPLIT_ALIASES = {"val": "valid", "validation": "valid"}  # folder names read as `valid` (Ultralytics, VOC, ...)
 # Listing order in manifests, reports and the proposal stage's photo order: each split with its aliases.

@@ -3,10 +3,12 @@ untrusted input (every field a loader uses type-checked)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import TypedDict
 
@@ -17,7 +19,6 @@ from crackio.format.layout import (
     SPLITS,
     ShardError,
     join,
-    repack,
     shard_pattern,
     split_sort_key,
 )
@@ -135,22 +136,59 @@ def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+# Recorded settings that are no command line flag (fixed, or the manifest's own notes).
+NOT_FLAGS = {"workers", "size", "quality", "min_size", "warp", "fill", "label_rule"}
+
+
+def _flags(recorded: object) -> str:
+    """Recorded settings as the tools' flags (` --samples-per-shard 50 --seed 5`): a list comma-joined (an empty one
+    left out), None as `none`."""
+    if not isinstance(recorded, dict):
+        return ""
+    words = []
+    for key, value in recorded.items():
+        if key in NOT_FLAGS or value == []:
+            continue
+        if isinstance(value, list):
+            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        words.append(f"--{key.replace('_', '-')} {shlex.quote('none' if value is None else str(value))}")
+    return "".join(" " + w for w in words)
+
+
 def rewrite_text(manifest: dict, root: str | os.PathLike) -> str:
-    """How to write the pack at `root` again from its source, as its (older) manifest records it: tools/propose.py
-    for the proposal stage's packs, tools/pack.py for proposal folders (SRC where the source is not recorded);
-    for an http(s) server, into a folder then served there. Read leniently: the manifest may be of another format
-    version."""
+    """How to write the pack at `root` again from its source with the settings it records: tools/propose.py for
+    the proposal stage's packs, tools/pack.py for proposal folders (SRC where the source is not recorded); for an
+    http(s) server, into a folder then served there. Read leniently: the manifest may be damaged or of another
+    format version."""
     source = manifest.get("source") if isinstance(manifest.get("source"), str) else "SRC"
     served = str(root).startswith(("http://", "https://"))
-    out = "FOLDER" if served else str(root)
-    annotations = manifest.get("annotations")
+    out = "FOLDER" if served else shlex.quote(str(root))
+    settings = _flags(manifest.get("settings"))
     if manifest.get("stage") == "propose":
+        annotations = manifest.get("annotations")
         fmt = annotations.get("format") if isinstance(annotations, dict) else None
         option = f" --format {fmt}" if isinstance(fmt, str) else ""
-        text = f"`python tools/propose.py {source}{option} --out {out}` and the settings its manifest records"
+        proposals = _flags(manifest.get("proposals"))
+        text = f"`python tools/propose.py {shlex.quote(source)}{option} --out {out}{proposals}{settings}`"
     else:
-        text = f"`python tools/pack.py {source} --out {out}`"
+        text = f"`python tools/pack.py {shlex.quote(source)} --out {out}{settings}`"
     return f"write the pack again with {text}" + (f", then serve FOLDER at {root}" if served else "")
+
+
+def repack(root: str | os.PathLike) -> str:
+    """The fix for a damaged or incomplete pack at `root`: the command that writes it again with its recorded
+    source and settings (its manifest read leniently), or, with no readable manifest, `tools/pack.py SRC`; for an
+    http(s) server crackio only reads from, copying the pack folder there again."""
+    text = str(root)
+    if text.startswith(("http://", "https://")):
+        return f"copy the whole pack folder, as tools/pack.py wrote it, to the server at {text} again"
+    manifest = None
+    if "://" not in text:
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            manifest = json.loads(read_regular(Path(root) / MANIFEST, MAX_MANIFEST_BYTES))
+    if isinstance(manifest, dict) and isinstance(manifest.get("source"), str):
+        return rewrite_text(manifest, root)
+    return f"re-run `python tools/pack.py SRC --out {text}`"
 
 
 def manifest_sha256(root: str | os.PathLike) -> str:

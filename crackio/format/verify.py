@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from crackio.format.index import index_digest_problem, load_index
-from crackio.format.layout import INDEX, sample_key
+from crackio.format.layout import CONVERTED, INDEX, sample_key
 from crackio.format.manifest import read_manifest
 from crackio.format.tar import BLOCK
 from crackio.fsio import read_regular
@@ -37,6 +37,13 @@ def verify(root: str | os.PathLike) -> Iterator[str]:
         problem = index_digest_problem(root / split / INDEX, info, root / split / INDEX, root)
         if problem:
             yield problem
+        listed = root / split / CONVERTED
+        try:
+            data = read_regular(listed, MAX_IDX_BYTES) if listed.exists() else None
+        except (OSError, ValueError) as e:
+            yield f"{listed}: unreadable ({e})"
+        else:
+            yield from converted_problems(data, info, str(listed))
         for number, (path, shard) in enumerate(zip(index.shards, info["shards"])):
             idx = path.with_suffix(".idx")
             try:
@@ -58,6 +65,19 @@ def tar_problems(fd: int, rows: np.ndarray, number: int, name: str, got: str, re
     the digest's."""
     problems = list(verify_tar(fd, rows, number, name))
     return problems or list(digest_problem(got, recorded, name))
+
+
+def converted_problems(data: bytes | None, info: dict, name: str) -> Iterator[str]:
+    """A split's converted list (its bytes, None when there is no such file, named `name`) against its manifest
+    entry `info`: there exactly when the manifest records one, with the recorded SHA-256."""
+    recorded = info.get("converted_sha256")
+    if data is None:
+        if recorded is not None:
+            yield f"{name}: missing, the manifest records one (the split's converted inputs)"
+    elif recorded is None:
+        yield f"{name}: the manifest records no converted list for this split"
+    else:
+        yield from digest_problem(hashlib.sha256(data).hexdigest(), recorded, name)
 
 
 def digest_problem(got: str, recorded: str, name: str) -> Iterator[str]:

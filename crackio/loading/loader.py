@@ -352,7 +352,13 @@ class Loader:
         """This rank's row ids for `epoch` batch by batch, and (train) each row's position in its global batch:
         pure functions of the arguments, computed once per epoch (`len`, the state and the iteration share them)."""
         if self._planned[0] != epoch:
-            draws = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
+            try:
+                draws = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
+            except MemoryError:  # numpy's refusal of an array larger than memory, before anything is filled
+                raise ConfigError(
+                    f"the sampler {self.sampler!r} draws more samples per epoch than this machine's memory holds "
+                    f"(~24 bytes of plan per sample): lower num_samples (--num-samples)"
+                ) from None
             if self.train:
                 rows, within = train_plan(
                     draws, len(self.index), self.seed, epoch, self.traversal, self.global_batch_size, self.rank,

@@ -11,7 +11,8 @@ from concurrent.futures import Future
 import numpy as np
 
 from crackio.format.index import SplitIndex
-from crackio.format.layout import ShardError, repack
+from crackio.format.layout import ShardError
+from crackio.format.manifest import repack
 from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
 from crackio.storage.packs import LocalShards, RemoteShards
 

@@ -44,7 +44,7 @@ from crackio.format.manifest import (
     split_folder_error,
     splits_named,
 )
-from crackio.format.verify import digest_problem, tar_problems, verify, verify_idx
+from crackio.format.verify import converted_problems, digest_problem, tar_problems, verify, verify_idx
 from crackio.storage.cache import Cache, default_cache_dir
 from crackio.storage.remote import Missing, Remote, RemoteError, check_location, is_remote
 from crackio.storage.settings import RemoteSettings, parse_bytes  # noqa: F401  (parse_bytes: train imports it here)
@@ -399,6 +399,12 @@ def verify_pack(location: str | os.PathLike, remote: RemoteSettings | None = Non
             yield problem
         rows = _in_memory(data, pack.remote.address(key), pack.location)
         check_index(rows, info, pack.remote.address(key), pack.location)
+        listed = f"{split}/{CONVERTED}"
+        try:
+            text: bytes | None = pack.remote.get(listed)[0]
+        except Missing:
+            text = None
+        yield from converted_problems(text, info, pack.remote.address(listed))
         for number, shard in enumerate(info["shards"]):
             key = f"{split}/{shard['name']}"
             name = pack.remote.address(key)

@@ -64,14 +64,14 @@ class ProposalSettings:
                 None if self.method in METHODS else ("method", self.method, f"one of {METHODS}"),
                 None if self.mode in MODES else ("mode", self.mode, f"one of {MODES}"),
                 below("max_proposals", self.max_proposals, 1),
-                below("min_size", self.min_size, 0),
-                below("search_max_side", self.search_max_side, 0),
+                below("min_size", self.min_size, 0, 2**16),  # pixels of a photo
+                below("search_max_side", self.search_max_side, 0, 2**16),
                 below("context", self.context, 0),
-                below("size", self.size, 1),
+                below("size", self.size, 1, 4096),  # a crop's side: every crop is held in memory as it is made
                 below("quality", self.quality, 1, 100),
                 _fraction("positive_iou", self.positive_iou),
                 below("negatives_per_image", self.negatives_per_image, 0),
-                below("gt_jitter", self.gt_jitter, 0),
+                below("gt_jitter", self.gt_jitter, 0, 1000),  # copies per ground-truth box, each one a crop
             ],
         )
         OutOfRange.check("ProposalSettings", [_under("context", self.context, self.size // 2)])

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from crackio.cli import closest
-from crackio.errors import ConfigError, is_number, number_rule, written
+from crackio.errors import MOST_FLOAT32, ConfigError, is_number, number_rule, written
 from crackio.flags import field_types, flag
 
 
@@ -37,7 +37,7 @@ def check_choice(name: str, value: object, allowed) -> None:
 
 def check_positive(owner: object, *names: str, most: float | None = None) -> None:
     """Each named field must be > 0 (crackio.errors.number_rule: an int field an integer at most `most`, default
-    2**40; a float field a finite number, at most `most` if given).
+    2**40; a float field a finite number at most `most`, default float32's largest).
 
     Raises:
         ConfigError: naming the flag, the rule it breaks and the value as given.
@@ -47,7 +47,8 @@ def check_positive(owner: object, *names: str, most: float | None = None) -> Non
 
 def check_non_negative(owner: object, *names: str, most: float | None = None) -> None:
     """Each named field must be >= 0 (crackio.errors.number_rule: an int field an integer at most `most`, default
-    2**40; a float field a finite number, at most `most` if given); a float's -0.0 is kept as 0.0.
+    2**40; a float field a finite number at most `most`, default float32's largest); a float's -0.0 is kept as
+    0.0.
 
     Raises:
         ConfigError: naming the flag, the rule it breaks and the value as given.
@@ -76,7 +77,9 @@ def _check_numbers(owner: object, names: tuple[str, ...], above: bool, most: flo
     kinds = field_types(type(owner))
     for name in names:
         value = getattr(owner, name)
-        rule = number_rule(value, 0, most, above=above, whole=kinds[name][0] is int)
+        whole = kinds[name][0] is int
+        # A float setting reaches a float32 tensor (the optimizer's update, a loss weight): at most float32's largest.
+        rule = number_rule(value, 0, most if most is not None or whole else MOST_FLOAT32, above=above, whole=whole)
         if rule is not None:
             raise ConfigError(f"{flag(name)} must be {rule}, got {value}")
         _positive_zero(owner, name)

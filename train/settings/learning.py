@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crackio.errors import ConfigError, is_number
+from crackio.errors import MOST_FLOAT32, MOST_LR, ConfigError, is_number, written
 from train.settings.base import Choice, Kind, Owner, check_non_negative, check_positive, check_within
 
 HEADS = ("original", "linear")  # train.run.model.CrackClassifier
@@ -39,8 +39,16 @@ class Optimisation(Owner):
     patience: int = 3  # early stopping: epochs without a lower validation loss
 
     def check(self) -> None:
-        check_positive(self, "lr", "batch_size", "epochs", "patience")
+        # The rate reaches float32 tensors in the optimizer's update: Adam's first step is lr / (1 - 0.9), and
+        # weight decay multiplies it (AdamW: 1 - lr x weight decay). Above those, torch fails mid-step.
+        check_positive(self, "lr", most=MOST_LR)
+        check_positive(self, "batch_size", "epochs", "patience")
         check_non_negative(self, "global_batch_size", "weight_decay")
+        if self.lr * self.weight_decay > MOST_FLOAT32:
+            raise ConfigError(
+                f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} must be at most {written(MOST_FLOAT32)} "
+                f"(the optimizer's decay step is a float32): lower either"
+            )
 
 
 @dataclass(frozen=True)
