@@ -276,3 +276,17 @@ def test_a_shared_table_option_the_command_line_makes_unused_is_refused(tmp_path
     given = {"shards": "x", "val_sampler": "shuffle"}
     with pytest.raises(ValueError, match=r"\[shared\] val_negatives of .* would not reach every variant"):
         sweep.check_shared_options(file.base(given), file, {"val_sampler"})
+
+
+def test_a_variant_whose_settings_break_a_rule_refuses_the_sweep_before_anything_trains(
+    demo_shards, tmp_path, monkeypatch, capsys
+):
+    variants = tmp_path / "v.toml"
+    variants.write_text('[[variant]]\nname = "ok"\n[[variant]]\nname = "bad"\nthreads = 100000\n')
+    monkeypatch.setattr(sweep, "train_main", lambda cfg: pytest.fail("a variant trained"))
+    assert cli(["sweep", "--variants", str(variants), "--shards", str(demo_shards), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.count("\n") == 0 and f"--variants {variants}: variant bad: --threads must be >= 0 and at most 4096" in err
+    )
+    assert err.endswith("nothing was trained")

@@ -160,7 +160,8 @@ def rewrite_text(manifest: dict, root: str | os.PathLike) -> str:
     the proposal stage's packs, tools/pack.py for proposal folders (SRC where the source is not recorded); for an
     http(s) server, into a folder then served there. Read leniently: the manifest may be damaged or of another
     format version."""
-    source = manifest.get("source") if isinstance(manifest.get("source"), str) else "SRC"
+    recorded = manifest.get("source")
+    source = recorded if isinstance(recorded, str) else "SRC"
     served = str(root).startswith(("http://", "https://"))
     out = "FOLDER" if served else shlex.quote(str(root))
     settings = _flags(manifest.get("settings"))

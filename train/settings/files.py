@@ -54,6 +54,8 @@ def read_config_file(path: str) -> dict:
     if isinstance(limit, int | float) and not isinstance(limit, bool):  # cache_limit: 1073741824 (bytes)
         data["cache_limit"] = str(limit)  # read as --cache-limit's text is, and refused in its words
     check_names(data, f"--config {file}")  # keys and types, with the closest name for a typo
+    if RUN_ID in data:  # a run's own config.json: `resume` is how it was last started, not a setting of it
+        data = {k: v for k, v in data.items() if k != "resume"}
     if data.get("resume"):
         raise ConfigError(
             f"--config {file} sets resume: a resumed run keeps its own settings; use --resume RUN without --config"

@@ -253,10 +253,13 @@ def state(cfg: RunSettings) -> str:
 def run_sweep(base: dict, file: VariantsFile, out: Path) -> list[dict]:
     """Train every variant not finished yet, then write sweep.csv, sweep.md, sweep_pr.png, sweep_curves.png.
 
-    A variant's bad settings or data fail that variant only (its row says why); a file that cannot be written
-    (WriteError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since every later variant would meet them.
+    Every variant's settings are checked first (a bad one refuses the sweep before anything trains); a variant
+    whose data fails (a sampler that cannot draw on the pack, a damaged pack) fails that variant only (its row
+    says why); a file that cannot be written (WriteError) or Ctrl-C / SIGTERM (Interrupted) stop the sweep, since
+    every later variant would meet them.
 
     Raises:
+        ConfigError: a variant's settings (naming the file and the variant).
         WriteError: a full disk or an I/O error, naming the file.
         Interrupted: SIGINT or SIGTERM, with what to run to continue.
     """
@@ -265,17 +268,18 @@ def run_sweep(base: dict, file: VariantsFile, out: Path) -> list[dict]:
     rank = world()[0]
     if rank == 0:
         remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
-    errors = {}
-    configs: list[RunSettings | None] = []
-    for variant in variants:
+    errors: dict[str, str] = {}
+    refused = []
+    configs: list[RunSettings] = []
+    for variant in variants:  # every variant's settings checked before any trains: a bad file is said at once
         try:
             configs.append(variant_config(base, variant, out))
-        except CrackioError as e:  # reported as this variant's failure; the others go on
-            errors[variant.name] = str(e)
-            configs.append(None)
+        except ConfigError as e:
+            refused.append(f"variant {variant.name}: {e}")
+    if refused:
+        more = f" (and {len(refused) - 1} more variant(s))" if len(refused) > 1 else ""
+        raise ConfigError(f"--variants {file.path}: {refused[0]}{more}; nothing was trained")
     for i, (variant, cfg) in enumerate(zip(variants, configs)):
-        if cfg is None:
-            continue
         try:
             cfg = cfg.for_world(world()[1])  # as a run saves it, so that a resume compares equal
             status = state(cfg)
@@ -314,12 +318,12 @@ def run_sweep(base: dict, file: VariantsFile, out: Path) -> list[dict]:
     return rows
 
 
-def collect(variant: Variant, cfg: RunSettings | None, folder: Path, error: str | None):
-    """The variant's table row, and (labels, probs), history for the plots when it finished (`cfg` None: its
-    settings were refused, `error` says why)."""
+def collect(variant: Variant, cfg: RunSettings, folder: Path, error: str | None):
+    """The variant's table row, and (labels, probs), history for the plots when it finished (`error`: why it
+    failed)."""
     row = {"variant": variant.name, "title": variant.title, "source": "crackio"}
-    row |= data_selection(cfg) if cfg is not None else {}
-    if cfg is None or error is not None or not (folder / "summary.json").is_file():
+    row |= data_selection(cfg)
+    if error is not None or not (folder / "summary.json").is_file():
         return row | {"status": "failed", "note": error or "not finished"}, None
     try:
         return _finished(row, cfg, folder)
