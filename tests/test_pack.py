@@ -303,6 +303,9 @@ def test_another_pack_in_out_is_replaced_only_with_overwrite(demo_src, tmp_path,
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--overwrite" in refused.stderr
     replaced = subprocess.run([*tool, "--overwrite"], capture_output=True, text=True)
     assert replaced.returncode == 0, replaced.stderr
+    assert f"note: {out} held a pack with other contents, now replaced" in replaced.stderr
+    again = subprocess.run(tool, capture_output=True, text=True)  # the same command: the same bytes, no note
+    assert again.returncode == 0 and "note:" not in again.stderr
     assert json.loads((out / "manifest.json").read_text())["source"] == str(other)
     assert not (out / "valid").exists()  # the earlier pack's splits are gone with it
 

@@ -547,11 +547,14 @@ def test_pack_uploads_manifest_last_and_refuses_a_second_writer(demo_src, s3, tm
     # Packed again into the same prefix with other settings: refused as a folder refuses it, with nothing written.
     other = [*cli[:-2], "120", "--quiet", "--out", url]
     refused = subprocess.run(other, capture_output=True, text=True, env=env)
-    assert refused.returncode == 2 and "holds another pack (samples_per_shard 50 then, 120 now)" in refused.stderr
+    assert refused.returncode == 2 and f"--out {url} holds another pack (samples_per_shard 50 then, 120 now)" in (
+        refused.stderr
+    )
     assert not Remote(url).exists(".crackio.lock") and open_pack(url).manifest["settings"]["samples_per_shard"] == 50
     # With --overwrite, and fewer shards: the old pack's extra shards are removed.
     again = subprocess.run([*other, "--overwrite"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
+    assert f"note: {url} held a pack with other contents, now replaced" in again.stderr
     import boto3
 
     prefix = url.split("/", 3)[3] + "/"

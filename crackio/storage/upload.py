@@ -280,12 +280,19 @@ def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: floa
         RemoteError, ConfigError: as `remote_output` and `upload_pack`.
     """
     if not is_remote(out):
-        return write(Path(out))
+        before = _manifest_of(Path(out))
+        result = write(Path(out))
+        _say_replaced(before, _manifest_of(Path(out)), str(out))
+        return result
     with remote_output(str(out), timeout) as (staging, remote):
+        before = None
         with contextlib.suppress(Missing):  # the pack there, for the writer's check against replacing another
-            (staging / MANIFEST).write_bytes(remote.get(MANIFEST)[0])
+            before = remote.get(MANIFEST)[0]
+            (staging / MANIFEST).write_bytes(before)
         try:
             result = write(staging)
+        except ConfigError as e:  # the writer names its folder: here that is the staging copy of `out`
+            raise type(e)(str(e).replace(str(staging), remote.url)) from None
         except WriteError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or str(staging) not in str(e):
                 raise
@@ -294,6 +301,27 @@ def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: floa
                 "disk with room for it)",
                 e.errno,
             ) from None
+        after = _manifest_of(staging)
         sent = upload_pack(staging, remote)
     print(f"uploaded {sent / 1e6:.1f} MB to {remote.url}", file=sys.stderr)  # and the lock deleted
+    _say_replaced(before, after, remote.url)
     return result
+
+
+def _manifest_of(folder: Path) -> bytes | None:
+    """The bytes of the manifest in `folder`, None when there is none (or it cannot be read)."""
+    try:
+        return (folder / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
+def _say_replaced(before: bytes | None, after: bytes | None, out: str) -> None:
+    """A note when the pack written to `out` replaced a pack of other contents (the same source and settings, say,
+    over changed files): its identity changed, and runs trained on the earlier pack cannot resume on it."""
+    if before is not None and after is not None and before != after:
+        print(
+            f"note: {out} held a pack with other contents, now replaced (its identity changed: runs trained on the "
+            "earlier pack will not --resume on this one)",
+            file=sys.stderr,
+        )
