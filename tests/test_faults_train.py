@@ -571,6 +571,10 @@ def test_resume_refuses_another_runs_checkpoint(run1, demo_shards, tmp_path, cap
     assert cli(["--resume", str(run), "--epochs", "2"]) == 2
     one_line(capsys.readouterr().err, run / "last.pt", "a run that recorded no identity")
     assert json.loads((run / "config.json").read_text())["run_id"] == torch.load(run1 / "last.pt")["run_id"]
+    # The way on it names, without the architecture: the checkpoint says which one it was trained as.
+    new = ["--shards", str(demo_shards), "--weights", str(run / "last.pt"), "--out", str(tmp_path / "new")]
+    assert cli([*new, "--device", "cpu", "--head", "linear"]) == 2
+    assert f"was trained as --arch {ARCH} --head linear" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from train.settings.run import Logging, RunSettings, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = 10**400  # an int no float holds: math.isfinite(HUGE) raises OverflowError
+LR_MOST = "3.4e37 (float32's largest / 10: Adam's first step is 10 x lr)"
 FLAGS = {"cache_dir": "--cache-dir", "cache_limit": "--cache-limit", "timeout": "--remote-timeout"}.__getitem__
 
 
@@ -40,7 +41,11 @@ FLAGS = {"cache_dir": "--cache-dir", "cache_limit": "--cache-limit", "timeout": 
         ({"workers": 10**5}, "--workers must be >= 0 and at most 4096, got 100000"),
         ({"dist_timeout": 1e300}, "--dist-timeout must be a finite number > 0 and at most 2**31, got 1e+300"),
         ({"log_every": 2**41}, f"--log-every must be > 0 and at most 2**40, got {2**41}"),  # its own flag and value
-        ({"lr": HUGE}, f"--lr must be a finite number > 0, got {HUGE}"),  # a JSON integer: OverflowError before
+        ({"lr": 3e38}, f"--lr must be a finite number > 0 and at most {LR_MOST}, got 3e+38"),  # Adam's step overflowed
+        (
+            {"lr": HUGE},
+            f"--lr must be a finite number > 0 and at most {LR_MOST}, got {HUGE}",
+        ),  # a JSON integer: OverflowError before
         ({"order": "block", "block_size": 10**20}, f"--block-size must be > 0 and at most 2**40, got {10**20}"),
     ],
 )
@@ -94,6 +99,8 @@ def test_negative_zero_is_kept_as_zero():
         ("a.yaml", "lr: 1e-3\n", "lr", 0.001),  # YAML 1.2's float: PyYAML's SafeLoader (1.1) read the text '1e-3'
         ("b.yaml", "lr: 2E-4\nweight_decay: 1e-2\n", "weight_decay", 0.01),
         ("c.yaml", "lr: +5e-1\n", "lr", 0.5),
+        ("e.yaml", "seed: 010\n", "seed", 10),  # YAML 1.2's integer: 1.1 read octal 8
+        ("f.yaml", "seed: 0x10\n", "seed", 16),
         ("d.yaml", "cache_limit: 1073741824\n", "cache_limit", "1073741824"),  # bytes as a number: --cache-limit's
         ("e.toml", "cache_limit = 1073741824\n", "cache_limit", "1073741824"),
     ],
@@ -106,7 +113,7 @@ def test_config_files_read_numbers_as_meant(tmp_path, name, text, key, value):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("a.yaml", "lr: 1e999\n", "--lr must be a finite number > 0, got inf"),
+        ("a.yaml", "lr: 1e999\n", f"--lr must be a finite number > 0 and at most {LR_MOST}, got inf"),
         ("b.yaml", "threads: 100000\n", "--threads must be >= 0 and at most 4096, got 100000"),
         ("c.toml", "dist_timeout = 1e300\n", "--dist-timeout must be a finite number > 0 and at most 2**31"),
         ("e.json", '{"cache_limit": 1e400, "shards": "s3://b/p"}', "--cache-limit: 'inf' is not a size"),

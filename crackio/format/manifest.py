@@ -430,7 +430,7 @@ def parse_manifest(data: bytes, path: str | os.PathLike, root: str | os.PathLike
     if not isinstance(manifest, dict):
         raise _bad(path, "is not a JSON object", root)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if not is_integer(version, FORMAT_VERSION, FORMAT_VERSION):  # 3.0 and True are no format version
         older = is_integer(version, 1, FORMAT_VERSION - 1)
         raise ShardError(
             f"{path} has format_version {version!r}, this crackio reads {FORMAT_VERSION}"

@@ -116,6 +116,13 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
             what = "a folder, not a file" if path.is_dir() else "no such file"
             raise WeightsError(f"--weights {weights}: {what} (use imagenet, none or a state-dict path)")
         state = load_data(path, torch.device("cpu"), "weights file")  # data only: refused if it needs code
+        config = state.get("config") if isinstance(state, dict) else None
+        if isinstance(config, dict) and isinstance(config.get("arch"), str) and isinstance(config.get("head"), str):
+            if (config["arch"], config["head"]) != (arch, head):  # a crackio checkpoint says what it was
+                raise WeightsError(
+                    f"--weights {weights} was trained as --arch {config['arch']} --head {config['head']}, not --arch "
+                    f"{arch} --head {head}: give --arch {config['arch']} --head {config['head']}"
+                )
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         if not is_state_dict(state):  # a crackio checkpoint, or a bare state dict; nothing else

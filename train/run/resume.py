@@ -148,8 +148,9 @@ def resume_point(
 ) -> tuple[Path, dict] | None:
     """The checkpoint --resume continues from and its path: the file --resume names, or the run's latest (step.pt,
     the last mid-epoch checkpoint, unless last.pt has finished more epochs), checked to be this run's (`run_id`,
-    its config.json's), to have trained on this pack and to carry a run's state; None when the run stopped before
-    writing either: it then starts from epoch 0 with its saved config.
+    its config.json's; a refusal names the settings a resume could not change that differ), to have trained on
+    this pack and to carry a run's state; None when the run stopped before writing either: it then starts from
+    epoch 0 with its saved config.
 
     Raises:
         MissingFile: the checkpoint --resume names does not exist.
@@ -168,7 +169,8 @@ def resume_point(
     found = []
     for path in candidates:
         ckpt = load_checkpoint(path, device)
-        check_same_run(ckpt, run_id, path, cfg.checkpoints.resume, cfg.flat())
+        learned = {k: v for k, v in cfg.flat().items() if k not in (*RESUMABLE, "resume", "out")}
+        check_same_run(ckpt, run_id, path, cfg.checkpoints.resume, learned)
         check_same_pack(ckpt.get("pack"), pack, cfg.checkpoints.resume, cfg.data.shards)
         state = TrainState.from_checkpoint(ckpt, path)  # checked now, before anything is built or written
         if "progress" in ckpt or path.name == STEP:

@@ -74,8 +74,9 @@ def _unique(pairs: list[tuple[str, object]]) -> dict:
     return table
 
 
-# YAML 1.2's floats (its core schema), not 1.1's, which need a dot: PyYAML's SafeLoader reads `lr: 1e-3` as the
-# text "1e-3". Plain integers stay the int resolver's (this one is consulted after it).
+# YAML 1.2's numbers (its core schema), not 1.1's: 1.1's floats need a dot (PyYAML's SafeLoader reads `lr: 1e-3` as
+# the text "1e-3"), and its integers read `seed: 010` as octal 8 and `1:30` as 90 (base 60).
+INT_1_2 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 FLOAT_1_2 = re.compile(
     r"""^(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.[0-9]+(?:[eE][-+]?[0-9]+)?
@@ -86,9 +87,16 @@ FLOAT_1_2 = re.compile(
 )
 
 
+def _int_1_2(loader, node) -> int:
+    """A YAML 1.2 integer: decimal (`010` is ten), `0o` octal, `0x` hexadecimal."""
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2].lower(), 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
 def _yaml(text: str):
-    """YAML as plain data (yaml.SafeLoader: nothing constructed), floats as YAML 1.2 reads them (`1e-3` is a
-    number), a key given twice in a table refused."""
+    """YAML as plain data (yaml.SafeLoader: nothing constructed), numbers as YAML 1.2 reads them (`1e-3` is a
+    number, `010` ten), a key given twice in a table refused."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -99,10 +107,12 @@ def _yaml(text: str):
                 raise yaml.constructor.ConstructorError(None, None, f"{twice[0]!r} is given twice", node.start_mark)
             return super().construct_mapping(node, deep=deep)
 
-    float_tag = "tag:yaml.org,2002:float"
-    Loader.yaml_implicit_resolvers = {  # the class's own copy, without YAML 1.1's float resolver
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != float_tag]
+    float_tag, int_tag = "tag:yaml.org,2002:float", "tag:yaml.org,2002:int"
+    Loader.yaml_implicit_resolvers = {  # the class's own copy, without YAML 1.1's number resolvers
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (float_tag, int_tag)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+    Loader.add_implicit_resolver(int_tag, INT_1_2, list("-+0123456789"))
     Loader.add_implicit_resolver(float_tag, FLOAT_1_2, list("-+0123456789."))
+    Loader.add_constructor(int_tag, _int_1_2)
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
