@@ -130,9 +130,10 @@ def test_a_variant_folder_linked_outside_out_is_refused(demo_shards, tmp_path, m
     trained = []
     monkeypatch.setattr(sweep, "train_main", lambda cfg: trained.append(cfg.checkpoints.out))
     args = ["sweep", "--shards", str(demo_shards), "--variants", str(variants), "--out", str(out)]
-    assert cli(args) == 1  # the linked variant failed, the other one went on
-    assert trained == [str(out / "inside")]
-    assert "outside --out" in capsys.readouterr().out
+    assert cli(args) == 2  # refused before any variant trains
+    assert trained == []
+    err = capsys.readouterr().err
+    assert "variant linked: " in err and "outside --out" in err and "nothing was trained" in err
     assert not list(elsewhere.iterdir())
 
 

@@ -177,10 +177,13 @@ def test_bad_arguments_and_mismatched_index(demo_shards, tmp_path):
     index = np.load(broken / "train" / "index.npy")
     index["offset"] += 512  # points at the wrong bytes, tar sizes still match the manifest
     np.save(broken / "train" / "index.npy", index)
-    with pytest.raises(ShardError, match=r"index.npy is not the index .*manifest.json records .*re-run"):
+    with pytest.raises(
+        ShardError,
+        match=r"index.npy is not the index .*manifest.json records .*write the pack again with `python tools/pack",
+    ):
         make_loader(broken, "train", batch_size=4, train=True, device="cpu")
     record_index(broken)  # recorded too (a writer's bug): every sample's CRC32 still catches it
-    with pytest.raises(ShardError, match=r"does not match its checksum.*re-run"):
+    with pytest.raises(ShardError, match=r"does not match its checksum.*write the pack again with `python tools/pack"):
         make_loader(broken, "train", batch_size=4, train=True, device="cpu")
 
 

@@ -210,7 +210,9 @@ def test_load_index_errors_name_the_file(demo_shards, tmp_path):
     shutil.copytree(demo_shards, broken)
     tar = broken / "train" / "train-000001.tar"
     tar.write_bytes(tar.read_bytes()[:4096])
-    with pytest.raises(ShardError, match=r"train-000001.tar is 4096 bytes.*re-run `python tools/pack.py"):
+    with pytest.raises(
+        ShardError, match=r"train-000001.tar is 4096 bytes.*write the pack again with `python tools/pack.py"
+    ):
         load_index(broken, "train")
 
 

@@ -158,8 +158,11 @@ def test_eval_subcommand_and_wrong_architecture(two_epochs, demo_shards, tmp_pat
     torch.save(ckpt, tmp_path / "other.pt")
     assert cli(["eval", "--checkpoint", str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
     assert "does not fit" in capsys.readouterr().err
-    with pytest.raises(WeightsError, match="another architecture"):
+    with pytest.raises(WeightsError, match="was trained as --arch .* --head linear, not --arch resnet18 --head linear"):
         build_model("resnet18", str(two_epochs / "best.pt"), "linear")
+    torch.save(ckpt["model"], tmp_path / "bare.pt")  # a bare state dict says nothing of its architecture
+    with pytest.raises(WeightsError, match="another architecture"):
+        build_model("resnet18", str(tmp_path / "bare.pt"), "linear")
 
 
 BAD_INPUTS = {  # name: (arguments, with {shards} and {tmp} filled in; the message it must print)
