@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -61,6 +62,9 @@ _parent = 0
 
 def _init(stop, done, parent: int) -> None:
     global _stop, _done, _parent
+    # What the worker inherited is never collected in it (only what it makes itself): the parent's objects belong
+    # to the parent's threads, and untouched pages stay shared (the use gc.freeze's documentation gives).
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stop, _done, _parent = stop, done, parent
     _die_with_parent(parent)
@@ -129,6 +133,9 @@ def run_ordered(
                 progress(_done.value)
             yield result
         return
+    # Garbage that is a reference cycle is freed here, in the process whose libraries' threads it may wait on (an
+    # ONNX Runtime session's pool, say): a forked worker collecting it would wait for threads fork did not copy.
+    gc.collect()
     context = multiprocessing.get_context("fork")
     stop, done = context.Event(), context.Value("q", 0)
     with ProcessPoolExecutor(
