@@ -33,7 +33,7 @@ from crackio.storage.obstore_errors import classify
 from crackio.storage.remote import Remote, RemoteError
 from crackio.storage.upload import LOCK, write_pack
 from tests.conftest import ROOT
-from tests.test_remote import BUCKET, s3, upload  # noqa: F401  (s3: moto's server, a fixture; F811 below: its uses)
+from tests.test_remote import BUCKET, endpoint_of, s3, upload  # noqa: F401  (s3: moto's server, a fixture; F811 below: its uses)
 from tools import servers
 
 
@@ -366,12 +366,9 @@ def test_an_upload_where_delete_is_denied_is_refused_before_anything_changes(dem
     url = upload(demo_shards)
     before = Remote(url).get("manifest.json")[0]
     with DenyingProxy(s3, ".") as proxy:
-        os.environ["AWS_ENDPOINT_URL"], endpoint = proxy.url, os.environ["AWS_ENDPOINT_URL"]
-        try:
+        with endpoint_of(proxy.url):
             with pytest.raises(RemoteError) as e:
                 write_pack(url, copier(demo_shards), timeout=5)
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = endpoint
     text = str(e.value)
     assert "\n" not in text and "403 access denied" in text and "may not delete objects under" in text
     assert "s3:DeleteObject" in text and f"nothing was written to {url}" in text
@@ -385,11 +382,8 @@ def test_pack_with_delete_denied_exits_2_with_one_line(demo_src, s3, staging_tmp
 
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
     with DenyingProxy(s3, ".") as proxy:
-        os.environ["AWS_ENDPOINT_URL"], endpoint = proxy.url, os.environ["AWS_ENDPOINT_URL"]
-        try:
+        with endpoint_of(proxy.url):
             code = main([str(demo_src), "--out", url, "--quiet"])
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = endpoint
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: a trial DELETE"), err
@@ -410,12 +404,9 @@ def test_a_delete_refused_mid_upload_fails_it_and_says_what_holds(demo_shards, s
     Remote(url).put("train/train-000099.tar", b"an earlier pack's shard")
     before = Remote(url).get("manifest.json")[0]
     with DenyingProxy(s3, denied) as proxy:
-        os.environ["AWS_ENDPOINT_URL"], endpoint = proxy.url, os.environ["AWS_ENDPOINT_URL"]
-        try:
+        with endpoint_of(proxy.url):
             with pytest.raises(RemoteError) as e:
                 write_pack(url, copier(demo_shards), timeout=5)
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = endpoint
     text = str(e.value)
     assert "\n" not in text and words.format(url=url) in text and "403 access denied" in text
     assert "uploaded" not in capsys.readouterr().err
