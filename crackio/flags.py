@@ -2,7 +2,9 @@
 dataclass into argparse options (`python -m train` and its subcommands, tools/pack.py, tools/propose.py).
 
 A field becomes `--field-name`, typed by its annotation (`int`, `float`, `str`, `bool`, or one of them `| None`,
-where `none` on the command line gives None), helped by the `#` comment after it in the class's source, its
+where `none` on the command line gives None; `tuple[str, ...]` a flag given once per value, `--shards A --shards B`;
+`tuple[float, ...]` comma-separated numbers, `--mix 0.3,0.7`), helped by the `#` comment after it in the class's
+source, its
 default shown as typed (crackio.cli.HelpFormatter). The flags of one settings class go into one `--help` group.
 """
 
@@ -82,6 +84,26 @@ def optional(kind: type):
     return parse
 
 
+def numbers(kind: type):
+    """An argparse type for `tuple[kind, ...]` written as comma-separated values ("0.3,0.7")."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, e.g. 0.3,0.7, got {text!r}"
+            ) from None
+
+    parse.__name__ = f"{kind.__name__}s"
+    return parse
+
+
+def element_type(cls: type, name: str) -> type:
+    """The element type of a `tuple[X, ...]` field."""
+    return typing.get_args(typing.get_type_hints(cls)[name])[0]
+
+
 def add_flags(
     container: argparse._ActionsContainer,
     classes: Iterable[type],
@@ -111,7 +133,7 @@ def add_flags(
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             kind, accepts_none = kinds[f.name]
             text = helps.get(f.name, "")
-            if "(default" not in text:
+            if "(default" not in text and "(required" not in text:
                 text = f"{text} (default: {typed(default)})".strip()
             value = argparse.SUPPRESS if given_only else default
             name = flag(f.name)
@@ -122,6 +144,13 @@ def add_flags(
                 container.add_argument(
                     name, type=parse_bool, nargs="?", const=True, metavar="BOOL", default=value, help=text
                 )
+            elif kind is tuple and element_type(cls, f.name) is str:  # given once per value, in order
+                value = argparse.SUPPRESS if given_only else None  # argparse appends to a list of its own
+                container.add_argument(name, action="append", metavar=f.name.upper(), default=value, help=text)
+            elif kind is tuple:
+                element = element_type(cls, f.name)
+                metavar = f"{element.__name__.upper()},..."
+                container.add_argument(name, type=numbers(element), metavar=metavar, default=value, help=text)
             elif accepts_none:
                 metavar = f"{kind.__name__.upper()}|none"
                 container.add_argument(name, type=optional(kind), metavar=metavar, default=value, help=text)

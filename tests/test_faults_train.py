@@ -154,7 +154,7 @@ def test_split_names_that_climb_out_are_refused(demo_shards, tmp_path, capsys):
     "text, message",
     [
         ("{not json", "is unreadable"),
-        ('{"shards": 5}', "shards = 5 must be of type str"),
+        ('{"shards": 5}', 'shards = 5 must be a list (like "shards/", or ["public/", "site/"] for several packs)'),
         ('{"shards": "s", "lr_max": 1}', "unknown config keys ['lr_max']"),
         ('["shards"]', "a config must be a table"),
     ],
@@ -466,9 +466,9 @@ def test_resume_follows_moved_shards_given_with_shards(run1, demo_shards, tmp_pa
     assert cli(["--resume", str(run), "--epochs", "2"]) == 2  # the old path is gone: said in one line
     one_line(capsys.readouterr().err, old, "does not exist")
     assert cli(["--resume", str(run), "--epochs", "2", "--shards", str(new)]) == 0
-    assert json.loads((run / "config.json").read_text())["shards"] == str(new)
+    assert json.loads((run / "config.json").read_text())["shards"] == [str(new)]
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["config"]["shards"] == str(new)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["shards"] == (str(new),)
     assert ckpt["pack"] == torch.load(run1 / "last.pt", weights_only=True)["pack"]
 
 

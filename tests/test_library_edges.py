@@ -162,7 +162,7 @@ def test_pack_verify_of_a_split_folder_or_crops_says_what_to_verify(demo_shards,
     "change, words",
     [
         ({"shards": None}, "shards must be a pack's folder (a str or path), its URL"),
-        ({"shards": 123}, "or a Pack opened by crackio.open_pack, got 123"),
+        ({"shards": 123}, "a Pack opened by crackio.open_pack, or a non-empty list of them (a mixture), got 123"),
         ({"train": "yes"}, "train must be True (training: augmented, in the sampler's order) or False"),
         ({"iou_threshold": "none"}, "iou_threshold must be None (the labels in the file names) or a number in [0, 1)"),
         ({"iou_threshold": 1.0}, "or a number in [0, 1) (label = IoU > it), got 1.0"),

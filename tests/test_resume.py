@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from crackio import make_loader
+from crackio.loading.mixture import pack_names
 from tests.conftest import BACKENDS, DEVICES, needs_cuda
 from tests.helpers import TINY_ARGS, StopPoint, tiny
 from train.run.checkpoint import STEP
@@ -237,8 +238,9 @@ TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds",
 
 
 def train_cmd(shards, out, *extra):
+    packs = [a for p in (shards if isinstance(shards, list) else [shards]) for a in ("--shards", str(p))]
     return [
-        sys.executable, "-m", "train", "--shards", str(shards), "--out", str(out), *TINY_ARGS, "--head", "linear",
+        sys.executable, "-m", "train", *packs, "--out", str(out), *TINY_ARGS, "--head", "linear",
         "--epochs", "2", "--batch-size", "8", "--workers", "1", *extra,
     ]  # fmt: skip
 
@@ -323,9 +325,11 @@ def test_resume_takes_a_run_folder_or_a_checkpoint_in_it(demo_shards, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(demo_shards, tmp_path):
+def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(demo_shards, coded_shards, tmp_path):
+    """On a mixture of two packs (crackio.loading.mixture): its epochs are global too."""
+    packs, mix = [demo_shards, coded_shards], ("--mix", "0.3,0.7")
     out = tmp_path / "elastic"
-    two = train_cmd(demo_shards, out, "--checkpoint-every", "3", "--global-batch-size", "8", "--epochs", "1")
+    two = train_cmd(packs, out, "--checkpoint-every", "3", "--global-batch-size", "8", "--epochs", "1", *mix)
     two[two.index("--batch-size") : two.index("--batch-size") + 2] = []
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *two[1:]]
     err = stop_after_a_checkpoint(torchrun, out, code=1)  # torchrun's own exit code after forwarding SIGTERM
@@ -335,10 +339,14 @@ def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(de
     assert json.loads((out / "config.json").read_text())["batch_size"] == 4
     run_ok([sys.executable, "-m", "train", "--resume", str(out)])  # one rank: 8 per rank
     assert json.loads((out / "config.json").read_text())["batch_size"] == 8
-    run_ok(train_cmd(demo_shards, tmp_path / "one", "--epochs", "1"))
+    run_ok(train_cmd(packs, tmp_path / "one", "--epochs", "1", *mix))
     weights, history = final(out)
     reference, reference_history = final(tmp_path / "one")
-    assert history[0]["train_samples"] == reference_history[0]["train_samples"] == 160
+    assert history[0]["train_samples"] == reference_history[0]["train_samples"] == 256  # 32 steps of 260 samples
+    names = pack_names([str(p) for p in packs])
+    shares = [history[0][f"{name}/train_samples"] for name in names]
+    assert shares == [reference_history[0][f"{name}/train_samples"] for name in names]
+    assert abs(shares[0] - 0.3 * 256) <= 8  # 78 of 260 drawn from the first pack, 76-80 of them in full steps
     assert history[0]["train_digest"] == reference_history[0]["train_digest"]  # the same samples in each step
     # The same samples in the same global batches (tests above); BatchNorm sees 4 per rank instead of 8 for
     # the steps taken at two ranks, and gradients are summed in another order: the weights differ a little.

@@ -124,7 +124,15 @@ def test_sweep_tables_plots_failure_skip_and_resume(demo_shards, tmp_path, monke
     out = tmp_path / "sweep"
     base = tiny(demo_shards, "", epochs=1)
     args = ["sweep", "--variants", str(variants), "--out", str(out)]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in base.flat().items() if k not in ("out", "resume")]
+    for k, v in base.flat().items():
+        if k in ("out", "resume"):
+            continue
+        if k == "shards":  # a flag given once per pack
+            args += [f"--shards={s}" for s in v]
+        elif isinstance(v, tuple):  # comma-separated numbers
+            args += [f"--{k.replace('_', '-')}={','.join(map(str, v))}"] if v else []
+        else:
+            args.append(f"--{k.replace('_', '-')}={v}")
     assert cli(args) == 1  # the impossible variant failed: the sweep says so in its exit code
     assert "variant impossible failed: weighted sampler without replacement cannot draw" in capsys.readouterr().out
     for name in ("sweep.md", "sweep.csv", "sweep_pr.png", "sweep_curves.png"):

@@ -24,7 +24,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from crackio.loading.augment import MEAN, STD, AugmentParams
-from crackio.loading.readers import ByteReader
+from crackio.loading.readers import Reader
 
 
 @pipeline_def(enable_conditionals=False)
@@ -48,7 +48,7 @@ def proposal_pipeline(source, train: bool, gpu: bool, uint8: bool = False):
 class _EpochSource:
     """Batch-mode source: the current epoch's batches, then StopIteration."""
 
-    def __init__(self, reader: ByteReader):
+    def __init__(self, reader: Reader):
         self.reader = reader
         self.batches: Iterator = iter(())
 
@@ -62,7 +62,7 @@ class _EpochSource:
 class DaliBackend:
     def __init__(
         self,
-        reader: ByteReader,
+        reader: Reader,
         batch_size: int,
         train: bool,
         device: torch.device,

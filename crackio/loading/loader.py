@@ -16,9 +16,10 @@ from crackio.cli import closest
 from crackio.errors import MOST_THREADS, ConfigError, given, integer, is_number
 from crackio.format.index import SplitIndex
 from crackio.loading.augment import AugmentParams, draw_params, take
+from crackio.loading.mixture import Share, check_mix, mixed_sequence, per_pack_sampler
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
-from crackio.loading.readers import AheadReader, BlockReader, ByteReader
+from crackio.loading.readers import AheadReader, BlockReader, ByteReader, MixedReader
 from crackio.loading.samplers import (
     Shuffle,
     Weighted,
@@ -129,13 +130,19 @@ def _source(shards: str | os.PathLike | Pack, remote: RemoteSettings | None) -> 
     return open_pack(shards, remote, "shards")
 
 
-def _argument_types(shards: object, train: object, iou_threshold: object, remote: object) -> None:
-    """Refuse arguments of the wrong type before anything is read, each naming the argument and what to give."""
-    if not isinstance(shards, str | os.PathLike | Pack):
+def _packs(shards: object) -> list[str | os.PathLike | Pack]:
+    """The packs `shards` names: one location or Pack, or a list (tuple) of them (a mixture)."""
+    packs = list(shards) if isinstance(shards, list | tuple) else [shards]
+    if not packs or not all(isinstance(s, str | os.PathLike | Pack) for s in packs):
         raise ConfigError(
-            f"shards must be a pack's folder (a str or path), its URL (s3://..., http(s)://...) or a Pack opened by "
-            f"crackio.open_pack, got {shards!r}"
+            f"shards must be a pack's folder (a str or path), its URL (s3://..., http(s)://...), a Pack opened by "
+            f"crackio.open_pack, or a non-empty list of them (a mixture), got {shards!r}"
         )
+    return packs  # type: ignore[return-value]
+
+
+def _argument_types(train: object, iou_threshold: object, remote: object) -> None:
+    """Refuse arguments of the wrong type before anything is read, each naming the argument and what to give."""
     if not isinstance(train, bool | np.bool_):
         raise ConfigError(
             f"train must be True (training: augmented, in the sampler's order) or False (evaluation: each selected "
@@ -173,6 +180,18 @@ def _unused_options(order: str, blocks: BlockOrder, sampler: Shuffle | Weighted,
         )
 
 
+def _distinct(sources: list[Pack]) -> None:
+    """Refuse a mixture that names one pack twice (its samples would count twice: give it a larger share)."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        if source.sha256 in seen:
+            raise ConfigError(
+                f"shards names one pack twice ({seen[source.sha256]} and {source.location}): give each pack once, "
+                f"and a larger proportion in mix to draw more of it"
+            )
+        seen[source.sha256] = source.location
+
+
 def _reader(index: SplitIndex, files: LocalShards | RemoteShards, sequential: bool, block_size: int) -> ByteReader:
     """What reads the samples' bytes: a block at a time (block order's training), ahead of the backends (a remote
     pack: latency, not bandwidth, is the limit), or a batch at a time."""
@@ -193,7 +212,9 @@ class Loader:
     Args:
         shards: folder written by tools/pack.py or tools/propose.py, or its URL on S3-compatible storage
             (`s3://bucket/prefix`, credentials and endpoint from the AWS_* variables) or an HTTP(S) server, read
-            through the node's cache (`remote`); or a `Pack` already opened (`crackio.open_pack`).
+            through the node's cache (`remote`); or a `Pack` already opened (`crackio.open_pack`); or a list of
+            them: a mixture (crackio.loading.mixture), each pack read with its own rows, the sampler acting within
+            each.
         split: e.g. "train", "valid", "test".
         batch_size: samples per batch (eval batches may be smaller, never padded).
         train: augment and drop the last partial batch; eval: normalize only, every sample once.
@@ -220,6 +241,9 @@ class Loader:
             samples per epoch, the same number of steps; eval order is sequential either way.
         block_size, window: rows per block (default 128, ~1 MB of 224x224 crops) and blocks per shuffle window
             (default 8); with order="block" only (other values are refused with another order).
+        mix: a mixture's proportions, one per pack (e.g. [0.3, 0.7]; only ratios matter): each training epoch
+            draws exactly its share from each pack (crackio.loading.mixture gives the rule); None: the packs
+            concatenated, each giving its own epoch. Evaluation reads every selected sample of every pack once.
         remote: a remote pack's cache folder, cache limit and timeout (crackio.RemoteSettings; None:
             RemoteSettings.from_env(), i.e. $CRACKIO_CACHE_DIR, $CRACKIO_CACHE_LIMIT, $CRACKIO_REMOTE_TIMEOUT).
             Loaders with different settings keep different caches.
@@ -252,7 +276,7 @@ class Loader:
 
     def __init__(
         self,
-        shards: str | os.PathLike | Pack,
+        shards: str | os.PathLike | Pack | Sequence[str | os.PathLike | Pack],
         split: str,
         *,
         batch_size: int,
@@ -270,6 +294,7 @@ class Loader:
         block_size: int = 128,
         window: int = 8,
         remote: RemoteSettings | None = None,
+        mix: Sequence[float] | None = None,
         **options,
     ):
         batch_size, rank, world_size, seed = (
@@ -285,7 +310,9 @@ class Loader:
             raise ConfigError(f"rank={rank} must be below world_size={world_size} (ranks count from 0)")
         if workers is not None:
             workers = integer("workers", workers, 0, MOST_THREADS)  # threads: more than any machine's cores
-        _argument_types(shards, train, iou_threshold, remote)
+        packs = _packs(shards)
+        _argument_types(train, iou_threshold, remote)
+        self.mix = check_mix(mix, len(packs)) if len(packs) > 1 else (check_mix(mix, 1) and None)
         train = bool(train)
         self.output = choice("output", output, OUTPUTS)
         self.backend_name = _backend_name(backend)
@@ -294,17 +321,39 @@ class Loader:
         self.traversal: Order = blocks if order == "block" else RandomOrder()
         self.sampler = _sampler(sampler, options)  # before any read: a mistyped argument is said at once
         _unused_options(order, blocks, self.sampler, train)
-        self.source = _source(shards, remote)
-        self.index = self.source.index(split)
+        self.sources = [_source(s, remote) for s in packs]
+        _distinct(self.sources)
+        self.indexes = [source.index(split) for source in self.sources]
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
-        self.reader = _reader(self.index, self.source.files(self.index), order == "block" and train, blocks.block_size)
+        readers = [
+            _reader(index, source.files(index), order == "block" and train, blocks.block_size)
+            for source, index in zip(self.sources, self.indexes)
+        ]
+        self.offsets = np.cumsum([0] + [len(index) for index in self.indexes])[:-1]
+        self.reader: ByteReader | MixedReader = readers[0] if len(readers) == 1 else MixedReader(readers, self.offsets)
         self.reader.check()
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.iou_threshold = iou_threshold
-        self.labels = labels_for(self.index.rows["label"], self.index.ious, iou_threshold)
-        self.selection = self.sampler.select(self.labels, self.index.ious, seed)
-        self.sampler.check(self.selection, self.labels, iou_threshold)
+        self._selections = []  # each pack's selection, its own row ids
+        for p, index in enumerate(self.indexes):
+            labels = labels_for(index.rows["label"], index.ious, iou_threshold)
+            selection = self.sampler.select(labels, index.ious, seed)
+            try:
+                self.sampler.check(selection, labels, iou_threshold)
+            except ConfigError as e:
+                if len(self.indexes) == 1:
+                    raise
+                raise ConfigError(f"pack {p + 1} of the mixture ({self.sources[p].location}): {e}") from None
+            self._selections.append((labels, selection))
+        one = len(self.indexes) == 1
+        self.labels = self._selections[0][0] if one else np.concatenate([lab for lab, _ in self._selections])
+        self.ious = self.indexes[0].ious if one else np.concatenate([index.ious for index in self.indexes])
+        self.selection = (
+            self._selections[0][1]
+            if one
+            else np.concatenate([sel + off for (_, sel), off in zip(self._selections, self.offsets)])
+        )
         self.device = resolve_device(device)
         workers = workers if workers is not None else len(os.sched_getaffinity(0))
         self.backend: Backend
@@ -320,11 +369,91 @@ class Loader:
         self._next = (0, 0)  # (epoch, step) the next iteration starts at
         self._live: tuple[int, int] | None = None  # (epoch, step) after the last batch handed out
         self._planned: tuple[int, list[np.ndarray], np.ndarray | None] = (-1, [], None)
+        self._shares: tuple[int, list[Share]] = (-1, [])
 
     @property
-    def pack(self) -> str:
-        """The pack's identity in states (its manifest's SHA-256: the same for a local copy of a remote pack)."""
-        return self.source.sha256
+    def source(self) -> Pack:
+        """The pack read (a mixture has several: `sources`)."""
+        return self._one(self.sources)
+
+    @property
+    def index(self) -> SplitIndex:
+        """The split's index (a mixture has one per pack: `indexes`, rows from `offsets`)."""
+        return self._one(self.indexes)
+
+    def _one(self, items: list):
+        if len(items) > 1:
+            raise ConfigError("this loader reads a mixture of packs: use .sources and .indexes (one per pack)")
+        return items[0]
+
+    @property
+    def pack(self) -> str | list[str]:
+        """The pack's identity in states (its manifest's SHA-256: the same for a local copy of a remote pack); a
+        mixture's: its packs' in order."""
+        shas = [source.sha256 for source in self.sources]
+        return shas[0] if len(shas) == 1 else shas
+
+    @property
+    def split(self) -> str:
+        return self.indexes[0].split
+
+    def filenames(self, rows: np.ndarray) -> list[str]:
+        """The original proposal file names of rows `rows` (a mixture's rows count from each pack's offset)."""
+        if len(self.indexes) == 1:
+            return self.indexes[0].filenames(rows)
+        rows = np.asarray(rows, np.int64)
+        pack = np.searchsorted(self.offsets, rows, side="right") - 1
+        names = [""] * len(rows)
+        for p in np.unique(pack):
+            where = np.flatnonzero(pack == p)
+            for at, name in zip(where, self.indexes[p].filenames(rows[where] - self.offsets[p])):
+                names[at] = name
+        return names
+
+    def pack_of(self, rows: np.ndarray) -> np.ndarray:
+        """Which pack (0-based, in `shards`' order) each row id comes from; int64."""
+        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+
+    def shares(self, epoch: int) -> list[Share]:
+        """A training mixture's shares of `epoch` per pack, against each pack's own epoch (empty for one pack)."""
+        self._plan(epoch)
+        return self._shares[1] if self._shares[0] == epoch else []
+
+    def drawn(self, epoch: int, steps: int | None = None) -> list[int]:
+        """Samples of each pack (in `shards`' order) in the first `steps` global batches of training epoch `epoch`
+        (None: all of them), over all ranks: what a mixture's epoch trained on, per pack."""
+        sequence = self.traversal.sequence(self._draws(epoch), len(self.labels), self.seed, epoch)
+        g = self.global_batch_size
+        full = len(sequence) // g
+        taken = sequence[: g * (full if steps is None else min(steps, full))]
+        return np.bincount(self.pack_of(taken), minlength=len(self.sources)).tolist()
+
+    def _draws(self, epoch: int) -> np.ndarray:
+        """The epoch's whole sequence of row ids before the order and the ranks cut it."""
+        if len(self.indexes) == 1:
+            return epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
+        if not self.train:
+            return self.selection  # every selected sample of every pack, packs in order
+        sampler = per_pack_sampler(self.sampler)
+
+        def draw(p: int, round: int) -> np.ndarray:
+            labels, selection = self._selections[p]
+            return epoch_draws(sampler, selection, labels, self.seed, epoch, True, (p, round))
+
+        firsts = [draw(p, 0) for p in range(len(self.indexes))]
+        num = self.sampler.num_samples if isinstance(self.sampler, Weighted) else None
+        sequence, plan = mixed_sequence(
+            lambda p, r: firsts[p] if r == 0 else draw(p, r),
+            self.mix,
+            [len(f) for f in firsts],
+            [len(selection) for _, selection in self._selections],
+            num,
+            self.offsets,
+            self.seed,
+            epoch,
+        )
+        self._shares = (epoch, plan)
+        return sequence
 
     @property
     def global_batch_size(self) -> int:
@@ -353,7 +482,7 @@ class Loader:
         pure functions of the arguments, computed once per epoch (`len`, the state and the iteration share them)."""
         if self._planned[0] != epoch:
             try:
-                draws = epoch_draws(self.sampler, self.selection, self.labels, self.seed, epoch, self.train)
+                draws = self._draws(epoch)
             except MemoryError:  # numpy's refusal of an array larger than memory, before anything is filled
                 raise ConfigError(
                     f"the sampler {self.sampler!r} draws more samples per epoch than this machine's memory holds "
@@ -361,7 +490,7 @@ class Loader:
                 ) from None
             if self.train:
                 rows, within = train_plan(
-                    draws, len(self.index), self.seed, epoch, self.traversal, self.global_batch_size, self.rank,
+                    draws, len(self.labels), self.seed, epoch, self.traversal, self.global_batch_size, self.rank,
                     self.world_size,
                 )  # fmt: skip
                 self._planned = (epoch, list(rows), within)
@@ -412,7 +541,8 @@ class Loader:
             "epoch": epoch,
             "samples": int(self._consumed(epoch)[step]) if step else 0,
             "pack": self.pack,
-            "split": self.index.split,
+            **({"mix": list(self.mix) if self.mix else None} if len(self.sources) > 1 else {}),
+            "split": self.split,
             "train": self.train,
             "sampler": repr(self.sampler),
             "iou_threshold": self.iou_threshold,
@@ -435,20 +565,23 @@ class Loader:
                 global batch size or (mid-epoch) order; one line saying what differs and what to do.
         """
         mine = self.state_dict()
-        missing = sorted(set(mine) - set(state)) if isinstance(state, dict) else ["everything"]
+        missing = sorted(set(mine) - set(state) - {"mix"}) if isinstance(state, dict) else ["everything"]
         if missing:
             raise ConfigError(f"not a loader state (no {', '.join(missing)}): {str(state)[:200]}")
         epoch = integer("a loader state's epoch", state["epoch"], 0)
         samples = integer("a loader state's samples", state["samples"], 0, 2**62)
+        if state["pack"] != mine["pack"] and (isinstance(state["pack"], list) or len(self.sources) > 1):
+            raise ConfigError(self._packs_refusal(state["pack"]))
         for key, what in (
             ("pack", "another pack (its manifest.json differs): resume on the shards it was saved on"),
+            ("mix", "another mix"),
             ("split", "another split"),
             ("train", "a loader of another kind (train or eval)"),
             ("sampler", "another sampler or sampler options"),
             ("iou_threshold", "other labels (iou_threshold)"),
             ("seed", "another seed"),
         ):
-            if state.get(key) != mine[key]:
+            if state.get(key) != mine.get(key):
                 raise ConfigError(f"the loader state is for {what}: {key} {state.get(key)!r} then, {mine[key]!r} now")
         g, now = state.get("global_batch_size"), mine["global_batch_size"]
         if g != now:
@@ -468,6 +601,19 @@ class Loader:
             )
         self._next = (epoch + 1, 0) if step == len(consumed) - 1 else (epoch, step)
         self._live = None
+
+    def _packs_refusal(self, saved: object) -> str:
+        """What differs between the packs a state was saved on and this loader's, in one line."""
+        then = saved if isinstance(saved, list) else [saved]
+        now = self.pack if isinstance(self.pack, list) else [self.pack]
+        if sorted(map(str, then)) == sorted(now) and len(then) == len(now):
+            return "the loader state is for the same packs in another order: give the packs in the order it was saved"
+        gone = sum(s not in now for s in then)
+        new = sum(s not in then for s in now)
+        return (
+            f"the loader state is for another set of packs ({len(then)} then, {len(now)} now: {gone} of those no "
+            f"longer given or changed, {new} new): resume on the packs it was saved on, in their order"
+        )
 
     def _batch_refusal(self, saved, saved_world) -> str:
         if not self.train:
@@ -503,8 +649,8 @@ class Loader:
                 yield Batch(
                     images,
                     torch.from_numpy(self.labels[rows].astype(np.float32)).to(self.device),
-                    torch.from_numpy(np.asarray(self.index.ious[rows], dtype=np.float32)).to(self.device),
-                    self.index.filenames(rows),
+                    torch.from_numpy(np.asarray(self.ious[rows], dtype=np.float32)).to(self.device),
+                    self.filenames(rows),
                 )
         finally:
             self._iterating = False

@@ -7,6 +7,7 @@ import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future
+from typing import Protocol
 
 import numpy as np
 
@@ -15,6 +16,13 @@ from crackio.format.layout import ShardError
 from crackio.format.manifest import repack
 from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
 from crackio.storage.packs import LocalShards, RemoteShards
+
+
+class Reader(Protocol):
+    """What the backends read samples through: a pack's `ByteReader` (or read-ahead), or a mixture's
+    `MixedReader`."""
+
+    def read(self, ids: np.ndarray) -> list[bytes]: ...
 
 
 class ByteReader:
@@ -297,3 +305,42 @@ class BlockReader(_ReadAhead):
             if start <= offset and offset + size <= start + len(data):
                 return data[offset - start : offset - start + size]
         return self.files.read(shard, offset, size)
+
+
+class MixedReader:
+    """The readers of several packs as one (a mixture: crackio.loading.mixture): row `i` is row `i - offsets[p]` of
+    pack p, the last pack whose offset is at most `i`. Each pack keeps its own reader (a local pack's random reads,
+    a remote pack's read-ahead, block order's blocks), handed its part of every batch in the batch's order."""
+
+    def __init__(self, readers: list[ByteReader], offsets: np.ndarray):
+        self.readers, self.offsets = readers, np.asarray(offsets, np.int64)
+
+    def _parts(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(pack, positions in `ids`, the pack's own row ids) for each pack `ids` touches."""
+        ids = np.asarray(ids, np.int64)
+        pack = np.searchsorted(self.offsets, ids, side="right") - 1
+        return [(int(p), np.flatnonzero(pack == p), ids[pack == p] - self.offsets[p]) for p in np.unique(pack)]
+
+    def read(self, ids: np.ndarray) -> list[bytes]:
+        """As `ByteReader.read`, each pack's rows read by its own reader (its errors name its files)."""
+        out: list[bytes] = [b""] * len(ids)
+        for p, where, rows in self._parts(ids):
+            for at, data in zip(where, self.readers[p].read(rows)):
+                out[at] = data
+        return out
+
+    def prefetch(self, batches: list[np.ndarray]) -> None:
+        parts: list[list[np.ndarray]] = [[] for _ in self.readers]
+        for ids in batches:
+            for p, _, rows in self._parts(ids):
+                parts[p].append(rows)
+        for reader, mine in zip(self.readers, parts):
+            reader.prefetch(mine)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+    def check(self) -> None:
+        for reader in self.readers:
+            reader.check()

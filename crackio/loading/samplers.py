@@ -364,10 +364,17 @@ def make_sampler(sampler: str, **options) -> Shuffle | Weighted:
 
 
 def epoch_draws(
-    sampler: Shuffle | Weighted, selection: np.ndarray, labels: np.ndarray, seed: int, epoch: int, train: bool
+    sampler: Shuffle | Weighted,
+    selection: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    epoch: int,
+    train: bool,
+    stream: tuple[int, ...] = (),
 ) -> np.ndarray:
     """The whole epoch's sequence of row ids (train: the sampler's draws; eval: the selection in index order),
-    before it is split between ranks: a pure function of the arguments."""
+    before it is split between ranks: a pure function of the arguments. `stream` keys further draws of the same
+    epoch apart (a mixture's pack and round: crackio.loading.mixture)."""
     if not train:
         return selection
-    return sampler.draw(selection, labels, np.random.default_rng([seed, _SEED_ORDER, epoch]))
+    return sampler.draw(selection, labels, np.random.default_rng([seed, _SEED_ORDER, epoch, *stream]))

@@ -24,11 +24,11 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
-from crackio.loading.readers import ByteReader
+from crackio.loading.readers import Reader
 
 
 class TorchBackend:
-    def __init__(self, reader: ByteReader, device: torch.device, num_workers: int, output: str = "float32"):
+    def __init__(self, reader: Reader, device: torch.device, num_workers: int, output: str = "float32"):
         self.reader = reader
         self.device = device
         self.gpu = device.type == "cuda"

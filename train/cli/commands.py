@@ -51,7 +51,7 @@ def train(argv: list[str]) -> None:
         settings = resume_settings(given.pop("resume"), **given)
     else:
         # A file's value counts as given unless it is the default (config.json holds them all).
-        named = set(given) | {k for k, v in file.items() if v != DEFAULTS[k]}
+        named = set(given) | {k for k, v in file.items() if (tuple(v) if isinstance(v, list) else v) != DEFAULTS[k]}
         try:
             settings = RunSettings.from_flat(file | given, named)
         except ConfigError as e:

@@ -149,18 +149,20 @@ def seen_in_training(files: list[Path], cfg, remote: RemoteSettings | None = Non
         CrackioError: the run's pack cannot be read (the caller then says the check was skipped).
     """
     found = []
-    stems: dict[str, str] = {}
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        rows = open_pack(cfg.data.shards, remote).index(split).rows["stem"]
-        for stem in np.unique(rows):
-            stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), split)
+    stems: dict[str, tuple[str, str]] = {}
+    for shards in cfg.data.shards:
+        pack = open_pack(shards, remote)
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            for stem in np.unique(pack.index(split).rows["stem"]):
+                stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), (split, shards))
     for file in files:
         if file.stem in stems:
+            split, shards = stems[file.stem]
             found.append(
                 (
                     display_name(file),
-                    f"in the {stems[file.stem]} split of the run's pack {cfg.data.shards}: its AP is not "
-                    f"held out (use --split test, or photos the run never saw)",
+                    f"in the {split} split of the run's pack {shards}: its AP is not held out (use --split test, or "
+                    f"photos the run never saw)",
                 )
             )
     return found
@@ -350,7 +352,7 @@ def photos_to_detect(
                 "--split SPLIT detects on the photos and ground truth the pack recorded: give no photos, "
                 "--annotations or --format with it"
             )
-        shards = settings.shards or cfg.data.shards
+        shards = split_pack(settings, cfg)
         files, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
     elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
@@ -362,7 +364,10 @@ def photos_to_detect(
         seen = seen_in_training(files, cfg, settings.remote.settings())
     except CrackioError as e:
         seen = []
-        print(f"note: the run's pack {cfg.data.shards} cannot be read ({e}): the photos are not checked against it")
+        print(
+            f"note: the run's pack {' or '.join(cfg.data.shards)} cannot be read ({e}): the photos are not checked "
+            "against it"
+        )
     if seen and settings.strict:
         raise ConfigError(
             f"--strict: {len(seen)} of the photos were in the run's training or validation split (e.g. "
@@ -372,6 +377,20 @@ def photos_to_detect(
         print(f"warning: {len(seen)} of the photos were in the run's training or validation split: AP is not "
               f"held out (listed in report.txt; --split test detects on the held-out photos)")  # fmt: skip
     return files, annotations, fmt, classes, seen
+
+
+def split_pack(settings: DetectSettings, cfg) -> str:
+    """The pack `--split` reads: --shards, else the run's own (a run on several packs names one with --shards).
+
+    Raises:
+        ConfigError: a run on several packs and no --shards.
+    """
+    if settings.shards or len(cfg.data.shards) == 1:
+        return settings.shards or cfg.data.shards[0]
+    raise ConfigError(
+        f"the run trained on {len(cfg.data.shards)} packs: name the one whose photos --split {settings.split} "
+        f"detects on with --shards (one of {', '.join(cfg.data.shards)})"
+    )
 
 
 def one_per_stem(inputs: list[Path]) -> list[tuple[Path, str]]:
@@ -424,13 +443,13 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     use_threads(settings.threads)
     path, ckpt, cfg, model = load_model(settings)
     proposals, proposals_from = proposal_settings(
-        ckpt, cfg.data.shards, path, settings.proposals, settings.remote.settings()
+        ckpt, cfg.data.shards[0], path, settings.proposals, settings.remote.settings()
     )
     inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, settings)
     scorer = make_scorer(settings, model, path)
     threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
     truth, annotation_problems = (
-        ground_truth(annotations, fmt, classes, settings.shards or cfg.data.shards, settings.remote.settings())
+        ground_truth(annotations, fmt, classes, split_pack(settings, cfg), settings.remote.settings())
         if annotations
         else ({}, [])
     )

@@ -333,7 +333,7 @@ def run_export(settings: ExportSettings) -> dict:
     proto = to_onnx(model)
     export_seconds = time.perf_counter() - started
     check = compare(model, open_session(proto.SerializeToString(), f"the exported {path}"), loader)
-    refuse_disagreement(check, shards or cfg.data.shards, split, tolerance, target, ort)
+    refuse_disagreement(check, " and ".join(shards or cfg.data.shards), split, tolerance, target, ort)
     recorded = {"split": split, "samples": check["samples"], "max_abs_diff": check["max_abs_diff"]}
     metadata = export_metadata(ckpt, path, {**recorded, "tolerance": tolerance})
     set_metadata(proto, metadata)
@@ -375,10 +375,11 @@ def check_loader(settings: ExportSettings, cfg):
         ShardError: a split the pack does not hold (naming one it has).
     """
     try:
-        pack = open_pack(settings.shards or cfg.data.shards, settings.remote.settings(), "--shards")
-        check_split(pack.manifest, pack.location, settings.split, "--split")  # named as this command's flag
+        packs = [open_pack(s, settings.remote.settings(), "--shards") for s in settings.shards or cfg.data.shards]
+        for pack in packs:
+            check_split(pack.manifest, pack.location, settings.split, "--split")  # named as this command's flag
         return make_loader(
-            pack,
+            packs,
             settings.split,
             batch_size=settings.batch_size,
             train=False,

@@ -63,10 +63,22 @@ def predict(
         dist.all_gather_object(parts, part)
     parts = [Prediction(*p) for p in parts]
     n = sum(len(p.labels) for p in parts)
+    return _joined(parts, sum(p.loss for p in parts) / n)  # each rank's part holds its loss sum
+
+
+def merged(parts: list[Prediction]) -> Prediction:
+    """One prediction of the parts' samples together (a mixture's packs; the ranks' parts of one split): the mean
+    loss over every sample (each part's `loss` its mean), the arrays concatenated in order, the mistakes merged."""
+    if len(parts) == 1:
+        return parts[0]
+    return _joined(parts, sum(p.loss * len(p.labels) for p in parts) / sum(len(p.labels) for p in parts))
+
+
+def _joined(parts: list[Prediction], loss: float) -> Prediction:
     return Prediction(
-        sum(p.loss for p in parts) / n,
+        loss,
         np.concatenate([p.labels for p in parts]).astype(int),
         np.concatenate([p.probs for p in parts]),
         [x for p in parts for x in p.names],
-        parts[0].mistakes.merge([p.mistakes for p in parts[1:]]) if parts[0].mistakes else None,
+        parts[0].mistakes.merge([p.mistakes for p in parts[1:] if p.mistakes]) if parts[0].mistakes else None,
     )

@@ -318,6 +318,16 @@ def pack_fingerprint(sha256: str, manifest: dict) -> dict:
     }
 
 
+def mixture_fingerprint(prints: list[dict], names: list[str]) -> dict:
+    """A mixture's fingerprint: each pack's (`pack_fingerprint`) with its name, in --shards' order, and the
+    samples per split over all packs (what the run's reports count)."""
+    samples: dict[str, int] = {}
+    for fingerprint in prints:
+        for split, n in fingerprint["samples"].items():
+            samples[split] = samples.get(split, 0) + n
+    return {"packs": [p | {"name": name} for p, name in zip(prints, names)], "samples": samples}
+
+
 def new_run_id() -> str:
     """A new run's identity: 32 random hex digits (uuid4), in its config.json and every checkpoint it writes."""
     return uuid.uuid4().hex
@@ -349,14 +359,33 @@ def check_same_run(ckpt: dict, run_id: str | None, path: Path, run: str, setting
     )
 
 
-def check_same_pack(recorded, current: dict, run: str, shards: str) -> None:
-    """Refuse to resume `run` on a pack other than the one its checkpoint recorded.
+def check_same_pack(recorded, current: dict, run: str, shards: tuple[str, ...]) -> None:
+    """Refuse to resume `run` on packs other than the ones its checkpoint recorded (`current`: a pack's or a
+    mixture's fingerprint, of the packs `shards` names).
 
     Raises:
-        ConfigError: what changed (samples per split, seed, source, format version, or the manifest itself).
+        ConfigError: what changed (the number of packs; for a pack, samples per split, seed, source, format
+            version, or the manifest itself).
     """
     if not isinstance(recorded, dict) or not isinstance(recorded.get("samples"), dict):
         raise ConfigError(f"{run}/last.pt records its pack in an unknown form: start a new run with --out")
+    packs = recorded.get("packs")
+    then: list = packs if isinstance(packs, list) else [recorded]
+    now: list = current.get("packs", [current])
+    if len(then) != len(now):
+        raise ConfigError(
+            f"--resume {run}: the run trained on {len(then)} pack(s) and --shards names {len(now)}: resume with "
+            f"--shards naming the packs it trained on, in their order, or start a new run with --out"
+        )
+    for p, (was, pack, location) in enumerate(zip(then, now, shards)):
+        if not isinstance(was, dict) or not isinstance(was.get("samples"), dict):
+            raise ConfigError(f"{run}/last.pt records its packs in an unknown form: start a new run with --out")
+        which = location if len(now) == 1 else f"{location} (pack {p + 1} of {len(now)})"
+        _check_one_pack(was, pack, run, which)
+
+
+def _check_one_pack(recorded: dict, current: dict, run: str, shards: str) -> None:
+    """check_same_pack for one pack: `recorded` and `current` are `pack_fingerprint`s."""
     if recorded.get("manifest_sha256") == current["manifest_sha256"]:
         return
     changed = []

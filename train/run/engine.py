@@ -20,7 +20,7 @@ from crackio.errors import CrackioError
 from crackio.format.layout import ShardError
 from crackio.loading.loader import Batch, Loader
 from crackio.storage.remote import STATS
-from train.evaluation.predict import Prediction, predict
+from train.evaluation.predict import Prediction, merged, predict
 from train.evaluation.report import crack_metrics
 from train.run.checkpoint import EpochProgress, checkpoint, save_epoch, save_step
 from train.run.logs import Console
@@ -358,13 +358,19 @@ def fit(run: Run) -> None:
             )
         done = totals.gathered()
         row, val = validate(run, epoch, done)
-        improved = val.loss < state.best_val_loss
+        if len(run.val_loaders) > 1:  # a mixture: what each pack gave to the epoch (all ranks, the steps trained)
+            steps = min(len(run.train_loader), cfg.data.limit_batches or len(run.train_loader))
+            drawn = run.train_loader.drawn(epoch, steps)
+            row |= {f"{name}/train_samples": n for name, n in zip(run.val_loaders, drawn)}
+        chosen = row[selection_key(cfg.data.val_pack)]
+        improved = chosen < state.best_val_loss
         state.history.append(row)
-        state.epoch, state.best_val_loss = epoch + 1, min(val.loss, state.best_val_loss)
+        state.epoch, state.best_val_loss = epoch + 1, min(chosen, state.best_val_loss)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
         if run.rank == 0:
             save_epoch(run.out, checkpoint_of(run), state.history, improved)
-            print(epoch_line(row, state.bad_epochs, cfg.optim.patience, improved) + remote_line(traffic))
+            line = epoch_line(row, state.bad_epochs, cfg.optim.patience, improved)
+            print(line + mixture_line(run, epoch, row) + remote_line(traffic))
             traffic = STATS.snapshot()
             run.logs.epoch(run.scheduler.last_epoch - 1, state.history, val.labels, val.probs, val.mistakes)
         run.saved, run.stopped_at = state.epoch, None
@@ -399,20 +405,19 @@ def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]
     """
     start = time.perf_counter()
     try:
-        val = predict(
-            run.model,
-            run.val_loader,
-            run.loss_fn,
-            run.amp,
-            run.cfg.data.limit_batches,
-            mistakes=run.logs.wants_mistakes,
-        )
+        packs = {
+            name: predict(
+                run.model, loader, run.loss_fn, run.amp, run.cfg.data.limit_batches, mistakes=run.logs.wants_mistakes
+            )
+            for name, loader in run.val_loaders.items()
+        }
     except (KeyboardInterrupt, ShardError):  # keep the training pass: step.pt with the loader at the epoch's end
         progress = done.progress(run.train_loader)  # gathered already: no collective on a stopping rank
         if run.rank == 0:
             save_step(run.out, checkpoint_of(run), progress)
         run.stopped_at = (progress.loader["epoch"], progress.loader["samples"])
         raise
+    val = merged(list(packs.values()))
     if not math.isfinite(val.loss):
         raise NonFiniteLoss(f"validation loss is {val.loss} after epoch {epoch + 1}")
     now = time.perf_counter()
@@ -426,7 +431,32 @@ def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]
         "val_seconds": now - start,
         "lr": last_rate(run.scheduler),
     }
+    if len(packs) > 1:  # each pack's own figures beside the combined ones
+        for name, p in packs.items():
+            row |= {f"{name}/val_loss": p.loss} | {
+                f"{name}/{k}": v for k, v in crack_metrics(p.labels, p.probs).items()
+            }
     return row, val
+
+
+def selection_key(val_pack: str) -> str:
+    """The history's key whose minimum picks the best epoch: the validation loss of every pack together, or of
+    the pack --val-pack names."""
+    return f"{val_pack}/val_loss" if val_pack else "val_loss"
+
+
+def mixture_line(run: Run, epoch: int, row: dict) -> str:
+    """A mixture's part of the epoch line: each pack's samples trained on (how its share was made when it is
+    not its own epoch: a subset, or repeats) and its validation AP; "" for one pack."""
+    if len(run.val_loaders) <= 1:
+        return ""
+    shares = run.train_loader.shares(epoch)
+    parts = []
+    for name, share in zip(run.val_loaders, shares):
+        trained = row[f"{name}/train_samples"]
+        drawn = share.describe() if trained == share.share else f"{trained} (of its share {share.describe()})"
+        parts.append(f"{name} {drawn}, val AP {row[f'{name}/crack_ap']:.3f}")
+    return " | packs: " + "; ".join(parts)
 
 
 def epoch_line(row: dict, bad_epochs: int, patience: int, improved: bool) -> str:

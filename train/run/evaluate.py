@@ -22,7 +22,7 @@ def eval_loader(cfg: RunSettings, split: str, command: EvalSettings | SvmSetting
     """Every sample of a split once, labelled with the run's IoU threshold, read as the command says (its pack or
     the run's, batch size, device, backend, remote settings): for eval and the SVM stage."""
     return make_loader(
-        command.shards or cfg.data.shards,
+        list(command.shards or cfg.data.shards),
         split,
         batch_size=command.batch_size,
         train=False,
@@ -43,7 +43,8 @@ def run_eval(settings: EvalSettings) -> str:
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
     shards = settings.shards or cfg.data.shards
-    check_split(open_pack(shards, settings.remote.settings()).manifest, shards, split, "--split")
+    for location in shards:
+        check_split(open_pack(location, settings.remote.settings()).manifest, location, split, "--split")
     loader = eval_loader(cfg, split, settings)
     model.to(loader.device)
     loss_fn = make_loss(cfg.loss, loader.device)
@@ -51,7 +52,7 @@ def run_eval(settings: EvalSettings) -> str:
     tuned = (
         f"note: {split} is the split the run chose its best epoch on: its figures are optimistic (a held-out split "
         f"gives the unbiased figure)\n"
-        if split == cfg.data.val_split and (not settings.shards or settings.shards == cfg.data.shards)
+        if split == cfg.data.val_split and set(shards) & set(cfg.data.shards)
         else ""
     )
     return (

@@ -14,13 +14,13 @@ from crackio.errors import WriteError
 from crackio.format.layout import ShardError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import Shuffle, label_source
-from train.evaluation.predict import predict
+from train.evaluation.predict import Prediction, merged, predict
 from train.evaluation.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
 from train.run.checkpoint import STEP, load_checkpoint
-from train.run.engine import fit
+from train.run.engine import fit, selection_key
 from train.run.resume import run_folder_of
 from train.run.runtime import RankFailure, world
-from train.run.setup import Run, RunFinished, build_run, split_loader
+from train.run.setup import Run, RunFinished, build_run, per_pack, split_loader
 from train.settings.run import RunSettings
 
 # gloo reports a peer that went away or timed out only as a RuntimeError's text ("Connection closed by peer",
@@ -90,6 +90,29 @@ def stopped(run: Run | None) -> str:
     return kept(run.out, run.saved, run.stopped_at) if run is not None else kept(None, 0)
 
 
+def split_results(run: Run) -> dict[str, Prediction]:
+    """best.pt's predictions on the validation split and (when the pack has one) the test split; a mixture's for
+    every pack together under the split's name and for each pack as "split[pack]" (the packs that have it)."""
+    cfg = run.cfg
+    prints = run.pack.get("packs", [run.pack])  # the packs' splits, as read when the run was built
+    results = {}
+    for split, sampler in ((cfg.data.val_split, None), (cfg.data.test_split, Shuffle())):
+        parts = {}
+        for (name, shards), fingerprint in zip(per_pack(cfg).items(), prints):
+            if split in fingerprint["samples"]:
+                loader = (
+                    run.val_loaders[name]
+                    if sampler is None
+                    else split_loader(cfg, split, False, run.device, sampler, shards)
+                )
+                parts[name] = predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches)
+        if parts:
+            results[split] = merged(list(parts.values()))
+        if len(prints) > 1:
+            results |= {f"{split}[{name}]": p for name, p in parts.items()}
+    return results
+
+
 def final_report(run: Run) -> None:
     """Reload best.pt; classification reports on validation (and test), PR curves, curves.png; summary.json last."""
     cfg, out, history = run.cfg, run.out, run.state.history
@@ -98,16 +121,10 @@ def final_report(run: Run) -> None:
     if not history:
         return
     run.model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["model"])
-    splits = {cfg.data.val_split: run.val_loader}
-    if cfg.data.test_split in run.pack["samples"]:  # the pack's splits, as read when the run was built
-        splits[cfg.data.test_split] = split_loader(cfg, cfg.data.test_split, False, run.device, Shuffle())
-    results = {
-        name: predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches)
-        for name, loader in splits.items()
-    }
+    results = split_results(run)
     if run.rank != 0:
         return
-    best = min(history, key=lambda h: h["val_loss"])
+    best = min(history, key=lambda h: h[selection_key(cfg.data.val_pack)])
     text = [
         f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.model.arch}/{cfg.model.head}, "
         f"loss {cfg.loss.kind}, sampler {cfg.sampling.sampler}; {label_source(cfg.data.iou_threshold)}\n"
@@ -126,11 +143,19 @@ def final_report(run: Run) -> None:
         "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
         "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
     }
+    if cfg.data.val_pack:
+        summary["val_pack"] = cfg.data.val_pack
     held_out = cfg.data.test_split if cfg.data.test_split in results else None
+    lacking = [p["name"] for p in run.pack.get("packs", []) if cfg.data.test_split not in p["samples"]]
+    if held_out and lacking:
+        text.append(
+            f"{held_out}: of the packs that have it; {', '.join(lacking)} ha{'s' if len(lacking) == 1 else 've'} none\n"
+        )
     summary["held_out_split"] = held_out
     if held_out is None:
         text.append(
-            f"no {cfg.data.test_split!r} split in {cfg.data.shards}: every figure above is on {cfg.data.val_split}, "
+            f"no {cfg.data.test_split!r} split in {' or '.join(cfg.data.shards)}: every figure above is on "
+            f"{cfg.data.val_split}, "
             f"the split the best epoch{' and the threshold were' if cfg.logging.target_recall else ' was'} chosen on "
             f"(optimistic; pack a test split for held-out figures)\n"
         )

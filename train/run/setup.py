@@ -4,6 +4,7 @@ shards, resume point, batch size against the split, architecture, weights), then
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,15 @@ from crackio.loading.loader import Loader
 from crackio.loading.samplers import Shuffle
 from crackio.storage.packs import open_pack
 from crackio.storage.remote import is_remote
-from train.run.checkpoint import STEP, EpochProgress, TrainState, new_run_id, pack_fingerprint, restore
+from train.run.checkpoint import (
+    STEP,
+    EpochProgress,
+    TrainState,
+    mixture_fingerprint,
+    new_run_id,
+    pack_fingerprint,
+    restore,
+)
 from train.run.logs import Console, RunLogs, tensorboard_writer
 from train.run.losses import make_loss
 from train.run.model import CrackClassifier, build_model, make_optimizer
@@ -59,10 +68,10 @@ class Run:
     device: torch.device
     amp: torch.dtype | None  # mixed precision on CUDA (train.run.runtime.amp_dtype)
     proposals: dict | None  # the proposal stage's settings, saved in every checkpoint for detection
-    pack: dict  # the pack's fingerprint, checked on --resume (train.run.checkpoint.check_same_pack)
+    pack: dict  # the pack's fingerprint (a mixture's: its packs'), checked on --resume (checkpoint.check_same_pack)
     run_id: str  # the run's identity, in config.json and every checkpoint (checked on --resume)
     train_loader: Loader
-    val_loader: Loader
+    val_loaders: dict[str, Loader]  # each pack's validation split, by pack name ("" for a run of one pack)
     model: CrackClassifier  # the bare model: what checkpoints save
     net: Callable[[torch.Tensor], torch.Tensor]  # what the loop calls: DDP and torch.compile around `model`
     optimizer: torch.optim.Optimizer
@@ -78,14 +87,19 @@ class Run:
 
 
 def split_loader(
-    cfg: RunSettings, split: str, train: bool, device: torch.device, sampler: Shuffle | None = None
+    cfg: RunSettings,
+    split: str,
+    train: bool,
+    device: torch.device,
+    sampler: Shuffle | None = None,
+    shards: list[str] | None = None,
 ) -> Loader:
     """The one place a run's loaders are built: every split shares threshold, seed, device, backend, ranks. The
     sampler is the run's training sampler or validation selection, unless `sampler` is given (the test split:
-    every sample)."""
+    every sample). Training reads every pack, mixed by --mix; `shards` picks packs (one pack's validation)."""
     rank, world_size = world()
     return make_loader(
-        cfg.data.shards,
+        list(shards or cfg.data.shards),
         split,
         batch_size=cfg.optim.batch_size,
         train=train,
@@ -102,7 +116,14 @@ def split_loader(
         **cfg.order.flat(),  # block: its block_size
         sampler=sampler or cfg.sampling.make(train),
         remote=cfg.remote.settings(),
+        mix=cfg.data.mix or None if train else None,
     )
+
+
+def per_pack(cfg: RunSettings) -> dict[str, list[str]]:
+    """Each pack's location by its name ("" for a run of one pack: its reports keep their single-pack form)."""
+    shards = list(cfg.data.shards)
+    return {"": shards} if len(shards) == 1 else {n: [s] for n, s in zip(cfg.data.pack_names, shards)}
 
 
 def run_folder(cfg: RunSettings) -> Path:
@@ -115,11 +136,12 @@ def run_folder(cfg: RunSettings) -> Path:
     out = Path(name)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a folder for the run")
-    if not is_remote(cfg.data.shards) and out.resolve().is_relative_to(Path(cfg.data.shards).resolve()):
-        raise ConfigError(
-            f"--out {out} is inside the shards folder {cfg.data.shards}: the run's files would go among the shards; "
-            f"choose another --out (e.g. runs/NAME)"
-        )
+    for shards in cfg.data.shards:
+        if not is_remote(shards) and out.resolve().is_relative_to(Path(shards).resolve()):
+            raise ConfigError(
+                f"--out {out} is inside the shards folder {shards}: the run's files would go among the shards; "
+                f"choose another --out (e.g. runs/NAME)"
+            )
     if not cfg.checkpoints.resume and (out / "last.pt").exists():
         raise ConfigError(
             f"{out} already holds a run (last.pt): continue it with --resume {out}, or choose another --out"
@@ -150,17 +172,31 @@ def check_unfinished(cfg: RunSettings, state: TrainState, out: Path) -> None:
 
 
 def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
-    """The run's pack read once (the loaders check their splits against it), its train and validation splits
-    checked; returns the proposal stage's settings it records and its fingerprint. The proposal settings go into
-    every checkpoint, so detection makes crops the way these were made even when the shards have moved or been
-    re-made; so does the fingerprint, so --resume refuses other data."""
-    source = open_pack(cfg.data.shards, cfg.remote.settings(), "--shards")
-    manifest = source.manifest
-    for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
-        check_split(manifest, cfg.data.shards, split, option)
-    if cfg.data.test_split != Data.test_split:  # named: a typo must not pass as "the pack has no test split"
-        check_split(manifest, cfg.data.shards, cfg.data.test_split, "--test-split")
-    return manifest.get("proposals"), pack_fingerprint(source.sha256, manifest)
+    """The run's packs read once (the loaders check their splits against them), their train and validation splits
+    checked; returns the proposal stage's settings they record and their fingerprint. The proposal settings go
+    into every checkpoint, so detection makes crops the way these were made even when the shards have moved or
+    been re-made; so does the fingerprint, so --resume refuses other data. A mixture records the first pack's
+    proposal settings that has them (a note says so when the packs' differ) and each pack's fingerprint."""
+    prints, proposals = [], []
+    for shards in cfg.data.shards:
+        source = open_pack(shards, cfg.remote.settings(), "--shards")
+        manifest = source.manifest
+        for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
+            check_split(manifest, shards, split, option)
+        if cfg.data.test_split != Data.test_split:  # named: a typo must not pass as "the pack has no test split"
+            check_split(manifest, shards, cfg.data.test_split, "--test-split")
+        proposals.append(manifest.get("proposals"))
+        prints.append(pack_fingerprint(source.sha256, manifest))
+    if len(prints) == 1:
+        return proposals[0], prints[0]
+    made = [p for p in proposals if p is not None]
+    if len({json.dumps(p, sort_keys=True) for p in made}) > 1 and world()[0] == 0 and not cfg.logging.quiet:
+        first = proposals.index(made[0])
+        print(
+            f"note: the packs were made with different proposal settings; checkpoints record those of "
+            f"{cfg.data.pack_names[first]} for detection (detect --max-proposals etc. change them)"
+        )
+    return (made[0] if made else None), mixture_fingerprint(prints, cfg.data.pack_names)
 
 
 def start_point(
@@ -183,11 +219,13 @@ def start_point(
 
 def placed_loaders(
     cfg: RunSettings, device: torch.device, state: TrainState, progress: EpochProgress | None, path: Path
-) -> tuple[Loader, Loader]:
-    """The training and validation loaders, training's where the run continues: a stopped epoch's next batch
-    (`progress`), else the start of the next epoch."""
+) -> tuple[Loader, dict[str, Loader]]:
+    """The training loader and each pack's validation loader, training's where the run continues: a stopped
+    epoch's next batch (`progress`), else the start of the next epoch."""
     train_loader = split_loader(cfg, cfg.data.train_split, True, device)
-    val_loader = split_loader(cfg, cfg.data.val_split, False, device)
+    val_loaders = {
+        name: split_loader(cfg, cfg.data.val_split, False, device, None, s) for name, s in per_pack(cfg).items()
+    }
     if progress:  # mid-epoch: the next batch is the one the stopped run would have trained on next
         try:
             train_loader.load_state_dict(progress.loader)
@@ -199,7 +237,7 @@ def placed_loaders(
             ) from None
     else:
         train_loader.epoch = state.epoch
-    return train_loader, val_loader
+    return train_loader, val_loaders
 
 
 def build_learner(cfg: RunSettings, device: torch.device, steps: int, world_size: int, ckpt: dict | None, path: Path):
@@ -242,11 +280,12 @@ def build_run(cfg: RunSettings) -> Run:
     path, ckpt, state, progress = start_point(cfg, out, device, pack, rank, run_id)
     run_id = run_id or rank0s(new_run_id())  # a new run, or one stopped before recording an identity
     torch.manual_seed(cfg.data.seed)
-    train_loader, val_loader = placed_loaders(cfg, device, state, progress, path)
+    train_loader, val_loaders = placed_loaders(cfg, device, state, progress, path)
     if ckpt and rank == 0 and not cfg.logging.quiet:
         where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
         print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
-    len(train_loader), len(val_loader)  # plans the first epoch: a batch size the split cannot fill fails here
+    for loader in (train_loader, *val_loaders.values()):
+        len(loader)  # plans the first epoch: a batch size the split cannot fill fails here
     steps = min(len(train_loader), cfg.data.limit_batches or len(train_loader))  # optimizer steps per epoch
     model, net, optimizer, scaler, scheduler, amp = build_learner(cfg, device, steps, world_size, ckpt, path)
     loss_fn = make_loss(cfg.loss, device)
@@ -268,7 +307,7 @@ def build_run(cfg: RunSettings) -> Run:
         pack,
         run_id,
         train_loader,
-        val_loader,
+        val_loaders,
         model,
         net,
         optimizer,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from crackio.errors import MOST_THREADS, ConfigError, is_number
+from crackio.flags import field_types
 from crackio.loading.options import BACKENDS, DEVICES
 from crackio.storage.remote import check_location, is_remote
 from crackio.writing.annotations import FORMATS
@@ -16,19 +17,26 @@ from train.settings.data import Remote
 
 
 class Command(Owner):
-    """A command on a trained run: its `shards` ("" = the run's own pack) and `remote` settings, which apply only
-    when that pack is remote."""
+    """A command on a trained run: its `shards` (none = the run's own packs; several where the command reads a
+    mixture, one where it reads one pack) and `remote` settings, which apply only when a pack is remote."""
 
-    shards: str
+    shards: tuple[str, ...] | str
     remote: Remote
 
     def __post_init__(self) -> None:
+        if field_types(type(self))["shards"][0] is tuple:  # given once per pack: a tuple of locations
+            given = (self.shards,) if isinstance(self.shards, str) else (self.shards or ())
+            object.__setattr__(self, "shards", tuple(s for s in given if s))
         super().__post_init__()
-        check_location(self.shards, "--shards")
-        if self.shards and not is_remote(self.shards) and self.remote != Remote():
+        locations = [self.shards] if isinstance(self.shards, str) else list(self.shards)
+        for location in locations:
+            check_location(location, "--shards")
+        if locations and not any(is_remote(s) for s in locations if s) and self.remote != Remote():
             raise ConfigError(
                 f"--cache-dir, --cache-limit and --remote-timeout only apply with a remote --shards (s3://, "
-                f"http(s)://); {self.shards} is a folder, so this command would ignore them: drop them"
+                f"gs://, az://, http(s)://); {', '.join(locations)} "
+                f"{'is a folder' if len(locations) == 1 else 'are folders'}, so this command would ignore them: "
+                "drop them"
             )
 
 
@@ -38,7 +46,7 @@ class EvalSettings(Command):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
 
     checkpoint: str = ""  # RUN/best.pt or RUN/last.pt (required)
-    shards: str = ""  # shards folder; "" = the one the run trained on
+    shards: tuple[str, ...] = ()  # shards folder, once per pack; none = the run's own pack(s)
     split: str = "test"  # split to evaluate
     threshold: float = 0.5  # decision threshold on P(crack)
     batch_size: int = 64  # batch size
@@ -61,7 +69,7 @@ class SvmSettings(Command):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
 
     checkpoint: str = ""  # RUN/best.pt of a finished run (required)
-    shards: str = ""  # shards folder; "" = the one the run trained on
+    shards: tuple[str, ...] = ()  # shards folder, once per pack; none = the run's own pack(s)
     out: str = ""  # output folder; "" = RUN/svm
     pos_iou: float = 0.7  # positives: IoU >= this (R-CNN)
     neg_iou: float = 0.3  # negatives: IoU < this (R-CNN); the band between is ignored
@@ -99,7 +107,7 @@ class DetectSettings(Command):
     onnx: str = ""  # score with onnxruntime (CPU) a model written by `python -m train export`
     photos: tuple[str, ...] = ()  # photo files or folders (searched recursively); or --split
     split: str = ""  # instead of photos: the photos tools/propose.py put in this split of --shards (e.g. test)
-    shards: str = ""  # the pack --split reads; "" = the run's own
+    shards: str = ""  # the pack --split reads; "" = the run's own (one of them, for a run on several packs)
     strict: bool = False  # refuse photos the run trained or validated on (else: a warning)
     annotations: str = ""  # ground truth (a dataset folder or COCO file) for AP
     format: str = ""  # format of --annotations
@@ -148,7 +156,7 @@ class ExportSettings(Command):
 
     checkpoint: str = ""  # RUN/best.pt or RUN/last.pt (required)
     out: str = ""  # the .onnx file to write; "" = RUN/model.onnx
-    shards: str = ""  # shards folder of the check; "" = the one the run trained on
+    shards: tuple[str, ...] = ()  # shards folder of the check, once per pack; none = the run's own pack(s)
     split: str = "test"  # split the export is checked on
     tolerance: float = 1e-4  # largest |P_onnx - P_torch| accepted
     batch_size: int = 64  # batch size of the check and throughput

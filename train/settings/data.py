@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from crackio.cli import closest
 from crackio.errors import MOST_THREADS, ConfigError
 from crackio.flags import flag
 from crackio.format.layout import SPLITS
 from crackio.fsio import is_path_component
+from crackio.loading.mixture import check_mix, pack_names
 from crackio.loading.options import BACKENDS
 from crackio.storage.packs import RemoteSettings
 from crackio.storage.remote import check_location, is_remote
@@ -21,7 +23,9 @@ class Data(Owner):
     group: ClassVar[str] = "data"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
 
-    shards: str = ""  # folder written by tools/pack.py, or its s3:// or http(s):// URL (required)
+    shards: tuple[str, ...] = ()  # pack folder, or URL: s3://, gs://, az://, http(s):// (required; once per pack)
+    mix: tuple[float, ...] = ()  # several --shards: each pack's share of an epoch, e.g. 0.3,0.7 (default: its size)
+    val_pack: str = ""  # several --shards: the pack whose validation loss picks the best epoch (default: all together)
     train_split: str = SPLITS[0]  # the split trained on (a folder name inside --shards)
     val_split: str = SPLITS[1]  # the split validated on after each epoch (early stopping, best.pt)
     test_split: str = SPLITS[2]  # the split reported at the end, when the pack has it
@@ -43,9 +47,41 @@ class Data(Owner):
                     f"{flag(name)} {split!r} is not a split name: it names the folder "
                     f"SHARDS/<split>/, so it cannot be empty, '.', '..' or hold '/', '\\' or NUL"
                 )
-        if not self.shards:
+        shards = (self.shards,) if isinstance(self.shards, str) else tuple(self.shards or ())  # a str: one pack
+        if not shards or shards == ("",):
             raise ConfigError("--shards is required (a folder written by tools/pack.py)")
-        check_location(self.shards, "--shards")
+        for location in shards:
+            if not isinstance(location, str):
+                raise ConfigError(f"--shards must name packs (folders or URLs), got {location!r}")
+            check_location(location, "--shards")
+        object.__setattr__(self, "shards", shards)
+        given = self.mix
+        if isinstance(given, str):  # a config file's "0.3,0.7", as on the command line
+            try:
+                given = tuple(float(p) for p in given.split(",") if p.strip())
+            except ValueError:
+                raise ConfigError(f"--mix must be comma-separated numbers, e.g. 0.3,0.7, got {self.mix!r}") from None
+        if len(shards) == 1 and given:
+            raise ConfigError("--mix only applies with two or more --shards (a mixture): give each pack with --shards")
+        mix = () if isinstance(given, list | tuple) and not given else check_mix(given, len(shards), "--mix")
+        object.__setattr__(self, "mix", mix or ())  # a tuple, however given (a JSON list, a flag)
+        names = pack_names(list(shards))
+        if self.val_pack and self.val_pack not in names:
+            raise ConfigError(
+                f"--val-pack {self.val_pack!r} is not one of the packs: give one of {', '.join(names)}"
+                + closest(self.val_pack, names)
+            )
+
+    @property
+    def pack_names(self) -> list[str]:
+        """The packs' short names, in --shards' order (crackio.loading.mixture.pack_names)."""
+        return pack_names(list(self.shards))
+
+    @classmethod
+    def unmet(cls, values, name: str) -> str | None:
+        shards = values.get("shards")
+        several = isinstance(shards, list | tuple) and len(shards) > 1
+        return None if name not in ("mix", "val_pack") or several else "two or more --shards (a mixture)"
 
 
 @dataclass(frozen=True)
@@ -82,7 +118,7 @@ class Remote(Owner):
     """A remote --shards' cache and fault settings, as given (config.json keeps them as typed); `settings()` is
     what crackio reads them as."""
 
-    group: ClassVar[str] = "remote pack (--shards s3://... or http(s)://...)"
+    group: ClassVar[str] = "remote pack (--shards s3://, gs://, az://, http(s)://)"
 
     cache_dir: str = ""  # remote --shards: this node's cache folder; "" = $CRACKIO_CACHE_DIR or ~/.cache/crackio
     cache_limit: str = ""  # remote --shards: bytes the cache may hold (e.g. 20G, LRU); "" = no limit; 0 = stream
@@ -102,4 +138,6 @@ class Remote(Owner):
 
     @classmethod
     def unmet(cls, values, name: str) -> str | None:
-        return None if is_remote(values.get("shards")) else "a remote --shards (s3://, http(s)://)"
+        shards = values.get("shards")
+        locations = [shards] if isinstance(shards, str) else list(shards or ())
+        return None if any(is_remote(s) for s in locations) else "a remote --shards (s3://, gs://, az://, http(s)://)"

@@ -231,9 +231,13 @@ def check_type(key: str, value: Any, where: str) -> None:
     kind = float if default is None else type(default)
     ok = (
         has_type(value, kind)
+        or (kind is tuple and isinstance(value, list | tuple | str))  # its owner checks the values
         or (key == "class_weights" and isinstance(value, dict))
         or (key == "iou_threshold" and value is None)
     )
+    if not ok and kind is tuple:
+        like = '"shards/", or ["public/", "site/"] for several packs' if key == "shards" else "[0.3, 0.7]"
+        raise ConfigError(f"{where}: {key} = {value!r} must be a list (like {like})")
     if not ok:
         raise ConfigError(f"{where}: {key} = {value!r} must be of type {kind.__name__} (like {default!r})")
 

@@ -70,11 +70,12 @@ def features_of(model, cfg, split: str, args: SvmSettings) -> dict[str, np.ndarr
     return extract(model.to(loader.device), loader, amp_dtype(loader.device), split)
 
 
-def checkpoint_digest(checkpoint: Path, shards: str, remote: RemoteSettings | None = None):
-    """The checkpoint file and the pack (its manifest's SHA-256: a folder or a URL), hashed once; cache_key adds
+def checkpoint_digest(checkpoint: Path, shards: list[str], remote: RemoteSettings | None = None):
+    """The checkpoint file and the packs (each manifest's SHA-256: a folder or a URL), hashed once; cache_key adds
     the split."""
     digest = file_sha256(checkpoint)
-    digest.update(open_pack(shards, remote).sha256.encode())
+    for location in shards:
+        digest.update(open_pack(location, remote).sha256.encode())
     return digest
 
 
@@ -155,9 +156,9 @@ def run_svm(args: SvmSettings) -> Path:
     path = Path(args.checkpoint)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
-    shards = args.shards or cfg.data.shards
+    shards = list(args.shards or cfg.data.shards)
     splits = [cfg.data.train_split, cfg.data.val_split]
-    if cfg.data.test_split in open_pack(shards, args.remote.settings()).manifest["splits"]:
+    if all(cfg.data.test_split in open_pack(s, args.remote.settings()).manifest["splits"] for s in shards):
         splits.append(cfg.data.test_split)
     out = Path(args.out) if args.out else path.parent / "svm"
     remove_temporaries(out, OUTPUTS)  # what a kill -9 during a write left
@@ -188,7 +189,8 @@ def run_svm(args: SvmSettings) -> Path:
     held_out = cfg.data.test_split if cfg.data.test_split in splits else None
     if held_out is None:
         log.append(
-            f"no {cfg.data.test_split!r} split in {shards}: every figure below is on {cfg.data.val_split}, the split "
+            f"no {cfg.data.test_split!r} split in {' and '.join(shards)}: every figure below is on "
+            f"{cfg.data.val_split}, the split "
             f"both thresholds were tuned on (optimistic; pack a test split for held-out figures)"
         )
     text = ["\n".join(log) + "\n"]
