@@ -63,8 +63,8 @@ def test_an_opened_pack_is_read_as_given(demo_shards):
 
 
 def test_a_url_crackio_does_not_read_names_the_argument():
-    with pytest.raises(ConfigError, match=r"^shards='gs://bucket/pack': gs:// is not read by crackio"):
-        make_loader("gs://bucket/pack", "train", train=True, **CPU)
+    with pytest.raises(ConfigError, match=r"^shards='abfs://bucket/pack': abfs:// is not read by crackio"):
+        make_loader("abfs://bucket/pack", "train", train=True, **CPU)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import obstore
 import obstore.exceptions as oe
 import pytest
 
-from crackio.storage.obstore_errors import NO_BUCKET, NO_RANGES, already_exists, classify, status
+from crackio.storage.obstore_errors import NO_BUCKET, NO_CONTAINER, NO_RANGES, already_exists, classify, status
 from crackio.storage.remote import Missing, Remote, RemoteError
 
 DEBUG = '\n\nDebug source:\nGeneric {\n    store: "S3",\n}'  # obstore appends its Rust error's Debug form
@@ -34,6 +34,24 @@ UNAUTHENTICATED = (
     f"The operation lacked valid authentication credentials for path p/x: Error performing GET {URL}/x in "
     "1.903393ms - Server returned non-2xx status code: 401 Unauthorized: <Error><Code>Refused</Code></Error>" + DEBUG
 )
+
+# Azure's, as obstore 0.12.1 gave them against Azurite 3 (bodies shortened).
+AZ = "http://127.0.0.1:10123/devstoreaccount1"
+AZ_NO_CONTAINER = (
+    f"Object at location pre/a not found: Error performing GET {AZ}/nocont/pre/a in 8.138246ms - Server returned "
+    'non-2xx status code: 404 Not Found: <?xml version="1.0"?>\n<Error>\n  <Code>ContainerNotFound</Code>\n  '
+    "<Message>The specified container does not exist.\n</Message>\n</Error>" + DEBUG
+)
+AZ_NO_BLOB = (
+    f"Object at location pre/zz not found: Error performing GET {AZ}/cont/pre/zz in 5.880951ms - Server returned "
+    'non-2xx status code: 404 Not Found: <?xml version="1.0"?>\n<Error>\n  <Code>BlobNotFound</Code>\n  '
+    "<Message>The specified blob does not exist.\n</Message>\n</Error>" + DEBUG
+)
+AZ_BULK_MISSING = (
+    "Object at location pre/zz not found: Bulk delete request failed for key pre/zz: The specified blob does not "
+    'exist. (code: 404)\n\nDebug source:\nNotFound {\n    path: "pre/zz",\n}'
+)
+AZ_BULK_DENIED = "Bulk delete request failed for key pre/zz: This request is not authorized. (code: 403)"
 
 
 def generic(code: str) -> str:
@@ -57,6 +75,10 @@ EXISTS = (
     [
         (FileNotFoundError(S3_404), False, 404, "404 not found", "missing"),
         (FileNotFoundError(NO_SUCH_BUCKET), False, 404, NO_BUCKET, "no-bucket"),
+        (FileNotFoundError(AZ_NO_CONTAINER), False, 404, NO_CONTAINER, "no-bucket"),
+        (FileNotFoundError(AZ_NO_BLOB), False, 404, "404 not found", "missing"),
+        (FileNotFoundError(AZ_BULK_MISSING), False, 404, "404 not found", "missing"),
+        (oe.GenericError(AZ_BULK_DENIED), False, 403, "403 access denied", "denied"),
         (oe.NotSupportedError(NO_RANGE_TEXT), False, None, NO_RANGES, "no-ranges"),
         (oe.PermissionDeniedError(DENIED), False, 403, "403 access denied", "denied"),
         (oe.UnauthenticatedError(UNAUTHENTICATED), False, 401, "401 not authenticated", "unauthenticated"),

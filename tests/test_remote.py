@@ -466,7 +466,8 @@ def test_a_server_without_range_requests_is_said_at_once(demo_shards, tmp_path, 
 @pytest.mark.parametrize(
     "given, words",
     [
-        ("gs://bucket/pack", "gs:// is not read by crackio; give s3://"),
+        ("abfs://bucket/pack", "abfs:// is not read by crackio; give s3://BUCKET/PREFIX .* az://CONTAINER/PREFIX"),
+        ("az://", "names no bucket, container or host"),
         ("s3a://bucket/pack", "s3a:// is not read by crackio"),
         ("s3://", "names no bucket"),
         ("s3://bucket//pack", "its path has an empty"),
@@ -484,8 +485,8 @@ def test_cache_options_with_a_local_pack_are_refused(demo_shards, tmp_path):
 
     with pytest.raises(ConfigError, match="--cache-limit only applies with a remote --shards"):
         train(["--shards", str(demo_shards), "--cache-limit", "1G", *TINY_ARGS, "--out", str(tmp_path / "r")])
-    with pytest.raises(ConfigError, match="gs:// is not read by crackio"):
-        train(["--shards", "gs://bucket/pack", *TINY_ARGS, "--out", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match="abfs:// is not read by crackio"):
+        train(["--shards", "abfs://bucket/pack", *TINY_ARGS, "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=location,
         default=Path("shards"),
-        help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
+        help="shards folder, or s3://BUCKET/PREFIX, gs://... or az://CONTAINER/PREFIX (packed locally, then uploaded)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped or any warning printed")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

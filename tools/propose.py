@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=location,
         default=Path("shards"),
-        help="shards folder, or s3://BUCKET/PREFIX (packed locally, then uploaded)",
+        help="shards folder, or s3://BUCKET/PREFIX, gs://... or az://CONTAINER/PREFIX (packed locally, then uploaded)",
     )
     ap.add_argument("--crops", type=Path, help="also write the original's proposal folder here")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any photo or annotation had a problem")

@@ -1,6 +1,7 @@
 """Real servers for the remote-shard tests and tools/bench_remote.py, on 127.0.0.1 only, started and stopped by
 their users: moto's S3 server
-(a subprocess: S3's REST API over HTTP, no mock inside the test process), nginx (Debian's package; Range requests
+(a subprocess: S3's REST API over HTTP, no mock inside the test process), Azurite (Microsoft's Azure Storage
+emulator, from the npm registry: Azure Blob Storage's REST API), nginx (Debian's package; Range requests
 as a production HTTP server answers them) and `FaultProxy`, a small HTTP proxy in front of either that adds
 latency, answers 503 or resets connections on demand, or disappears.
 
@@ -69,6 +70,44 @@ def moto_server() -> Iterator[str]:
         process.terminate()
         process.wait(10)
         log.close()
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"  # Azurite's well-known account and key (its documentation's, not a secret)
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_HERE = Path(__file__).resolve().parent.parent / ".ci" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+
+
+def azurite_binary() -> str | None:
+    """Azurite's blob server: $CRACKIO_AZURITE, on PATH, or where .ci/run installs it (.ci/azurite)."""
+    found = os.environ.get("CRACKIO_AZURITE") or shutil.which("azurite-blob")
+    return found or (str(AZURITE_HERE) if AZURITE_HERE.exists() else None)
+
+
+@contextlib.contextmanager
+def azurite(workdir: Path) -> Iterator[str]:
+    """Azurite's blob service on a free port of 127.0.0.1, its data in `workdir`; yields its blob endpoint
+    (http://127.0.0.1:PORT/devstoreaccount1). Clients reach it as obstore does with AZURE_STORAGE_USE_EMULATOR=true
+    and AZURITE_BLOB_STORAGE_URL=http://127.0.0.1:PORT."""
+    binary = azurite_binary()
+    if binary is None:
+        missing("Azurite is not installed (npm install --prefix .ci/azurite azurite@3; or put azurite-blob on PATH)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir), "--silent",
+         "--skipApiVersionCheck", "--loose"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, process, "azurite")
+        yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def nginx_binary() -> str | None:

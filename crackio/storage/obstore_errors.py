@@ -13,11 +13,18 @@ from dataclasses import dataclass
 
 NO_RANGES = "the server does not answer Range requests: serve the folder with one that does (nginx, Apache, S3)"
 NO_BUCKET = "404 no such bucket (check its name, and AWS_ENDPOINT_URL for a store other than AWS)"
+NO_CONTAINER = "404 no such container (check its name and AZURE_STORAGE_ACCOUNT_NAME; crackio creates none)"
 # obstore deletes through S3's DeleteObjects, which answers 200 OK with an <Error> for each key it refused (a key
 # the policy denies is "AccessDenied" there, not a 403): "DeleteObjects request failed for key p/x: Access Denied
-# (code: AccessDenied)".
-DELETE_FAILED = re.compile(r"DeleteObjects request failed for key \S+: (?P<message>.*?) \(code: (?P<code>\w+)\)")
-DENIED_CODES = ("AccessDenied", "AllAccessDisabled")
+# (code: AccessDenied)"; and through Azure's blob batch, whose refusals carry the status: "Bulk delete request
+# failed for key p/x: The specified blob does not exist. (code: 404)".
+DELETE_FAILED = re.compile(
+    r"(?:DeleteObjects|Bulk delete) request failed for key \S+: (?P<message>.*?) \(code: (?P<code>\w+)\)"
+)
+DENIED_CODES = ("AccessDenied", "AllAccessDisabled", "403", "AuthorizationPermissionMismatch")
+MISSING_CODES = ("404", "NoSuchKey", "BlobNotFound")
+# Azure answers a missing container with a 404 whose body names it (every request under it fails so).
+NO_CONTAINER_TEXT = ("ContainerNotFound", "The specified container does not exist")
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,17 @@ def classify(error: BaseException) -> Failure:
 
     code = status(error)
     text = str(error)
-    if "NoSuchBucket" in text:  # S3's error code in the 404's body
+    if "NoSuchBucket" in text:  # S3's (and GCS's XML API's) error code in the 404's body
         return Failure(False, 404, NO_BUCKET, "no-bucket")
+    if any(t in text for t in NO_CONTAINER_TEXT):
+        return Failure(False, 404, NO_CONTAINER, "no-bucket")
     refused = DELETE_FAILED.search(text)
     if refused:  # S3 answers a delete (DeleteObjects) 200 OK with an error per key: a denied DELETE comes this way
         key_code, message = refused.group("code"), refused.group("message")
         if key_code in DENIED_CODES:
             return Failure(False, 403, "403 access denied", "denied")
+        if key_code in MISSING_CODES:
+            return Failure(False, 404, "404 not found", "missing")
         transient = key_code in ("InternalError", "ServiceUnavailable", "SlowDown")
         return Failure(transient, None, f"{message[:120]} ({key_code})", "network" if transient else "status")
     if isinstance(error, FileNotFoundError | oe.NotFoundError):

@@ -1,4 +1,5 @@
-"""A pack wherever it is: a local folder, or a URL (`s3://bucket/prefix`, `http(s)://host/path`) read through the
+"""A pack wherever it is: a local folder, or a URL (`s3://bucket/prefix`, `gs://...`, `az://...`,
+`http(s)://host/path`) read through the
 node's cache. `open_pack(location, remote)` is the one place a location becomes something to read; everything
 downstream (the loader, eval, svm, detect, bench, verify) reads through the `Pack` it returns. Its cache and
 timeout are its `RemoteSettings` argument's (crackio.storage.settings), never a process-wide setting.
@@ -46,7 +47,7 @@ from crackio.format.manifest import (
 )
 from crackio.format.verify import converted_problems, digest_problem, tar_problems, verify, verify_idx
 from crackio.storage.cache import Cache, default_cache_dir
-from crackio.storage.remote import Missing, Remote, RemoteError, check_location, is_remote
+from crackio.storage.remote import STORES, Missing, Remote, RemoteError, check_location, is_remote
 from crackio.storage.settings import RemoteSettings, parse_bytes  # noqa: F401  (parse_bytes: train imports it here)
 
 CHUNK = 1 << 20  # bytes: the cache's unit of a tar; ~100 crops of ~10 KB, one request each
@@ -287,7 +288,7 @@ def open_pack(location: str | os.PathLike, remote: RemoteSettings | None = None,
     """The pack at `location`, its manifest validated.
 
     Args:
-        location: a folder (str or path), or an s3:// or http(s):// URL.
+        location: a folder (str or path), or an s3://, gs://, az:// or http(s):// URL.
         remote: a remote pack's cache and timeout (None: `RemoteSettings.from_env()`); unused for a folder, but
             checked for either. A remote pack is opened once per process and settings (its manifest fetched
             once): two settings, two `Pack`s, each with its own cache.
@@ -318,8 +319,8 @@ def _open(location: str | os.PathLike, remote: RemoteSettings | None, option: st
     check_remote(remote)
     if not isinstance(location, str | os.PathLike):
         raise ConfigError(
-            f"{option or 'location'} must be a pack's folder (a str or path) or its URL (s3://..., http(s)://...), "
-            f"got {location!r}"
+            f"{option or 'location'} must be a pack's folder (a str or path) or its URL (s3://, gs://, az://, "
+            f"http(s)://), got {location!r}"
         )
     if not is_remote(location):
         check_location(location, option or "location")
@@ -363,7 +364,7 @@ def _no_pack_at(server: Remote, timeout: float, verifying: bool) -> ShardError:
             return ShardError(pack_file_text(url, pack))
     fix = (
         f"upload one with `python tools/pack.py SRC --out {url}`"
-        if server.scheme == "s3"
+        if server.scheme in STORES
         else "serve a pack folder there (the folder tools/pack.py --out wrote, as it is)"
     )
     return RemoteError(

@@ -1,8 +1,13 @@
-"""A pack's objects on S3-compatible storage or an HTTP(S) server: ranged GETs, uploads, and the fault policy.
+"""A pack's objects on object storage (S3 and S3-compatible, Google Cloud Storage, Azure Blob Storage) or an HTTP(S)
+server: ranged GETs, uploads, and the fault policy.
 
-The protocol is obstore's (the Rust `object_store` crate behind it): S3 with credentials, region and endpoint from
-the standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
-`AWS_ENDPOINT_URL`, ...), so MinIO, R2 and Ceph work unchanged; HTTP(S) with Range requests. Measured against
+The protocol is obstore's (the Rust `object_store` crate behind it), each store configured by its ecosystem's
+standard variables: S3 (`s3://bucket/prefix`) by `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+`AWS_REGION`, `AWS_ENDPOINT_URL`, ..., so MinIO, R2 and Ceph work unchanged; GCS (`gs://bucket/prefix`) by
+`GOOGLE_APPLICATION_CREDENTIALS`, `GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_SERVICE_ACCOUNT_KEY`, ...; Azure
+(`az://container/prefix`) by `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_SAS_KEY`,
+`AZURE_CLIENT_ID`, ... (`AZURE_STORAGE_USE_EMULATOR=true` with `AZURITE_BLOB_STORAGE_URL` for Azurite); HTTP(S)
+with Range requests (read only). Measured against
 fsspec + s3fs on the same local S3 server (docs/performance.md, "Remote shards"): obstore's ranged reads were faster.
 
 Fault policy (one place, here): obstore's own retries are off so that every retry is counted (`Stats`). A
@@ -30,7 +35,9 @@ from crackio.format.layout import ShardError
 from crackio.format.manifest import pack_file_text
 from crackio.storage.obstore_errors import already_exists, classify
 
-SCHEMES = ("s3", "http", "https")
+STORES = ("s3", "gs", "az")  # object stores crackio reads and writes (tools/pack.py --out)
+SCHEMES = (*STORES, "http", "https")
+URL_FORMS = "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, http(s)://HOST/PATH"
 T = TypeVar("T")
 
 
@@ -40,8 +47,8 @@ def is_remote(location: object) -> bool:
 
 
 def check_location(text: object, option: str = "shards") -> None:
-    """Refuse a URL of a scheme crackio does not read (gs://, s3a://, ...), which would otherwise become a local
-    folder named `gs:`; `option` names the argument (or a command line's flag, "--shards") in the message.
+    """Refuse a URL of a scheme crackio does not read (s3a://, abfs://, ...), which would otherwise become a local
+    folder named `s3a:`; `option` names the argument (or a command line's flag, "--shards") in the message.
 
     Raises:
         ConfigError: naming the schemes that work.
@@ -50,9 +57,9 @@ def check_location(text: object, option: str = "shards") -> None:
         scheme = text.split("://", 1)[0]
         named = given(option, text) if option else text
         raise ConfigError(
-            f"{named}: {scheme}:// is not read by crackio; give s3://BUCKET/PREFIX (S3 and S3-compatible stores:"
-            " MinIO, R2, Ceph, GCS's S3 interoperability endpoint through AWS_ENDPOINT_URL), "
-            "http(s)://HOST/PATH, or a folder"
+            f"{named}: {scheme}:// is not read by crackio; give s3://BUCKET/PREFIX (S3 and S3-compatible stores: "
+            "MinIO, R2, Ceph), gs://BUCKET/PREFIX (Google Cloud Storage), az://CONTAINER/PREFIX (Azure Blob "
+            "Storage), http(s)://HOST/PATH, or a folder"
         )
 
 
@@ -132,37 +139,61 @@ STATS = Stats()  # per process: what the bench and the trainer's epoch line repo
 os.register_at_fork(after_in_child=_after_fork)
 
 
-FIXES = {  # by scheme and status: what to do about a permanent error ({url}: the pack's URL). Only s3:// is
+FIXES = {  # by scheme and status: what to do about a permanent error ({url}: the pack's URL). Object stores are
     # written by crackio (tools/pack.py --out): an http(s):// pack is a folder copied to a web server.
     ("s3", 401): "the server wants credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
     ("s3", 403): "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the bucket's policy",
-    ("s3", 404): "check the URL, or upload the whole pack again with `python tools/pack.py SRC --out {url}`",
+    ("gs", 401): "GCS wants credentials: set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT_KEY)",
+    ("gs", 403): "check the credentials (GOOGLE_APPLICATION_CREDENTIALS) and the bucket's IAM permissions",
+    ("az", 401): "Azure wants credentials: set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or a SAS)",
+    ("az", 403): (
+        "check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY) and the container's "
+        "access policy"
+    ),
+    **{
+        (s, 404): "check the URL, or upload the whole pack again with `python tools/pack.py SRC --out {url}`"
+        for s in STORES
+    },
     ("http", 401): "the server wants a login, which crackio does not send: serve the pack folder without one",
     ("http", 403): "the server refuses the file: make the pack folder readable to it, or check the URL",
     ("http", 404): (
         "check the URL (it must name the folder that holds manifest.json), or copy the whole pack folder that "
         "tools/pack.py wrote to the server again"
     ),
-    ("s3", 416): (
-        "the object is shorter than its manifest says: it changed since the pack was written; upload the whole pack "
-        "again with `python tools/pack.py SRC --out {url}`"
-    ),
+    **{
+        (s, 416): (
+            "the object is shorter than its manifest says: it changed since the pack was written; upload the whole "
+            "pack again with `python tools/pack.py SRC --out {url}`"
+        )
+        for s in STORES
+    },
     ("http", 416): (
         "the file is shorter than its manifest says: it changed since the pack was written; copy the whole pack "
         "folder to the server again"
     ),
 }
 # A DELETE refused where PUT is allowed: an upload cannot replace a pack without deleting (its old manifest first).
+CONFIGURE = {  # how each store is configured: its ecosystem's variables
+    "s3": "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION and (for a store other than AWS) AWS_ENDPOINT_URL",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT / GOOGLE_SERVICE_ACCOUNT_KEY)",
+    "az": (
+        "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY, or "
+        "AZURE_STORAGE_USE_EMULATOR=true for Azurite)"
+    ),
+    "http": "check the URL",
+    "https": "check the URL",
+}
 DELETE_DENIED = (
     "these credentials may not delete objects under {url}, which replacing a pack there needs (its old manifest, "
-    "the writer's lock, an earlier pack's files): allow s3:DeleteObject on that prefix (the bucket's policy or the "
-    "user's), or upload to a prefix where it is allowed"
+    "the writer's lock, an earlier pack's files): allow deleting on that prefix (S3: s3:DeleteObject; GCS: "
+    "storage.objects.delete; Azure: the Delete permission), or upload to a prefix where it is allowed"
 )
 
 
 class Remote:
-    """The objects under one URL (`s3://bucket/prefix` or `http(s)://host/path`), read and written by key
-    (`train/train-000000.tar`). Picklable: each process opens its own client on first use.
+    """The objects under one URL (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` or
+    `http(s)://host/path`), read and written by key (`train/train-000000.tar`); an http(s) server is read only.
+    Picklable: each process opens its own client on first use.
 
     `timeout`: seconds a request may keep failing transiently before `Unreachable` (the bound on how long a
     vanished server can hold a run).
@@ -170,10 +201,10 @@ class Remote:
 
     def __init__(self, url: str, timeout: float = 60.0):
         if not is_remote(url):
-            raise ConfigError(f"{url!r} is not an s3:// or http(s):// URL")
+            raise ConfigError(f"{url!r} is not a URL crackio reads: {URL_FORMS}")
         parts = urlsplit(url)
         if not parts.hostname:
-            raise ConfigError(f"{url} names no bucket or host: write s3://BUCKET/PREFIX or http://HOST/PATH")
+            raise ConfigError(f"{url} names no bucket, container or host: write {URL_FORMS}")
         if parts.query or parts.fragment:
             raise ConfigError(f"{url} has a query or fragment: give the pack's folder URL without ?... or #...")
         if parts.username or parts.password:
@@ -181,7 +212,7 @@ class Remote:
             raise ConfigError(
                 f"{parts.scheme}://{host}/...: credentials in the URL are neither sent nor safe (the URL is "
                 "saved in config.json and checkpoints and printed in messages); serve the pack without them, or "
-                "put it in S3 and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                "put it in an object store and give its credentials in its variables (AWS_*, GOOGLE_*, AZURE_*)"
             )
         if parts.path.rstrip("/").endswith("/manifest.json"):
             raise ConfigError(pack_file_text(url, url.rstrip("/").rsplit("/", 1)[0]))
@@ -208,15 +239,16 @@ class Remote:
         _check_not_forked()
         if self._store is None or self._pid != os.getpid():  # a child of a fork before any use opens its own
             self._pid = _used_in = os.getpid()
-            from obstore.store import HTTPStore, S3Store
+            from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
 
             request = max(5.0, min(30.0, self.timeout / 2))
             client: Any = {"allow_http": True, "timeout": timedelta(seconds=request), "connect_timeout": "5s"}
             retry: Any = {"max_retries": 0, "retry_timeout": timedelta(seconds=request)}  # retries are ours: counted
-            if self.scheme == "s3":
-                self._store = S3Store.from_url(self.url, client_options=client, retry_config=retry)
-            else:
-                self._store = HTTPStore.from_url(self.url, client_options=client, retry_config=retry)
+            kind: Any = {"s3": S3Store, "gs": GCSStore, "az": AzureStore}.get(self.scheme, HTTPStore)
+            try:  # each reads its ecosystem's variables (AWS_*, GOOGLE_*, AZURE_*) itself
+                self._store = kind.from_url(self.url, client_options=client, retry_config=retry)
+            except Exception as e:  # noqa: BLE001 - obstore's configuration errors: one line, with the variables
+                raise ConfigError(f"{self.url}: {str(e).splitlines()[0][:300]}: {CONFIGURE[self.scheme]}") from None
         return self._store
 
     def call(self, key: str, what: str, request: Callable[[], T], fixes: dict[int, str] | None = None) -> T:
@@ -247,7 +279,7 @@ class Remote:
                 failure = classify(e)
                 text, url = failure.text, self.address(key)
                 if not failure.transient:
-                    scheme = "s3" if self.scheme == "s3" else "http"
+                    scheme = self.scheme if self.scheme in STORES else "http"
                     fix = (fixes or {}).get(failure.status or 0) or FIXES.get(
                         (scheme, failure.status or 0), "check the URL and the server"
                     )
@@ -266,6 +298,21 @@ class Remote:
                 STATS.add(retries=1)
                 time.sleep(min(delay * random.uniform(0.5, 1.5), left))  # full jitter, as AWS's guidance
                 delay = min(delay * 2, 10.0)
+
+    def remove_command(self, key: str) -> str:
+        """The store's own command line that deletes object `key` (for messages that ask a person to)."""
+        if self.scheme == "az":
+            parts = urlsplit(self.url)
+            name = "/".join(p for p in (parts.path.strip("/"), key) if p)
+            return f"az storage blob delete --container-name {parts.hostname} --name {name}"
+        return f"{'gcloud storage rm' if self.scheme == 'gs' else 'aws s3 rm'} {self.address(key)}"
+
+    def check_writable(self) -> None:
+        """Raises ConfigError for an http(s):// URL: a web server is read only here."""
+        if self.scheme not in STORES:
+            raise ConfigError(
+                f"{self.url}: an http(s):// server is read-only here; upload to s3://, gs:// or az:// instead"
+            )
 
     def get(self, key: str, start: int | None = None, length: int | None = None) -> tuple[bytes, int]:
         """(bytes, the object's whole size): the object, or `length` bytes from `start` (one ranged GET)."""
@@ -302,8 +349,7 @@ class Remote:
         conditional PUT, If-None-Match: *), else `FileExistsError`."""
         import obstore
 
-        if self.scheme != "s3":
-            raise ConfigError(f"{self.url}: an http(s):// server is read-only here; upload to s3:// instead")
+        self.check_writable()
 
         def request() -> None:
             try:
@@ -330,6 +376,5 @@ class Remote:
         """
         import obstore
 
-        if self.scheme != "s3":
-            raise ConfigError(f"{self.url}: an http(s):// server is read-only here; upload to s3:// instead")
+        self.check_writable()
         self.call(key, what, lambda: obstore.delete(self.store, key), {403: DELETE_DENIED})

@@ -1,9 +1,9 @@
-"""Writing a pack to object storage: `tools/pack.py SRC --out s3://bucket/prefix` (and `tools/propose.py`) pack
-into a local staging folder, then upload it here.
+"""Writing a pack to object storage: `tools/pack.py SRC --out s3://bucket/prefix` (or gs://, az://; and
+`tools/propose.py`) pack into a local staging folder, then upload it here.
 
 The rules a reader relies on (the same as a local pack's: `manifest.json` marks a complete pack):
-- one writer per prefix: `.crackio.lock` is created with a conditional PUT (If-None-Match: *, which S3 and
-  S3-compatible stores honour) before anything is packed, and deleted at the end, even after an error;
+- one writer per prefix: `.crackio.lock` is created with a conditional PUT (If-None-Match: *, which S3,
+  S3-compatible stores, GCS and Azure honour) before anything is packed, and deleted at the end, even after an error;
 - deletes are checked first, before the lock (a trial DELETE of a key that does not exist: S3 answers it when
   the policy allows deletes there, refuses it when not). Replacing a pack needs them (the old manifest, the lock,
   an earlier pack's files), so a store that allows PUT but not DELETE is refused at once with nothing written:
@@ -47,7 +47,7 @@ from crackio.errors import ConfigError, CrackioError, WriteError
 from crackio.format.layout import MANIFEST, manifest_files
 from crackio.format.manifest import read_manifest
 from crackio.fsio import write_error
-from crackio.storage.remote import Missing, Remote, RemoteError, is_remote
+from crackio.storage.remote import STORES, Missing, Remote, RemoteError, is_remote
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ def upload_pack(staging: Path, remote: Remote) -> int:
         raise RemoteError(
             f"{first}; the new pack at {remote.url} is complete and readable all the same, but {len(left)} "
             f"file{'s' if len(left) > 1 else ''} of an earlier pack {'is' if len(left) == 1 else 'are'} left there "
-            f"(readers ignore {them}): delete {them} with `aws s3 rm {remote.address(key)}`"
+            f"(readers ignore {them}): delete {them} with `{remote.remove_command(key)}`"
             + ("" if len(left) == 1 else " and the like")
             + f", or let the next upload to {remote.url} delete {them}"
         )
@@ -224,8 +224,11 @@ def remote_output(url: str, timeout: float = 60.0) -> Iterator[tuple[Path, Remot
             (said with the error in flight, if any, or alone).
     """
     remote = Remote(url, timeout)
-    if remote.scheme != "s3":
-        raise ConfigError(f"--out {url}: an http(s):// server cannot be written; give --out s3://BUCKET/PREFIX")
+    if remote.scheme not in STORES:
+        raise ConfigError(
+            f"--out {url}: an http(s):// server cannot be written; give --out s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+            "or az://CONTAINER/PREFIX"
+        )
     root = own_staging_root()
     remove_stale_stagings(root)  # first: even an upload refused below cleans what killed ones left
     try:
@@ -246,7 +249,7 @@ def remote_output(url: str, timeout: float = 60.0) -> Iterator[tuple[Path, Remot
             who = ""
         raise ConfigError(
             f"another pack is being written to {url}{who}: wait for it to finish; if none is running (it was "
-            f"killed), delete {remote.address(LOCK)} (e.g. `aws s3 rm {remote.address(LOCK)}`) and run again"
+            f"killed), delete {remote.address(LOCK)} (`{remote.remove_command(LOCK)}`) and run again"
         ) from None
     error: BaseException | None = None
     try:
@@ -261,7 +264,7 @@ def remote_output(url: str, timeout: float = 60.0) -> Iterator[tuple[Path, Remot
         except CrackioError as e:
             left = (
                 f"the writer's lock {remote.address(LOCK)} is left, and every upload to {url} is refused until it "
-                f"is deleted: `aws s3 rm {remote.address(LOCK)}`"
+                f"is deleted: `{remote.remove_command(LOCK)}`"
             )
             if error is None:
                 raise RemoteError(f"{e}; so {left}") from None
