@@ -2,6 +2,7 @@
 injected round trip, random vs block order, cold and warm cache, reading only and in the train pipeline.
 
     python tools/bench_remote.py --shards S [--split train] [--samples 4000] [--rtt 0.02] [--json OUT.json]
+    python tools/bench_remote.py --shards S --mixture A B ...   # also a mixture of A and B (together the size of S)
 
 Starts its own servers on 127.0.0.1 (tools/servers.py: moto's S3 server in its own process, and a fault proxy
 adding `--rtt` seconds to every request), uploads the pack at S to it, then per row:
@@ -16,6 +17,9 @@ second and body bytes per sample the proxy passed (what a bucket would bill and 
 
 The servers are Python (moto, the proxy) on the same cores as the reader: their request rate, not the network,
 bounds the s3 rows here. docs/performance.md, "Remote shards", says what the figures predict for a real bucket.
+
+With `--mixture A B` (two packs that together hold as many samples as S), the rows marked "mix" read A and B mixed
+0.5/0.5 (crackio.loading.mixture) instead of S: the cost of mixing against one pack of the same total.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser  # noqa: E402
 
+MIX_ROWS = [  # (mode, source, order, cache) also read as a mixture, after these one-pack rows of ROWS
+    ("reading", "local", "random", "-"),
+    ("pipeline", "local", "random", "-"),
+    ("reading", "s3", "random", "cold"),
+    ("pipeline", "s3", "random", "cold"),
+]
 ROWS = [  # (mode, source, order, cache)
     ("reading", "local", "random", "-"),
     ("reading", "local", "block", "-"),
@@ -49,7 +59,7 @@ ROWS = [  # (mode, source, order, cache)
 ]
 
 
-def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
+def run_row(mode, source, order, cache, args, pack, proxies, folders, mixed=False) -> dict:
     import numpy as np
 
     from crackio import make_loader
@@ -58,7 +68,9 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
 
     proxy = proxies.get(source)
     os.environ["AWS_ENDPOINT_URL"] = proxy.url if proxy else ""
-    location = args.shards if source == "local" else pack
+    location = (
+        (args.mixture if source == "local" else pack[1]) if mixed else (args.shards if source == "local" else pack[0])
+    )
     if cache == "warm":  # the cache the last cold row of this source and order filled
         folder = folders[(source, order)]
     else:
@@ -74,6 +86,7 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
         workers=args.workers,
         order=order,
         remote=RemoteSettings(Path(folder), limit, 60.0),
+        mix=[0.5, 0.5] if mixed else None,
     )
     before = remote.STATS.snapshot()
     seen = (proxy.requests, proxy.sent) if proxy else (0, 0)
@@ -99,6 +112,7 @@ def run_row(mode, source, order, cache, args, pack, proxies, folders) -> dict:
         "source": source,
         "order": order,
         "cache": cache,
+        "packs": 2 if mixed else 1,
         "samples": n,
         "samples_per_sec": n / seconds,
         "requests_per_sec": requests / seconds,
@@ -112,12 +126,13 @@ def table(results: list[dict], machine: dict) -> str:
     lines = [
         f"remote reading, {machine['cpu']}, {machine['cores']} cores, batch {machine['batch_size']}, "
         f"{machine['samples']} samples a row, round trip added: {machine['rtt'] * 1000:.0f} ms",
-        "| mode | source | order | cache | samples/s | requests/s | KB fetched/sample |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+        "| mode | source | order | cache | packs | samples/s | requests/s | KB fetched/sample |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r['mode']} | {r['source']} | {r['order']} | {r['cache']} | {r['samples_per_sec']:.0f} | "
+            f"| {r['mode']} | {r['source']} | {r['order']} | {r['cache']} | {r.get('packs', 1)} | "
+            f"{r['samples_per_sec']:.0f} | "
             f"{r['requests_per_sec']:.0f} | {r['bytes_per_sample'] / 1000:.1f} |"
         )
     return "\n".join(lines)
@@ -132,6 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decode threads (pipeline)")
     ap.add_argument("--rtt", type=float, default=0.02, help="seconds the proxy adds to each request")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument(
+        "--mixture", nargs=2, type=Path, metavar=("A", "B"), help="also rows reading packs A and B mixed 0.5/0.5"
+    )
+    ap.add_argument(
+        "--only-mix", action="store_true", help="with --mixture: only the mixed rows and their one-pack rows"
+    )
     args = ap.parse_args(argv)
     if args.samples < args.batch_size or args.batch_size < 1 or args.rtt < 0:
         ap.error("--samples must be >= --batch-size >= 1, --rtt >= 0")
@@ -150,12 +171,24 @@ def main(argv=None) -> int:
         boto3.client("s3").create_bucket(Bucket="bench")
         url = "s3://bench/pack"
         upload_pack(args.shards, Remote(url))
+        parts = [f"s3://bench/part{i}" for i in range(len(args.mixture or []))]
+        for part, folder in zip(parts, args.mixture or []):
+            upload_pack(folder, Remote(part))
+        urls = (url, parts)
         slow.delay = args.rtt
         folders: dict = {}
-        for row in ROWS:
-            results.append(run_row(*row, args, url, {"s3": direct, "s3+rtt": slow}, folders))
+        rows = [(r, False) for r in (MIX_ROWS if args.mixture and args.only_mix else ROWS)]
+        if args.mixture:  # each mixed row after the one-pack row it compares with
+            rows = [x for r in rows for x in ([r, (r[0], True)] if r[0] in MIX_ROWS else [r])]
+        for (mode, source, order, cache), mixed in rows:
+            results.append(
+                run_row(mode, source, order, cache, args, urls, {"s3": direct, "s3+rtt": slow}, folders, mixed)
+            )
             r = results[-1]
-            print(f"  {' '.join(row)}: {r['samples_per_sec']:.0f} samples/s", file=sys.stderr)
+            print(
+                f"  {mode} {source} {order} {cache}{' mix' if mixed else ''}: {r['samples_per_sec']:.0f} samples/s",
+                file=sys.stderr,
+            )
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)),
