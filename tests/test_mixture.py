@@ -20,6 +20,7 @@ GLOBAL = 8
 
 
 def mixed(packs, world=1, rank=0, mix=(0.3, 0.7), sampler="shuffle", options=None, order="random", seed=5, **kw):
+    kw.setdefault("backend", "torch")
     return make_loader(
         [str(p) for p in packs],
         "train",
@@ -28,7 +29,6 @@ def mixed(packs, world=1, rank=0, mix=(0.3, 0.7), sampler="shuffle", options=Non
         sampler=sampler,
         seed=seed,
         device="cpu",
-        backend="torch",
         rank=rank,
         world_size=world,
         workers=1,
@@ -133,6 +133,49 @@ def test_a_mixture_s_state_saved_at_two_ranks_resumes_at_one_and_four(demo_shard
         assert steps(resumed) == epochs[1], world
 
 
+def global_plan(packs, world, sampler, options, order, state=None):
+    """Each global step's row ids (sorted: block order deals a global batch by row id) from `world` ranks' plans,
+    from where `state` leaves off."""
+    ranks = [mixed(packs, world, r, sampler=sampler, options=options, order=order) for r in range(world)]
+    for loader in ranks:
+        if state:
+            loader.load_state_dict(state)
+    plans = [loader.batches(loader.epoch)[loader.step :] for loader in ranks]
+    return [sorted(np.concatenate(step).tolist()) for step in zip(*plans)], ranks[0]
+
+
+@pytest.mark.parametrize("order", ["random", "block"])
+@pytest.mark.parametrize("sampler, options", SAMPLERS, ids=lambda x: str(x) if isinstance(x, str) else "")
+def test_every_sampler_s_mixture_is_the_same_at_1_2_and_4_ranks_and_resumes_there(
+    demo_shards, coded_shards, sampler, options, order
+):
+    packs = [demo_shards, coded_shards]
+    one, _ = global_plan(packs, 1, sampler, options, order)
+    for world in (2, 4):
+        assert global_plan(packs, world, sampler, options, order)[0] == one, world
+    two = [mixed(packs, 2, r, sampler=sampler, options=options, order=order) for r in range(2)]
+    for loader in two:
+        batches = iter(loader)
+        for _ in range(3):
+            next(batches)
+        batches.close()
+    state = json.loads(json.dumps(two[0].state_dict()))
+    for world in (1, 4):
+        rest, loader = global_plan(packs, world, sampler, options, order, state)
+        assert loader.step == 3 and rest == one[3:], world
+
+
+def test_both_backends_read_a_mixture_alike(demo_shards, coded_shards):
+    from crackio.loading.loader import dali_available
+
+    if not dali_available():
+        pytest.skip("needs NVIDIA DALI")
+    packs = [demo_shards, coded_shards]
+    torch_steps = steps([mixed(packs)], 4)
+    dali = steps([mixed(packs, backend="dali")], 4)
+    assert [[n for n, _ in s] for s in dali] == [[n for n, _ in s] for s in torch_steps]
+
+
 def test_a_state_of_other_packs_or_another_mix_is_refused_in_one_line(demo_shards, coded_shards, demo_src):
     packs = [demo_shards, coded_shards]
     state = mixed(packs).state_dict()
@@ -202,6 +245,11 @@ def test_a_mixed_run_reports_each_pack_and_refuses_other_packs_on_resume(demo_sh
     assert set(summary["splits"]) == {"valid", "test", f"test[{names[0]}]", *(f"valid[{n}]" for n in names)}
     assert f"test: of the packs that have it; {names[1]} has none" in (out / "report.txt").read_text()
     assert summary["val_pack"] == names[1] and summary["best_val_loss"] == row["val_loss"]
+    from train.run.evaluate import run_eval
+    from train.settings.commands import EvalSettings
+
+    report = run_eval(EvalSettings(checkpoint=str(out / "best.pt"), split="valid", device="cpu", backend="torch"))
+    assert "split 'valid' of 2 packs" in report and all(f"== valid[{n}] " in report for n in names)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert [p["name"] for p in ckpt["pack"]["packs"]] == names
     with pytest.raises(ConfigError, match="cannot change --mix"):

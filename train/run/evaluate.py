@@ -8,8 +8,9 @@ import torch
 
 from crackio import make_loader
 from crackio.format.manifest import check_split
+from crackio.loading.mixture import pack_names
 from crackio.storage.packs import open_pack
-from train.evaluation.predict import predict
+from train.evaluation.predict import merged, predict
 from train.evaluation.report import report_text
 from train.run.checkpoint import load_checkpoint, trained
 from train.run.model import model_from_checkpoint
@@ -18,11 +19,12 @@ from train.settings.commands import EvalSettings, SvmSettings
 from train.settings.run import RunSettings
 
 
-def eval_loader(cfg: RunSettings, split: str, command: EvalSettings | SvmSettings):
-    """Every sample of a split once, labelled with the run's IoU threshold, read as the command says (its pack or
-    the run's, batch size, device, backend, remote settings): for eval and the SVM stage."""
+def eval_loader(cfg: RunSettings, split: str, command: EvalSettings | SvmSettings, shards: list[str] | None = None):
+    """Every sample of a split once, labelled with the run's IoU threshold, read as the command says (its packs or
+    the run's, all of them together unless `shards` picks some; batch size, device, backend, remote settings): for
+    eval and the SVM stage."""
     return make_loader(
-        list(command.shards or cfg.data.shards),
+        shards or list(command.shards or cfg.data.shards),
         split,
         batch_size=command.batch_size,
         train=False,
@@ -45,17 +47,25 @@ def run_eval(settings: EvalSettings) -> str:
     shards = settings.shards or cfg.data.shards
     for location in shards:
         check_split(open_pack(location, settings.remote.settings()).manifest, location, split, "--split")
-    loader = eval_loader(cfg, split, settings)
-    model.to(loader.device)
-    loss_fn = make_loss(cfg.loss, loader.device)
-    p = predict(model, loader, loss_fn, amp_dtype(loader.device))
+    names = pack_names(list(shards))
+    parts = {}
+    for name, location in zip(names, shards):  # each pack's figures, then (several packs) all together
+        loader = eval_loader(cfg, split, settings, [location])
+        model.to(loader.device)
+        parts[name] = predict(model, loader, make_loss(cfg.loss, loader.device), amp_dtype(loader.device))
+    p = merged(list(parts.values()))
     tuned = (
         f"note: {split} is the split the run chose its best epoch on: its figures are optimistic (a held-out split "
         f"gives the unbiased figure)\n"
         if split == cfg.data.val_split and set(shards) & set(cfg.data.shards)
         else ""
     )
+    each = [report_text(f"{split}[{n}]", q.labels, q.probs, settings.threshold) for n, q in parts.items()]
     return (
-        f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}), split {split!r}, "
-        f"loss {p.loss:.4f}\n" + tuned + report_text(split, p.labels, p.probs, settings.threshold)
+        f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}), split {split!r}"
+        + (f" of {len(shards)} packs" if len(shards) > 1 else "")
+        + f", loss {p.loss:.4f}\n"
+        + tuned
+        + report_text(split, p.labels, p.probs, settings.threshold)
+        + ("".join("\n" + text for text in each) if len(parts) > 1 else "")
     )
