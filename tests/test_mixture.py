@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,43 @@ def test_a_mixed_run_reports_each_pack_and_refuses_other_packs_on_resume(demo_sh
         resume_settings(out, shards=(str(demo_shards),), epochs=2)
     with pytest.raises(ConfigError, match=rf"{coded_shards} \(pack 1 of 2\) holds another pack than the run"):
         main(resume_settings(out, shards=(str(coded_shards), str(demo_shards)), epochs=2))
+
+
+@pytest.mark.slow
+def test_detect_split_reads_the_split_of_every_pack_of_a_mixed_run(demo_photos, tmp_path):
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from crackio.writing.regions import ProposalSettings
+    from tests.helpers import ARCH
+    from tools.make_demo_data import write_photos
+    from train.detection.detect import run_detect
+    from train.run.model import build_model
+    from train.settings.commands import DetectSettings
+    from train.settings.run import RunSettings
+
+    other = tmp_path / "other"
+    write_photos(other, images=6, seed=9, size=(192, 128), formats=("yolo",))
+    packs = [tmp_path / "a", tmp_path / "b"]
+    settings = ProposalSettings(max_proposals=30)
+    propose_to_shards(demo_photos / "coco", "coco", packs[0], settings, ProposeSettings(), progress=False)
+    propose_to_shards(other / "yolo", "yolo", packs[1], settings, ProposeSettings(), progress=False)
+    cfg = RunSettings.from_flat(
+        {"shards": [str(p) for p in packs], "mix": [0.5, 0.5], "arch": ARCH, "weights": "none", "head": "linear"}
+    )
+    torch.manual_seed(0)
+    ckpt = tmp_path / "best.pt"
+    model = build_model(ARCH, "none", "linear")
+    torch.save({"model": model.state_dict(), "config": cfg.flat(), "proposals": settings.as_dict(), "epoch": 1}, ckpt)
+    out = run_detect(DetectSettings(checkpoint=str(ckpt), split="test", out=str(tmp_path / "d"), device="cpu"))
+    summary = json.loads((out / "summary.json").read_text())
+    recorded = [json.loads((p / "manifest.json").read_text())["photos"]["splits"]["test"] for p in packs]
+    assert all(recorded) and sorted(r["photo"] for r in summary["per_photo"]) == sorted(
+        Path(name).stem for names in recorded for name in names
+    )
+    assert summary["ground_truth_boxes"] > 0 and "ap50_voc" in summary
+    # One pack of the two: --shards names it.
+    out = run_detect(
+        DetectSettings(
+            checkpoint=str(ckpt), split="test", shards=(str(packs[1]),), out=str(tmp_path / "e"), device="cpu"
+        )
+    )
+    assert len(json.loads((out / "summary.json").read_text())["per_photo"]) == len(recorded[1])

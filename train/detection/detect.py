@@ -320,46 +320,61 @@ def detect_photo(
 
 
 def ground_truth(
-    annotations: str, fmt: str, classes: list[str] | None, shards: str, remote: RemoteSettings | None = None
+    annotations: str, fmt: str, classes: list[str] | None, shards: list[str], remote: RemoteSettings | None = None
 ) -> tuple[dict, list[tuple[str, str]]]:
     """The photos' ground truth by stem, and the annotations' problems. Mask ground truth follows the rule the
-    run's pack was labelled with (its manifest's mask_piece and mask_crack_label), so AP counts the boxes the model
-    learned to find."""
+    run's pack was labelled with (the manifest's mask_piece and mask_crack_label of the first of `shards` made
+    from masks), so AP counts the boxes the model learned to find."""
     recorded: dict = {}
-    if fmt == "mask":
+    for location in shards if fmt == "mask" else []:
         with contextlib.suppress(CrackioError):
-            ann = open_pack(shards, remote).manifest.get("annotations")
+            ann = open_pack(location, remote).manifest.get("annotations")
             if isinstance(ann, dict) and ann.get("format") == "mask":
                 recorded = {k: ann[k] for k in ("mask_piece", "mask_crack_label") if k in ann}
+                break
     data = read_annotations(annotations, fmt, classes, **recorded)
     return {p.stem: p for p in data.photos}, list(data.problems)
 
 
-def photos_to_detect(
-    cfg, settings: DetectSettings
-) -> tuple[list[Path], str, str, list[str] | None, list[tuple[str, str]]]:
-    """(photo files, annotations, format, classes, problems): a pack's recorded split or the photos given, checked
-    against the run's training and validation photos.
+@dataclass(frozen=True)
+class Truth:
+    """Where some photos' ground truth is: `annotations` (a dataset folder or COCO file) of `fmt`, the positive
+    `classes`, and the packs whose recorded mask rule it follows (`shards`: the pack it was recorded in)."""
+
+    annotations: str
+    fmt: str
+    classes: list[str] | None
+    shards: list[str]
+
+
+def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Truth], list[tuple[str, str]]]:
+    """(photo files, where their ground truth is, problems): the recorded split of each pack --shards names (the
+    run's own packs by default), or the photos given, checked against the run's training and validation photos.
 
     Raises:
         ConfigError: both or neither of photos and --split; with --strict, photos the run trained or validated on.
     """
     photos, split, annotations, fmt = settings.photos, settings.split, settings.annotations, settings.format
-    classes = settings.class_names
+    truths: list[Truth] = []
     if split:
         if photos or annotations or fmt:
             raise ConfigError(
                 "--split SPLIT detects on the photos and ground truth the pack recorded: give no photos, "
                 "--annotations or --format with it"
             )
-        shards = split_pack(settings, cfg)
-        files, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
+        files = []
+        for shards in settings.shards or cfg.data.shards:  # each pack's photos of the split, packs in order
+            found, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
+            files += found
+            truths.append(Truth(annotations, fmt, classes, [shards]))
     elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
     elif annotations and not fmt:
         raise ConfigError(f"--annotations needs --format ({', '.join(FORMATS)})")
     else:
         files = photo_files(list(photos))
+        if annotations:
+            truths.append(Truth(annotations, fmt, settings.class_names, list(settings.shards or cfg.data.shards)))
     try:  # whichever way the photos came: another pack's split, or --split train, may hold the run's own
         seen = seen_in_training(files, cfg, settings.remote.settings())
     except CrackioError as e:
@@ -376,21 +391,19 @@ def photos_to_detect(
     if seen:
         print(f"warning: {len(seen)} of the photos were in the run's training or validation split: AP is not "
               f"held out (listed in report.txt; --split test detects on the held-out photos)")  # fmt: skip
-    return files, annotations, fmt, classes, seen
+    return files, truths, seen
 
 
-def split_pack(settings: DetectSettings, cfg) -> str:
-    """The pack `--split` reads: --shards, else the run's own (a run on several packs names one with --shards).
-
-    Raises:
-        ConfigError: a run on several packs and no --shards.
-    """
-    if settings.shards or len(cfg.data.shards) == 1:
-        return settings.shards or cfg.data.shards[0]
-    raise ConfigError(
-        f"the run trained on {len(cfg.data.shards)} packs: name the one whose photos --split {settings.split} "
-        f"detects on with --shards (one of {', '.join(cfg.data.shards)})"
-    )
+def all_truth(truths: list[Truth], remote: RemoteSettings | None) -> tuple[dict, list[tuple[str, str]]]:
+    """The ground truth of every source by photo stem, and the annotations' problems; a stem already given by an
+    earlier pack keeps that pack's (detection keeps the first photo of a stem too: one_per_stem)."""
+    truth: dict = {}
+    problems: list[tuple[str, str]] = []
+    for source in truths:
+        found, notes = ground_truth(source.annotations, source.fmt, source.classes, source.shards, remote)
+        truth |= {stem: photo for stem, photo in found.items() if stem not in truth}
+        problems += notes
+    return truth, problems
 
 
 def one_per_stem(inputs: list[Path]) -> list[tuple[Path, str]]:
@@ -445,17 +458,13 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     proposals, proposals_from = proposal_settings(
         ckpt, cfg.data.shards[0], path, settings.proposals, settings.remote.settings()
     )
-    inputs, annotations, fmt, classes, problems = photos_to_detect(cfg, settings)
+    inputs, truths, problems = photos_to_detect(cfg, settings)
     scorer = make_scorer(settings, model, path)
     threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
-    truth, annotation_problems = (
-        ground_truth(annotations, fmt, classes, split_pack(settings, cfg), settings.remote.settings())
-        if annotations
-        else ({}, [])
-    )
+    truth, annotation_problems = all_truth(truths, settings.remote.settings())
     problems += annotation_problems
     start = time.perf_counter()
-    annotated = truth if annotations else None
+    annotated = truth if truths else None
     results = detect_photos(
         one_per_stem(inputs), proposals, scorer, settings.nms_iou, cfg.data.seed, annotated, problems
     )
@@ -470,7 +479,7 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
         nms_iou=settings.nms_iou,
         settings=proposals,
         scored_by="svm" if settings.svm else "network (onnxruntime)" if settings.onnx else "network",
-        annotated=bool(annotations),
+        annotated=bool(truths),
         seconds=seconds,
         baselines=floors,
         settings_from=proposals_from,

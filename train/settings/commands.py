@@ -107,7 +107,7 @@ class DetectSettings(Command):
     onnx: str = ""  # score with onnxruntime (CPU) a model written by `python -m train export`
     photos: tuple[str, ...] = ()  # photo files or folders (searched recursively); or --split
     split: str = ""  # instead of photos: the photos tools/propose.py put in this split of --shards (e.g. test)
-    shards: str = ""  # the pack --split reads; "" = the run's own (one of them, for a run on several packs)
+    shards: tuple[str, ...] = ()  # the pack(s) --split reads, once per pack; none = the run's own
     strict: bool = False  # refuse photos the run trained or validated on (else: a warning)
     annotations: str = ""  # ground truth (a dataset folder or COCO file) for AP
     format: str = ""  # format of --annotations
