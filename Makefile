@@ -42,12 +42,15 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy crackio train tools
 
+# pytest-xdist's workers: the cores this process may use, at most 4 (tests start processes of their own).
+JOBS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS)
 
 # Everything but the multi-process and end-to-end tests (marked slow): under a minute on 2 cores.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
 # On a machine with an NVIDIA GPU: CUDA tests, GPU benchmark rows, ResNeXt50 training and detection on the GPU
 # (~8 min); says so without one. On a lent GPU machine without network: docs/gpu.md.

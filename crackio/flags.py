@@ -89,7 +89,7 @@ def numbers(kind: type):
 
     def parse(text: str) -> tuple:
         try:
-            return tuple(kind(part) for part in text.split(",") if part.strip())
+            return tuple(kind(part) for part in text.split(","))  # "" and "0.3,,0.7" are no numbers
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {kind.__name__}s, e.g. 0.3,0.7, got {text!r}"

@@ -147,10 +147,10 @@ def copy_run(run: Path, to: Path) -> Path:
 def two_ranks(demo_shards, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """A one-epoch run of two CPU ranks under torchrun on demo_shards (batch 8 per rank, one loader worker each,
     a progress line every 3 steps): (the finished torchrun, with its output; the run folder)."""
-    from tests.helpers import TINY_ARGS
+    from tests.helpers import TINY_ARGS, torchrun
 
     out = tmp_path_factory.mktemp("ddp") / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train"]
+    cmd = [*torchrun(2), "-m", "train"]
     cmd += ["--shards", str(demo_shards), *TINY_ARGS, "--head", "linear", "--epochs", "1", "--batch-size", "8"]
     cmd += ["--workers", "1", "--log-every", "3", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

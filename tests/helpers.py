@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,22 @@ def record_index(pack: Path, split: str = "train") -> None:
     data = (pack / split / "index.npy").read_bytes()
     manifest["splits"][split]["index_sha256"] = hashlib.sha256(data).hexdigest()
     (pack / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def torchrun(ranks: int = 2) -> list[str]:
+    """torchrun with `ranks` ranks on this machine, its rendezvous on a free port (two at once, as pytest-xdist's
+    workers may start them, would otherwise both take 29500)."""
+    from tools.servers import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master-port",
+        str(free_port()),
+        "--nproc_per_node",
+        str(ranks),
+    ]
 
 
 def tiny(shards, out, **kw) -> RunSettings:

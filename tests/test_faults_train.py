@@ -32,7 +32,7 @@ from crackio.errors import WriteError
 from crackio.writing.pack import PackSettings, pack
 from crackio.writing.regions import ProposalSettings
 from tests.conftest import copy_run
-from tests.helpers import ARCH, StopPoint, save_untrained, tiny, wait_for_line
+from tests.helpers import ARCH, StopPoint, save_untrained, tiny, torchrun, wait_for_line
 from train.__main__ import main as cli
 from train.run import checkpoint
 from train.run.model import build_model
@@ -639,7 +639,7 @@ def child_with_rank(parent: int, rank: int) -> int | None:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc (Linux)")
 def test_a_stopped_rank_ends_the_job_with_a_message(demo_shards, tmp_path):
     run, log = tmp_path / "ddp", tmp_path / "log.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train"]
+    cmd = [*torchrun(2), "-m", "train"]
     cmd += ["--shards", str(demo_shards), *FLAGS, "--epochs", "1", "--workers", "1", "--out", str(run)]
     cmd += ["--dist-timeout", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

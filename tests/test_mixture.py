@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,12 @@ def test_each_pack_gives_exactly_its_share_under_every_sampler(demo_shards, code
     ]
     own = [len(np.concatenate(a.batches(0))) for a in alone]  # each pack's own epoch under the sampler
     size = options.get("num_samples") or sum(own)
+    size -= size % GLOBAL  # whole global batches: what an epoch trains on is what the shares count
     expect = largest_remainder([0.3, 0.7], size)
     sequence = loader.traversal.sequence(loader._draws(0), len(loader.labels), 5, 0)
     assert np.bincount(loader.pack_of(sequence), minlength=2).tolist() == expect
     assert [s.share for s in loader.shares(0)] == expect and [s.epoch for s in loader.shares(0)] == own
-    steps_ = len(sequence) // GLOBAL
-    assert loader.drawn(0) == np.bincount(loader.pack_of(sequence[: steps_ * GLOBAL]), minlength=2).tolist()
+    assert len(sequence) == size and loader.drawn(0) == expect  # nothing of a share is dropped
     # The sampler acted within each pack: every row drawn is in that pack's selection.
     for p, (_, selection) in enumerate(loader._selections):
         rows = sequence[loader.pack_of(sequence) == p] - loader.offsets[p]
@@ -89,11 +90,13 @@ def test_each_pack_gives_exactly_its_share_under_every_sampler(demo_shards, code
 
 def test_concatenated_packs_give_their_own_epochs(demo_shards, coded_shards):
     loader = mixed([demo_shards, coded_shards], mix=None)
-    assert [(s.share, s.epoch) for s in loader.shares(0)] == [(160, 160), (100, 100)]
+    # 260 samples: 256 in whole global batches of 8, shared as the packs' sizes (157.5 and 98.5: a tie, the
+    # first pack first).
+    assert [(s.share, s.epoch) for s in loader.shares(0)] == [(158, 160), (98, 100)]
     sequence = np.concatenate(loader.batches(0))
-    assert len(sequence) == (260 // GLOBAL) * GLOBAL
+    assert len(sequence) == 256 and loader.drawn(0) == [158, 98]
     # Shares act per epoch: the next epoch gives the same counts in another order.
-    assert [s.share for s in loader.shares(1)] == [160, 100]
+    assert [s.share for s in loader.shares(1)] == [158, 98]
     assert not np.array_equal(np.concatenate(loader.batches(1)), sequence)
 
 
@@ -223,6 +226,7 @@ def test_a_mixture_s_arguments_are_checked_naming_the_pack(demo_shards, coded_sh
     ).filenames(np.arange(37))
 
 
+@pytest.mark.slow
 def test_a_mixed_run_reports_each_pack_and_refuses_other_packs_on_resume(demo_shards, coded_shards, tmp_path):
     from train.run.main import main
     from train.run.resume import resume_settings
@@ -245,7 +249,12 @@ def test_a_mixed_run_reports_each_pack_and_refuses_other_packs_on_resume(demo_sh
     # The coded pack has no test split: the test figures are the other pack's, and the report says so.
     assert set(summary["splits"]) == {"valid", "test", f"test[{names[0]}]", *(f"valid[{n}]" for n in names)}
     assert f"test: of the packs that have it; {names[1]} has none" in (out / "report.txt").read_text()
-    assert summary["val_pack"] == names[1] and summary["best_val_loss"] == row["val_loss"]
+    assert summary["val_pack"] == names[1] and summary["best_val_loss"] == row[f"{names[1]}/val_loss"]
+    assert summary["best_val_loss_all_packs"] == row["val_loss"]
+    assert (
+        f"best epoch 1 ({names[1]}'s validation loss {row[f'{names[1]}/val_loss']:.4f})"
+        in (out / "report.txt").read_text()
+    )
     from train.run.evaluate import run_eval
     from train.settings.commands import EvalSettings
 
@@ -253,12 +262,21 @@ def test_a_mixed_run_reports_each_pack_and_refuses_other_packs_on_resume(demo_sh
     assert "split 'valid' of 2 packs" in report and all(f"== valid[{n}] " in report for n in names)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert [p["name"] for p in ckpt["pack"]["packs"]] == names
-    with pytest.raises(ConfigError, match="cannot change --mix"):
-        resume_settings(out, mix=(0.5, 0.5))
-    with pytest.raises(ConfigError, match=r"--mix only applies with two or more --shards"):
+    with pytest.raises(ConfigError, match=r"the run trained on 2 pack\(s\) \(.*\) and --shards names 1"):
         resume_settings(out, shards=(str(demo_shards),), epochs=2)
-    with pytest.raises(ConfigError, match=rf"{coded_shards} \(pack 1 of 2\) holds another pack than the run"):
+    with pytest.raises(ConfigError, match=r"cannot change --mix 0.5,0.5 \(the run has 0.3,0.7\)"):
+        resume_settings(out, mix=(0.5, 0.5))
+    with pytest.raises(ConfigError, match=rf"in another order: give them in the run's, {names[0]}, {names[1]}$"):
         main(resume_settings(out, shards=(str(coded_shards), str(demo_shards)), epochs=2))
+    # A pack moved to another folder keeps its name: the run recorded its names when it started.
+    moved = tmp_path / "moved" / "elsewhere"
+    shutil.copytree(demo_shards, moved)
+    main(resume_settings(out, shards=(str(moved), str(coded_shards)), epochs=2))
+    second = json.loads((out / "history.json").read_text())[1]
+    assert (
+        all(f"{n}/val_loss" in second for n in names)
+        and json.loads((out / "config.json").read_text())["pack_name"] == names
+    )
 
 
 @pytest.mark.slow
@@ -299,3 +317,38 @@ def test_detect_split_reads_the_split_of_every_pack_of_a_mixed_run(demo_photos, 
         )
     )
     assert len(json.loads((out / "summary.json").read_text())["per_photo"]) == len(recorded[1])
+
+
+def test_mixture_settings_are_checked_at_the_edge(demo_shards, coded_shards, tmp_path, capsys):
+    from train.__main__ import main as cli
+    from train.settings.run import RunSettings
+
+    loader = mixed([demo_shards, coded_shards], mix=(1e308, 1e308))  # would overflow a sum: scaled first
+    assert [s.share for s in loader.shares(0)] == [128, 128]
+    two = {"shards": ["a/site", "b/site"]}
+    for values, message in (
+        ({"val_pack": "site"}, "--val-pack 'site' names 2 packs: give one of a/site, b/site"),
+        ({"pack_name": ["x"]}, "--pack-name gives 1 name(s) for 2 pack(s)"),
+        ({"pack_name": ["x", "x"]}, "give each pack a different name"),
+        ({"pack_name": ["x", "y[1]"]}, "is not a name"),
+        ({"mix": "0.3,,0.7"}, "--mix must be comma-separated numbers"),
+        ({"shards": ["a"], "mix": [1, 2]}, "--mix only applies with two or more --shards"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            RunSettings.from_flat(two | values, two | values)
+    cfg = RunSettings.from_flat(two | {"pack_name": ["public", "site"], "val_pack": "site"})
+    assert cfg.data.pack_names == ["public", "site"]
+    # Packs whose split names differ: said as the packs' disagreement, not as one pack's typo.
+    lone = tmp_path / "lone"
+    shutil.copytree(coded_shards, lone)
+    manifest = json.loads((lone / "manifest.json").read_text())
+    args = ["--shards", str(demo_shards), "--shards", str(coded_shards), "--arch", "shufflenet_v2_x0_5"]
+    args += ["--weights", "none", "--out", str(tmp_path / "r"), "--val-split", "test"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "--val-split 'test' is not a split of every pack" in err and "each needs a test/ split" in err
+    assert f"{pack_names([str(coded_shards)])[0]}: {', '.join(manifest['splits'])}" in err
+    assert not (tmp_path / "r").exists()
+    # A copy is the same pack: refused by its content, for evaluation as for training.
+    with pytest.raises(ConfigError, match="names one pack twice"):
+        make_loader([str(coded_shards), str(lone)], "valid", batch_size=8, train=False, device="cpu")

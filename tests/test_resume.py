@@ -17,7 +17,7 @@ import torch
 from crackio import make_loader
 from crackio.loading.mixture import pack_names
 from tests.conftest import BACKENDS, DEVICES, needs_cuda
-from tests.helpers import TINY_ARGS, StopPoint, tiny
+from tests.helpers import TINY_ARGS, StopPoint, tiny, torchrun
 from train.run.checkpoint import STEP
 from train.run.resume import resume_settings
 
@@ -331,8 +331,9 @@ def test_a_run_stopped_at_two_ranks_resumes_at_one_with_the_same_global_batch(de
     out = tmp_path / "elastic"
     two = train_cmd(packs, out, "--checkpoint-every", "3", "--global-batch-size", "8", "--epochs", "1", *mix)
     two[two.index("--batch-size") : two.index("--batch-size") + 2] = []
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *two[1:]]
-    err = stop_after_a_checkpoint(torchrun, out, code=1)  # torchrun's own exit code after forwarding SIGTERM
+    err = stop_after_a_checkpoint(
+        [*torchrun(2), *two[1:]], out, code=1
+    )  # torchrun's own exit code after forwarding SIGTERM
     assert err.count(f"interrupted by SIGTERM: {out / STEP} holds epoch 1 after") == 1  # rank 0's line
     saved = torch.load(out / STEP, weights_only=True)
     assert saved["progress"]["loader"]["world_size"] == 2 and saved["progress"]["loader"]["global_batch_size"] == 8

@@ -20,7 +20,7 @@ OLD = Path(__file__).parent / "data" / "config-0.1.0.json"  # a config.json writ
 
 def test_a_config_json_written_before_the_owners_reads_back_whole():
     old = json.loads(OLD.read_text())
-    assert set(DEFAULTS) - set(old) == {"mix", "val_pack"}  # added since: a mixture's options; none lost
+    assert set(DEFAULTS) - set(old) == {"mix", "val_pack", "pack_name"}  # added since: a mixture's; none lost
     settings = RunSettings.from_flat(old, source=str(OLD))
     flat = settings.flat()
     assert flat["shards"] == (old["shards"],)  # its one pack: --shards is given once per pack now
@@ -103,7 +103,7 @@ def test_every_command_takes_its_settings_the_same_way(command, capsys):
     with pytest.raises(SystemExit):
         cli([command, "--help"])
     text = capsys.readouterr().out
-    assert "remote pack (--shards s3://... or http(s)://...):" in text and "--cache-limit" in text
+    assert "remote pack (--shards s3://, gs://, az://, http(s)://):" in text and "--cache-limit" in text
 
 
 @pytest.mark.parametrize(

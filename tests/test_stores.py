@@ -76,8 +76,8 @@ def test_azure_faults_are_one_line_naming_the_fix(az, cache, demo_shards):  # no
     assert "\n" not in str(e.value)
     with pytest.raises(RemoteError, match=r"manifest.json is missing.*upload one with `python tools/pack.py"):
         open_pack(f"az://{CONTAINER}/nothing-here")
-    assert Remote("az://c/p").remove_command("x/.crackio.lock") == (
-        "az storage blob delete --container-name c --name p/x/.crackio.lock"
+    assert Remote("az://cont/p").remove_command("x/.crackio.lock") == (
+        "az storage blob delete --container-name cont --name p/x/.crackio.lock"
     )
 
 
@@ -115,7 +115,10 @@ def test_gs_urls_reach_obstore_s_gcs_client_configured_by_google_s_variables(tmp
 
 
 def test_a_remote_pack_of_each_store_is_written_only_to_a_store():
-    for url in ("s3://b/p", "gs://b/p", "az://c/p"):
+    for url in ("s3://b/p", "gs://b/p", "az://cont/p"):
         Remote(url).check_writable()
+    for bad in ("az://Packs/p", "az://pa_cks/p", "az://ab/p", "az://a--b/p"):
+        with pytest.raises(ConfigError, match="is not an Azure container name"):
+            Remote(bad)
     with pytest.raises(ConfigError, match="upload to s3://, gs:// or az:// instead"):
         Remote("https://example.org/p").check_writable()

@@ -110,7 +110,7 @@ def test_without_a_test_split_every_report_says_what_it_was_judged_on(demo_src, 
     shards = tmp_path / "shards"
     pack(src, shards, PackSettings(samples_per_shard=50, workers=1), progress=False)
     run = tmp_path / "run"
-    main(tiny(shards, run, epochs=1, target_recall=0.9, quiet=True))
+    main(tiny(shards, run, epochs=1, target_recall=0.9, quiet=True, limit_batches=2))
     said = "no 'test' split in {}: every figure {} is on valid, the split "
     assert (
         said.format(shards, "above") + "the best epoch and the threshold were chosen on"

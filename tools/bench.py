@@ -315,6 +315,7 @@ def main(argv=None) -> int:
         + ")",
     )
     ap.add_argument("--quick", action="store_true", help="every row briefly (--seconds 2 --repeats 1)")
+    ap.add_argument("--only", help="these rows only, comma-separated names (e.g. torch-cpu-uint8,decode-only)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args(argv)
     args.consumer_rate = args.consumer_rate or list(CONSUMERS.values())
@@ -357,6 +358,12 @@ def main(argv=None) -> int:
     ]
     if args.model:
         rows.append("model-only")
+    if args.only:
+        wanted = [r.strip() for r in args.only.split(",") if r.strip()]
+        unknown = [r for r in wanted if r not in rows]
+        if unknown:
+            ap.error(f"--only {unknown[0]!r} is not a row here: rows are {', '.join(rows)}")
+        rows = [r for r in rows if r in wanted]
     forward = list(argv if argv is not None else sys.argv[1:])
     results = []
     limit = 120 + args.seconds * (args.repeats + len(args.consumer_rate)) * 3  # a stuck row must not hang the run

@@ -185,10 +185,19 @@ class Sizes:
     batch_size: int = 128
     seconds: float = 2.0  # timed seconds per benchmark row (about 14 rows with CUDA)
     compile: bool = True
+    bench_rows: str = ""  # the benchmark's rows (bench.py --only); "" = every row
+    limit_batches: int = 0  # training's --limit-batches; 0 = whole epochs
 
 
+# Every command with tiny sizes: one row of each kind the check reads (a peer's, crackio's, the model's), 4 steps.
 REHEARSAL = Sizes(device="cpu", arch="shufflenet_v2_x0_5", images=8, proposals=12, batch_size=16, seconds=0.3,
-                  compile=False)  # fmt: skip
+                  compile=False, bench_rows="dali-reader,torch-cpu-uint8,model-only", limit_batches=4)  # fmt: skip
+
+
+def bench_rows(sizes: Sizes) -> str:
+    """The benchmark rows `sizes` asks for that this machine has (DALI's rows need DALI)."""
+    dali = has_module("nvidia.dali")
+    return ",".join(r for r in sizes.bench_rows.split(",") if dali or not r.startswith("dali"))
 
 
 def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]:
@@ -198,6 +207,7 @@ def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]
     regions = out / "shards-photos"
     train = [py, "-m", "train", "--shards", str(regions), "--arch", sizes.arch, "--weights", "none", "--epochs", "1"]
     train += ["--batch-size", str(sizes.batch_size), "--device", sizes.device, "--checkpoint-every", "0"]
+    train += ["--limit-batches", str(sizes.limit_batches)] if sizes.limit_batches else []
     steps = [
         ("CUDA tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300.0),
         ("nvJPEG hardware decoder", [py, "tools/gpu_check.py", "--probe-nvjpeg"], 60.0),
@@ -256,6 +266,7 @@ def plan(py: str, out: Path, sizes: Sizes) -> list[tuple[str, list[str], float]]
                 sizes.arch,
                 "--json",
                 str(out / "bench.json"),
+                *(["--only", bench_rows(sizes)] if sizes.bench_rows else []),
             ],
             420.0,
         ),  # fmt: skip

@@ -16,7 +16,7 @@ from crackio.cli import closest
 from crackio.errors import MOST_THREADS, ConfigError, given, integer, is_number
 from crackio.format.index import SplitIndex
 from crackio.loading.augment import AugmentParams, draw_params, take
-from crackio.loading.mixture import Share, check_mix, mixed_sequence, per_pack_sampler
+from crackio.loading.mixture import Share, check_distinct, check_mix, mixed_sequence, per_pack_sampler
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
 from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
 from crackio.loading.readers import AheadReader, BlockReader, ByteReader, MixedReader
@@ -180,18 +180,6 @@ def _unused_options(order: str, blocks: BlockOrder, sampler: Shuffle | Weighted,
         )
 
 
-def _distinct(sources: list[Pack]) -> None:
-    """Refuse a mixture that names one pack twice (its samples would count twice: give it a larger share)."""
-    seen: dict[str, str] = {}
-    for source in sources:
-        if source.sha256 in seen:
-            raise ConfigError(
-                f"shards names one pack twice ({seen[source.sha256]} and {source.location}): give each pack once, "
-                f"and a larger proportion in mix to draw more of it"
-            )
-        seen[source.sha256] = source.location
-
-
 def _reader(index: SplitIndex, files: LocalShards | RemoteShards, sequential: bool, block_size: int) -> ByteReader:
     """What reads the samples' bytes: a block at a time (block order's training), ahead of the backends (a remote
     pack: latency, not bandwidth, is the limit), or a batch at a time."""
@@ -322,7 +310,7 @@ class Loader:
         self.sampler = _sampler(sampler, options)  # before any read: a mistyped argument is said at once
         _unused_options(order, blocks, self.sampler, train)
         self.sources = [_source(s, remote) for s in packs]
-        _distinct(self.sources)
+        check_distinct(self.sources, "shards", " (and a larger proportion in mix to draw more of it)" if train else "")
         self.indexes = [source.index(split) for source in self.sources]
         # Block order's sequential reads are for training; evaluation reads its split in index order anyway.
         readers = [
@@ -451,6 +439,8 @@ class Loader:
             self.offsets,
             self.seed,
             epoch,
+            self.global_batch_size,
+            [source.location for source in self.sources],
         )
         self._shares = (epoch, plan)
         return sequence
@@ -608,11 +598,13 @@ class Loader:
         now = self.pack if isinstance(self.pack, list) else [self.pack]
         if sorted(map(str, then)) == sorted(now) and len(then) == len(now):
             return "the loader state is for the same packs in another order: give the packs in the order it was saved"
-        gone = sum(s not in now for s in then)
-        new = sum(s not in then for s in now)
+        gone = [i + 1 for i, s in enumerate(then) if s not in now]
+        new = [self.sources[i].location for i, s in enumerate(now) if s not in then]
         return (
-            f"the loader state is for another set of packs ({len(then)} then, {len(now)} now: {gone} of those no "
-            f"longer given or changed, {new} new): resume on the packs it was saved on, in their order"
+            f"the loader state is for another set of packs ({len(then)} then, {len(now)} now"
+            + (f"; pack(s) {', '.join(map(str, gone))} of then not given or changed" if gone else "")
+            + (f"; not in it: {', '.join(new)}" if new else "")
+            + "): resume on the packs it was saved on, in their order"
         )
 
     def _batch_refusal(self, saved, saved_world) -> str:

@@ -1,7 +1,8 @@
 """Several packs in one loader: how many samples each pack gives to an epoch, and the mixed sequence.
 
 The rule (docs/loader.md, "Mixtures"): an epoch has a fixed size N, the packs' epochs under the sampler together
-(or the sampler's `num_samples`); pack p gives exactly its share of N (the mix's proportion, largest-remainder
+(or the sampler's `num_samples`), rounded down to whole global batches (training drops a partial last batch: the
+packs' shares are of what is trained on); pack p gives exactly its share of N (the mix's proportion, largest-remainder
 rounding; without a mix, its own epoch's size); its sampler acts within it, and a pack whose share is larger than
 its epoch draws further epochs of its sampler (a fresh seeded order each) until the share is filled, while one with
 a smaller share gives the first draws of its epoch (a seeded subset). The packs' contributions are then shuffled
@@ -52,6 +53,24 @@ def check_mix(mix: object, packs: int, name: str = "mix") -> tuple[float, ...] |
     return tuple(float(v) for v in values)
 
 
+def check_distinct(sources: list, option: str = "shards", more: str = "") -> None:
+    """Refuse packs (`crackio.storage.packs.Pack`s) that name one pack twice, by content (its manifest's SHA-256:
+    a copy, a link or an upload of it is the same pack): its samples would count twice. `option` names the argument
+    in the message, `more` is added to its advice.
+
+    Raises:
+        ConfigError: naming both locations.
+    """
+    seen: dict[str, str] = {}
+    for source in sources:
+        if source.sha256 in seen:
+            raise ConfigError(
+                f"{option} names one pack twice ({seen[source.sha256]} and {source.location}, the same manifest): "
+                f"give each pack once{more}"
+            )
+        seen[source.sha256] = source.location
+
+
 def pack_names(locations: list[str]) -> list[str]:
     """Short names for a mixture's packs, for reports and `--val-pack`: each location's last part ("site_a" for
     /data/site_a or s3://bucket/site_a), with its parent's when two would be alike ("a/shards", "b/shards"), and
@@ -67,8 +86,9 @@ def pack_names(locations: list[str]) -> list[str]:
 def largest_remainder(weights: list[float], total: int) -> list[int]:
     """`total` split in proportion to `weights` in integers that add up to it exactly: each gets the floor of its
     quota, and what is left goes one each to the largest remainders (the first pack first on a tie)."""
-    scale = sum(weights)
-    quotas = [total * w / scale for w in weights]
+    top = max(weights)
+    scaled = [w / top for w in weights]  # 1e308 twice would overflow the sum
+    quotas = [total * w / sum(scaled) for w in scaled]
     counts = [math.floor(q) for q in quotas]
     order = sorted(range(len(weights)), key=lambda p: (-(quotas[p] - counts[p]), p))
     for p in order[: total - sum(counts)]:
@@ -100,13 +120,19 @@ class Share:
 
 
 def shares(
-    mix: tuple[float, ...] | None, epochs: list[int], selections: list[int], num_samples: int | None
+    mix: tuple[float, ...] | None,
+    epochs: list[int],
+    selections: list[int],
+    num_samples: int | None,
+    batch: int = 1,
+    where: list[str] | None = None,
 ) -> list[Share]:
     """Each pack's share of an epoch. `epochs`: each pack's draws under its sampler; `selections`: each pack's
     selected samples; `num_samples`: the run's sampler's, when set (the epoch's size).
 
     Without a mix, each pack gives its own epoch (or, with num_samples, a part in proportion to its selection)."""
     total = num_samples if num_samples is not None else sum(epochs)
+    total -= total % batch  # whole global batches: the shares are what an epoch trains on
     if mix is None:
         weights = [float(n) for n in (selections if num_samples is not None else epochs)]
     else:
@@ -114,8 +140,9 @@ def shares(
     counts = largest_remainder(weights, total) if sum(weights) > 0 else [0] * len(epochs)
     for share, n, p in zip(counts, epochs, range(len(epochs))):
         if share and not n:
+            named = f" ({where[p]})" if where else ""
             raise ConfigError(
-                f"pack {p + 1} of the mixture has no samples to draw in this split under the sampler but its "
+                f"pack {p + 1} of the mixture{named} has no samples to draw in this split under the sampler but its "
                 f"share is {share}: give it proportion 0 in the mix, or leave it out"
             )
     return [Share(s, n) for s, n in zip(counts, epochs)]
@@ -123,13 +150,14 @@ def shares(
 
 def mixed_sequence(
     draw, mix: tuple[float, ...] | None, sizes: list[int], selections: list[int], num_samples: int | None,
-    offsets: np.ndarray, seed: int, epoch: int,
+    offsets: np.ndarray, seed: int, epoch: int, batch: int = 1, where: list[str] | None = None,
 ) -> tuple[np.ndarray, list[Share]]:  # fmt: skip
     """The epoch's global sequence of row ids over the packs (pack p's rows from offsets[p]), and the shares.
 
     `draw(p, round)` is pack p's `round`-th epoch of draws under its sampler (round 0: this epoch's; further rounds
-    fill a share larger than one epoch, each in a fresh seeded order); `sizes` are those epochs' lengths."""
-    plan = shares(mix, sizes, selections, num_samples)
+    fill a share larger than one epoch, each in a fresh seeded order); `sizes` are those epochs' lengths; `batch`
+    the global batch (the epoch is whole global batches); `where` names the packs in messages."""
+    plan = shares(mix, sizes, selections, num_samples, batch, where)
     parts = []
     for p, share in enumerate(plan):
         taken: list[np.ndarray] = []

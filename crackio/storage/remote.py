@@ -173,6 +173,14 @@ FIXES = {  # by scheme and status: what to do about a permanent error ({url}: th
     ),
 }
 # A DELETE refused where PUT is allowed: an upload cannot replace a pack without deleting (its old manifest first).
+ENDPOINTS = {  # where each store's address comes from: what to check when it does not answer
+    "s3": "AWS_ENDPOINT_URL, and whether its scheme is the server's: http or https",
+    "gs": "the endpoint GOOGLE_SERVICE_ACCOUNT's gcs_base_url names, if any",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME, or AZURITE_BLOB_STORAGE_URL with AZURE_STORAGE_USE_EMULATOR",
+    "http": "whether the URL's scheme is the server's: http or https",
+    "https": "whether the URL's scheme is the server's: http or https",
+}
+CONTAINER = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")  # Azure's rule for container names
 CONFIGURE = {  # how each store is configured: its ecosystem's variables
     "s3": "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION and (for a store other than AWS) AWS_ENDPOINT_URL",
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT / GOOGLE_SERVICE_ACCOUNT_KEY)",
@@ -184,9 +192,10 @@ CONFIGURE = {  # how each store is configured: its ecosystem's variables
     "https": "check the URL",
 }
 DELETE_DENIED = (
-    "these credentials may not delete objects under {url}, which replacing a pack there needs (its old manifest, "
-    "the writer's lock, an earlier pack's files): allow deleting on that prefix (S3: s3:DeleteObject; GCS: "
-    "storage.objects.delete; Azure: the Delete permission), or upload to a prefix where it is allowed"
+    "these credentials (if any were found: {configure}) may not delete objects under {url}, which replacing a "
+    "pack there needs (its old manifest, the writer's lock, an earlier pack's files): allow deleting on that "
+    "prefix (S3: s3:DeleteObject; GCS: storage.objects.delete; Azure: the Delete permission), or upload to a "
+    "prefix where it is allowed"
 )
 
 
@@ -205,6 +214,11 @@ class Remote:
         parts = urlsplit(url)
         if not parts.hostname:
             raise ConfigError(f"{url} names no bucket, container or host: write {URL_FORMS}")
+        if parts.scheme.lower() == "az" and not CONTAINER.match(parts.netloc):
+            raise ConfigError(
+                f"{url}: {parts.netloc!r} is not an Azure container name (3-63 lowercase letters, digits and single "
+                "hyphens, starting and ending with a letter or digit): write az://CONTAINER/PREFIX"
+            )
         if parts.query or parts.fragment:
             raise ConfigError(f"{url} has a query or fragment: give the pack's folder URL without ?... or #...")
         if parts.username or parts.password:
@@ -285,15 +299,20 @@ class Remote:
                     )
                     # Their text says what to do: a server without ranges, a bucket that does not exist (which no
                     # upload creates)
-                    fix = "" if failure.kind in ("no-ranges", "no-bucket") else fix.format(url=self.url)
+                    configure = CONFIGURE.get(self.scheme, "")
+                    fix = (
+                        ""
+                        if failure.kind in ("no-ranges", "no-bucket")
+                        else fix.format(url=self.url, configure=configure)
+                    )
                     error = Missing if failure.kind == "missing" else RemoteError
                     raise error(f"{what} {url} failed: {text}" + (f": {fix}" if fix else "")) from None
                 left = self.timeout - (time.monotonic() - first)
                 if left <= 0:
                     raise Unreachable(
                         f"{what} {url} failed {tries} times over {time.monotonic() - first:.0f} s (last: {text}): "
-                        "the server is down, unreachable, overloaded or failing; check it (and AWS_ENDPOINT_URL, "
-                        "and whether the URL's scheme is the server's: http or https), then run again"
+                        f"the server is down, unreachable, overloaded or failing; check it (and "
+                        f"{ENDPOINTS[self.scheme]}), then run again"
                     ) from None
                 STATS.add(retries=1)
                 time.sleep(min(delay * random.uniform(0.5, 1.5), left))  # full jitter, as AWS's guidance

@@ -141,31 +141,61 @@ def recorded_split(
     return [root / str(rel) for rel in listed], str(manifest["source"]), fmt, positive
 
 
-def seen_in_training(files: list[Path], cfg, remote: RemoteSettings | None = None) -> list[tuple[str, str]]:
-    """(photo, why) for each photo whose stem names crops of the checkpoint pack's train or validation split: its
-    detections would be scored on what the model learned from, inflating AP.
+def seen_in_training(
+    files: list[Path], cfg, remote: RemoteSettings | None = None, split_given: bool = False
+) -> list[tuple[str, str]]:
+    """(photo, why) for each photo whose stem names crops of the train or validation split of one of the run's
+    packs: its detections would be scored on what the model learned from, inflating AP. Where that pack records
+    its photos (tools/propose.py) and the photo of that name is there, it counts only when its bytes are the same:
+    two datasets of a mixture may name different photos alike. `split_given`: the photos are a --split's.
 
     Raises:
-        CrackioError: the run's pack cannot be read (the caller then says the check was skipped).
+        CrackioError: a pack of the run cannot be read (the caller then says the check was skipped).
     """
-    found = []
-    stems: dict[str, tuple[str, str]] = {}
+    stems: dict[str, list[tuple[str, str, Path | None]]] = {}
     for shards in cfg.data.shards:
         pack = open_pack(shards, remote)
+        recorded = recorded_photos(pack.manifest)
         for split in (cfg.data.train_split, cfg.data.val_split):
             for stem in np.unique(pack.index(split).rows["stem"]):
-                stems.setdefault(bytes(stem).decode("utf-8", "surrogateescape"), (split, shards))
+                name = bytes(stem).decode("utf-8", "surrogateescape")
+                stems.setdefault(name, []).append((split, shards, recorded.get(name)))
+    found = []
+    hint = "photos the run never saw" if split_given else "use --split test, or photos the run never saw"
     for file in files:
-        if file.stem in stems:
-            split, shards = stems[file.stem]
+        same = [(split, shards) for split, shards, path in stems.get(file.stem, []) if same_photo(file, path)]
+        if same:
+            split, shards = same[0]
             found.append(
                 (
                     display_name(file),
-                    f"in the {split} split of the run's pack {shards}: its AP is not held out (use --split test, or "
-                    f"photos the run never saw)",
+                    f"in the {split} split of the run's pack {shards}: its AP is not held out ({hint})",
                 )
             )
     return found
+
+
+def recorded_photos(manifest: dict) -> dict[str, Path]:
+    """The photos a tools/propose.py pack records, by stem (their files where it read them); {} for other packs."""
+    photos = manifest.get("photos")
+    if not isinstance(photos, dict) or not isinstance(photos.get("root"), str):
+        return {}
+    splits = photos.get("splits")
+    listed = (
+        [n for names in splits.values() if isinstance(names, list) for n in names] if isinstance(splits, dict) else []
+    )
+    return {Path(str(n)).stem: Path(photos["root"]) / str(n) for n in listed}
+
+
+def same_photo(file: Path, recorded: Path | None) -> bool:
+    """Whether `file` is the photo a pack recorded under its stem: the same bytes, or (the pack's photo not on this
+    machine, or no photo recorded) assumed so."""
+    if recorded is None or not recorded.is_file():
+        return True
+    try:
+        return file.resolve() == recorded.resolve() or file.read_bytes() == recorded.read_bytes()
+    except OSError:
+        return True
 
 
 class Scorer:
@@ -363,8 +393,17 @@ def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Tr
                 "--annotations or --format with it"
             )
         files = []
-        for shards in settings.shards or cfg.data.shards:  # each pack's photos of the split, packs in order
-            found, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
+        packs = settings.shards or cfg.data.shards
+        for shards in packs:  # each pack's photos of the split, packs in order
+            try:
+                found, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
+            except ConfigError as e:
+                if len(packs) == 1:
+                    raise
+                raise ConfigError(
+                    f"{e}; or give --shards once for each of the run's packs made by tools/propose.py whose {split} "
+                    f"photos to detect on"
+                ) from None
             files += found
             truths.append(Truth(annotations, fmt, classes, [shards]))
     elif not photos:
@@ -376,7 +415,7 @@ def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Tr
         if annotations:
             truths.append(Truth(annotations, fmt, settings.class_names, list(settings.shards or cfg.data.shards)))
     try:  # whichever way the photos came: another pack's split, or --split train, may hold the run's own
-        seen = seen_in_training(files, cfg, settings.remote.settings())
+        seen = seen_in_training(files, cfg, settings.remote.settings(), bool(split))
     except CrackioError as e:
         seen = []
         print(

@@ -377,6 +377,15 @@ def check_same_pack(recorded, current: dict, run: str, shards: tuple[str, ...]) 
             f"--resume {run}: the run trained on {len(then)} pack(s) and --shards names {len(now)}: resume with "
             f"--shards naming the packs it trained on, in their order, or start a new run with --out"
         )
+    order = [p.get("manifest_sha256") if isinstance(p, dict) else None for p in then]
+    if order != [p["manifest_sha256"] for p in now] and sorted(map(str, order)) == sorted(
+        p["manifest_sha256"] for p in now
+    ):
+        names = [str(p.get("name", i + 1)) for i, p in enumerate(then)]
+        raise ConfigError(
+            f"--resume {run}: --shards gives the run's packs in another order: give them in the run's, "
+            f"{', '.join(names)}"
+        )
     for p, (was, pack, location) in enumerate(zip(then, now, shards)):
         if not isinstance(was, dict) or not isinstance(was.get("samples"), dict):
             raise ConfigError(f"{run}/last.pt records its packs in an unknown form: start a new run with --out")

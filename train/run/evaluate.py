@@ -8,7 +8,7 @@ import torch
 
 from crackio import make_loader
 from crackio.format.manifest import check_split
-from crackio.loading.mixture import pack_names
+from crackio.loading.mixture import check_distinct, pack_names
 from crackio.storage.packs import open_pack
 from train.evaluation.predict import merged, predict
 from train.evaluation.report import report_text
@@ -45,11 +45,16 @@ def run_eval(settings: EvalSettings) -> str:
     ckpt = load_checkpoint(path, torch.device("cpu"))
     model, cfg = model_from_checkpoint(ckpt, path)
     shards = settings.shards or cfg.data.shards
-    for location in shards:
-        check_split(open_pack(location, settings.remote.settings()).manifest, location, split, "--split")
-    names = pack_names(list(shards))
+    packs = [open_pack(location, settings.remote.settings(), "--shards") for location in shards]
+    check_distinct(packs, "--shards")
+    having = [s for s, p in zip(shards, packs) if split in p.manifest["splits"]]
+    if len(packs) == 1 or not having:  # none has it: the first pack's refusal names the splits it has
+        check_split(packs[0].manifest, shards[0], split, "--split")
+    names = dict(zip(shards, cfg.data.pack_names if not settings.shards else pack_names(list(shards))))
+    lacking = [names[s] for s in shards if s not in having]
     parts = {}
-    for name, location in zip(names, shards):  # each pack's figures, then (several packs) all together
+    for location in having:  # each pack's figures, then (several packs) all together
+        name = names[location]
         loader = eval_loader(cfg, split, settings, [location])
         model.to(loader.device)
         parts[name] = predict(model, loader, make_loss(cfg.loss, loader.device), amp_dtype(loader.device))
@@ -61,9 +66,11 @@ def run_eval(settings: EvalSettings) -> str:
         else ""
     )
     each = [report_text(f"{split}[{n}]", q.labels, q.probs, settings.threshold) for n, q in parts.items()]
+    if lacking:
+        tuned += f"note: {', '.join(lacking)} ha{'s' if len(lacking) == 1 else 've'} no {split!r} split: left out\n"
     return (
         f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}), split {split!r}"
-        + (f" of {len(shards)} packs" if len(shards) > 1 else "")
+        + (f" of {len(having)} packs" if len(having) > 1 else "")
         + f", loss {p.loss:.4f}\n"
         + tuned
         + report_text(split, p.labels, p.probs, settings.threshold)

@@ -124,9 +124,11 @@ def final_report(run: Run) -> None:
     results = split_results(run)
     if run.rank != 0:
         return
-    best = min(history, key=lambda h: h[selection_key(cfg.data.val_pack)])
+    key = selection_key(cfg.data.val_pack)
+    best = min(history, key=lambda h: h[key])
+    chosen_on = f"{cfg.data.val_pack}'s validation loss" if cfg.data.val_pack else "validation loss"
     text = [
-        f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f}); {cfg.model.arch}/{cfg.model.head}, "
+        f"best epoch {best['epoch']} ({chosen_on} {best[key]:.4f}); {cfg.model.arch}/{cfg.model.head}, "
         f"loss {cfg.loss.kind}, sampler {cfg.sampling.sampler}; {label_source(cfg.data.iou_threshold)}\n"
     ]
     marks = []
@@ -134,7 +136,7 @@ def final_report(run: Run) -> None:
         text.append(report_text(name, r.labels, r.probs))
     summary = {
         "best_epoch": best["epoch"],
-        "best_val_loss": best["val_loss"],
+        "best_val_loss": best[key],  # the figure that chose it (--val-pack's pack's, or all packs')
         "epochs_run": len(history),
         "labels": label_source(cfg.data.iou_threshold),
         "iou_threshold": cfg.data.iou_threshold,
@@ -144,7 +146,7 @@ def final_report(run: Run) -> None:
         "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
     }
     if cfg.data.val_pack:
-        summary["val_pack"] = cfg.data.val_pack
+        summary |= {"val_pack": cfg.data.val_pack, "best_val_loss_all_packs": best["val_loss"]}
     held_out = cfg.data.test_split if cfg.data.test_split in results else None
     lacking = [p["name"] for p in run.pack.get("packs", []) if cfg.data.test_split not in p["samples"]]
     if held_out and lacking:

@@ -121,15 +121,28 @@ def resume_settings(run: str | Path, **changes) -> RunSettings:
                 f"{changes['batch_size'] * ranks}; drop --batch-size (each rank then takes the global batch / "
                 f"ranks) or run on a number of ranks that gives {saved.optim.global_batch_size}"
             )
+    if "shards" in changes:
+        given = (changes["shards"],) if isinstance(changes["shards"], str) else tuple(changes["shards"] or ())
+        if len(given) != len(saved.data.shards):
+            raise ConfigError(
+                f"--resume {run}: the run trained on {len(saved.data.shards)} pack(s) "
+                f"({', '.join(saved.data.pack_names)}) and --shards names {len(given)}: give --shards once for each "
+                f"of its packs, in the run's order (another folder or URL of the same pack is fine)"
+            )
     refused = [k for k, v in changes.items() if k not in RESUMABLE and v != flat.get(k)]
     if refused:
-        said = ", ".join(f"--{k.replace('_', '-')} {changes[k]!r} (the run has {flat[k]!r})" for k in refused)
+        said = ", ".join(f"--{k.replace('_', '-')} {shown(changes[k])} (the run has {shown(flat[k])})" for k in refused)
         raise ConfigError(
             f"--resume {run} continues the run with its own settings and cannot change {said}; "
             f"resumable: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} (--shards: the same pack "
             f"in another folder). To train with other settings, start a new run with --out"
         )
     return RunSettings.from_flat(flat | changes | {"resume": str(run), "out": str(folder)}, changes)
+
+
+def shown(value) -> str:
+    """A setting's value as the command line writes it (a tuple of numbers: 0.3,0.7)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
 def check_resumed(cfg: RunSettings) -> None:

@@ -15,9 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crackio import make_loader
 from crackio.errors import ConfigError, CrackioError
+from crackio.format.layout import ShardError
 from crackio.format.manifest import check_split
 from crackio.fsio import make_dir, remove_temporaries
 from crackio.loading.loader import Loader
+from crackio.loading.mixture import check_distinct
 from crackio.loading.samplers import Shuffle
 from crackio.storage.packs import open_pack
 from crackio.storage.remote import is_remote
@@ -178,13 +180,14 @@ def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
     been re-made; so does the fingerprint, so --resume refuses other data. A mixture records the first pack's
     proposal settings that has them (a note says so when the packs' differ) and each pack's fingerprint."""
     prints, proposals = [], []
-    for shards in cfg.data.shards:
-        source = open_pack(shards, cfg.remote.settings(), "--shards")
+    sources = [open_pack(shards, cfg.remote.settings(), "--shards") for shards in cfg.data.shards]
+    check_distinct(sources, "--shards", " (and a larger proportion in --mix to draw more of it)")
+    for shards, source in zip(cfg.data.shards, sources):
         manifest = source.manifest
         for option, split in (("--train-split", cfg.data.train_split), ("--val-split", cfg.data.val_split)):
-            check_split(manifest, shards, split, option)
+            check_mixture_split(cfg, sources, shards, split, option)
         if cfg.data.test_split != Data.test_split:  # named: a typo must not pass as "the pack has no test split"
-            check_split(manifest, shards, cfg.data.test_split, "--test-split")
+            check_mixture_split(cfg, sources, shards, cfg.data.test_split, "--test-split")
         proposals.append(manifest.get("proposals"))
         prints.append(pack_fingerprint(source.sha256, manifest))
     if len(prints) == 1:
@@ -197,6 +200,26 @@ def checked_pack(cfg: RunSettings) -> tuple[dict | None, dict]:
             f"{cfg.data.pack_names[first]} for detection (detect --max-proposals etc. change them)"
         )
     return (made[0] if made else None), mixture_fingerprint(prints, cfg.data.pack_names)
+
+
+def check_mixture_split(cfg: RunSettings, sources: list, shards: str, split: str, option: str) -> None:
+    """`check_split` for the run's pack at `shards` (`sources`: every pack of the run, in order); in a mixture, a
+    split one pack lacks is said as the packs' disagreement (each pack's splits), since --train-split and
+    --val-split name the split of every pack.
+
+    Raises:
+        ShardError: one line.
+    """
+    manifest = sources[cfg.data.shards.index(shards)].manifest
+    if len(sources) == 1 or split in manifest["splits"]:
+        check_split(manifest, shards, split, option)
+        return
+    have = "; ".join(f"{n}: {', '.join(s.manifest['splits'])}" for n, s in zip(cfg.data.pack_names, sources))
+    raise ShardError(
+        f"{option} {split!r} is not a split of every pack ({have}): the packs of a mixture share their split "
+        f"names, so each needs a {split}/ split; pack the ones without it again with one (tools/pack.py, "
+        f"tools/propose.py), or leave them out"
+    )
 
 
 def start_point(
@@ -269,6 +292,8 @@ def build_run(cfg: RunSettings) -> Run:
     """
     if cfg.checkpoints.resume:  # cfg must be the run's own config (train.run.resume.resume_settings builds it)
         check_resumed(cfg)
+    if not cfg.checkpoints.resume and len(cfg.data.shards) > 1 and not cfg.data.pack_name:
+        cfg = cfg.replace(pack_name=tuple(cfg.data.pack_names))  # recorded: a pack moved later keeps its name
     use_threads(cfg.runtime.threads)
     init_distributed(cfg.runtime.dist_timeout)
     rank, world_size = world()
@@ -282,7 +307,16 @@ def build_run(cfg: RunSettings) -> Run:
     torch.manual_seed(cfg.data.seed)
     train_loader, val_loaders = placed_loaders(cfg, device, state, progress, path)
     if ckpt and rank == 0 and not cfg.logging.quiet:
-        where = f"epoch {state.epoch + 1} after {progress.loader['samples']} samples" if progress else None
+        samples = progress.loader["samples"] if progress else 0
+        where = (
+            (
+                f"epoch {state.epoch + 1} after {samples} samples"
+                if samples
+                else f"the validation of epoch {state.epoch + 1}"
+            )
+            if progress
+            else None
+        )
         print(f"resuming {path}: " + (where or f"{state.epoch} epoch(s) done, epoch {state.epoch + 1} next"))
     for loader in (train_loader, *val_loaders.values()):
         len(loader)  # plans the first epoch: a batch size the split cannot fill fails here

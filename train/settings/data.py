@@ -25,6 +25,9 @@ class Data(Owner):
 
     shards: tuple[str, ...] = ()  # pack folder, or URL: s3://, gs://, az://, http(s):// (required; once per pack)
     mix: tuple[float, ...] = ()  # several --shards: each pack's share of an epoch, e.g. 0.3,0.7 (default: its size)
+    pack_name: tuple[
+        str, ...
+    ] = ()  # several --shards: each pack's name in reports, once per pack (default: its folder's)
     val_pack: str = ""  # several --shards: the pack whose validation loss picks the best epoch (default: all together)
     train_split: str = SPLITS[0]  # the split trained on (a folder name inside --shards)
     val_split: str = SPLITS[1]  # the split validated on after each epoch (early stopping, best.pt)
@@ -55,33 +58,47 @@ class Data(Owner):
                 raise ConfigError(f"--shards must name packs (folders or URLs), got {location!r}")
             check_location(location, "--shards")
         object.__setattr__(self, "shards", shards)
-        given = self.mix
+        given: object = self.mix
         if isinstance(given, str):  # a config file's "0.3,0.7", as on the command line
             try:
-                given = tuple(float(p) for p in given.split(",") if p.strip())
+                given = tuple(float(p) for p in given.split(","))
             except ValueError:
                 raise ConfigError(f"--mix must be comma-separated numbers, e.g. 0.3,0.7, got {self.mix!r}") from None
         if len(shards) == 1 and given:
             raise ConfigError("--mix only applies with two or more --shards (a mixture): give each pack with --shards")
         mix = () if isinstance(given, list | tuple) and not given else check_mix(given, len(shards), "--mix")
         object.__setattr__(self, "mix", mix or ())  # a tuple, however given (a JSON list, a flag)
-        names = pack_names(list(shards))
-        if self.val_pack and self.val_pack not in names:
+        named = (self.pack_name,) if isinstance(self.pack_name, str) else tuple(self.pack_name or ())
+        if named and (len(named) != len(shards) or len(set(named)) != len(named)):
             raise ConfigError(
-                f"--val-pack {self.val_pack!r} is not one of the packs: give one of {', '.join(names)}"
+                f"--pack-name gives {len(named)} name(s) for {len(shards)} pack(s): give each pack a different "
+                f"name, once per --shards and in their order, got {list(named)}"
+            )
+        for name in named:
+            if not isinstance(name, str) or not name.strip() or any(c in name for c in "[]\n"):
+                raise ConfigError(f"--pack-name {name!r} is not a name: give a word such as site_a (no [ or ])")
+        object.__setattr__(self, "pack_name", named)
+        names = self.pack_names
+        if self.val_pack and self.val_pack not in names:
+            alike = [n for n in names if n.rsplit("/", 1)[-1].split("#")[0] == self.val_pack]
+            raise ConfigError(
+                f"--val-pack {self.val_pack!r} names {len(alike)} packs: give one of {', '.join(alike)}"
+                if len(alike) > 1
+                else f"--val-pack {self.val_pack!r} is not one of the packs: give one of {', '.join(names)}"
                 + closest(self.val_pack, names)
             )
 
     @property
     def pack_names(self) -> list[str]:
-        """The packs' short names, in --shards' order (crackio.loading.mixture.pack_names)."""
-        return pack_names(list(self.shards))
+        """The packs' names in reports, in --shards' order: --pack-name's, else each folder's
+        (crackio.loading.mixture.pack_names; a run records them when it starts, so a moved pack keeps its name)."""
+        return list(self.pack_name) or pack_names(list(self.shards))
 
     @classmethod
     def unmet(cls, values, name: str) -> str | None:
         shards = values.get("shards")
         several = isinstance(shards, list | tuple) and len(shards) > 1
-        return None if name not in ("mix", "val_pack") or several else "two or more --shards (a mixture)"
+        return None if name not in ("mix", "val_pack", "pack_name") or several else "two or more --shards (a mixture)"
 
 
 @dataclass(frozen=True)
