@@ -11,10 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Under pytest-xdist the workers share the cores: each gets its part for torch's intra-op threads and, through
+# OMP_NUM_THREADS, for the processes its tests start; else every worker's threads fight over every core (a training
+# test ran 10x slower). Set before torch is imported: its thread pool reads the variable once.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -106,7 +106,7 @@ def test_gs_urls_reach_obstore_s_gcs_client_configured_by_google_s_variables(tmp
                     "private_key": "", "private_key_id": ""})
     )  # fmt: skip
     monkeypatch.setenv("GOOGLE_SERVICE_ACCOUNT", str(account))
-    remote = Remote("gs://bucket/pack", timeout=1)
+    remote = Remote("gs://bucket/pack", timeout=0.3)
     with pytest.raises(Unreachable, match=r"reading gs://bucket/pack/manifest.json failed \d+ times"):
         remote.get("manifest.json")
     assert remote.remove_command("a") == "gcloud storage rm gs://bucket/pack/a"

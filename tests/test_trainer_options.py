@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,9 @@ def test_limit_batches_bounds_every_pass_and_a_file_gets_lines(demo_shards, tmp_
     captured = capsys.readouterr()
     (row,) = json.loads((out / "history.json").read_text())
     assert row["train_samples"] == 3 * 8 and len(steps_csv(out)) == 3
+    # steps.csv counts steps from 1, as the console does.
+    said = [int(n) for n in re.findall(r"epoch 1/1 step (\d+)/3:", captured.err)]
+    assert said == [1, 2] and [int(r["step"]) for r in steps_csv(out)] == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["limit_batches"] == 3
     for split in summary["splits"].values():
