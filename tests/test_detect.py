@@ -530,3 +530,33 @@ def test_a_crowded_photo_leaves_out_labels_rather_than_stack_them(tmp_path):
         for b in rects[i + 1 :]:
             assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
     assert labels[0][0] == "0.99"  # the best box keeps its label
+
+
+@pytest.mark.slow
+def test_detect_lists_the_problems_of_the_photos_it_ran_on_only(demo_photos, tmp_path):
+    """A photo of the train split whose file is gone is a problem of the pack's annotations, not of a detection run
+    on other photos: `--split test`, or the train folder's photos that are there."""
+    import shutil
+
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+
+    src = tmp_path / "coco"
+    shutil.copytree(demo_photos / "coco", src)
+    doc = json.loads((src / "train" / "_annotations.coco.json").read_text())
+    gone = doc["images"][0]["file_name"]
+    (src / "train" / gone).unlink()
+    shards = tmp_path / "shards"
+    propose_to_shards(src, "coco", shards, ProposalSettings(max_proposals=30), ProposeSettings(), progress=False)
+    ckpt = checkpoint_on(shards, tmp_path / "best.pt")
+    out = run_detect(DetectSettings(checkpoint=str(ckpt), split="test", out=str(tmp_path / "d"), device="cpu"))
+    summary = json.loads((out / "summary.json").read_text())
+    ran = {row["photo"] for row in summary["per_photo"]}
+    assert ran and all(Path(p["path"]).stem in ran for p in summary["problems"]), summary["problems"]
+    # The train folder's photos with its annotations: the missing photo is none of them either.
+    photos = tuple(str(p) for p in sorted((src / "train").glob("*.jpg")))
+    train = DetectSettings(
+        checkpoint=str(ckpt), photos=photos, annotations=str(src / "train"), format="coco", out=str(tmp_path / "e"),
+        device="cpu",
+    )  # fmt: skip
+    problems = json.loads((run_detect(train) / "summary.json").read_text())["problems"]
+    assert not any(Path(gone).stem in p["path"] for p in problems) and len(problems) == len(photos)  # seen: each

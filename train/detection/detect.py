@@ -375,6 +375,7 @@ class Truth:
     fmt: str
     classes: list[str] | None
     shards: list[str]
+    photos: frozenset[str] = frozenset()  # every photo stem the pack records (all splits), when it records them
 
 
 def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Truth], list[tuple[str, str]]]:
@@ -405,7 +406,8 @@ def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Tr
                     f"photos to detect on"
                 ) from None
             files += found
-            truths.append(Truth(annotations, fmt, classes, [shards]))
+            recorded = frozenset(recorded_photos(open_pack(shards, settings.remote.settings()).manifest))
+            truths.append(Truth(annotations, fmt, classes, [shards], recorded))
     elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
     elif annotations and not fmt:
@@ -443,6 +445,23 @@ def all_truth(truths: list[Truth], remote: RemoteSettings | None) -> tuple[dict,
         truth |= {stem: photo for stem, photo in found.items() if stem not in truth}
         problems += notes
     return truth, problems
+
+
+def of_these_photos(problems: list[tuple[str, str]], inputs: list[Path], known: set[str]) -> list[tuple[str, str]]:
+    """The annotations' problems that concern this run: those of the photos it detects on, and those of files of
+    the whole dataset (an annotation file the reader could not use); not those of the dataset's other photos, its
+    other splits' or the photos not given (`known`: the photo stems the annotations and packs describe; an image or
+    mask file is a photo's)."""
+    mine = {p.stem for p in inputs}
+    kept = []
+    for name, why in problems:
+        path = Path(name)
+        if path.stem in mine or not (path.stem in known or path.suffix.lower() in PHOTO_FILES):
+            kept.append((name, why))
+    return kept
+
+
+PHOTO_FILES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mat")  # a photo's, or its mask's
 
 
 def one_per_stem(inputs: list[Path]) -> list[tuple[Path, str]]:
@@ -501,7 +520,8 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     scorer = make_scorer(settings, model, path)
     threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
     truth, annotation_problems = all_truth(truths, settings.remote.settings())
-    problems += annotation_problems
+    known = set(truth).union(*(t.photos for t in truths))
+    problems += of_these_photos(annotation_problems, inputs, known)
     start = time.perf_counter()
     annotated = truth if truths else None
     results = detect_photos(
