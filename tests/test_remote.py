@@ -605,7 +605,7 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
         for s in (demo_shards, urls["s3"])
     ]
     assert reports[0] == reports[1]
-    assert checkpoint_digest(best, urls["s3"]).hexdigest() == checkpoint_digest(best, str(demo_shards)).hexdigest()
+    assert checkpoint_digest(best, [urls["s3"]]).hexdigest() == checkpoint_digest(best, [str(demo_shards)]).hexdigest()
 
 
 @pytest.mark.slow
