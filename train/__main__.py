@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from crackio.cli import closest, run_command
-from crackio.errors import ConfigError
-from train.cli.commands import COMMANDS, train
+from crackio.cli import closest, openmp_for_shared_cores, run_command
+
+openmp_for_shared_cores()  # before anything imports torch
+
+from crackio.errors import ConfigError  # noqa: E402
+from train.cli.commands import COMMANDS, train  # noqa: E402
 
 
 def _rank() -> int:
