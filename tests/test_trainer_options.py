@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -362,3 +363,17 @@ def test_extending_a_cosine_run_takes_the_new_curve_from_the_next_step(demo_shar
     assert rates == pytest.approx([1e-3 * lr_factor(s, "cosine", 2, e, 0, 10, 0.1) for s, e in
                                    [(0, 1), (1, 1), (2, 2), (3, 2)]])  # fmt: skip
     assert rates[2] > 0
+
+
+def test_the_trainer_lets_openmp_threads_sleep_unless_told_otherwise():
+    """python -m train sets GOMP_SPINCOUNT before torch loads (docs/performance.md, "CPU threads"); a policy the
+    user set is kept."""
+    code = "import os, sys; import train.__main__; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    for env, said in (
+        ({}, "10000 False"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "None False"),
+        ({"GOMP_SPINCOUNT": "7"}, "7 False"),
+    ):
+        base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        done = subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True)
+        assert done.stdout.split() == said.split(), env
