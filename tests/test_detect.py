@@ -534,8 +534,8 @@ def test_a_crowded_photo_leaves_out_labels_rather_than_stack_them(tmp_path):
 
 @pytest.mark.slow
 def test_detect_lists_the_problems_of_the_photos_it_ran_on_only(demo_photos, tmp_path):
-    """A photo of the train split whose file is gone is a problem of the pack's annotations, not of a detection run
-    on other photos: `--split test`, or the train folder's photos that are there."""
+    """A photo of the train split whose file is gone is a problem of the pack's annotations, not of `--split test`'s
+    run on other photos."""
     import shutil
 
     from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
@@ -552,11 +552,13 @@ def test_detect_lists_the_problems_of_the_photos_it_ran_on_only(demo_photos, tmp
     summary = json.loads((out / "summary.json").read_text())
     ran = {row["photo"] for row in summary["per_photo"]}
     assert ran and all(Path(p["path"]).stem in ran for p in summary["problems"]), summary["problems"]
-    # The train folder's photos with its annotations: the missing photo is none of them either.
+    # Photos given by hand with their folder's annotations: a photo those name and the folder lacks is listed (the
+    # user may have meant to give it), as are the photos seen in training; nothing else.
     photos = tuple(str(p) for p in sorted((src / "train").glob("*.jpg")))
     train = DetectSettings(
         checkpoint=str(ckpt), photos=photos, annotations=str(src / "train"), format="coco", out=str(tmp_path / "e"),
         device="cpu",
     )  # fmt: skip
     problems = json.loads((run_detect(train) / "summary.json").read_text())["problems"]
-    assert not any(Path(gone).stem in p["path"] for p in problems) and len(problems) == len(photos)  # seen: each
+    assert any(Path(gone).stem in p["path"] and "missing image" in p["reason"] for p in problems)
+    assert len(problems) == len(photos) + 1  # each photo given was seen in training, and the missing one

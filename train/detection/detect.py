@@ -447,16 +447,21 @@ def all_truth(truths: list[Truth], remote: RemoteSettings | None) -> tuple[dict,
     return truth, problems
 
 
-def of_these_photos(problems: list[tuple[str, str]], inputs: list[Path], known: set[str]) -> list[tuple[str, str]]:
-    """The annotations' problems that concern this run: those of the photos it detects on, and those of files of
-    the whole dataset (an annotation file the reader could not use); not those of the dataset's other photos, its
-    other splits' or the photos not given (`known`: the photo stems the annotations and packs describe; an image or
-    mask file is a photo's)."""
+def of_these_photos(
+    problems: list[tuple[str, str]], inputs: list[Path], known: set[str], split: bool
+) -> list[tuple[str, str]]:
+    """The annotations' problems that concern this run: those of the photos it detects on and of the dataset's own
+    files (an annotation file the reader could not use), not those of the dataset's other photos (`known`: the
+    photo stems the annotations and packs describe). With `split` (a pack's split: its photos are the run's whole
+    scope) a problem of any other photo is left out too (an image or mask file is a photo's): another split's
+    missing photo is not this run's; photos given by hand keep the annotations' missing photos, which the user
+    may have meant to give."""
     mine = {p.stem for p in inputs}
     kept = []
     for name, why in problems:
         path = Path(name)
-        if path.stem in mine or not (path.stem in known or path.suffix.lower() in PHOTO_FILES):
+        other = path.stem in known or (split and path.suffix.lower() in PHOTO_FILES)
+        if path.stem in mine or not other:
             kept.append((name, why))
     return kept
 
@@ -521,7 +526,7 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     threshold = scorer.threshold if settings.score_threshold is None else settings.score_threshold
     truth, annotation_problems = all_truth(truths, settings.remote.settings())
     known = set(truth).union(*(t.photos for t in truths))
-    problems += of_these_photos(annotation_problems, inputs, known)
+    problems += of_these_photos(annotation_problems, inputs, known, bool(settings.split))
     start = time.perf_counter()
     annotated = truth if truths else None
     results = detect_photos(
