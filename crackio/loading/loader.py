@@ -16,9 +16,17 @@ from crackio.cli import closest
 from crackio.errors import MOST_THREADS, ConfigError, given, integer, is_number
 from crackio.format.index import SplitIndex
 from crackio.loading.augment import AugmentParams, draw_params, take
-from crackio.loading.mixture import Share, check_distinct, check_mix, mixed_sequence, per_pack_sampler
+from crackio.loading.mixture import (
+    Share,
+    by_pack,
+    check_distinct,
+    check_mix,
+    mixed_sequence,
+    pack_of,
+    per_pack_sampler,
+)
 from crackio.loading.options import BACKENDS, DEVICES, ORDERS, OUTPUTS, choice, unknown_keyword
-from crackio.loading.orders import BlockOrder, Order, RandomOrder, eval_batches, eval_consumed, train_plan
+from crackio.loading.orders import BlockOrder, Order, RandomOrder, epoch_grid, eval_batches, eval_consumed
 from crackio.loading.readers import AheadReader, BlockReader, ByteReader, MixedReader
 from crackio.loading.samplers import (
     Shuffle,
@@ -358,6 +366,7 @@ class Loader:
         self._live: tuple[int, int] | None = None  # (epoch, step) after the last batch handed out
         self._planned: tuple[int, list[np.ndarray], np.ndarray | None] = (-1, [], None)
         self._shares: tuple[int, list[Share]] = (-1, [])
+        self._drawn: tuple[int, np.ndarray] = (-1, np.zeros((1, len(self.sources)), np.int64))
 
     @property
     def source(self) -> Pack:
@@ -389,18 +398,15 @@ class Loader:
         """The original proposal file names of rows `rows` (a mixture's rows count from each pack's offset)."""
         if len(self.indexes) == 1:
             return self.indexes[0].filenames(rows)
-        rows = np.asarray(rows, np.int64)
-        pack = np.searchsorted(self.offsets, rows, side="right") - 1
         names = [""] * len(rows)
-        for p in np.unique(pack):
-            where = np.flatnonzero(pack == p)
-            for at, name in zip(where, self.indexes[p].filenames(rows[where] - self.offsets[p])):
+        for p, where, own in by_pack(self.offsets, rows):
+            for at, name in zip(where, self.indexes[p].filenames(own)):
                 names[at] = name
         return names
 
     def pack_of(self, rows: np.ndarray) -> np.ndarray:
         """Which pack (0-based, in `shards`' order) each row id comes from; int64."""
-        return np.searchsorted(self.offsets, np.asarray(rows, np.int64), side="right") - 1
+        return pack_of(self.offsets, rows)
 
     def shares(self, epoch: int) -> list[Share]:
         """A training mixture's shares of `epoch` per pack, against each pack's own epoch (empty for one pack)."""
@@ -409,12 +415,11 @@ class Loader:
 
     def drawn(self, epoch: int, steps: int | None = None) -> list[int]:
         """Samples of each pack (in `shards`' order) in the first `steps` global batches of training epoch `epoch`
-        (None: all of them), over all ranks: what a mixture's epoch trained on, per pack."""
-        sequence = self.traversal.sequence(self._draws(epoch), len(self.labels), self.seed, epoch)
-        g = self.global_batch_size
-        full = len(sequence) // g
-        taken = sequence[: g * (full if steps is None else min(steps, full))]
-        return np.bincount(self.pack_of(taken), minlength=len(self.sources)).tolist()
+        (None: all of them), over all ranks: what a mixture's epoch trained on, per pack (counted when the epoch
+        is planned)."""
+        self._plan(epoch)
+        counts = self._drawn[1]
+        return counts[len(counts) - 1 if steps is None else min(steps, len(counts) - 1)].tolist()
 
     def _draws(self, epoch: int) -> np.ndarray:
         """The epoch's whole sequence of row ids before the order and the ranks cut it."""
@@ -479,11 +484,19 @@ class Loader:
                     f"(~24 bytes of plan per sample): lower num_samples (--num-samples)"
                 ) from None
             if self.train:
-                rows, within = train_plan(
+                grid = epoch_grid(
                     draws, len(self.labels), self.seed, epoch, self.traversal, self.global_batch_size, self.rank,
                     self.world_size,
                 )  # fmt: skip
+                rows, within = self.traversal.deal(grid, self.rank, self.world_size)
                 self._planned = (epoch, list(rows), within)
+                # Each pack's samples after each global step, over all ranks (0 first): what `drawn` reports.
+                if len(self.sources) == 1:
+                    per_step = np.full((len(grid), 1), grid.shape[1], np.int64)
+                else:
+                    packs = self.pack_of(grid)
+                    per_step = np.stack([(packs == p).sum(axis=1) for p in range(len(self.sources))], axis=1)
+                self._drawn = (epoch, np.concatenate([np.zeros((1, len(self.sources)), np.int64), per_step.cumsum(0)]))
             else:
                 self._planned = (epoch, eval_batches(draws, self.batch_size, self.rank, self.world_size), None)
         return self._planned[1], self._planned[2]

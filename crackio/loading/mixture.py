@@ -71,6 +71,18 @@ def check_distinct(sources: list, option: str = "shards", more: str = "") -> Non
         seen[source.sha256] = source.location
 
 
+def pack_of(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which pack each of a mixture's row ids is from (pack p's rows start at offsets[p]); int64, rows' shape."""
+    return np.searchsorted(offsets, np.asarray(rows, np.int64), side="right") - 1
+
+
+def by_pack(offsets: np.ndarray, rows: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(pack, positions in `rows`, that pack's own row ids) for each pack `rows` touches, packs in order."""
+    rows = np.asarray(rows, np.int64)
+    pack = pack_of(offsets, rows)
+    return [(int(p), np.flatnonzero(pack == p), rows[pack == p] - offsets[p]) for p in np.unique(pack)]
+
+
 def pack_names(locations: list[str]) -> list[str]:
     """Short names for a mixture's packs, for reports and `--val-pack`: each location's last part ("site_a" for
     /data/site_a or s3://bucket/site_a), with its parent's when two would be alike ("a/shards", "b/shards"), and

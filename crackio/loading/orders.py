@@ -121,14 +121,21 @@ def global_batches(sequence: np.ndarray, global_batch: int, rank: int, world_siz
     return sequence[: steps * global_batch].reshape(steps, global_batch)
 
 
+def epoch_grid(
+    draws: np.ndarray, num_rows: int, seed: int, epoch: int, order: Order, global_batch: int, rank: int, world_size: int
+) -> np.ndarray:
+    """A training epoch's global batches (steps x global_batch row ids): the same at every world size."""
+    return global_batches(order.sequence(draws, num_rows, seed, epoch), global_batch, rank, world_size)
+
+
 def train_plan(
     draws: np.ndarray, num_rows: int, seed: int, epoch: int, order: Order, global_batch: int, rank: int, world_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training epoch on one rank: (row ids, steps x b; each one's position within its global batch, the key of
     its augmentation: crackio.loading.augment.draw_params). What every epoch start and every
     `Loader.load_state_dict` compute; nothing is read."""
-    sequence = order.sequence(draws, num_rows, seed, epoch)
-    return order.deal(global_batches(sequence, global_batch, rank, world_size), rank, world_size)
+    grid = epoch_grid(draws, num_rows, seed, epoch, order, global_batch, rank, world_size)
+    return order.deal(grid, rank, world_size)
 
 
 def eval_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ from crackio.format.index import SplitIndex
 from crackio.format.layout import ShardError
 from crackio.format.manifest import repack
 from crackio.format.tar import BLOCK as HEADER  # a ustar header's size
+from crackio.loading.mixture import by_pack
 from crackio.storage.packs import LocalShards, RemoteShards
 
 
@@ -315,16 +316,10 @@ class MixedReader:
     def __init__(self, readers: list[ByteReader], offsets: np.ndarray):
         self.readers, self.offsets = readers, np.asarray(offsets, np.int64)
 
-    def _parts(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(pack, positions in `ids`, the pack's own row ids) for each pack `ids` touches."""
-        ids = np.asarray(ids, np.int64)
-        pack = np.searchsorted(self.offsets, ids, side="right") - 1
-        return [(int(p), np.flatnonzero(pack == p), ids[pack == p] - self.offsets[p]) for p in np.unique(pack)]
-
     def read(self, ids: np.ndarray) -> list[bytes]:
         """As `ByteReader.read`, each pack's rows read by its own reader (its errors name its files)."""
         out: list[bytes] = [b""] * len(ids)
-        for p, where, rows in self._parts(ids):
+        for p, where, rows in by_pack(self.offsets, ids):
             for at, data in zip(where, self.readers[p].read(rows)):
                 out[at] = data
         return out
@@ -332,7 +327,7 @@ class MixedReader:
     def prefetch(self, batches: list[np.ndarray]) -> None:
         parts: list[list[np.ndarray]] = [[] for _ in self.readers]
         for ids in batches:
-            for p, _, rows in self._parts(ids):
+            for p, _, rows in by_pack(self.offsets, ids):
                 parts[p].append(rows)
         for reader, mine in zip(self.readers, parts):
             reader.prefetch(mine)
