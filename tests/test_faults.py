@@ -494,16 +494,21 @@ def coco_photos(demo_photos) -> Path:
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_propose_is_one_line_and_leaves_nothing(coco_photos, tmp_path, monkeypatch):
+def test_a_full_disk_during_propose_is_one_line_and_the_rerun_reuses_the_photos(coco_photos, tmp_path, monkeypatch):
     from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
     from crackio.writing.regions import ProposalSettings
 
     out = tmp_path / "out"
-    monkeypatch.setattr(shards_module, "open", FillsUp.open, raising=False)
-    with pytest.raises(WriteError, match=r"no space left on device while writing .*\.tar\.tmp"):
-        settings = ProposeSettings(workers=1, samples_per_shard=20)
-        propose_to_shards(coco_photos, "coco", out, ProposalSettings(max_proposals=40), settings, progress=False)
-    assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
+    settings, proposals = ProposeSettings(workers=1, samples_per_shard=20), ProposalSettings(max_proposals=40)
+    with monkeypatch.context() as patched:
+        patched.setattr(shards_module, "open", FillsUp.open, raising=False)
+        with pytest.raises(WriteError, match=r"no space left on device while writing .*\.tar\.tmp"):
+            propose_to_shards(coco_photos, "coco", out, proposals, settings, progress=False)
+    # No temporary and no manifest; the photos proposed are kept in the spool for the re-run.
+    assert not temporaries(out) and not (out / "manifest.json").exists() and list((out / ".spool").glob("*.npz"))
+    done = propose_to_shards(coco_photos, "coco", out, proposals, settings, progress=False)
+    assert done["reused"]["photos"] == done["reused"]["photos_total"] > 0 and not (out / ".spool").exists()
+    assert list(verify(out)) == []
 
 
 @pytest.mark.slow
@@ -511,11 +516,13 @@ def test_ctrl_c_during_propose_exits_cleanly_and_the_rerun_finishes(coco_photos,
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "propose.py"), str(coco_photos), "--format", "coco", "--out", str(out)]
     cmd += ["--max-proposals", "40", "--workers", "2", "--quiet"]
-    returncode, stderr, _ = interrupt(cmd, out, ".spool/*.bin", signal.SIGINT, True, tmp_path / "stop")
+    returncode, stderr, _ = interrupt(cmd, out, ".spool/*.npz", signal.SIGINT, True, tmp_path / "stop")
     assert returncode == 130 and one_line(stderr).startswith("interrupted by SIG")
-    assert not temporaries(out) and not (out / ".spool").exists() and not (out / "manifest.json").exists()
+    assert not temporaries(out) and not (out / "manifest.json").exists()
     assert not list(out.glob("*/*.tar"))  # stopped while proposing, before any shard: it did not run on
-    subprocess.run(cmd, check=True, capture_output=True)
+    assert list((out / ".spool").glob("*.npz"))  # the chunks it finished, for the re-run
+    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "reused from an interrupted run:" in rerun.stdout and not (out / ".spool").exists()
     assert list(verify(out)) == []
 
 

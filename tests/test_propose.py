@@ -19,7 +19,7 @@ from crackio.writing.outdir import WRITTEN
 from crackio.writing.pack import PackSettings, pack
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
 from crackio.writing.regions import ProposalSettings, stratified_negatives, warp
-from crackio.writing.spool import spool_name
+from crackio.writing.spool import chunk_files
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
 from tests.test_pack import read_with_webdataset, shard_files
@@ -200,9 +200,10 @@ def test_same_output_for_any_worker_count_and_after_an_interruption(photos, prop
     tar = next((one / "train").glob("*.tar"))
     tar.write_bytes(tar.read_bytes()[:700])
     (one / ".spool").mkdir()
-    (one / spool_name("train")).write_bytes(b"stale")  # an interrupted run's spool, which it had recorded
+    for name in chunk_files(0):  # an interrupted run's damaged spool chunk, which it had recorded
+        (one / name).write_bytes(b"stale")
     record = json.loads((one / WRITTEN).read_text())
-    (one / WRITTEN).write_text(json.dumps({"files": record["files"] + [spool_name("train")]}))
+    (one / WRITTEN).write_text(json.dumps({"files": record["files"] + list(chunk_files(0))}))
     propose_to_shards(photos / "coco", "coco", one, FAST, ProposeSettings(workers=2), progress=False)
     assert shard_files(one) == shard_files(ref) and not (one / ".spool").exists()
 
@@ -327,8 +328,10 @@ def test_rerun_after_kill_gives_identical_shards(photos, proposed, tmp_path):
         "2",
         "--quiet",
     ]
-    kill_when(cmd, out, ".spool/*.bin", tmp_path / "stop")  # killed while it spools its crops
-    subprocess.run(cmd, check=True, timeout=300)
+    kill_when(cmd, out, ".spool/chunk-000001.npz", tmp_path / "stop")  # killed after its second chunk of photos
+    rerun = subprocess.run(cmd, check=True, timeout=300, capture_output=True, text=True)
+    # Chunks are of one split: train's 8 photos, then valid's 2; those 10 are not proposed again.
+    assert "reused from an interrupted run: 10 of 12 photos" in rerun.stdout
     assert shard_files(out) == shard_files(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert not list(out.rglob("*.tmp")) and not (out / ".spool").exists()
@@ -457,7 +460,7 @@ def test_propose_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass
 
-    def fake(src, fmt, out, proposal, run, crops, progress, overwrite):
+    def fake(src, fmt, out, proposal, run, crops, progress, overwrite, cluster):
         got.update(proposal=proposal, run=run)
         raise Stop
 

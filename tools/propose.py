@@ -5,10 +5,15 @@
         [--mode fast|quality] [--max-proposals N] [--search-max-side PX] [--context 16] [--positive-iou 0.5]
         [--negatives-per-image N] [--gt-jitter K] [--split-ratios 0.7,0.15,0.15] [--classes NAMES]
         [--mask-piece N] [--mask-crack-label N] [--workers N] [--seed S] [--crops DIR] [--strict]
+        [--ray auto|local|HOST:PORT]
 
 The shards are read by `python -m train --shards SHARDS` like those of tools/pack.py. Photos or
 annotations that cannot be used are listed with their reasons in SHARDS/manifest.json; --strict
 turns any of them, and any warning (leakage, labels no threshold explains), into exit code 1.
+
+An interrupted run (Ctrl-C, kill -9, a lost node) run again with the same command reuses the photos and shards it
+finished (OUT/.spool) and ends with the same bytes. --ray runs the photos and shards as tasks on a Ray cluster
+(crackio.writing.cluster): the same bytes as without it.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser, incomplete, run_command  # noqa: E402
-from crackio.errors import OutOfRange  # noqa: E402
+from crackio.errors import ConfigError, OutOfRange  # noqa: E402
 from crackio.flags import add_flags, flag  # noqa: E402
-from crackio.storage.remote import location  # noqa: E402
+from crackio.storage.remote import is_remote, location  # noqa: E402
 from crackio.storage.upload import write_pack  # noqa: E402
 from crackio.writing.annotations import FORMATS  # noqa: E402
+from crackio.writing.cluster import RayCluster, check_address  # noqa: E402
 from crackio.writing.pack import print_skipped, warnings  # noqa: E402
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards, summary  # noqa: E402
 from crackio.writing.regions import METHODS, MODES, ProposalSettings  # noqa: E402
@@ -64,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--overwrite", action="store_true", help="replace a pack of another source or settings already in --out"
     )
+    ap.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        type=_ray_address,
+        help="run on a Ray cluster: auto (RAY_ADDRESS's, or one running here), local (start one here) or HOST:PORT "
+        "of its head; every node must reach SRC and --out at the same paths (one CPU per task; --workers unused)",
+    )
     # Every other flag is a settings field (crackio.flags). The smallest proposal, the crop's size and its JPEG
     # quality are fixed (no flag); --search-max-side, --split-ratios and --classes parse their text themselves.
     group = ap.add_argument_group("proposals")
@@ -101,25 +114,31 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OutOfRange as e:  # the settings' own checks, said in this command's flags: --max-proposals must be >= 1
         ap.error(e.named(flag))
-    return run_command(
-        lambda: report(
-            write_pack(
-                args.out,
-                lambda out: propose_to_shards(
-                    args.src,
-                    args.format,
-                    out,
-                    proposal,
-                    run,
-                    args.crops,
-                    progress=not args.quiet,
-                    overwrite=args.overwrite,
-                ),
-            ),
-            args,
-        ),
-        incomplete(args.out),
-    )
+
+    def propose(out: Path) -> dict:
+        def here(cluster: RayCluster | None) -> dict:
+            return propose_to_shards(
+                args.src, args.format, out, proposal, run, args.crops, not args.quiet, args.overwrite, cluster
+            )
+
+        if args.ray is None:
+            return here(None)
+        if is_remote(args.out):
+            raise ConfigError(
+                f"--ray with --out {args.out}: Ray's tasks write the shards into a folder every node reaches; give "
+                "--out a shared folder (NFS, a mounted bucket), then copy it up"
+            )
+        with RayCluster(args.ray) as cluster:
+            return here(cluster)
+
+    return run_command(lambda: report(write_pack(args.out, propose), args), incomplete(args.out))
+
+
+def _ray_address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def report(manifest: dict, args: argparse.Namespace) -> int:

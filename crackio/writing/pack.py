@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ from crackio.writing.filenames import Proposal
 from crackio.writing.images import prepare, strict_pillow
 from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
-from crackio.writing.splits import Sample, shard_slices, split_order, write_split
-from crackio.writing.workers import check_stop, tick
+from crackio.writing.splits import Sample, record_name, shard_slices, split_order, write_split
+from crackio.writing.spool import SPOOL, remove_spool
+from crackio.writing.workers import check_stop, processes, tick
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,18 @@ class PackSource(NamedTuple):
             tick()
             meta = {"filename": p.filename, "image": p.stem, "proposal": p.proposal, "iou": p.iou, "label": p.label}
             yield Sample(key, result.data, meta, result.digest, result.note, display_name(path))
+
+    def fingerprint(self) -> str:
+        """What decides the shard's bytes: its place in the split's order, the settings, and each input's name,
+        size and modification time."""
+        h = hashlib.sha256(f"pack {self.split} {self.number} {self.first_key} {self.size} {self.quality}".encode())
+        for p in self.proposals:
+            try:
+                st = os.stat(os.path.join(self.src_dir, p.filename))
+                h.update(f"{p.filename}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p.filename}\0missing\n".encode())
+        return h.hexdigest()
 
 
 def index_rows(ordered: list[Proposal]) -> np.ndarray:
@@ -136,9 +150,12 @@ def _plan(found: Found, out: Path, settings: PackSettings) -> _Plan:
     return _Plan(ordered, sources)
 
 
-def _write_splits(out: Path, plan: _Plan, workers: int, progress: bool) -> tuple[dict, dict, list[tuple[str, str]]]:
-    """Every split's shards and index: (manifest entry, what the leakage report reads, skipped inputs) per split."""
-    splits, stored, skipped = {}, {}, []
+def _write_splits(
+    out: Path, plan: _Plan, workers: int, progress: bool
+) -> tuple[dict, dict, list[tuple[str, str]], int]:
+    """Every split's shards and index: (manifest entry, what the leakage report reads, skipped inputs) per split,
+    and how many shards an interrupted run had finished (reused)."""
+    splits, stored, skipped, reused = {}, {}, [], 0
     total = sum(len(o) for o in plan.ordered.values())
     with (
         strict_pillow(),
@@ -150,11 +167,13 @@ def _write_splits(out: Path, plan: _Plan, workers: int, progress: bool) -> tuple
             def advance(done: int, shown: int = shown) -> None:
                 bar.update(shown + done - bar.n)
 
-            written = write_split(out / split, split, index_rows(plan.ordered[split]), shard_sources, workers, advance)
+            rows = index_rows(plan.ordered[split])
+            written = write_split(out / split, split, rows, shard_sources, processes(workers), advance, out / SPOOL)
             splits[split] = written.entry
             stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
             skipped += written.skipped
-    return splits, stored, skipped
+            reused += written.reused
+    return splits, stored, skipped, reused
 
 
 def pack(
@@ -201,13 +220,15 @@ def pack(
         identity = {"source": display_name(src), "stage": None, "settings": kept}  # the seed is a setting
         check_replacing(display_name(out), read_existing(out), identity, overwrite)
         planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in plan.ordered.items()))
-        held.claim(planned)
+        records = {f"{SPOOL}/{record_name(s, src.number)}" for s, sources in plan.sources.items() for src in sources}
+        held.claim(planned | records)
         # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
         (out / MANIFEST).unlink(missing_ok=True)
         for split in plan.ordered:
             (out / split).mkdir(exist_ok=True)
+        (out / SPOOL).mkdir(exist_ok=True)
         workers = settings.workers or len(os.sched_getaffinity(0))
-        splits, stored, skipped = _write_splits(out, plan, workers, progress)
+        splits, stored, skipped, reused = _write_splits(out, plan, workers, progress)
         skipped = sorted([(s.path, s.reason) for s in found.skipped] + skipped)
         manifest = build_manifest(
             source=display_name(src),
@@ -219,10 +240,14 @@ def pack(
             ignored=dict(sorted(found.ignored.items())),
             skipped=[{"path": p, "reason": r} for p, r in skipped],
         )
-        held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete pack
+        files = manifest_files(manifest)
+        held.finish(files | records)  # before the manifest: a failure here leaves no complete pack
         write_manifest(out, manifest)
+        held.finish(files)  # the resume records go once the pack is complete
+        remove_spool(out, set())
     result = dict(manifest)
     result["seconds"] = time.perf_counter() - t0
+    result["reused"] = {"shards": reused}
     return result
 
 
@@ -237,8 +262,10 @@ def summary(manifest: dict, out: str | Path) -> str:
     converted = sum(sum(s["converted"].values()) for s in manifest["splits"].values())
     ignored = sum(manifest.get("ignored", {}).values())
     secs = manifest.get("seconds", 0.0)
+    reused = manifest.get("reused", {}).get("shards", 0)
+    again = f" ({reused} reused from an interrupted run)" if reused else ""
     lines = [
-        f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards, {mb:.1f} MB in {out}; "
+        f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards{again}, {mb:.1f} MB in {out}; "
         f"{converted} converted, {len(manifest['skipped'])} skipped, {ignored} ignored; {secs:.1f} s"
     ]
     lines += [f"warning: {w}" for w in warnings(manifest)]

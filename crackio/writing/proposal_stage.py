@@ -1,12 +1,15 @@
 """Annotated photos straight to shards: R-CNN's proposal stage without a folder of small files.
 
-    photos + annotations ─ read (crackio.writing.annotations) ─ per photo, in threads: decode upright,
-    ground truth, selective search, IoU and label, warp (crackio.writing.regions) ─ spool per split,
-    in photo order ─ seeded global shuffle ─ shards, index, manifest (crackio.shards), as pack writes them
+    photos + annotations ─ read (crackio.writing.annotations) ─ per photo, in threads here or in Ray tasks:
+    decode upright, ground truth, selective search, IoU and label, warp (crackio.writing.regions) ─ spool
+    chunks of 16 photos, in photo order ─ per split, seeded global shuffle ─ shards (worker processes or Ray
+    tasks), index, manifest, as pack writes them
 
-The spool (OUT/.spool/<split>.bin, removed at the end) holds each split's crops once, so the
+The spool (OUT/.spool, crackio.writing.spool; removed at the end) holds each split's crops once, so the
 global shuffle needs no photo decoded twice and memory stays bounded however many photos there
-are (photos in flight: twice the workers; index rows: ~150 bytes per crop).
+are (photos in flight: twice the workers; index rows: ~150 bytes per crop). Its chunks and each finished
+shard are recorded as they are completed, so the same command after an interruption (Ctrl-C, `kill -9`, a lost
+node) redoes only the rest and ends with the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,14 +31,30 @@ from crackio.errors import MOST_THREADS, ConfigError, OutOfRange, below
 from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
 from crackio.format.manifest import Manifest, build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
-from crackio.fsio import display_name, write_error
+from crackio.fsio import display_name
 from crackio.writing.annotations import Annotated, Photo, read_annotations, resolve_boxes
-from crackio.writing.filenames import format_name
 from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
 from crackio.writing.regions import ProposalSettings, encode_jpeg, propose, warp
-from crackio.writing.spool import SPOOL, Spool, remove_spool, spool_name, write_spooled_split
+from crackio.writing.splits import record_name
+from crackio.writing.spool import (
+    COUNTS,
+    SPOOL,
+    Chunk,
+    ChunkRecord,
+    chunk_files,
+    fingerprint,
+    plan_chunks,
+    read_chunk,
+    remove_spool,
+    write_chunk,
+    write_spooled_split,
+)
+from crackio.writing.workers import Runner, processes
+
+if TYPE_CHECKING:
+    from crackio.writing.cluster import RayCluster
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ def propose_to_shards(
     crops: str | os.PathLike | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    cluster: RayCluster | None = None,
 ) -> dict:
     """Read annotated photos in `fmt`, propose, warp, and write shards to `out`; returns the manifest.
 
@@ -169,7 +189,9 @@ def propose_to_shards(
     ground-truth boxes some selective-search proposal covers at IoU >= 0.5), and `proposals`, the
     settings detection reuses. `crops` also writes the original's proposal folder
     (`crops/<split>/<stem>.<proposal>.<iou>.<label>.jpg`). The returned dict adds `seconds` and
-    `timing` (selective search, crops, writing), which the file omits: same input and seed, same bytes. A pack of
+    `timing` (selective search, crops, writing) and `reused` (photos and shards an interrupted run had finished,
+    found in OUT/.spool: crackio.writing.spool), which the file omits: same input and seed, same bytes, whether run
+    here, on a Ray `cluster` (crackio.writing.cluster; OUT must be a folder every node reaches) or resumed. A pack of
     another source or settings already in `out` is replaced only with `overwrite`
     (`crackio.writing.outdir.check_replacing`).
 
@@ -195,16 +217,18 @@ def propose_to_shards(
         )
     splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
     jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
-    stage = _Stage(src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None)
+    identity = {
+        "source": display_name(src.resolve()),
+        "stage": "propose",
+        "proposals": proposal.as_dict(),
+        "settings": _settings_of(run),  # the seed is one
+    }
+    # What a spool chunk's bytes also depend on: the annotations' reading (format, classes taken as crack).
+    chunk_identity = {**identity, "format": fmt, "positive": annotated.positive, "read": annotated.settings}
+    stage = _Stage(src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None, chunk_identity)
     with OutputFolder(out) as held:
-        identity = {
-            "source": display_name(src.resolve()),
-            "stage": "propose",
-            "proposals": proposal.as_dict(),
-            "settings": _settings_of(run),  # the seed is one
-        }
         check_replacing(display_name(out), read_existing(out), identity, overwrite)
-        return _propose(held, stage, progress, t0)
+        return _propose(held, stage, progress, t0, cluster)
 
 
 def _settings_of(run: ProposeSettings) -> dict:
@@ -224,132 +248,131 @@ class _Stage(NamedTuple):
     proposal: ProposalSettings
     run: ProposeSettings
     crops: Path | None  # also write the original's proposal folder here
+    identity: dict  # what decides a spool chunk's bytes beside its photos (crackio.writing.spool.fingerprint)
 
 
-class _Spooler:
-    """What the photo loop gathers: each split's spool, its counts, the problems found, the time spent."""
-
-    def __init__(self, out: Path, dtype: np.dtype, crops: Path | None, problems: list[tuple[str, str]]):
-        self.out, self.dtype, self.crops = out, dtype, crops
-        self.spools: dict[str, Spool] = {}
-        self.stats: dict[str, dict] = {}
-        self.skipped = [{"path": path, "reason": reason} for path, reason in problems]
-        self.timing = {"search": 0.0, "crops": 0.0, "write": 0.0}
-        self.crops_made = 0
-
-    def add(self, result: PhotoResult) -> None:
-        path = display_name(result.photo.path)
-        self.skipped += [{"path": path, "reason": why} for why in result.problems]
-        counts = ("photos", "ground_truth_boxes", "recall_hits", "proposals", "regions", "uncapped_hits")
-        s = self.stats.setdefault(result.split, dict.fromkeys(counts, 0))
-        if result.failed:
-            return
-        s["photos"] += 1
-        s["ground_truth_boxes"] += len(result.gt)
-        s["recall_hits"] += result.recall_hits
-        s["proposals"] += result.proposals
-        s["regions"] += result.regions
-        s["uncapped_hits"] += result.uncapped_hits
-        for key in ("search", "crops"):
-            self.timing[key] += result.seconds[key]
-        w0 = time.perf_counter()
-        if result.split not in self.spools:
-            self.spools[result.split] = Spool(self.out / spool_name(result.split), self.dtype)
-        self.spools[result.split].add(result)
-        if self.crops is not None:  # the original's proposal folder too (--crops)
-            folder = self.crops / result.split
-            folder.mkdir(parents=True, exist_ok=True)
-            for (number, iou, label, *_), jpeg in zip(result.rows, result.jpegs):
-                crop = folder / format_name(result.photo.stem, number, iou, label)
-                try:
-                    crop.write_bytes(jpeg)
-                except OSError as e:
-                    raise write_error(crop, e) from None
-        self.timing["write"] += time.perf_counter() - w0
-        self.crops_made += len(result.rows)
-
-    def split_stats(self, split: str) -> dict:
-        """The proposal stage's own fields of the split's manifest entry: recall at the cap, and the regions
-        selective search returned before it with their recall, which tell whether the cap or the method bounds it."""
-        s = self.stats[split]
-        gt = s["ground_truth_boxes"]
-        return {
-            "photos": s["photos"],
-            "ground_truth_boxes": gt,
-            "proposals_considered": s["proposals"],
-            "proposal_recall": round(s["recall_hits"] / gt, 4) if gt else None,
-            "regions_before_cap": s["regions"],
-            "proposal_recall_uncapped": round(s["uncapped_hits"] / gt, 4) if gt else None,
-        }
-
-    def close(self) -> None:
-        for spool in self.spools.values():
-            with contextlib.suppress(OSError):  # a full disk fails the flush again; the spool goes anyway
-                spool.file.close()
-
-
-def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float) -> dict:
-    """`propose_to_shards` once OUT is held: photos into the spool, then shards, manifest."""
-    out = stage.out
-    split_names = {split for _, split in stage.jobs}
-    held.claim({MANIFEST} | {spool_name(s) for s in split_names})
-    (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
-    remove_spool(out, split_names)
-    (out / SPOOL).mkdir(exist_ok=True)
-    slen = max(len(p.stem.encode()) for p in stage.annotated.photos)
-    dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
-    workers = stage.run.workers or len(os.sched_getaffinity(0))
-    spooler = _Spooler(out, dtype, stage.crops, stage.annotated.problems)
+def propose_chunk(out: Path, chunk: Chunk, fp: str, dtype: np.dtype, stage_args: tuple) -> ChunkRecord:
+    """One chunk's photos proposed one after another and written to the spool (a Ray task: one CPU each, so
+    OpenCV uses one thread). `stage_args`: (ProposalSettings, seed, crops folder or None)."""
     import cv2
 
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
+    proposal, seed, crops = stage_args
+    cv2.setNumThreads(1)
+    results = [process_photo(photo, split, proposal, seed) for photo, split in chunk.jobs]
+    return write_chunk(out, chunk, fp, dtype, results, crops)
+
+
+def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, cluster: RayCluster | None) -> dict:
+    """`propose_to_shards` once OUT is held: photos into the spool's chunks (reusing those an interrupted run
+    finished), then shards (likewise), manifest, and the spool removed."""
+    out = stage.out
+    slen = max(len(p.stem.encode()) for p in stage.annotated.photos)
+    dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
+    chunks = plan_chunks(stage.jobs)
+    fps = [fingerprint(stage.identity, dtype, c) for c in chunks]
+    spool_files = {name for c in chunks for name in chunk_files(c.number)}
+    held.claim({MANIFEST} | spool_files)
+    (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
+    (out / SPOOL).mkdir(exist_ok=True)
+    records: list[ChunkRecord | None] = [read_chunk(out, c, fp, dtype) for c, fp in zip(chunks, fps)]
+    reused_photos = sum(len(c.jobs) for c, r in zip(chunks, records) if r is not None)
+    workers = stage.run.workers or len(os.sched_getaffinity(0))
+    bar = progress_bar(
+        total=len(stage.jobs), initial=reused_photos, unit="photo", desc="propose", disable=not progress, smoothing=0.1
+    )
     try:
-        _spool_photos(stage, spooler, workers, progress)
-        splits, stored = _write_shards(held, stage, spooler, workers)
+        if cluster is not None:
+            todo = [i for i, r in enumerate(records) if r is None]
+            tasks = [
+                (out.resolve(), chunks[i], fps[i], dtype, (stage.proposal, stage.run.seed, stage.crops)) for i in todo
+            ]
+            for i, record in zip(todo, cluster.run(propose_chunk, tasks, bar.update, [len(t[1].jobs) for t in tasks])):
+                records[i] = record
+        else:
+            _propose_here(stage, chunks, fps, dtype, records, workers, bar)
     finally:
-        cv2.setNumThreads(threads)
-        spooler.close()
-        remove_spool(out, split_names)
-    manifest = _manifest(stage, spooler, splits, stored)
-    held.finish(manifest_files(manifest))  # before the manifest: a failure here leaves no complete run
+        bar.close()
+    done = [r for r in records if r is not None]
+    if cluster is not None:  # the tasks run elsewhere: they get OUT as an absolute path
+        splits, stored, shard_records, reused_shards = _write_shards(held, stage, done, cluster.run, out.resolve())
+    else:
+        splits, stored, shard_records, reused_shards = _write_shards(held, stage, done, processes(workers), out)
+    manifest = _manifest(stage, done, splits, stored)
+    files = manifest_files(manifest)
+    held.finish(files | spool_files | shard_records)  # before the manifest: a failure here leaves no complete run
     write_manifest(out, manifest)
+    held.finish(files)  # the spool goes once the pack is complete
+    remove_spool(out, spool_files | shard_records)
     returned: dict = dict(manifest)
     returned["seconds"] = time.perf_counter() - t0
-    returned["timing"] = spooler.timing
+    returned["timing"] = {k: sum(r.timing[k] for r in done) for k in ("search", "crops", "write")}
+    returned["reused"] = {"photos": reused_photos, "photos_total": len(stage.jobs), "shards": reused_shards}
     return returned
 
 
-def _spool_photos(stage: _Stage, spooler: _Spooler, workers: int, progress: bool) -> None:
-    """Every photo proposed and warped (in `workers` threads), its crops spooled in photo order."""
-    bar = progress_bar(total=len(stage.jobs), unit="photo", desc="propose", disable=not progress, smoothing=0.1)
+def _propose_here(
+    stage: _Stage, chunks: list[Chunk], fps: list[str], dtype: np.dtype, records: list, workers: int, bar
+) -> None:
+    """The chunks not yet in the spool, proposed in `workers` threads of this process (OpenCV one thread each when
+    there are several), each written as soon as its last photo is done."""
+    import cv2
+
+    todo = [i for i, r in enumerate(records) if r is None]
+    jobs = [job for i in todo for job in chunks[i].jobs]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1 if workers > 1 else threads)  # parallel over photos, not inside one
+    crops_made = sum(len(r.rows) for r in records if r is not None)
     try:
-        for result in results_in_order(stage.jobs, stage.proposal, stage.run.seed, workers):
-            bar.update()
-            spooler.add(result)
-            rate = spooler.crops_made / max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix(crops=spooler.crops_made, crops_s=f"{rate:.0f}")
+        with contextlib.closing(results_in_order(jobs, stage.proposal, stage.run.seed, workers)) as results:
+            for i in todo:
+                got = []
+                for _ in chunks[i].jobs:
+                    got.append(next(results))
+                    bar.update()
+                    crops_made += len(got[-1].rows)
+                    rate = crops_made / max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix(crops=crops_made, crops_s=f"{rate:.0f}")
+                records[i] = write_chunk(stage.out, chunks[i], fps[i], dtype, got, stage.crops)
     finally:
-        bar.close()
+        cv2.setNumThreads(threads)
 
 
-def _write_shards(held: OutputFolder, stage: _Stage, spooler: _Spooler, workers: int) -> tuple[dict, dict]:
-    """Each split's spool shuffled into shards: (manifest entry, what the leakage report reads) per split."""
-    w0 = time.perf_counter()
-    splits, stored = {}, {}
-    for split in sorted(spooler.spools, key=split_sort_key):
-        spool, per = spooler.spools[split], stage.run.samples_per_shard
-        held.claim(planned_files(split, -(-sum(len(r) for r in spool.rows) // per)))
-        written = write_spooled_split(
-            spool, stage.out, split, stage.run.seed, per, workers, **spooler.split_stats(split)
-        )
+def _split_stats(records: list[ChunkRecord], split: str) -> dict:
+    """The proposal stage's own fields of the split's manifest entry: recall at the cap, and the regions
+    selective search returned before it with their recall, which tell whether the cap or the method bounds it."""
+    s = {k: sum(r.counts[k] for r in records if r.split == split) for k in COUNTS}
+    gt = s["ground_truth_boxes"]
+    return {
+        "photos": s["photos"],
+        "ground_truth_boxes": gt,
+        "proposals_considered": s["proposals"],
+        "proposal_recall": round(s["recall_hits"] / gt, 4) if gt else None,
+        "regions_before_cap": s["regions"],
+        "proposal_recall_uncapped": round(s["uncapped_hits"] / gt, 4) if gt else None,
+    }
+
+
+def _write_shards(
+    held: OutputFolder, stage: _Stage, records: list[ChunkRecord], run: Runner, out: Path
+) -> tuple[dict, dict, set[str], int]:
+    """Each split with a usable photo shuffled from its chunks into shards: (manifest entry, what the leakage
+    report reads) per split, the shards' resume records, how many shards were reused."""
+    splits, stored, shard_records, reused = {}, {}, set(), 0
+    per = stage.run.samples_per_shard
+    for split in sorted({r.split for r in records if r.counts["photos"]}, key=split_sort_key):
+        mine = [r for r in records if r.split == split]
+        count = -(-sum(len(r.rows) for r in mine) // per)
+        names = {f"{SPOOL}/{record_name(split, k)}" for k in range(count)}
+        held.claim(planned_files(split, count) | names)
+        shard_records |= names
+        written = write_spooled_split(mine, out, split, stage.run.seed, per, run, **_split_stats(mine, split))
         splits[split] = written.entry
         stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
-    spooler.timing["write"] += time.perf_counter() - w0
-    return splits, stored
+        reused += written.reused
+    return splits, stored, shard_records, reused
 
 
-def _manifest(stage: _Stage, spooler: _Spooler, splits: dict, stored: dict) -> Manifest:
+def _manifest(stage: _Stage, records: list[ChunkRecord], splits: dict, stored: dict) -> Manifest:
     annotated = stage.annotated
     return build_manifest(
         source=display_name(stage.src.resolve()),
@@ -369,7 +392,13 @@ def _manifest(stage: _Stage, spooler: _Spooler, splits: dict, stored: dict) -> M
         splits=splits,
         leakage=leakage_report(stored),
         ignored={},
-        skipped=sorted(spooler.skipped, key=lambda s: (s["path"], s["reason"])),
+        skipped=sorted(
+            (
+                {"path": path, "reason": why}
+                for path, why in [*annotated.problems, *(p for r in records for p in r.problems)]
+            ),
+            key=lambda s: (s["path"], s["reason"]),
+        ),
     )
 
 
@@ -404,7 +433,14 @@ def summary(manifest: dict, out: str | Path) -> str:
     t = manifest.get("timing", {})
     busy = sum(t.values()) or 1.0
     timing = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in t.items())
+    reused = manifest.get("reused", {})
+    again = (
+        f"; reused from an interrupted run: {reused['photos']} of {reused['photos_total']} photos, "
+        f"{reused['shards']} shards"
+        if reused.get("photos") or reused.get("shards")
+        else ""
+    )
     return (
-        f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems; "
+        f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems{again}; "
         f"{manifest.get('seconds', 0.0):.1f} s ({timing} of worker+writer time)"
     )

@@ -4,25 +4,33 @@ entry. Producers differ only in where a sample's JPEG bytes come from: a `ShardS
 
 Shard k's contents depend only on its slice of the order, so the bytes do not depend on the worker count,
 and a skipped input only makes its shard smaller (keys keep their gaps).
+
+Resume: as each shard is finished, its writer records it (`<records>/shard-<split crc>-NNNNNN.npz`: the source's
+fingerprint, the shard's manifest entry and index locations). A re-run whose shard has the same fingerprint, and
+whose tar and .idx still have the recorded SHA-256s, reuses it instead of writing it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from crackio.format.index import file_sha256
 from crackio.format.layout import CONVERTED, INDEX, shard_name
 from crackio.format.manifest import SplitEntry, split_entry
 from crackio.format.tar import ShardResult, assemble_index, save_index, write_shard
 from crackio.fsio import atomic_write
 from crackio.writing.quality import iou_histogram, label_report
-from crackio.writing.workers import run_ordered
+from crackio.writing.workers import Runner
 
 
 class Sample(NamedTuple):
@@ -48,12 +56,15 @@ class ShardSource(Protocol):
 
     def samples(self) -> Iterator[Sample]: ...
 
+    def fingerprint(self) -> str: ...  # SHA-256 (hex) of everything that decides the shard's bytes
+
 
 class WrittenShard(NamedTuple):
     result: ShardResult
     skipped: list[tuple[str, str]]  # (path, reason)
     converted: list[str]  # converted.tsv lines
     digests: np.ndarray  # S16 per stored sample, in key order
+    reused: bool = False  # an interrupted run's shard, found complete and unchanged
 
 
 def split_order(split: str, count: int, seed: int) -> np.ndarray:
@@ -71,8 +82,61 @@ def tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def write_source(source: ShardSource) -> WrittenShard:
-    """Write one shard from its source (runs in a worker process)."""
+def record_name(split: str, number: int) -> str:
+    """The file that records shard `number` of `split` as finished (relative to the records folder)."""
+    return f"shard-{zlib.crc32(split.encode()):08x}-{number:06d}.npz"
+
+
+def _save_record(path: Path, fp: str, written: WrittenShard) -> None:
+    meta = {
+        "fingerprint": fp,
+        "number": written.result.number,
+        "entry": written.result.entry,
+        "skipped": written.skipped,
+        "converted": written.converted,
+    }
+    buf = io.BytesIO()
+    np.savez(buf, located=written.result.located, digests=written.digests,
+             meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))  # fmt: skip
+    atomic_write(path, buf.getvalue())
+
+
+def _reusable(source: ShardSource, path: Path, fp: str) -> WrittenShard | None:
+    """The recorded shard, when its record matches `fp` and its files still have the recorded digests."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            located, digests = z["located"], z["digests"]
+        if meta["fingerprint"] != fp or meta["number"] != source.number:
+            return None
+        entry = meta["entry"]
+        if entry is not None:
+            tar = source.folder / shard_name(source.split, source.number)
+            if file_sha256(tar) != entry["sha256"] or file_sha256(tar.with_suffix(".idx")) != entry["idx_sha256"]:
+                return None
+        result = ShardResult(source.number, entry, located)
+        skipped = [(str(p), str(r)) for p, r in meta["skipped"]]
+        return WrittenShard(result, skipped, list(meta["converted"]), digests, reused=True)
+    except (OSError, ValueError, KeyError, TypeError, zlib.error, EOFError):
+        return None  # missing or damaged: written again
+
+
+def write_source(source: ShardSource, records: Path | None = None) -> WrittenShard:
+    """Write one shard from its source (runs in a worker process or a Ray task); with `records`, reuse the shard
+    an interrupted run finished (same fingerprint, files intact) and record this one when it is finished."""
+    if records is not None:
+        fp = source.fingerprint()
+        path = records / record_name(source.split, source.number)
+        found = _reusable(source, path, fp)
+        if found is not None:
+            return found
+        written = _write_source(source)
+        _save_record(path, fp, written)
+        return written
+    return _write_source(source)
+
+
+def _write_source(source: ShardSource) -> WrittenShard:
     skipped: list[tuple[str, str]] = []
     converted: list[str] = []
     digests: list[bytes] = []
@@ -97,6 +161,7 @@ class WrittenSplit(NamedTuple):
     entry: SplitEntry  # the manifest's entry for the split
     digests: np.ndarray  # S16 per row
     skipped: list[tuple[str, str]]  # (path, reason)
+    reused: int  # shards an interrupted run had finished, reused
 
 
 def write_split(
@@ -104,17 +169,21 @@ def write_split(
     split: str,
     rows: np.ndarray,
     sources: Sequence[ShardSource],
-    workers: int,
+    run: Runner,
     progress: Callable[[int], None] | None = None,
+    records: Path | None = None,
     **stats,
 ) -> WrittenSplit:
-    """Write a split's shards (from `sources`, shard by shard), then its index and converted list.
+    """Write a split's shards (from `sources`, shard by shard, through `run`: worker processes or a Ray cluster),
+    then its index and converted list.
 
     `rows`: every input's index row in the split's seeded order (row k has key k), with the producer's columns
-    filled; the location columns are filled here for the stored ones. `stats`: producer-specific fields of the
+    filled; the location columns are filled here for the stored ones. `records`: the folder of the shards' resume
+    records (module docstring); None writes every shard. `stats`: producer-specific fields of the
     manifest entry (the proposal stage's photos, ground-truth boxes, recall).
     """
-    written = list(run_ordered(write_source, sources, workers, progress))
+    task = write_source if records is None else partial(write_source, records=records)
+    written = list(run(task, sources, progress))
     located, shards = assemble_index([w.result for w in written], rows.dtype)
     kept = rows[located["key"]]
     for column in ("shard", "offset", "size", "crc32", "key"):
@@ -144,4 +213,5 @@ def write_split(
         shards=shards,
     )
     digests = np.concatenate([w.digests for w in written]) if written else np.zeros(0, "S16")
-    return WrittenSplit(kept, entry, digests, [s for w in written for s in w.skipped])
+    skipped = [s for w in written for s in w.skipped]
+    return WrittenSplit(kept, entry, digests, skipped, sum(w.reused for w in written))

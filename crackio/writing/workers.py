@@ -32,10 +32,28 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class Runner(Protocol):
+    """What runs a writing stage's tasks: `run(fn, tasks, progress)` yields `fn(task)` in task order. Worker
+    processes on this machine (`processes`) or a Ray cluster (crackio.writing.cluster.RayCluster.run)."""
+
+    def __call__(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], progress: Callable[[int], None] | None = None
+    ) -> Iterator[Any]: ...
+
+
+def processes(workers: int) -> Runner:
+    """A Runner of `workers` forked processes on this machine (`run_ordered`)."""
+
+    def run(fn, tasks, progress=None):
+        return run_ordered(fn, tasks, workers, progress)
+
+    return run
 
 
 class Stopped(Exception):
