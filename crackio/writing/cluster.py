@@ -112,7 +112,8 @@ class RayCluster:
         """
         ray = self.ray
         if fn not in self._remote:
-            name = getattr(fn, "__name__", None) or fn.func.__name__  # a function, or a partial of one
+            inner: Any = getattr(fn, "func", fn)  # a function, or a partial of one
+            name = getattr(fn, "__name__", None) or inner.__name__
             self._remote[fn] = ray.remote(num_cpus=1, max_retries=3)(_call).options(name=name)
         remote = self._remote[fn]
         refs = [remote.remote(fn, task) for task in tasks]
