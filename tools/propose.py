@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace a pack of another source or settings already in --out"
     )
     ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add SRC's photos to the pack in --out (made by this tool with the same settings): its shards stay as "
+        "they are, new shards follow; photos it holds already are skipped",
+    )
+    ap.add_argument(
         "--ray",
         metavar="ADDRESS",
         type=_ray_address,
@@ -118,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     def propose(out: Path) -> dict:
         def here(cluster: RayCluster | None) -> dict:
             return propose_to_shards(
-                args.src, args.format, out, proposal, run, args.crops, not args.quiet, args.overwrite, cluster
-            )
+                args.src, args.format, out, proposal, run, args.crops, not args.quiet, args.overwrite, cluster,
+                args.append,
+            )  # fmt: skip
 
         if args.ray is None:
             return here(None)
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         with RayCluster(args.ray) as cluster:
             return here(cluster)
 
-    return run_command(lambda: report(write_pack(args.out, propose), args), incomplete(args.out))
+    if args.append and args.overwrite:
+        ap.error("--append adds to the pack in --out and --overwrite replaces it: give one of them")
+    return run_command(lambda: report(write_pack(args.out, propose, appending=args.append), args), incomplete(args.out))
 
 
 def _ray_address(text: str) -> str:
@@ -142,6 +151,9 @@ def _ray_address(text: str) -> str:
 
 
 def report(manifest: dict, args: argparse.Namespace) -> int:
+    if manifest.get("appended") == 0:
+        print(f"appended nothing: every photo of {args.src} is in {args.out} already ({manifest['reused']['already']})")
+        return 0
     print_skipped(manifest, args.out, word="problem")
     print(summary(manifest, args.out))
     problems = warnings(manifest)  # leakage between splits, labels no threshold explains

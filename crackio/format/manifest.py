@@ -88,6 +88,33 @@ def split_entry(
     return entry  # type: ignore[return-value]  # a TypedDict with the producer's extra keys
 
 
+def photo_sets(manifest: dict) -> list[dict]:
+    """The photo sets a tools/propose.py pack records, as written: {"source", "annotations", "photos": {"root",
+    "splits"}} for the photos it was made from, then one per `--append` (the manifest's `appended`); those with
+    malformed fields left out (read leniently: detection and append use them, loaders never do)."""
+    sets = [{k: manifest.get(k) for k in ("source", "annotations", "photos")}, *(manifest.get("appended") or [])]
+    return [
+        s
+        for s in sets
+        if isinstance(s, dict)
+        and isinstance(s.get("source"), str)
+        and isinstance(s.get("annotations"), dict)
+        and isinstance(s.get("photos"), dict)
+        and isinstance(s["photos"].get("root"), str)
+        and isinstance(s["photos"].get("splits"), dict)
+    ]
+
+
+def recorded_photos(manifest: dict) -> dict[str, Path]:
+    """The photos a tools/propose.py pack records, by stem (their files where it read them); {} for other packs."""
+    found = {}
+    for s in photo_sets(manifest):
+        for names in s["photos"]["splits"].values():
+            for n in names if isinstance(names, list) else []:
+                found[Path(str(n)).stem] = Path(s["photos"]["root"]) / str(n)
+    return found
+
+
 def build_manifest(
     *,
     source: str,

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from crackio.errors import ConfigError, CrackioError, WriteError
-from crackio.format.layout import MANIFEST, manifest_files
+from crackio.format.layout import CONVERTED, INDEX, MANIFEST, manifest_files
 from crackio.format.manifest import read_manifest
 from crackio.fsio import write_error
 from crackio.storage.remote import STORES, Missing, Remote, RemoteError, is_remote
@@ -272,11 +272,13 @@ def remote_output(url: str, timeout: float = 60.0) -> Iterator[tuple[Path, Remot
                 error.args = (f"{error}; also, {left} ({e})",)
 
 
-def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: float = 60.0) -> T:
+def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: float = 60.0, appending: bool = False) -> T:
     """`write(folder)` packs into `out` when it is a folder; for an s3:// URL, into a staging folder under the
     prefix's writer lock, then uploaded (manifest last). The staging folder starts with the manifest of the pack
     already under the prefix, so the writer refuses to replace another pack there as it would in a folder
-    (`crackio.writing.outdir.check_replacing`). Returns what `write` returned.
+    (`crackio.writing.outdir.check_replacing`); `appending` (tools/propose.py --append) also fetches its indexes
+    and converted lists, not its shards, so only the new shards, indexes and manifest are uploaded. Returns what
+    `write` returned.
 
     Raises:
         WriteError: as `write`; for a full staging folder, naming $TMPDIR.
@@ -285,13 +287,15 @@ def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: floa
     if not is_remote(out):
         before = _manifest_of(Path(out))
         result = write(Path(out))
-        _say_replaced(before, _manifest_of(Path(out)), str(out))
+        _say_replaced(before, _manifest_of(Path(out)), str(out), appending)
         return result
     with remote_output(str(out), timeout) as (staging, remote):
         before = None
         with contextlib.suppress(Missing):  # the pack there, for the writer's check against replacing another
             before = remote.get(MANIFEST)[0]
             (staging / MANIFEST).write_bytes(before)
+        if appending and before is not None:
+            _fetch_indexes(remote, staging, json.loads(before))
         try:
             result = write(staging)
         except ConfigError as e:  # the writer names its folder: here that is the staging copy of `out`
@@ -307,8 +311,22 @@ def write_pack(out: str | os.PathLike, write: Callable[[Path], T], timeout: floa
         after = _manifest_of(staging)
         sent = upload_pack(staging, remote)
     print(f"uploaded {sent / 1e6:.1f} MB to {remote.url}", file=sys.stderr)  # and the lock deleted
-    _say_replaced(before, after, remote.url)
+    _say_replaced(before, after, remote.url, appending)
     return result
+
+
+def _fetch_indexes(remote: Remote, staging: Path, manifest: object) -> None:
+    """Each split's index.npy and converted.tsv of the pack under the prefix, into `staging` (what an append
+    rewrites; the shards stay where they are). A damaged manifest fetches nothing: the writer names the problem."""
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    for split, entry in splits.items() if isinstance(splits, dict) else ():
+        names = [INDEX] + ([CONVERTED] if isinstance(entry, dict) and entry.get("converted_list") else [])
+        for name in names:
+            key = f"{split}/{name}"
+            if PACK_FILE.fullmatch(key):
+                (staging / split).mkdir(exist_ok=True)
+                with contextlib.suppress(Missing):
+                    (staging / key).write_bytes(remote.get(key)[0])
 
 
 def _manifest_of(folder: Path) -> bytes | None:
@@ -319,9 +337,17 @@ def _manifest_of(folder: Path) -> bytes | None:
         return None
 
 
-def _say_replaced(before: bytes | None, after: bytes | None, out: str) -> None:
+def _say_replaced(before: bytes | None, after: bytes | None, out: str, appending: bool = False) -> None:
     """A note when the pack written to `out` replaced a pack of other contents (the same source and settings, say,
-    over changed files): its identity changed, and runs trained on the earlier pack cannot resume on it."""
+    over changed files), or grew (`appending`): its identity changed, and runs trained on the earlier pack cannot
+    resume on it."""
+    if appending and before is not None and after is not None and before != after:
+        print(
+            f"note: {out} has a new identity with the photos appended: runs trained on it before will not --resume "
+            "on it; a new run trains on all of it",
+            file=sys.stderr,
+        )
+        return
     if before is not None and after is not None and before != after:
         print(
             f"note: {out} held a pack with other contents, now replaced (its identity changed: runs trained on the "

@@ -15,6 +15,7 @@ node) redoes only the rest and ends with the same bytes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import deque
@@ -28,16 +29,26 @@ from PIL import Image, ImageOps
 
 from crackio.cli import progress_bar
 from crackio.errors import MOST_THREADS, ConfigError, OutOfRange, below
-from crackio.format.layout import MANIFEST, SPLITS, manifest_files, planned_files, split_sort_key
+from crackio.format.layout import MANIFEST, SPLITS, manifest_files, shard_name, split_files, split_sort_key
 from crackio.format.manifest import Manifest, build_manifest, write_manifest
 from crackio.format.schema import PROPOSAL_FIELDS, index_dtype
 from crackio.fsio import display_name
 from crackio.writing.annotations import Annotated, Photo, read_annotations, resolve_boxes
+from crackio.writing.append import (
+    Existing,
+    already_in,
+    base_files,
+    content_keys,
+    draw_split,
+    keep_base,
+    merged_stats,
+    read_existing_pack,
+)
 from crackio.writing.images import strict_pillow, to_rgb8
 from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
 from crackio.writing.regions import ProposalSettings, encode_jpeg, propose, warp
-from crackio.writing.splits import record_name
+from crackio.writing.splits import Before, record_name
 from crackio.writing.spool import (
     COUNTS,
     SPOOL,
@@ -182,6 +193,7 @@ def propose_to_shards(
     progress: bool = True,
     overwrite: bool = False,
     cluster: RayCluster | None = None,
+    append: bool = False,
 ) -> dict:
     """Read annotated photos in `fmt`, propose, warp, and write shards to `out`; returns the manifest.
 
@@ -193,11 +205,13 @@ def propose_to_shards(
     found in OUT/.spool: crackio.writing.spool), which the file omits: same input and seed, same bytes, whether run
     here, on a Ray `cluster` (crackio.writing.cluster; OUT must be a folder every node reaches) or resumed. A pack of
     another source or settings already in `out` is replaced only with `overwrite`
-    (`crackio.writing.outdir.check_replacing`).
+    (`crackio.writing.outdir.check_replacing`). `append`: add the photos to the proposal-stage pack in `out`
+    instead (crackio.writing.append: its shards untouched, new ones after them; `reused` then also counts
+    `already`, the photos the pack held, skipped).
 
     Raises:
         MissingFile, ConfigError: a missing dataset, a bad setting or format, a class not in the data, another
-            pack in `out` (without `overwrite`).
+            pack in `out` (without `overwrite`); with `append`, no proposal-stage pack there or other settings.
     """
     proposal = proposal or ProposalSettings()  # both settings objects checked their own values when made
     t0 = time.perf_counter()
@@ -215,8 +229,6 @@ def propose_to_shards(
             f"--split-ratios applies to photos without a split folder, and every photo in "
             f"{display_name(src)} has one: drop the option, or the split folders"
         )
-    splits = assign_splits(annotated.photos, run.split_ratios, run.seed)
-    jobs = sorted(zip(annotated.photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
     identity = {
         "source": display_name(src.resolve()),
         "stage": "propose",
@@ -225,9 +237,24 @@ def propose_to_shards(
     }
     # What a spool chunk's bytes also depend on: the annotations' reading (format, classes taken as crack).
     chunk_identity = {**identity, "format": fmt, "positive": annotated.positive, "read": annotated.settings}
-    stage = _Stage(src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None, chunk_identity)
     with OutputFolder(out) as held:
-        check_replacing(display_name(out), read_existing(out), identity, overwrite)
+        existing, photos = None, annotated.photos
+        if append:
+            existing = read_existing_pack(keep_base(out, held.claim), identity)
+            known = {p.stem for p in already_in(existing, photos)}
+            photos = [p for p in photos if p.stem not in known]
+            splits = [p.split or draw_split(p.stem, run.split_ratios, run.seed) for p in photos]
+        else:
+            check_replacing(display_name(out), read_existing(out), identity, overwrite)
+            splits = assign_splits(photos, run.split_ratios, run.seed)
+        jobs = sorted(zip(photos, splits), key=lambda j: (split_sort_key(j[1]), j[0].stem))
+        stage = _Stage(
+            src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None, chunk_identity, existing
+        )
+        if existing is not None and not jobs:
+            remove_spool(out, base_files(existing.manifest))
+            return {**existing.manifest, "seconds": time.perf_counter() - t0, "appended": 0,
+                    "reused": {"already": len(annotated.photos)}}  # fmt: skip
         return _propose(held, stage, progress, t0, cluster)
 
 
@@ -249,6 +276,7 @@ class _Stage(NamedTuple):
     run: ProposeSettings
     crops: Path | None  # also write the original's proposal folder here
     identity: dict  # what decides a spool chunk's bytes beside its photos (crackio.writing.spool.fingerprint)
+    existing: Existing | None  # the pack appended to (--append)
 
 
 def propose_chunk(out: Path, chunk: Chunk, fp: str, dtype: np.dtype, stage_args: tuple) -> ChunkRecord:
@@ -265,14 +293,18 @@ def propose_chunk(out: Path, chunk: Chunk, fp: str, dtype: np.dtype, stage_args:
 def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, cluster: RayCluster | None) -> dict:
     """`propose_to_shards` once OUT is held: photos into the spool's chunks (reusing those an interrupted run
     finished), then shards (likewise), manifest, and the spool removed."""
-    out = stage.out
+    out, existing = stage.out, stage.existing
     slen = max(len(p.stem.encode()) for p in stage.annotated.photos)
-    dtype = index_dtype(slen + 24, slen, PROPOSAL_FIELDS)  # <stem>.<proposal>.<iou>.<label>.jpg
+    flen = slen + 24  # <stem>.<proposal>.<iou>.<label>.jpg
+    for rows in existing.rows.values() if existing else ():  # appended rows join the pack's in one index
+        flen, slen = max(flen, rows.dtype["filename"].itemsize), max(slen, rows.dtype["stem"].itemsize)
+    dtype = index_dtype(flen, slen, PROPOSAL_FIELDS)
     chunks = plan_chunks(stage.jobs)
     fps = [fingerprint(stage.identity, dtype, c) for c in chunks]
     spool_files = {name for c in chunks for name in chunk_files(c.number)}
     held.claim({MANIFEST} | spool_files)
-    (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
+    if existing is None:
+        (out / MANIFEST).unlink(missing_ok=True)  # written last: marks a complete run
     (out / SPOOL).mkdir(exist_ok=True)
     records: list[ChunkRecord | None] = [read_chunk(out, c, fp, dtype) for c, fp in zip(chunks, fps)]
     reused_photos = sum(len(c.jobs) for c, r in zip(chunks, records) if r is not None)
@@ -293,12 +325,15 @@ def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, clust
     finally:
         bar.close()
     done = [r for r in records if r is not None]
+    # Appending: the pack stays readable while its photos are proposed; from here its indexes change.
+    (out / MANIFEST).unlink(missing_ok=True)
     if cluster is not None:  # the tasks run elsewhere: they get OUT as an absolute path
         splits, stored, shard_records, reused_shards = _write_shards(held, stage, done, cluster.run, out.resolve())
     else:
         splits, stored, shard_records, reused_shards = _write_shards(held, stage, done, processes(workers), out)
-    manifest = _manifest(stage, done, splits, stored)
+    manifest = _manifest(stage, done, splits, stored) if existing is None else _appended(stage, done, splits, stored)
     files = manifest_files(manifest)
+    spool_files |= base_files(existing.manifest) if existing else set()
     held.finish(files | spool_files | shard_records)  # before the manifest: a failure here leaves no complete run
     write_manifest(out, manifest)
     held.finish(files)  # the spool goes once the pack is complete
@@ -307,6 +342,9 @@ def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, clust
     returned["seconds"] = time.perf_counter() - t0
     returned["timing"] = {k: sum(r.timing[k] for r in done) for k in ("search", "crops", "write")}
     returned["reused"] = {"photos": reused_photos, "photos_total": len(stage.jobs), "shards": reused_shards}
+    if existing is not None:
+        returned["reused"]["already"] = len(stage.annotated.photos) - len(stage.jobs)
+        returned["appended"] = len(stage.jobs)
     return returned
 
 
@@ -355,21 +393,63 @@ def _split_stats(records: list[ChunkRecord], split: str) -> dict:
 def _write_shards(
     held: OutputFolder, stage: _Stage, records: list[ChunkRecord], run: Runner, out: Path
 ) -> tuple[dict, dict, set[str], int]:
-    """Each split with a usable photo shuffled from its chunks into shards: (manifest entry, what the leakage
-    report reads) per split, the shards' resume records, how many shards were reused."""
+    """Each split with a usable photo shuffled from its chunks into shards (after the pack's own when appending):
+    (manifest entry, what the leakage report reads) per split written, the shards' resume records, how many shards
+    were reused."""
     splits, stored, shard_records, reused = {}, {}, set(), 0
-    per = stage.run.samples_per_shard
+    per, existing = stage.run.samples_per_shard, stage.existing
     for split in sorted({r.split for r in records if r.counts["photos"]}, key=split_sort_key):
         mine = [r for r in records if r.split == split]
-        count = -(-sum(len(r.rows) for r in mine) // per)
-        names = {f"{SPOOL}/{record_name(split, k)}" for k in range(count)}
-        held.claim(planned_files(split, count) | names)
+        first = existing.next_shard(split) if existing else 0
+        numbers = range(first, first + -(-sum(len(r.rows) for r in mine) // per))
+        names = {f"{SPOOL}/{record_name(split, k)}" for k in numbers}
+        held.claim(split_files(split, [shard_name(split, k) for k in numbers]) | names)
         shard_records |= names
-        written = write_spooled_split(mine, out, split, stage.run.seed, per, run, **_split_stats(mine, split))
+        before, stats, old = None, _split_stats(mine, split), None
+        if existing is not None and split in existing.rows:
+            old = existing.manifest["splits"][split]
+            before = Before(existing.rows[split], old["shards"], existing.converted[split], first * per)
+        if existing is not None:
+            stats = merged_stats(old, stats)
+        written = write_spooled_split(mine, out, split, stage.run.seed, per, run, before, **stats)
         splits[split] = written.entry
-        stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
+        keys = written.digests if existing is None else content_keys(written.rows)
+        stored[split] = (written.rows["filename"], written.rows["stem"], keys)
         reused += written.reused
     return splits, stored, shard_records, reused
+
+
+def _appended(stage: _Stage, records: list[ChunkRecord], splits: dict, stored: dict) -> Manifest:
+    """The manifest of the pack with the photos appended: the pack's, with the splits written now replaced, the
+    leakage report over every split (crackio.writing.append.content_keys), the new problems added, and the
+    appended photos recorded under `appended` (where detect --split finds them)."""
+    assert stage.existing is not None
+    manifest = json.loads(json.dumps(stage.existing.manifest))
+    for split, rows in stage.existing.rows.items():
+        if split not in splits:  # untouched: its index as it is
+            stored[split] = (rows["filename"], rows["stem"], content_keys(rows))
+    merged = {**manifest["splits"], **splits}
+    manifest["splits"] = {k: merged[k] for k in sorted(merged, key=split_sort_key)}
+    manifest["samples"] = sum(e["samples"] for e in manifest["splits"].values())
+    manifest["leakage"] = leakage_report({k: stored[k] for k in manifest["splits"]})
+    problems = [
+        {"path": p, "reason": r} for p, r in [*stage.annotated.problems, *(q for r in records for q in r.problems)]
+    ]
+    manifest["skipped"] = sorted([*manifest["skipped"], *problems], key=lambda s: (s["path"], s["reason"]))
+    manifest["appended"] = [
+        *manifest.get("appended", []),
+        {
+            "source": display_name(stage.src.resolve()),
+            "annotations": {
+                "format": stage.fmt,
+                "classes": stage.annotated.classes,
+                "positive": stage.annotated.positive,
+                **stage.annotated.settings,
+            },  # fmt: skip
+            "photos": split_photos(stage.src, stage.jobs),
+        },
+    ]
+    return manifest  # type: ignore[return-value]
 
 
 def _manifest(stage: _Stage, records: list[ChunkRecord], splits: dict, stored: dict) -> Manifest:
@@ -434,6 +514,9 @@ def summary(manifest: dict, out: str | Path) -> str:
     busy = sum(t.values()) or 1.0
     timing = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in t.items())
     reused = manifest.get("reused", {})
+    verb = "proposed"
+    if "appended" in manifest:
+        verb = f"appended {manifest['appended']} photos ({reused['already']} in the pack already, skipped); the pack:"
     again = (
         f"; reused from an interrupted run: {reused['photos']} of {reused['photos_total']} photos, "
         f"{reused['shards']} shards"
@@ -441,6 +524,6 @@ def summary(manifest: dict, out: str | Path) -> str:
         else ""
     )
     return (
-        f"proposed {'; '.join(parts)} into {out}; {len(manifest['skipped'])} problems{again}; "
+        f"{verb} {'; '.join(parts)} in {out}; {len(manifest['skipped'])} problems{again}; "
         f"{manifest.get('seconds', 0.0):.1f} s ({timing} of worker+writer time)"
     )

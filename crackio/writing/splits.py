@@ -67,9 +67,11 @@ class WrittenShard(NamedTuple):
     reused: bool = False  # an interrupted run's shard, found complete and unchanged
 
 
-def split_order(split: str, count: int, seed: int) -> np.ndarray:
-    # Global shuffle before writing: DALI's reader only shuffles inside a buffer.
-    return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(count)
+def split_order(split: str, count: int, seed: int, first_shard: int = 0) -> np.ndarray:
+    """The seeded global shuffle of a split's inputs before writing (DALI's reader only shuffles inside a buffer);
+    inputs appended to a pack from shard `first_shard` on are shuffled among themselves by their own stream."""
+    key = [seed, zlib.crc32(split.encode())] + ([first_shard] if first_shard else [])
+    return np.random.default_rng(key).permutation(count)
 
 
 def shard_slices(count: int, per_shard: int) -> list[tuple[int, int]]:
@@ -156,10 +158,19 @@ def _write_source(source: ShardSource) -> WrittenShard:
     return WrittenShard(result, skipped, converted, np.array(digests, dtype="S16"))
 
 
+class Before(NamedTuple):
+    """A split of an existing pack that new shards are appended to (crackio.writing.proposal_stage, --append)."""
+
+    rows: np.ndarray  # its index.npy
+    shards: list  # its manifest entry's shards
+    converted: list[str]  # its converted.tsv lines
+    key_base: int  # the first new shard's number x samples per shard: new keys start there
+
+
 class WrittenSplit(NamedTuple):
     rows: np.ndarray  # the index as written: the stored samples' rows, locations filled, in key order
     entry: SplitEntry  # the manifest's entry for the split
-    digests: np.ndarray  # S16 per row
+    digests: np.ndarray  # S16 per row written now (not those of `before`)
     skipped: list[tuple[str, str]]  # (path, reason)
     reused: int  # shards an interrupted run had finished, reused
 
@@ -172,24 +183,32 @@ def write_split(
     run: Runner,
     progress: Callable[[int], None] | None = None,
     records: Path | None = None,
+    before: Before | None = None,
     **stats,
 ) -> WrittenSplit:
     """Write a split's shards (from `sources`, shard by shard, through `run`: worker processes or a Ray cluster),
     then its index and converted list.
 
-    `rows`: every input's index row in the split's seeded order (row k has key k), with the producer's columns
-    filled; the location columns are filled here for the stored ones. `records`: the folder of the shards' resume
-    records (module docstring); None writes every shard. `stats`: producer-specific fields of the
-    manifest entry (the proposal stage's photos, ground-truth boxes, recall).
+    `rows`: every input's index row in the split's seeded order (row k has key k, or key `before.key_base` + k),
+    with the producer's columns filled; the location columns are filled here for the stored ones. `records`: the
+    folder of the shards' resume records (module docstring); None writes every shard. `before`: the split as an
+    earlier pack holds it, when these shards are appended to it (its index rows and shards come first, unchanged).
+    `stats`: producer-specific fields of the manifest entry (the proposal stage's photos, ground-truth boxes,
+    recall), over the whole split.
     """
     task = write_source if records is None else partial(write_source, records=records)
     written = list(run(task, sources, progress))
     located, shards = assemble_index([w.result for w in written], rows.dtype)
-    kept = rows[located["key"]]
+    kept = rows[located["key"] - (before.key_base if before else 0)]
     for column in ("shard", "offset", "size", "crc32", "key"):
         kept[column] = located[column]
-    index_sha256 = save_index(folder / INDEX, kept)
     converted_lines = sorted(line for w in written for line in w.converted)
+    if before is not None:
+        kept["shard"] += len(before.shards)
+        kept = np.concatenate([before.rows.astype(kept.dtype), kept])
+        shards = [*before.shards, *shards]
+        converted_lines = sorted([*before.converted, *converted_lines])
+    index_sha256 = save_index(folder / INDEX, kept)
     # Every converted input with what was done to it; a file, not the manifest, which every loader reads.
     listed = folder / CONVERTED
     converted_sha256 = None

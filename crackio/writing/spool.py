@@ -32,7 +32,7 @@ import numpy as np
 from crackio.format.index import file_sha256
 from crackio.fsio import atomic_write, display_name, write_error
 from crackio.writing.filenames import format_name
-from crackio.writing.splits import Sample, WrittenSplit, shard_slices, split_order, write_split
+from crackio.writing.splits import Before, Sample, WrittenSplit, shard_slices, split_order, write_split
 from crackio.writing.workers import Runner, check_stop, tick
 
 SPOOL = ".spool"
@@ -257,24 +257,36 @@ def _meta(row: np.void) -> dict:
 
 
 def write_spooled_split(
-    records: list[ChunkRecord], out: Path, split: str, seed: int, per: int, run: Runner, **stats
+    records: list[ChunkRecord],
+    out: Path,
+    split: str,
+    seed: int,
+    per: int,
+    run: Runner,
+    before: Before | None = None,
+    **stats,
 ) -> WrittenSplit:
     """Shards, index and manifest entry of one split from its chunks (in photo order; the same writer as pack's).
-    Shards an interrupted run completed are reused (crackio.writing.splits.write_split)."""
+    Shards an interrupted run completed are reused (crackio.writing.splits.write_split). `before`: the split of the
+    pack these crops are appended to; their shards are numbered after its last."""
     dtype = records[0].rows.dtype
     rows = np.concatenate([r.rows for r in records]) if records else np.zeros(0, dtype)
     chunks = np.concatenate([np.full(len(r.rows), r.number, np.int64) for r in records])
     where = np.concatenate([r.where for r in records])
     digests = np.concatenate([r.digests for r in records])
-    order = split_order(split, len(rows), seed)  # the same global shuffle and shard slices as tools/pack.py
+    first = before.key_base // per if before else 0
+    order = split_order(split, len(rows), seed, first)  # the same global shuffle and shard slices as tools/pack.py
     rows, chunks, where, digests = rows[order], chunks[order], where[order], digests[order]
     spool = out.resolve() / SPOOL
     sources = [
-        SpoolSource(out / split, split, a // per, a, spool, rows[a:b], chunks[a:b], where[a:b], digests[a:b])
+        SpoolSource(
+            out / split, split, first + a // per, first * per + a, spool, rows[a:b], chunks[a:b], where[a:b],
+            digests[a:b],
+        )
         for a, b in shard_slices(len(rows), per)
-    ]
+    ]  # fmt: skip
     (out / split).mkdir(exist_ok=True)
-    return write_split(out / split, split, rows, sources, run, records=spool, **stats)
+    return write_split(out / split, split, rows, sources, run, records=spool, before=before, **stats)
 
 
 def remove_spool(out: Path, names: set[str]) -> None:

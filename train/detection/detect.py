@@ -16,8 +16,9 @@ import os
 import time
 import zipfile
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from crackio.cli import progress_bar
 from crackio.errors import ConfigError, CrackioError, MissingFile, OutOfRange
 from crackio.flags import flag
-from crackio.format.manifest import check_split
+from crackio.format.manifest import check_split, photo_sets, recorded_photos
 from crackio.fsio import display_name
 from crackio.loading.augment import augment_normalize
 from crackio.loading.loader import resolve_device
 from crackio.storage.packs import RemoteSettings, open_pack
 from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotations, resolve_boxes
+from crackio.writing.append import same_photo
+from crackio.writing.cluster import RayCluster
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
 from train.detection.baselines import baseline_aps
@@ -110,9 +113,10 @@ def proposal_settings(
 
 def recorded_split(
     shards: str, split: str, remote: RemoteSettings | None = None
-) -> tuple[list[Path], str, str, list[str] | None]:
+) -> list[tuple[list[Path], str, str, list[str] | None]]:
     """The photos of `split` as tools/propose.py recorded them in SHARDS/manifest.json, with what their ground truth
-    was read from: (photo paths, annotations source, format, positive classes).
+    was read from: (photo paths, annotations source, format, positive classes) per photo set (the pack's own, then
+    each --append's) that has photos in the split.
 
     Raises:
         ShardError, MissingFile: no readable pack; ConfigError: no such split, or a pack that records no photos
@@ -120,25 +124,28 @@ def recorded_split(
     """
     manifest = open_pack(shards, remote).manifest
     check_split(manifest, shards, split, "--split")
-    photos = manifest.get("photos")
-    photos = photos if isinstance(photos, dict) else {}
-    listed = photos.get("splits", {}).get(split) if isinstance(photos.get("splits"), dict) else None
-    annotations = manifest.get("annotations")
-    if not (isinstance(listed, list) and isinstance(photos.get("root"), str) and isinstance(annotations, dict)):
+    sets = photo_sets(manifest)
+    if not sets:
         raise ConfigError(
             f"{shards} records no photos per split (crops packed by tools/pack.py, or an older tools/propose.py): "
             f"give the photos and --annotations, --format instead of --split"
         )
-    root = Path(photos["root"])
-    if not root.is_dir() or not Path(str(manifest["source"])).exists():
-        raise ConfigError(
-            f"--split {split}: the photos of {shards} are where tools/propose.py read them, {root} and "
-            f"{manifest['source']}, which this machine does not have: copy them there, or give the photos and "
-            f"--annotations, --format instead of --split"
-        )
-    fmt = annotations["format"]
-    positive = None if fmt == "mask" else annotations["positive"]  # masks have one class, named by no option
-    return [root / str(rel) for rel in listed], str(manifest["source"]), fmt, positive
+    found = []
+    for photo_set in sets:
+        listed = photo_set["photos"]["splits"].get(split)
+        if not isinstance(listed, list) or not listed:
+            continue
+        root, source = Path(photo_set["photos"]["root"]), str(photo_set["source"])
+        if not root.is_dir() or not Path(source).exists():
+            raise ConfigError(
+                f"--split {split}: the photos of {shards} are where tools/propose.py read them, {root} and "
+                f"{source}, which this machine does not have: copy them there, or give the photos and "
+                f"--annotations, --format instead of --split"
+            )
+        fmt = photo_set["annotations"]["format"]
+        positive = None if fmt == "mask" else photo_set["annotations"]["positive"]  # masks: one class, no option
+        found.append(([root / str(rel) for rel in listed], source, fmt, positive))
+    return found
 
 
 def seen_in_training(
@@ -173,29 +180,6 @@ def seen_in_training(
                 )
             )
     return found
-
-
-def recorded_photos(manifest: dict) -> dict[str, Path]:
-    """The photos a tools/propose.py pack records, by stem (their files where it read them); {} for other packs."""
-    photos = manifest.get("photos")
-    if not isinstance(photos, dict) or not isinstance(photos.get("root"), str):
-        return {}
-    splits = photos.get("splits")
-    listed = (
-        [n for names in splits.values() if isinstance(names, list) for n in names] if isinstance(splits, dict) else []
-    )
-    return {Path(str(n)).stem: Path(photos["root"]) / str(n) for n in listed}
-
-
-def same_photo(file: Path, recorded: Path | None) -> bool:
-    """Whether `file` is the photo a pack recorded under its stem: the same bytes, or (the pack's photo not on this
-    machine, or no photo recorded) assumed so."""
-    if recorded is None or not recorded.is_file():
-        return True
-    try:
-        return file.resolve() == recorded.resolve() or file.read_bytes() == recorded.read_bytes()
-    except OSError:
-        return True
 
 
 class Scorer:
@@ -397,7 +381,7 @@ def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Tr
         packs = settings.shards or cfg.data.shards
         for shards in packs:  # each pack's photos of the split, packs in order
             try:
-                found, annotations, fmt, classes = recorded_split(shards, split, settings.remote.settings())
+                sets = recorded_split(shards, split, settings.remote.settings())
             except ConfigError as e:
                 if len(packs) == 1:
                     raise
@@ -405,9 +389,10 @@ def photos_to_detect(cfg, settings: DetectSettings) -> tuple[list[Path], list[Tr
                     f"{e}; or give --shards once for each of the run's packs made by tools/propose.py whose {split} "
                     f"photos to detect on"
                 ) from None
-            files += found
             recorded = frozenset(recorded_photos(open_pack(shards, settings.remote.settings()).manifest))
-            truths.append(Truth(annotations, fmt, classes, [shards], recorded))
+            for found, annotations, fmt, classes in sets:
+                files += found
+                truths.append(Truth(annotations, fmt, classes, [shards], recorded))
     elif not photos:
         raise ConfigError("give photos (files or folders), or --split SPLIT for a split of the pack (e.g. test)")
     elif annotations and not fmt:
@@ -529,9 +514,18 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
     problems += of_these_photos(annotation_problems, inputs, known, bool(settings.split))
     start = time.perf_counter()
     annotated = truth if truths else None
-    results = detect_photos(
-        one_per_stem(inputs), proposals, scorer, settings.nms_iou, cfg.data.seed, annotated, problems
-    )
+    files = one_per_stem(inputs)
+    if settings.ray:
+        with RayCluster(settings.ray) as cluster:
+            scored = detect_on_ray(cluster, settings, files, proposals, cfg.data.seed)
+            results = detect_photos(files, scored, annotated, problems)
+    else:
+        pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)))
+        with pool:
+            here = (
+                detect_photo(f, proposals, scorer, settings.nms_iou, cfg.data.seed, pool) for f, d in files if not d
+            )
+            results = detect_photos(files, here, annotated, problems)
     seconds = time.perf_counter() - start
     # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
     done = [r for r in results if r.size != (0, 0)]
@@ -591,32 +585,78 @@ def make_scorer(settings: DetectSettings, model: CrackClassifier | Exported, pat
 
 def detect_photos(
     files: list[tuple[Path, str]],
-    proposals: ProposalSettings,
-    scorer: Scorer | OnnxScorer,
-    nms_iou: float,
-    seed: int,
+    scored: Iterator[PhotoDetections],
     truth: dict | None,
     problems: list[tuple[str, str]],
 ) -> list[PhotoDetections]:
-    """Each photo's detections (a duplicate stem's only its problem), with its ground truth from `truth` (None:
-    no annotations); problems are added to `problems`."""
+    """Each photo's detections (`scored`: those of the photos without a duplicate stem, in order; a duplicate's
+    only its problem), with its ground truth from `truth` (None: no annotations); problems are added to
+    `problems`. Shows progress."""
     results: list[PhotoDetections] = []
     crops = 0
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        bar = progress_bar(files, unit="photo", desc="detect")
-        for file, duplicate in bar:
-            r = (
-                PhotoDetections(file, file.stem, problem=duplicate)
-                if duplicate
-                else detect_photo(file, proposals, scorer, nms_iou, seed, pool)
-            )
-            if truth is not None and not r.problem:
-                problems += attach_truth(r, truth.get(r.stem))
-            if r.problem:
-                problems.append((display_name(file), r.problem))
-            results.append(r)
-            crops += len(r.proposals)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
+    bar = progress_bar(files, unit="photo", desc="detect")
+    for file, duplicate in bar:
+        r = PhotoDetections(file, file.stem, problem=duplicate) if duplicate else next(scored)
+        if truth is not None and not r.problem:
+            problems += attach_truth(r, truth.get(r.stem))
+        if r.problem:
+            problems.append((display_name(file), r.problem))
+        results.append(r)
+        crops += len(r.proposals)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
     return results
+
+
+class PhotoScorer:
+    """A Ray actor: the model loaded once (from the path every node reads), then photos detected one by one as in
+    one process (`detect_photo`), on its GPU or with `--threads` CPU threads (1 when not given)."""
+
+    def __init__(self, settings: DetectSettings, proposals: ProposalSettings, seed: int, gpu: bool):
+        if not gpu:
+            # torch's CPU results depend on its thread count (in the last bits): the same --threads as a one-process
+            # run gives the same scores, byte for byte.
+            torch.set_num_threads(settings.threads or 1)
+        settings = replace(settings, device="cuda" if gpu else "cpu", ray="")
+        path, _, _, model = load_model(settings)
+        self.scorer = make_scorer(settings, model, path)
+        self.proposals, self.seed, self.nms_iou = proposals, seed, settings.nms_iou
+        self.pool = ThreadPoolExecutor(1)
+
+    def detect(self, path: str) -> PhotoDetections:
+        return detect_photo(Path(path), self.proposals, self.scorer, self.nms_iou, self.seed, self.pool)
+
+
+def detect_on_ray(
+    cluster: RayCluster, settings: DetectSettings, files: list[tuple[Path, str]], proposals: ProposalSettings,
+    seed: int,
+) -> Iterator[PhotoDetections]:  # fmt: skip
+    """The photos' detections in order, scored by model actors on the cluster: one per GPU when it has GPUs (and
+    --device is not cpu), else one per `--threads` CPUs (1 when not given): the same --threads as a one-process
+    run gives the same scores, byte for byte. Photos, checkpoint, ONNX model and SVM are read by the actors at
+    their absolute paths, so every node must have them there (a shared folder).
+
+    Raises:
+        ConfigError: --device cuda on a cluster without GPUs.
+    """
+    ray = cluster.ray
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device != "cpu" and not settings.onnx else 0
+    if settings.device == "cuda" and not gpus:
+        raise ConfigError(f"--device cuda with --ray {settings.ray}: the cluster has no GPU; leave out --device")
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path else ""
+
+    settings = replace(
+        settings, checkpoint=absolute(settings.checkpoint), onnx=absolute(settings.onnx), svm=absolute(settings.svm)
+    )
+    threads = settings.threads or 1
+    actors = gpus or max(1, cluster.cpus() // threads)
+    todo = [str(f.resolve()) for f, duplicate in files if not duplicate]
+    make = ray.remote(num_gpus=1, num_cpus=0)(PhotoScorer) if gpus else ray.remote(num_cpus=threads)(PhotoScorer)
+    pool = ray.util.ActorPool(
+        [make.options(max_restarts=2, max_task_retries=2).remote(settings, proposals, seed, bool(gpus))
+         for _ in range(min(actors, len(todo)) or 1)]
+    )  # fmt: skip
+    return iter(pool.map(lambda actor, path: actor.detect.remote(path), todo))

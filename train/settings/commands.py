@@ -122,9 +122,15 @@ class DetectSettings(Command):
     mode: str | None = None  # runs on packed crop folders: selective search mode (default: fast, R-CNN's)
     max_proposals: int | None = None  # runs on packed crop folders: proposals per photo (default: 2000, R-CNN's)
     context: int | None = None  # runs on packed crop folders: context pixels at 224 (default: 16, R-CNN's)
+    # score the photos on a Ray cluster: auto, local or HOST:PORT; every node reads the model and photos at their paths
+    ray: str = ""
     remote: Remote = field(default_factory=Remote)
 
     def check(self) -> None:
+        if self.ray:
+            from crackio.writing.cluster import check_address
+
+            check_address(self.ray)
         if bool(self.checkpoint) == bool(self.onnx):
             raise ConfigError("give the model as --checkpoint RUN/best.pt or as --onnx model.onnx (one of them)")
         if self.format and not (self.annotations or self.split):
