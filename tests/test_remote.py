@@ -678,3 +678,43 @@ def test_two_nodes_read_one_s3_pack_as_one_node(demo_shards, two_ranks, s3, tmp_
     b = torch.load(two / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], v) for k, v in b.items())
     assert all((tmp_path / f"cache-node{rank}").is_dir() for rank in range(2))  # each node its own cache
+
+
+@pytest.mark.slow
+def test_append_to_an_s3_pack_uploads_only_the_new_files(demo_photos, s3, cache, tmp_path):
+    """tools/propose.py --append --out s3://...: the same pack as appending to a folder; the earlier shards are
+    neither downloaded nor uploaded again (their objects are the ones first written)."""
+    import boto3
+
+    from tests.test_append import renamed
+    from tools import propose
+    from tools.make_demo_data import write_photos
+
+    new = tmp_path / "new"
+    write_photos(new, images=6, seed=9, size=(192, 128), formats=("yolo",))
+    renamed(new / "yolo", "m2_")
+    url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+    prefix = url.split("/", 3)[3]
+    flags = ["--max-proposals", "40", "--workers", "1", "--samples-per-shard", "60", "--quiet"]
+    local = tmp_path / "local"
+    for out in (url, str(local)):
+        assert propose.main([str(demo_photos / "coco"), "--format", "coco", "--out", out, *flags]) == 0
+    client = boto3.client("s3")
+
+    def objects() -> dict[str, str]:
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+        return {o["Key"][len(prefix) + 1 :]: o["LastModified"] for o in listed}
+
+    before = objects()
+    for out in (url, str(local)):
+        assert propose.main([str(new / "yolo"), "--format", "yolo", "--out", out, "--append", *flags]) == 0
+    after = objects()
+    tars = [k for k in before if k.endswith(".tar")]
+    assert tars and all(after[k] == before[k] for k in tars)  # not uploaded again
+    assert len([k for k in after if k.endswith(".tar")]) > len(tars)
+    manifest = client.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")["Body"].read()
+    assert manifest == (local / "manifest.json").read_bytes()
+    def names(pack: str) -> list:
+        return [n for b in make_loader(pack, "train", batch_size=1000, train=False, device="cpu") for n in b.names]
+
+    assert sorted(names(url)) == sorted(names(str(local)))

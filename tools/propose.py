@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.ray is None:
             return here(None)
-        if is_remote(args.out):
-            raise ConfigError(
-                f"--ray with --out {args.out}: Ray's tasks write the shards into a folder every node reaches; give "
-                "--out a shared folder (NFS, a mounted bucket), then copy it up"
-            )
         with RayCluster(args.ray) as cluster:
             return here(cluster)
 
+    if args.ray and is_remote(args.out):
+        ap.error(
+            f"--ray with --out {args.out}: Ray's tasks write the shards into a folder every node reaches; give --out a "
+            "shared folder (NFS, a mounted bucket)"
+        )
     if args.append and args.overwrite:
         ap.error("--append adds to the pack in --out and --overwrite replaces it: give one of them")
     return run_command(lambda: report(write_pack(args.out, propose, appending=args.append), args), incomplete(args.out))

@@ -61,6 +61,8 @@ UPLOADERS = 8  # objects in flight
 def upload_pack(staging: Path, remote: Remote) -> int:
     """Upload the complete pack in `staging` to `remote`, manifest last; returns the bytes uploaded. The order
     (module docstring): the old manifest deleted, every file, the manifest, then an earlier pack's files deleted.
+    Files the manifest names that `staging` lacks (an append's earlier shards, already under the prefix) are
+    neither uploaded nor deleted.
 
     Raises:
         ShardError: `staging` holds no complete pack. RemoteError: the old manifest could not be deleted (nothing
@@ -86,7 +88,7 @@ def upload_pack(staging: Path, remote: Remote) -> int:
     # What an earlier pack left under the prefix (listed, so an upload interrupted before its clean-up is
     # cleaned by the next): files of the pack layout that the new manifest does not name. Anything else there
     # is not crackio's and stays, as a local re-pack leaves files it did not write.
-    new = set(files) | {MANIFEST}
+    new = manifest_files(manifest)  # an append's earlier shards are named, not staged: they stay
     left: list[tuple[str, RemoteError]] = []
     for stale in sorted(k for k in remote.keys() if PACK_FILE.fullmatch(k) and k not in new):
         try:

@@ -55,30 +55,28 @@ def base_files(manifest: dict) -> set[str]:
     return files
 
 
-def keep_base(out: Path, claim) -> Path:
-    """Where the pack before this append is read from: OUT/.spool/base, copied from OUT first unless an
-    interrupted append left it there (then OUT's indexes may already be the new ones, and its manifest gone), so
-    a re-run appends to the same pack. `claim(files)` records the copies as the run's before they are written
-    (crackio.writing.outdir.OutputFolder.claim). Returns that folder."""
+def pack_before(out: Path) -> Path:
+    """Where the pack before this append is read from: OUT itself, or OUT/.spool/base when an interrupted append
+    left its copy there (OUT's indexes may then be the new ones already, and its manifest gone), so that a re-run
+    appends to the same pack."""
     base = out / BASE
     held = (base / MANIFEST).read_bytes() if (base / MANIFEST).is_file() else None
     now = (out / MANIFEST).read_bytes() if (out / MANIFEST).is_file() else None
-    if held is not None and (now is None or now == held):
-        return base
-    if now is None:
-        return out  # no pack to append to: read_existing_pack says so
-    try:
-        manifest = json.loads(now)
-        files = base_files(manifest)
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return out  # a damaged manifest: read_existing_pack names the problem
+    return base if held is not None and (now is None or now == held) else out
+
+
+def keep_base(out: Path, existing: Existing, claim) -> None:
+    """Copy the pack's manifest, indexes and converted lists to OUT/.spool/base before the append changes them
+    (`pack_before` reads them there after an interruption). `claim(files)` records the copies as the run's
+    before they are written (crackio.writing.outdir.OutputFolder.claim)."""
+    files = base_files(existing.manifest)
     claim(files)
     for name in sorted(files):
         source = out / name[len(BASE) + 1 :]
-        if source.is_file():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / name, source.read_bytes())
-    return base
+        target = out / name
+        if source.is_file() and not (target.is_file() and target.read_bytes() == source.read_bytes()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, source.read_bytes())
 
 
 def read_existing_pack(out: Path, identity: dict) -> Existing:

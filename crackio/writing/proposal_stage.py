@@ -42,6 +42,7 @@ from crackio.writing.append import (
     draw_split,
     keep_base,
     merged_stats,
+    pack_before,
     read_existing_pack,
 )
 from crackio.writing.images import strict_pillow, to_rgb8
@@ -240,7 +241,8 @@ def propose_to_shards(
     with OutputFolder(out) as held:
         existing, photos = None, annotated.photos
         if append:
-            existing = read_existing_pack(keep_base(out, held.claim), identity)
+            before = pack_before(out)
+            existing = read_existing_pack(before, identity)
             known = {p.stem for p in already_in(existing, photos)}
             photos = [p for p in photos if p.stem not in known]
             splits = [p.split or draw_split(p.stem, run.split_ratios, run.seed) for p in photos]
@@ -252,9 +254,10 @@ def propose_to_shards(
             src, fmt, out, annotated, jobs, proposal, run, Path(crops) if crops else None, chunk_identity, existing
         )
         if existing is not None and not jobs:
-            remove_spool(out, base_files(existing.manifest))
             return {**existing.manifest, "seconds": time.perf_counter() - t0, "appended": 0,
                     "reused": {"already": len(annotated.photos)}}  # fmt: skip
+        if existing is not None and before == out:
+            keep_base(out, existing, held.claim)
         return _propose(held, stage, progress, t0, cluster)
 
 

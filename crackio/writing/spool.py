@@ -293,5 +293,9 @@ def remove_spool(out: Path, names: set[str]) -> None:
     """Delete the spool's files (`names`, relative to OUT) and its folder once empty."""
     for name in names:
         (out / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: holds something crackio did not write
-        (out / SPOOL).rmdir()
+    folders = {(out / name).parent for name in names} | {out / SPOOL}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # innermost first
+        while folder != out and folder.is_relative_to(out / SPOOL):
+            with contextlib.suppress(OSError):  # not empty: holds something crackio did not write
+                folder.rmdir()
+            folder = folder.parent
