@@ -181,6 +181,40 @@ def test_a_run_on_the_pack_before_refuses_to_resume_and_a_new_run_trains_on_all(
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     loader = make_loader(str(pack), "train", batch_size=32, train=False, device="cpu", backend="torch")
     samples = json.loads((pack / "manifest.json").read_text())["splits"]["train"]["samples"]
-    assert sum(len(b.labels) for b in loader) == samples > json.loads((base / "manifest.json").read_text())[
-        "splits"
-    ]["train"]["samples"]
+    assert (
+        sum(len(b.labels) for b in loader)
+        == samples
+        > json.loads((base / "manifest.json").read_text())["splits"]["train"]["samples"]
+    )
+
+
+def test_pack_append_adds_the_new_crops_after_the_packs_shards(demo_src, tmp_path):
+    """tools/pack.py --append: a crop folder's new files in shards after the pack's, the pack's untouched; crops
+    of names it holds are skipped; the same pack again appends nothing."""
+    from crackio.writing.pack import PackSettings, pack
+
+    settings = PackSettings(workers=1, samples_per_shard=50)
+    out = tmp_path / "pack"
+    pack(demo_src, out, settings, progress=False)
+    before = shard_files(out)
+    more = tmp_path / "more"
+    for split in ("train", "valid"):  # the same crops again, and new ones under other names
+        (more / split).mkdir(parents=True)
+        for k, crop in enumerate(sorted((demo_src / split).glob("*.jpg"))[:30]):
+            shutil.copy(crop, more / split / crop.name)
+            if k % 2:
+                shutil.copy(crop, more / split / ("new_" + crop.name))
+    result = pack(more, out, settings, progress=False, append=True)
+    assert result["appended"] == 30 and result["already"] == 60
+    after = shard_files(out)
+    assert all(after[name] == data for name, data in before.items() if name.endswith((".tar", ".idx")))
+    assert list(verify(out)) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["appended"] == [{"source": str(more.absolute()), "inputs": 30}]
+    names = {bytes(n).decode() for n in load_index(out, "train").rows["filename"]}
+    assert sum(n.startswith("new_") for n in names) == 15
+    assert manifest["leakage"]["duplicate_contents"]["count"] == 0  # the copies are in their own crops' split
+    again = pack(more, out, settings, progress=False, append=True)
+    assert again["appended"] == 0 and (out / "manifest.json").read_text() == json.dumps(manifest, indent=1) + "\n"
+    with pytest.raises(ConfigError, match=r"other settings \(seed 0 then, 1 now\)"):
+        pack(more, out, PackSettings(workers=1, samples_per_shard=50, seed=1), progress=False, append=True)

@@ -714,6 +714,7 @@ def test_append_to_an_s3_pack_uploads_only_the_new_files(demo_photos, s3, cache,
     assert len([k for k in after if k.endswith(".tar")]) > len(tars)
     manifest = client.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")["Body"].read()
     assert manifest == (local / "manifest.json").read_bytes()
+
     def names(pack: str) -> list:
         return [n for b in make_loader(pack, "train", batch_size=1000, train=False, device="cpu") for n in b.names]
 

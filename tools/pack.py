@@ -2,6 +2,7 @@
 
     python tools/pack.py SRC [--out shards/] [--samples-per-shard N] [--workers N] [--seed S] [--strict]
     python tools/pack.py SRC --out s3://BUCKET/PREFIX   pack locally, then upload (manifest last)
+    python tools/pack.py NEW --out OUT --append   add NEW's crops to the pack OUT: its shards untouched
     python tools/pack.py --verify OUT      read every stored sample of OUT (a folder or URL), check its checksum
 
 Each subfolder of SRC is a split (train, valid, test, ...); a SRC holding images
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--overwrite", action="store_true", help="replace a pack of another source or settings already in --out"
     )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add SRC's crops to the pack in --out (made by this tool with the same settings): its shards stay as "
+        "they are, new shards follow; crops of names it holds already are skipped",
+    )
     # Every other flag is a PackSettings field (crackio.flags); the stored image's size and quality are fixed.
     fields = add_flags(ap.add_argument_group("packing"), [PackSettings], skip=("size", "quality"))
     args = ap.parse_args(argv)
@@ -66,15 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(e.named(flag))
     if not args.src.is_dir():
         ap.error(f"proposal folder {args.src} does not exist (expected SRC/<split>/*.jpg)")
-    return run_command(
-        lambda: report(
-            write_pack(
-                args.out, lambda out: pack(args.src, out, settings, progress=not args.quiet, overwrite=args.overwrite)
-            ),
-            args,
-        ),
-        incomplete(args.out),
-    )
+    if args.append and args.overwrite:
+        ap.error("--append adds to the pack in --out and --overwrite replaces it: give one of them")
+
+    def write(out: Path) -> dict:
+        return pack(args.src, out, settings, progress=not args.quiet, overwrite=args.overwrite, append=args.append)
+
+    return run_command(lambda: report(write_pack(args.out, write, appending=args.append), args), incomplete(args.out))
 
 
 def check(out: str | Path) -> int:
@@ -91,6 +96,9 @@ def check(out: str | Path) -> int:
 
 
 def report(manifest: dict, args: argparse.Namespace) -> int:
+    if manifest.get("appended") == 0:
+        print(f"appended nothing: every crop of {args.src} is in {args.out} already ({manifest['already']})")
+        return 0
     print_skipped(manifest, args.out)
     for split, info in manifest["splits"].items():
         if info["converted_list"]:

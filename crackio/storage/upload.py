@@ -345,7 +345,7 @@ def _say_replaced(before: bytes | None, after: bytes | None, out: str, appending
     resume on it."""
     if appending and before is not None and after is not None and before != after:
         print(
-            f"note: {out} has a new identity with the photos appended: runs trained on it before will not --resume "
+            f"note: {out} has a new identity with what was appended: runs trained on it before will not --resume "
             "on it; a new run trains on all of it",
             file=sys.stderr,
         )

@@ -23,9 +23,10 @@ import numpy as np
 
 from crackio.errors import ConfigError
 from crackio.format.index import index_digest_problem, open_index
-from crackio.format.layout import CONVERTED, INDEX, MANIFEST, SPLITS
+from crackio.format.layout import CONVERTED, INDEX, MANIFEST, SPLITS, split_sort_key
 from crackio.format.manifest import read_manifest, recorded_photos, repack
 from crackio.fsio import atomic_write, display_name
+from crackio.writing.quality import leakage_report
 
 
 class Existing(NamedTuple):
@@ -35,6 +36,7 @@ class Existing(NamedTuple):
     rows: dict[str, np.ndarray]
     converted: dict[str, list[str]]
     stems: set[str]  # the photos whose crops it holds
+    filenames: set[bytes]  # the crops' names it holds (tools/pack.py's inputs)
 
     def next_shard(self, split: str) -> int:
         """The number the split's first new shard gets: after its last shard (0 for a split the pack lacks)."""
@@ -79,9 +81,9 @@ def keep_base(out: Path, existing: Existing, claim) -> None:
             atomic_write(target, source.read_bytes())
 
 
-def read_existing_pack(out: Path, identity: dict) -> Existing:
-    """The complete proposal-stage pack in `out` (a pack's folder, or the BASE copy of one), checked to be one
-    these settings can append to.
+def read_existing_pack(out: Path, identity: dict, tool: str = "tools/propose.py") -> Existing:
+    """The complete pack in `out` (a pack's folder, or the BASE copy of one) that `tool` made, checked to be one
+    these settings (`identity`: settings, and proposals for the proposal stage) can append to.
 
     Raises:
         ConfigError: no complete pack there, one made by tools/pack.py, or other settings (each named, then and
@@ -92,15 +94,17 @@ def read_existing_pack(out: Path, identity: dict) -> Existing:
             f"--append: {display_name(out)} holds no complete pack (no {MANIFEST}): write it first, without --append"
         )
     manifest = read_manifest(out, "--out")
-    if manifest.get("stage") != "propose":
+    made_by = "tools/propose.py" if manifest.get("stage") == "propose" else "tools/pack.py"
+    if made_by != tool:
+        what = "from annotated photos" if made_by == "tools/propose.py" else "from a crop folder"
         raise ConfigError(
-            f"--append: {display_name(out)} was packed from a crop folder by tools/pack.py; tools/propose.py appends "
-            "photos only to a pack it made"
+            f"--append: {display_name(out)} was made {what} by {made_by}; {tool} appends only to a pack it made"
         )
     now = json.loads(json.dumps(identity))  # as the manifest holds it (tuples as lists)
     changed = [
         f"{k} {then.get(k)!r} then, {value.get(k)!r} now"
         for key in ("proposals", "settings")
+        if key in now
         for then, value in [(manifest.get(key) or {}, now[key])]
         for k in sorted(set(then) | set(value))
         if then.get(k) != value.get(k)
@@ -110,7 +114,7 @@ def read_existing_pack(out: Path, identity: dict) -> Existing:
             f"--append: {display_name(out)} was made with other settings ({'; '.join(changed[:4])}): crops of one "
             "pack are made one way; give the pack's settings, or write a new pack"
         )
-    rows, converted, stems = {}, {}, set()
+    rows, converted, stems, filenames = {}, {}, set(), set()
     for split, entry in manifest["splits"].items():
         path = out / split / INDEX
         rows[split] = np.array(open_index(path, path, out))
@@ -120,7 +124,26 @@ def read_existing_pack(out: Path, identity: dict) -> Existing:
         listed = out / split / CONVERTED
         converted[split] = listed.read_text().splitlines(keepends=True) if entry.get("converted_list") else []
         stems |= {bytes(s).decode("utf-8", "surrogateescape") for s in np.unique(rows[split]["stem"])}
-    return Existing(manifest, rows, converted, stems)
+        filenames |= {bytes(f) for f in rows[split]["filename"]}
+    return Existing(manifest, rows, converted, stems, filenames)
+
+
+def appended_manifest(existing: Existing, splits: dict, stored: dict, skipped: list[dict], record: dict) -> dict:
+    """The manifest of the pack with the new shards: the pack's, with the splits written now (`splits`: entries
+    over each whole split) replaced, the leakage report over every split (`stored`: filenames, stems and
+    `content_keys` of the splits written; those of the others are read from their indexes), `skipped` added, and
+    `record` (what was appended) added to `appended`."""
+    manifest = json.loads(json.dumps(existing.manifest))
+    for split, rows in existing.rows.items():
+        if split not in splits:  # untouched: its index as it is
+            stored[split] = (rows["filename"], rows["stem"], content_keys(rows))
+    merged = {**manifest["splits"], **splits}
+    manifest["splits"] = {k: merged[k] for k in sorted(merged, key=split_sort_key)}
+    manifest["samples"] = sum(e["samples"] for e in manifest["splits"].values())
+    manifest["leakage"] = leakage_report({k: stored[k] for k in manifest["splits"]})
+    manifest["skipped"] = sorted([*manifest["skipped"], *skipped], key=lambda s: (s["path"], s["reason"]))
+    manifest["appended"] = [*manifest.get("appended", []), record]
+    return manifest
 
 
 def same_photo(file: Path, recorded: Path | None) -> bool:

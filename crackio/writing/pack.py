@@ -14,16 +14,25 @@ import numpy as np
 
 from crackio.cli import progress_bar
 from crackio.errors import MOST_THREADS, ConfigError, MissingFile, OutOfRange, below
-from crackio.format.layout import MANIFEST, join, manifest_files, planned_files
+from crackio.format.layout import MANIFEST, join, manifest_files, shard_name, split_files
 from crackio.format.manifest import build_manifest, write_manifest
 from crackio.format.schema import index_dtype
 from crackio.fsio import display_name
+from crackio.writing.append import (
+    Existing,
+    appended_manifest,
+    base_files,
+    content_keys,
+    keep_base,
+    pack_before,
+    read_existing_pack,
+)
 from crackio.writing.discover import Found, _has_image, discover
 from crackio.writing.filenames import Proposal
 from crackio.writing.images import prepare, strict_pillow
 from crackio.writing.outdir import OutputFolder, check_replacing, read_existing
 from crackio.writing.quality import leakage_report
-from crackio.writing.splits import Sample, record_name, shard_slices, split_order, write_split
+from crackio.writing.splits import Before, Sample, record_name, shard_slices, split_order, write_split
 from crackio.writing.spool import SPOOL, remove_spool
 from crackio.writing.workers import check_stop, processes, tick
 
@@ -137,24 +146,36 @@ class _Plan(NamedTuple):
     sources: dict[str, list[PackSource]]
 
 
-def _plan(found: Found, out: Path, settings: PackSettings) -> _Plan:
+def _plan(found: Found, out: Path, settings: PackSettings, existing: Existing | None = None) -> _Plan:
+    """Each split's inputs in seeded order and their shard slices; appending to `existing`, only the inputs whose
+    names it lacks, in shards after its last (an empty split is left out)."""
     per = settings.samples_per_shard
     sources: dict[str, list[PackSource]] = {}
     ordered: dict[str, list[Proposal]] = {}
     for split, (src_dir, proposals) in found.splits.items():
-        ordered[split] = [proposals[i] for i in split_order(split, len(proposals), settings.seed)]
+        first = 0
+        if existing is not None:
+            first = existing.next_shard(split)
+            proposals = [p for p in proposals if p.filename.encode() not in existing.filenames]
+            if not proposals:
+                continue
+        ordered[split] = [proposals[i] for i in split_order(split, len(proposals), settings.seed, first)]
         sources[split] = [
-            PackSource(out / split, split, a // per, a, src_dir, ordered[split][a:b], settings.size, settings.quality)
+            PackSource(
+                out / split, split, first + a // per, first * per + a, src_dir, ordered[split][a:b], settings.size,
+                settings.quality,
+            )
             for a, b in shard_slices(len(proposals), per)
-        ]
+        ]  # fmt: skip
     return _Plan(ordered, sources)
 
 
 def _write_splits(
-    out: Path, plan: _Plan, workers: int, progress: bool
+    out: Path, plan: _Plan, workers: int, progress: bool, existing: Existing | None = None, per: int = 0
 ) -> tuple[dict, dict, list[tuple[str, str]], int]:
     """Every split's shards and index: (manifest entry, what the leakage report reads, skipped inputs) per split,
-    and how many shards an interrupted run had finished (reused)."""
+    and how many shards an interrupted run had finished (reused). Appending to `existing`, after its shards
+    (`per`: samples per shard)."""
     splits, stored, skipped, reused = {}, {}, [], 0
     total = sum(len(o) for o in plan.ordered.values())
     with (
@@ -168,9 +189,17 @@ def _write_splits(
                 bar.update(shown + done - bar.n)
 
             rows = index_rows(plan.ordered[split])
-            written = write_split(out / split, split, rows, shard_sources, processes(workers), advance, out / SPOOL)
+            before = None
+            if existing is not None and split in existing.rows:
+                old = existing.manifest["splits"][split]
+                first = shard_sources[0].number
+                before = Before(existing.rows[split], old["shards"], existing.converted[split], first * per)
+            written = write_split(
+                out / split, split, rows, shard_sources, processes(workers), advance, out / SPOOL, before
+            )
             splits[split] = written.entry
-            stored[split] = (written.rows["filename"], written.rows["stem"], written.digests)
+            keys = written.digests if existing is None else content_keys(written.rows)
+            stored[split] = (written.rows["filename"], written.rows["stem"], keys)
             skipped += written.skipped
             reused += written.reused
     return splits, stored, skipped, reused
@@ -182,6 +211,7 @@ def pack(
     settings: PackSettings = PackSettings(),
     progress: bool = True,
     overwrite: bool = False,
+    append: bool = False,
 ) -> dict:
     """Pack `src` into `out`; returns the manifest (also written to out/manifest.json).
 
@@ -192,8 +222,11 @@ def pack(
     This process only writes the index and the manifest. Memory: the parsed names and index rows
     here (~0.9 KB per input measured, beside ~50 MB of imports: no torch), one sample per worker, at most
     2 x workers shards' results in flight.
-    The returned dict adds `seconds`, which the file omits. A pack of another source or settings already in `out`
-    is replaced only with `overwrite` (`crackio.writing.outdir.check_replacing`).
+    The returned dict adds `seconds` and `reused` (shards an interrupted run had finished), which the file omits. A
+    pack of another source or settings already in `out` is replaced only with `overwrite`
+    (`crackio.writing.outdir.check_replacing`). `append`: add to the pack `tools/pack.py` made in `out` the inputs
+    whose file names it lacks, in shards after its own (crackio.writing.append: its shards untouched; the same
+    settings; the returned dict adds `appended`, the inputs added, and `already`, those it held).
 
     Raises:
         MissingFile: `src` is not a folder.
@@ -213,13 +246,27 @@ def pack(
             f"<label>.jpg (or such files in SRC itself)"
         )
     _check_out(src, out, found)
-    plan = _plan(found, out, settings)
     per = settings.samples_per_shard
     kept = {k: v for k, v in asdict(settings).items() if k != "workers"}  # any worker count, same bytes
     with OutputFolder(out) as held:
         identity = {"source": display_name(src), "stage": None, "settings": kept}  # the seed is a setting
-        check_replacing(display_name(out), read_existing(out), identity, overwrite)
-        planned = {MANIFEST} | set().union(*(planned_files(s, -(-len(o) // per)) for s, o in plan.ordered.items()))
+        existing = None
+        if append:
+            before = pack_before(out)
+            existing = read_existing_pack(before, identity, "tools/pack.py")
+        else:
+            check_replacing(display_name(out), read_existing(out), identity, overwrite)
+        plan = _plan(found, out, settings, existing)
+        inputs = sum(len(p) for _, p in found.splits.values())
+        if existing is not None and not plan.ordered:
+            return {**existing.manifest, "seconds": time.perf_counter() - t0, "appended": 0, "already": inputs}
+        if existing is not None and before == out:
+            keep_base(out, existing, held.claim)
+        planned = {MANIFEST} | {
+            name
+            for s, sources in plan.sources.items()
+            for name in split_files(s, [shard_name(s, src.number) for src in sources])
+        }
         records = {f"{SPOOL}/{record_name(s, src.number)}" for s, sources in plan.sources.items() for src in sources}
         held.claim(planned | records)
         # The manifest marks a complete pack: remove it first so an interrupted run is never mistaken for one.
@@ -228,26 +275,36 @@ def pack(
             (out / split).mkdir(exist_ok=True)
         (out / SPOOL).mkdir(exist_ok=True)
         workers = settings.workers or len(os.sched_getaffinity(0))
-        splits, stored, skipped, reused = _write_splits(out, plan, workers, progress)
+        splits, stored, skipped, reused = _write_splits(out, plan, workers, progress, existing, per)
         skipped = sorted([(s.path, s.reason) for s in found.skipped] + skipped)
-        manifest = build_manifest(
-            source=display_name(src),
-            stage={},
-            settings=kept,
-            seed=settings.seed,
-            splits=splits,
-            leakage=leakage_report(stored),
-            ignored=dict(sorted(found.ignored.items())),
-            skipped=[{"path": p, "reason": r} for p, r in skipped],
-        )
+        skips = [{"path": p, "reason": r} for p, r in skipped]
+        if existing is None:
+            manifest = build_manifest(
+                source=display_name(src),
+                stage={},
+                settings=kept,
+                seed=settings.seed,
+                splits=splits,
+                leakage=leakage_report(stored),
+                ignored=dict(sorted(found.ignored.items())),
+                skipped=skips,
+            )
+        else:
+            added = sum(len(o) for o in plan.ordered.values())
+            record = {"source": display_name(src), "inputs": added}
+            manifest = appended_manifest(existing, splits, stored, skips, record)  # type: ignore[assignment]
         files = manifest_files(manifest)
-        held.finish(files | records)  # before the manifest: a failure here leaves no complete pack
+        spool = records | (base_files(existing.manifest) if existing is not None else set())
+        held.finish(files | spool)  # before the manifest: a failure here leaves no complete pack
         write_manifest(out, manifest)
         held.finish(files)  # the resume records go once the pack is complete
-        remove_spool(out, set())
-    result = dict(manifest)
+        remove_spool(out, spool)
+    result: dict = dict(manifest)
     result["seconds"] = time.perf_counter() - t0
     result["reused"] = {"shards": reused}
+    if existing is not None:
+        added = sum(len(o) for o in plan.ordered.values())
+        result.update(appended=added, already=inputs - added)
     return result
 
 
@@ -264,8 +321,11 @@ def summary(manifest: dict, out: str | Path) -> str:
     secs = manifest.get("seconds", 0.0)
     reused = manifest.get("reused", {}).get("shards", 0)
     again = f" ({reused} reused from an interrupted run)" if reused else ""
+    verb = "packed"
+    if "appended" in manifest:
+        verb = f"appended {manifest['appended']} crops ({manifest['already']} in the pack already, skipped); the pack:"
     lines = [
-        f"packed {'; '.join(parts) or 'nothing'} into {len(shards)} shards{again}, {mb:.1f} MB in {out}; "
+        f"{verb} {'; '.join(parts) or 'nothing'} into {len(shards)} shards{again}, {mb:.1f} MB in {out}; "
         f"{converted} converted, {len(manifest['skipped'])} skipped, {ignored} ignored; {secs:.1f} s"
     ]
     lines += [f"warning: {w}" for w in warnings(manifest)]

@@ -15,7 +15,6 @@ node) redoes only the rest and ends with the same bytes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from crackio.writing.annotations import Annotated, Photo, read_annotations, reso
 from crackio.writing.append import (
     Existing,
     already_in,
+    appended_manifest,
     base_files,
     content_keys,
     draw_split,
@@ -423,36 +423,23 @@ def _write_shards(
 
 
 def _appended(stage: _Stage, records: list[ChunkRecord], splits: dict, stored: dict) -> Manifest:
-    """The manifest of the pack with the photos appended: the pack's, with the splits written now replaced, the
-    leakage report over every split (crackio.writing.append.content_keys), the new problems added, and the
-    appended photos recorded under `appended` (where detect --split finds them)."""
+    """The manifest of the pack with the photos appended (crackio.writing.append.appended_manifest), the appended
+    photos recorded under `appended` (where detect --split finds them)."""
     assert stage.existing is not None
-    manifest = json.loads(json.dumps(stage.existing.manifest))
-    for split, rows in stage.existing.rows.items():
-        if split not in splits:  # untouched: its index as it is
-            stored[split] = (rows["filename"], rows["stem"], content_keys(rows))
-    merged = {**manifest["splits"], **splits}
-    manifest["splits"] = {k: merged[k] for k in sorted(merged, key=split_sort_key)}
-    manifest["samples"] = sum(e["samples"] for e in manifest["splits"].values())
-    manifest["leakage"] = leakage_report({k: stored[k] for k in manifest["splits"]})
     problems = [
         {"path": p, "reason": r} for p, r in [*stage.annotated.problems, *(q for r in records for q in r.problems)]
     ]
-    manifest["skipped"] = sorted([*manifest["skipped"], *problems], key=lambda s: (s["path"], s["reason"]))
-    manifest["appended"] = [
-        *manifest.get("appended", []),
-        {
-            "source": display_name(stage.src.resolve()),
-            "annotations": {
-                "format": stage.fmt,
-                "classes": stage.annotated.classes,
-                "positive": stage.annotated.positive,
-                **stage.annotated.settings,
-            },  # fmt: skip
-            "photos": split_photos(stage.src, stage.jobs),
-        },
-    ]
-    return manifest  # type: ignore[return-value]
+    record = {
+        "source": display_name(stage.src.resolve()),
+        "annotations": {
+            "format": stage.fmt,
+            "classes": stage.annotated.classes,
+            "positive": stage.annotated.positive,
+            **stage.annotated.settings,
+        },  # fmt: skip
+        "photos": split_photos(stage.src, stage.jobs),
+    }
+    return appended_manifest(stage.existing, splits, stored, problems, record)  # type: ignore[return-value]
 
 
 def _manifest(stage: _Stage, records: list[ChunkRecord], splits: dict, stored: dict) -> Manifest:

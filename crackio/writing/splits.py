@@ -84,6 +84,12 @@ def tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+def widest(a: np.dtype, b: np.dtype) -> np.dtype:
+    """The index dtype (fields of `a`, in its order) whose text columns fit the names of either."""
+    assert a.names is not None
+    return np.dtype([(n, f"S{max(a[n].itemsize, b[n].itemsize)}" if a[n].kind == "S" else a[n]) for n in a.names])
+
+
 def record_name(split: str, number: int) -> str:
     """The file that records shard `number` of `split` as finished (relative to the records folder)."""
     return f"shard-{zlib.crc32(split.encode()):08x}-{number:06d}.npz"
@@ -205,7 +211,8 @@ def write_split(
     converted_lines = sorted(line for w in written for line in w.converted)
     if before is not None:
         kept["shard"] += len(before.shards)
-        kept = np.concatenate([before.rows.astype(kept.dtype), kept])
+        common = widest(before.rows.dtype, kept.dtype)  # the longer names of either fit
+        kept = np.concatenate([before.rows.astype(common), kept.astype(common)])
         shards = [*before.shards, *shards]
         converted_lines = sorted([*before.converted, *converted_lines])
     index_sha256 = save_index(folder / INDEX, kept)
