@@ -261,7 +261,7 @@ def test_pack_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass
 
-    def fake(src, out, settings, progress, overwrite):
+    def fake(src, out, settings, progress, overwrite, append):
         got["settings"] = settings
         raise Stop
 

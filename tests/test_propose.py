@@ -460,7 +460,7 @@ def test_propose_flags_are_the_settings_fields(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass
 
-    def fake(src, fmt, out, proposal, run, crops, progress, overwrite, cluster):
+    def fake(src, fmt, out, proposal, run, crops, progress, overwrite, cluster, append):
         got.update(proposal=proposal, run=run)
         raise Stop
 
