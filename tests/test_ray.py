@@ -68,9 +68,9 @@ def test_propose_on_two_ray_nodes_gives_the_same_bytes(cluster, demo_photos, tmp
 
 @pytest.fixture(scope="module")
 def larger(tmp_path_factory) -> tuple[Path, Path]:
-    """40 photos of 480 x 320 (chunks of 16 photos take seconds) and their pack made without Ray."""
+    """36 photos of 360 x 240 (a chunk of 16 photos takes seconds) and their pack made without Ray."""
     root = tmp_path_factory.mktemp("larger")
-    write_photos(root, images=40, seed=5, size=(480, 320), formats=("coco",))
+    write_photos(root, images=36, seed=5, size=(360, 240), formats=("coco",))
     return root / "coco", reference(root / "coco", "coco", root / "here")
 
 
@@ -161,3 +161,13 @@ def test_ray_refusals_are_one_line(demo_photos, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and "every node reaches" in done.stderr.splitlines()[-1]
+
+
+def test_without_ray_installed_ray_says_how_to_install_it(demo_photos, tmp_path, monkeypatch, capsys):
+    from tools import propose
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    code = propose.main([str(demo_photos / "coco"), "--format", "coco", "--out", str(tmp_path / "o"), "--ray", "local"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --ray needs Ray, which is not installed here: pip install 'crackio[ray]'"]
+    assert not (tmp_path / "o" / "manifest.json").exists()

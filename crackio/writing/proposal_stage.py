@@ -216,7 +216,8 @@ def propose_to_shards(
     """
     proposal = proposal or ProposalSettings()  # both settings objects checked their own values when made
     t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
+    # SRC absolute: the same manifest however it was typed, and Ray's tasks (in another working folder) find it.
+    src, out = Path(src).absolute(), Path(out)
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise ConfigError(
             f"--out {display_name(out)} is inside the photo folder {display_name(src)}: the next run would read "
@@ -318,9 +319,8 @@ def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, clust
     try:
         if cluster is not None:
             todo = [i for i, r in enumerate(records) if r is None]
-            tasks = [
-                (out.resolve(), chunks[i], fps[i], dtype, (stage.proposal, stage.run.seed, stage.crops)) for i in todo
-            ]
+            crops = stage.crops.resolve() if stage.crops else None  # the tasks' working folder is not ours
+            tasks = [(out.resolve(), chunks[i], fps[i], dtype, (stage.proposal, stage.run.seed, crops)) for i in todo]
             for i, record in zip(todo, cluster.run(propose_chunk, tasks, bar.update, [len(t[1].jobs) for t in tasks])):
                 records[i] = record
         else:
