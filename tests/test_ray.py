@@ -171,3 +171,12 @@ def test_without_ray_installed_ray_says_how_to_install_it(demo_photos, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: --ray needs Ray, which is not installed here: pip install 'crackio[ray]'"]
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_an_address_where_no_cluster_listens_fails_at_once(demo_photos, tmp_path):
+    done = subprocess.run(
+        [*PROPOSE, str(demo_photos / "coco"), "--format", "coco", "--out", str(tmp_path / "o"), "--ray", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--ray 127.0.0.1:1: nothing answers there" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -72,8 +73,8 @@ class RayCluster:
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if self.address == "local":
             options["include_dashboard"] = False
-        # A cluster on this machine would otherwise share out its session's folder with others: Ray's own choice.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report sent home from a machine that has no net
+        self._check_reachable()
         try:
             ray.init(address=self.address, **options)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -84,6 +85,24 @@ class RayCluster:
                 "machine for this run"
             ) from None
         return self
+
+    def _check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail in seconds, not after Ray's minutes of retries, when nothing listens at HOST:PORT.
+
+        Raises:
+            ConfigError: naming the address and what to start.
+        """
+        if self.address in ("auto", "local") or self.address.startswith("ray://"):
+            return
+        host, _, port = self.address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise ConfigError(
+                f"--ray {self.address}: nothing answers there ({e.strerror or e}): start the head node with "
+                f"`ray start --head --port {port}` (it prints the address), or give --ray local to start one on this "
+                "machine for this run"
+            ) from None
 
     def __exit__(self, *exc) -> None:
         self.ray.shutdown()
