@@ -348,8 +348,12 @@ def run_export(settings: ExportSettings) -> dict:
         "trained": trained(ckpt),
         "arch": cfg.model.arch,
         "head": cfg.model.head,
-        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, SIZE, SIZE],
-                  "normalization": ckpt.get("normalization")},  # fmt: skip
+        "input": {
+            "name": INPUT,
+            "dtype": "uint8",
+            "shape": ["batch", 3, SIZE, SIZE],
+            "normalization": ckpt.get("normalization"),
+        },  # fmt: skip
         "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch"], "meaning": "P(crack)"},
         "exporter": "torch.onnx.export(dynamo=True)" if DYNAMO else "torch.onnx.export(dynamo=False), TorchScript",
         "opset": OPSET,

@@ -56,6 +56,10 @@ class CrackClassifier(nn.Module):
         self.register_buffer("float_scale", sd_in / sd, persistent=False)
         self.register_buffer("float_shift", (m_in - m) / sd, persistent=False)
         self.imagenet = (self.mean, self.std) == (MEAN, STD)
+        self.uint8_shift: torch.Tensor
+        self.uint8_scale: torch.Tensor
+        self.float_scale: torch.Tensor
+        self.float_shift: torch.Tensor
 
     def normalization(self) -> dict:
         """{"mean": [r, g, b], "std": [r, g, b]} (0-1 units) the backbone expects: checkpoints and exports record it."""
