@@ -12,7 +12,7 @@ from crackio.cli import ArgumentParser
 from crackio.errors import ConfigError
 from crackio.flags import add_flags
 from train.cli.flags import add_command_flags, add_run_flags, command_settings
-from train.settings.commands import DetectSettings, EvalSettings, ExportSettings, SvmSettings
+from train.settings.commands import BboxSettings, DetectSettings, EvalSettings, ExportSettings, SvmSettings
 from train.settings.files import read_config_file
 from train.settings.run import DEFAULTS, RunSettings
 from train.sweep import SHIPPED
@@ -30,7 +30,7 @@ def train(argv: list[str]) -> None:
         prog="python -m train",
         usage="%(prog)s --shards SHARDS [options] | --resume RUN [options] | --config FILE [options]",
         description="Train the crack classifier.",
-        epilog="Subcommands: python -m train {eval,sweep,svm,detect,export} --help",
+        epilog="Subcommands: python -m train {eval,sweep,svm,bbox,detect,export} --help",
     )
     add_run_flags(ap)
     ap.add_argument(
@@ -117,6 +117,22 @@ def svm(argv: list[str]) -> None:
     run_svm(settings)
 
 
+def bbox(argv: list[str]) -> None:
+    """`python -m train bbox --checkpoint RUN/best.pt [options]`."""
+    ap = ArgumentParser(
+        prog="python -m train bbox",
+        description=(
+            "R-CNN's bounding-box regression: ridge regressors from the frozen backbone's features to the ground "
+            "truth of proposals near it, saved with the run for detect."
+        ),
+    )
+    add_command_flags(ap, BboxSettings)
+    settings = command_settings(BboxSettings, vars(ap.parse_args(argv)))
+    from train.detection.bbox import run_bbox
+
+    run_bbox(settings)
+
+
 def detect(argv: list[str]) -> None:
     """`python -m train detect --checkpoint RUN/best.pt | --onnx model.onnx PHOTOS... [options]`."""
     ap = ArgumentParser(
@@ -151,4 +167,4 @@ def export(argv: list[str]) -> None:
     print(report_text(run_export(settings)))
 
 
-COMMANDS = {"eval": evaluate, "sweep": sweep, "svm": svm, "detect": detect, "export": export}
+COMMANDS = {"eval": evaluate, "sweep": sweep, "svm": svm, "bbox": bbox, "detect": detect, "export": export}

@@ -40,6 +40,7 @@ from crackio.writing.cluster import RayCluster
 from crackio.writing.proposal_stage import load_photo
 from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
 from train.detection.baselines import baseline_aps
+from train.detection.bbox import REGRESSOR, Regressor, load_regressor
 from train.detection.export import Exported, load_onnx, probabilities
 from train.detection.report import Detections, suppress, write_outputs
 from train.run.checkpoint import file_sha256, load_checkpoint
@@ -64,6 +65,10 @@ class PhotoDetections:
     category_id: int | str | None = None  # the crack category's id there, when the photo's file has exactly one
     seconds: dict = field(default_factory=dict)
     problem: str = ""  # why the photo was skipped, or a note on its annotation
+    # With bounding-box regression: `boxes` are the moved ones; these, the proposals' own after their NMS (for the
+    # AP without it)
+    plain_boxes: np.ndarray | None = None
+    plain_scores: np.ndarray | None = None
 
 
 def proposal_settings(
@@ -192,8 +197,11 @@ class Scorer:
         batch_size: int,
         svm: Path | None,
         checkpoint: Path | None = None,
+        regressor: Regressor | None = None,
     ):
         self.model, self.device, self.batch_size = model, device, batch_size
+        self.regressor = regressor
+        self.features: np.ndarray = np.zeros((0, 0))  # the last call's crops' features, with a regressor
         self.amp = amp_dtype(device)
         self.svm = None
         if svm is not None:
@@ -220,7 +228,8 @@ class Scorer:
                     f"--svm {svm} was trained on {self.svm['coef'].shape[0]}-d features; this "
                     f"checkpoint's backbone gives {dim}-d: use the SVM of this run"
                 )
-            self._features: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] = []
+        if self.svm is not None or regressor is not None:  # the input of the last Linear: the SVM's, the regressor's
             last_linear(model.backbone)[2].register_forward_pre_hook(
                 lambda _m, args: self._features.append(args[0].float().flatten(1))
             )
@@ -229,7 +238,7 @@ class Scorer:
     @torch.no_grad()
     def __call__(self, jpegs: list[bytes], boxes: np.ndarray | None = None) -> np.ndarray:
         """Scores of the crops (float, one per crop); `boxes` (their proposals) are for stand-in scorers."""
-        scores = []
+        scores, features = [], []  # features: with a regressor only
         for start in range(0, len(jpegs), self.batch_size):
             gpu = self.device.type == "cuda"
             images = decode_crops(jpegs[start : start + self.batch_size], self.device)
@@ -239,12 +248,16 @@ class Scorer:
             self._features = []  # the hook appends this batch's features (the SVM's input)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.model(x).float()
+            f = self._features[-1].cpu().numpy().astype(np.float64) if self._features else np.zeros((len(logits), 0))
+            if self.regressor is not None:
+                features.append(f)
             if self.svm is None:
                 scores.append(torch.sigmoid(logits).cpu().numpy())
             else:
-                f = self._features[-1].cpu().numpy().astype(np.float64)
                 s = self.svm
                 scores.append(((f - s["mean"]) / s["scale"]) @ s["coef"] + s["intercept"])
+        if self.regressor is not None:
+            self.features = np.concatenate(features) if features else np.zeros((0, self.regressor.mean.shape[0]))
         return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -327,8 +340,15 @@ def detect_photo(
     t2 = time.perf_counter()
     scores = scorer(jpegs, boxes)
     t3 = time.perf_counter()
-    keep = suppress(boxes, scores, nms_iou)
-    result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
+    if isinstance(scorer, Scorer) and scorer.regressor is not None:  # R-CNN: every proposal moved once, then NMS
+        moved = scorer.regressor.move(boxes, scorer.features)
+        plain = suppress(boxes, scores, nms_iou)
+        result.plain_boxes, result.plain_scores = boxes[plain], scores[plain]
+        keep = suppress(moved, scores, nms_iou)
+        result.boxes, result.scores, result.proposals = moved[keep], scores[keep], boxes
+    else:
+        keep = suppress(boxes, scores, nms_iou)
+        result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
     result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2, "nms": time.perf_counter() - t3}
     return result
 
@@ -580,7 +600,11 @@ def make_scorer(settings: DetectSettings, model: CrackClassifier | Exported, pat
     model.to(dev).eval()  # in place: nn.Module.to moves the module itself
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return Scorer(model, dev, settings.batch_size, Path(settings.svm) if settings.svm else None, path)
+    regressor = None
+    found = path.parent / "bbox" / REGRESSOR
+    if not settings.no_bbox_reg and found.is_file():
+        regressor = load_regressor(found, path, last_linear(model.backbone)[2].in_features)
+    return Scorer(model, dev, settings.batch_size, Path(settings.svm) if settings.svm else None, path, regressor)
 
 
 def detect_photos(

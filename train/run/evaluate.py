@@ -15,11 +15,13 @@ from train.evaluation.report import report_text
 from train.run.checkpoint import load_checkpoint, trained
 from train.run.model import model_from_checkpoint
 from train.run.runtime import amp_dtype, use_threads
-from train.settings.commands import EvalSettings, SvmSettings
+from train.settings.commands import BboxSettings, EvalSettings, SvmSettings
 from train.settings.run import RunSettings
 
 
-def eval_loader(cfg: RunSettings, split: str, command: EvalSettings | SvmSettings, shards: list[str] | None = None):
+def eval_loader(
+    cfg: RunSettings, split: str, command: EvalSettings | SvmSettings | BboxSettings, shards: list[str] | None = None
+):
     """Every sample of a split once, labelled with the run's IoU threshold, read as the command says (its packs or
     the run's, all of them together unless `shards` picks some; batch size, device, backend, remote settings): for
     eval and the SVM stage."""

@@ -64,6 +64,30 @@ class EvalSettings(Command):
 
 
 @dataclass(frozen=True)
+class BboxSettings(Command):
+    group: ClassVar[str] = "bounding-box regression"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
+
+    checkpoint: str = ""  # RUN/best.pt of a run trained on a tools/propose.py pack (required)
+    shards: tuple[str, ...] = ()  # shards folder, once per pack; none = the run's own pack(s)
+    out: str = ""  # output folder; "" = RUN/bbox (where detect looks for it)
+    min_iou: float = 0.6  # fit on proposals with at least this IoU with their ground truth (R-CNN)
+    alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # ridge lambdas tried on validation (R-CNN: 1000)
+    batch_size: int = 64  # batch size of the feature pass
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | dali | torch
+    remote: Remote = field(default_factory=Remote)
+
+    def check(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (RUN/best.pt of a finished run)")
+        check_within(self, "min_iou", 0, 1)
+        if not self.alphas or not all(is_number(a) and a > 0 for a in self.alphas):
+            raise ConfigError(f"--alphas must be positive numbers, e.g. 10,100,1000, got {self.alphas}")
+        check_positive(self, "batch_size")
+
+
+@dataclass(frozen=True)
 class SvmSettings(Command):
     group: ClassVar[str] = "SVM stage"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"device": DEVICES, "backend": BACKENDS}
@@ -124,6 +148,7 @@ class DetectSettings(Command):
     context: int | None = None  # runs on packed crop folders: context pixels at 224 (default: 16, R-CNN's)
     # score the photos on a Ray cluster: auto, local or HOST:PORT; every node reads the model and photos at their paths
     ray: str = ""
+    no_bbox_reg: bool = False  # leave out RUN/bbox/bbox_regressor.npz (python -m train bbox) even where it exists
     remote: Remote = field(default_factory=Remote)
 
     def check(self) -> None:

@@ -65,7 +65,8 @@ def extract(model, loader, amp, split: str) -> dict[str, np.ndarray]:
     }
 
 
-def features_of(model, cfg, split: str, args: SvmSettings) -> dict[str, np.ndarray]:
+def features_of(model, cfg, split: str, args) -> dict[str, np.ndarray]:
+    """`extract` over the split's eval loader (`args`: the command's SvmSettings or BboxSettings)."""
     loader = eval_loader(cfg, split, args)
     return extract(model.to(loader.device), loader, amp_dtype(loader.device), split)
 

@@ -1,0 +1,73 @@
+"""`python -m train bbox`: R-CNN's bounding-box regression (appendix C), and detect with and without it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import TINY_ARGS
+from train.detection.bbox import apply, box_iou_pairs, fit, targets
+
+
+def test_targets_are_r_cnns_and_apply_inverts_them():
+    proposals = np.array([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 100.0, 10.0]])
+    gt = np.array([[14.0, 18.0, 58.0, 62.0], [5.0, 1.0, 85.0, 13.0]])
+    t = targets(proposals, gt)
+    # proposal 0: centre (30, 40), 40 x 40; ground truth: centre (36, 40), 44 x 44
+    assert np.allclose(t[0], [6 / 40, 0 / 40, np.log(44 / 40), np.log(44 / 40)])
+    assert np.allclose(apply(proposals, t), gt)
+    assert np.allclose(apply(proposals, np.zeros((2, 4))), proposals)
+    assert np.allclose(box_iou_pairs(gt, gt), 1.0)
+
+
+def test_ridge_regression_recovers_a_linear_relation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8))
+    w = rng.normal(size=(8, 4)) * 0.05
+    t = x @ w + 0.01
+    reg = fit(x, t, alpha=1e-3)
+    assert np.allclose(reg.deltas(x), t, atol=1e-3)
+
+
+def test_a_pack_without_boxes_is_refused_in_one_line(tiny_run, tmp_path):
+    cmd = [sys.executable, "-m", "train", "bbox", "--checkpoint", str(tiny_run / "best.pt")]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("needs a pack made by tools/propose.py")
+
+
+@pytest.mark.slow
+def test_bbox_fits_and_detect_reports_ap_with_and_without_it(demo_photos, tmp_path):
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from crackio.writing.regions import ProposalSettings
+
+    pack, run = tmp_path / "pack", tmp_path / "run"
+    propose_to_shards(demo_photos / "coco", "coco", pack, ProposalSettings(max_proposals=40),
+                      ProposeSettings(workers=1, samples_per_shard=100), progress=False)  # fmt: skip
+    python = [sys.executable, "-m", "train"]
+    detect = ["detect", "--checkpoint", str(run / "best.pt"), "--split", "test", "--threads", "1"]
+    steps = [
+        ["--shards", str(pack), "--out", str(run), *TINY_ARGS, "--head", "linear", "--epochs", "1",
+         "--limit-batches", "3"],
+        ["bbox", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--alphas", "10,1000"],
+        [*detect, "--out", str(tmp_path / "with")],
+        [*detect, "--no-bbox-reg", "--out", str(tmp_path / "without")],
+    ]  # fmt: skip
+    for args in steps:
+        done = subprocess.run([*python, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "bbox" / "summary.json").read_text())
+    assert summary["lambda"] in (10.0, 1000.0) and summary["splits"]["train"]["proposals"] > 0
+    with_reg = json.loads((tmp_path / "with" / "summary.json").read_text())
+    without = json.loads((tmp_path / "without" / "summary.json").read_text())
+    assert "without_bbox_regression" not in without
+    assert with_reg["without_bbox_regression"]["ap50_voc"] == pytest.approx(without["ap50_voc"])
+    assert "with bounding-box regression (without:" in (tmp_path / "with" / "report.txt").read_text()
+    moved = json.loads((tmp_path / "with" / "detections.json").read_text())
+    plain = json.loads((tmp_path / "without" / "detections.json").read_text())
+    assert [d["score"] for d in moved] != [] and [d["bbox"] for d in moved] != [d["bbox"] for d in plain]
