@@ -40,8 +40,10 @@ def stop_on_signals() -> Iterator[None]:
         return
 
     def stop(signum, _frame):
+        global _received
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _received = signum  # a library that turns the exception into its own (Ray's ray.get) cannot lose it
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -91,19 +93,33 @@ def run_command(body: Callable[[], int | None], interrupted: Callable[[], str | 
     `interrupted()` gives the line printed after a signal when the interruption carries no note of its own
     (what is left and how to go on); it returns None to print nothing (e.g. on every rank but 0).
     """
+    global _received
+    _received = 0
     try:
         with stop_on_signals():
             return body() or 0
     except CrackioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        if not _received:  # a real exit, not a signal another library turned into one
+            raise
+        return _interrupted(Interrupted(_received), interrupted)
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        line = interrupted()
-        if line is not None:
-            note = e.note if isinstance(e, Interrupted) and e.note else line
-            print(f"interrupted by {signal.Signals(signum).name}" + (f": {note}" if note else ""), file=sys.stderr)
-        return 128 + signum
+        return _interrupted(e, interrupted)
+
+
+_received = 0  # the signal stop_on_signals last received (0: none)
+
+
+def _interrupted(e: KeyboardInterrupt, interrupted: Callable[[], str | None]) -> int:
+    """run_command's line and exit code after an interruption."""
+    signum = e.signum if isinstance(e, Interrupted) else (_received or signal.SIGINT)
+    line = interrupted()
+    if line is not None:
+        note = e.note if isinstance(e, Interrupted) and e.note else line
+        print(f"interrupted by {signal.Signals(signum).name}" + (f": {note}" if note else ""), file=sys.stderr)
+    return 128 + signum
 
 
 def incomplete(out: object) -> Callable[[], str]:

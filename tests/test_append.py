@@ -218,3 +218,56 @@ def test_pack_append_adds_the_new_crops_after_the_packs_shards(demo_src, tmp_pat
     assert again["appended"] == 0 and (out / "manifest.json").read_text() == json.dumps(manifest, indent=1) + "\n"
     with pytest.raises(ConfigError, match=r"other settings \(seed 0 then, 1 now\)"):
         pack(more, out, PackSettings(workers=1, samples_per_shard=50, seed=1), progress=False, append=True)
+
+
+def test_a_pack_with_appended_photos_is_not_rebuilt_from_one_source(demo_photos, appended, tmp_path):
+    """Writing an appended pack again without --append would drop what was appended: refused unless --overwrite."""
+    out = tmp_path / "pack"
+    shutil.copytree(appended[0], out)
+    before = shard_files(out)
+    with pytest.raises(ConfigError, match=r"had more added with --append \(from .*new_photos.*\): writing it again"):
+        propose_to_shards(demo_photos / "coco", "coco", out, FAST, RUN, progress=False)
+    assert shard_files(out) == before
+    propose_to_shards(demo_photos / "coco", "coco", out, FAST, RUN, progress=False, overwrite=True)
+    assert "appended" not in json.loads((out / "manifest.json").read_text())
+
+
+def test_an_interrupted_append_is_finished_not_replaced(base, new_photos, demo_photos, tmp_path):
+    out = tmp_path / "pack"
+    shutil.copytree(base, out)
+    (out / "manifest.json").unlink()  # where an interrupted append leaves the pack: its copy in .spool/base
+    (out / ".spool" / "base").mkdir(parents=True)
+    shutil.copy(base / "manifest.json", out / ".spool" / "base" / "manifest.json")
+    for split in json.loads((base / "manifest.json").read_text())["splits"]:
+        (out / ".spool" / "base" / split).mkdir()
+        shutil.copy(base / split / "index.npy", out / ".spool" / "base" / split / "index.npy")
+    with pytest.raises(ConfigError, match="an append was adding to when it was interrupted: run that same command"):
+        propose_to_shards(new_photos, "yolo", out, FAST, RUN, progress=False)
+    from crackio.format.manifest import repack
+
+    assert repack(out).startswith("an append to it was interrupted")
+    propose_to_shards(new_photos, "yolo", out, FAST, RUN, progress=False, append=True)
+    assert list(verify(out)) == [] and not (out / ".spool").exists()
+
+
+def test_append_where_no_pack_is_leaves_nothing(new_photos, tmp_path):
+    with pytest.raises(ConfigError, match="holds no complete pack"):
+        propose_to_shards(new_photos, "yolo", tmp_path / "none", FAST, RUN, progress=False, append=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_append_takes_its_own_annotation_reading(base, tmp_path):
+    """--classes, --mask-piece and --mask-crack-label say how a source's annotations are read: an appended set of
+    masks or of other class names is not refused for them."""
+    masks = tmp_path / "masks"
+    write_photos(masks, images=6, seed=13, size=(192, 128), formats=("mask",))
+    renamed(masks / "mask", "m3_")
+    for path in sorted((masks / "mask").rglob("*.png")):  # masks carry the photo's stem too
+        path.rename(path.with_name("m3_" + path.name))
+    out = tmp_path / "pack"
+    shutil.copytree(base, out)
+    result = propose_to_shards(masks / "mask", "mask", out, FAST, ProposeSettings(workers=1, samples_per_shard=60,
+                               mask_piece=40), progress=False, append=True)  # fmt: skip
+    assert result["appended"] == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["appended"][-1]["annotations"]["mask_piece"] == 40 and manifest["settings"]["mask_piece"] == 0

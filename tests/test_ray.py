@@ -143,6 +143,9 @@ def test_detect_on_ray_gives_the_same_detections_and_ap(cluster, demo_photos, tm
         outputs[name] = out
     here, ray = outputs["here"], outputs["ray"]
     assert (ray / "detections.json").read_bytes() == (here / "detections.json").read_bytes()
+    too_many = [sys.executable, "-m", "train", "detect", "--checkpoint", str(run / "best.pt"), "--split", "test"]
+    done = subprocess.run([*too_many, "--threads", "2", "--ray", cluster], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the largest node has 1: give --threads 1 or fewer" in done.stderr
     timing = ("seconds_per_photo", "photos_per_sec", "crops_per_sec")
     a, b = (
         {k: v for k, v in json.loads((o / "summary.json").read_text()).items() if k not in timing} for o in (here, ray)
@@ -156,6 +159,11 @@ def test_ray_refusals_are_one_line(demo_photos, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and "--ray: give auto" in done.stderr.replace("argument --ray: ", "--ray: ")
+    done = subprocess.run(
+        [*PROPOSE, str(demo_photos / "coco"), "--format", "coco", "--out", str(tmp_path / "o"), "--ray", "h:99999"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "give auto" in done.stderr
     done = subprocess.run(
         [*PROPOSE, str(demo_photos / "coco"), "--format", "coco", "--out", "s3://bucket/p", "--ray", "local"],
         capture_output=True, text=True,

@@ -200,6 +200,10 @@ def rewrite_text(manifest: dict, root: str | os.PathLike) -> str:
         text = f"`python tools/propose.py {shlex.quote(source)}{option} --out {out}{proposals}{settings}`"
     else:
         text = f"`python tools/pack.py {shlex.quote(source)} --out {out}{settings}`"
+    appended = manifest.get("appended")
+    sources = [str(a.get("source")) for a in appended if isinstance(a, dict)] if isinstance(appended, list) else []
+    if sources:  # what --append added after it: the first command replaces the pack, then each is appended again
+        text = text[:-1] + " --overwrite`, then append " + ", ".join(shlex.quote(s) for s in sources) + " again"
     return f"write the pack again with {text}" + (f", then serve FOLDER at {root}" if served else "")
 
 
@@ -214,6 +218,11 @@ def repack(root: str | os.PathLike) -> str:
     if "://" not in text:
         with contextlib.suppress(OSError, ValueError, RecursionError):
             manifest = json.loads(read_regular(Path(root) / MANIFEST, MAX_MANIFEST_BYTES))
+        if manifest is None and (Path(root) / ".spool" / "base" / MANIFEST).is_file():  # crackio.writing.append
+            return (
+                "an append to it was interrupted: run that same command (tools/propose.py or tools/pack.py with "
+                f"--append --out {text}) again to finish it"
+            )
     if isinstance(manifest, dict) and isinstance(manifest.get("source"), str):
         return rewrite_text(manifest, root)
     return f"re-run `python tools/pack.py SRC --out {text}`"

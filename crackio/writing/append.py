@@ -26,6 +26,7 @@ from crackio.format.index import index_digest_problem, open_index
 from crackio.format.layout import CONVERTED, INDEX, MANIFEST, SPLITS, split_sort_key
 from crackio.format.manifest import read_manifest, recorded_photos, repack
 from crackio.fsio import atomic_write, display_name
+from crackio.writing.outdir import APPEND_BASE
 from crackio.writing.quality import leakage_report
 
 
@@ -44,7 +45,11 @@ class Existing(NamedTuple):
         return max((int(n[len(split) + 1 : -4]) for n in names), default=-1) + 1
 
 
-BASE = ".spool/base"  # the pack as it was before the append: its manifest, indexes and converted lists
+BASE = APPEND_BASE  # the pack as it was before the append: its manifest, indexes and converted lists
+
+
+# How a source's annotations are read, not how crops are made: each appended set records its own (`appended`).
+READING = ("classes", "mask_piece", "mask_crack_label")
 
 
 def base_files(manifest: dict) -> set[str]:
@@ -55,6 +60,18 @@ def base_files(manifest: dict) -> set[str]:
             {f"{BASE}/{split}/{CONVERTED}"} if entry.get("converted_list") else set()
         )
     return files
+
+
+def check_appendable(out: Path) -> None:
+    """Refuse --append where no pack is (before OUT is created or locked).
+
+    Raises:
+        ConfigError: naming OUT and what to do first.
+    """
+    if not (out / MANIFEST).is_file() and not (out / BASE / MANIFEST).is_file():
+        raise ConfigError(
+            f"--append: {display_name(out)} holds no complete pack (no {MANIFEST}): write it first, without --append"
+        )
 
 
 def pack_before(out: Path) -> Path:
@@ -107,7 +124,7 @@ def read_existing_pack(out: Path, identity: dict, tool: str = "tools/propose.py"
         if key in now
         for then, value in [(manifest.get(key) or {}, now[key])]
         for k in sorted(set(then) | set(value))
-        if then.get(k) != value.get(k)
+        if then.get(k) != value.get(k) and k not in READING
     ]
     if changed:
         raise ConfigError(

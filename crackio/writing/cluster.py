@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,7 +37,8 @@ def check_address(address: str) -> str:
     Raises:
         ConfigError: naming the three forms.
     """
-    if not ADDRESS.fullmatch(address):
+    port = address.rpartition(":")[2]
+    if not ADDRESS.fullmatch(address) or (port.isdigit() and not 0 < int(port) < 65536):
         raise ConfigError(
             f"--ray {address!r}: give auto (the cluster RAY_ADDRESS names, or one running on this machine), local "
             "(start one here for this run) or HOST:PORT of the head node (`ray start --head` prints it)"
@@ -70,11 +73,14 @@ class RayCluster:
 
     def __enter__(self) -> RayCluster:
         ray = self.ray
-        options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+        options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
         if self.address == "local":
             options["include_dashboard"] = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report sent home from a machine that has no net
         self._check_reachable()
+        # Ray's driver installs its own SIGTERM handler (a stack dump, exit 1): crackio's (crackio.cli.stop_on_signals:
+        # one line, exit 143, a re-run resumes) stays the one in force.
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             ray.init(address=self.address, **options)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -84,7 +90,16 @@ class RayCluster:
                 "(and `ray start --address HEAD:PORT` on each worker node), or give --ray local to start one on this "
                 "machine for this run"
             ) from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
         return self
+
+    def largest_node_cpus(self) -> int:
+        """The most CPUs one live node of the cluster has (an actor needing more is never scheduled)."""
+        return max((int(n.get("Resources", {}).get("CPU", 0)) for n in self.ray.nodes() if n.get("Alive")), default=0)
 
     def _check_reachable(self, timeout: float = 5.0) -> None:
         """Fail in seconds, not after Ray's minutes of retries, when nothing listens at HOST:PORT.
@@ -92,20 +107,30 @@ class RayCluster:
         Raises:
             ConfigError: naming the address and what to start.
         """
-        if self.address in ("auto", "local") or self.address.startswith("ray://"):
-            return
-        host, _, port = self.address.rpartition(":")
+        address = os.environ.get("RAY_ADDRESS", "") if self.address == "auto" else self.address
+        if not ADDRESS.fullmatch(address) or address in ("auto", "local") or address.startswith("ray://"):
+            return  # auto without RAY_ADDRESS: Ray looks for a cluster on this machine, and says at once if none
+        host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            named = self.address if address == self.address else f"{self.address} (RAY_ADDRESS {address})"
             raise ConfigError(
-                f"--ray {self.address}: nothing answers there ({e.strerror or e}): start the head node with "
+                f"--ray {named}: nothing answers there ({getattr(e, 'strerror', None) or e}): start the head node with "
                 f"`ray start --head --port {port}` (it prints the address), or give --ray local to start one on this "
                 "machine for this run"
             ) from None
 
     def __exit__(self, *exc) -> None:
-        self.ray.shutdown()
+        # A local cluster's processes, stopped here, can deliver SIGINT to this process group: the interruption in
+        # flight (SIGTERM, say) stays the one reported.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.ray.shutdown()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
     def cpus(self) -> int:
         """The cluster's CPUs (what a stage's tasks spread over, one CPU each)."""

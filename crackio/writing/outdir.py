@@ -138,14 +138,21 @@ class OutputFolder:
         self._record()
 
 
+APPEND_BASE = ".spool/base"  # an append's copy of the pack it adds to (crackio.writing.append)
+
+
 def read_existing(out: Path) -> dict | None:
     """The manifest of the complete pack in `out` read leniently (for `check_replacing`, never for reading the pack);
-    None when there is none or it cannot be read as a JSON object."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
+    None when there is none or it cannot be read as a JSON object. Where an append was interrupted (its manifest
+    gone), the pack it was adding to, from the copy it kept, marked `"interrupted_append": True`."""
+    for path, interrupted in ((out / MANIFEST, False), (out / APPEND_BASE / MANIFEST, True)):
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(manifest, dict):
+            return {**manifest, "interrupted_append": True} if interrupted else manifest
+    return None
 
 
 def check_replacing(out: str, old: dict | None, new: dict, overwrite: bool) -> None:
@@ -160,6 +167,18 @@ def check_replacing(out: str, old: dict | None, new: dict, overwrite: bool) -> N
     """
     if old is None or overwrite:
         return
+    if old.get("interrupted_append"):
+        raise ConfigError(
+            f"--out {out} holds a pack (of {old.get('source')}) that an append was adding to when it was interrupted: "
+            "run that same command (with --append) again to finish it; writing this one there would replace the "
+            "pack; give --overwrite to replace it"
+        )
+    if old.get("appended"):
+        sources = ", ".join(str(a.get("source")) for a in old["appended"] if isinstance(a, dict))
+        raise ConfigError(
+            f"--out {out} holds a pack that had more added with --append (from {sources}): writing it again from "
+            "one source would drop them; give --append to add to it, or --overwrite to replace it"
+        )
     new = json.loads(json.dumps(new))  # as the manifest holds it (tuples as lists)
     changed = []
     for key, value in new.items():

@@ -22,6 +22,7 @@ from crackio.writing.append import (
     Existing,
     appended_manifest,
     base_files,
+    check_appendable,
     content_keys,
     keep_base,
     pack_before,
@@ -248,6 +249,8 @@ def pack(
     _check_out(src, out, found)
     per = settings.samples_per_shard
     kept = {k: v for k, v in asdict(settings).items() if k != "workers"}  # any worker count, same bytes
+    if append:
+        check_appendable(out)
     with OutputFolder(out) as held:
         identity = {"source": display_name(src), "stage": None, "settings": kept}  # the seed is a setting
         existing = None

@@ -38,6 +38,7 @@ from crackio.writing.append import (
     already_in,
     appended_manifest,
     base_files,
+    check_appendable,
     content_keys,
     draw_split,
     keep_base,
@@ -239,6 +240,8 @@ def propose_to_shards(
     }
     # What a spool chunk's bytes also depend on: the annotations' reading (format, classes taken as crack).
     chunk_identity = {**identity, "format": fmt, "positive": annotated.positive, "read": annotated.settings}
+    if append:
+        check_appendable(out)
     with OutputFolder(out) as held:
         existing, photos = None, annotated.photos
         if append:

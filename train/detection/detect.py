@@ -662,7 +662,7 @@ def detect_on_ray(
     their absolute paths, so every node must have them there (a shared folder).
 
     Raises:
-        ConfigError: --device cuda on a cluster without GPUs.
+        ConfigError: --device cuda on a cluster without GPUs; --threads more than any node's CPUs.
     """
     ray = cluster.ray
     gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device != "cpu" and not settings.onnx else 0
@@ -676,6 +676,12 @@ def detect_on_ray(
         settings, checkpoint=absolute(settings.checkpoint), onnx=absolute(settings.onnx), svm=absolute(settings.svm)
     )
     threads = settings.threads or 1
+    largest = cluster.largest_node_cpus()
+    if not gpus and threads > largest:
+        raise ConfigError(
+            f"--threads {threads} with --ray {settings.ray}: each model actor needs {threads} CPUs of one node, and "
+            f"the largest node has {largest}: give --threads {largest} or fewer"
+        )
     actors = gpus or max(1, cluster.cpus() // threads)
     todo = [str(f.resolve()) for f, duplicate in files if not duplicate]
     make = ray.remote(num_gpus=1, num_cpus=0)(PhotoScorer) if gpus else ray.remote(num_cpus=threads)(PhotoScorer)

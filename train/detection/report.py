@@ -32,8 +32,9 @@ KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the o
 def suppress(boxes: np.ndarray, scores: np.ndarray, nms_iou: float) -> np.ndarray:
     """Indices of the boxes greedy NMS keeps at `nms_iou` (torchvision.ops.nms, R-CNN's test-time step), best
     first, at most KEEP: float (N, 4) x0 y0 x1 y1 boxes and (N,) scores."""
-    ranked = torch.from_numpy(np.asarray(scores, dtype=np.float64))
-    return nms(torch.from_numpy(np.ascontiguousarray(boxes)), ranked, nms_iou)[:KEEP].numpy()
+    # Copies: arrays that came back from Ray's object store are read-only, which torch.from_numpy warns about.
+    ranked = torch.tensor(np.asarray(scores, dtype=np.float64))
+    return nms(torch.tensor(np.asarray(boxes)), ranked, nms_iou)[:KEEP].numpy()
 
 
 def ap_figures(results) -> dict[str, float]:

@@ -336,6 +336,7 @@ def pack_fingerprint(sha256: str, manifest: dict) -> dict:
         "source": manifest.get("source"),
         "samples": {split: info["samples"] for split, info in manifest["splits"].items()},
         "contents": {split: info["index_sha256"] for split, info in manifest["splits"].items()},
+        "appended": len(manifest.get("appended") or []),  # times photos (or crops) were appended (--append)
     }
 
 
@@ -430,6 +431,8 @@ def _check_one_pack(recorded: dict, current: dict, run: str, shards: str) -> Non
     for key in ("seed", "source", "format_version"):
         if recorded.get(key) != current[key]:
             changed.append(f"{key} {recorded.get(key)!r} then, {current[key]!r} now")
+    if current.get("appended", 0) > recorded.get("appended", 0):
+        changed.append("more was added to it with --append since")
     recorded_contents = recorded.get("contents")
     contents: dict = recorded_contents if isinstance(recorded_contents, dict) else {}
     differ = [

@@ -146,8 +146,7 @@ class DetectSettings(Command):
     mode: str | None = None  # runs on packed crop folders: selective search mode (default: fast, R-CNN's)
     max_proposals: int | None = None  # runs on packed crop folders: proposals per photo (default: 2000, R-CNN's)
     context: int | None = None  # runs on packed crop folders: context pixels at 224 (default: 16, R-CNN's)
-    # score the photos on a Ray cluster: auto, local or HOST:PORT; every node reads the model and photos at their paths
-    ray: str = ""
+    ray: str = ""  # score on a Ray cluster: auto, local or HOST:PORT (model and photos at the same paths on every node)
     no_bbox_reg: bool = False  # leave out RUN/bbox/bbox_regressor.npz (python -m train bbox) even where it exists
     remote: Remote = field(default_factory=Remote)
 
