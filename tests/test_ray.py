@@ -106,12 +106,11 @@ def test_a_task_killed_mid_run_is_retried_and_the_bytes_are_the_same(cluster, la
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
 
 
-@pytest.mark.parametrize("on_ray", [True, False])
-def test_a_run_killed_with_sigkill_resumes_to_the_same_bytes(cluster, larger, tmp_path, on_ray):
+def test_a_run_on_ray_killed_with_sigkill_resumes_to_the_same_bytes(cluster, larger, tmp_path):
+    """The driver killed outright (as the OOM killer does); without Ray: tests/test_propose.py."""
     src, ref = larger
     out = tmp_path / "out"
-    cmd = [*PROPOSE, str(src), "--format", "coco", "--out", str(out), *FLAGS, "--workers", "2"]
-    cmd += ["--ray", cluster] if on_ray else []
+    cmd = [*PROPOSE, str(src), "--format", "coco", "--out", str(out), *FLAGS, "--ray", cluster]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((out / ".spool").glob("chunk-*.npz")):  # a chunk of photos is finished and recorded
