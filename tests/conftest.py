@@ -144,6 +144,24 @@ def tiny_run(demo_shards, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def proposal_run(demo_photos, tmp_path_factory) -> Path:
+    """A one-epoch run of timm's tiny test network (timm/test_efficientnet, from scratch) on a pack the proposal stage
+    made from demo_photos' COCO set (--max-proposals 40; the pack is RUN/../pack): what detect, bbox, export and
+    timm's backbones are tested on. Read-only: copy it (copy_run) before changing it."""
+    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
+    from crackio.writing.regions import ProposalSettings
+    from train.run.main import main
+    from train.settings.run import RunSettings
+
+    root = tmp_path_factory.mktemp("proposal_run")
+    settings = ProposeSettings(workers=1, samples_per_shard=100)
+    propose_to_shards(demo_photos / "coco", "coco", root / "pack", ProposalSettings(max_proposals=40), settings, False)
+    flat = {"shards": str(root / "pack"), "out": str(root / "run"), "arch": "timm/test_efficientnet", "weights": "none"}
+    main(RunSettings.from_flat({**flat, "head": "linear", "epochs": 1, "limit_batches": 3, "device": "cpu"}))
+    return root / "run"
+
+
 def copy_run(run: Path, to: Path) -> Path:
     """A private copy of a session run, to change or resume."""
     shutil.copytree(run, to)

@@ -93,25 +93,20 @@ def test_unknown_or_unavailable_timm_backbones_are_one_line(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_timm_backbone_trains_detects_and_exports(demo_photos, tmp_path):
-    from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
-    from crackio.writing.regions import ProposalSettings
+def test_a_timm_backbone_trains_detects_and_exports(proposal_run, tmp_path):
+    """proposal_run trained timm/test_efficientnet; detect and export take it as any other run."""
     from tests.conftest import ROOT
 
-    proposal_shards = tmp_path / "pack"
-    propose_to_shards(demo_photos / "coco", "coco", proposal_shards, ProposalSettings(max_proposals=40),
-                      ProposeSettings(workers=1), progress=False)  # fmt: skip
-    run = tmp_path / "run"
     python = [sys.executable, "-m", "train"]
+    best = proposal_run / "best.pt"
     commands = [
-        ["--shards", str(proposal_shards), "--arch", TINY_TIMM, "--weights", "none", "--head", "linear",
-         "--device", "cpu", "--epochs", "1", "--limit-batches", "2", "--out", str(run)],
-        ["detect", "--checkpoint", str(run / "best.pt"), "--split", "test", "--out", str(tmp_path / "detect")],
-        ["export", "--checkpoint", str(run / "best.pt")],
-    ]  # fmt: skip
+        ["detect", "--checkpoint", str(best), "--split", "test", "--out", str(tmp_path / "detect")],
+        ["export", "--checkpoint", str(best), "--out", str(tmp_path / "model.onnx")],
+    ]
     for args in commands:
         done = subprocess.run([*python, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["arch"] == "timm/test_efficientnet"
     assert ckpt["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    assert (tmp_path / "detect" / "detections.json").is_file() and (run / "model.onnx").is_file()
+    assert (tmp_path / "detect" / "detections.json").is_file() and (tmp_path / "model.onnx").is_file()

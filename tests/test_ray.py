@@ -19,7 +19,6 @@ import pytest
 from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
 from crackio.writing.regions import ProposalSettings
 from tests.conftest import ROOT
-from tests.helpers import TINY_ARGS
 from tests.test_pack import shard_files
 from tools.make_demo_data import write_photos
 
@@ -127,12 +126,8 @@ def test_a_run_on_ray_killed_with_sigkill_resumes_to_the_same_bytes(cluster, lar
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
 
 
-def test_detect_on_ray_gives_the_same_detections_and_ap(cluster, demo_photos, tmp_path):
-    pack = reference(demo_photos / "coco", "coco", tmp_path / "pack")
-    run = tmp_path / "run"
-    train = [sys.executable, "-m", "train", "--shards", str(pack), "--out", str(run), *TINY_ARGS, "--head", "linear"]
-    done = subprocess.run([*train, "--epochs", "1", "--limit-batches", "2"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_detect_on_ray_gives_the_same_detections_and_ap(cluster, proposal_run, tmp_path):
+    run = proposal_run
     outputs = {}
     for name, extra in (("here", []), ("ray", ["--ray", cluster])):
         out = tmp_path / name

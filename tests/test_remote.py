@@ -595,8 +595,8 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
         assert all(torch.equal(weights[k], v) for k, v in runs["local"][0].items()), name
     # The subcommands read a remote pack too: eval's report and the SVM stage's feature-cache key are the folder's.
     from train.run.evaluate import run_eval
+    from train.run.features import checkpoint_digest
     from train.settings.commands import EvalSettings
-    from train.svm.stage import checkpoint_digest
 
     best = tmp_path / "s3" / "best.pt"
     monkeypatch.setenv("CRACKIO_CACHE_DIR", str(tmp_path / "cache-eval"))

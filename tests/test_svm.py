@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import copy_run
 from train.__main__ import main as cli
+from train.run import features
 from train.svm import stage as svm
 
 
@@ -38,12 +39,12 @@ def test_hard_negative_mining_grows_the_cache_with_margin_violators():
 
 def test_feature_cache_is_keyed(tmp_path):
     calls = []
-    data = {k: np.arange(3) for k in svm.FIELDS}
+    data = {k: np.arange(3) for k in features.FIELDS}
     compute = lambda: calls.append(1) or data
-    svm.cached_features(tmp_path, "key-a", "valid", compute)
-    svm.cached_features(tmp_path, "key-a", "valid", compute)
+    features.cached_features(tmp_path, "key-a", "valid", compute)
+    features.cached_features(tmp_path, "key-a", "valid", compute)
     assert len(calls) == 1
-    svm.cached_features(tmp_path, "key-b", "valid", compute)  # another checkpoint or shards: recomputed
+    features.cached_features(tmp_path, "key-b", "valid", compute)  # another checkpoint or shards: recomputed
     assert len(calls) == 2
 
 
@@ -83,7 +84,7 @@ def test_svm_stage_reports_beside_the_head_and_reuses_features(tiny_run, tmp_pat
         assert float(m["threshold"]) == summary["thresholds"]["svm"]
 
     # Second run: every split comes from the cache, the backbone never runs.
-    monkeypatch.setattr(svm, "extract", lambda *a: pytest.fail("features were recomputed"))
+    monkeypatch.setattr(features, "extract", lambda *a: pytest.fail("features were recomputed"))
     capsys.readouterr()
     assert cli(args) == 0
     assert capsys.readouterr().out.count("cached in") == 3

@@ -28,9 +28,9 @@ from crackio.errors import ConfigError
 from crackio.fsio import make_dir, remove_temporaries, save_npz, write_json, write_text
 from crackio.storage.packs import open_pack
 from train.run.checkpoint import file_sha256, load_checkpoint, trained
+from train.run.features import cache_key, cached_features, checkpoint_digest, features_of
 from train.run.model import model_from_checkpoint
 from train.settings.commands import BboxSettings
-from train.svm.stage import cache_key, cached_features, checkpoint_digest, features_of
 
 OUTPUTS = ("report.txt", "bbox_regressor.npz", "summary.json")
 REGRESSOR = "bbox_regressor.npz"  # RUN/bbox/bbox_regressor.npz: what detect looks for beside the checkpoint
