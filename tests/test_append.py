@@ -57,6 +57,7 @@ def appended(base, new_photos, tmp_path_factory) -> tuple[Path, dict]:
     return out, propose_to_shards(new_photos, "yolo", out, FAST, RUN, progress=False, append=True)
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_append_keeps_every_earlier_shard_and_adds_shards_after_them(base, appended):
     out, result = appended
     before, after = shard_files(base), shard_files(out)
@@ -81,6 +82,7 @@ def test_append_keeps_every_earlier_shard_and_adds_shards_after_them(base, appen
     assert manifest["photos"] == old["photos"]  # the pack's own photo list is as it was
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_appended_crops_are_the_crops_of_those_photos_proposed_alone(new_photos, appended, tmp_path):
     out, _ = appended
     alone = tmp_path / "alone"
@@ -111,6 +113,7 @@ def test_a_photos_split_is_its_own_draw():
     assert [draw_split(s, ratios, 1) for s in stems[:200]] != draws[:200]  # the seed is a setting
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_appending_the_same_photos_again_appends_nothing(appended, new_photos, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(appended[0], out)
@@ -120,6 +123,7 @@ def test_appending_the_same_photos_again_appends_nothing(appended, new_photos, t
     assert (out / "manifest.json").read_bytes() == before and not (out / ".spool").exists()
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_another_photo_under_a_name_in_the_pack_is_refused(base, demo_photos, tmp_path):
     other = tmp_path / "other"
     write_photos(other, images=12, seed=11, size=(192, 128), formats=("coco",))  # the base's names, other photos
@@ -188,6 +192,7 @@ def test_a_run_on_the_pack_before_refuses_to_resume_and_a_new_run_trains_on_all(
     )
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_pack_append_adds_the_new_crops_after_the_packs_shards(demo_src, tmp_path):
     """tools/pack.py --append: a crop folder's new files in shards after the pack's, the pack's untouched; crops
     of names it holds are skipped; the same pack again appends nothing."""
@@ -220,6 +225,7 @@ def test_pack_append_adds_the_new_crops_after_the_packs_shards(demo_src, tmp_pat
         pack(more, out, PackSettings(workers=1, samples_per_shard=50, seed=1), progress=False, append=True)
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_a_pack_with_appended_photos_is_not_rebuilt_from_one_source(demo_photos, appended, tmp_path):
     """Writing an appended pack again without --append would drop what was appended: refused unless --overwrite."""
     out = tmp_path / "pack"
@@ -232,6 +238,7 @@ def test_a_pack_with_appended_photos_is_not_rebuilt_from_one_source(demo_photos,
     assert "appended" not in json.loads((out / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_an_interrupted_append_is_finished_not_replaced(base, new_photos, demo_photos, tmp_path):
     out = tmp_path / "pack"
     shutil.copytree(base, out)
@@ -256,6 +263,7 @@ def test_append_where_no_pack_is_leaves_nothing(new_photos, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # end-to-end: `make test-fast` leaves it out
 def test_append_takes_its_own_annotation_reading(base, tmp_path):
     """--classes, --mask-piece and --mask-crack-label say how a source's annotations are read: an appended set of
     masks or of other class names is not refused for them."""

@@ -33,6 +33,7 @@ def test_ridge_regression_recovers_a_linear_relation():
     assert np.allclose(reg.deltas(x), t, atol=1e-3)
 
 
+@pytest.mark.slow  # a subprocess on the session's run: `make test-fast` leaves it out
 def test_a_pack_without_boxes_is_refused_in_one_line(tiny_run, tmp_path):
     cmd = [sys.executable, "-m", "train", "bbox", "--checkpoint", str(tiny_run / "best.pt")]
     done = subprocess.run([*cmd, "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT, timeout=300)
