@@ -204,6 +204,24 @@ class _Lines:
         self.stream.flush()
 
 
+def optional_module(name: str, needed_by: str, extra: str):
+    """The optional dependency `name`, imported for `needed_by` (an option, e.g. "--ray").
+
+    Raises:
+        ConfigError: it is not installed, with the one command that installs it (`pip install 'crackio[extra]'`).
+    """
+    import importlib
+
+    from crackio.errors import ConfigError
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(
+            f"{needed_by} needs {name}, which is not installed here: pip install 'crackio[{extra}]'"
+        ) from None
+
+
 def progress_bar(*args, **kwargs):
     """tqdm, as every long command shows progress: a bar on a terminal; into a file or a pipe, a line at most every
     30 s (`mininterval`) instead of redraws."""

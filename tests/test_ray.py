@@ -171,7 +171,7 @@ def test_without_ray_installed_ray_says_how_to_install_it(demo_photos, tmp_path,
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
     code = propose.main([str(demo_photos / "coco"), "--format", "coco", "--out", str(tmp_path / "o"), "--ray", "local"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: --ray needs Ray, which is not installed here: pip install 'crackio[ray]'"]
+    assert code == 2 and err == ["error: --ray needs ray, which is not installed here: pip install 'crackio[ray]'"]
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 

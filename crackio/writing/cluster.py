@@ -25,9 +25,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from crackio.cli import optional_module
 from crackio.errors import ConfigError
 
-INSTALL = "pip install 'crackio[ray]'"
 ADDRESS = re.compile(r"auto|local|(?:ray://)?[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5}")
 
 
@@ -52,11 +52,7 @@ def ray_module():
     Raises:
         ConfigError: it is not installed, saying how to install it.
     """
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"--ray needs Ray, which is not installed here: {INSTALL}") from None
-    return ray
+    return optional_module("ray", "--ray", "ray")
 
 
 class RayCluster:

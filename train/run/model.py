@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from crackio.cli import closest
+from crackio.cli import closest, optional_module
 from crackio.errors import ConfigError, CrackioError
 from crackio.loading.augment import MEAN, STD, normalize
 from train.run.checkpoint import CheckpointError, is_state_dict, load_data
@@ -119,7 +119,6 @@ def _numeric(name: str) -> list:
 
 
 TIMM = "timm/"  # --arch timm/NAME: timm's model NAME
-TIMM_INSTALL = "pip install 'crackio[timm]'"
 
 
 def timm_module():
@@ -128,11 +127,7 @@ def timm_module():
     Raises:
         ConfigError: it is not installed, saying how to install it.
     """
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"--arch timm/...: timm is not installed here: {TIMM_INSTALL}") from None
-    return timm
+    return optional_module("timm", "--arch timm/...", "timm")
 
 
 def make_backbone(arch: str) -> tuple[nn.Module, tuple, tuple]:
