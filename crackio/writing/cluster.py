@@ -142,8 +142,8 @@ class RayCluster:
         progress: Callable[[int], Any] | None = None,
         weights: Sequence[int] | None = None,
     ) -> Iterator[Any]:
-        """`fn(*task)` when a task is a tuple, else `fn(task)`, for every task as a Ray task of one CPU, yielded in
-        task order (a crackio.writing.workers.Runner). `progress(w)` is called as each task finishes, with its weight
+        """`fn(task)` for every task as a Ray task of one CPU, yielded in task order (a crackio.writing.workers.Runner,
+        as `processes` runs them). `progress(w)` is called as each task finishes, with its weight
         (`weights`, e.g. its photos; 1 when none), in the order they finish. A task whose node is lost is retried
         by Ray (up to 3 times).
 
@@ -174,7 +174,7 @@ class RayCluster:
 
 
 def _call(fn: Callable, task: Any) -> Any:
-    return fn(*task) if isinstance(task, tuple) and not hasattr(task, "_fields") else fn(task)
+    return fn(task)
 
 
 def _get(ray, ref) -> Any:

@@ -286,15 +286,27 @@ class _Stage(NamedTuple):
     existing: Existing | None  # the pack appended to (--append)
 
 
-def propose_chunk(out: Path, chunk: Chunk, fp: str, dtype: np.dtype, stage_args: tuple) -> ChunkRecord:
+class ChunkTask(NamedTuple):
+    """One chunk of photos to propose and spool, as a Ray task gets it (paths absolute: its working folder is not
+    the driver's)."""
+
+    out: Path
+    chunk: Chunk
+    fingerprint: str
+    dtype: np.dtype
+    proposal: ProposalSettings
+    seed: int
+    crops: Path | None
+
+
+def propose_chunk(task: ChunkTask) -> ChunkRecord:
     """One chunk's photos proposed one after another and written to the spool (a Ray task: one CPU each, so
-    OpenCV uses one thread). `stage_args`: (ProposalSettings, seed, crops folder or None)."""
+    OpenCV uses one thread)."""
     import cv2
 
-    proposal, seed, crops = stage_args
     cv2.setNumThreads(1)
-    results = [process_photo(photo, split, proposal, seed) for photo, split in chunk.jobs]
-    return write_chunk(out, chunk, fp, dtype, results, crops)
+    results = [process_photo(photo, split, task.proposal, task.seed) for photo, split in task.chunk.jobs]
+    return write_chunk(task.out, task.chunk, task.fingerprint, task.dtype, results, task.crops)
 
 
 def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, cluster: RayCluster | None) -> dict:
@@ -322,9 +334,12 @@ def _propose(held: OutputFolder, stage: _Stage, progress: bool, t0: float, clust
     try:
         if cluster is not None:
             todo = [i for i, r in enumerate(records) if r is None]
-            crops = stage.crops.resolve() if stage.crops else None  # the tasks' working folder is not ours
-            tasks = [(out.resolve(), chunks[i], fps[i], dtype, (stage.proposal, stage.run.seed, crops)) for i in todo]
-            for i, record in zip(todo, cluster.run(propose_chunk, tasks, bar.update, [len(t[1].jobs) for t in tasks])):
+            crops = stage.crops.resolve() if stage.crops else None
+            tasks = [
+                ChunkTask(out.resolve(), chunks[i], fps[i], dtype, stage.proposal, stage.run.seed, crops) for i in todo
+            ]
+            weights = [len(t.chunk.jobs) for t in tasks]
+            for i, record in zip(todo, cluster.run(propose_chunk, tasks, bar.update, weights)):
                 records[i] = record
         else:
             _propose_here(stage, chunks, fps, dtype, records, workers, bar)

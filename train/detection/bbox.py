@@ -114,22 +114,21 @@ def boxes_of(shards: list[str], split: str, names: np.ndarray, remote) -> tuple[
     Raises:
         ConfigError: a pack without boxes (made by tools/pack.py from a crop folder).
     """
-    rows = {}
+    indexes = []
     for location in shards:
-        pack = open_pack(location, remote)
-        index = pack.index(split).rows
+        index = open_pack(location, remote).index(split).rows
         if "gt_box" not in (index.dtype.names or ()):
             raise ConfigError(
                 f"{location} records no proposal boxes (packed from a crop folder by tools/pack.py): bounding-box "
                 "regression needs a pack made by tools/propose.py"
             )
-        for row in index:
-            rows[bytes(row["filename"])] = row
-    picked = [rows[str(n).encode()] for n in names]
-    box = np.array([r["box"] for r in picked], np.float64).reshape(-1, 4)
-    gt = np.array([r["gt_box"] for r in picked], np.float64).reshape(-1, 4)
-    iou = np.array([r["iou"] for r in picked], np.float64)
-    return box, gt, iou
+        indexes.append(index)
+    width = max(i.dtype["filename"].itemsize for i in indexes)
+    filenames = np.concatenate([i["filename"].astype(f"S{width}") for i in indexes])
+    order = np.argsort(filenames, kind="stable")  # each name's row by binary search, not a dict of every row
+    at = order[np.searchsorted(filenames, np.asarray([str(n).encode() for n in names], f"S{width}"), sorter=order)]
+    box, gt, iou = (np.concatenate([np.asarray(i[c], np.float64) for i in indexes]) for c in ("box", "gt_box", "iou"))
+    return box[at].reshape(-1, 4), gt[at].reshape(-1, 4), iou[at]
 
 
 def fit(x: np.ndarray, t: np.ndarray, alpha: float) -> Regressor:

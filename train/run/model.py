@@ -159,9 +159,9 @@ def make_backbone(arch: str) -> tuple[nn.Module, tuple, tuple]:
     return models.get_model(arch, weights=None), MEAN, STD
 
 
-def timm_imagenet_state_dict(arch: str) -> dict:
-    """timm's pretrained weights for timm/NAME, through timm's own loading: from the Hugging Face cache when they
-    are there (no network needed), else downloaded.
+def timm_imagenet_state_dict(arch: str, cfg: dict) -> dict:
+    """timm's pretrained weights for timm/NAME (`cfg`: its network's pretrained_cfg), through timm's own loading:
+    from the Hugging Face cache when they are there (no network needed), else downloaded.
 
     Raises:
         WeightsError: they are not cached and the Hub cannot be reached (said at once, not after the Hub client's
@@ -169,7 +169,6 @@ def timm_imagenet_state_dict(arch: str) -> dict:
     """
     timm = timm_module()
     name = arch[len(TIMM) :]
-    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
     hub_id = cfg.get("hf_hub_id")
     offline = (
         f"Offline? Fill the Hugging Face cache (HF_HOME, ~/.cache/huggingface) on a machine with network "
@@ -210,7 +209,10 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
     """
     backbone, mean, std = make_backbone(arch)
     if weights == "imagenet":
-        backbone.load_state_dict(timm_imagenet_state_dict(arch) if arch.startswith(TIMM) else imagenet_state_dict(arch))
+        cfg: dict = getattr(backbone, "pretrained_cfg", {})  # timm's networks carry it; torchvision's do not
+        backbone.load_state_dict(
+            timm_imagenet_state_dict(arch, cfg) if arch.startswith(TIMM) else imagenet_state_dict(arch)
+        )
     path_state = None
     if weights not in ("imagenet", "none"):
         path = Path(weights)
