@@ -33,6 +33,7 @@ _PUBLIC = {
     "IouStrata": "crackio.loading.samplers",
     "Weighted": "crackio.loading.samplers",
     "Balanced": "crackio.loading.samplers",
+    "Rcnn": "crackio.loading.samplers",
     "open_pack": "crackio.storage.packs",
     "RemoteSettings": "crackio.storage.settings",
 }
@@ -58,6 +59,7 @@ __all__ = [
     "IouStrata",
     "Weighted",
     "Balanced",
+    "Rcnn",
     "open_pack",
     "RemoteSettings",
 ]
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
     from crackio.format.manifest import read_manifest
     from crackio.format.verify import verify
     from crackio.loading.loader import Batch, Loader, make_loader
-    from crackio.loading.samplers import Balanced, HardNegatives, IouStrata, Shuffle, Weighted
+    from crackio.loading.samplers import Balanced, HardNegatives, IouStrata, Rcnn, Shuffle, Weighted
     from crackio.storage.packs import open_pack
     from crackio.storage.settings import RemoteSettings
     from crackio.writing.filenames import BadName, Proposal, format_name, parse_name

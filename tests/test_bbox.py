@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score
 
 from tests.conftest import ROOT
 from train.detection.bbox import apply, box_iou_pairs, fit, targets
+from train.evaluation.report import proposal_ap, proposal_ap_line
 
 
 def test_targets_are_r_cnns_and_apply_inverts_them():
@@ -66,3 +69,22 @@ def test_bbox_fits_and_detect_reports_ap_with_and_without_it(proposal_run, tmp_p
     moved = json.loads((tmp_path / "with" / "detections.json").read_text())
     plain = json.loads((tmp_path / "without" / "detections.json").read_text())
     assert moved and [d["bbox"] for d in moved] != [d["bbox"] for d in plain]
+
+
+def test_the_report_gives_the_proposal_level_ap_beside_the_crop_ap(proposal_run):
+    report = (proposal_run / "report.txt").read_text()
+    summary = json.loads((proposal_run / "summary.json").read_text())
+    # The proposal stage's validation and test crops are detection's: the crop AP is the proposal-level AP.
+    assert "every crop is a proposal as detection scores them" in report
+    valid = summary["splits"]["valid"]
+    assert valid["proposal_ap"] == valid["average_precision"] or math.isnan(valid["average_precision"])
+
+
+def test_the_proposal_level_ap_leaves_out_the_ground_truth_added_for_training():
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    probs = np.array([0.9, 0.2, 0.8, 0.1, 0.95, 0.3])
+    added = np.array([False, False, False, False, True, False])  # a ground-truth box, scored highest
+    assert proposal_ap(labels, probs, added) == average_precision_score([1, 1, 0, 0, 0], [0.9, 0.2, 0.8, 0.1, 0.3])
+    line = proposal_ap_line(labels, probs, added)
+    assert "proposal-level AP 0.750 over the 5 proposals, without the 1 ground-truth crops" in line
+    assert proposal_ap(labels, probs, None) is None and proposal_ap_line(labels, probs, None) == ""

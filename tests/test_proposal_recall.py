@@ -12,12 +12,13 @@ import pytest
 from crackio.errors import ConfigError
 from crackio.writing.annotations import read_annotations, resolve_boxes
 from crackio.writing.proposal_stage import ProposeSettings, load_photo, propose_to_shards, summary
-from crackio.writing.regions import ProposalSettings, box_iou, propose, search_regions, selective_search
+from crackio.writing.regions import ProposalSettings, box_iou, proposals_of, propose, ridges, search_regions
 from tests.test_pack import shard_files
 from tools.propose import main as propose_main
 
 SIZE = (192, 128)
-CAPPED = ProposalSettings(max_proposals=20)  # under the ~100-200 regions of these photos: the cap bites
+SEARCH = "selective-search"
+CAPPED = ProposalSettings(method=SEARCH, max_proposals=20)  # under the ~100-200 regions of these photos: the cap bites
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +82,14 @@ def test_proposals_are_unchanged_when_the_photo_is_not_downscaled(photos):
     for cap in (5, 40, 10**6):
         before = old_selective_search(rgb, "fast", cap, 8, [3, 9])
         for max_side in (0, max(SIZE), 4000):  # off, or a photo no larger than --search-max-side
-            now = selective_search(rgb, "fast", cap, 8, [3, 9], max_side=max_side)
+            settings = ProposalSettings(method=SEARCH, max_proposals=cap, search_max_side=max_side)
+            now = proposals_of(rgb, settings, [3, 9])[0]
             assert now.dtype == before.dtype and now.tobytes() == before.tobytes()
 
 
 def test_shards_are_byte_identical_when_the_option_does_not_downscale(photos, capped, tmp_path):
     ref, _ = capped
-    neutral = ProposalSettings(max_proposals=CAPPED.max_proposals, search_max_side=max(SIZE))
+    neutral = ProposalSettings(method=SEARCH, max_proposals=CAPPED.max_proposals, search_max_side=max(SIZE))
     propose_to_shards(photos, "coco", tmp_path, neutral, ProposeSettings(workers=2), progress=False)
     assert shard_files(tmp_path) == shard_files(ref)
 
@@ -110,8 +112,37 @@ def test_downscaled_search_gives_boxes_in_photo_pixels_covering_the_crack():
     assert boxes[:, 2].max() > 700 and boxes[:, 3].max() > 560  # scaled back, not left at 200 x 150
     assert ((boxes[:, 2] - boxes[:, 0]) >= 8).all() and ((boxes[:, 3] - boxes[:, 1]) >= 8).all()
     assert hits(gt, boxes) == 1
-    found = propose(rgb, gt, ProposalSettings(max_proposals=10**6, search_max_side=200), 0, "crack")
+    settings = ProposalSettings(method=SEARCH, max_proposals=10**6, search_max_side=200)
+    found = propose(rgb, gt, settings, 0, "crack")
     assert found.recall_hits == found.uncapped_hits == 1 and found.regions == len(boxes)
+
+
+@pytest.mark.parametrize("side", [0, 200])
+def test_ridges_outline_a_thin_crack_as_one_window(side):
+    rgb, gt = drawn_crack()
+    cv2.polylines(rgb, [np.array([[80, 500], [200, 430], [330, 400]], np.int32)], False, (70, 70, 70), 2)  # 2 px
+    thin = np.array([[79.0, 399.0, 332.0, 502.0]])
+    lines = ridges(rgb, 8, side)
+    assert hits(thin, lines) == 1 and hits(gt, lines) == 1
+    assert lines.dtype == np.float64 and (lines[:, 2:] > lines[:, :2]).all()
+    assert (lines[:, 2] <= rgb.shape[1]).all() and (lines[:, 3] <= rgb.shape[0]).all()
+    if side:  # found at 200 x 150, boxes scaled back to the photo
+        assert lines[:, 2].max() > 300
+
+
+def test_the_default_method_keeps_every_ridge_and_fills_the_cap_with_selective_search():
+    rgb, gt = drawn_crack()
+    lines, search = ridges(rgb, 8), search_regions(rgb, "fast", 8)
+    assert ProposalSettings().method == "selective-search+ridges"
+    cap = len(lines) + 10
+    boxes, regions, every = proposals_of(rgb, ProposalSettings(max_proposals=cap), 0)
+    assert boxes[: len(lines)].tobytes() == lines.tobytes() and len(boxes) == cap
+    assert {tuple(b) for b in boxes[len(lines) :].tolist()} <= {tuple(b) for b in search.tolist()}
+    union = {tuple(b) for b in np.concatenate([lines, search]).tolist()}
+    assert regions == len(every) == len(union)  # a box both methods found is one region
+    few = proposals_of(rgb, ProposalSettings(max_proposals=3), 0)[0]  # the windows alone pass the cap: a sample
+    assert len(few) == 3 and {tuple(b) for b in few.tolist()} <= {tuple(b) for b in lines.tolist()}
+    assert proposals_of(rgb, ProposalSettings(method="ridges"), 0)[1] == len(lines)
 
 
 def test_settings_without_the_new_key_are_the_defaults():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,8 @@ from crackio.format.index import load_index
 from crackio.writing.annotations import read_annotations, resolve_boxes
 from crackio.writing.outdir import WRITTEN
 from crackio.writing.pack import PackSettings, pack
-from crackio.writing.proposal_stage import ProposeSettings, propose_to_shards
-from crackio.writing.regions import ProposalSettings, stratified_negatives, warp
+from crackio.writing.proposal_stage import ProposeSettings, load_photo, propose_to_shards
+from crackio.writing.regions import ProposalSettings, proposals_of, stratified_negatives, warp
 from crackio.writing.spool import chunk_files
 from tests.conftest import BACKENDS, ROOT
 from tests.helpers import kill_when
@@ -152,7 +154,7 @@ def test_every_stored_iou_and_label_is_recomputed(proposed, photos, fmt):
         for row in rows:
             gt = gts[row["stem"].decode()]
             ious = iou_by_hand(row["box"].astype(np.float64), gt) if len(gt) else np.zeros(1)
-            assert abs(round(float(ious.max()), 3) - float(row["iou"])) < 1e-3
+            assert abs(float(ious.max()) - float(row["iou"])) <= 5e-4 + 1e-6  # rounded to 3 decimals (ties either way)
             assert row["label"] == int(round(float(ious.max()), 3) > 0.5)
             if row["gt_id"] >= 0:
                 np.testing.assert_allclose(row["gt_box"], gt[row["gt_id"]], atol=1e-3)
@@ -165,6 +167,32 @@ def test_every_stored_iou_and_label_is_recomputed(proposed, photos, fmt):
     assert manifest["leakage"]["shared_stems"]["count"] == 0
     assert all(s["proposal_recall"] is not None and 0 <= s["proposal_recall"] <= 1 for s in manifest["splits"].values())
     assert manifest["proposals"]["context"] == 16 and manifest["proposals"]["mode"] == "fast"
+
+
+@pytest.mark.parametrize("like_detection", [True, False])
+def test_validation_and_test_crops_are_what_detection_scores(photos, proposed, like_detection, tmp_path):
+    if like_detection:
+        out, manifest = proposed["coco"]
+    else:
+        settings = dataclasses.replace(FAST, eval_like_detection=False, negatives_per_image=2)
+        manifest = propose_to_shards(photos / "coco", "coco", tmp_path, settings, ProposeSettings(), progress=False)
+        out = tmp_path
+    assert manifest["proposals"]["eval_like_detection"] is like_detection
+    annotated = read_annotations(photos / "coco", "coco").photos
+    gts = {p.stem: resolve_boxes(p, *SIZE)[0] for p in annotated}
+    paths = {p.stem: p.path for p in annotated}
+    for split in manifest["splits"]:
+        rows = load_index(out, split).rows
+        for stem in np.unique(rows["stem"]):
+            mine = rows[rows["stem"] == stem]
+            truth = mine[mine["ground_truth"] == 1]
+            if split == "train" or not like_detection:  # R-CNN's fine-tuning crops: every ground-truth box added
+                assert len(truth) == len(gts[stem.decode()]) and (truth["iou"] == 1).all()
+                np.testing.assert_allclose(np.sort(truth["box"], 0), np.sort(gts[stem.decode()], 0), atol=1e-3)
+            else:  # detection's: every proposal up to the cap, nothing added, nothing left out
+                found = proposals_of(load_photo(paths[stem.decode()]), FAST, [0, zlib.crc32(stem)])[0]
+                assert not len(truth) and len(mine) == len(found) <= FAST.max_proposals
+                assert sorted(mine["proposal"]) == list(range(len(found)))
 
 
 def test_warp_pads_with_the_photo_mean_at_the_edge():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crackio.loading.orders import BlockOrder, RandomOrder, eval_batches, global_batches
-from crackio.loading.samplers import Balanced, HardNegatives, Weighted, epoch_draws, make_sampler, relabel
+from crackio.loading.samplers import Balanced, HardNegatives, Rcnn, Weighted, epoch_draws, make_sampler, relabel
 from crackio.writing.filenames import format_name, parse_name
 
 
@@ -126,6 +126,40 @@ def test_balanced_follows_the_weights_without_duplicates():
     assert abs(labels[order].mean() - 2 * n1 / (n0 + 2 * n1)) < 0.002
     even = epoch_draws(opts("balanced", class_weights={0: 1, 1: n0 / n1}), sel, labels, 0, 0, True)
     assert abs(labels[even].mean() - 0.5) < 0.002 and (labels[even] == 1).sum() == n1
+
+
+@pytest.mark.parametrize("world, batch", [(1, 128), (2, 64), (4, 8)])
+def test_rcnn_puts_its_share_of_positives_in_every_batch_and_rank(world, batch):
+    labels, _ = fake_index(6000, seed=7, pos_share=0.02)  # detection-time: 1-2% of the proposals are positive
+    sampler = make_sampler("rcnn")
+    assert sampler == Rcnn() and sampler.positive_share == 0.25 and "25% positive" in sampler.describe()
+    sel = np.arange(len(labels))
+    order = epoch_draws(sampler, sel, labels, 0, 0, True)
+    assert len(order) == 6000 and (labels[order] == 1).sum() == 1500
+    for rank in range(world):
+        for rows in rank_batches(order, batch, rank, world):  # each rank's part of every global batch
+            assert abs(labels[rows].sum() - batch / 4) <= 1
+    positives = np.flatnonzero(labels == 1)
+    counts = np.bincount(order[labels[order] == 1], minlength=len(labels))[positives]
+    assert counts.max() - counts.min() <= 1  # each positive used once before any twice
+    negatives = order[labels[order] == 0]
+    assert len(np.unique(negatives)) == len(negatives)  # fewer background draws than background: no repeats
+    assert not np.array_equal(order, epoch_draws(sampler, sel, labels, 0, 1, True))  # fresh each epoch
+    assert np.array_equal(order, epoch_draws(make_sampler("rcnn"), sel, labels, 0, 0, True))  # a pure function
+    some = make_sampler("rcnn", positive_share=0.5, num_samples=100)
+    assert (labels[epoch_draws(some, sel, labels, 0, 0, True)] == 1).sum() == 50
+
+
+def test_rcnn_refuses_what_it_cannot_draw():
+    labels = np.zeros(50, np.int64)
+    with pytest.raises(ValueError, match="has 0 crack and 50 no-crack samples"):
+        Rcnn().check(np.arange(50), labels, 0.5)
+    for share in (0, 1, 1.5, "x", True):
+        with pytest.raises(ValueError, match="positive_share must be a number in"):
+            Rcnn(positive_share=share)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"takes .*not \['class_weights'\]"):
+        make_sampler("rcnn", class_weights={0: 1, 1: 2})
+    assert len({Rcnn(), Rcnn(), Rcnn(positive_share=0.5)}) == 2
 
 
 RANDOM = RandomOrder()

@@ -1,4 +1,5 @@
-"""Proposal recall and photos/s against --max-proposals, --mode and --search-max-side, on photos like real ones.
+"""Proposal recall and photos/s against --method, --max-proposals, --mode and --search-max-side, on photos like
+real ones.
 
     python tools/bench_proposals.py [--photos 20] [--quality-photos 8] [--size 800x600]
         [--caps 100,300,1000,2000] [--max-sides 0,500] [--seed 0] [--json OUT] [--write-photos DIR]
@@ -8,7 +9,8 @@ Generates seeded photos of concrete (aggregate, blotches, stains) and asphalt (b
 and read back as JPEG (quality 90) like camera photos. Ground truth is the crack mask's boxes by
 `--format mask`'s rule (crackio.writing.annotations.mask_boxes: one box per connected crack
 network). Each photo goes through the proposal stage's own functions, one core (OpenCV one thread,
-as each `--workers` thread runs): `search_regions` (timed), then for every cap the seeded `cap`
+as each `--workers` thread runs): `search_regions` and `ridges` (each timed), then for each method
+(selective search, crack-following windows, both: the default) and every cap the stage's `capped`
 and recall (ground-truth boxes some proposal covers at IoU >= 0.5, the manifest's
 `proposal_recall`), and the recall of every region (`proposal_recall_uncapped`). photos/s at a cap
 = 1 / (search seconds + crops x seconds per crop), a crop per proposal and ground-truth box (warp +
@@ -36,7 +38,17 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crackio.cli import ArgumentParser  # noqa: E402
 from crackio.writing.annotations import mask_boxes  # noqa: E402
-from crackio.writing.regions import cap, covered, encode_jpeg, search_regions, warp  # noqa: E402
+from crackio.writing.regions import (  # noqa: E402
+    RIDGES,
+    SELECTIVE_SEARCH,
+    cap,
+    capped,
+    covered,
+    encode_jpeg,
+    ridges,
+    search_regions,
+    warp,
+)
 
 MIN_SIZE = 8  # ProposalSettings().min_size
 
@@ -116,25 +128,37 @@ def photo(seed: int, number: int, width: int, height: int) -> tuple[bytes, np.nd
     return out.getvalue(), mask
 
 
-def measure(photos: list, mode: str, max_side: int, caps: list[int], seed: int) -> dict:
-    """Selective search on each photo: regions, seconds, and the proposals and hits at each cap and uncapped."""
-    rows = []
+def measure(photos: list, mode: str, max_side: int, caps: list[int], seed: int) -> list[dict]:
+    """Selective search and crack-following windows on each photo: per method (selective search, the windows, both),
+    regions, seconds, and the proposals and hits at each cap and uncapped."""
+    rows: dict[str, list] = {SELECTIVE_SEARCH: [], RIDGES: [], f"{SELECTIVE_SEARCH}+{RIDGES}": []}
     for stem, rgb, gt in photos:
         t0 = time.perf_counter()
-        regions = search_regions(rgb, mode, MIN_SIZE, max_side)
-        seconds = time.perf_counter() - t0
-        capped = {n: cap(regions, n, [seed, zlib.crc32(stem.encode())]) for n in caps}
-        rows.append(
-            {
-                "stem": stem,
-                "gt": len(gt),
-                "regions": len(regions),
-                "seconds": seconds,
-                "proposals": {n: len(b) for n, b in capped.items()},
-                "hits": {n: covered(gt, b) for n, b in capped.items()} | {"all": covered(gt, regions)},
-            }
-        )
-    return {"mode": mode, "max_side": max_side, "photos": rows}
+        search = search_regions(rgb, mode, MIN_SIZE, max_side)
+        t1 = time.perf_counter()
+        lines = ridges(rgb, MIN_SIZE, max_side)
+        t2 = time.perf_counter()
+        seen = {tuple(b) for b in lines.tolist()}
+        rest = search[[tuple(b) not in seen for b in search.tolist()]].reshape(-1, 4)
+        photo_seed = [seed, zlib.crc32(stem.encode())]
+        for method, (first, second, seconds) in {
+            SELECTIVE_SEARCH: (np.zeros((0, 4)), search, t1 - t0),
+            RIDGES: (lines, np.zeros((0, 4)), t2 - t1),
+            f"{SELECTIVE_SEARCH}+{RIDGES}": (lines, rest, t2 - t0),
+        }.items():
+            every = np.concatenate([first, second])
+            kept = {n: capped(first, second, n, photo_seed) for n in caps}
+            rows[method].append(
+                {
+                    "stem": stem,
+                    "gt": len(gt),
+                    "regions": len(every),
+                    "seconds": seconds,
+                    "proposals": {n: len(b) for n, b in kept.items()},
+                    "hits": {n: covered(gt, b) for n, b in kept.items()} | {"all": covered(gt, every)},
+                }
+            )
+    return [{"method": m, "mode": mode, "max_side": max_side, "photos": r} for m, r in rows.items()]
 
 
 def crop_seconds(photos: list, boxes_per_photo: int) -> float:
@@ -153,14 +177,15 @@ def crop_seconds(photos: list, boxes_per_photo: int) -> float:
 
 def tables(results: list[dict], caps: list[int], per_crop: float) -> str:
     """Two markdown tables, one row per mode and search size: recall at each cap and of every region; photos/s."""
-    head = ["mode", "search at", "photos", "regions per photo"]
+    head = ["method", "mode", "search at", "photos", "regions per photo"]
     recall = [head + [f"recall at {n}" for n in caps] + ["every region"]]
-    speed = [head[:3] + ["s per search"] + [f"photos/s at {n}" for n in caps]]
+    speed = [head[:4] + ["s per search"] + [f"photos/s at {n}" for n in caps]]
     for r in results:
         rows = r["photos"]
         gt = sum(p["gt"] for p in rows) or 1
         search = float(np.mean([p["seconds"] for p in rows]))
-        name = [r["mode"], f"{r['max_side']} px" if r["max_side"] else "full size", str(len(rows))]
+        mode = "-" if r["method"] == RIDGES else r["mode"]
+        name = [r["method"], mode, f"{r['max_side']} px" if r["max_side"] else "full size", str(len(rows))]
         crops = [float(np.mean([p["proposals"][n] + p["gt"] for p in rows])) for n in caps]  # + ground truth's crops
         recall.append(
             name
@@ -225,11 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     for mode, count in (("fast", args.photos), ("quality", args.quality_photos)):
         for side in sides if count else []:
             t0 = time.perf_counter()
-            results.append(measure(photos[:count], mode, side, caps, args.seed))
+            rows = measure(photos[:count], mode, side, caps, args.seed)
+            results += [r for r in rows if r["method"] != RIDGES or mode == "fast"]  # the windows have no mode
             print(f"{mode} at {side or 'full size'} on {count} photos: {time.perf_counter() - t0:.0f} s", flush=True)
     if 0 < args.quality_photos < args.photos:  # fast on the quality rows' photos: the same photos compared
-        subset = [r | {"photos": r["photos"][: args.quality_photos]} for r in results if r["mode"] == "fast"]
-        results[len(subset) : len(subset)] = subset
+        subset = [
+            r | {"photos": r["photos"][: args.quality_photos]}
+            for r in results
+            if r["mode"] == "fast" and r["method"] != RIDGES
+        ]
+        fast = [r for r in results if r["mode"] == "fast"]
+        results = fast + subset + results[len(fast) :]
     print(tables(results, caps, per_crop))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:

@@ -10,6 +10,7 @@ PROPOSAL_FIELDS = [
     ("gt_box", "<f4", (4,)),  # the best-matching ground-truth box (zeros when the photo has none)
     ("gt_id", "<i4"),  # its position in the photo's ground-truth list; -1 when none
     ("photo_size", "<i4", (2,)),  # width, height of the (upright) photo
+    ("ground_truth", "i1"),  # 1: a ground-truth box or a jittered copy (training's extra crops); 0: a proposal
 ]
 
 LOCATED = np.dtype([("key", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("crc32", "<u4")])  # per stored JPEG

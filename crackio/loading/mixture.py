@@ -111,7 +111,7 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 def per_pack_sampler(sampler: Shuffle | Weighted) -> Shuffle | Weighted:
     """The sampler each pack of a mixture draws with: the run's, except that a weighting's `num_samples` sizes the
     mixture's epoch rather than each pack's (each pack's epoch is then its cut's size)."""
-    if isinstance(sampler, Weighted) and sampler.num_samples is not None and type(sampler) is Weighted:
+    if isinstance(sampler, Weighted) and sampler.num_samples is not None:  # weighted, rcnn (balanced has none)
         return dataclasses.replace(sampler, num_samples=None)
     return sampler
 

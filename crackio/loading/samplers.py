@@ -19,7 +19,9 @@ Draws (per epoch):
     Balanced    no duplicates and a class mix that really follows the weights: the
                 largest subset whose class shares are w_c*n_c / sum_k w_k*n_k, i.e. the
                 mix `Weighted` with replacement gives in expectation.
-Weighted and Balanced draw from every sample, or from a cut (`selection=HardNegatives(...)` or
+    Rcnn        R-CNN's fine-tuning mini-batches: `positive_share` (0.25: 32 of 128) of every
+                stretch of draws positive, the rest background, whatever the class counts.
+Weighted, Balanced and Rcnn draw from every sample, or from a cut (`selection=HardNegatives(...)` or
 `IouStrata(...)`): the original weighted its already filtered list.
 """
 
@@ -285,9 +287,62 @@ class Balanced(Weighted):
     __hash__ = Weighted.__hash__  # dataclass would generate one over the dict
 
 
+@dataclass(frozen=True)
+class Rcnn(Weighted):
+    """R-CNN's fine-tuning mini-batches (Girshick et al. 2014, section 2.3: "we uniformly sample 32 positive windows
+    and 96 background windows to construct a mini-batch of size 128"): draw i of the epoch is a positive exactly
+    when floor((i + 1) * positive_share) > floor(i * positive_share), so every stretch of B consecutive draws (a
+    global batch, and each rank's part of it) holds B * positive_share positives, give or take one. Positives are
+    a fresh permutation each time they run out (each one used once before any twice: they are few), background the
+    same; `num_samples` draws per epoch (None: the selection's size)."""
+
+    name: ClassVar[str] = "rcnn"
+    class_weights: dict[int, float] = field(default_factory=lambda: dict(CLASS_WEIGHTS), init=False, repr=False)
+    replacement: bool = field(default=True, init=False, repr=False)  # not an option: positives repeat by design
+    positive_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        share = self.positive_share
+        if not (is_number(share) and 0 < share < 1):
+            raise ConfigError(f"sampler option positive_share must be a number in (0, 1), got {share!r}")
+        object.__setattr__(self, "positive_share", float(share))
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.positive_share, self.num_samples, self.selection))
+
+    def draw(self, selection: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n = self.num_samples or len(selection)
+        slots = np.arange(n)
+        positive = np.floor((slots + 1) * self.positive_share) > np.floor(slots * self.positive_share)
+        out = np.empty(n, dtype=np.int64)
+        for c, where in ((1, positive), (0, ~positive)):
+            rows = selection[labels[selection] == c]
+            rounds = -(-int(where.sum()) // len(rows))  # whole permutations, then the first of the last
+            out[where] = np.concatenate([rng.permutation(rows) for _ in range(rounds)])[: int(where.sum())]
+        return out
+
+    def check(self, selection: np.ndarray, labels: np.ndarray, threshold: float | None) -> None:
+        """Refuse a selection without positives or without background: a share of nothing cannot be drawn."""
+        counts = {c: int((labels[selection] == c).sum()) for c in (0, 1)}
+        if not counts[0] or not counts[1]:
+            raise ConfigError(
+                f"sampler 'rcnn' draws {self.positive_share:g} positives and the rest background, and the selection "
+                f"has {counts[1]} crack and {counts[0]} no-crack samples ({label_source(threshold)}): choose "
+                f"another sampler or change the IoU threshold"
+            )
+
+    def describe(self) -> str:
+        draws = f"{self.num_samples} draws" if self.num_samples else "as many draws as the cut holds"
+        return (
+            f"R-CNN's mini-batches: {draws}, {self.positive_share:.0%} positive in every batch, "
+            f"from {self.selection.describe()}"
+        )
+
+
 Sampler = Shuffle | Weighted
 SAMPLERS: dict[str, type[Shuffle] | type[Weighted]] = {
-    c.name: c for c in (Shuffle, HardNegatives, IouStrata, Weighted, Balanced)
+    c.name: c for c in (Shuffle, HardNegatives, IouStrata, Weighted, Balanced, Rcnn)
 }
 CUT_OPTIONS = ("selection", "negatives", "per_bin", "bin_width")  # how the flat options name a weighting's cut
 

@@ -95,7 +95,7 @@ class PhotoResult:
     split: str
     size: tuple[int, int] = (0, 0)
     gt: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-    rows: list[tuple] = field(default_factory=list)  # (proposal, iou, label, box, gt_box, gt_id)
+    rows: list[tuple] = field(default_factory=list)  # (proposal, iou, label, box, gt_box, gt_id, ground_truth)
     jpegs: list[bytes] = field(default_factory=list)
     proposals: int = 0  # proposals considered (selective search + ground truth + jitter)
     recall_hits: int = 0
@@ -139,13 +139,14 @@ def process_photo(photo: Photo, split: str, settings: ProposalSettings, seed: in
         result.failed = True
         return result
     t0 = time.perf_counter()
-    found = propose(rgb, result.gt, settings, seed, photo.stem)
+    found = propose(rgb, result.gt, settings, seed, photo.stem, training=split == "train")
     t1 = time.perf_counter()
     fill = rgb.reshape(-1, 3).mean(0)
     for i in found.kept:
         gt_id = int(found.gt_ids[i])
         gt_box = result.gt[gt_id] if gt_id >= 0 else np.zeros(4)
-        result.rows.append((int(i), float(found.ious[i]), int(found.labels[i]), found.boxes[i], gt_box, gt_id))
+        source = int(i >= found.searched)  # 1: a ground-truth box or a jittered copy, 0: the method's proposal
+        result.rows.append((int(i), float(found.ious[i]), int(found.labels[i]), found.boxes[i], gt_box, gt_id, source))
         crop = warp(rgb, found.boxes[i], settings.context, settings.size, fill)
         result.jpegs.append(encode_jpeg(crop, settings.quality))
     result.proposals, result.recall_hits = len(found.boxes), found.recall_hits

@@ -108,11 +108,11 @@ class ChunkRecord(NamedTuple):
 
 def _index_rows(result, dtype: np.dtype) -> np.ndarray:
     rows = np.zeros(len(result.rows), dtype)
-    for k, (number, iou, label, box, gt_box, gt_id) in enumerate(result.rows):
+    for k, (number, iou, label, box, gt_box, gt_id, ground_truth) in enumerate(result.rows):
         name = format_name(result.photo.stem, number, iou, label)
         # shard, offset, size, crc32 and key are set when the shards are written
         rows[k] = (0, 0, 0, 0, 0, label, iou, number, name.encode(), result.photo.stem.encode(), box, gt_box, gt_id,
-                   result.size)  # fmt: skip
+                   result.size, ground_truth)  # fmt: skip
     return rows
 
 
@@ -253,6 +253,7 @@ def _meta(row: np.void) -> dict:
         "gt_box": [round(float(v), 2) for v in row["gt_box"]],
         "gt_id": int(row["gt_id"]),
         "photo_size": [int(v) for v in row["photo_size"]],
+        "ground_truth": int(row["ground_truth"]),
     }
 
 

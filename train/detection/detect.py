@@ -38,7 +38,7 @@ from crackio.writing.annotations import FORMATS, PHOTO_EXTENSIONS, read_annotati
 from crackio.writing.append import same_photo
 from crackio.writing.cluster import RayCluster
 from crackio.writing.proposal_stage import load_photo
-from crackio.writing.regions import ProposalSettings, encode_jpeg, selective_search, warp
+from crackio.writing.regions import ProposalSettings, encode_jpeg, proposals_of, warp
 from train.detection.baselines import baseline_aps
 from train.detection.bbox import REGRESSOR, Regressor, load_regressor
 from train.detection.export import Exported, load_onnx, probabilities
@@ -325,14 +325,7 @@ def detect_photo(
     result.size = (rgb.shape[1], rgb.shape[0])
     t0 = time.perf_counter()
     # The stem seeds the cap exactly as tools/propose.py seeds it, so a photo gets the same proposals.
-    boxes = selective_search(
-        rgb,
-        settings.mode,
-        settings.max_proposals,
-        settings.min_size,
-        [seed, zlib.crc32(path.stem.encode())],
-        max_side=settings.search_max_side,
-    )
+    boxes = proposals_of(rgb, settings, [seed, zlib.crc32(path.stem.encode())])[0]
     t1 = time.perf_counter()
     fill = rgb.reshape(-1, 3).mean(0)
     make = lambda box: encode_jpeg(warp(rgb, box, settings.context, settings.size, fill), settings.quality)  # noqa: E731

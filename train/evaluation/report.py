@@ -57,6 +57,32 @@ def class_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5)
     }
 
 
+def proposal_ap(labels: np.ndarray, probs: np.ndarray, added: np.ndarray | None) -> float | None:
+    """The proposal-level AP: crack AP over the crops that are the method's proposals (R-CNN scores those at
+    detection time), leaving out ground-truth boxes and their jittered copies added for training (`added`, bool per
+    crop). None when the pack does not record which crops were added; NaN without a positive proposal."""
+    if added is None:
+        return None
+    keep = ~added
+    return float(average_precision_score(labels[keep], probs[keep])) if labels[keep].any() else float("nan")
+
+
+def proposal_ap_line(labels: np.ndarray, probs: np.ndarray, added: np.ndarray | None) -> str:
+    """The report's line beside the crop AP: the proposal-level AP, or that the two are one ("" when unknown)."""
+    ap = proposal_ap(labels, probs, added)
+    if ap is None or added is None:
+        return ""
+    if not added.any():
+        return (
+            "every crop is a proposal as detection scores them (no ground-truth box added): the crack average "
+            "precision above is the proposal-level AP\n"
+        )
+    return (
+        f"proposal-level AP {ap:.3f} over the {int((~added).sum())} proposals, without the {int(added.sum())} "
+        f"ground-truth crops added for training (chance {labels[~added].mean():.3f})\n"
+    )
+
+
 def report_text(title: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> str:
     preds = (probs >= threshold).astype(int)
     report = classification_report(labels, preds, labels=[0, 1], target_names=TARGET_NAMES, zero_division=0)

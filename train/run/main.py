@@ -15,7 +15,15 @@ from crackio.format.layout import ShardError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import Shuffle, label_source
 from train.evaluation.predict import Prediction, merged, predict
-from train.evaluation.report import class_metrics, plot_curves, plot_pr, report_text, threshold_for_recall
+from train.evaluation.report import (
+    class_metrics,
+    plot_curves,
+    plot_pr,
+    proposal_ap,
+    proposal_ap_line,
+    report_text,
+    threshold_for_recall,
+)
 from train.run.checkpoint import STEP, load_checkpoint
 from train.run.engine import fit, selection_key
 from train.run.resume import run_folder_of
@@ -90,12 +98,13 @@ def stopped(run: Run | None) -> str:
     return kept(run.out, run.saved, run.stopped_at) if run is not None else kept(None, 0)
 
 
-def split_results(run: Run) -> dict[str, Prediction]:
+def split_results(run: Run) -> tuple[dict[str, Prediction], dict[str, np.ndarray | None]]:
     """best.pt's predictions on the validation split and (when the pack has one) the test split; a mixture's for
-    every pack together under the split's name and for each pack as "split[pack]" (the packs that have it)."""
+    every pack together under the split's name and for each pack as "split[pack]" (the packs that have it). With
+    them, per result, which crops are ground truth added for training (`added_ground_truth`)."""
     cfg = run.cfg
     prints = run.pack.get("packs", [run.pack])  # the packs' splits, as read when the run was built
-    results = {}
+    results, added = {}, {}
     for split, sampler in ((cfg.data.val_split, None), (cfg.data.test_split, Shuffle())):
         parts = {}
         for (name, shards), fingerprint in zip(per_pack(cfg).items(), prints):
@@ -106,11 +115,23 @@ def split_results(run: Run) -> dict[str, Prediction]:
                     else split_loader(cfg, split, False, run.device, sampler, shards)
                 )
                 parts[name] = predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches)
+                added[f"{split}[{name}]"] = added_ground_truth(loader.indexes, parts[name].names)
         if parts:
             results[split] = merged(list(parts.values()))
+            marks = [added[f"{split}[{name}]"] for name in parts]
+            added[split] = None if any(m is None for m in marks) else np.concatenate(marks)  # type: ignore[arg-type]
         if len(prints) > 1:
             results |= {f"{split}[{name}]": p for name, p in parts.items()}
-    return results
+    return results, added
+
+
+def added_ground_truth(indexes: list, names: list[str]) -> np.ndarray | None:
+    """bool per name: the crop is a ground-truth box (or a jittered copy) that the proposal stage added, which
+    detection never scores; None when an index does not record it (a pack of tools/pack.py's proposal folders)."""
+    if not all("ground_truth" in (index.rows.dtype.names or ()) for index in indexes):
+        return None
+    added = np.concatenate([index.rows["filename"][index.rows["ground_truth"] == 1] for index in indexes])
+    return np.isin(np.array([n.encode() for n in names], dtype=bytes), added)
 
 
 def final_report(run: Run) -> None:
@@ -121,7 +142,7 @@ def final_report(run: Run) -> None:
     if not history:
         return
     run.model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["model"])
-    results = split_results(run)
+    results, added = split_results(run)
     if run.rank != 0:
         return
     key = selection_key(cfg.data.val_pack)
@@ -133,7 +154,7 @@ def final_report(run: Run) -> None:
     ]
     marks = []
     for name, r in results.items():
-        text.append(report_text(name, r.labels, r.probs))
+        text.append(report_text(name, r.labels, r.probs) + proposal_ap_line(r.labels, r.probs, added.get(name)))
     summary = {
         "best_epoch": best["epoch"],
         "best_val_loss": best[key],  # the figure that chose it (--val-pack's pack's, or all packs')
@@ -143,7 +164,10 @@ def final_report(run: Run) -> None:
         "train_seconds": sum(h["train_seconds"] for h in history),  # training and validation passes apart
         "val_seconds": sum(h["val_seconds"] for h in history),
         "images_per_sec": sum(h["images_per_sec"] for h in history) / len(history),
-        "splits": {name: class_metrics(r.labels, r.probs) for name, r in results.items()},
+        "splits": {
+            name: class_metrics(r.labels, r.probs) | {"proposal_ap": proposal_ap(r.labels, r.probs, added.get(name))}
+            for name, r in results.items()
+        },
     }
     if cfg.data.val_pack:
         summary |= {"val_pack": cfg.data.val_pack, "best_val_loss_all_packs": best["val_loss"]}

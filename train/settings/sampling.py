@@ -15,6 +15,7 @@ from crackio.loading.samplers import (
     SELECTIONS,
     HardNegatives,
     IouStrata,
+    Rcnn,
     Shuffle,
     Weighted,
     make_sampler,
@@ -45,8 +46,9 @@ class Sampling(Owner):
     bin_width: float = IouStrata.bin_width  # iou-strata: IoU bin width
     class_weights: str = _WEIGHTS  # weighted, balanced: class weights as 0:w0,1:w1
     replacement: bool = Weighted.replacement  # weighted: draw with replacement
-    num_samples: int = 0  # weighted: draws per epoch; 0 = the selection's size
-    selection: str = "all"  # weighted, balanced: draw from all samples or from a cut
+    num_samples: int = 0  # weighted, rcnn: draws per epoch; 0 = the selection's size
+    positive_share: float = Rcnn.positive_share  # rcnn: positives in every mini-batch (R-CNN: 32 of 128)
+    selection: str = "all"  # weighted, balanced, rcnn: draw from all samples or from a cut
     val_sampler: str = "shuffle"  # validation selection (shuffle = every sample)
     val_negatives: int = 200  # hard-negatives on validation (the original kept 200)
 
