@@ -144,6 +144,19 @@ def test_mask_crack_label_picks_the_crack_pixels(tmp_path):
         read_annotations(tmp_path, "mask", mask_piece=3)
 
 
+def test_a_crackforest_mat_with_other_labels_gives_the_crack_labels_pixels(tmp_path):
+    for folder in ("image", "groundTruth"):
+        (tmp_path / folder).mkdir()
+    Image.new("RGB", (W, H)).save(tmp_path / "image/x.jpg")
+    seg = np.ones((H, W), np.uint8)  # CrackForest: 1 background
+    seg[4:8, 2:30] = 2  # the crack
+    seg[20:30, 30:45] = 3  # other marks, as 5 of CrackForest's photos carry
+    seg[40:44, 5:9] = 4
+    savemat(tmp_path / "groundTruth/x.mat", {"groundTruth": {"Segmentation": seg, "Boundaries": seg * 0}})
+    assert ground_truth(tmp_path, "mask")["x"][1] == [[2.0, 4.0, 30.0, 8.0]]  # label 2, not above half of 4
+    assert ground_truth(tmp_path, "mask", mask_crack_label=3)["x"][1] == [[30.0, 20.0, 45.0, 30.0]]  # overridden
+
+
 def test_bad_mat_masks_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "image").mkdir()
     (tmp_path / "groundTruth").mkdir()

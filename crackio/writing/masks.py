@@ -13,6 +13,9 @@ import numpy as np
 # with a MASK_JOIN x MASK_JOIN ellipse (gaps up to ~MASK_JOIN - 1 pixels); components with fewer than
 # MASK_MIN_PIXELS crack pixels are specks and dropped. The box spans the component's own crack pixels.
 MASK_JOIN = 9
+# A .mat's Segmentation numbered from 1 (BSDS, CrackForest: 1 background, 2 crack; some CrackForest photos also
+# label other marks 3 and 4, which half the maximum would take for the crack and drop the crack itself).
+MAT_CRACK_LABEL = 2
 MASK_MIN_PIXELS = 20
 # --mask-piece L: each component's skeleton (Zhang-Suen thinning of the joined component) is cut into
 # round(length / L) stretches of equal length along its longest path (geodesic distance from one end),
@@ -34,8 +37,11 @@ def read_crack(path: Path, label: int | None = None) -> np.ndarray:
     """Bool H x W crack pixels of a mask image (EXIF orientation applied) or a BSDS ground-truth .mat.
 
     A .mat holds `groundTruth`, a struct (or cell of structs, one per annotator) with a `Segmentation`
-    label image (CrackForest: 1 background, 2 crack); several annotators: crack where any says so. By
-    default an image of one label has no crack (a crack-free CrackForest photo is all 1).
+    label image (CrackForest: 1 background, 2 crack, and in some photos 3 and 4 for other marks); several
+    annotators: crack where any says so. By default a label image whose labels start at 1 (BSDS's and
+    CrackForest's numbering) has its crack at label MAT_CRACK_LABEL, whatever else it labels; one whose
+    labels start at 0 is read as a PNG mask is; an image of one label has no crack (a crack-free
+    CrackForest photo is all 1). `label` overrides both (--mask-crack-label).
 
     Raises:
         ValueError: an unreadable file or no such structure, with the fix.
@@ -61,7 +67,8 @@ def read_crack(path: Path, label: int | None = None) -> np.ndarray:
             raise ValueError(f"its annotators' Segmentation sizes differ: {sorted({s.shape for s in segmentations})}")
         # Labels start at 1: one label over the whole image is all background (a PNG's all-zero mask).
         uniform = [label is None and s.min() == s.max() for s in segmentations]
-        return np.logical_or.reduce([crack_pixels(s, label) & (not u) for s, u in zip(segmentations, uniform)])
+        chosen = [label if label is not None or s.min() < 1 else MAT_CRACK_LABEL for s in segmentations]
+        return np.logical_or.reduce([crack_pixels(s, c) & (not u) for s, c, u in zip(segmentations, chosen, uniform)])
     from PIL import Image, ImageOps
 
     try:
