@@ -21,7 +21,7 @@ from tests.conftest import needs_cuda
 from tests.helpers import ARCH, save_untrained
 from train.__main__ import main as cli
 from train.detection.detect import Scorer, detect_photo, run_detect
-from train.detection.report import coco_ap, voc_ap
+from train.detection.report import Nms, coco_ap, suppress, voc_ap
 from train.run.model import build_model, last_linear
 from train.settings.commands import DetectSettings
 
@@ -88,7 +88,7 @@ def detect_all(photos: Path, nms_iou: float = 0.3):
     with ThreadPoolExecutor(2) as pool:
         for stem, (_, boxes) in PHOTOS.items():
             gt = np.array(boxes, float)
-            r = detect_photo(photos / f"{stem}.jpg", SETTINGS, TrueIoU(gt), nms_iou, 0, pool)
+            r = detect_photo(photos / f"{stem}.jpg", SETTINGS, TrueIoU(gt), Nms(nms_iou), 0, pool)
             r.gt = gt
             results.append(r)
     return results
@@ -114,6 +114,28 @@ def test_nms_suppresses_duplicates(photos):
         np.fill_diagonal(overlap, 0)
         assert overlap.max() <= 0.3 + 1e-9
         assert len(r.proposals) > len(r.boxes)  # something was suppressed
+
+
+def test_containment_keeps_one_box_per_crack():
+    boxes = np.array(
+        [
+            [0, 0, 100, 100],  # the whole crack, best
+            [40, 10, 48, 90],  # a thin piece of it, inside: IoU 0.064 with the first, so NMS at 0.3 keeps it
+            [90, 90, 140, 140],  # another crack overlapping the corner: 4% of it inside the first
+            [110, 92, 116, 138],  # a thin piece of the third, inside it
+            [2, 2, 98, 98],  # a near duplicate of the first: NMS's
+        ],
+        float,
+    )
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    assert suppress(boxes, scores, Nms(0.3)).tolist() == [0, 1, 2, 3]
+    assert suppress(boxes, scores, Nms(0.3, contained=0.8)).tolist() == [0, 2]
+    assert suppress(boxes, scores, Nms(0.3, contained=0.8)).dtype == suppress(boxes, scores, Nms(0.3)).dtype
+    assert "contained 0.8 of the smaller box" in Nms(0.3, 0.8).describe()
+    only = suppress(boxes[:1], scores[:1], Nms(0.3, contained=0.5))
+    assert only.tolist() == [0]
+    with pytest.raises(ConfigError, match="--nms-contained must be in"):
+        DetectSettings(checkpoint="x.pt", photos=("p",), nms_contained=0)
 
 
 def test_svm_scores_are_the_saved_arrays_on_the_networks_features(checkpoint, photos, tmp_path):
@@ -323,16 +345,16 @@ def test_baselines_are_their_definitions_on_hand_made_boxes():
                           gt=np.array([crack]))  # fmt: skip
     two = PhotoDetections(Path("b.jpg"), "b", (200, 100), proposals=np.array([[0.0, 0, 40, 40], [150.0, 0, 190, 90]]),
                           gt=np.array([[150.0, 0, 190, 90]]))  # fmt: skip
-    by_area = baseline([one, two], "area", 0.3, seed=0)
+    by_area = baseline([one, two], "area", Nms(), seed=0)
     assert by_area[0].boxes.tolist() == [whole, crack, small] and by_area[0].scores.tolist() == [10000, 400, 100]
     assert by_area[1].scores.tolist() == [3600, 1600]
-    photo = baseline([one, two], "whole_photo", 0.3, seed=0)
+    photo = baseline([one, two], "whole_photo", Nms(), seed=0)
     assert photo[1].boxes.tolist() == [[0, 0, 200, 100]] and photo[1].scores.tolist() == [1.0]
-    random = baseline([one, two], "random", 0.3, seed=7)
+    random = baseline([one, two], "random", Nms(), seed=7)
     expected = np.random.default_rng([7, 1]).random(2)
     assert sorted(random[1].scores.tolist()) == sorted(expected.tolist())
-    assert baseline([one, two], "random", 0.3, seed=7)[0].scores.tolist() == random[0].scores.tolist()  # seeded
-    aps = baseline_aps([one, two], 0.3, seed=0)
+    assert baseline([one, two], "random", Nms(), seed=7)[0].scores.tolist() == random[0].scores.tolist()  # seeded
+    aps = baseline_aps([one, two], Nms(), seed=0)
     # By area over both photos: whole (FP), photo 2's crack box (TP), its corner box (FP), the crack (TP), the small
     # square (FP): precision 1/2 at recall 1/2, 2/4 at recall 1; the envelope is 1/2 at both steps.
     assert aps["area"]["ap50_voc"] == pytest.approx(0.5)

@@ -64,9 +64,7 @@ class ProposalSettings:
     positive_iou: float = 0.5  # label = IoU > this
     negatives_per_image: int = 0  # keep an IoU-stratified sample of N negatives per photo; 0 = every negative
     gt_jitter: int = 0  # jittered copies of each ground-truth box
-    eval_like_detection: bool = (
-        True  # valid, test: every proposal up to the cap; no ground truth added, no negatives cap
-    )
+    eval_like_detection: bool = True  # valid, test: every proposal up to the cap, no ground truth, no negatives cap
 
     def __post_init__(self) -> None:
         # Named as this object's arguments; tools/propose.py names them as its flags (OutOfRange.named). Every

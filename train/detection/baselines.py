@@ -16,15 +16,15 @@ import dataclasses
 
 import numpy as np
 
-from train.detection.report import ap_figures, suppress
+from train.detection.report import Nms, ap_figures, suppress
 
 BASELINES = ("area", "whole_photo", "random")
 
 
-def baseline(results: list, kind: str, nms_iou: float, seed: int) -> list:
+def baseline(results: list, kind: str, rule: Nms, seed: int) -> list:
     """The annotated photos of `results` (train.detection.detect.PhotoDetections) with the boxes and scores
     baseline `kind` gives them: float64 (N, 4) x0 y0 x1 y1 photo pixels and (N,) scores, best first,
-    after NMS at `nms_iou`."""
+    after the model's suppression `rule`."""
     out = []
     for position, r in enumerate(results):
         if kind == "whole_photo":
@@ -36,13 +36,13 @@ def baseline(results: list, kind: str, nms_iou: float, seed: int) -> list:
                 scores = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float64)
             else:
                 scores = np.random.default_rng([seed, position]).random(len(boxes))
-            keep = suppress(boxes, scores, nms_iou)
+            keep = suppress(boxes, scores, rule)
             boxes, scores = boxes[keep], scores[keep]
         out.append(dataclasses.replace(r, boxes=boxes, scores=scores))
     return out
 
 
-def baseline_aps(results: list, nms_iou: float, seed: int) -> dict[str, dict[str, float]]:
+def baseline_aps(results: list, rule: Nms, seed: int) -> dict[str, dict[str, float]]:
     """Each baseline's AP figures (`ap50_voc`, `ap_coco`, `ap50_coco`) on the annotated photos of `results`."""
     annotated = [r for r in results if r.gt is not None]
-    return {kind: ap_figures(baseline(annotated, kind, nms_iou, seed)) for kind in BASELINES}
+    return {kind: ap_figures(baseline(annotated, kind, rule, seed)) for kind in BASELINES}

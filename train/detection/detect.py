@@ -42,7 +42,7 @@ from crackio.writing.regions import ProposalSettings, encode_jpeg, proposals_of,
 from train.detection.baselines import baseline_aps
 from train.detection.bbox import REGRESSOR, Regressor, load_regressor
 from train.detection.export import Exported, load_onnx, probabilities
-from train.detection.report import Detections, suppress, write_outputs
+from train.detection.report import Detections, Nms, suppress, write_outputs
 from train.run.checkpoint import file_sha256, load_checkpoint
 from train.run.model import CrackClassifier, last_linear, model_from_checkpoint
 from train.run.runtime import amp_dtype, use_threads
@@ -307,11 +307,16 @@ def photo_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def nms_rule(settings: DetectSettings) -> Nms:
+    """The suppression --nms-iou and --nms-contained ask for."""
+    return Nms(settings.nms_iou, settings.nms_contained)
+
+
 def detect_photo(
     path: Path,
     settings: ProposalSettings,
     scorer: Scorer | OnnxScorer,
-    nms_iou: float,
+    rule: Nms,
     seed: int,
     pool: ThreadPoolExecutor,
 ) -> PhotoDetections:
@@ -335,12 +340,12 @@ def detect_photo(
     t3 = time.perf_counter()
     if isinstance(scorer, Scorer) and scorer.regressor is not None:  # R-CNN: every proposal moved once, then NMS
         moved = scorer.regressor.move(boxes, scorer.features)
-        plain = suppress(boxes, scores, nms_iou)
+        plain = suppress(boxes, scores, rule)
         result.plain_boxes, result.plain_scores = boxes[plain], scores[plain]
-        keep = suppress(moved, scores, nms_iou)
+        keep = suppress(moved, scores, rule)
         result.boxes, result.scores, result.proposals = moved[keep], scores[keep], boxes
     else:
-        keep = suppress(boxes, scores, nms_iou)
+        keep = suppress(boxes, scores, rule)
         result.boxes, result.scores, result.proposals = boxes[keep], scores[keep], boxes
     result.seconds = {"proposals": t1 - t0, "warping": t2 - t1, "scoring": t3 - t2, "nms": time.perf_counter() - t3}
     return result
@@ -536,18 +541,18 @@ def run_detect(settings: DetectSettings, overview: int = 16) -> Path:
         pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)))
         with pool:
             here = (
-                detect_photo(f, proposals, scorer, settings.nms_iou, cfg.data.seed, pool) for f, d in files if not d
+                detect_photo(f, proposals, scorer, nms_rule(settings), cfg.data.seed, pool) for f, d in files if not d
             )
             results = detect_photos(files, here, annotated, problems)
     seconds = time.perf_counter() - start
     # The same photos, proposals and NMS ranked without the network: the floor the model's AP must clear.
     done = [r for r in results if r.size != (0, 0)]
-    floors = baseline_aps(done, settings.nms_iou, cfg.data.seed) if annotations else None
+    floors = baseline_aps(done, nms_rule(settings), cfg.data.seed) if annotations else None
     found = Detections(
         results,
         problems,
         threshold=threshold,
-        nms_iou=settings.nms_iou,
+        nms=nms_rule(settings),
         settings=proposals,
         scored_by="svm" if settings.svm else "network (onnxruntime)" if settings.onnx else "network",
         annotated=bool(truths),
@@ -638,11 +643,11 @@ class PhotoScorer:
         settings = replace(settings, device="cuda" if gpu else "cpu", ray="")
         path, _, _, model = load_model(settings)
         self.scorer = make_scorer(settings, model, path)
-        self.proposals, self.seed, self.nms_iou = proposals, seed, settings.nms_iou
+        self.proposals, self.seed, self.nms = proposals, seed, nms_rule(settings)
         self.pool = ThreadPoolExecutor(1)
 
     def detect(self, path: str) -> PhotoDetections:
-        return detect_photo(Path(path), self.proposals, self.scorer, self.nms_iou, self.seed, self.pool)
+        return detect_photo(Path(path), self.proposals, self.scorer, self.nms, self.seed, self.pool)
 
 
 def detect_on_ray(

@@ -29,12 +29,45 @@ OUTPUTS = (
 KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the output keeps those above threshold
 
 
-def suppress(boxes: np.ndarray, scores: np.ndarray, nms_iou: float) -> np.ndarray:
-    """Indices of the boxes greedy NMS keeps at `nms_iou` (torchvision.ops.nms, R-CNN's test-time step), best
-    first, at most KEEP: float (N, 4) x0 y0 x1 y1 boxes and (N,) scores."""
+@dataclass(frozen=True)
+class Nms:
+    """Test-time suppression: greedy NMS at `iou` (R-CNN's 0.3), then, with `contained`, greedy suppression of a
+    box whose intersection with a better kept box covers at least `contained` of the smaller of the two (one
+    crack found whole and in pieces keeps its best box; IoU alone keeps a thin piece inside a large box)."""
+
+    iou: float = 0.3
+    contained: float | None = None
+
+    def describe(self) -> str:
+        extra = f", contained {self.contained:g} of the smaller box" if self.contained is not None else ""
+        return f"NMS IoU {self.iou:g}{extra}"
+
+
+def suppress(boxes: np.ndarray, scores: np.ndarray, rule: Nms) -> np.ndarray:
+    """Indices of the boxes `rule` keeps (torchvision.ops.nms, R-CNN's test-time step; then the containment rule),
+    best first, at most KEEP: float (N, 4) x0 y0 x1 y1 boxes and (N,) scores."""
     # Copies: arrays that came back from Ray's object store are read-only, which torch.from_numpy warns about.
     ranked = torch.tensor(np.asarray(scores, dtype=np.float64))
-    return nms(torch.tensor(np.asarray(boxes)), ranked, nms_iou)[:KEEP].numpy()
+    keep = nms(torch.tensor(np.asarray(boxes, dtype=np.float64)), ranked, rule.iou).numpy()
+    if rule.contained is not None and len(keep) > 1:
+        keep = keep[_not_contained(np.asarray(boxes, dtype=np.float64)[keep], rule.contained)]
+    return keep[:KEEP]
+
+
+def _not_contained(boxes: np.ndarray, share: float) -> np.ndarray:
+    """Which of `boxes` (best first) greedy containment suppression keeps: bool (N,). torchvision has IoU but no
+    intersection over the smaller box, so the intersections are computed here (NumPy broadcasting, N <= the boxes
+    NMS kept)."""
+    lo = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    hi = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    smaller = np.maximum(np.minimum(area[:, None], area[None, :]), 1e-9)
+    covers = inter / smaller >= share
+    kept = np.zeros(len(boxes), bool)
+    for i in range(len(boxes)):
+        kept[i] = not (covers[i, :i] & kept[:i]).any()
+    return kept
 
 
 def ap_figures(results) -> dict[str, float]:
@@ -155,7 +188,7 @@ class Detections:
     results: list  # train.detection.detect.PhotoDetections, one per photo; size (0, 0) where skipped
     problems: list[tuple[str, str]]  # (photo, why) for the report
     threshold: float
-    nms_iou: float
+    nms: Nms
     settings: ProposalSettings
     scored_by: str
     annotated: bool
@@ -269,7 +302,8 @@ def summarize(run: Detections, rows: list[dict]) -> dict:
         "detected": len(done),
         "scored_by": run.scored_by,
         "score_threshold": run.threshold,
-        "nms_iou": run.nms_iou,
+        "nms_iou": run.nms.iou,
+        "nms_contained": run.nms.contained,
         "proposals": run.settings.as_dict(),
         "proposals_from": run.settings_from,
         # detections.json's category_id per photo's annotation file: pycocotools' params.catIds for the same AP
@@ -287,7 +321,7 @@ def headline(run: Detections, timing: dict[str, float], photos_per_sec: float, c
     s = run.settings
     return (
         f"{len(run.done)} of {len(run.results)} photos, scores from the {run.scored_by}, threshold "
-        f"{run.threshold:.3f}, NMS IoU {run.nms_iou}; {photos_per_sec:.2f} photos/s, {crops_per_sec:.0f} crops/s; "
+        f"{run.threshold:.3f}, {run.nms.describe()}; {photos_per_sec:.2f} photos/s, {crops_per_sec:.0f} crops/s; "
         f"per photo: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
         + f"; proposals: {s.method} {s.mode}, at most {s.max_proposals}, context {s.context} px"

@@ -139,6 +139,9 @@ class DetectSettings(Command):
     svm: str = ""  # score with RUN/svm/svm_model.npz instead of the network head
     score_threshold: float | None = None  # keep boxes scoring at least this; none = 0.5, or the SVM's threshold
     nms_iou: float = 0.3  # NMS IoU (R-CNN's)
+    nms_contained: float | None = (
+        None  # then drop a box sharing this part of the smaller box with a better one; none = off
+    )
     out: str = ""  # output folder; "" = RUN/detect
     batch_size: int = 64  # crops per forward pass
     device: str = "auto"  # where the model runs (auto: CUDA if present)
@@ -160,6 +163,8 @@ class DetectSettings(Command):
         if self.format and not (self.annotations or self.split):
             raise ConfigError("--format only applies with --annotations (the format of the ground truth): give both")
         check_within(self, "nms_iou", 0, 1, above=True)
+        if self.nms_contained is not None:
+            check_within(self, "nms_contained", 0, 1, above=True)
         check_positive(self, "batch_size")
         if not (self.score_threshold is None or is_number(self.score_threshold)):
             raise ConfigError(f"--score-threshold must be a finite number or none, got {self.score_threshold}")
