@@ -20,7 +20,7 @@ OLD = Path(__file__).parent / "data" / "config-0.1.0.json"  # a config.json writ
 
 def test_a_config_json_written_before_the_owners_reads_back_whole():
     old = json.loads(OLD.read_text())
-    assert set(DEFAULTS) - set(old) == {"mix", "val_pack", "pack_name"}  # added since: a mixture's; none lost
+    assert set(DEFAULTS) - set(old) == {"mix", "val_pack", "pack_name", "positive_share"}  # added since; none lost
     settings = RunSettings.from_flat(old, source=str(OLD))
     flat = settings.flat()
     assert flat["shards"] == (old["shards"],)  # its one pack: --shards is given once per pack now
