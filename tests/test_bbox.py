@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from tests.conftest import ROOT
-from train.detection.bbox import apply, box_iou_pairs, fit, targets
-from train.evaluation.report import proposal_ap, proposal_ap_line
+from train.detection.bbox import Regressor, apply, box_iou_pairs, fit, targets
+from train.evaluation.report import proposal_ap, proposal_ap_line, sampled_negatives
 
 
 def test_targets_are_r_cnns_and_apply_inverts_them():
@@ -69,6 +69,23 @@ def test_bbox_fits_and_detect_reports_ap_with_and_without_it(proposal_run, tmp_p
     moved = json.loads((tmp_path / "with" / "detections.json").read_text())
     plain = json.loads((tmp_path / "without" / "detections.json").read_text())
     assert moved and [d["bbox"] for d in moved] != [d["bbox"] for d in plain]
+    sizes = {i["id"]: (i["width"], i["height"]) for i in json.loads((tmp_path / "with" / "images.json").read_text())}
+    for d in moved:  # regressed boxes stay in their photo, as R-CNN clips them
+        x, y, w, h = d["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= sizes[d["image_id"]][0] + 1e-6 and y + h <= sizes[d["image_id"]][1] + 1e-6
+    # The suite's validation crops are detection's, with few proposals near a crack: lambda by cross-validation.
+    report = (run / "bbox" / "report.txt").read_text()
+    assert "lambda chosen by the mean IoU after, on " in report and "nan" not in report
+
+
+def test_regressed_boxes_are_clipped_to_their_photo():
+    reg = Regressor(np.zeros(2), np.ones(2), np.zeros((4, 2)), np.array([0.0, 0.0, 1.0, 1.0]))  # every box e times
+    boxes = np.array([[10.0, 10, 50, 30], [0, 0, 100, 100]])
+    moved = reg.move(boxes, np.zeros((2, 2)), np.array([[60, 40], [120, 90]]))  # each row's photo: width, height
+    wide = apply(boxes, np.tile([0.0, 0.0, 1.0, 1.0], (2, 1)))
+    assert moved.tolist() == [[0, 0, 60, 40], [0, 0, 120, 90]] and (wide[:, :2] < 0).all()
+    one = reg.move(boxes, np.zeros((2, 2)), np.array([60, 40]))  # one photo's size for every row
+    assert one.tolist() == [[0, 0, 60, 40], [0, 0, 60, 40]]
 
 
 def test_the_report_gives_the_proposal_level_ap_beside_the_crop_ap(proposal_run):
@@ -86,5 +103,18 @@ def test_the_proposal_level_ap_leaves_out_the_ground_truth_added_for_training():
     added = np.array([False, False, False, False, True, False])  # a ground-truth box, scored highest
     assert proposal_ap(labels, probs, added) == average_precision_score([1, 1, 0, 0, 0], [0.9, 0.2, 0.8, 0.1, 0.3])
     line = proposal_ap_line(labels, probs, added)
-    assert "proposal-level AP 0.750 over the 5 proposals, without the 1 ground-truth crops" in line
+    assert "proposal-level AP 0.750 over the 5 proposals, without the 1 ground-truth boxes and jittered" in line
     assert proposal_ap(labels, probs, None) is None and proposal_ap_line(labels, probs, None) == ""
+    sampled = proposal_ap_line(labels, probs, added, sampled=10)  # --eval-like-detection false --negatives-per-image
+    assert "its negatives were sampled to 10 per photo" in sampled
+    assert "as detection scores them" not in proposal_ap_line(labels, probs, np.zeros(6, bool), sampled=10)
+    manifests = [{"proposals": {"eval_like_detection": False, "negatives_per_image": 10}}]
+    assert sampled_negatives(manifests) == 10 and sampled_negatives([{"proposals": {"eval_like_detection": True}}]) == 0
+
+
+def test_eval_gives_the_proposal_level_ap_too(proposal_run):
+    from train.run.evaluate import run_eval
+    from train.settings.commands import EvalSettings
+
+    text = run_eval(EvalSettings(checkpoint=str(proposal_run / "best.pt"), split="test", device="cpu"))
+    assert "every crop is a proposal as detection scores them" in text

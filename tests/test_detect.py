@@ -131,7 +131,9 @@ def test_containment_keeps_one_box_per_crack():
     assert suppress(boxes, scores, Nms(0.3)).tolist() == [0, 1, 2, 3]
     assert suppress(boxes, scores, Nms(0.3, contained=0.8)).tolist() == [0, 2]
     assert suppress(boxes, scores, Nms(0.3, contained=0.8)).dtype == suppress(boxes, scores, Nms(0.3)).dtype
-    assert "contained 0.8 of the smaller box" in Nms(0.3, 0.8).describe()
+    assert "boxes 0.8 inside a better one" in Nms(0.3, 0.8).describe()
+    around = np.array([[40, 10, 48, 90], [0, 0, 100, 100]], float)  # a better piece, then the whole crack around it
+    assert suppress(around, np.array([0.9, 0.8]), Nms(0.3, contained=0.8)).tolist() == [0, 1]
     only = suppress(boxes[:1], scores[:1], Nms(0.3, contained=0.5))
     assert only.tolist() == [0]
     with pytest.raises(ConfigError, match="--nms-contained must be in"):

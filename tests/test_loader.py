@@ -63,6 +63,27 @@ def test_train_epoch_keeps_images_attached_under_augmentation(coded_shards, back
     assert (corner - black).abs().lt(0.1).float().mean() > 0.3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train, output", [(True, "float32"), (True, "uint8"), (False, "float32")])
+def test_the_loader_times_each_stage_of_its_epoch(coded_shards, backend, train, output):
+    loader = make_loader(coded_shards, "train", batch_size=16, train=train, backend=backend, output=output, workers=2)
+    batches = collect(loader)
+    stats = loader.stage_stats
+    assert stats.images == sum(len(b.labels) for b in batches) and stats.batches == len(batches) == len(loader)
+    ran = stats.per_image_ms()
+    if backend == "torch":  # every stage a CPU batch goes through, timed in its thread
+        assert set(ran) == ({"read", "decode", "augment", "normalize"} if train else {"read", "decode", "normalize"})
+    else:  # DALI's decode, augmentation and normalization are one pipeline
+        assert set(ran) <= {"read", "pipeline"} and "read" in ran
+    assert all(v > 0 for v in ran.values()) and stats.slowest() in ran
+    row = stats.row()
+    assert row["slowest_stage"] == stats.slowest() and row["batches_in_flight"] >= 1
+    assert {f"stage_{s}_ms" for s in ran} <= set(row) and row["handover_wait_ms"] >= 0
+    assert f"slowest stage {stats.slowest()}" in stats.describe()
+    collect(loader)  # the next epoch starts its own figures
+    assert loader.stage_stats is not stats and loader.stage_stats.batches == len(loader)
+
+
 @needs_dali
 @pytest.mark.parametrize("device", DEVICES)
 def test_backends_agree_on_eval_and_on_train_given_the_same_parameters(coded_shards, demo_shards, device):

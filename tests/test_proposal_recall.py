@@ -161,3 +161,9 @@ def test_a_bad_max_side_is_refused(side, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         propose_main([str(tmp_path), "--format", "coco", "--search-max-side", str(side)])
     assert stop.value.code == 2 and "--search-max-side must be 0" in capsys.readouterr().err
+
+
+def test_a_mode_for_a_method_without_selective_search_is_refused():
+    with pytest.raises(ConfigError, match="--mode quality is selective search's, and --method ridges runs none"):
+        ProposalSettings(method="ridges", mode="quality")
+    assert ProposalSettings(method="ridges").mode == "fast"  # the default stands for nothing, as recorded

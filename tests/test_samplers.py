@@ -159,6 +159,11 @@ def test_rcnn_refuses_what_it_cannot_draw():
             Rcnn(positive_share=share)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"takes .*not \['class_weights'\]"):
         make_sampler("rcnn", class_weights={0: 1, 1: 2})
+    for n, share in ((3, 0.25), (50, 0.01)):  # no positive in the epoch (background: share < 1 leaves some)
+        with pytest.raises(ValueError, match=f"num_samples {n} x positive_share {share:g} gives"):
+            make_sampler("rcnn", num_samples=n, positive_share=share)
+    with pytest.raises(ValueError, match="num_samples 3 x positive_share 0.25 gives 0 positive and 3 background"):
+        Rcnn().check(np.arange(3), np.array([0, 1, 0]), 0.5)  # the selection's size, when num_samples is none
     assert len({Rcnn(), Rcnn(), Rcnn(positive_share=0.5)}) == 2
 
 

@@ -143,6 +143,19 @@ def test_quiet_prints_the_epoch_lines_only(demo_shards, tmp_path, capsys):
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "run folder"]
 
 
+def test_a_run_records_its_loaders_stages_and_names_the_slowest_when_it_waits(tiny_run):
+    row = json.loads((tiny_run / "history.json").read_text())[0]
+    stages = {k: v for k, v in row.items() if k.startswith("stage_")}  # the torch backend's four, or DALI's two
+    assert stages and row[f"stage_{row['slowest_stage']}_ms"] == max(stages.values())
+    assert row["batches_in_flight"] >= 1 and row["handover_wait_ms"] >= 0
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["slowest_stage"] for m in metrics if "slowest_stage" in m] == [row["slowest_stage"]]  # the log's too
+    line = train.run.engine.epoch_line
+    waiting = row | {"data_wait_share": 0.2, "slowest_stage": "decode", "stage_decode_ms": 1.234}
+    assert "20% waiting for data (slowest loader stage: decode, 1.23 ms per image)" in line(waiting, 0, 3, True)
+    assert "slowest" not in line(row | {"data_wait_share": 0.05}, 0, 3, True)  # at most 5%: nothing to say
+
+
 def test_tensorboard_missing_is_one_line_before_anything_is_written(demo_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     args = ["--shards", str(demo_shards), "--out", str(tmp_path / "r"), "--weights", "none", "--log", "tensorboard"]

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "--search-max-side",
         type=_search_max_side,
         default=ProposalSettings().search_max_side,
-        help="selective search on the photo downscaled to this longer side, boxes scaled back "
-        "(R-CNN's code: 500; faster, recall measured in the README); 0 = full size",
+        help="proposals found on the photo downscaled to this longer side, boxes scaled back "
+        "(R-CNN's code: 500; faster; recall in docs/performance.md); 0 = full size",
     )
     group = ap.add_argument_group("splits, classes and shards")
     run_fields = add_flags(group, [ProposeSettings], skip=("split_ratios", "classes"))

@@ -16,6 +16,7 @@ bytes by offset costs ~10 us per image against ~1-3 ms to decode it on a CPU cor
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from crackio.loading.augment import MEAN, STD, AugmentParams
 from crackio.loading.readers import Reader
+from crackio.loading.stages import StageStats
 
 
 @pipeline_def(enable_conditionals=False)
@@ -51,10 +53,13 @@ class _EpochSource:
     def __init__(self, reader: Reader):
         self.reader = reader
         self.batches: Iterator = iter(())
+        self.read_seconds: list[float] = []  # each batch's read, in order (DALI calls the source in batch order)
 
     def __call__(self):
         ids, params = next(self.batches)  # StopIteration ends DALI's epoch
+        t0 = perf_counter()
         jpegs = [np.frombuffer(b, dtype=np.uint8) for b in self.reader.read(ids)]
+        self.read_seconds.append(perf_counter() - t0)
         aug = () if params is None else (params.brightness, params.flip, params.angle)
         return jpegs, ids.astype(np.int64).reshape(-1, 1), *aug
 
@@ -86,6 +91,7 @@ class DaliBackend:
             prefetch_queue_depth=2,
         )
         self.pipe: Any = None  # built on the first epoch (DALI is untyped: see pyproject's mypy section)
+        self.stages = StageStats(num_threads)  # the current (or last) epoch's per-stage figures
         self._clean = False  # True once the last epoch ran to its end
 
     def run_epoch(
@@ -93,6 +99,8 @@ class DaliBackend:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images NCHW on the device, ids int64) for each batch, in order (crackio.loading.loader.Backend)."""
         self.source.batches = zip(batches, params)
+        self.source.read_seconds = []
+        stats = self.stages = StageStats(self.stages.workers)
         if self._clean:
             self.pipe.reset()  # after StopIteration, DALI starts the next epoch on reset
         else:  # first epoch, or the last one was abandoned with batches still prefetched
@@ -101,12 +109,18 @@ class DaliBackend:
         self._clean = False
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         while True:
+            t0 = perf_counter()
             try:
                 images, ids = self.pipe.run()
             except StopIteration:
                 self._clean = True
                 return
+            waited = perf_counter() - t0
+            # DALI's source runs in the pipeline's prefetch: batch k's read is the k-th recorded.
+            read = self.source.read_seconds[stats.batches] if stats.batches < len(self.source.read_seconds) else 0.0
+            rows = torch.from_numpy(np.array(ids.as_tensor()).reshape(-1))
+            stats.add({"read": read, "pipeline": waited}, len(rows), waited, 2)  # 2: prefetch_queue_depth
             images = images.as_tensor()
             out = torch.empty(images.shape(), dtype=self.dtype, device=self.device)
             feed_ndarray(images, out, cuda_stream=stream)
-            yield out, torch.from_numpy(np.array(ids.as_tensor()).reshape(-1))
+            yield out, rows

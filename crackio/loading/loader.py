@@ -37,6 +37,7 @@ from crackio.loading.samplers import (
     make_sampler,
     own_options,
 )
+from crackio.loading.stages import StageStats
 from crackio.storage.packs import LocalShards, Pack, RemoteShards, check_remote, open_pack
 from crackio.storage.remote import check_location
 from crackio.storage.settings import RemoteSettings
@@ -50,6 +51,8 @@ class Backend(Protocol):
     float32 ImageNet-normalized, or augmented uint8 0-255 with output="uint8"; row ids int64)
     per batch, in order, one epoch, then returns.
     """
+
+    stages: StageStats  # the current (or last) epoch's per-stage figures, replaced at each run_epoch
 
     def run_epoch(
         self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
@@ -634,6 +637,12 @@ class Loader:
         if isinstance(saved, int) and saved % w == 0:
             return line + f"make the per-rank batch {saved // w} (the global batch / the number of ranks)"
         return line + f"resume on a number of ranks that divides {saved}, with batch_size = {saved} / ranks"
+
+    @property
+    def stage_stats(self) -> StageStats:
+        """The current (or last) epoch's per-stage figures (crackio.loading.stages): each stage's thread time, the
+        waits for a batch and the batches in flight."""
+        return self.backend.stages
 
     def __iter__(self) -> Generator[Batch, None, None]:
         if self._iterating and self.backend_name == "dali":

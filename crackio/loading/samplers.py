@@ -307,6 +307,18 @@ class Rcnn(Weighted):
         if not (is_number(share) and 0 < share < 1):
             raise ConfigError(f"sampler option positive_share must be a number in (0, 1), got {share!r}")
         object.__setattr__(self, "positive_share", float(share))
+        if self.num_samples is not None:
+            self._check_draws(self.num_samples)
+
+    def _check_draws(self, n: int) -> None:
+        """Refuse an epoch of `n` draws without a positive one (a share below 1 always leaves background draws)."""
+        positives = math.floor(n * self.positive_share)
+        if positives < 1:
+            raise ConfigError(
+                f"sampler option num_samples {n} x positive_share {self.positive_share:g} gives {positives} positive "
+                f"and {n - positives} background draws: an epoch needs both; raise num_samples (or give none: the "
+                "selection's size) or change positive_share"
+            )
 
     def __hash__(self) -> int:
         return hash((type(self), self.positive_share, self.num_samples, self.selection))
@@ -324,6 +336,7 @@ class Rcnn(Weighted):
 
     def check(self, selection: np.ndarray, labels: np.ndarray, threshold: float | None) -> None:
         """Refuse a selection without positives or without background: a share of nothing cannot be drawn."""
+        self._check_draws(self.num_samples or len(selection))
         counts = {c: int((labels[selection] == c).sum()) for c in (0, 1)}
         if not counts[0] or not counts[1]:
             raise ConfigError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from time import perf_counter
 
 import numpy as np
 import simplejpeg
@@ -25,6 +26,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
 from crackio.loading.readers import Reader
+from crackio.loading.stages import StageStats
+
+Loaded = tuple["torch.Tensor | list[torch.Tensor]", torch.Tensor, dict[str, float]]
 
 
 class TorchBackend:
@@ -35,32 +39,41 @@ class TorchBackend:
         self.uint8 = output == "uint8"
         self.workers = max(1, num_workers)
         self.ahead = 2 * self.workers  # batches read (and decoded) ahead of the consumer
+        self.stages = StageStats(self.workers)  # the current (or last) epoch's per-stage figures
 
-    def _load(
-        self, ids: np.ndarray, params: AugmentParams | None
-    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    def _load(self, ids: np.ndarray, params: AugmentParams | None) -> Loaded:
+        """One batch in a worker thread: (images, ids, each stage's seconds for this batch)."""
+        t0 = perf_counter()
         data = self.reader.read(ids)
         ids_t = torch.from_numpy(ids.astype(np.int64))
+        times = {"read": perf_counter() - t0}
         if self.gpu:
-            return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], ids_t
+            return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], ids_t, times
+        t1 = perf_counter()
         if params is None:  # eval: torchvision's batched decode
             raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
             images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
+            times["decode"] = perf_counter() - t1
         else:
             # Train: libjpeg-turbo through simplejpeg decodes straight to H x W x 3, what OpenCV warps (the same
             # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested), then one stack
             # viewed as N x 3 x H x W (channels_last): no transposing copy.
-            augmented = [
-                augment_image(
-                    simplejpeg.decode_jpeg(d, colorspace="RGB"), params.brightness[i], params.flip[i], params.angle[i]
-                )
-                for i, d in enumerate(data)
-            ]
+            augmented, decoding = [], 0.0
+            for i, d in enumerate(data):
+                a = perf_counter()
+                pixels = simplejpeg.decode_jpeg(d, colorspace="RGB")
+                decoding += perf_counter() - a
+                augmented.append(augment_image(pixels, params.brightness[i], params.flip[i], params.angle[i]))
+            times |= {"decode": decoding, "augment": perf_counter() - t1 - decoding}
+            t2 = perf_counter()
             hwc = torch.from_numpy(np.stack(augmented))
             if not self.uint8:  # normalized on the contiguous N x H x W x 3 block: ~2x faster than strided
-                return normalize_hwc(hwc).permute(0, 3, 1, 2), ids_t
-            images = hwc.permute(0, 3, 1, 2)
-        return (images if self.uint8 else normalize(images)), ids_t
+                images = normalize_hwc(hwc).permute(0, 3, 1, 2)
+                return images, ids_t, times | {"normalize": perf_counter() - t2}
+            return hwc.permute(0, 3, 1, 2), ids_t, times | {"normalize": perf_counter() - t2}
+        t2 = perf_counter()
+        images = images if self.uint8 else normalize(images)
+        return images, ids_t, times | {"normalize": perf_counter() - t2}
 
     def run_epoch(
         self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
@@ -68,7 +81,8 @@ class TorchBackend:
         """Yield (images on the device: normalized float32 NCHW, or uint8 NCHW when asked, ids int64) for each
         batch, in order (crackio.loading.loader.Backend)."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="crackio-torch")
-        pending: deque[tuple[Future, AugmentParams | None]] = deque()
+        pending: deque[tuple[Future[Loaded], AugmentParams | None]] = deque()
+        stats = self.stages = StageStats(self.workers)
         todo = zip(batches, params)
         try:
             for ids, p in todo:
@@ -76,15 +90,25 @@ class TorchBackend:
                 if len(pending) >= self.ahead:
                     break
             while pending:
+                in_flight = len(pending)
                 future, p = pending.popleft()
-                images, ids = future.result()
+                t0 = perf_counter()
+                loaded, rows, times = future.result()
+                waited = perf_counter() - t0
                 nxt = next(todo, None)
                 if nxt is not None:
                     pending.append((pool.submit(self._load, *nxt), nxt[1]))
-                if self.gpu:  # decode and augment on the GPU, batched
-                    images = torch.stack(decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device))
+                if isinstance(loaded, torch.Tensor):  # the CPU path: made whole in the thread
+                    images = loaded
+                else:  # decode and augment on the GPU, batched (launch times: CUDA runs them asynchronously)
+                    t1 = perf_counter()
+                    images = torch.stack(decode_jpeg(loaded, mode=ImageReadMode.RGB, device=self.device))
+                    t2 = perf_counter()
                     images = images if p is None else augment(images, p)
+                    t3 = perf_counter()
                     images = images if self.uint8 else normalize(images)
-                yield images, ids
+                    times |= {"decode": t2 - t1, "augment": t3 - t2, "normalize": perf_counter() - t3}
+                stats.add(times, len(rows), waited, in_flight)
+                yield images, rows
         finally:  # an abandoned epoch: drop what was read ahead
             pool.shutdown(wait=True, cancel_futures=True)

@@ -96,6 +96,11 @@ class ProposalSettings:
             ],
         )
         OutOfRange.check("ProposalSettings", [_under("context", self.context, self.size // 2)])
+        if self.method == RIDGES and self.mode != ProposalSettings.mode:
+            raise ConfigError(
+                f"--mode {self.mode} is selective search's, and --method {RIDGES} runs none: drop --mode, or give "
+                f"--method {SELECTIVE_SEARCH}+{RIDGES}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self) | {

@@ -82,8 +82,15 @@ class Regressor:
     def deltas(self, features: np.ndarray) -> np.ndarray:
         return ((np.asarray(features, np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
 
-    def move(self, proposals: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return apply(proposals, self.deltas(features))
+    def move(self, proposals: np.ndarray, features: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The proposals (N, 4) moved by their features (N, D), clipped to their photos (`sizes`: width, height, one
+        (2,) for every row or (N, 2)), as R-CNN clips its regressed boxes. Clipped here rather than with
+        torchvision's clip_boxes_to_image, which takes one image's size, where rows may come from many photos."""
+        moved = apply(proposals, self.deltas(features))
+        size = np.broadcast_to(np.asarray(sizes, np.float64).reshape(-1, 2), (len(moved), 2))
+        moved[:, [0, 2]] = np.clip(moved[:, [0, 2]], 0, size[:, :1])
+        moved[:, [1, 3]] = np.clip(moved[:, [1, 3]], 0, size[:, 1:])
+        return moved
 
 
 def load_regressor(path: Path, checkpoint: Path | None, dim: int) -> Regressor:
@@ -108,8 +115,11 @@ def load_regressor(path: Path, checkpoint: Path | None, dim: int) -> Regressor:
     return reg
 
 
-def boxes_of(shards: list[str], split: str, names: np.ndarray, remote) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(proposal boxes, ground-truth boxes, IoU) of the crops `names` (the loader's order), from the packs' index.
+def boxes_of(
+    shards: list[str], split: str, names: np.ndarray, remote
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(proposal boxes, ground-truth boxes, IoU, photo width and height) of the crops `names` (the loader's order),
+    from the packs' index.
 
     Raises:
         ConfigError: a pack without boxes (made by tools/pack.py from a crop folder).
@@ -127,8 +137,27 @@ def boxes_of(shards: list[str], split: str, names: np.ndarray, remote) -> tuple[
     filenames = np.concatenate([i["filename"].astype(f"S{width}") for i in indexes])
     order = np.argsort(filenames, kind="stable")  # each name's row by binary search, not a dict of every row
     at = order[np.searchsorted(filenames, np.asarray([str(n).encode() for n in names], f"S{width}"), sorter=order)]
-    box, gt, iou = (np.concatenate([np.asarray(i[c], np.float64) for i in indexes]) for c in ("box", "gt_box", "iou"))
-    return box[at].reshape(-1, 4), gt[at].reshape(-1, 4), iou[at]
+    box, gt, iou, size = (
+        np.concatenate([np.asarray(i[c], np.float64) for i in indexes]) for c in ("box", "gt_box", "iou", "photo_size")
+    )
+    return box[at].reshape(-1, 4), gt[at].reshape(-1, 4), iou[at], size[at].reshape(-1, 2)
+
+
+MIN_VALIDATION = 10  # validation proposals at --min-iou below which lambda is chosen by cross-validation on train
+
+
+def mean_iou_after(reg: Regressor, x: np.ndarray, box: np.ndarray, gt: np.ndarray, size: np.ndarray) -> float:
+    """The mean IoU with their ground truth of proposals `box` moved by `reg` (the criterion lambda is chosen by)."""
+    return float(box_iou_pairs(reg.move(box, x, size), gt).mean())
+
+
+def cross_validated(x: np.ndarray, t: np.ndarray, rows: tuple, alpha: float) -> float:
+    """`mean_iou_after` of held-out folds (scikit-learn's KFold, 5 folds, seeded) of the training proposals."""
+    from sklearn.model_selection import KFold
+
+    _, box, gt, size = rows
+    folds = KFold(n_splits=min(5, len(x)), shuffle=True, random_state=0).split(x)
+    return float(np.mean([mean_iou_after(fit(x[a], t[a], alpha), x[b], box[b], gt[b], size[b]) for a, b in folds]))
 
 
 def fit(x: np.ndarray, t: np.ndarray, alpha: float) -> Regressor:
@@ -165,33 +194,38 @@ def run_bbox(args: BboxSettings) -> Path:
     for split in splits:
         key = cache_key(digest, split, cfg.data.iou_threshold)
         data = cached_features(out / "features", key, split, partial(features_of, model, cfg, split, args))
-        box, gt, iou = boxes_of(shards, split, data["names"], remote)
+        box, gt, iou, size = boxes_of(shards, split, data["names"], remote)
         near = iou >= args.min_iou
-        sets[split] = (data["features"][near], box[near], gt[near])
-    x, box, gt = sets[cfg.data.train_split]
+        sets[split] = (data["features"][near], box[near], gt[near], size[near])
+    x, box, gt, size = sets[cfg.data.train_split]
     if len(x) < 10:
         raise ConfigError(
             f"only {len(x)} {cfg.data.train_split} proposals have IoU >= --min-iou {args.min_iou}: too few to fit "
             "the regressors; lower --min-iou, or propose more photos"
         )
     t = targets(box, gt)
-    val_x, val_box, val_gt = sets[cfg.data.val_split]
-    scores = {}
-    for alpha in args.alphas:
-        reg = fit(x, t, alpha)
-        scores[alpha] = float(box_iou_pairs(reg.move(val_box, val_x), val_gt).mean()) if len(val_x) else float("nan")
-    alpha = max(args.alphas, key=lambda a: (np.nan_to_num(scores[a], nan=-1.0), -abs(np.log10(a) - 3)))
+    val = sets[cfg.data.val_split]
+    if len(val[0]) >= MIN_VALIDATION:
+        chosen_on = f"{cfg.data.val_split}'s {len(val[0])} proposals with IoU >= {args.min_iou}"
+        scores = {alpha: mean_iou_after(fit(x, t, alpha), *val) for alpha in args.alphas}
+    else:  # a validation split of detection-time crops holds few proposals that close to a crack
+        chosen_on = (
+            f"5-fold cross-validation on {cfg.data.train_split} ({cfg.data.val_split} has {len(val[0])} proposals "
+            f"with IoU >= {args.min_iou}, under {MIN_VALIDATION})"
+        )
+        scores = {alpha: cross_validated(x, t, sets[cfg.data.train_split], alpha) for alpha in args.alphas}
+    alpha = max(args.alphas, key=lambda a: (scores[a], -abs(np.log10(a) - 3)))
     reg = fit(x, t, alpha)
     lines = [
         f"checkpoint {path} ({trained(ckpt)}, {cfg.model.arch}/{cfg.model.head}); {x.shape[1]}-d features; "
         f"{len(x)} {cfg.data.train_split} proposals with IoU >= {args.min_iou} fitted",
-        "lambda chosen on " + cfg.data.val_split + " (mean IoU after): "
+        f"lambda chosen by the mean IoU after, on {chosen_on}: "
         + ", ".join(f"{a:g}: {scores[a]:.4f}" for a in args.alphas) + f" -> {alpha:g}",
     ]  # fmt: skip
     per_split = {}
-    for split, (sx, sbox, sgt) in sets.items():
+    for split, (sx, sbox, sgt, ssize) in sets.items():
         before = box_iou_pairs(sbox, sgt)
-        after = box_iou_pairs(reg.move(sbox, sx), sgt) if len(sx) else np.zeros(0)
+        after = box_iou_pairs(reg.move(sbox, sx, ssize), sgt) if len(sx) else np.zeros(0)
         per_split[split] = {
             "proposals": len(sx),
             "mean_iou_before": float(before.mean()) if len(before) else None,

@@ -339,7 +339,7 @@ def detect_photo(
     scores = scorer(jpegs, boxes)
     t3 = time.perf_counter()
     if isinstance(scorer, Scorer) and scorer.regressor is not None:  # R-CNN: every proposal moved once, then NMS
-        moved = scorer.regressor.move(boxes, scorer.features)
+        moved = scorer.regressor.move(boxes, scorer.features, np.array(result.size))
         plain = suppress(boxes, scores, rule)
         result.plain_boxes, result.plain_scores = boxes[plain], scores[plain]
         keep = suppress(moved, scores, rule)

@@ -32,14 +32,15 @@ KEEP = 100  # detections kept per photo after NMS for AP (COCO's maxDets); the o
 @dataclass(frozen=True)
 class Nms:
     """Test-time suppression: greedy NMS at `iou` (R-CNN's 0.3), then, with `contained`, greedy suppression of a
-    box whose intersection with a better kept box covers at least `contained` of the smaller of the two (one
-    crack found whole and in pieces keeps its best box; IoU alone keeps a thin piece inside a large box)."""
+    box lying mostly inside a better kept box: at least `contained` of its own area in their intersection (a thin
+    piece of a crack inside the crack's whole box has a small IoU with it, which NMS keeps). A larger box around a
+    better small one is kept: the whole crack stays when a piece of it scores higher."""
 
     iou: float = 0.3
     contained: float | None = None
 
     def describe(self) -> str:
-        extra = f", contained {self.contained:g} of the smaller box" if self.contained is not None else ""
+        extra = f", boxes {self.contained:g} inside a better one" if self.contained is not None else ""
         return f"NMS IoU {self.iou:g}{extra}"
 
 
@@ -56,14 +57,13 @@ def suppress(boxes: np.ndarray, scores: np.ndarray, rule: Nms) -> np.ndarray:
 
 def _not_contained(boxes: np.ndarray, share: float) -> np.ndarray:
     """Which of `boxes` (best first) greedy containment suppression keeps: bool (N,). torchvision has IoU but no
-    intersection over the smaller box, so the intersections are computed here (NumPy broadcasting, N <= the boxes
-    NMS kept)."""
+    intersection over one box's own area, so the intersections are computed here (NumPy broadcasting, N <= the
+    boxes NMS kept)."""
     lo = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
     hi = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
     inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    smaller = np.maximum(np.minimum(area[:, None], area[None, :]), 1e-9)
-    covers = inter / smaller >= share
+    area = np.maximum(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1), 1e-9)
+    covers = inter / area[:, None] >= share  # [i, j]: box i lies `share` inside box j
     kept = np.zeros(len(boxes), bool)
     for i in range(len(boxes)):
         kept[i] = not (covers[i, :i] & kept[:i]).any()

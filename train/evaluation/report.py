@@ -67,19 +67,50 @@ def proposal_ap(labels: np.ndarray, probs: np.ndarray, added: np.ndarray | None)
     return float(average_precision_score(labels[keep], probs[keep])) if labels[keep].any() else float("nan")
 
 
-def proposal_ap_line(labels: np.ndarray, probs: np.ndarray, added: np.ndarray | None) -> str:
-    """The report's line beside the crop AP: the proposal-level AP, or that the two are one ("" when unknown)."""
+def added_ground_truth(indexes: list, names: list[str]) -> np.ndarray | None:
+    """bool per name: the crop is a ground-truth box (or a jittered copy) that the proposal stage added, which
+    detection never scores; None when an index does not record it (a pack of tools/pack.py's proposal folders).
+    `indexes`: the loader's (crackio.format.index.SplitIndex), `names`: the predictions' crop file names."""
+    if not all("ground_truth" in (index.rows.dtype.names or ()) for index in indexes):
+        return None
+    added = np.concatenate([index.rows["filename"][index.rows["ground_truth"] == 1] for index in indexes])
+    return np.isin(np.array([n.encode() for n in names], dtype=bytes), added)
+
+
+def sampled_negatives(manifests: list[dict]) -> int:
+    """The negatives per photo a pack's validation and test crops were sampled down to (tools/propose.py
+    --negatives-per-image with --eval-like-detection false); 0 when every proposal is there."""
+    for manifest in manifests:
+        proposals = manifest.get("proposals") or {}
+        if proposals.get("eval_like_detection") is False and proposals.get("negatives_per_image"):
+            return int(proposals["negatives_per_image"])
+    return 0
+
+
+def proposal_ap_line(labels: np.ndarray, probs: np.ndarray, added: np.ndarray | None, sampled: int = 0) -> str:
+    """The report's line beside the crop AP: the proposal-level AP, or that the two are one ("" when unknown).
+    `sampled`: the negatives per photo the split's crops were sampled down to (0: every proposal is there)."""
     ap = proposal_ap(labels, probs, added)
     if ap is None or added is None:
         return ""
+    if sampled:
+        caveat = (
+            f"; its negatives were sampled to {sampled} per photo by the proposal stage, so positives are commoner "
+            "than among detection's proposals (tools/propose.py --eval-like-detection true keeps them all)"
+        )
+    else:
+        caveat = ""
     if not added.any():
+        if sampled:
+            return f"every crop is a proposal (no ground-truth box added){caveat}\n"
         return (
             "every crop is a proposal as detection scores them (no ground-truth box added): the crack average "
             "precision above is the proposal-level AP\n"
         )
     return (
         f"proposal-level AP {ap:.3f} over the {int((~added).sum())} proposals, without the {int(added.sum())} "
-        f"ground-truth crops added for training (chance {labels[~added].mean():.3f})\n"
+        f"ground-truth boxes and jittered copies the proposal stage added (chance {labels[~added].mean():.3f})"
+        f"{caveat}\n"
     )
 
 

@@ -19,6 +19,7 @@ from crackio.cli import Interrupted, deferred_signals
 from crackio.errors import CrackioError
 from crackio.format.layout import ShardError
 from crackio.loading.loader import Batch, Loader
+from crackio.loading.stages import SLOW_WAIT
 from crackio.storage.remote import STATS
 from train.evaluation.predict import Prediction, merged, predict
 from train.evaluation.report import crack_metrics
@@ -345,7 +346,8 @@ def fit(run: Run) -> None:
             break
         progress = begin_epoch(run, epoch)
         totals = EpochTotals.start(run.device, progress, run.rank)
-        if run.train_loader.epoch == epoch:  # not when a stop came after the training pass, during validation
+        trained = run.train_loader.epoch == epoch  # not when a stop came after the training pass, during validation
+        if trained:
             train_epoch(
                 Learner(run.net, run.loss_fn, run.optimizer, run.scaler, run.scheduler, run.amp),
                 run.train_loader,
@@ -358,6 +360,8 @@ def fit(run: Run) -> None:
             )
         done = totals.gathered()
         row, val = validate(run, epoch, done)
+        if trained:  # where this rank's loader spent its time (crackio.loading.stages): which stage starves a wait
+            row |= run.train_loader.stage_stats.row()
         if len(run.val_loaders) > 1:  # a mixture: what each pack gave to the epoch (all ranks, the steps trained)
             steps = min(len(run.train_loader), cfg.data.limit_batches or len(run.train_loader))
             drawn = run.train_loader.drawn(epoch, steps)
@@ -459,6 +463,15 @@ def mixture_line(run: Run, epoch: int, row: dict) -> str:
     return " | packs: " + "; ".join(parts)
 
 
+def slow_stage(row: dict) -> str:
+    """The epoch line's note on a run that waits for data more than SLOW_WAIT of its time: the loader's slowest
+    stage and its thread time per image ("" otherwise)."""
+    stage = row.get("slowest_stage")
+    if row["data_wait_share"] <= SLOW_WAIT or stage is None:
+        return ""
+    return f" (slowest loader stage: {stage}, {row[f'stage_{stage}_ms']:.2f} ms per image)"
+
+
 def epoch_line(row: dict, bad_epochs: int, patience: int, improved: bool) -> str:
     """The console's line for an epoch's history row."""
     return (
@@ -467,6 +480,7 @@ def epoch_line(row: dict, bad_epochs: int, patience: int, improved: bool) -> str
         f"{row['crack_precision']:.2f}/{row['crack_recall']:.2f}/{row['crack_f1']:.2f} "
         f"AP {row['crack_ap']:.3f} | "
         f"{row['images_per_sec']:.0f} img/s, {100 * row['data_wait_share']:.0f}% waiting for data"
+        + slow_stage(row)
         + ("" if improved else f" (no improvement {bad_epochs}/{patience})")
     )
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crackio import make_loader
 from crackio.format.manifest import check_split
 from crackio.loading.mixture import check_distinct, pack_names
 from crackio.storage.packs import open_pack
-from train.evaluation.predict import merged, predict
-from train.evaluation.report import report_text
+from train.evaluation.predict import Prediction, merged, predict
+from train.evaluation.report import added_ground_truth, proposal_ap_line, report_text, sampled_negatives
 from train.run.checkpoint import load_checkpoint, trained
 from train.run.model import model_from_checkpoint
 from train.run.runtime import amp_dtype, use_threads
@@ -54,20 +55,29 @@ def run_eval(settings: EvalSettings) -> str:
         check_split(packs[0].manifest, shards[0], split, "--split")
     names = dict(zip(shards, cfg.data.pack_names if not settings.shards else pack_names(list(shards))))
     lacking = [names[s] for s in shards if s not in having]
-    parts = {}
+    parts: dict[str, Prediction] = {}
+    added: dict[str, np.ndarray | None] = {}
     for location in having:  # each pack's figures, then (several packs) all together
         name = names[location]
         loader = eval_loader(cfg, split, settings, [location])
         model.to(loader.device)
         parts[name] = predict(model, loader, make_loss(cfg.loss, loader.device), amp_dtype(loader.device))
+        added[name] = added_ground_truth(loader.indexes, parts[name].names)
     p = merged(list(parts.values()))
+    marks = [m for m in added.values() if m is not None]
+    every = np.concatenate(marks) if len(marks) == len(added) else None
+    sampled = sampled_negatives([pack.manifest for s, pack in zip(shards, packs) if s in having])
     tuned = (
         f"note: {split} is the split the run chose its best epoch on: its figures are optimistic (a held-out split "
         f"gives the unbiased figure)\n"
         if split == cfg.data.val_split and set(shards) & set(cfg.data.shards)
         else ""
     )
-    each = [report_text(f"{split}[{n}]", q.labels, q.probs, settings.threshold) for n, q in parts.items()]
+    each = [
+        report_text(f"{split}[{n}]", q.labels, q.probs, settings.threshold)
+        + proposal_ap_line(q.labels, q.probs, added[n], sampled)
+        for n, q in parts.items()
+    ]
     if lacking:
         tuned += f"note: {', '.join(lacking)} ha{'s' if len(lacking) == 1 else 've'} no {split!r} split: left out\n"
     return (
@@ -76,5 +86,6 @@ def run_eval(settings: EvalSettings) -> str:
         + f", loss {p.loss:.4f}\n"
         + tuned
         + report_text(split, p.labels, p.probs, settings.threshold)
+        + proposal_ap_line(p.labels, p.probs, every, sampled)
         + ("".join("\n" + text for text in each) if len(parts) > 1 else "")
     )

@@ -14,14 +14,17 @@ from crackio.errors import WriteError
 from crackio.format.layout import ShardError
 from crackio.fsio import save_npz, write_json, write_text
 from crackio.loading.samplers import Shuffle, label_source
+from crackio.storage.packs import open_pack
 from train.evaluation.predict import Prediction, merged, predict
 from train.evaluation.report import (
+    added_ground_truth,
     class_metrics,
     plot_curves,
     plot_pr,
     proposal_ap,
     proposal_ap_line,
     report_text,
+    sampled_negatives,
     threshold_for_recall,
 )
 from train.run.checkpoint import STEP, load_checkpoint
@@ -118,20 +121,11 @@ def split_results(run: Run) -> tuple[dict[str, Prediction], dict[str, np.ndarray
                 added[f"{split}[{name}]"] = added_ground_truth(loader.indexes, parts[name].names)
         if parts:
             results[split] = merged(list(parts.values()))
-            marks = [added[f"{split}[{name}]"] for name in parts]
-            added[split] = None if any(m is None for m in marks) else np.concatenate(marks)  # type: ignore[arg-type]
+            marks = [m for name in parts if (m := added[f"{split}[{name}]"]) is not None]
+            added[split] = np.concatenate(marks) if len(marks) == len(parts) else None
         if len(prints) > 1:
             results |= {f"{split}[{name}]": p for name, p in parts.items()}
     return results, added
-
-
-def added_ground_truth(indexes: list, names: list[str]) -> np.ndarray | None:
-    """bool per name: the crop is a ground-truth box (or a jittered copy) that the proposal stage added, which
-    detection never scores; None when an index does not record it (a pack of tools/pack.py's proposal folders)."""
-    if not all("ground_truth" in (index.rows.dtype.names or ()) for index in indexes):
-        return None
-    added = np.concatenate([index.rows["filename"][index.rows["ground_truth"] == 1] for index in indexes])
-    return np.isin(np.array([n.encode() for n in names], dtype=bytes), added)
 
 
 def final_report(run: Run) -> None:
@@ -153,8 +147,11 @@ def final_report(run: Run) -> None:
         f"loss {cfg.loss.kind}, sampler {cfg.sampling.sampler}; {label_source(cfg.data.iou_threshold)}\n"
     ]
     marks = []
+    sampled = sampled_negatives([open_pack(s, cfg.remote.settings()).manifest for s in cfg.data.shards])
     for name, r in results.items():
-        text.append(report_text(name, r.labels, r.probs) + proposal_ap_line(r.labels, r.probs, added.get(name)))
+        text.append(
+            report_text(name, r.labels, r.probs) + proposal_ap_line(r.labels, r.probs, added.get(name), sampled)
+        )
     summary = {
         "best_epoch": best["epoch"],
         "best_val_loss": best[key],  # the figure that chose it (--val-pack's pack's, or all packs')

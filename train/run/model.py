@@ -87,6 +87,30 @@ def last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     return parent, attr, getattr(parent, attr)
 
 
+def one_logit(backbone: nn.Module) -> None:
+    """Replace the backbone's classifier by one of one logit: timm's own `reset_classifier(1)` (which knows
+    networks with two heads, such as DeiT's distilled one), else torchvision's last Linear."""
+    reset = getattr(backbone, "reset_classifier", None)
+    if callable(reset):
+        reset(1)
+    else:
+        parent, attr, layer = last_linear(backbone)
+        setattr(parent, attr, nn.Linear(layer.in_features, 1))
+
+
+def classifier_keys(backbone: nn.Module) -> frozenset[str]:
+    """The state-dict keys of the classifier `one_logit` replaces (timm's `get_classifier()`, one module or several,
+    else the last Linear)."""
+    get = getattr(backbone, "get_classifier", None)
+    if callable(get):
+        found = get()
+        modules = set(found) if isinstance(found, tuple | list) else {found}
+    else:
+        modules = {last_linear(backbone)[2]}
+    names = {m: n for n, m in backbone.named_modules()}
+    return frozenset(f"{names[m]}.{k}" for m in modules if m in names for k in m.state_dict())
+
+
 def imagenet_state_dict(arch: str) -> dict:
     """torchvision's DEFAULT ImageNet weights, through its API and cache ($TORCH_HOME/hub/checkpoints)."""
     weights = models.get_model_weights(arch).DEFAULT
@@ -227,8 +251,8 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
                     f"--weights {weights} was trained as --arch {config['arch']} --head {config['head']}, not --arch "
                     f"{arch} --head {head}: give --arch {config['arch']} --head {config['head']}"
                 )
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
+        if isinstance(state, dict) and ("model" in state or "state_dict" in state) and not is_state_dict(state):
+            state = state.get("model", state.get("state_dict"))  # crackio's and timm's or Lightning's checkpoints
         if not is_state_dict(state):  # a crackio checkpoint, or a bare state dict; nothing else
             raise WeightsError(
                 f"--weights {weights} is not a state dict or a crackio checkpoint (a mapping of parameter names "
@@ -237,12 +261,23 @@ def build_model(arch: str, weights: str, head: str) -> CrackClassifier:
         if any(k.startswith("backbone.") for k in state):
             path_state = state
         else:
-            if arch.startswith(TIMM) and any(k.startswith("_conv_stem.") for k in state):
+            if any(k.startswith("_conv_stem.") for k in state):
+                if not arch.startswith(TIMM + "tf_efficientnet"):
+                    raise WeightsError(
+                        f"--weights {weights} is in efficientnet_pytorch's names (TensorFlow-ported weights): only "
+                        "timm's tf_efficientnet_* networks compute them right (TensorFlow's padding and "
+                        "normalization): give --arch timm/tf_efficientnet_lite0 (or the size they are for)"
+                    )
                 state = convert_efficientnet_pytorch(state, backbone, f"--weights {weights}")
-            _load(backbone, state, f"--weights {weights}", arch)
+            replaced = classifier_keys(backbone) if head == "linear" else frozenset()
+            _load(backbone, state, f"--weights {weights}", arch, replaced)
     if head == "linear":
-        parent, attr, layer = last_linear(backbone)
-        setattr(parent, attr, nn.Linear(layer.in_features, 1))
+        one_logit(backbone)
+    elif arch.startswith(TIMM) and getattr(backbone, "num_classes", 1000) != 1000:
+        raise ConfigError(
+            f"--head original adds the write-up's Linear(1000, 1) to a 1000-class output; --arch {arch} has "
+            f"{backbone.num_classes} classes: use --head linear"
+        )
     model = CrackClassifier(backbone, head, mean, std)
     if path_state is not None:
         _load(model, path_state, f"--weights {weights}", arch)
@@ -257,44 +292,48 @@ def convert_efficientnet_pytorch(state: dict, backbone: nn.Module, source: str) 
     conversion is refused unless every place agrees in kind (weight, bias, running_mean, ...) and shape.
 
     Raises:
-        WeightsError: the two lists differ (another network), naming the first place that does not fit.
+        WeightsError: the two lists differ (another network), naming both counts and the first place that does
+            not fit, in both libraries' names.
     """
     target = backbone.state_dict()
-    if len(state) != len(target):
-        raise WeightsError(
-            f"{source} holds {len(state)} tensors in efficientnet_pytorch's names; this timm network has "
-            f"{len(target)}: it is another network (e.g. lite0 weights for another size)"
-        )
-    converted = {}
-    for (theirs, tensor), (ours, want) in zip(state.items(), target.items()):
+    theirs_list, ours_list = list(state.items()), list(target.items())
+    for k, ((theirs, tensor), (ours, want)) in enumerate(zip(theirs_list, ours_list)):
         if theirs.rsplit(".", 1)[-1] != ours.rsplit(".", 1)[-1] or tuple(tensor.shape) != tuple(want.shape):
             raise WeightsError(
-                f"{source}: {theirs} {tuple(tensor.shape)} does not fit timm's {ours} {tuple(want.shape)} at the "
-                "same place: it is another network"
+                f"{source} holds {len(state)} tensors in efficientnet_pytorch's names, this timm network "
+                f"{len(target)}; tensor {k + 1}, {theirs} {tuple(tensor.shape)}, does not fit timm's {ours} "
+                f"{tuple(want.shape)} at the same place: another network, or a file missing tensors"
             )
-        converted[ours] = tensor
-    return converted
+    if len(state) != len(target):
+        more, named = (theirs_list, "the file's") if len(state) > len(target) else (ours_list, "timm's")
+        raise WeightsError(
+            f"{source} holds {len(state)} tensors in efficientnet_pytorch's names, this timm network {len(target)}; "
+            f"all agree up to {named} {more[min(len(state), len(target))][0]}, which the other lacks"
+        )
+    return {ours: tensor for (_, tensor), (ours, _) in zip(theirs_list, ours_list)}
 
 
-def _load(module: nn.Module, state: dict, source: str, arch: str) -> None:
-    """Load `state` into `module`, every key and shape.
+def _load(module: nn.Module, state: dict, source: str, arch: str, replaced: frozenset[str] = frozenset()) -> None:
+    """Load `state` into `module`, every key and shape but those of `replaced` (the classifier a 1-logit head
+    replaces, which a backbone saved without its classifier lacks).
 
     Raises:
         WeightsError: naming how many keys are missing and unexpected with the first of each, or the first shape
             that differs.
     """
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in replaced]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = [f"{len(missing)} keys missing (first: {missing[0]})"] if missing else []
+        plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+        parts = [f"{plural(len(missing), 'key')} missing (first: {missing[0]})"] if missing else []
         parts += [f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else []
         raise WeightsError(
             f"{source} does not fit --arch {arch} and this head: {', '.join(parts)}. Was it saved from another "
             "architecture, or another library's names?"
         )
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, strict=not (replaced - set(state)))
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
         raise WeightsError(f"{source} does not fit --arch {arch} and this head: {first}") from e

@@ -139,9 +139,7 @@ class DetectSettings(Command):
     svm: str = ""  # score with RUN/svm/svm_model.npz instead of the network head
     score_threshold: float | None = None  # keep boxes scoring at least this; none = 0.5, or the SVM's threshold
     nms_iou: float = 0.3  # NMS IoU (R-CNN's)
-    nms_contained: float | None = (
-        None  # then drop a box sharing this part of the smaller box with a better one; none = off
-    )
+    nms_contained: float | None = None  # then drop a box this share inside a better one; none = off
     out: str = ""  # output folder; "" = RUN/detect
     batch_size: int = 64  # crops per forward pass
     device: str = "auto"  # where the model runs (auto: CUDA if present)

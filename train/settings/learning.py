@@ -19,8 +19,8 @@ class Model(Owner):
     group: ClassVar[str] = "model"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"head": HEADS}
 
-    arch: str = "resnext50_32x4d"  # any torchvision classification model (resnet18 for quick CPU runs)
-    weights: str = "imagenet"  # imagenet (torchvision's weights API and cache) | none | PATH to a state dict
+    arch: str = "resnext50_32x4d"  # a torchvision classification model, or timm/NAME (resnet18: quick CPU runs)
+    weights: str = "imagenet"  # imagenet (the library's own loading and cache) | none | PATH to a state dict
     head: str = "original"  # original: ReLU + Linear(1000, 1) on the 1000 outputs; linear: a 1-logit last layer
     compile: bool = False  # torch.compile the model (CUDA)
 
