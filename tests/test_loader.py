@@ -8,7 +8,7 @@ import torch
 
 from crackio import Batch, ShardError, make_loader
 from crackio.format.index import load_index
-from crackio.loading.augment import MEAN, STD
+from crackio.loading.augment import MEAN, STD, normalize, normalize_into
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.writing.filenames import parse_name
 from tests.conftest import BACKENDS, DEVICES, code_color, decode_id, needs_cuda, needs_dali
@@ -274,6 +274,17 @@ def test_cpu_augmentation_equals_the_batched_reference(device):
     ).permute(0, 3, 1, 2)  # augment_image returns H x W x 3
     differ = (mine.int() - reference.int()).abs() > 0
     assert differ.float().mean() < 0.002  # only where a rotated pixel centre lies on a rounding boundary
+
+
+def test_the_cpu_paths_normalizing_lookup_is_normalize_bit_for_bit():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    images[0, :2, :, 0] = np.arange(448).reshape(2, 224) % 256  # every value of one channel at least once
+    out = np.empty(images.shape, np.float32)
+    for image, into in zip(images, out):
+        normalize_into(image, into)
+    expected = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), expected)
 
 
 def test_augmentation_parameters_follow_the_originals_distribution():

@@ -24,7 +24,7 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_hwc
+from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_into
 from crackio.loading.readers import Reader
 from crackio.loading.stages import StageStats
 
@@ -56,21 +56,27 @@ class TorchBackend:
             times["decode"] = perf_counter() - t1
         else:
             # Train: libjpeg-turbo through simplejpeg decodes straight to H x W x 3, what OpenCV warps (the same
-            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested), then one stack
-            # viewed as N x 3 x H x W (channels_last): no transposing copy.
-            augmented, decoding = [], 0.0
+            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested); each augmented crop
+            # then goes straight into the batch's N x H x W x 3 buffer, viewed as N x 3 x H x W (channels_last): no
+            # stack, no transposing copy. Float output is normalized on the way in (`normalize_into`, a lookup).
+            out: np.ndarray | None = None
+            spent = np.zeros(3)  # decode, augment, normalize
             for i, d in enumerate(data):
                 a = perf_counter()
                 pixels = simplejpeg.decode_jpeg(d, colorspace="RGB")
-                decoding += perf_counter() - a
-                augmented.append(augment_image(pixels, params.brightness[i], params.flip[i], params.angle[i]))
-            times |= {"decode": decoding, "augment": perf_counter() - t1 - decoding}
-            t2 = perf_counter()
-            hwc = torch.from_numpy(np.stack(augmented))
-            if not self.uint8:  # normalized on the contiguous N x H x W x 3 block: ~2x faster than strided
-                images = normalize_hwc(hwc).permute(0, 3, 1, 2)
-                return images, ids_t, times | {"normalize": perf_counter() - t2}
-            return hwc.permute(0, 3, 1, 2), ids_t, times | {"normalize": perf_counter() - t2}
+                b = perf_counter()
+                crop = augment_image(pixels, params.brightness[i], params.flip[i], params.angle[i])
+                c = perf_counter()
+                if out is None:
+                    out = np.empty((len(data), *crop.shape), np.uint8 if self.uint8 else np.float32)
+                if self.uint8:
+                    out[i] = crop
+                else:
+                    normalize_into(crop, out[i])
+                spent += (b - a, c - b, perf_counter() - c)
+            times |= dict(zip(("decode", "augment", "normalize"), spent.tolist()))
+            assert out is not None  # a batch holds at least one sample
+            return torch.from_numpy(out).permute(0, 3, 1, 2), ids_t, times
         t2 = perf_counter()
         images = images if self.uint8 else normalize(images)
         return images, ids_t, times | {"normalize": perf_counter() - t2}
