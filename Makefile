@@ -23,10 +23,10 @@ demo: $(VENV)/.installed
 	$(PY) tools/make_demo_data.py $(DEMO)/proposals --images $(IMAGES) --proposals-per-image 40 --seed 0 \
 		--photos $(DEMO)/photos --formats coco
 	# The crop-folder path: pack it into shards (the original's folder, as users have it).
-	$(PY) tools/pack.py $(DEMO)/proposals --out $(DEMO)/shards --samples-per-shard 1000 --quiet
+	$(PY) tools/pack.py $(DEMO)/proposals --out $(DEMO)/shards --samples-per-shard 1000
 	# The photo path: R-CNN's proposal stage straight into shards (no crop folder on disk).
 	$(PY) tools/propose.py $(DEMO)/photos/coco --format coco --out $(DEMO)/shards-photos --max-proposals 300 \
-		--negatives-per-image 40 --gt-jitter 4 --quiet
+		--negatives-per-image 40 --gt-jitter 4
 	# A small architecture from scratch so the demo runs on 2 CPU cores without downloads;
 	# the trainer's defaults stay the original's (ResNeXt50, ImageNet weights).
 	$(PY) -m train --shards $(DEMO)/shards-photos --arch shufflenet_v2_x0_5 --weights none --head linear \

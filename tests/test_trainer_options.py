@@ -156,6 +156,24 @@ def test_a_run_records_its_loaders_stages_and_names_the_slowest_when_it_waits(ti
     assert "slowest" not in line(row | {"data_wait_share": 0.05}, 0, 3, True)  # at most 5%: nothing to say
 
 
+def test_a_log_file_gets_a_line_at_least_every_30_seconds(monkeypatch, capsys):
+    from train.run import logs
+
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    console = logs.Console("lines", every=50)
+    console.wrap([], total=200, first=0, desc="epoch 1/1")
+    shown = []
+    for step in range(200):
+        clock[0] += 4.0  # a slow step: 50 steps would be 200 s of silence
+        if console.due(step):
+            console.show(step, {"loss": "0.1"})
+            shown.append(step)
+    assert shown[:3] == [0, 8, 16] and 49 in shown  # the first, then the first step 30 s after the last line
+    assert max(b - a for a, b in zip(shown, shown[1:])) * 4.0 <= 32
+    assert capsys.readouterr().err.count("epoch 1/1 step") == len(shown)
+
+
 def test_tensorboard_missing_is_one_line_before_anything_is_written(demo_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     args = ["--shards", str(demo_shards), "--out", str(tmp_path / "r"), "--weights", "none", "--log", "tensorboard"]

@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,13 +27,18 @@ from train.evaluation.mistakes import Mistakes, worst_figure
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "images_per_sec", "data_wait_share")
 
 
+LINE_SECONDS = 30.0  # `lines` mode shows a line at least this often, however slow the steps: never looks hung
+
+
 class Console:
-    """The training pass's progress on rank 0: `bar` (tqdm on a terminal), `lines` (one line every `every` steps:
-    what a file or a job log wants, not redraws) or `off` (--quiet, and every other rank)."""
+    """The training pass's progress on rank 0: `bar` (tqdm on a terminal), `lines` (one line every `every` steps,
+    and at least every LINE_SECONDS: what a file or a job log wants, not redraws) or `off` (--quiet, and every
+    other rank)."""
 
     def __init__(self, mode: str, every: int):
         self.mode, self.every = mode, every
         self.desc, self.total, self.first = "", 0, 0
+        self.last = time.monotonic()  # when the last line was shown
 
     @classmethod
     def for_run(cls, quiet: bool, every: int, rank: int) -> Console:
@@ -51,8 +57,10 @@ class Console:
 
     def due(self, step: int) -> bool:
         """Whether step `step` (0-based in the epoch) shows a line: the pass's first (it started), then every
-        `every` steps."""
-        return self.mode == "lines" and (step == self.first or (step + 1) % self.every == 0)
+        `every` steps, and any step LINE_SECONDS or more after the last line."""
+        if self.mode != "lines":
+            return False
+        return step == self.first or (step + 1) % self.every == 0 or time.monotonic() - self.last >= LINE_SECONDS
 
     def show(self, step: int, figures: dict[str, str]) -> None:
         if self.mode == "bar":
@@ -60,6 +68,7 @@ class Console:
         elif self.due(step):
             said = " ".join(f"{k} {v}" for k, v in figures.items())
             print(f"{self.desc} step {step + 1}/{self.total}: {said}", file=sys.stderr, flush=True)
+            self.last = time.monotonic()
 
     def close(self) -> None:
         if self.mode == "bar":
