@@ -64,6 +64,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     for r in rows.values():
         assert r["images_per_sec"] > 0 and r["cores"] >= 1 and 0 < r["setup_s"] < r["first_batch_s"]
         assert all(r[f"vs_{peer}"] > 0 for peer in peers) and r["peak_rss_mb"] > 0
+        assert 0 < r["cpu_ms_per_image"] < 1000  # every thread's and worker process's CPU, per image
         if r["name"] != "decode-only":  # every loader row fed the two simulated accelerators
             assert set(r["consumers"]) == {"300", "2250"}
             assert all(0 <= c["stall_share"] <= 1 for c in r["consumers"].values())
@@ -71,7 +72,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     # The folder holds bad files: the baseline still runs, on the shards' samples, and says so.
     assert "would stop at the first bad one" in rows["seed-baseline"]["note"] and "note: seed-baseline" in run.stdout
     assert data["machine"]["cores"] >= 1
-    assert "img/s" in run.stdout and "seed-baseline" in run.stdout
+    assert "img/s" in run.stdout and "seed-baseline" in run.stdout and "CPU ms" in run.stdout
 
 
 def test_large_split_is_hard_links_with_unique_names(tmp_path):

@@ -152,9 +152,9 @@ def run_row(args) -> dict:
     model = step = None
     if args.model and name != "decode-only":
         model, step = make_step(args)
-    rates, stalls = [], []
+    rates, stalls, cpu = [], [], []
     for _ in range(args.repeats):
-        n, wait, start = 0, 0.0, time.perf_counter()
+        n, wait, start, used = 0, 0.0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - start < args.seconds:
             tick = time.perf_counter()
             batch = next(it)
@@ -171,6 +171,7 @@ def run_row(args) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+        cpu.append((cpu_seconds() - used) / n * 1000)
         rates.append(n / elapsed)
         stalls.append(wait / elapsed)
     if step is None and name != "decode-only":
@@ -180,6 +181,7 @@ def run_row(args) -> dict:
     row = {
         "name": name,
         "images_per_sec": statistics.median(rates),
+        "cpu_ms_per_image": statistics.median(cpu),  # CPU time of every thread and worker process, per image
         "cores": cores,
         "setup_s": setup,
         "first_batch_s": first,
@@ -188,6 +190,23 @@ def run_row(args) -> dict:
     if step is not None:
         row["data_stall_share"] = statistics.median(stalls)
     return row | extra
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's threads and of its worker processes, live (psutil reads them)
+    and finished: what a row costs the machine, wherever its work runs."""
+    import psutil
+
+    me = psutil.Process()
+    own = me.cpu_times()
+    total = own.user + own.system + own.children_user + own.children_system
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:  # ended since listed: its time is in children_* once reaped
+            continue
+        total += times.user + times.system
+    return total
 
 
 def consume(batches, rate: float, seconds: float) -> dict:
@@ -412,13 +431,14 @@ def table(results: list[dict], machine: dict) -> str:
         f"stall@R: share of time a simulated accelerator consuming R img/s waits for data ("
         + ", ".join(f"{r} = {name}" for r, name in machine["consumers"].items())
         + ")",
-        f"{'row':<28}{'img/s':>7}{'/core':>7}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
+        f"{'row':<28}{'img/s':>7}{'/core':>7}{'CPU ms':>7}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
         f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f" {'stall@' + c:>11}" for c in consumers),
     ]
     for r in results:
         stalls = r.get("consumers", {})
         lines.append(
             f"{r['name']:<28}{r['images_per_sec']:>7.0f}{r['images_per_sec_per_core']:>7.0f}"
+            f"{fmt(r.get('cpu_ms_per_image'), '.3f'):>7}"
             f"{fmt(r['vs_seed_baseline'], '.2f'):>7}{fmt(r['vs_wds_dataloader'], '.2f'):>7}"
             f"{fmt(r['vs_dali_reader'], '.2f'):>10}{fmt(r['vs_decode_only'], '.2f'):>9}"
             f"{fmt(r['setup_s'], '.2f'):>8}{fmt(r['first_batch_s'], '.2f'):>7}"
