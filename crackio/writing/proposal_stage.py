@@ -391,7 +391,7 @@ def _propose_here(
                     bar.update()
                     crops_made += len(got[-1].rows)
                     rate = crops_made / max(bar.format_dict["elapsed"], 1e-9)
-                    bar.set_postfix(crops=crops_made, crops_s=f"{rate:.0f}")
+                    bar.set_postfix(crops=crops_made, crops_s=f"{rate:.0f}", refresh=False)  # shown at its pace
                 records[i] = write_chunk(stage.out, chunks[i], fps[i], dtype, got, stage.crops)
     finally:
         cv2.setNumThreads(threads)

@@ -627,7 +627,7 @@ def detect_photos(
         results.append(r)
         crops += len(r.proposals)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}")
+        bar.set_postfix(photos_s=f"{len(results) / elapsed:.2f}", crops_s=f"{crops / elapsed:.0f}", refresh=False)
     return results
 
 
