@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -35,14 +36,24 @@ class Prediction(NamedTuple):
 
 
 def predict(
-    model: torch.nn.Module, loader, loss_fn, amp: torch.dtype | None, limit: int = 0, mistakes: bool = False
+    model: torch.nn.Module,
+    loader,
+    loss_fn,
+    amp: torch.dtype | None,
+    limit: int = 0,
+    mistakes: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Prediction:
     """The model's predictions over the whole split (its first `limit` batches per rank when > 0: --limit-batches),
-    gathered from every rank; with `mistakes`, also the pass's most confident mistakes and their images."""
+    gathered from every rank; with `mistakes`, also the pass's most confident mistakes and their images.
+    `progress(batches done, batches)` is called after each batch (the trainer's console: a line now and then)."""
     loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     labels, logits, names = [], [], []
     worst = Mistakes() if mistakes else None
-    for batch, out in forward_batches(model, loader, amp, limit):
+    total = min(len(loader), limit) if limit else len(loader)
+    for done, (batch, out) in enumerate(forward_batches(model, loader, amp, limit), 1):
+        if progress is not None:
+            progress(done, total)
         loss_sum += loss_fn(out, batch.labels).double() * len(batch.labels)
         labels.append(batch.labels)
         logits.append(out)

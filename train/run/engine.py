@@ -408,10 +408,17 @@ def validate(run: Run, epoch: int, done: EpochTotals) -> tuple[dict, Prediction]
         NonFiniteLoss: a NaN or infinite validation loss.
     """
     start = time.perf_counter()
+    many = len(run.val_loaders) > 1
     try:
         packs = {
             name: predict(
-                run.model, loader, run.loss_fn, run.amp, run.cfg.data.limit_batches, mistakes=run.logs.wants_mistakes
+                run.model,
+                loader,
+                run.loss_fn,
+                run.amp,
+                run.cfg.data.limit_batches,
+                mistakes=run.logs.wants_mistakes,
+                progress=functools.partial(run.console.beat, f"epoch {epoch + 1} validation{f' [{name}]' * many}"),
             )
             for name, loader in run.val_loaders.items()
         }

@@ -70,6 +70,13 @@ class Console:
             print(f"{self.desc} step {step + 1}/{self.total}: {said}", file=sys.stderr, flush=True)
             self.last = time.monotonic()
 
+    def beat(self, what: str, done: int, total: int) -> None:
+        """A pass without steps of its own (validation): in `lines` mode, a line when LINE_SECONDS have gone by
+        since the last one."""
+        if self.mode == "lines" and time.monotonic() - self.last >= LINE_SECONDS:
+            print(f"{what}: {done}/{total} batches", file=sys.stderr, flush=True)
+            self.last = time.monotonic()
+
     def close(self) -> None:
         if self.mode == "bar":
             self.bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def split_results(run: Run) -> tuple[dict[str, Prediction], dict[str, np.ndarray
                     if sampler is None
                     else split_loader(cfg, split, False, run.device, sampler, shards)
                 )
-                parts[name] = predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches)
+                beat = functools.partial(
+                    run.console.beat, f"best.pt on {split}" + (f" [{name}]" if len(prints) > 1 else "")
+                )
+                parts[name] = predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches, progress=beat)
                 added[f"{split}[{name}]"] = added_ground_truth(loader.indexes, parts[name].names)
         if parts:
             results[split] = merged(list(parts.values()))
