@@ -223,12 +223,13 @@ def optional_module(name: str, needed_by: str, extra: str):
 
 
 def progress_bar(*args, **kwargs):
-    """tqdm, as every long command shows progress: a bar on a terminal; into a file or a pipe, a line at most every
-    30 s (`mininterval`) instead of redraws."""
+    """tqdm, as every long command shows progress: a bar on a terminal; into a file or a pipe, instead of redraws,
+    a line at the first update 25 s (`mininterval`) after the last one: none more often, and within ~30 s while
+    the work advances (a job log never looks hung)."""
     from tqdm import tqdm
 
     if not sys.stderr.isatty():
-        kwargs = {**kwargs, "file": _Lines(sys.stderr), "mininterval": 30.0, "dynamic_ncols": False, "ncols": 100}
+        kwargs = {**kwargs, "file": _Lines(sys.stderr), "mininterval": 25.0, "dynamic_ncols": False, "ncols": 100}
     return tqdm(*args, **kwargs)
 
 

@@ -27,7 +27,7 @@ from train.evaluation.mistakes import Mistakes, worst_figure
 STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "images_per_sec", "data_wait_share")
 
 
-LINE_SECONDS = 30.0  # `lines` mode shows a line at least this often, however slow the steps: never looks hung
+LINE_SECONDS = 25.0  # `lines` mode: a line after this long, however slow the steps (checked per step: <= ~30 s)
 
 
 class Console:
