@@ -118,3 +118,17 @@ def test_eval_gives_the_proposal_level_ap_too(proposal_run):
 
     text = run_eval(EvalSettings(checkpoint=str(proposal_run / "best.pt"), split="test", device="cpu"))
     assert "every crop is a proposal as detection scores them" in text
+
+
+@pytest.mark.slow  # trains a run
+def test_a_validation_cut_gets_no_proposal_level_line(proposal_run, tmp_path):
+    from train.run.main import main
+    from train.settings.run import RunSettings
+
+    flat = {"shards": str(proposal_run.parent / "pack"), "out": str(tmp_path / "run"), "weights": "none"}
+    flat |= {"arch": "timm/test_efficientnet", "head": "linear", "epochs": 1, "limit_batches": 2, "device": "cpu"}
+    main(RunSettings.from_flat({**flat, "val_sampler": "hard-negatives", "val_negatives": 5}))
+    report = (tmp_path / "run" / "report.txt").read_text()
+    valid, test = report.split("== test")[0], report.split("== test")[1]
+    assert "proposal" not in valid  # every positive + 5 negatives: not detection's distribution
+    assert "every crop is a proposal as detection scores them" in test  # the test split, scored whole

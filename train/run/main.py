@@ -122,7 +122,9 @@ def split_results(run: Run) -> tuple[dict[str, Prediction], dict[str, np.ndarray
                     run.console.beat, f"best.pt on {split}" + (f" [{name}]" if len(prints) > 1 else "")
                 )
                 parts[name] = predict(run.model, loader, run.loss_fn, run.amp, cfg.data.limit_batches, progress=beat)
-                added[f"{split}[{name}]"] = added_ground_truth(loader.indexes, parts[name].names)
+                # A validation cut (--val-sampler hard-negatives) is not the split's distribution: nothing to say of it.
+                whole = sampler is not None or cfg.sampling.val_sampler == "shuffle"
+                added[f"{split}[{name}]"] = added_ground_truth(loader.indexes, parts[name].names) if whole else None
         if parts:
             results[split] = merged(list(parts.values()))
             marks = [m for name in parts if (m := added[f"{split}[{name}]"]) is not None]
