@@ -46,6 +46,25 @@ def torchrun(ranks: int = 2) -> list[str]:
     ]
 
 
+# History and log fields the clock decides (rates, waits, the loader's stage times, crackio.loading.stages): they
+# differ between runs that are otherwise bit-identical.
+TIMING = (
+    "images_per_sec",
+    "data_wait_share",
+    "epoch_seconds",
+    "train_seconds",
+    "val_seconds",
+    "batches_in_flight",
+    "handover_wait_ms",
+    "slowest_stage",
+)
+
+
+def without_timing(rows) -> list[dict]:
+    """History (or log) rows without the fields the clock decides (TIMING, and each loader stage's `stage_*`)."""
+    return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("stage_")} for row in rows]
+
+
 def tiny(shards, out, **kw) -> RunSettings:
     """A CPU run of the tiny architecture from scratch; keywords override."""
     base = dict(

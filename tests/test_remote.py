@@ -27,7 +27,7 @@ from crackio.storage.packs import open_pack
 from crackio.storage.remote import Remote, RemoteError, Unreachable
 from crackio.storage.upload import upload_pack
 from tests.conftest import BACKENDS, ROOT
-from tests.helpers import TINY_ARGS, FakeClock, tiny
+from tests.helpers import TINY_ARGS, FakeClock, tiny, without_timing
 from tools import servers
 
 REQUIRED = os.environ.get("CRACKIO_REQUIRE_SERVERS") == "1"
@@ -573,7 +573,6 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
 
     monkeypatch.setenv("CRACKIO_CACHE_DIR", str(tmp_path / "cache-env"))  # never the user's own cache
 
-    timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
     server = servers.nginx(demo_shards, tmp_path / "nginx")
     http = started(server)
     try:
@@ -585,7 +584,7 @@ def test_training_from_s3_and_http_gives_the_local_weights_and_history(demo_shar
             history = json.loads((out / "history.json").read_text())
             runs[name] = (
                 torch.load(out / "last.pt", weights_only=True)["model"],
-                [{k: v for k, v in row.items() if k not in timing} for row in history],
+                without_timing(history),
             )
     finally:
         server.__exit__(None, None, None)
@@ -669,9 +668,7 @@ def test_two_nodes_read_one_s3_pack_as_one_node(demo_shards, two_ranks, s3, tmp_
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-3000:]
-    timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
-    strip = lambda h: [{k: v for k, v in row.items() if k not in timing} for row in h]  # noqa: E731
-    assert strip(json.loads((two / "history.json").read_text())) == strip(
+    assert without_timing(json.loads((two / "history.json").read_text())) == without_timing(
         json.loads((one / "history.json").read_text())
     )
     a = torch.load(one / "last.pt", weights_only=True)["model"]

@@ -17,7 +17,7 @@ import torch
 from crackio import make_loader
 from crackio.loading.mixture import pack_names
 from tests.conftest import BACKENDS, DEVICES, needs_cuda
-from tests.helpers import TINY_ARGS, StopPoint, tiny, torchrun
+from tests.helpers import TINY_ARGS, StopPoint, tiny, torchrun, without_timing
 from train.run.checkpoint import STEP
 from train.run.resume import resume_settings
 
@@ -234,8 +234,6 @@ def test_another_pack_and_damaged_states_are_refused(demo_shards, coded_shards):
 
 # ---- the trainer: mid-epoch checkpoints, SIGTERM, --resume RUN or RUN/<checkpoint>, 2 ranks -> 1 ------------------
 
-TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
-
 
 def train_cmd(shards, out, *extra):
     packs = [a for p in (shards if isinstance(shards, list) else [shards]) for a in ("--shards", str(p))]
@@ -268,7 +266,7 @@ def stop_after_a_checkpoint(cmd, out, code=128 + signal.SIGTERM):
 
 def final(out):
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    history = [{k: v for k, v in row.items() if k not in TIMING} for row in ckpt["history"]]
+    history = without_timing(ckpt["history"])
     return ckpt["model"], history
 
 

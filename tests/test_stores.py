@@ -15,7 +15,7 @@ from crackio import ConfigError, make_loader
 from crackio.storage.packs import open_pack
 from crackio.storage.remote import Remote, RemoteError, Unreachable
 from crackio.storage.upload import upload_pack
-from tests.helpers import tiny
+from tests.helpers import tiny, without_timing
 from tests.test_remote import cache, epoch, started  # noqa: F401  (cache: a fixture)
 from tools import servers
 
@@ -90,8 +90,7 @@ def test_a_run_on_an_azure_pack_trains_the_local_run_s_weights(az, cache, demo_s
         main(tiny(shards, tmp_path / name, epochs=1, limit_batches=4, batch_size=8, quiet=True))
     local, azure = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("local", "azure"))
     assert all(torch.equal(local["model"][k], azure["model"][k]) for k in local["model"])
-    strip = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
-    rows = [[{k: v for k, v in r.items() if k not in strip} for r in c["history"]] for c in (local, azure)]
+    rows = [without_timing(c["history"]) for c in (local, azure)]
     assert rows[0] == rows[1]
     assert json.loads((tmp_path / "azure" / "config.json").read_text())["shards"] == [url]
 

@@ -13,7 +13,7 @@ from torchvision import models
 
 from crackio import ConfigError
 from tests.conftest import copy_run
-from tests.helpers import ARCH, TINY_ARGS, config, tiny
+from tests.helpers import ARCH, TINY_ARGS, config, tiny, without_timing
 from train.__main__ import main as cli
 from train.run.main import main
 from train.run.model import WeightsError, build_model
@@ -93,10 +93,8 @@ def test_target_recall_threshold_reaches_it_on_validation(two_epochs):
 def test_resume_reproduces_an_uninterrupted_run(tiny_run, two_epochs, tmp_path):
     out = copy_run(tiny_run, tmp_path / "resumed")  # two_epochs' settings, stopped after its first epoch
     main(resume_settings(out, epochs=2))
-    timing = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
-    strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]
-    full = strip(json.loads((two_epochs / "history.json").read_text()))
-    resumed = strip(json.loads((out / "history.json").read_text()))
+    full = without_timing(json.loads((two_epochs / "history.json").read_text()))
+    resumed = without_timing(json.loads((out / "history.json").read_text()))
     assert len(resumed) == len(full) == 2
     for a, b in zip(full, resumed):
         assert a.pop("train_digest") == b.pop("train_digest")  # the same samples in every step

@@ -16,13 +16,11 @@ import pytest
 import torch
 
 import train.run.engine
-from tests.helpers import tiny
+from tests.helpers import tiny, without_timing
 from train.__main__ import main as cli
 from train.run.main import main
 from train.run.resume import resume_settings
 from train.run.schedule import lr_factor
-
-TIMING = ("images_per_sec", "data_wait_share", "epoch_seconds", "train_seconds", "val_seconds")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +54,7 @@ def test_step_schedule_options_need_the_step_schedule(demo_shards, tmp_path, cap
 
 def steps_csv(out):
     with (out / "steps.csv").open(newline="") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+        return without_timing(csv.DictReader(f))
 
 
 def scalars(out, tag):
@@ -112,8 +110,7 @@ def test_a_cosine_schedule_with_warm_up_logs_every_step_and_resumes_exactly(demo
     a, b = torch.load(whole / "last.pt", weights_only=True), torch.load(stopped / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 40
-    strip = lambda h: [{k: v for k, v in row.items() if k not in TIMING} for row in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert without_timing(a["history"]) == without_timing(b["history"])
     assert scalars(stopped, "step/lr")[1] == lrs  # the resumed run's logs read as one run's
 
 
@@ -227,8 +224,7 @@ def test_a_run_s_config_json_reproduces_the_run(demo_shards, tmp_path):
     assert cli(["--config", str(first / "config.json"), "--out", str(again)]) == 0
     a, b = torch.load(first / "last.pt", weights_only=True), torch.load(again / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    strip = lambda h: [{k: v for k, v in row.items() if k not in TIMING} for row in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert without_timing(a["history"]) == without_timing(b["history"])
     saved, then = json.loads((again / "config.json").read_text()), json.loads((first / "config.json").read_text())
     assert saved["run_id"] != then["run_id"]  # the same settings, another run
     assert saved == {**then, "out": str(again), "run_id": saved["run_id"]}
