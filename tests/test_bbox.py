@@ -88,6 +88,7 @@ def test_regressed_boxes_are_clipped_to_their_photo():
     assert one.tolist() == [[0, 0, 60, 40], [0, 0, 60, 40]]
 
 
+@pytest.mark.slow  # the session's proposal run: `make test-fast` leaves it out
 def test_the_report_gives_the_proposal_level_ap_beside_the_crop_ap(proposal_run):
     report = (proposal_run / "report.txt").read_text()
     summary = json.loads((proposal_run / "summary.json").read_text())
@@ -112,6 +113,7 @@ def test_the_proposal_level_ap_leaves_out_the_ground_truth_added_for_training():
     assert sampled_negatives(manifests) == 10 and sampled_negatives([{"proposals": {"eval_like_detection": True}}]) == 0
 
 
+@pytest.mark.slow  # the session's proposal run
 def test_eval_gives_the_proposal_level_ap_too(proposal_run):
     from train.run.evaluate import run_eval
     from train.settings.commands import EvalSettings

@@ -132,17 +132,18 @@ def test_ridges_outline_a_thin_crack_as_one_window(side):
 
 def test_the_default_method_keeps_every_ridge_and_fills_the_cap_with_selective_search():
     rgb, gt = drawn_crack()
-    lines, search = ridges(rgb, 8), search_regions(rgb, "fast", 8)
+    side = 300  # searched small: the rule is the same at any size, and the test stays fast
+    lines, search = ridges(rgb, 8, side), search_regions(rgb, "fast", 8, side)
     assert ProposalSettings().method == "selective-search+ridges"
     cap = len(lines) + 10
-    boxes, regions, every = proposals_of(rgb, ProposalSettings(max_proposals=cap), 0)
+    boxes, regions, every = proposals_of(rgb, ProposalSettings(max_proposals=cap, search_max_side=side), 0)
     assert boxes[: len(lines)].tobytes() == lines.tobytes() and len(boxes) == cap
     assert {tuple(b) for b in boxes[len(lines) :].tolist()} <= {tuple(b) for b in search.tolist()}
     union = {tuple(b) for b in np.concatenate([lines, search]).tolist()}
     assert regions == len(every) == len(union)  # a box both methods found is one region
-    few = proposals_of(rgb, ProposalSettings(max_proposals=3), 0)[0]  # the windows alone pass the cap: a sample
+    few = proposals_of(rgb, ProposalSettings(max_proposals=3, search_max_side=side), 0)[0]  # windows pass the cap
     assert len(few) == 3 and {tuple(b) for b in few.tolist()} <= {tuple(b) for b in lines.tolist()}
-    assert proposals_of(rgb, ProposalSettings(method="ridges"), 0)[1] == len(lines)
+    assert proposals_of(rgb, ProposalSettings(method="ridges", search_max_side=side), 0)[1] == len(lines)
 
 
 def test_settings_without_the_new_key_are_the_defaults():

@@ -140,6 +140,7 @@ def test_quiet_prints_the_epoch_lines_only(demo_shards, tmp_path, capsys):
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "run folder"]
 
 
+@pytest.mark.slow  # the session's tiny run: `make test-fast` leaves it out
 def test_a_run_records_its_loaders_stages_and_names_the_slowest_when_it_waits(tiny_run):
     row = json.loads((tiny_run / "history.json").read_text())[0]
     stages = {k: v for k, v in row.items() if k.startswith("stage_")}  # the torch backend's four, or DALI's two
