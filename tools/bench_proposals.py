@@ -45,6 +45,7 @@ from crackio.writing.regions import (  # noqa: E402
     capped,
     covered,
     encode_jpeg,
+    not_among,
     ridges,
     search_regions,
     warp,
@@ -138,8 +139,7 @@ def measure(photos: list, mode: str, max_side: int, caps: list[int], seed: int) 
         t1 = time.perf_counter()
         lines = ridges(rgb, MIN_SIZE, max_side)
         t2 = time.perf_counter()
-        seen = {tuple(b) for b in lines.tolist()}
-        rest = search[[tuple(b) not in seen for b in search.tolist()]].reshape(-1, 4)
+        rest = not_among(search, lines)
         photo_seed = [seed, zlib.crc32(stem.encode())]
         for method, (first, second, seconds) in {
             SELECTIVE_SEARCH: (np.zeros((0, 4)), search, t1 - t0),

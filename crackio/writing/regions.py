@@ -190,11 +190,16 @@ def regions_of(rgb: np.ndarray, settings: ProposalSettings) -> tuple[np.ndarray,
     lines = ridges(rgb, settings.min_size, settings.search_max_side) if RIDGES in parts else np.zeros((0, 4))
     if SELECTIVE_SEARCH not in parts:
         return lines, np.zeros((0, 4))
-    search = search_regions(rgb, settings.mode, settings.min_size, settings.search_max_side)
-    if len(lines):
-        seen = {tuple(b) for b in lines.tolist()}
-        search = search[[tuple(b) not in seen for b in search.tolist()]].reshape(-1, 4)
-    return lines, search
+    return lines, not_among(search_regions(rgb, settings.mode, settings.min_size, settings.search_max_side), lines)
+
+
+def not_among(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The rows of `boxes` (N, 4) that are not rows of `others` (exactly), in their order: a region both methods
+    found is one region."""
+    if not len(others):
+        return boxes
+    seen = {tuple(b) for b in others.tolist()}
+    return boxes[[tuple(b) not in seen for b in boxes.tolist()]].reshape(-1, 4)
 
 
 def cap(boxes: np.ndarray, max_proposals: int, seed: int | Sequence[int]) -> np.ndarray:
