@@ -8,7 +8,7 @@ import torch
 
 from crackio import Batch, ShardError, make_loader
 from crackio.format.index import load_index
-from crackio.loading.augment import MEAN, STD, normalize, normalize_into
+from crackio.loading.augment import MEAN, STD, augment_into, brighten_into, normalize
 from crackio.loading.readers import BlockReader, ByteReader
 from crackio.writing.filenames import parse_name
 from tests.conftest import BACKENDS, DEVICES, code_color, decode_id, needs_cuda, needs_dali
@@ -258,22 +258,25 @@ def test_uint8_output_is_the_float_output_before_normalization(coded_shards, bac
 def test_cpu_augmentation_equals_the_batched_reference(device):
     """OpenCV's one-warp flip + rotation + brightness (the CPU path) against the batched torch augmentation (the
     CUDA path), run on each device."""
-    from crackio.loading.augment import augment, augment_image, draw_params
+    from crackio.loading.augment import augment, draw_params
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
     params = draw_params(32, seed=1, epoch=0, step=0)
     reference = augment(images.to(device), params).cpu()
-    mine = torch.from_numpy(
-        np.stack(
-            [
-                augment_image(images[i].permute(1, 2, 0).numpy(), params.brightness[i], params.flip[i], params.angle[i])
-                for i in range(32)
-            ]
-        )
-    ).permute(0, 3, 1, 2)  # augment_image returns H x W x 3
+    out = np.empty((32, 224, 224, 3), np.uint8)  # the CPU path writes H x W x 3 crops into the batch's buffer
+    for i in range(32):
+        augment_into(images[i].permute(1, 2, 0).numpy(), params.brightness[i], params.flip[i], params.angle[i], out[i])
+    mine = torch.from_numpy(out).permute(0, 3, 1, 2)
     differ = (mine.int() - reference.int()).abs() > 0
     assert differ.float().mean() < 0.002  # only where a rotated pixel centre lies on a rounding boundary
+    # float32 output: brightness and normalization in one lookup equal normalizing the uint8 result, bit for bit
+    floats = np.empty((32, 224, 224, 3), np.float32)
+    for i in range(32):
+        augment_into(
+            images[i].permute(1, 2, 0).numpy(), params.brightness[i], params.flip[i], params.angle[i], floats[i]
+        )
+    assert torch.equal(torch.from_numpy(floats).permute(0, 3, 1, 2), normalize(mine))
 
 
 def test_the_cpu_paths_normalizing_lookup_is_normalize_bit_for_bit():
@@ -282,9 +285,12 @@ def test_the_cpu_paths_normalizing_lookup_is_normalize_bit_for_bit():
     images[0, :2, :, 0] = np.arange(448).reshape(2, 224) % 256  # every value of one channel at least once
     out = np.empty(images.shape, np.float32)
     for image, into in zip(images, out):
-        normalize_into(image, into)
+        brighten_into(image, 1.0, into)  # brightness 1: the lookup is the normalization alone
     expected = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), expected)
+    scaled = images.copy()
+    brighten_into(scaled, 1.37, scaled)  # uint8 in place: convertScaleAbs, saturating, half to even
+    assert np.array_equal(scaled, np.clip(np.rint(images * np.float32(1.37)), 0, 255).astype(np.uint8))
 
 
 def test_augmentation_parameters_follow_the_originals_distribution():

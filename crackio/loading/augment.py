@@ -9,7 +9,7 @@ then ToDtype(scale=True) and Normalize(ImageNet mean/std); eval: normalize only.
 The random parameters are drawn here with numpy from (seed, epoch, global batch), position by
 position, so both backends apply the same augmentation to the same sample, and a run resumed
 mid-epoch, at this or another number of ranks, repeats an uninterrupted one. DALI applies them with
-its operators (crackio/loading/dali_backend.py); the torch backend with `augment_image` below.
+its operators (crackio/loading/dali_backend.py); the torch backend with `warp` and `brighten_into` below.
 """
 
 from __future__ import annotations
@@ -100,16 +100,6 @@ def _normalize_table() -> np.ndarray:
 NORMALIZE_TABLE = _normalize_table()
 
 
-def normalize_into(image: np.ndarray, out: np.ndarray) -> None:
-    """`normalize` for one uint8 H x W x 3 image (the CPU path's augmented crop), written into `out` (float32
-    H x W x 3, e.g. one image of the batch's buffer): OpenCV's `cv2.LUT` with NORMALIZE_TABLE, one pass that
-    reads 1 byte and writes 4 per value (5x faster than subtracting and scaling the stacked batch in torch, on one
-    core), equal to `normalize` bit for bit."""
-    import cv2
-
-    cv2.LUT(image, NORMALIZE_TABLE, dst=out)
-
-
 def augment_normalize(images: torch.Tensor, params: AugmentParams | None) -> torch.Tensor:
     """uint8 NCHW -> normalized float32 NCHW; `params=None` is the eval pipeline."""
     return normalize(images if params is None else augment(images, params))
@@ -128,25 +118,54 @@ def warp_matrix(angle: float, flip: int, size: int = SIZE) -> np.ndarray:
     return np.array([row0, row1], dtype=np.float64)
 
 
-def augment_image(hwc: np.ndarray, brightness: float, flip: int, angle: float) -> np.ndarray:
-    """One uint8 H x W x 3 image, augmented on the CPU with OpenCV (the torch backend's worker threads), returned
-    H x W x 3 (the caller stacks a batch and views it as N x 3 x H x W, channels_last, without a copy).
+_IDENTITY = np.arange(256, dtype=np.uint8).reshape(256, 1)
+
+
+def warp(hwc: np.ndarray, flip: int, angle: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Flip-then-rotate of one uint8 H x W x 3 image on the CPU (the torch backend's worker threads), into `out`
+    (uint8 H x W x 3, e.g. one image of the batch's N x H x W x 3 buffer, which the loader views as N x 3 x H x W,
+    channels_last, without a copy) or a new array; returns it.
 
     OpenCV because the CPU rotation is what bounds a CPU pipeline: DALI's fn.rotate halves the DALI CPU
-    pipeline's rate and torch's grid_sample is slower still, while cv2.warpAffine (nearest, the flip folded
-    into its matrix) costs ~0.25 ms and releases the GIL. Brightness goes last: a per-pixel scale commutes
-    with copying pixels and with the zero fill, so the result equals brightness-flip-rotate (the original's
-    order); `convertScaleAbs` rounds half to even and saturates, as `augment` does.
+    pipeline's rate and torch's grid_sample is slower still, while cv2.warpAffine (nearest, the flip folded into
+    its matrix, zero fill) costs ~0.1 ms for 224 x 224 and releases the GIL.
     """
     import cv2
 
-    size = hwc.shape[1], hwc.shape[0]
-    out = cv2.warpAffine(
+    return cv2.warpAffine(
         hwc,
         warp_matrix(angle, flip, hwc.shape[1]),
-        size,
+        (hwc.shape[1], hwc.shape[0]),
+        dst=out,
         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(0, 0, 0),
     )
-    return cv2.convertScaleAbs(out, alpha=float(brightness))
+
+
+def brighten_into(image: np.ndarray, brightness: float, out: np.ndarray) -> None:
+    """The brightness factor applied to a warped uint8 H x W x 3 image, written into `out`: uint8 (may be `image`
+    itself) or float32, then also ImageNet-normalized, equal to `normalize` bit for bit.
+
+    Brightness goes after the warp: a per-pixel scale commutes with copying pixels and with the zero fill, so the
+    result equals brightness-flip-rotate (the original's order). `cv2.convertScaleAbs` rounds half to even and
+    saturates, as `augment` does. For float32 the scale and the normalization are one lookup (`cv2.LUT`, 1 byte
+    read and 4 written per value) whose table is convertScaleAbs's result for each of the 256 values mapped
+    through NORMALIZE_TABLE, so each output value is what the two steps give, in one pass.
+    """
+    import cv2
+
+    if out.dtype == np.uint8:
+        cv2.convertScaleAbs(image, dst=out, alpha=float(brightness))
+    else:
+        scaled = cv2.convertScaleAbs(_IDENTITY, alpha=float(brightness))[:, 0]
+        cv2.LUT(image, NORMALIZE_TABLE[scaled], dst=out)
+
+
+def augment_into(hwc: np.ndarray, brightness: float, flip: int, angle: float, out: np.ndarray) -> None:
+    """`warp` then `brighten_into`: one image's train augmentation on the CPU, into `out` (uint8 or float32
+    H x W x 3, the same size as `hwc`)."""
+    if out.dtype == np.uint8:
+        brighten_into(warp(hwc, flip, angle, out), brightness, out)
+    else:
+        brighten_into(warp(hwc, flip, angle), brightness, out)

@@ -7,7 +7,7 @@ where spawned or fork-server workers re-import the caller's script (a bootstrapp
 error, or a hang), and nothing is forked from a process that runs DALI or CUDA
 threads. It also removes the 4-10 s worker start-up before the first batch.
 
-On the CPU each worker thread decodes, augments (crackio.loading.augment.augment_image, OpenCV) and
+On the CPU each worker thread decodes, augments (crackio.loading.augment.warp and brighten_into, OpenCV) and
 normalizes its batch; on CUDA the threads only read bytes, and decoding (nvJPEG) and the
 batched augmentation (crackio.loading.augment.augment) run on the GPU in the caller's thread.
 """
@@ -24,7 +24,7 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from crackio.loading.augment import AugmentParams, augment, augment_image, normalize, normalize_into
+from crackio.loading.augment import AugmentParams, augment, brighten_into, normalize, warp
 from crackio.loading.readers import Reader
 from crackio.loading.stages import StageStats
 
@@ -56,24 +56,28 @@ class TorchBackend:
             times["decode"] = perf_counter() - t1
         else:
             # Train: libjpeg-turbo through simplejpeg decodes straight to H x W x 3, what OpenCV warps (the same
-            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested); each augmented crop
-            # then goes straight into the batch's N x H x W x 3 buffer, viewed as N x 3 x H x W (channels_last): no
-            # stack, no transposing copy. Float output is normalized on the way in (`normalize_into`, a lookup).
+            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested); each crop is then
+            # written straight into the batch's N x H x W x 3 buffer, viewed as N x 3 x H x W (channels_last): no
+            # stack, no transposing copy. uint8: warped into the buffer, brightened in place. float32: the
+            # brightness and the normalization are one lookup into the buffer (`brighten_into`), counted as the
+            # normalize stage.
             out: np.ndarray | None = None
             spent = np.zeros(3)  # decode, augment, normalize
             for i, d in enumerate(data):
                 a = perf_counter()
                 pixels = simplejpeg.decode_jpeg(d, colorspace="RGB")
                 b = perf_counter()
-                crop = augment_image(pixels, params.brightness[i], params.flip[i], params.angle[i])
-                c = perf_counter()
                 if out is None:
-                    out = np.empty((len(data), *crop.shape), np.uint8 if self.uint8 else np.float32)
+                    out = np.empty((len(data), *pixels.shape), np.uint8 if self.uint8 else np.float32)
                 if self.uint8:
-                    out[i] = crop
+                    brighten_into(warp(pixels, params.flip[i], params.angle[i], out[i]), params.brightness[i], out[i])
+                    c = d_end = perf_counter()
                 else:
-                    normalize_into(crop, out[i])
-                spent += (b - a, c - b, perf_counter() - c)
+                    warped = warp(pixels, params.flip[i], params.angle[i])
+                    c = perf_counter()
+                    brighten_into(warped, params.brightness[i], out[i])
+                    d_end = perf_counter()
+                spent += (b - a, c - b, d_end - c)
             times |= dict(zip(("decode", "augment", "normalize"), spent.tolist()))
             assert out is not None  # a batch holds at least one sample
             return torch.from_numpy(out).permute(0, 3, 1, 2), ids_t, times
