@@ -20,6 +20,26 @@ from tools.bench import consume
 pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
 
 
+DALI_ROWS = ("dali-reader", "dali-cpu", "dali-cpu-uint8")
+ROWS = tuple(
+    r
+    for r in (
+        "seed-baseline",
+        "seed-baseline-w0",
+        "wds-dataloader",
+        "dali-reader",
+        "litdata-uint8",
+        "mosaic-streaming",
+        "decode-only",
+        "dali-cpu",
+        "torch-cpu",
+        "dali-cpu-uint8",
+        "torch-cpu-uint8",
+    )
+    if dali_available() or r not in DALI_ROWS
+)
+
+
 def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     out = tmp_path / "bench.json"
     src = tmp_path / "src"
@@ -41,6 +61,8 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
             "8",
             "--json",
             str(out),
+            "--only",  # every kind of row once (the peers' other outputs: tests/test_bench_peers.py)
+            ",".join(ROWS),
         ],
         capture_output=True,
         text=True,
@@ -49,17 +71,20 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["results"]}
-    expected = {
-        "seed-baseline",
-        "seed-baseline-w0",
-        "wds-dataloader",
-        "decode-only",
-        "dali-cpu",
-        "torch-cpu",
-        "dali-cpu-uint8",
-        "torch-cpu-uint8",
-    }
-    assert expected | ({"dali-reader"} if dali_available() else set()) <= set(rows), run.stderr[-3000:]
+    skipped = {r["name"]: r["skipped"] for r in data["skipped"]}
+    assert set(rows) == set(ROWS) - set(skipped), run.stderr[-3000:]
+    for name, why in skipped.items():  # a peer not installed here: a row that says how to install it
+        assert name in ("litdata-uint8", "mosaic-streaming") and "install with: pip install" in why
+        assert f"{name}" in run.stdout and "skipped:" in run.stdout
+    if "litdata-uint8" in rows:  # converted by LitData's own tool, timed apart
+        assert rows["litdata-uint8"]["conversion_s"] > 0 and "converted by its own tool" in run.stdout
+    # crackio's cheapest CPU row against the cheapest peer, per output, and its uint8 against decode-only
+    summary = data["summary"]
+    assert summary["float32"]["crackio"] in ("dali-cpu", "torch-cpu") and summary["float32"]["ratio"] > 0
+    if "litdata-uint8" in rows:  # the one uint8 peer row here
+        assert summary["uint8"]["crackio"] in ("dali-cpu-uint8", "torch-cpu-uint8")
+        assert summary["uint8"]["peer"] == "litdata-uint8" and summary["uint8"]["ratio"] > 0
+    assert summary["uint8_vs_decode_only"]["ratio"] > 0 and "per CPU-second" in run.stdout
     peers = ("seed_baseline", "wds_dataloader", "decode_only") + (("dali_reader",) if dali_available() else ())
     for r in rows.values():
         assert r["images_per_sec"] > 0 and r["cores"] >= 1 and 0 < r["setup_s"] < r["first_batch_s"]

@@ -12,6 +12,11 @@ Rows (train augmentation everywhere except decode-only; peers in tools/bench_pee
     wds-dataloader     the webdataset library over the same shards in a DataLoader, same transforms
     dali-reader        DALI's fn.readers.webdataset with the .idx files and crackio's operators (and with
                        CUDA dali-reader-gpu: the mixed decoder and GPU operators)
+    spdl, torchdata-nodes   SPDL's pipeline / torchdata.nodes (threads) over the proposal folder, PIL + v2
+    litdata, mosaic-streaming   the folder converted by the peer's own tool (timed: conversion_s), read by
+                       its StreamingDataset with DataLoader workers
+                       every peer but the original also as -uint8: the same augmentation, uint8 output;
+                       a peer not installed is a skipped row with the command that installs it
     decode-only        torchvision decode_jpeg (libjpeg-turbo) of the same bytes on the
                        same cores, no augmentation: the ceiling of any CPU pipeline
     dali-cpu, torch-cpu, and with CUDA dali-gpu, torch-gpu: crackio.make_loader (normalized float32);
@@ -23,7 +28,9 @@ adds the first batch. For those at scale: make_demo_data.py --large 1000000, pac
 that split, and run with --split large. --model adds the classifier's step rate on
 synthetic tensors and the data-stall share of each loader feeding it. Each loader
 row also feeds simulated accelerators (--consumer-rate, CONSUMERS below) that sleep
-len(batch) / R per batch, and reports the share of time they wait for data.
+len(batch) / R per batch, and reports the share of time they wait for data. Every row reports
+its CPU ms per image (all its threads and worker processes); the last lines compare crackio's
+cheapest CPU row with the cheapest peer per output (float32, uint8) and with decode-only.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +118,7 @@ def run_row(args) -> dict:
     name = args.row
     cores = args.workers
     extra: dict = {}
+    base, output = (name.removesuffix("-uint8"), "uint8") if name.endswith("-uint8") else (name, "float32")
     if name.startswith("seed-baseline"):
         folder = Path(args.src) / args.split
         files = index_filenames(args)  # the samples the shards hold: a folder with bad files still gets a baseline
@@ -122,11 +132,19 @@ def run_row(args) -> dict:
             )
         t0 = time.perf_counter()
         it = endless(peers.seed_baseline(folder, files, args.batch_size, 0 if name.endswith("w0") else cores))
-    elif name == "wds-dataloader":
-        it = endless(peers.wds_dataloader(shard_paths(args), args.batch_size, cores))
-    elif name.startswith("dali-reader"):  # dali-reader (CPU), dali-reader-gpu
-        gpu = "gpu" if name.endswith("gpu") else "cpu"
-        it = peers.dali_reader(shard_paths(args), args.batch_size, cores, device=gpu, tensors=args.model)
+    elif base == "wds-dataloader":
+        it = endless(peers.wds_dataloader(shard_paths(args), args.batch_size, cores, output=output))
+    elif base.startswith("dali-reader"):  # dali-reader (CPU), dali-reader-gpu
+        gpu = "gpu" if base.endswith("gpu") else "cpu"
+        it = peers.dali_reader(shard_paths(args), args.batch_size, cores, device=gpu, tensors=args.model, output=output)
+    elif base in ("spdl", "torchdata-nodes"):  # the proposal folder's files, as the original reads them
+        folder, files = Path(args.src) / args.split, index_filenames(args)
+        t0 = time.perf_counter()
+        make = peers.spdl_loader if base == "spdl" else peers.nodes_loader
+        it = endless(make(folder, files, args.batch_size, cores, output))
+    elif base in peers.CONVERTED:  # the peer's own format, converted by main() before the rows
+        read = peers.litdata_loader if base == "litdata" else peers.mosaic_loader
+        it = endless(read(Path(args.peer_dir) / base, args.batch_size, cores, output))
     elif name == "decode-only":
         it = decode_only(args.shards, args.split, args.batch_size, cores)
     else:
@@ -141,7 +159,7 @@ def run_row(args) -> dict:
             backend=backend,
             device="cuda" if device == "gpu" else "cpu",
             workers=cores,
-            output="uint8" if rest == ["uint8"] else "float32",
+            output=output,
         )
         it = endless(loader)
     setup = time.perf_counter() - t0  # the original's directory listing vs crackio's index load
@@ -335,7 +353,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="every row briefly (--seconds 2 --repeats 1)")
     ap.add_argument("--only", help="these rows only, comma-separated names (e.g. torch-cpu-uint8,decode-only)")
+    ap.add_argument(
+        "--peer-dir",
+        type=Path,
+        help="write the peers' converted data (LitData, Mosaic Streaming) here and keep it (converted again, and "
+        "timed, each run); default a temporary folder, removed after",
+    )
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    ap.add_argument("--convert", help=argparse.SUPPRESS)  # internal: convert the split for this peer
     args = ap.parse_args(argv)
     args.consumer_rate = args.consumer_rate or list(CONSUMERS.values())
     if any(not rate > 0 for rate in args.consumer_rate):
@@ -347,6 +372,16 @@ def main(argv=None) -> int:
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
     if args.row:
         print(json.dumps(model_only(args) if args.row == "model-only" else run_row(args)))
+        return 0
+    if args.convert:
+        folder, files = Path(args.src) / args.split, index_filenames(args)
+        out = args.peer_dir / args.convert
+        seconds = (
+            peers.convert_litdata(folder, files, out, args.workers)
+            if args.convert == "litdata"
+            else peers.convert_mosaic(folder, files, out)
+        )
+        print(seconds)
         return 0
     import torch
 
@@ -366,8 +401,11 @@ def main(argv=None) -> int:
         ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
     dali = dali_available()
     readers = (["dali-reader", "dali-reader-gpu"] if torch.cuda.is_available() else ["dali-reader"]) if dali else []
+    others = ["wds-dataloader", *readers, *peers.PEER_PACKAGES]  # every peer but the original: float32 and uint8
     rows = (
-        ["decode-only"] if remote else ["seed-baseline", "seed-baseline-w0", "wds-dataloader", *readers, "decode-only"]
+        ["decode-only"]
+        if remote
+        else ["seed-baseline", "seed-baseline-w0", *(f"{r}{o}" for r in others for o in ("", "-uint8")), "decode-only"]
     )
     rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
         f"{b}-{d}{o}"
@@ -383,8 +421,23 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--only {unknown[0]!r} is not a row here: rows are {', '.join(rows)}")
         rows = [r for r in rows if r in wanted]
+    results, skipped, converted = [], [], {}
+    work = None
+    for peer in dict.fromkeys(
+        r.removesuffix("-uint8") for r in rows if r.removesuffix("-uint8") in peers.PEER_PACKAGES
+    ):
+        why = peers.missing(peer)
+        if why is None and peer in peers.CONVERTED:  # the peer's own format, by its own tool, timed
+            if work is None:
+                work = Path(args.peer_dir) if args.peer_dir else Path(tempfile.mkdtemp(prefix="crackio-bench-peers-"))
+            why, converted[peer] = convert(peer, args, work)
+        if why is not None:
+            skipped += [{"name": r, "skipped": why} for r in rows if r.removesuffix("-uint8") == peer]
+            print(f"  {peer}: skipped ({why})", file=sys.stderr)
+    rows = [r for r in rows if r not in {s["name"] for s in skipped}]
     forward = list(argv if argv is not None else sys.argv[1:])
-    results = []
+    if work is not None and not args.peer_dir:
+        forward += ["--peer-dir", str(work)]
     limit = 120 + args.seconds * (args.repeats + len(args.consumer_rate)) * 3  # a stuck row must not hang the run
     for name in rows:
         try:
@@ -398,7 +451,11 @@ def main(argv=None) -> int:
             print(f"{name}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        if name.removesuffix("-uint8") in converted:
+            results[-1]["conversion_s"] = converted[name.removesuffix("-uint8")]
         print(f"  {name}: {results[-1]['images_per_sec']:.0f} img/s", file=sys.stderr)
+    if work is not None and not args.peer_dir:
+        shutil.rmtree(work, ignore_errors=True)
     rates = {r["name"]: r["images_per_sec"] for r in results}
     for r in results:
         r["images_per_sec_per_core"] = r["images_per_sec"] / r["cores"]
@@ -417,13 +474,85 @@ def main(argv=None) -> int:
             f"{rate:g}": next((k for k, v in CONSUMERS.items() if v == rate), "given") for rate in args.consumer_rate
         },
     }
-    print(table(results, machine))
+    summary = per_cpu_second(results)
+    print(table(results, machine, skipped, summary))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps({"machine": machine, "results": results, "skipped": skipped, "summary": summary}, indent=1)
+            + "\n"
+        )
     return 0
 
 
-def table(results: list[dict], machine: dict) -> str:
+def convert(peer: str, args, work: Path) -> tuple[str | None, float | None]:
+    """The split's samples in `peer`'s own format under work/peer, by its own tool, in a process of its own (as a
+    user runs it); returns (None, seconds) or (why it failed, None): a failed conversion is a skipped row."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--shards",
+            str(args.shards),
+            "--src",
+            str(args.src),
+            "--split",
+            args.split,
+            "--workers",
+            str(args.workers),
+            "--peer-dir",
+            str(work),
+            "--convert",
+            peer,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        return (
+            f"its conversion failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}",
+            None,
+        )
+    seconds = float(run.stdout.strip().splitlines()[-1])
+    print(f"  {peer}: converted in {seconds:.1f} s", file=sys.stderr)
+    return None, seconds
+
+
+def is_crackio(name: str) -> bool:
+    """crackio's own rows: dali-cpu, torch-gpu-uint8, ... (not dali-reader, DALI's own reader)."""
+    backend, _, rest = name.partition("-")
+    return backend in ("dali", "torch") and rest.split("-")[0] in ("cpu", "gpu")
+
+
+def per_cpu_second(results: list[dict]) -> dict:
+    """crackio's cheapest row against the cheapest peer, per output, in CPU ms per image (lower is better), and
+    crackio's uint8 against decode-only (ratio > 1: ahead). Rows on the GPU are left out: their CPU time is not
+    their cost."""
+    summary: dict = {}
+    cpu = {r["name"]: r["cpu_ms_per_image"] for r in results if r.get("cpu_ms_per_image") and "gpu" not in r["name"]}
+    for output in ("float32", "uint8"):
+        mine = {n: c for n, c in cpu.items() if is_crackio(n) and n.endswith("-uint8") == (output == "uint8")}
+        theirs = {
+            n: c
+            for n, c in cpu.items()
+            if not is_crackio(n) and n != "decode-only" and n.endswith("-uint8") == (output == "uint8")
+        }
+        if mine and theirs:
+            best, peer = min(mine, key=mine.__getitem__), min(theirs, key=theirs.__getitem__)
+            summary[output] = {
+                "crackio": best,
+                "crackio_cpu_ms": mine[best],
+                "peer": peer,
+                "peer_cpu_ms": theirs[peer],
+                "ratio": theirs[peer] / mine[best],  # > 1: crackio does more images per CPU-second
+            }
+    uint8 = {n: c for n, c in cpu.items() if is_crackio(n) and n.endswith("-uint8")}
+    if uint8 and "decode-only" in cpu:
+        best = min(uint8, key=uint8.__getitem__)
+        summary["uint8_vs_decode_only"] = {"crackio": best, "ratio": cpu["decode-only"] / uint8[best]}
+    return summary
+
+
+def table(results: list[dict], machine: dict, skipped: list[dict] | None = None, summary: dict | None = None) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     consumers = list(machine["consumers"])
     lines = [
@@ -451,6 +580,20 @@ def table(results: list[dict], machine: dict) -> str:
         for r in results
         if r.get("listing_s") is not None and r["name"] == "seed-baseline"
     ]
+    converted = {r["name"].removesuffix("-uint8"): r["conversion_s"] for r in results if r.get("conversion_s")}
+    notes += [
+        f"note: {peer}: its data converted by its own tool in {seconds:.1f} s (not in setup)"
+        for peer, seconds in converted.items()
+    ]
+    lines += [f"{s['name']:<28}skipped: {s['skipped']}" for s in skipped or []]
+    for output, best in (summary or {}).items():
+        if output == "uint8_vs_decode_only":
+            notes.append(f"per CPU-second: {best['crackio']} does {best['ratio']:.2f}x decode-only's images")
+        else:
+            notes.append(
+                f"per CPU-second, {output}: crackio's {best['crackio']} {best['crackio_cpu_ms']:.3f} ms per image, "
+                f"the cheapest peer {best['peer']} {best['peer_cpu_ms']:.3f}: {best['ratio']:.2f}x its images"
+            )
     return "\n".join(lines + notes)
 
 
