@@ -90,6 +90,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
         assert r["images_per_sec"] > 0 and r["cores"] >= 1 and 0 < r["setup_s"] < r["first_batch_s"]
         assert all(r[f"vs_{peer}"] > 0 for peer in peers) and r["peak_rss_mb"] > 0
         assert 0 < r["cpu_ms_per_image"] < 1000  # every thread's and worker process's CPU, per image
+        assert 0 < r["cpu_cores_used"] <= data["machine"]["cores"] * 1.1  # CPU seconds per second (clock slack)
         if r["name"] != "decode-only":  # every loader row fed the two simulated accelerators
             assert set(r["consumers"]) == {"300", "2250"}
             assert all(0 <= c["stall_share"] <= 1 for c in r["consumers"].values())

@@ -29,7 +29,8 @@ that split, and run with --split large. --model adds the classifier's step rate 
 synthetic tensors and the data-stall share of each loader feeding it. Each loader
 row also feeds simulated accelerators (--consumer-rate, CONSUMERS below) that sleep
 len(batch) / R per batch, and reports the share of time they wait for data. Every row reports
-its CPU ms per image (all its threads and worker processes); the last lines compare crackio's
+its CPU ms per image (all its threads and worker processes) and the cores it got (CPU seconds
+per second: on a busy machine, its share of the CPU); the last lines compare crackio's
 cheapest CPU row with the cheapest peer per output (float32, uint8) and with decode-only.
 """
 
@@ -170,7 +171,7 @@ def run_row(args) -> dict:
     model = step = None
     if args.model and name != "decode-only":
         model, step = make_step(args)
-    rates, stalls, cpu = [], [], []
+    rates, stalls, cpu, got = [], [], [], []
     for _ in range(args.repeats):
         n, wait, start, used = 0, 0.0, time.perf_counter(), cpu_seconds()
         while time.perf_counter() - start < args.seconds:
@@ -189,7 +190,9 @@ def run_row(args) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        cpu.append((cpu_seconds() - used) / n * 1000)
+        spent = cpu_seconds() - used
+        cpu.append(spent / n * 1000)
+        got.append(spent / elapsed)
         rates.append(n / elapsed)
         stalls.append(wait / elapsed)
     if step is None and name != "decode-only":
@@ -200,6 +203,7 @@ def run_row(args) -> dict:
         "name": name,
         "images_per_sec": statistics.median(rates),
         "cpu_ms_per_image": statistics.median(cpu),  # CPU time of every thread and worker process, per image
+        "cpu_cores_used": statistics.median(got),  # CPU seconds per wall second: the share of the machine it got
         "cores": cores,
         "setup_s": setup,
         "first_batch_s": first,
@@ -560,14 +564,14 @@ def table(results: list[dict], machine: dict, skipped: list[dict] | None = None,
         f"stall@R: share of time a simulated accelerator consuming R img/s waits for data ("
         + ", ".join(f"{r} = {name}" for r, name in machine["consumers"].items())
         + ")",
-        f"{'row':<28}{'img/s':>7}{'/core':>7}{'CPU ms':>7}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
+        f"{'row':<28}{'img/s':>7}{'/core':>7}{'CPU ms':>7}{'cores':>6}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
         f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f" {'stall@' + c:>11}" for c in consumers),
     ]
     for r in results:
         stalls = r.get("consumers", {})
         lines.append(
             f"{r['name']:<28}{r['images_per_sec']:>7.0f}{r['images_per_sec_per_core']:>7.0f}"
-            f"{fmt(r.get('cpu_ms_per_image'), '.3f'):>7}"
+            f"{fmt(r.get('cpu_ms_per_image'), '.3f'):>7}{fmt(r.get('cpu_cores_used'), '.2f'):>6}"
             f"{fmt(r['vs_seed_baseline'], '.2f'):>7}{fmt(r['vs_wds_dataloader'], '.2f'):>7}"
             f"{fmt(r['vs_dali_reader'], '.2f'):>10}{fmt(r['vs_decode_only'], '.2f'):>9}"
             f"{fmt(r['setup_s'], '.2f'):>8}{fmt(r['first_batch_s'], '.2f'):>7}"
