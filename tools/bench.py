@@ -564,7 +564,8 @@ def table(results: list[dict], machine: dict, skipped: list[dict] | None = None,
         f"stall@R: share of time a simulated accelerator consuming R img/s waits for data ("
         + ", ".join(f"{r} = {name}" for r, name in machine["consumers"].items())
         + ")",
-        f"{'row':<28}{'img/s':>7}{'/core':>7}{'CPU ms':>7}{'cores':>6}{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
+        f"{'row':<28}{'img/s':>7}{'/core':>7}{'CPU ms':>7}{'cores':>6}"
+        f"{'x seed':>7}{'x wds':>7}{'x dali-rd':>10}{'x decode':>9}"
         f"{'setup s':>8}{'1st s':>7}{'peak MB':>8}{'stall':>6}" + "".join(f" {'stall@' + c:>11}" for c in consumers),
     ]
     for r in results:
