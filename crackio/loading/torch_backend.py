@@ -8,8 +8,10 @@ error, or a hang), and nothing is forked from a process that runs DALI or CUDA
 threads. It also removes the 4-10 s worker start-up before the first batch.
 
 On the CPU each worker thread decodes, augments (crackio.loading.augment.warp and brighten_into, OpenCV) and
-normalizes its batch; on CUDA the threads only read bytes, and decoding (nvJPEG) and the
-batched augmentation (crackio.loading.augment.augment) run on the GPU in the caller's thread.
+normalizes its batch, with OpenCV's own thread pool off (`cv2.setNumThreads(1)`: the loader's threads are its
+parallelism; OpenCV's pool added ~0.7 of a core of waiting to one worker thread, docs/performance.md). On CUDA
+the threads only read bytes, and decoding (nvJPEG) and the batched augmentation
+(crackio.loading.augment.augment) run on the GPU in the caller's thread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from crackio.errors import CrackioError
 from crackio.loading.augment import AugmentParams, augment, brighten_into, normalize, warp
 from crackio.loading.readers import Reader
 from crackio.loading.stages import StageStats
@@ -40,6 +43,12 @@ class TorchBackend:
         self.workers = max(1, num_workers)
         self.ahead = 2 * self.workers  # batches read (and decoded) ahead of the consumer
         self.stages = StageStats(self.workers)  # the current (or last) epoch's per-stage figures
+        if not self.gpu:
+            import cv2
+
+            # Process-wide: OpenCV runs each call in the calling thread. With its pool on, one worker thread's
+            # warps used 1.66 cores for 0.58 ms of CPU per image; off, 1.01 cores for 0.34 ms at the same rate.
+            cv2.setNumThreads(1)
 
     def _load(self, ids: np.ndarray, params: AugmentParams | None) -> Loaded:
         """One batch in a worker thread: (images, ids, each stage's seconds for this batch)."""
@@ -49,41 +58,41 @@ class TorchBackend:
         times = {"read": perf_counter() - t0}
         if self.gpu:
             return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], ids_t, times
-        t1 = perf_counter()
-        if params is None:  # eval: torchvision's batched decode
-            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
-            images = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
-            times["decode"] = perf_counter() - t1
-        else:
-            # Train: libjpeg-turbo through simplejpeg decodes straight to H x W x 3, what OpenCV warps (the same
-            # library and settings as torchvision's decode_jpeg: bit-identical pixels, tested); each crop is then
-            # written straight into the batch's N x H x W x 3 buffer, viewed as N x 3 x H x W (channels_last): no
-            # stack, no transposing copy. uint8: warped into the buffer, brightened in place. float32: the
-            # brightness and the normalization are one lookup into the buffer (`brighten_into`), counted as the
-            # normalize stage.
-            out: np.ndarray | None = None
-            spent = np.zeros(3)  # decode, augment, normalize
-            for i, d in enumerate(data):
-                a = perf_counter()
-                pixels = simplejpeg.decode_jpeg(d, colorspace="RGB")
-                b = perf_counter()
-                if out is None:
-                    out = np.empty((len(data), *pixels.shape), np.uint8 if self.uint8 else np.float32)
-                if self.uint8:
-                    brighten_into(warp(pixels, params.flip[i], params.angle[i], out[i]), params.brightness[i], out[i])
-                    c = d_end = perf_counter()
-                else:
-                    warped = warp(pixels, params.flip[i], params.angle[i])
-                    c = perf_counter()
-                    brighten_into(warped, params.brightness[i], out[i])
-                    d_end = perf_counter()
-                spent += (b - a, c - b, d_end - c)
-            times |= dict(zip(("decode", "augment", "normalize"), spent.tolist()))
-            assert out is not None  # a batch holds at least one sample
-            return torch.from_numpy(out).permute(0, 3, 1, 2), ids_t, times
-        t2 = perf_counter()
-        images = images if self.uint8 else normalize(images)
-        return images, ids_t, times | {"normalize": perf_counter() - t2}
+        # libjpeg-turbo through simplejpeg decodes straight to H x W x 3 (the same library and settings as
+        # torchvision's decode_jpeg: bit-identical pixels, tested), what OpenCV warps; each image is then written
+        # straight into the batch's N x H x W x 3 buffer, viewed as N x 3 x H x W (channels_last): no stack, no
+        # transposing copy. Train, uint8: warped into the buffer, brightened in place (the augment stage). Train,
+        # float32: the brightness and the normalization are one lookup into the buffer (`brighten_into`, the
+        # normalize stage). Eval: uint8 decoded into the buffer; float32 normalized into it by the same lookup.
+        out: np.ndarray | None = None
+        spent = np.zeros(3)  # decode, augment, normalize
+        for i, d in enumerate(data):
+            a = perf_counter()
+            if out is None:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(d)
+                out = np.empty((len(data), height, width, 3), np.uint8 if self.uint8 else np.float32)
+            into_buffer = params is None and self.uint8
+            pixels = simplejpeg.decode_jpeg(d, colorspace="RGB", buffer=out[i] if into_buffer else None)
+            if pixels.shape != out.shape[1:]:  # a pack's images share one size (crackio.writing.images)
+                raise CrackioError(
+                    f"sample {int(ids[i])} of this split decodes to {pixels.shape[:2]} pixels, the batch's first to "
+                    f"{out.shape[1:3]}: every image of a pack is one size; pack the folder again with tools/pack.py"
+                )
+            b = c = perf_counter()
+            if params is None:
+                if not self.uint8:
+                    brighten_into(pixels, 1.0, out[i])  # brightness 1: the normalization alone
+            elif self.uint8:
+                brighten_into(warp(pixels, params.flip[i], params.angle[i], out[i]), params.brightness[i], out[i])
+                c = perf_counter()
+            else:
+                warped = warp(pixels, params.flip[i], params.angle[i])
+                c = perf_counter()
+                brighten_into(warped, params.brightness[i], out[i])
+            spent += (b - a, c - b, perf_counter() - c)
+        assert out is not None  # a batch holds at least one sample
+        times |= dict(zip(("decode", "augment", "normalize"), spent.tolist()))
+        return torch.from_numpy(out).permute(0, 3, 1, 2), ids_t, times
 
     def run_epoch(
         self, batches: Sequence[np.ndarray], params: Iterable[AugmentParams | None]
