@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_gpu_check_says_no_cuda_and_exits_0(capsys):
     assert "no CUDA" in capsys.readouterr().out
 
 
-def test_bad_bench_inputs_are_one_line(demo_src, demo_shards, capsys):
+def test_bad_bench_inputs_are_one_line(demo_src, demo_shards, capsys, tmp_path):
     from tools.bench import main
 
     assert main(["--shards", str(demo_shards), "--src", str(demo_src), "--split", "nosuch"]) == 2
@@ -150,6 +151,46 @@ def test_bad_bench_inputs_are_one_line(demo_src, demo_shards, capsys):
     with pytest.raises(SystemExit):
         main(["--shards", str(demo_shards), "--src", str(demo_src), "--batch-size", "100000"])
     assert "fewer than one batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--shards", str(demo_shards), "--src", str(demo_src), "--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err.replace(" and --repeats", " --repeats")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit):
+        main(["--shards", str(demo_shards), "--src", str(demo_src), "--peer-dir", str(afile)])
+    assert f"--peer-dir {afile} is a file" in capsys.readouterr().err
+    # a --src that is not the folder the shards were packed from: one line before any row runs
+    other = tmp_path / "other"
+    (other / "train").mkdir(parents=True)
+    names = sorted(os.listdir(demo_src / "train"))
+    for name in names[:5]:
+        shutil.copy(demo_src / "train" / name, other / "train" / name)
+    with pytest.raises(SystemExit):
+        main(["--shards", str(demo_shards), "--src", str(other)])
+    err = capsys.readouterr().err
+    assert f"lacks {len(names) - 5} of the {len(names)} files" in err and "packed from" in err
+
+
+def test_a_failed_row_fails_the_run_and_a_missing_library_is_a_skipped_row(
+    demo_src, demo_shards, tmp_path, monkeypatch
+):
+    import tools.bench as bench
+
+    assert "pip install nvidia-dali-cuda120" in bench.unavailable("dali-reader", dali=False)
+    assert "pip install nvidia-dali-cuda120" in bench.unavailable("dali-cpu", dali=False)
+    assert bench.unavailable("torch-cpu", dali=False) is None and bench.unavailable("decode-only", dali=True) is None
+    assert bench.converted_folder("litdata") == "crackio-bench-litdata"  # never a folder of the user's own
+
+    def run(command, **kw):  # every row's process fails
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="RuntimeError: boom")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    out = tmp_path / "b.json"
+    code = bench.main(
+        ["--shards", str(demo_shards), "--src", str(demo_src), "--only", "torch-cpu", "--quick", "--json", str(out)]
+    )
+    data = json.loads(out.read_text())
+    assert code == 1 and data["failed"] == ["torch-cpu"] and data["results"] == []
 
 
 def test_bench_scale_pack_and_memory(demo_src, demo_shards, tmp_path):

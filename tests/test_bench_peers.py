@@ -79,3 +79,12 @@ def test_a_missing_peer_names_the_command_that_installs_it(monkeypatch):
     monkeypatch.setitem(peers.PEER_PACKAGES, "spdl", ("no_such_module_here", "pip install spdl"))
     why = peers.missing("spdl")
     assert "No module named 'no_such_module_here'" in why and why.endswith("install with: pip install spdl")
+
+
+def test_a_file_spdl_cannot_read_stops_its_row(folder, files, tmp_path):
+    """SPDL's pipeline skips a failing item by default: the row would time fewer files than it claims."""
+    installed("spdl")
+    loader = peers.spdl_loader(folder, [*files[:BATCH], "no-such-file.1.0_5.1.jpg"] * 2, BATCH, 2, "uint8")
+    with pytest.raises(Exception):  # noqa: B017 - SPDL's own failure type
+        for _ in range(4):
+            next(loader)

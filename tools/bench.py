@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -145,7 +146,7 @@ def run_row(args) -> dict:
         it = endless(make(folder, files, args.batch_size, cores, output))
     elif base in peers.CONVERTED:  # the peer's own format, converted by main() before the rows
         read = peers.litdata_loader if base == "litdata" else peers.mosaic_loader
-        it = endless(read(Path(args.peer_dir) / base, args.batch_size, cores, output))
+        it = endless(read(Path(args.peer_dir) / converted_folder(base), args.batch_size, cores, output))
     elif name == "decode-only":
         it = decode_only(args.shards, args.split, args.batch_size, cores)
     else:
@@ -360,8 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--peer-dir",
         type=Path,
-        help="write the peers' converted data (LitData, Mosaic Streaming) here and keep it (converted again, and "
-        "timed, each run); default a temporary folder, removed after",
+        help="write the peers' converted data (LitData, Mosaic Streaming) here, in crackio-bench-litdata/ and "
+        "crackio-bench-mosaic-streaming/, and keep it (converted again, and timed, each run); default a temporary "
+        "folder, removed after",
     )
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     ap.add_argument("--convert", help=argparse.SUPPRESS)  # internal: convert the split for this peer
@@ -369,8 +371,14 @@ def main(argv=None) -> int:
     args.consumer_rate = args.consumer_rate or list(CONSUMERS.values())
     if any(not rate > 0 for rate in args.consumer_rate):
         ap.error("--consumer-rate must be > 0")
-    if args.workers < 1 or args.batch_size < 1 or (args.seconds is not None and not args.seconds > 0):
-        ap.error("--workers and --batch-size must be >= 1 and --seconds > 0")
+    if min(args.workers, args.batch_size, args.repeats) < 1 or (args.seconds is not None and not args.seconds > 0):
+        ap.error("--workers, --batch-size and --repeats must be >= 1 and --seconds > 0")
+    if args.peer_dir is not None and args.peer_dir.exists() and not args.peer_dir.is_dir():
+        ap.error(f"--peer-dir {args.peer_dir} is a file: give a folder (made if absent)")
+    try:
+        import psutil  # noqa: F401 - every row's CPU time
+    except ImportError:
+        ap.error("tools/bench.py measures each row's CPU time with psutil: pip install -e '.[bench]'")
     if args.quick:  # brief rows; an explicit --seconds still counts
         args.repeats = 1
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
@@ -379,7 +387,7 @@ def main(argv=None) -> int:
         return 0
     if args.convert:
         folder, files = Path(args.src) / args.split, index_filenames(args)
-        out = args.peer_dir / args.convert
+        out = args.peer_dir / converted_folder(args.convert)
         seconds = (
             peers.convert_litdata(folder, files, out, args.workers)
             if args.convert == "litdata"
@@ -401,65 +409,74 @@ def main(argv=None) -> int:
     if samples < args.batch_size:
         ap.error(f"split {args.split!r} has {samples} samples, fewer than one batch of {args.batch_size}")
     remote = isinstance(args.shards, str)
-    if not remote and not (args.src and (Path(args.src) / args.split).is_dir()):
-        ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
-    dali = dali_available()
-    readers = (["dali-reader", "dali-reader-gpu"] if torch.cuda.is_available() else ["dali-reader"]) if dali else []
-    others = ["wds-dataloader", *readers, *peers.PEER_PACKAGES]  # every peer but the original: float32 and uint8
-    rows = (
-        ["decode-only"]
-        if remote
-        else ["seed-baseline", "seed-baseline-w0", *(f"{r}{o}" for r in others for o in ("", "-uint8")), "decode-only"]
-    )
-    rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
-        f"{b}-{d}{o}"
-        for d in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
-        for b in (["dali"] if dali else []) + ["torch"]
-        for o in ("", "-uint8")
-    ]
-    if args.model:
-        rows.append("model-only")
+    if not remote:
+        folder = Path(args.src or "") / args.split
+        if not (args.src and folder.is_dir()):
+            ap.error(f"--src {args.src} has no folder {args.split}/ (the proposal folder the shards were packed from)")
+        listed = set(os.listdir(folder))
+        absent = [f for f in index_filenames(args) if f not in listed]
+        if absent:
+            ap.error(
+                f"--src: {folder} lacks {len(absent)} of the {samples} files the shards' split {args.split!r} holds "
+                f"(e.g. {absent[0]}): give the proposal folder these shards were packed from"
+            )
+    if args.peer_dir is not None:
+        try:
+            args.peer_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--peer-dir {args.peer_dir}: cannot make a folder there ({e.strerror or e})")
+    rows = candidate_rows(remote, torch.cuda.is_available(), args.model)
     if args.only:
         wanted = [r.strip() for r in args.only.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in rows]
         if unknown:
-            ap.error(f"--only {unknown[0]!r} is not a row here: rows are {', '.join(rows)}")
+            gpu = " (rows ending -gpu need CUDA)" if unknown[0].endswith("-gpu") else ""
+            ap.error(f"--only {unknown[0]!r} is not a row here{gpu}: rows are {', '.join(rows)}")
         rows = [r for r in rows if r in wanted]
-    results, skipped, converted = [], [], {}
+    results: list[dict] = []
+    skipped: list[dict] = []
+    failed: list[str] = []
+    converted: dict[str, float | None] = {}
     work = None
-    for peer in dict.fromkeys(
-        r.removesuffix("-uint8") for r in rows if r.removesuffix("-uint8") in peers.PEER_PACKAGES
-    ):
-        why = peers.missing(peer)
-        if why is None and peer in peers.CONVERTED:  # the peer's own format, by its own tool, timed
-            if work is None:
-                work = Path(args.peer_dir) if args.peer_dir else Path(tempfile.mkdtemp(prefix="crackio-bench-peers-"))
-            why, converted[peer] = convert(peer, args, work)
-        if why is not None:
-            skipped += [{"name": r, "skipped": why} for r in rows if r.removesuffix("-uint8") == peer]
-            print(f"  {peer}: skipped ({why})", file=sys.stderr)
-    rows = [r for r in rows if r not in {s["name"] for s in skipped}]
-    forward = list(argv if argv is not None else sys.argv[1:])
-    if work is not None and not args.peer_dir:
-        forward += ["--peer-dir", str(work)]
-    limit = 120 + args.seconds * (args.repeats + len(args.consumer_rate)) * 3  # a stuck row must not hang the run
-    for name in rows:
-        try:
-            run = subprocess.run(
-                [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=limit
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{name}: no batch for {limit:.0f} s: left out", file=sys.stderr)
-            continue
-        if run.returncode != 0:
-            print(f"{name}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        if name.removesuffix("-uint8") in converted:
-            results[-1]["conversion_s"] = converted[name.removesuffix("-uint8")]
-        print(f"  {name}: {results[-1]['images_per_sec']:.0f} img/s", file=sys.stderr)
-    if work is not None and not args.peer_dir:
-        shutil.rmtree(work, ignore_errors=True)
+    interrupted = False
+    try:
+        for row in dict.fromkeys(r.removesuffix("-uint8") for r in rows):  # each peer or backend once
+            why = unavailable(row, dali_available())
+            if why is None and row in peers.CONVERTED:  # the peer's own format, by its own tool, timed
+                if work is None:
+                    work = args.peer_dir or Path(tempfile.mkdtemp(prefix="crackio-bench-peers-"))
+                why, converted[row] = convert(row, args, work)
+            if why is not None:
+                skipped += [{"name": r, "skipped": why} for r in rows if r.removesuffix("-uint8") == row]
+                print(f"  {row}: skipped ({why})", file=sys.stderr)
+        rows = [r for r in rows if r not in {s["name"] for s in skipped}]
+        forward = list(argv if argv is not None else sys.argv[1:])
+        if work is not None and not args.peer_dir:
+            forward += ["--peer-dir", str(work)]
+        limit = 120 + args.seconds * (args.repeats + len(args.consumer_rate)) * 3  # a stuck row must not hang the run
+        for name in rows:
+            try:
+                run = subprocess.run(
+                    [sys.executable, __file__, *forward, "--row", name], capture_output=True, text=True, timeout=limit
+                )
+            except subprocess.TimeoutExpired:
+                print(f"{name}: no batch for {limit:.0f} s: left out", file=sys.stderr)
+                failed.append(name)
+                continue
+            if run.returncode != 0:
+                print(f"{name}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
+                failed.append(name)
+                continue
+            results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            if name.removesuffix("-uint8") in converted:
+                results[-1]["conversion_s"] = converted[name.removesuffix("-uint8")]
+            print(f"  {name}: {results[-1]['images_per_sec']:.0f} img/s", file=sys.stderr)
+    except KeyboardInterrupt:  # the rows finished so far are still worth their table
+        interrupted = True
+        print("interrupted: the rows finished so far", file=sys.stderr)
+    finally:
+        if work is not None and not args.peer_dir:
+            shutil.rmtree(work, ignore_errors=True)
     rates = {r["name"]: r["images_per_sec"] for r in results}
     for r in results:
         r["images_per_sec_per_core"] = r["images_per_sec"] / r["cores"]
@@ -482,10 +499,54 @@ def main(argv=None) -> int:
     print(table(results, machine, skipped, summary))
     if args.json:
         args.json.write_text(
-            json.dumps({"machine": machine, "results": results, "skipped": skipped, "summary": summary}, indent=1)
+            json.dumps(
+                {"machine": machine, "results": results, "skipped": skipped, "failed": failed, "summary": summary},
+                indent=1,
+            )
             + "\n"
         )
+    if interrupted:
+        return 130
+    if failed:
+        print(f"error: {len(failed)} row(s) failed: {', '.join(failed)} (their errors above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def candidate_rows(remote: bool, cuda: bool, model: bool) -> list[str]:
+    """Every row this machine could run, in the table's order (a row whose library is missing is skipped later,
+    with the command that installs it). A remote pack: decode-only and crackio's rows (the peers read files)."""
+    readers = ["dali-reader", "dali-reader-gpu"] if cuda else ["dali-reader"]
+    others = ["wds-dataloader", *readers, *peers.PEER_PACKAGES]  # every peer but the original: float32 and uint8
+    rows = (
+        ["decode-only"]
+        if remote
+        else ["seed-baseline", "seed-baseline-w0", *(f"{r}{o}" for r in others for o in ("", "-uint8")), "decode-only"]
+    )
+    rows += [  # crackio: normalized float32 output, and uint8 output normalized by the consumer's device
+        f"{b}-{d}{o}" for d in (["cpu", "gpu"] if cuda else ["cpu"]) for b in ("dali", "torch") for o in ("", "-uint8")
+    ]
+    return rows + (["model-only"] if model else [])
+
+
+def unavailable(row: str, dali: bool) -> str | None:
+    """Why `row` (without -uint8) cannot run here and the command that installs what it needs; None if it can."""
+    if row.startswith("dali-") and not dali:
+        return "DALI is not installed here; install with: pip install nvidia-dali-cuda120"
+    if row == "wds-dataloader":
+        try:
+            import webdataset  # noqa: F401
+        except ImportError as e:
+            return f"{type(e).__name__}: {e}; install with: pip install webdataset"
+    if row in peers.PEER_PACKAGES:
+        return peers.missing(row)
+    return None
+
+
+def converted_folder(peer: str) -> str:
+    """The subfolder of --peer-dir a peer's conversion writes (and replaces on the next run): a name of the
+    benchmark's own, so no folder of the user's is ever replaced."""
+    return f"crackio-bench-{peer}"
 
 
 def convert(peer: str, args, work: Path) -> tuple[str | None, float | None]:
@@ -512,10 +573,9 @@ def convert(peer: str, args, work: Path) -> tuple[str | None, float | None]:
         text=True,
     )
     if run.returncode != 0:
-        return (
-            f"its conversion failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}",
-            None,
-        )
+        lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]  # the exception's line
+        return f"its conversion failed: {(errors or lines or [f'exit status {run.returncode}'])[-1]}", None
     seconds = float(run.stdout.strip().splitlines()[-1])
     print(f"  {peer}: converted in {seconds:.1f} s", file=sys.stderr)
     return None, seconds
@@ -597,7 +657,7 @@ def table(results: list[dict], machine: dict, skipped: list[dict] | None = None,
         else:
             notes.append(
                 f"per CPU-second, {output}: crackio's {best['crackio']} {best['crackio_cpu_ms']:.3f} ms per image, "
-                f"the cheapest peer {best['peer']} {best['peer_cpu_ms']:.3f}: {best['ratio']:.2f}x its images"
+                f"the cheapest peer run, {best['peer']}, {best['peer_cpu_ms']:.3f}: {best['ratio']:.2f}x its images"
             )
     return "\n".join(lines + notes)
 

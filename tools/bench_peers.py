@@ -113,7 +113,7 @@ def spdl_loader(folder: Path, files: list[str], batch_size: int, threads: int, o
         .aggregate(batch_size, drop_last=True)
         .pipe(collate)
         .add_sink(3)
-        .build(num_threads=threads)
+        .build(num_threads=threads, max_failures=0)  # a file that fails stops the row (SPDL's default skips it)
     )
     pipeline.start()
     atexit.register(pipeline.stop)
