@@ -55,6 +55,7 @@ TIMING = (
     "train_seconds",
     "val_seconds",
     "batches_in_flight",
+    "batches_ready",
     "handover_wait_ms",
     "slowest_stage",
 )

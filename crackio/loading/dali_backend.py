@@ -119,7 +119,7 @@ class DaliBackend:
             # DALI's source runs in the pipeline's prefetch: batch k's read is the k-th recorded.
             read = self.source.read_seconds[stats.batches] if stats.batches < len(self.source.read_seconds) else 0.0
             rows = torch.from_numpy(np.array(ids.as_tensor()).reshape(-1))
-            stats.add({"read": read, "pipeline": waited}, len(rows), waited, 2)  # 2: prefetch_queue_depth
+            stats.add({"read": read, "pipeline": waited}, len(rows), waited)  # DALI's queue is its own: not counted
             images = images.as_tensor()
             out = torch.empty(images.shape(), dtype=self.dtype, device=self.device)
             feed_ndarray(images, out, cuda_stream=stream)

@@ -80,11 +80,14 @@ class TorchBackend:
                 )
             b = c = perf_counter()
             if params is None:
-                if not self.uint8:
-                    brighten_into(pixels, 1.0, out[i])  # brightness 1: the normalization alone
-            elif self.uint8:
+                if self.uint8:  # decoded into the buffer: nothing more to do
+                    spent[0] += b - a
+                    continue
+                brighten_into(pixels, 1.0, out[i])  # brightness 1: the normalization alone
+            elif self.uint8:  # no normalize stage
                 brighten_into(warp(pixels, params.flip[i], params.angle[i], out[i]), params.brightness[i], out[i])
-                c = perf_counter()
+                spent[:2] += (b - a, perf_counter() - b)
+                continue
             else:
                 warped = warp(pixels, params.flip[i], params.angle[i])
                 c = perf_counter()
@@ -109,7 +112,7 @@ class TorchBackend:
                 if len(pending) >= self.ahead:
                     break
             while pending:
-                in_flight = len(pending)
+                in_flight, ready = len(pending), sum(f.done() for f, _ in pending)
                 future, p = pending.popleft()
                 t0 = perf_counter()
                 loaded, rows, times = future.result()
@@ -127,7 +130,7 @@ class TorchBackend:
                     t3 = perf_counter()
                     images = images if self.uint8 else normalize(images)
                     times |= {"decode": t2 - t1, "augment": t3 - t2, "normalize": perf_counter() - t3}
-                stats.add(times, len(rows), waited, in_flight)
+                stats.add(times, len(rows), waited, in_flight, ready)
                 yield images, rows
         finally:  # an abandoned epoch: drop what was read ahead
             pool.shutdown(wait=True, cancel_futures=True)

@@ -476,7 +476,13 @@ def slow_stage(row: dict) -> str:
     stage = row.get("slowest_stage")
     if row["data_wait_share"] <= SLOW_WAIT or stage is None:
         return ""
-    return f" (slowest loader stage: {stage}, {row[f'stage_{stage}_ms']:.2f} ms per image)"
+    ms = row[f"stage_{stage}_ms"]
+    if stage == "pipeline":  # DALI's stages in one pipeline: timed as the consumer's wait (crackio.loading.stages)
+        return (
+            f" (slowest loader stage: DALI's pipeline (decode, augmentation, normalization), {ms:.2f} ms per image "
+            "of waiting for it)"
+        )
+    return f" (slowest loader stage: {stage}, {ms:.2f} ms per image)"
 
 
 def epoch_line(row: dict, bad_epochs: int, patience: int, improved: bool) -> str:

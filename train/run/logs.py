@@ -114,6 +114,8 @@ class TensorBoardLog:
         for key, value in row.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{key}", value, step)
+        if row.get("slowest_stage"):  # a word, not a scalar: TensorBoard's text tab
+            self.writer.add_text("epoch/slowest_stage", str(row["slowest_stage"]), step)
         self.writer.add_pr_curve("epoch/val_crack_pr", labels, probs, step)
         if worst:
             self.writer.add_figure("epoch/worst_mistakes", worst_figure(worst, row["epoch"]), step)
