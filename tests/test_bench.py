@@ -21,24 +21,22 @@ from tools.bench import consume
 pytestmark = pytest.mark.slow  # trains networks or runs subprocesses: `make test` runs these, `make test-fast` not
 
 
-DALI_ROWS = ("dali-reader", "dali-cpu", "dali-cpu-uint8")
+DALI_ROWS = ("dali-reader", "dali-cpu-uint8")
 ROWS = tuple(
     r
     for r in (
         "seed-baseline",
-        "seed-baseline-w0",
         "wds-dataloader",
         "dali-reader",
         "litdata-uint8",
         "mosaic-streaming",
         "decode-only",
-        "dali-cpu",
         "torch-cpu",
         "dali-cpu-uint8",
         "torch-cpu-uint8",
     )
     if dali_available() or r not in DALI_ROWS
-)
+)  # every kind of row once; seed-baseline-w0 and dali-cpu differ from these by one argument (the suite's budget)
 
 
 def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
@@ -81,7 +79,7 @@ def test_bench_quick_writes_every_row(demo_src, demo_shards, tmp_path):
         assert rows["litdata-uint8"]["conversion_s"] > 0 and "converted by its own tool" in run.stdout
     # crackio's cheapest CPU row against the cheapest peer, per output, and its uint8 against decode-only
     summary = data["summary"]
-    assert summary["float32"]["crackio"] in ("dali-cpu", "torch-cpu") and summary["float32"]["ratio"] > 0
+    assert summary["float32"]["crackio"] == "torch-cpu" and summary["float32"]["ratio"] > 0
     if "litdata-uint8" in rows:  # the one uint8 peer row here
         assert summary["uint8"]["crackio"] in ("dali-cpu-uint8", "torch-cpu-uint8")
         assert summary["uint8"]["peer"] == "litdata-uint8" and summary["uint8"]["ratio"] > 0

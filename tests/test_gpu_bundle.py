@@ -120,6 +120,9 @@ def test_the_gpu_check_rehearsed_on_the_cpu_passes_every_step(tmp_path):
     }
     assert all(found is True for found in figures["environment"]["modules"].values())
     assert steps["train torch"]["train_samples"] > 0 and 0 <= steps["train torch"]["data_wait_share"] < 1
+    train = steps["train torch"]  # the loader's stages of the run, as the epoch line and --log have them
+    assert train["slowest_stage"] in ("read", "decode", "augment", "normalize") and train["stage_decode_ms"] > 0
+    assert steps["benchmark"]["rows_failed"] == [] and "summary" in steps["benchmark"]
     assert (
         "dali-reader" in {r["name"] for r in steps["benchmark"]["rows"]}
         or "nvidia.dali" not in figures["environment"]["modules"]
