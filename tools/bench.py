@@ -534,10 +534,7 @@ def unavailable(row: str, dali: bool) -> str | None:
     if row.startswith("dali-") and not dali:
         return "DALI is not installed here; install with: pip install nvidia-dali-cuda120"
     if row == "wds-dataloader":
-        try:
-            import webdataset  # noqa: F401
-        except ImportError as e:
-            return f"{type(e).__name__}: {e}; install with: pip install webdataset"
+        return peers.not_importable("webdataset", "pip install webdataset")
     if row in peers.PEER_PACKAGES:
         return peers.missing(row)
     return None
@@ -594,14 +591,12 @@ def per_cpu_second(results: list[dict]) -> dict:
     summary: dict = {}
     cpu = {r["name"]: r["cpu_ms_per_image"] for r in results if r.get("cpu_ms_per_image") and "gpu" not in r["name"]}
     for output in ("float32", "uint8"):
-        mine = {n: c for n, c in cpu.items() if is_crackio(n) and n.endswith("-uint8") == (output == "uint8")}
-        theirs = {
-            n: c
-            for n, c in cpu.items()
-            if not is_crackio(n) and n != "decode-only" and n.endswith("-uint8") == (output == "uint8")
-        }
-        if mine and theirs:
-            best, peer = min(mine, key=mine.__getitem__), min(theirs, key=theirs.__getitem__)
+        rows = {n: c for n, c in cpu.items() if n != "decode-only" and n.endswith("-uint8") == (output == "uint8")}
+        mine = {n: c for n, c in rows.items() if is_crackio(n)}
+        theirs = {n: c for n, c in rows.items() if not is_crackio(n)}
+        best = min(mine, key=mine.__getitem__) if mine else None
+        if best and theirs:
+            peer = min(theirs, key=theirs.__getitem__)
             summary[output] = {
                 "crackio": best,
                 "crackio_cpu_ms": mine[best],
@@ -609,10 +604,8 @@ def per_cpu_second(results: list[dict]) -> dict:
                 "peer_cpu_ms": theirs[peer],
                 "ratio": theirs[peer] / mine[best],  # > 1: crackio does more images per CPU-second
             }
-    uint8 = {n: c for n, c in cpu.items() if is_crackio(n) and n.endswith("-uint8")}
-    if uint8 and "decode-only" in cpu:
-        best = min(uint8, key=uint8.__getitem__)
-        summary["uint8_vs_decode_only"] = {"crackio": best, "ratio": cpu["decode-only"] / uint8[best]}
+        if output == "uint8" and best and "decode-only" in cpu:
+            summary["uint8_vs_decode_only"] = {"crackio": best, "ratio": cpu["decode-only"] / mine[best]}
     return summary
 
 

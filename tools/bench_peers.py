@@ -58,9 +58,13 @@ def original_transform(output: str = "float32"):
 
 def missing(peer: str) -> str | None:
     """None when `peer`'s package imports here; else why not and the command that installs it."""
+    return not_importable(*PEER_PACKAGES[peer])
+
+
+def not_importable(module: str, command: str) -> str | None:
+    """None when `module` imports here; else why not and `command`, which installs it."""
     import importlib
 
-    module, command = PEER_PACKAGES[peer]
     try:
         importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - a broken install (a dependency's import error) is a skipped row too

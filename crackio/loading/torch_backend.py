@@ -27,7 +27,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from crackio.errors import CrackioError
-from crackio.loading.augment import AugmentParams, augment, brighten_into, normalize, warp
+from crackio.loading.augment import AugmentParams, augment, augment_into, brighten_into, normalize, warp
 from crackio.loading.readers import Reader
 from crackio.loading.stages import StageStats
 
@@ -85,7 +85,7 @@ class TorchBackend:
                     continue
                 brighten_into(pixels, 1.0, out[i])  # brightness 1: the normalization alone
             elif self.uint8:  # no normalize stage
-                brighten_into(warp(pixels, params.flip[i], params.angle[i], out[i]), params.brightness[i], out[i])
+                augment_into(pixels, params.brightness[i], params.flip[i], params.angle[i], out[i])
                 spent[:2] += (b - a, perf_counter() - b)
                 continue
             else:
